@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "fsx",
+      "sources": ["src/native/fsx.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra"]
+    }
+  ]
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs, idempotently, every Debian package the test suite and benchmarks use:
+# real NBD clients nobody here wrote (libnbd-bin, qemu-utils, fio, nbd-client),
+# nbdkit as the comparison peer, and the pieces the kernel tests boot in a QEMU guest.
+# Safe to run again: packages already present are skipped without touching apt.
+set -euo pipefail
+
+packages=(
+  # interop clients
+  libnbd-bin qemu-utils fio nbd-client
+  # comparison server for scripts/bench
+  nbdkit
+  # kernel tests (native-test/): a Debian kernel with nbd.ko booted under TCG
+  qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs xfsprogs cpio lz4 kmod
+  # two-node drills
+  iproute2 iptables
+  # misc tools the tests call
+  coreutils util-linux procps python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-test-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+echo "install-test-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-test-deps: done"

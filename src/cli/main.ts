@@ -1,0 +1,318 @@
+#!/usr/bin/env node
+// Why: the `deltavol` command. It parses argv and either runs the daemon (`serve`) or
+// asks a running daemon to do something through the control API. No logic lives here
+// beyond turning words into requests and answers into text.
+//
+// Exit codes (stable, for scripts):
+//   0 success · 1 the operation failed · 2 bad usage · 3 daemon unreachable
+//   4 no such volume · 5 conflict (already exists, busy)
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Command, CommanderError, Option } from 'commander';
+import { DeltavolError, isDeltavolError } from '../util/errors.js';
+import { formatBytes, parseHostPort, parseSizeBytes } from '../util/units.js';
+import { createLogger } from '../util/log.js';
+import { syncIoBytesMaxDefault } from '../util/limits.js';
+import { Daemon } from '../daemon/daemon.js';
+import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
+import { table } from './format.js';
+
+export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5 } as const;
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const VERSION = (JSON.parse(fs.readFileSync(path.resolve(here, '../../package.json'), 'utf8')) as { version: string }).version;
+
+interface GlobalOpts {
+  control?: string;
+  dataDir?: string;
+}
+
+interface VolumeJson {
+  name: string;
+  sizeBytes: number;
+  readOnly: boolean;
+  description: string;
+  createdAt: string;
+  allocatedBytes: number;
+  connections: number;
+  isDefaultExport: boolean;
+  trackingBlockBytes: number;
+}
+
+function client(cmd: Command): ControlClient {
+  const g = cmd.optsWithGlobals() as GlobalOpts;
+  return new ControlClient(resolveControlTarget({ control: g.control, dataDir: g.dataDir }));
+}
+
+function size(text: string): number {
+  return parseSizeBytes(text);
+}
+
+function print(json: boolean, value: unknown, human: () => string): void {
+  process.stdout.write((json ? JSON.stringify(value, null, 2) : human()) + '\n');
+}
+
+function volumeLine(v: VolumeJson): string {
+  return `${v.name}: ${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes), ${v.readOnly ? 'read-only' : 'read-write'}, ${formatBytes(v.allocatedBytes)} allocated, ${v.connections} connection(s)`;
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('deltavol')
+    .description('Replicated block-volume server: NBD exports of file-backed volumes.')
+    .version(VERSION)
+    .option('--control <host:port>', `control API of the daemon to talk to (env DELTAVOL_CONTROL; default 127.0.0.1:${CONTROL_PORT_DEFAULT})`)
+    .option('--data-dir <dir>', 'find the daemon through its data directory (reads DIR/daemon.json)')
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+
+  program
+    .command('serve')
+    .description('run the daemon in the foreground: export every volume of the data directory over NBD')
+    .option('--port <n>', 'NBD TCP port (0 = any free port)', '10809')
+    .option('--bind <addr>', 'NBD listen address (0.0.0.0 to accept remote clients)', '127.0.0.1')
+    .option('--socket <path>', 'also listen on this Unix socket')
+    .option('--control-port <n>', 'control API port on --control-bind (0 = any free port)', String(CONTROL_PORT_DEFAULT))
+    .option('--control-bind <addr>', 'control API listen address', '127.0.0.1')
+    .option('--default-export <name>', 'volume served to clients that ask for the empty export name')
+    .option('--demo-volume <size>', 'create a volume "demo" of this size if missing and make it the default export')
+    .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
+    .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
+    .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
+    .action(async (opts, cmd: Command) => {
+      const dataDir = (cmd.optsWithGlobals() as GlobalOpts).dataDir;
+      if (!dataDir) throw new DeltavolError('EINVAL_ARGUMENT', 'serve needs --data-dir DIR (the directory holding volumes and state)');
+      const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === 'pretty' });
+      const port = (text: string, what: string) => {
+        const n = Number(text);
+        if (!Number.isInteger(n) || n < 0 || n > 65535) throw new DeltavolError('EINVAL_ARGUMENT', `${what} "${text}" is not a port number`);
+        return n;
+      };
+      const daemon = new Daemon(
+        {
+          dataDir: path.resolve(dataDir),
+          nbdHost: opts.bind,
+          nbdPort: port(opts.port, '--port'),
+          socketPath: opts.socket ? path.resolve(opts.socket) : undefined,
+          controlHost: opts.controlBind,
+          controlPort: port(opts.controlPort, '--control-port'),
+          defaultExport: opts.defaultExport,
+          demoVolumeBytes: opts.demoVolume ? size(opts.demoVolume) : undefined,
+          syncIoBytesMax: size(opts.syncIoMax),
+          version: VERSION,
+        },
+        log,
+      );
+      let signals = 0;
+      const onSignal = (sig: string) => {
+        if (++signals > 1) {
+          log.warn({ signal: sig }, 'second signal: exiting now');
+          process.exit(EXIT.failed);
+        }
+        log.info({ signal: sig }, 'signal received');
+        daemon.stop().then(
+          () => log.flush(() => process.exit(EXIT.ok)),
+          (e) => {
+            log.error({ err: (e as Error).message }, 'shutdown failed');
+            log.flush(() => process.exit(EXIT.failed));
+          },
+        );
+      };
+      process.on('SIGTERM', () => onSignal('SIGTERM'));
+      process.on('SIGINT', () => onSignal('SIGINT'));
+      await daemon.start();
+    });
+
+  const volume = program.command('volume').description('create, list, inspect, resize, change and delete volumes');
+
+  volume
+    .command('create <name>')
+    .description('create a sparse volume; it is exported at once under its name')
+    .requiredOption('--size <size>', 'size, e.g. 1G, 512MiB, 10737418240 (a multiple of 512 bytes)')
+    .option('--read-only', 'export it read-only')
+    .option('--description <text>', 'shown to NBD clients that list exports')
+    .option('--tracking-block <size>', 'change-tracking block size, power of two 4K-1M', '4K')
+    .option('--json', 'print JSON')
+    .action(async (name: string, opts, cmd: Command) => {
+      const v = await client(cmd).request<VolumeJson>('POST', '/v1/volumes', {
+        name,
+        sizeBytes: size(opts.size),
+        readOnly: Boolean(opts.readOnly),
+        description: opts.description ?? '',
+        trackingBlockBytes: size(opts.trackingBlock),
+      });
+      print(opts.json, v, () => `created ${volumeLine(v)}`);
+    });
+
+  volume
+    .command('list')
+    .alias('ls')
+    .description('list volumes')
+    .option('--json', 'print JSON')
+    .action(async (opts, cmd: Command) => {
+      const { volumes } = await client(cmd).request<{ volumes: VolumeJson[] }>('GET', '/v1/volumes');
+      print(opts.json, volumes, () =>
+        volumes.length === 0
+          ? 'no volumes (create one with: deltavol volume create NAME --size 1G)'
+          : table(
+              ['NAME', 'SIZE', 'ALLOCATED', 'MODE', 'CONNS', 'DESCRIPTION'],
+              volumes.map((v) => [
+                v.name + (v.isDefaultExport ? ' (default)' : ''),
+                formatBytes(v.sizeBytes),
+                formatBytes(v.allocatedBytes),
+                v.readOnly ? 'ro' : 'rw',
+                v.connections,
+                v.description,
+              ]),
+            ),
+      );
+    });
+
+  volume
+    .command('info <name>')
+    .description('show one volume')
+    .option('--json', 'print JSON')
+    .action(async (name: string, opts, cmd: Command) => {
+      const v = await client(cmd).request<VolumeJson>('GET', `/v1/volumes/${encodeURIComponent(name)}`);
+      print(opts.json, v, () => volumeLine(v));
+    });
+
+  volume
+    .command('resize <name>')
+    .description('grow a volume (shrinking is refused: it would destroy data)')
+    .requiredOption('--size <size>', 'new size')
+    .option('--json', 'print JSON')
+    .action(async (name: string, opts, cmd: Command) => {
+      const v = await client(cmd).request<VolumeJson>('PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { sizeBytes: size(opts.size) });
+      print(opts.json, v, () => `resized ${volumeLine(v)}\n(connected clients keep the old size until they reconnect)`);
+    });
+
+  volume
+    .command('set <name>')
+    .description('change a volume: read-only or read-write, description')
+    .option('--read-only', 'refuse writes from now on (new connections see a read-only export)')
+    .option('--read-write', 'accept writes again')
+    .option('--description <text>', 'new description')
+    .option('--json', 'print JSON')
+    .action(async (name: string, opts, cmd: Command) => {
+      if (opts.readOnly && opts.readWrite) throw new DeltavolError('EINVAL_ARGUMENT', 'choose one of --read-only and --read-write');
+      const patch: Record<string, unknown> = {};
+      if (opts.readOnly) patch.readOnly = true;
+      if (opts.readWrite) patch.readOnly = false;
+      if (opts.description !== undefined) patch.description = opts.description;
+      if (Object.keys(patch).length === 0) throw new DeltavolError('EINVAL_ARGUMENT', 'nothing to change: give --read-only, --read-write or --description');
+      const v = await client(cmd).request<VolumeJson>('PATCH', `/v1/volumes/${encodeURIComponent(name)}`, patch);
+      print(opts.json, v, () => `updated ${volumeLine(v)}`);
+    });
+
+  volume
+    .command('delete <name>')
+    .alias('rm')
+    .description('delete a volume and its data (refused while clients are connected unless --force)')
+    .option('--force', 'delete even with clients connected (their requests fail from then on)')
+    .action(async (name: string, opts, cmd: Command) => {
+      await client(cmd).request('DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=1' : ''}`);
+      process.stdout.write(`deleted ${name}\n`);
+    });
+
+  program
+    .command('default-export [name]')
+    .description('set the volume served for the empty export name (no name: unset)')
+    .action(async (name: string | undefined, _opts, cmd: Command) => {
+      const r = await client(cmd).request<{ defaultExport: string | null }>('POST', '/v1/default-export', { name: name ?? '' });
+      process.stdout.write(`default export: ${r.defaultExport ?? '(none)'}\n`);
+    });
+
+  program
+    .command('status')
+    .description('show the daemon: listeners, volumes, connections')
+    .option('--json', 'print JSON')
+    .action(async (opts, cmd: Command) => {
+      type Status = {
+        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number };
+        uptimeSeconds: number;
+        defaultExport: string | null;
+        connections: { export: string | null; inflight: number; requests: number }[];
+        volumes: VolumeJson[];
+      };
+      const s = await client(cmd).request<Status>('GET', '/v1/status');
+      print(opts.json, s, () => {
+        const d = s.daemon;
+        const lines = [
+          `deltavol ${d.version}, pid ${d.pid}, up ${s.uptimeSeconds} s`,
+          `NBD: nbd://${d.nbdHost}:${d.nbdPort}/${d.socketPath ? `  unix: ${d.socketPath}` : ''}   control: port ${d.controlPort}`,
+          `default export: ${s.defaultExport ?? '(none)'}`,
+          `connections: ${s.connections.length}`,
+          '',
+          s.volumes.length === 0
+            ? 'no volumes'
+            : table(
+                ['VOLUME', 'SIZE', 'ALLOCATED', 'MODE', 'CONNS'],
+                s.volumes.map((v) => [v.name, formatBytes(v.sizeBytes), formatBytes(v.allocatedBytes), v.readOnly ? 'ro' : 'rw', v.connections]),
+              ),
+        ];
+        return lines.join('\n');
+      });
+    });
+
+  return program;
+}
+
+function exitCodeFor(e: unknown): number {
+  if (isDeltavolError(e)) {
+    switch (e.code) {
+      case 'DAEMON_UNREACHABLE':
+        return EXIT.unreachable;
+      case 'VOLUME_NOT_FOUND':
+        return EXIT.notFound;
+      case 'VOLUME_EXISTS':
+      case 'VOLUME_BUSY':
+        return EXIT.conflict;
+      case 'BAD_SIZE':
+      case 'BAD_NAME':
+      case 'EINVAL_ARGUMENT':
+        return EXIT.usage;
+      default:
+        return EXIT.failed;
+    }
+  }
+  return EXIT.failed;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return EXIT.ok;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // help and --version exit 0; usage errors were already printed by commander.
+      return e.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    }
+    process.stderr.write(`deltavol: ${e instanceof Error ? e.message : String(e)}\n`);
+    return exitCodeFor(e);
+  }
+}
+
+// parseHostPort is re-exported for tests of the CLI's address handling.
+export { parseHostPort };
+
+function invokedDirectly(): boolean {
+  try {
+    return Boolean(process.argv[1]) && fs.realpathSync(process.argv[1]!) === fs.realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (invokedDirectly()) {
+  main(process.argv).then((code) => {
+    // A running `serve` keeps the process alive through its listeners; a failed one
+    // may hold half-open listeners, so leave at once.
+    if (code !== EXIT.ok) process.exit(code);
+  });
+}

@@ -1,0 +1,228 @@
+// Why: the composition root. It turns a configuration into running parts: the data
+// directory (locked against a second daemon), the volume registry, the NBD server
+// exporting the volumes, and the control API; and it takes them down in the right order
+// (stop accepting, drain requests, flush volumes, close) on SIGTERM/SIGINT.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from '../util/log.js';
+import { DeltavolError } from '../util/errors.js';
+import { writeFileAtomicSync } from '../util/atomic-file.js';
+import { shutdownDrainMs } from '../util/limits.js';
+import { VolumeRegistry } from '../volume/registry.js';
+import type { Volume } from '../volume/volume.js';
+import { NbdServer } from '../server/nbd-server.js';
+import { VolumeCatalog } from './volume-exports.js';
+import { ControlApi } from './control-api.js';
+import { renderMetrics } from './metrics.js';
+
+export interface DaemonConfig {
+  dataDir: string;
+  nbdHost: string;
+  nbdPort: number;
+  socketPath?: string;
+  controlHost: string;
+  controlPort: number;
+  defaultExport?: string;
+  /** Create a volume named "demo" of this size if it does not exist. */
+  demoVolumeBytes?: number;
+  syncIoBytesMax: number;
+  version: string;
+}
+
+/** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
+export interface DaemonInfo {
+  pid: number;
+  version: string;
+  nbdHost: string;
+  nbdPort: number;
+  socketPath: string | null;
+  controlHost: string;
+  controlPort: number;
+  startedAt: string;
+}
+
+export const DAEMON_INFO_FILE = 'daemon.json';
+const PID_FILE = 'daemon.pid';
+
+export class Daemon {
+  readonly registry: VolumeRegistry;
+  private readonly nbd: NbdServer;
+  private readonly api: ControlApi;
+  private info: DaemonInfo | null = null;
+  private stopping: Promise<void> | null = null;
+  private defaultExport: string | undefined;
+  private readonly startedMs = Date.now();
+
+  constructor(
+    private readonly config: DaemonConfig,
+    private readonly log: Logger,
+  ) {
+    this.registry = new VolumeRegistry(config.dataDir, { syncIoBytesMax: config.syncIoBytesMax }, log.child({ part: 'volumes' }));
+    this.defaultExport = config.defaultExport;
+    this.nbd = new NbdServer(
+      new VolumeCatalog(this.registry, () => this.defaultExport),
+      log.child({ part: 'nbd' }),
+    );
+    this.api = new ControlApi(log.child({ part: 'control' }));
+    this.registerRoutes();
+  }
+
+  async start(): Promise<DaemonInfo> {
+    const dir = this.config.dataDir;
+    try {
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    } catch (e) {
+      throw new DeltavolError('DATA_DIR', `cannot create data directory ${dir}: ${(e as Error).message}`);
+    }
+    this.lockDataDir();
+    this.registry.load();
+    if (this.config.demoVolumeBytes && !this.registry.get('demo')) {
+      this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
+    }
+    if (this.defaultExport === undefined && this.config.demoVolumeBytes) this.defaultExport = 'demo';
+    const nbdPort = await this.nbd.listenTcp(this.config.nbdPort, this.config.nbdHost);
+    if (this.config.socketPath) await this.nbd.listenUnix(this.config.socketPath);
+    const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost);
+    this.info = {
+      pid: process.pid,
+      version: this.config.version,
+      nbdHost: this.config.nbdHost,
+      nbdPort,
+      socketPath: this.config.socketPath ?? null,
+      controlHost: this.config.controlHost,
+      controlPort,
+      startedAt: new Date().toISOString(),
+    };
+    writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
+    this.log.info({ ...this.info, defaultExport: this.defaultExport ?? null }, 'listening');
+    return this.info;
+  }
+
+  stop(): Promise<void> {
+    this.stopping ??= this.doStop();
+    return this.stopping;
+  }
+
+  private async doStop(): Promise<void> {
+    this.log.info({ connections: this.nbd.connections.size }, 'shutting down: draining connections');
+    await this.nbd.close(shutdownDrainMs);
+    await this.api.close();
+    await this.registry.closeAll();
+    for (const f of [DAEMON_INFO_FILE, PID_FILE]) fs.rmSync(path.join(this.config.dataDir, f), { force: true });
+    this.log.info('shut down cleanly');
+  }
+
+  /** One daemon per data directory: a pid file created exclusively; a stale one is replaced. */
+  private lockDataDir(): void {
+    const pidPath = path.join(this.config.dataDir, PID_FILE);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.writeFileSync(pidPath, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
+        return;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        const other = Number(fs.readFileSync(pidPath, 'utf8').trim());
+        if (Number.isInteger(other) && other > 0 && other !== process.pid && processAlive(other)) {
+          throw new DeltavolError('DATA_DIR', `data directory ${this.config.dataDir} is in use by daemon pid ${other}`);
+        }
+        this.log.warn({ stalePid: other }, 'removing stale pid file');
+        fs.rmSync(pidPath, { force: true });
+      }
+    }
+    throw new DeltavolError('DATA_DIR', `cannot lock data directory ${this.config.dataDir}`);
+  }
+
+  private volumeJson(v: Volume) {
+    return {
+      ...v.info,
+      allocatedBytes: v.allocatedBytes(),
+      connections: v.users,
+      isDefaultExport: v.name === this.defaultExport,
+    };
+  }
+
+  private registerRoutes(): void {
+    const api = this.api;
+    const str = (body: unknown, key: string): string | undefined => {
+      const v = (body as Record<string, unknown>)[key];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'string') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be a string`);
+      return v;
+    };
+    const num = (body: unknown, key: string): number | undefined => {
+      const v = (body as Record<string, unknown>)[key];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'number') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be a number`);
+      return v;
+    };
+    const bool = (body: unknown, key: string): boolean | undefined => {
+      const v = (body as Record<string, unknown>)[key];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'boolean') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be true or false`);
+      return v;
+    };
+
+    api.route('GET', '/v1/status', () => this.status());
+    api.route('GET', '/v1/volumes', () => ({ volumes: this.registry.list().map((v) => this.volumeJson(v)) }));
+    api.route('GET', '/v1/volumes/:name', (p) => this.volumeJson(this.registry.require(p.name!)));
+    api.route('POST', '/v1/volumes', (_p, body) => {
+      const name = str(body, 'name');
+      const sizeBytes = num(body, 'sizeBytes');
+      if (!name) throw new DeltavolError('EINVAL_ARGUMENT', '"name" is required');
+      if (sizeBytes === undefined) throw new DeltavolError('EINVAL_ARGUMENT', '"sizeBytes" is required');
+      const v = this.registry.create({
+        name,
+        sizeBytes,
+        readOnly: bool(body, 'readOnly'),
+        description: str(body, 'description'),
+        trackingBlockBytes: num(body, 'trackingBlockBytes'),
+      });
+      return this.volumeJson(v);
+    });
+    api.route('PATCH', '/v1/volumes/:name', (p, body) => {
+      const name = p.name!;
+      const sizeBytes = num(body, 'sizeBytes');
+      if (sizeBytes !== undefined) this.registry.resize(name, sizeBytes);
+      const readOnly = bool(body, 'readOnly');
+      const description = str(body, 'description');
+      if (readOnly !== undefined || description !== undefined) {
+        this.registry.update(name, {
+          ...(readOnly !== undefined ? { readOnly } : {}),
+          ...(description !== undefined ? { description } : {}),
+        });
+      }
+      return this.volumeJson(this.registry.require(name));
+    });
+    api.route('DELETE', '/v1/volumes/:name', async (p, _b, q) => {
+      await this.registry.delete(p.name!, q.get('force') === '1' || q.get('force') === 'true');
+      return { deleted: p.name };
+    });
+    api.route('POST', '/v1/default-export', (_p, body) => {
+      const name = str(body, 'name');
+      if (name !== undefined && name !== '') this.registry.require(name);
+      this.defaultExport = name || undefined;
+      return { defaultExport: this.defaultExport ?? null };
+    });
+    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs));
+  }
+
+  status() {
+    return {
+      daemon: this.info,
+      uptimeSeconds: Math.round((Date.now() - this.startedMs) / 1000),
+      defaultExport: this.defaultExport ?? null,
+      connections: [...this.nbd.connections].map((c) => ({ export: c.exportName, inflight: c.inflight, ...c.stats })),
+      volumes: this.registry.list().map((v) => this.volumeJson(v)),
+    };
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

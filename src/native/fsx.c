@@ -1,0 +1,137 @@
+/*
+ * fsx: the few Linux file calls Node.js does not expose and a block server needs.
+ * fallocate(2) to punch holes and zero ranges (TRIM, WRITE_ZEROES) and
+ * lseek(2) SEEK_DATA / SEEK_HOLE to report real allocation (BLOCK_STATUS), and
+ * posix_fadvise(2) WILLNEED for NBD_CMD_CACHE.
+ * Each function is synchronous and tiny; errors become JS exceptions whose
+ * `code` is the errno name (EOPNOTSUPP, ENXIO, ...), as Node's own fs errors are.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *errno_name(int e) {
+  switch (e) {
+  case EOPNOTSUPP: return "EOPNOTSUPP";
+  case ENXIO: return "ENXIO";
+  case EBADF: return "EBADF";
+  case EINVAL: return "EINVAL";
+  case ENOSPC: return "ENOSPC";
+  case EIO: return "EIO";
+  case EFBIG: return "EFBIG";
+  case EPERM: return "EPERM";
+  case EINTR: return "EINTR";
+  case ENODEV: return "ENODEV";
+  case ESPIPE: return "ESPIPE";
+  default: return "EUNKNOWN";
+  }
+}
+
+static napi_value throw_errno(napi_env env, const char *syscall, int e) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: %s (%s)", syscall, strerror(e), errno_name(e));
+  napi_throw_error(env, errno_name(e), msg);
+  return NULL;
+}
+
+/* Reads argv[i] as an integer that fits a JS safe integer. */
+static int get_i64(napi_env env, napi_value v, int64_t *out) {
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok) return 0;
+  if (d < 0 || d > 9007199254740991.0) return 0;
+  *out = (int64_t)d;
+  return 1;
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, const char *name) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, off, len;
+  if (argc < 3 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &off) || !get_i64(env, argv[2], &len)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd, offset, length) as non-negative integers");
+    return NULL;
+  }
+  int r;
+  do {
+    r = fallocate((int)fd, mode, (off_t)off, (off_t)len);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return throw_errno(env, name, errno);
+  return NULL;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, "fallocate(PUNCH_HOLE)");
+}
+
+static napi_value zero_range(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "fallocate(ZERO_RANGE)");
+}
+
+static napi_value allocate(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, 0, "fallocate");
+}
+
+/* lseek with SEEK_DATA or SEEK_HOLE; returns -1 when there is no such region (ENXIO). */
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *name) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, off;
+  if (argc < 2 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &off)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd, offset) as non-negative integers");
+    return NULL;
+  }
+  off_t r = lseek((int)fd, (off_t)off, whence);
+  if (r < 0) {
+    if (errno == ENXIO) r = -1;
+    else return throw_errno(env, name, errno);
+  }
+  napi_value out;
+  napi_create_double(env, (double)r, &out);
+  return out;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_DATA, "lseek(SEEK_DATA)");
+}
+
+static napi_value seek_hole(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
+}
+
+/* posix_fadvise(WILLNEED): start reading a range into the page cache (NBD_CMD_CACHE). */
+static napi_value will_need(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, off, len;
+  if (argc < 3 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &off) || !get_i64(env, argv[2], &len)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd, offset, length) as non-negative integers");
+    return NULL;
+  }
+  int r = posix_fadvise((int)fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+  if (r != 0) return throw_errno(env, "posix_fadvise", r);
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
+    {"allocate", NULL, allocate, NULL, NULL, NULL, napi_default, NULL},
+    {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
+    {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

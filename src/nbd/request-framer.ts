@@ -1,0 +1,96 @@
+// Why: the transmission phase as a pure push parser: bytes in, complete requests out.
+// A WRITE's payload is handed over as views of the received chunks (never joined).
+// A WRITE whose payload is larger than we accept is still consumed, streaming and
+// without buffering, so the stream stays in sync and the request gets an error
+// reply; only a bad magic (a broken frame) ends the connection.
+
+import { ByteQueue } from './byte-queue.js';
+import { CMD_WRITE, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js';
+
+export interface RequestHeader {
+  flags: number;
+  type: number;
+  /** The client's 64-bit cookie (handle), as two halves, echoed in the reply. */
+  cookieHi: number;
+  cookieLo: number;
+  /** Exact when < 2^53; larger offsets come out inexact but always beyond any export. */
+  offset: number;
+  length: number;
+  /** True when a WRITE payload was larger than the framer accepts and was discarded. */
+  payloadDiscarded: boolean;
+}
+
+export interface FramerSink {
+  /** A complete request. `payload` holds the WRITE data (views), empty for other commands. */
+  request(header: RequestHeader, payload: Buffer[]): void;
+  /** Asked before each request is parsed: false stops parsing until `resume` (backpressure). */
+  accepting(): boolean;
+}
+
+export type FramerError = { kind: 'bad-magic'; magic: number };
+
+export class RequestFramer {
+  private pending: RequestHeader | null = null;
+  private discardLeft = 0;
+  /** Bytes of WRITE payload parsed so far for the pending request (for memory accounting). */
+  get bufferedBytes(): number {
+    return this.queue.length;
+  }
+
+  constructor(
+    readonly queue: ByteQueue,
+    private readonly sink: FramerSink,
+    private readonly payloadBytesMax: number,
+  ) {}
+
+  /** Adds bytes and parses what is complete. Returns an error when the stream is broken. */
+  push(chunk: Buffer): FramerError | null {
+    this.queue.push(chunk);
+    return this.parse();
+  }
+
+  /** Parses complete requests already queued (after backpressure lifts). */
+  parse(): FramerError | null {
+    const q = this.queue;
+    for (;;) {
+      if (this.discardLeft > 0) {
+        this.discardLeft -= q.skip(this.discardLeft);
+        if (this.discardLeft > 0) return null;
+        const h = this.pending!;
+        this.pending = null;
+        this.sink.request(h, []);
+        continue;
+      }
+      if (this.pending) {
+        const h = this.pending;
+        if (q.length < h.length) return null;
+        this.pending = null;
+        this.sink.request(h, q.takeViews(h.length));
+        continue;
+      }
+      if (q.length < REQUEST_HEADER_BYTES) return null;
+      if (!this.sink.accepting()) return null;
+      const b = q.take(REQUEST_HEADER_BYTES);
+      const magic = b.readUInt32BE(0);
+      if (magic !== REQUEST_MAGIC) return { kind: 'bad-magic', magic };
+      const h: RequestHeader = {
+        flags: b.readUInt16BE(4),
+        type: b.readUInt16BE(6),
+        cookieHi: b.readUInt32BE(8),
+        cookieLo: b.readUInt32BE(12),
+        offset: b.readUInt32BE(16) * 4294967296 + b.readUInt32BE(20),
+        length: b.readUInt32BE(24),
+        payloadDiscarded: false,
+      };
+      if (h.type !== CMD_WRITE || h.length === 0) {
+        this.sink.request(h, []);
+      } else if (h.length > this.payloadBytesMax) {
+        h.payloadDiscarded = true;
+        this.pending = h;
+        this.discardLeft = h.length;
+      } else {
+        this.pending = h;
+      }
+    }
+  }
+}

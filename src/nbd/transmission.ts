@@ -1,0 +1,290 @@
+// Why: the transmission phase for one connection: validate each request (command,
+// flags, range, alignment, read-only) and make exactly one call into the export,
+// then encode the reply (simple for clients like the Linux kernel, structured when
+// negotiated). Requests run concurrently and reply out of order by cookie. Knows the
+// wire, not the storage: everything below is behind NbdExport.
+
+import * as C from './constants.js';
+import type { Extent, MaybePromise, NbdExport } from './export.js';
+import type { Negotiated } from './negotiator.js';
+import type { RequestHeader } from './request-framer.js';
+import * as R from './replies.js';
+import { nbdErrorFor } from './errno.js';
+import { blockSizeMinBytes, blockStatusExtentsMax, requestPayloadBytesMax, sparseReadBytesMin } from '../util/limits.js';
+
+export interface TransmissionHost {
+  /** Queue reply bytes on the connection (the host corks and batches). */
+  send(buffers: Buffer[]): void;
+  /** One request has completed and its reply is queued. */
+  completed(payloadBytes: number): void;
+  /** An export call failed in a way the client should hear about; for logs. */
+  warn(message: string, fields: Record<string, unknown>): void;
+}
+
+const FLAGS_ALLOWED: Record<number, number> = {
+  [C.CMD_READ]: C.CMDFLAG_FUA | C.CMDFLAG_DF,
+  [C.CMD_WRITE]: C.CMDFLAG_FUA,
+  [C.CMD_FLUSH]: C.CMDFLAG_FUA,
+  [C.CMD_TRIM]: C.CMDFLAG_FUA,
+  [C.CMD_CACHE]: C.CMDFLAG_FUA,
+  [C.CMD_WRITE_ZEROES]: C.CMDFLAG_FUA | C.CMDFLAG_NO_HOLE | C.CMDFLAG_FAST_ZERO,
+  [C.CMD_BLOCK_STATUS]: C.CMDFLAG_FUA | C.CMDFLAG_REQ_ONE,
+  [C.CMD_DISC]: 0,
+};
+
+interface Rejection {
+  error: number;
+  message: string;
+}
+
+function isPromise<T>(v: MaybePromise<T>): v is Promise<T> {
+  return v !== null && typeof v === 'object' && typeof (v as Promise<T>).then === 'function';
+}
+
+export class Transmission {
+  /** Requests received and not yet answered. */
+  inflight = 0;
+  /** WRITE payload bytes held by requests not yet answered. */
+  inflightPayloadBytes = 0;
+  /** Set when the connection is gone: late completions are dropped. */
+  closed = false;
+  readonly structured: boolean;
+  readonly sizeBytes: number;
+  private readonly contexts: string[];
+  private readonly alignBytes: number;
+  private readonly sparseReads: boolean;
+
+  constructor(
+    readonly exp: NbdExport,
+    negotiated: Negotiated,
+    private readonly host: TransmissionHost,
+  ) {
+    this.structured = negotiated.structuredReplies;
+    this.contexts = negotiated.metaContexts;
+    this.sizeBytes = exp.sizeBytes;
+    this.alignBytes = negotiated.blockSizeAgreed ? blockSizeMinBytes : 1;
+    this.sparseReads = this.structured && exp.metaContexts.includes(C.CONTEXT_BASE_ALLOCATION);
+  }
+
+  /** Handles one request (not DISC, which the connection handles). */
+  handle(h: RequestHeader, payload: Buffer[]): void {
+    this.inflight++;
+    const payloadBytes = h.type === C.CMD_WRITE && !h.payloadDiscarded ? h.length : 0;
+    this.inflightPayloadBytes += payloadBytes;
+    const rejection = this.validate(h);
+    if (rejection) {
+      this.replyError(h, rejection.error, rejection.message, payloadBytes);
+      return;
+    }
+    try {
+      switch (h.type) {
+        case C.CMD_READ:
+          this.read(h);
+          return;
+        case C.CMD_WRITE:
+          this.settle(h, this.exp.write(h.offset, payload, (h.flags & C.CMDFLAG_FUA) !== 0), payloadBytes);
+          return;
+        case C.CMD_FLUSH:
+          this.settle(h, this.exp.flush(), 0);
+          return;
+        case C.CMD_TRIM:
+          this.settle(h, this.exp.trim(h.offset, h.length, (h.flags & C.CMDFLAG_FUA) !== 0), 0);
+          return;
+        case C.CMD_CACHE:
+          this.settle(h, this.exp.cache(h.offset, h.length), 0);
+          return;
+        case C.CMD_WRITE_ZEROES: {
+          const options = { noHole: (h.flags & C.CMDFLAG_NO_HOLE) !== 0, fastZero: (h.flags & C.CMDFLAG_FAST_ZERO) !== 0 };
+          this.settle(h, this.exp.writeZeroes(h.offset, h.length, options, (h.flags & C.CMDFLAG_FUA) !== 0), 0);
+          return;
+        }
+        case C.CMD_BLOCK_STATUS:
+          this.blockStatus(h);
+          return;
+      }
+    } catch (e) {
+      this.failed(h, e, payloadBytes);
+    }
+  }
+
+  private validate(h: RequestHeader): Rejection | null {
+    const allowed = FLAGS_ALLOWED[h.type];
+    const name = C.COMMAND_NAMES[h.type];
+    if (allowed === undefined || name === undefined) return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
+    if (h.flags & ~allowed) return { error: C.NBD_EINVAL, message: `flags 0x${h.flags.toString(16)} not valid for ${name}` };
+    const f = this.exp.features;
+    const writes = h.type === C.CMD_WRITE || h.type === C.CMD_TRIM || h.type === C.CMD_WRITE_ZEROES;
+    if (writes && f.readOnly) return { error: C.NBD_EPERM, message: 'export is read-only' };
+    switch (h.type) {
+      case C.CMD_FLUSH:
+        if (h.offset !== 0 || h.length !== 0) return { error: C.NBD_EINVAL, message: 'FLUSH offset and length must be 0' };
+        return null;
+      case C.CMD_READ:
+        if (h.flags & C.CMDFLAG_DF && !this.structured) return { error: C.NBD_EINVAL, message: 'DF needs structured replies' };
+        if (h.length > requestPayloadBytesMax) return { error: C.NBD_EINVAL, message: `READ of ${h.length} bytes exceeds the maximum ${requestPayloadBytesMax}` };
+        break;
+      case C.CMD_WRITE:
+        if (h.payloadDiscarded) return { error: C.NBD_EINVAL, message: `WRITE of ${h.length} bytes exceeds the maximum ${requestPayloadBytesMax}` };
+        break;
+      case C.CMD_TRIM:
+        if (!f.trim) return { error: C.NBD_EINVAL, message: 'TRIM not supported' };
+        break;
+      case C.CMD_CACHE:
+        if (!f.cache) return { error: C.NBD_EINVAL, message: 'CACHE not supported' };
+        break;
+      case C.CMD_WRITE_ZEROES:
+        if (!f.writeZeroes) return { error: C.NBD_EINVAL, message: 'WRITE_ZEROES not supported' };
+        if (h.flags & C.CMDFLAG_FAST_ZERO && !f.fastZero) return { error: C.NBD_EINVAL, message: 'FAST_ZERO not supported' };
+        break;
+      case C.CMD_BLOCK_STATUS:
+        if (!this.structured || this.contexts.length === 0) {
+          return { error: C.NBD_EINVAL, message: 'BLOCK_STATUS needs structured replies and a metadata context' };
+        }
+        if (h.length === 0) return { error: C.NBD_EINVAL, message: 'BLOCK_STATUS of length 0' };
+        break;
+    }
+    if (h.offset + h.length > this.sizeBytes) {
+      const error = h.type === C.CMD_WRITE || h.type === C.CMD_WRITE_ZEROES ? C.NBD_ENOSPC : C.NBD_EINVAL;
+      return { error, message: `range ${h.offset}+${h.length} is beyond the export size ${this.sizeBytes}` };
+    }
+    if (this.alignBytes > 1 && (h.offset % this.alignBytes !== 0 || h.length % this.alignBytes !== 0)) {
+      return { error: C.NBD_EINVAL, message: `offset and length must be multiples of ${this.alignBytes}` };
+    }
+    return null;
+  }
+
+  private settle(h: RequestHeader, r: MaybePromise<void>, payloadBytes: number): void {
+    if (isPromise(r)) {
+      r.then(
+        () => this.replyOk(h, payloadBytes),
+        (e) => this.failed(h, e, payloadBytes),
+      );
+    } else {
+      this.replyOk(h, payloadBytes);
+    }
+  }
+
+  private failed(h: RequestHeader, e: unknown, payloadBytes: number): void {
+    const error = nbdErrorFor(e);
+    const message = e instanceof Error ? e.message : String(e);
+    if (error !== C.NBD_ENOTSUP) {
+      this.host.warn('request failed', { command: C.COMMAND_NAMES[h.type], offset: h.offset, length: h.length, error: message });
+    }
+    this.replyError(h, error, message, payloadBytes);
+  }
+
+  private replyOk(h: RequestHeader, payloadBytes: number): void {
+    this.finish(h.type === C.CMD_READ && this.structured ? [R.noneChunk(h.cookieHi, h.cookieLo)] : [R.simpleReply(0, h.cookieHi, h.cookieLo)], payloadBytes);
+  }
+
+  private replyError(h: RequestHeader, error: number, message: string, payloadBytes: number): void {
+    const reply = this.structured ? R.errorChunk(error, message, h.cookieHi, h.cookieLo) : R.simpleReply(error, h.cookieHi, h.cookieLo);
+    this.finish([reply], payloadBytes);
+  }
+
+  private finish(buffers: Buffer[], payloadBytes: number): void {
+    this.inflight--;
+    this.inflightPayloadBytes -= payloadBytes;
+    if (!this.closed) this.host.send(buffers);
+    this.host.completed(payloadBytes);
+  }
+
+  private read(h: RequestHeader): void {
+    const headerBytes = R.readHeaderBytes(this.structured);
+    const buf = Buffer.allocUnsafe(headerBytes + h.length);
+    const data = buf.subarray(headerBytes);
+    const sparse = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0;
+    const afterRead = (extents: Extent[] | null) => {
+      if (!this.structured) {
+        R.writeSimpleHeader(buf, 0, 0, h.cookieHi, h.cookieLo);
+        this.finish([buf], 0);
+      } else if (!extents || extents.length <= 1) {
+        if (extents && extents.length === 1 && extents[0]!.flags & C.STATE_ZERO) {
+          this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], 0);
+        } else {
+          R.writeOffsetDataHeader(buf, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
+          this.finish([buf], 0);
+        }
+      } else {
+        this.finish(this.sparseChunks(h, data, extents), 0);
+      }
+    };
+    const doRead = (extents: Extent[] | null) => {
+      // A range that is one hole needs no read at all.
+      if (extents && extents.length === 1 && extents[0]!.flags & C.STATE_ZERO) return afterRead(extents);
+      const r = this.exp.read(h.offset, h.length, data);
+      if (isPromise(r)) r.then(() => afterRead(extents), (e) => this.failed(h, e, 0));
+      else afterRead(extents);
+    };
+    if (!sparse) return doRead(null);
+    const st = this.exp.blockStatus(C.CONTEXT_BASE_ALLOCATION, h.offset, h.length, 64);
+    const clip = (ext: Extent[]) => clipExtents(ext, h.length);
+    if (isPromise(st)) st.then((e) => doRead(clip(e)), (e) => this.failed(h, e, 0));
+    else doRead(clip(st));
+  }
+
+  /** OFFSET_DATA for data extents (views into one buffer), OFFSET_HOLE for zero extents. */
+  private sparseChunks(h: RequestHeader, data: Buffer, extents: Extent[]): Buffer[] {
+    const out: Buffer[] = [];
+    let pos = 0;
+    for (const e of extents) {
+      if (e.flags & C.STATE_ZERO) {
+        out.push(R.offsetHoleChunk(false, h.cookieHi, h.cookieLo, h.offset + pos, e.lengthBytes));
+      } else {
+        const hdr = Buffer.allocUnsafe(28);
+        R.writeOffsetDataHeader(hdr, 0, false, h.cookieHi, h.cookieLo, h.offset + pos, e.lengthBytes);
+        out.push(hdr, data.subarray(pos, pos + e.lengthBytes));
+      }
+      pos += e.lengthBytes;
+    }
+    out.push(R.noneChunk(h.cookieHi, h.cookieLo));
+    return out;
+  }
+
+  private blockStatus(h: RequestHeader): void {
+    const reqOne = (h.flags & C.CMDFLAG_REQ_ONE) !== 0;
+    const extentsMax = reqOne ? 1 : blockStatusExtentsMax;
+    const length = Math.min(h.length, this.sizeBytes - h.offset);
+    const results: Buffer[] = new Array(this.contexts.length);
+    let pending = this.contexts.length;
+    let failed = false;
+    const done = (id: number, extents: Extent[]) => {
+      if (failed) return;
+      if (extents.length === 0) extents = [{ lengthBytes: length, flags: 0 }];
+      if (reqOne) extents = [{ lengthBytes: Math.min(extents[0]!.lengthBytes, h.length), flags: extents[0]!.flags }];
+      results[id] = R.blockStatusChunk(false, h.cookieHi, h.cookieLo, id, extents);
+      if (--pending === 0) this.finish([...results, R.noneChunk(h.cookieHi, h.cookieLo)], 0);
+    };
+    const fail = (e: unknown) => {
+      if (failed) return;
+      failed = true;
+      this.failed(h, e, 0);
+    };
+    this.contexts.forEach((context, id) => {
+      try {
+        const r = this.exp.blockStatus(context, h.offset, length, extentsMax);
+        if (isPromise(r)) r.then((e) => done(id, e), fail);
+        else done(id, r);
+      } catch (e) {
+        fail(e);
+      }
+    });
+  }
+}
+
+/** Trims a list of extents so they cover exactly `length` bytes (drops and shortens the tail). */
+export function clipExtents(extents: Extent[], length: number): Extent[] {
+  const out: Extent[] = [];
+  let covered = 0;
+  for (const e of extents) {
+    if (covered >= length) break;
+    const len = Math.min(e.lengthBytes, length - covered);
+    out.push({ lengthBytes: len, flags: e.flags });
+    covered += len;
+  }
+  if (covered < length) {
+    // The backend stopped early (extent cap): cover the rest as data, which is always safe to report.
+    out.push({ lengthBytes: length - covered, flags: 0 });
+  }
+  return out;
+}

@@ -1,0 +1,257 @@
+// Why: one client socket, from greeting to close. It feeds bytes to the negotiator and
+// then to the request framer, hands requests to the Transmission, and owns the socket
+// concerns the protocol code must not: corking replies into one write per batch,
+// backpressure (stop reading at the in-flight caps or when the client does not read its
+// replies), timeouts, DISC, and draining on shutdown.
+
+import type { Socket } from 'node:net';
+import type { Logger } from '../util/log.js';
+import type { ExportCatalog } from '../nbd/export.js';
+import { Negotiator } from '../nbd/negotiator.js';
+import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
+import { Transmission } from '../nbd/transmission.js';
+import { CMD_DISC, COMMAND_NAMES } from '../nbd/constants.js';
+import {
+  handshakeTimeoutMs,
+  inflightPayloadBytesMax,
+  inflightRequestsMax,
+  requestPayloadBytesMax,
+  socketQueuedBytesMax,
+} from '../util/limits.js';
+
+type State = 'handshake' | 'transmission' | 'draining' | 'closed';
+
+export interface ConnectionStats {
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+}
+
+export class Connection {
+  private state: State = 'handshake';
+  private readonly negotiator: Negotiator;
+  private framer: RequestFramer | null = null;
+  private tx: Transmission | null = null;
+  private handshakeTimer: NodeJS.Timeout | null;
+  private inDataEvent = false;
+  private uncorkScheduled = false;
+  private paused = false;
+  private drainWaiters: (() => void)[] = [];
+  readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
+  exportName: string | null = null;
+
+  constructor(
+    private readonly socket: Socket,
+    catalog: ExportCatalog,
+    private readonly log: Logger,
+    private readonly onClosed: (c: Connection) => void,
+  ) {
+    this.negotiator = new Negotiator(catalog);
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('drain', () => this.maybeResume());
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
+    socket.on('close', () => this.onSocketClose());
+    socket.on('end', () => {
+      // The client half-closed; finish what is in flight, then close our side.
+      if (this.state === 'transmission') this.beginDrain('client closed its side');
+      else socket.end();
+    });
+    this.handshakeTimer = setTimeout(() => {
+      this.log.info('handshake timed out');
+      this.socket.destroy();
+    }, handshakeTimeoutMs);
+    this.handshakeTimer.unref();
+    socket.write(this.negotiator.greeting());
+  }
+
+  get inflight(): number {
+    return this.tx?.inflight ?? 0;
+  }
+
+  private onData(chunk: Buffer): void {
+    this.stats.bytesRead += chunk.length;
+    this.inDataEvent = true;
+    this.socket.cork();
+    try {
+      if (this.state === 'handshake') this.handshakeData(chunk);
+      else if (this.state === 'transmission' && this.framer) {
+        const err = this.framer.push(chunk);
+        if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+      }
+      // 'draining' and 'closed': anything after DISC or shutdown is ignored.
+    } finally {
+      this.inDataEvent = false;
+      this.socket.uncork();
+    }
+  }
+
+  private handshakeData(chunk: Buffer): void {
+    const result = this.negotiator.push(chunk);
+    for (const b of this.negotiator.drainOutput()) this.socket.write(b);
+    if (result.kind === 'close') {
+      this.log.debug({ reason: result.reason }, 'handshake ended');
+      this.socket.end();
+      this.state = 'closed';
+      return;
+    }
+    if (result.kind !== 'done') return;
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    const n = result.negotiated;
+    this.exportName = n.export.name;
+    this.log.info(
+      { export: n.export.name, structured: n.structuredReplies, contexts: n.metaContexts, flags: n.transmissionFlags },
+      'client connected to export',
+    );
+    this.tx = new Transmission(n.export, n, {
+      send: (buffers) => this.send(buffers),
+      completed: () => this.requestCompleted(),
+      warn: (msg, fields) => this.log.warn(fields, msg),
+    });
+    this.state = 'transmission';
+    this.framer = new RequestFramer(
+      this.negotiator.leftover(),
+      { request: (h, p) => this.onRequest(h, p), accepting: () => this.accepting() },
+      requestPayloadBytesMax,
+    );
+    const err = this.framer.parse();
+    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+  }
+
+  private onRequest(h: RequestHeader, payload: Buffer[]): void {
+    this.stats.requests++;
+    if (this.state !== 'transmission') return;
+    if (h.type === CMD_DISC) {
+      this.beginDrain('client sent DISC');
+      return;
+    }
+    if (this.log.isLevelEnabled('trace')) {
+      this.log.trace({ cmd: COMMAND_NAMES[h.type] ?? h.type, offset: h.offset, length: h.length, flags: h.flags }, 'request');
+    }
+    this.tx!.handle(h, payload);
+  }
+
+  /** Whether another request may be parsed now (backpressure). */
+  private accepting(): boolean {
+    const tx = this.tx;
+    if (this.state !== 'transmission' || !tx) return false;
+    const ok =
+      tx.inflight < inflightRequestsMax &&
+      tx.inflightPayloadBytes < inflightPayloadBytesMax &&
+      this.socket.writableLength < socketQueuedBytesMax;
+    if (!ok && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    return ok;
+  }
+
+  private maybeResume(): void {
+    if (!this.paused || this.state !== 'transmission' || !this.framer) return;
+    this.paused = false;
+    this.inDataEvent = true;
+    this.socket.cork();
+    try {
+      const err = this.framer.parse();
+      if (err) {
+        this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+        return;
+      }
+    } finally {
+      this.inDataEvent = false;
+      this.socket.uncork();
+    }
+    if (!this.paused) this.socket.resume();
+  }
+
+  private send(buffers: Buffer[]): void {
+    if (this.state === 'closed' || this.socket.destroyed) return;
+    if (!this.inDataEvent && !this.uncorkScheduled) {
+      // Completions from the threadpool: batch all that land in this loop turn.
+      this.uncorkScheduled = true;
+      this.socket.cork();
+      setImmediate(() => {
+        this.uncorkScheduled = false;
+        this.socket.uncork();
+      });
+    }
+    for (const b of buffers) {
+      this.stats.bytesWritten += b.length;
+      this.socket.write(b);
+    }
+  }
+
+  private requestCompleted(): void {
+    if (this.paused) this.maybeResume();
+    if (this.tx && this.tx.inflight === 0) {
+      const waiters = this.drainWaiters.splice(0);
+      for (const w of waiters) w();
+      if (this.state === 'draining') this.finishDrain();
+    }
+  }
+
+  private protocolError(reason: string): void {
+    this.log.warn({ reason }, 'protocol error: closing connection');
+    this.state = 'closed';
+    if (this.tx) this.tx.closed = true;
+    this.socket.destroy();
+  }
+
+  /** Stops reading; closes once every request in flight has been answered. */
+  private beginDrain(reason: string): void {
+    if (this.state !== 'transmission') return;
+    this.log.debug({ reason, inflight: this.inflight }, 'draining connection');
+    this.state = 'draining';
+    this.socket.pause();
+    if (this.inflight === 0) this.finishDrain();
+  }
+
+  private finishDrain(): void {
+    this.state = 'closed';
+    const close = () => this.socket.end();
+    if (this.uncorkScheduled) setImmediate(close);
+    else close();
+  }
+
+  /** Server shutdown: refuse new requests, answer the ones in flight (bounded), close. */
+  shutdown(drainMs: number): Promise<void> {
+    if (this.state === 'handshake') {
+      this.state = 'closed';
+      this.socket.destroy();
+      return Promise.resolve();
+    }
+    if (this.state === 'transmission') this.beginDrain('server shutting down');
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.log.warn({ inflight: this.inflight }, 'requests still in flight at shutdown deadline; closing');
+        this.socket.destroy();
+        resolve();
+      }, drainMs);
+      this.drainWaiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  /** Hard close (after a shutdown grace period). */
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private onSocketClose(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.state = 'closed';
+    const tx = this.tx;
+    if (tx) {
+      tx.closed = true;
+      // Requests still running finish against the export; release it after them.
+      if (tx.inflight === 0) tx.exp.close();
+      else this.drainWaiters.push(() => tx.exp.close());
+    }
+    this.log.debug(this.stats, 'connection closed');
+    this.onClosed(this);
+  }
+}

@@ -1,0 +1,39 @@
+// Why: loads the small C addon (src/native/fsx.c, built by `npm run build`) that gives
+// us fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE), which Node.js does not expose.
+// Without it the server still works: holes are not punched and every range reads as data.
+
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+export interface Fsx {
+  punchHole(fd: number, offset: number, length: number): void;
+  zeroRange(fd: number, offset: number, length: number): void;
+  allocate(fd: number, offset: number, length: number): void;
+  /** Next data offset ≥ offset, or -1 when only a hole follows. */
+  seekData(fd: number, offset: number): number;
+  /** Next hole offset ≥ offset (the file end counts as a hole). */
+  seekHole(fd: number, offset: number): number;
+  /** posix_fadvise(WILLNEED): asks the kernel to read the range ahead. */
+  willNeed(fd: number, offset: number, length: number): void;
+}
+
+let cached: Fsx | null | undefined;
+
+export function loadFsx(): Fsx | null {
+  if (cached !== undefined) return cached;
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const require = createRequire(import.meta.url);
+  // dist/storage/ or src/storage/ → project root
+  const candidates = [path.resolve(here, '../../build/Release/fsx.node')];
+  for (const c of candidates) {
+    try {
+      cached = require(c) as Fsx;
+      return cached;
+    } catch {
+      // try the next location
+    }
+  }
+  cached = null;
+  return cached;
+}

@@ -1,0 +1,47 @@
+// Why: expected failures (bad input, missing volume, disk full, peer gone) carry a fixed
+// code so callers (the CLI, the control API, the NBD errno mapping) can act on them
+// without parsing messages. Bugs are assertions (assert.ts), not these.
+
+export type ErrorCode =
+  | 'EINVAL_ARGUMENT'
+  | 'VOLUME_NOT_FOUND'
+  | 'VOLUME_EXISTS'
+  | 'VOLUME_BUSY'
+  | 'VOLUME_READ_ONLY'
+  | 'VOLUME_SHRINK'
+  | 'BAD_NAME'
+  | 'BAD_SIZE'
+  | 'DATA_DIR'
+  | 'METADATA_CORRUPT'
+  | 'DAEMON_UNREACHABLE'
+  | 'CONTROL_API'
+  | 'SHUTTING_DOWN'
+  | 'IO';
+
+export class DeltavolError extends Error {
+  override readonly name = 'DeltavolError';
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly details?: Record<string, unknown>,
+  ) {
+    super(message);
+  }
+}
+
+export function isDeltavolError(e: unknown, code?: ErrorCode): e is DeltavolError {
+  return e instanceof DeltavolError && (code === undefined || e.code === code);
+}
+
+/** Node's system errors carry an errno name in `code`. */
+export function errnoCode(e: unknown): string | undefined {
+  if (e && typeof e === 'object' && 'code' in e && typeof (e as { code: unknown }).code === 'string') {
+    return (e as { code: string }).code;
+  }
+  return undefined;
+}
+
+/** An error shaped like Node's system errors (`code` = errno name), for the NBD errno mapping. */
+export function systemError(code: string, message: string): Error & { code: string } {
+  return Object.assign(new Error(message), { code });
+}

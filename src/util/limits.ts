@@ -1,0 +1,54 @@
+// Why: every limit of the server in one place, named with its unit last, with the
+// relations between them asserted when the module loads (a wrong edit fails at start,
+// not under load). Settings that operators may change are defaults here, overridable
+// by `deltavol serve` flags.
+
+import { assert } from './assert.js';
+
+/** Handshake: options a client may send before it must choose an export. */
+export const handshakeOptionsMax = 64;
+/** Handshake: bytes of one option's data (names are ≤ 4 KiB by the spec; lists of queries more). */
+export const handshakeOptionBytesMax = 64 * 1024;
+/** Handshake: a client must reach transmission (or abort) within this time. */
+export const handshakeTimeoutMs = 30_000;
+/** NBD strings (export names, context names) may be at most 4 KiB. */
+export const nbdStringBytesMax = 4096;
+
+/** Minimum block size advertised to clients that ask for NBD_INFO_BLOCK_SIZE. */
+export const blockSizeMinBytes = 512;
+/** Preferred block size advertised (page size: no read-modify-write below it). */
+export const blockSizePreferredBytes = 4096;
+/** Largest READ / WRITE payload accepted (NBD_INFO_BLOCK_SIZE maximum). */
+export const requestPayloadBytesMax = 32 * 1024 * 1024;
+/** Largest effect length of TRIM / WRITE_ZEROES / CACHE / BLOCK_STATUS in one request (no payload, so larger is fine). */
+export const requestEffectBytesMax = 2 ** 32 - 1;
+
+/** Requests in flight per connection; reading stops at this count (backpressure). */
+export const inflightRequestsMax = 128;
+/** Write payload bytes buffered per connection before reading stops (plus at most one request). */
+export const inflightPayloadBytesMax = 64 * 1024 * 1024;
+/** Bytes queued on the socket (unsent replies) before reading stops until 'drain'. */
+export const socketQueuedBytesMax = 64 * 1024 * 1024;
+
+/** Reads and writes up to this size are done synchronously on the event loop (see PERF.md). */
+export const syncIoBytesMaxDefault = 64 * 1024;
+/** Reads at least this large first ask the file for holes and send them as OFFSET_HOLE chunks. */
+export const sparseReadBytesMin = 64 * 1024;
+/** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
+export const blockStatusExtentsMax = 65536;
+/** Zero buffer used when a file system cannot punch or zero a range. */
+export const zeroBufferBytes = 1024 * 1024;
+
+/** Concurrent connections per daemon. */
+export const connectionsMax = 1024;
+/** Clean shutdown waits this long for in-flight requests before closing sockets. */
+export const shutdownDrainMs = 10_000;
+
+/** Volume names: what may appear in an export name and a directory name. */
+export const volumeNameBytesMax = 128;
+
+assert(blockSizeMinBytes <= blockSizePreferredBytes, 'min block ≤ preferred block');
+assert(blockSizePreferredBytes <= requestPayloadBytesMax, 'preferred block ≤ max payload');
+assert(requestPayloadBytesMax >= 2 ** 20, 'the spec asks for a max payload of at least 1 MiB');
+assert(inflightPayloadBytesMax >= requestPayloadBytesMax, 'a full-size write must fit the inflight budget');
+assert(sparseReadBytesMin >= blockSizePreferredBytes, 'sparse reads only pay off above a block');

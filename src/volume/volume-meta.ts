@@ -1,0 +1,66 @@
+// Why: what a volume is, on disk, apart from its data: a small JSON document next to the
+// data file. Parsing validates every field so a damaged file is reported, not trusted.
+
+import { DeltavolError } from '../util/errors.js';
+import { volumeNameBytesMax } from '../util/limits.js';
+
+export const VOLUME_FORMAT_VERSION = 1;
+/** Volume sizes are multiples of this (the minimum NBD block size we advertise). */
+export const VOLUME_SIZE_ALIGN_BYTES = 512;
+export const TRACKING_BLOCK_BYTES_DEFAULT = 4096;
+
+export interface VolumeMeta {
+  formatVersion: number;
+  name: string;
+  sizeBytes: number;
+  readOnly: boolean;
+  description: string;
+  createdAt: string;
+  /** Unit of change tracking and copy-on-write (power of two, 4 KiB–1 MiB). */
+  trackingBlockBytes: number;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+
+export function validateVolumeName(name: string): void {
+  if (typeof name !== 'string' || !NAME_RE.test(name) || Buffer.byteLength(name) > volumeNameBytesMax) {
+    throw new DeltavolError(
+      'BAD_NAME',
+      `invalid volume name "${name}": use 1-${volumeNameBytesMax} letters, digits, '.', '_' or '-', starting with a letter or digit`,
+    );
+  }
+}
+
+export function validateVolumeSize(sizeBytes: number): void {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) {
+    throw new DeltavolError('BAD_SIZE', `volume size must be a positive number of bytes, got ${sizeBytes}`);
+  }
+  if (sizeBytes % VOLUME_SIZE_ALIGN_BYTES !== 0) {
+    throw new DeltavolError('BAD_SIZE', `volume size ${sizeBytes} is not a multiple of ${VOLUME_SIZE_ALIGN_BYTES} bytes`);
+  }
+}
+
+export function validateTrackingBlock(bytes: number): void {
+  if (!Number.isInteger(bytes) || bytes < 4096 || bytes > 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
+    throw new DeltavolError('BAD_SIZE', `tracking block size must be a power of two from 4 KiB to 1 MiB, got ${bytes}`);
+  }
+}
+
+export function parseVolumeMeta(text: string, where: string): VolumeMeta {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw new DeltavolError('METADATA_CORRUPT', `${where}: not valid JSON (${(e as Error).message})`);
+  }
+  const m = raw as Partial<VolumeMeta>;
+  const bad = (field: string) => new DeltavolError('METADATA_CORRUPT', `${where}: field "${field}" is missing or invalid`);
+  if (m.formatVersion !== VOLUME_FORMAT_VERSION) throw bad('formatVersion');
+  if (typeof m.name !== 'string') throw bad('name');
+  if (typeof m.sizeBytes !== 'number' || !Number.isSafeInteger(m.sizeBytes) || m.sizeBytes <= 0) throw bad('sizeBytes');
+  if (typeof m.readOnly !== 'boolean') throw bad('readOnly');
+  if (typeof m.description !== 'string') throw bad('description');
+  if (typeof m.createdAt !== 'string') throw bad('createdAt');
+  if (typeof m.trackingBlockBytes !== 'number') throw bad('trackingBlockBytes');
+  return m as VolumeMeta;
+}
