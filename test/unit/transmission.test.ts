@@ -1,0 +1,217 @@
+// Why: request validation decides what reaches storage. Each case here is a request a
+// client may send and the exact reply the spec asks for, with sync and async exports,
+// simple and structured replies.
+import { describe, expect, it } from 'vitest';
+import { Transmission } from '../../src/nbd/transmission.js';
+import type { Negotiated } from '../../src/nbd/negotiator.js';
+import type { RequestHeader } from '../../src/nbd/request-framer.js';
+import * as C from '../../src/nbd/constants.js';
+import { MemoryExport } from '../helpers/memory-export.js';
+
+interface Chunk {
+  type: number;
+  flags: number;
+  cookie: number;
+  payload: Buffer;
+}
+
+function parseStructured(buf: Buffer): Chunk[] {
+  const out: Chunk[] = [];
+  let pos = 0;
+  while (pos < buf.length) {
+    expect(buf.readUInt32BE(pos)).toBe(C.STRUCTURED_REPLY_MAGIC);
+    const len = buf.readUInt32BE(pos + 16);
+    out.push({ flags: buf.readUInt16BE(pos + 4), type: buf.readUInt16BE(pos + 6), cookie: buf.readUInt32BE(pos + 12), payload: buf.subarray(pos + 20, pos + 20 + len) });
+    pos += 20 + len;
+  }
+  return out;
+}
+
+function setup(opts: { structured?: boolean; agreed?: boolean; readOnly?: boolean; async?: boolean; contexts?: string[] } = {}) {
+  const exp = new MemoryExport('m', 1 << 20, {
+    readOnly: opts.readOnly ?? false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: false, cache: true, multiConn: true,
+  });
+  exp.async = opts.async ?? false;
+  const sent: Buffer[] = [];
+  let completed = 0;
+  const neg: Negotiated = {
+    export: exp,
+    structuredReplies: opts.structured ?? false,
+    metaContexts: opts.contexts ?? (opts.structured ? [C.CONTEXT_BASE_ALLOCATION] : []),
+    blockSizeAgreed: opts.agreed ?? true,
+    transmissionFlags: 0,
+  };
+  const tx = new Transmission(exp, neg, { send: (b) => sent.push(Buffer.concat(b)), completed: () => completed++, warn: () => undefined });
+  const req = (type: number, o: Partial<RequestHeader> = {}, payload: Buffer[] = []) =>
+    tx.handle({ flags: 0, type, cookieHi: 0, cookieLo: o.cookieLo ?? 1, offset: 0, length: 0, payloadDiscarded: false, ...o }, payload);
+  const simpleError = (i = sent.length - 1) => {
+    expect(sent[i]!.readUInt32BE(0)).toBe(C.SIMPLE_REPLY_MAGIC);
+    return sent[i]!.readUInt32BE(4);
+  };
+  const settle = () => new Promise((r) => setTimeout(r, 5));
+  return { exp, tx, sent, req, simpleError, settle, completedCount: () => completed };
+}
+
+describe('Transmission validation (simple replies)', () => {
+  const cases: [string, number, Partial<RequestHeader>, number][] = [
+    ['unknown command', 42, {}, C.NBD_EINVAL],
+    ['unknown flag on READ', C.CMD_READ, { flags: 1 << 9, length: 512 }, C.NBD_EINVAL],
+    ['NO_HOLE on WRITE', C.CMD_WRITE, { flags: C.CMDFLAG_NO_HOLE, length: 0 }, C.NBD_EINVAL],
+    ['DF without structured replies', C.CMD_READ, { flags: C.CMDFLAG_DF, length: 512 }, C.NBD_EINVAL],
+    ['READ past the end', C.CMD_READ, { offset: (1 << 20) - 512, length: 1024 }, C.NBD_EINVAL],
+    ['READ at a huge offset', C.CMD_READ, { offset: 2 ** 63, length: 512 }, C.NBD_EINVAL],
+    ['TRIM past the end', C.CMD_TRIM, { offset: 1 << 20, length: 512 }, C.NBD_EINVAL],
+    ['CACHE past the end', C.CMD_CACHE, { offset: 1 << 20, length: 512 }, C.NBD_EINVAL],
+    ['WRITE_ZEROES past the end', C.CMD_WRITE_ZEROES, { offset: 1 << 20, length: 512 }, C.NBD_ENOSPC],
+    ['misaligned READ offset', C.CMD_READ, { offset: 100, length: 512 }, C.NBD_EINVAL],
+    ['misaligned TRIM length', C.CMD_TRIM, { offset: 0, length: 100 }, C.NBD_EINVAL],
+    ['FLUSH with a length', C.CMD_FLUSH, { length: 512 }, C.NBD_EINVAL],
+    ['FAST_ZERO when not advertised', C.CMD_WRITE_ZEROES, { flags: C.CMDFLAG_FAST_ZERO, length: 512 }, C.NBD_EINVAL],
+    ['BLOCK_STATUS without contexts', C.CMD_BLOCK_STATUS, { length: 512 }, C.NBD_EINVAL],
+    ['READ larger than the max payload', C.CMD_READ, { length: 64 * 1024 * 1024 }, C.NBD_EINVAL],
+  ];
+  for (const [name, type, h, errno] of cases) {
+    it(`${name} → ${errno}`, () => {
+      const t = setup();
+      t.req(type, h);
+      expect(t.simpleError()).toBe(errno);
+      expect(t.exp.calls).toEqual([]);
+      expect(t.tx.inflight).toBe(0);
+    });
+  }
+
+  it('WRITE past the end → ENOSPC; oversize discarded WRITE → EINVAL', () => {
+    const t = setup();
+    t.req(C.CMD_WRITE, { offset: 1 << 20, length: 512 }, [Buffer.alloc(512)]);
+    expect(t.simpleError()).toBe(C.NBD_ENOSPC);
+    t.req(C.CMD_WRITE, { offset: 0, length: 64 * 1024 * 1024, payloadDiscarded: true });
+    expect(t.simpleError()).toBe(C.NBD_EINVAL);
+  });
+
+  it('write-type commands on a read-only export → EPERM', () => {
+    const t = setup({ readOnly: true });
+    t.req(C.CMD_WRITE, { length: 512 }, [Buffer.alloc(512)]);
+    t.req(C.CMD_TRIM, { length: 512 });
+    t.req(C.CMD_WRITE_ZEROES, { length: 512 });
+    expect([0, 1, 2].map((i) => t.simpleError(i))).toEqual([C.NBD_EPERM, C.NBD_EPERM, C.NBD_EPERM]);
+    t.req(C.CMD_READ, { length: 512 });
+    expect(t.simpleError()).toBe(0);
+  });
+
+  it('unaligned requests are fine for clients that did not agree to a block size', () => {
+    const t = setup({ agreed: false });
+    t.req(C.CMD_WRITE, { offset: 3, length: 5 }, [Buffer.from('hello')]);
+    expect(t.simpleError()).toBe(0);
+    expect(t.exp.data.subarray(3, 8).toString()).toBe('hello');
+  });
+
+  it('READ reply carries the data right after the 16-byte header', () => {
+    const t = setup();
+    t.exp.data.write('abcdefgh', 512);
+    t.req(C.CMD_READ, { offset: 512, length: 512, cookieLo: 77 });
+    const r = t.sent[0]!;
+    expect(r.length).toBe(16 + 512);
+    expect(r.readUInt32BE(12)).toBe(77);
+    expect(r.subarray(16, 24).toString()).toBe('abcdefgh');
+  });
+
+  it('storage errors map to NBD errors (ENOSPC, EIO for the unknown)', async () => {
+    for (const async of [false, true]) {
+      const t = setup({ async });
+      t.exp.failNext = { op: 'write', code: 'EDQUOT' };
+      t.req(C.CMD_WRITE, { length: 512 }, [Buffer.alloc(512)]);
+      t.exp.failNext = { op: 'flush', code: 'EWHATEVER' };
+      t.req(C.CMD_FLUSH, { cookieLo: 2 });
+      await t.settle();
+      expect([t.simpleError(0), t.simpleError(1)]).toEqual([C.NBD_ENOSPC, C.NBD_EIO]);
+      expect(t.completedCount()).toBe(2);
+    }
+  });
+
+  it('async completions reply out of order by cookie', async () => {
+    const t = setup({ async: true });
+    t.req(C.CMD_READ, { length: 512, cookieLo: 1 });
+    t.req(C.CMD_FLUSH, { cookieLo: 2 });
+    expect(t.tx.inflight).toBe(2);
+    await t.settle();
+    expect(t.sent.map((b) => b.readUInt32BE(12)).sort()).toEqual([1, 2]);
+    expect(t.tx.inflight).toBe(0);
+  });
+
+  it('replies are dropped (not sent) once the connection is closed', async () => {
+    const t = setup({ async: true });
+    t.req(C.CMD_READ, { length: 512 });
+    t.tx.closed = true;
+    await t.settle();
+    expect(t.sent).toHaveLength(0);
+    expect(t.completedCount()).toBe(1);
+  });
+});
+
+describe('Transmission with structured replies', () => {
+  it('READ: one OFFSET_DATA chunk with DONE', () => {
+    const t = setup({ structured: true });
+    t.exp.data.fill(7, 0, 4096);
+    t.req(C.CMD_READ, { length: 4096 });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks).toHaveLength(1);
+    expect(chunks[0]!.type).toBe(C.REPLY_TYPE_OFFSET_DATA);
+    expect(chunks[0]!.flags & C.REPLY_FLAG_DONE).toBeTruthy();
+    expect(chunks[0]!.payload.length).toBe(8 + 4096);
+    expect(chunks[0]!.payload[8]).toBe(7);
+  });
+
+  it('large sparse READ: holes as OFFSET_HOLE, data as OFFSET_DATA, then NONE', () => {
+    const t = setup({ structured: true });
+    t.exp.data.fill(1, 8192, 12288);
+    t.req(C.CMD_READ, { length: 65536 });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_OFFSET_DATA, C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_NONE]);
+    expect(chunks[0]!.payload.readUInt32BE(8)).toBe(8192);
+    expect(Number(chunks[1]!.payload.readBigUInt64BE(0))).toBe(8192);
+    expect(chunks[1]!.payload.length - 8).toBe(4096);
+    expect(chunks[2]!.payload.readUInt32BE(8)).toBe(65536 - 12288);
+  });
+
+  it('a READ entirely in a hole is one OFFSET_HOLE chunk and no storage read', () => {
+    const t = setup({ structured: true });
+    t.req(C.CMD_READ, { length: 65536 });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_OFFSET_HOLE]);
+    expect(t.exp.calls).not.toContain('read');
+  });
+
+  it('DF: one content chunk even when the range has holes', () => {
+    const t = setup({ structured: true });
+    t.exp.data.fill(1, 8192, 12288);
+    t.req(C.CMD_READ, { length: 65536, flags: C.CMDFLAG_DF });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_OFFSET_DATA]);
+  });
+
+  it('READ errors are structured ERROR chunks with a message', () => {
+    const t = setup({ structured: true });
+    t.req(C.CMD_READ, { offset: 1 << 20, length: 512 });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks[0]!.type).toBe(C.REPLY_TYPE_ERROR);
+    expect(chunks[0]!.payload.readUInt32BE(0)).toBe(C.NBD_EINVAL);
+    const msgLen = chunks[0]!.payload.readUInt16BE(4);
+    expect(chunks[0]!.payload.subarray(6, 6 + msgLen).toString()).toMatch(/beyond the export size/);
+  });
+
+  it('BLOCK_STATUS: extents cover the range; REQ_ONE gives exactly one within the length', () => {
+    const t = setup({ structured: true });
+    t.exp.data.fill(1, 4096, 8192);
+    t.req(C.CMD_BLOCK_STATUS, { length: 16384 });
+    let chunks = parseStructured(t.sent[0]!);
+    expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_BLOCK_STATUS, C.REPLY_TYPE_NONE]);
+    const p = chunks[0]!.payload;
+    const ext = [];
+    for (let i = 4; i < p.length; i += 8) ext.push([p.readUInt32BE(i), p.readUInt32BE(i + 4)]);
+    expect(ext).toEqual([[4096, 3], [4096, 0], [8192, 3]]);
+    t.req(C.CMD_BLOCK_STATUS, { length: 1024, flags: C.CMDFLAG_REQ_ONE, cookieLo: 2 });
+    chunks = parseStructured(t.sent[1]!);
+    expect(chunks[0]!.payload.length).toBe(4 + 8);
+    expect(chunks[0]!.payload.readUInt32BE(4)).toBe(1024);
+  });
+});
