@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's test command (and exactly what .ci/run runs): installs everything the
+# tests need on a fresh Debian 12 machine as root, builds, runs the vitest suite (unit,
+# property, interop with real NBD clients, fuzz) and then the kernel tests in a QEMU
+# guest (native-test/, under tap). Ends with one line: "total: N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .test-results
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "install test dependencies (apt)"
+bash scripts/install-test-deps.sh || { echo "total: 0 passed, 1 failed"; exit 1; }
+
+step "install node packages and build"
+if ! { npm ci --no-audit --no-fund && npm run build; }; then
+  echo "total: 0 passed, 1 failed"
+  exit 1
+fi
+
+step "vitest: unit, property, interop, fuzz"
+npx vitest run --reporter=default --reporter=json --outputFile.json=.test-results/vitest.json
+vitest_rc=$?
+
+step "kernel tests: Linux nbd-client, mkfs, mount and fio in a QEMU guest"
+bash scripts/test-native.sh
+native_rc=$?
+
+step "summary"
+node scripts/test-summary.mjs .test-results/vitest.json .test-results/native.json
+summary_rc=$?
+
+if [ $vitest_rc -ne 0 ] || [ $native_rc -ne 0 ] || [ $summary_rc -ne 0 ]; then exit 1; fi
+exit 0
