@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs, idempotently, every Debian package the test suite and benchmarks use:
-# real NBD clients nobody here wrote (libnbd-bin, qemu-utils, fio, nbd-client),
+# real NBD clients nobody here wrote (libnbd-bin, nbdsh from python3-libnbd, qemu-utils, fio, nbd-client),
 # nbdkit as the comparison peer, and the pieces the kernel tests boot in a QEMU guest.
 # Safe to run again: packages already present are skipped without touching apt.
 set -euo pipefail
 
 packages=(
   # interop clients
-  libnbd-bin qemu-utils fio nbd-client
+  libnbd-bin python3-libnbd qemu-utils fio nbd-client
   # comparison server for scripts/bench
   nbdkit
   # kernel tests (native-test/): a Debian kernel with nbd.ko booted under TCG
