@@ -44,7 +44,7 @@ function isPromise<T>(v: MaybePromise<T>): v is Promise<T> {
 export class Transmission {
   /** Requests received and not yet answered. */
   inflight = 0;
-  /** WRITE payload bytes held by requests not yet answered. */
+  /** Bytes held by requests not yet answered: WRITE payloads and READ buffers. */
   inflightPayloadBytes = 0;
   /** Set when the connection is gone: late completions are dropped. */
   closed = false;
@@ -69,7 +69,7 @@ export class Transmission {
   /** Handles one request (not DISC, which the connection handles). */
   handle(h: RequestHeader, payload: Buffer[]): void {
     this.inflight++;
-    const payloadBytes = h.type === C.CMD_WRITE && !h.payloadDiscarded ? h.length : 0;
+    const payloadBytes = (h.type === C.CMD_WRITE && !h.payloadDiscarded) || h.type === C.CMD_READ ? h.length : 0;
     this.inflightPayloadBytes += payloadBytes;
     const rejection = this.validate(h);
     if (rejection) {
@@ -197,29 +197,29 @@ export class Transmission {
     const afterRead = (extents: Extent[] | null) => {
       if (!this.structured) {
         R.writeSimpleHeader(buf, 0, 0, h.cookieHi, h.cookieLo);
-        this.finish([buf], 0);
+        this.finish([buf], h.length);
       } else if (!extents || extents.length <= 1) {
         if (extents && extents.length === 1 && extents[0]!.flags & C.STATE_ZERO) {
-          this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], 0);
+          this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], h.length);
         } else {
           R.writeOffsetDataHeader(buf, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
-          this.finish([buf], 0);
+          this.finish([buf], h.length);
         }
       } else {
-        this.finish(this.sparseChunks(h, data, extents), 0);
+        this.finish(this.sparseChunks(h, data, extents), h.length);
       }
     };
     const doRead = (extents: Extent[] | null) => {
       // A range that is one hole needs no read at all.
       if (extents && extents.length === 1 && extents[0]!.flags & C.STATE_ZERO) return afterRead(extents);
       const r = this.exp.read(h.offset, h.length, data);
-      if (isPromise(r)) r.then(() => afterRead(extents), (e) => this.failed(h, e, 0));
+      if (isPromise(r)) r.then(() => afterRead(extents), (e) => this.failed(h, e, h.length));
       else afterRead(extents);
     };
     if (!sparse) return doRead(null);
     const st = this.exp.blockStatus(C.CONTEXT_BASE_ALLOCATION, h.offset, h.length, 64);
     const clip = (ext: Extent[]) => clipExtents(ext, h.length);
-    if (isPromise(st)) st.then((e) => doRead(clip(e)), (e) => this.failed(h, e, 0));
+    if (isPromise(st)) st.then((e) => doRead(clip(e)), (e) => this.failed(h, e, h.length));
     else doRead(clip(st));
   }
 

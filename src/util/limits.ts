@@ -25,10 +25,10 @@ export const requestEffectBytesMax = 2 ** 32 - 1;
 
 /** Requests in flight per connection; reading stops at this count (backpressure). */
 export const inflightRequestsMax = 128;
-/** Write payload bytes buffered per connection before reading stops (plus at most one request). */
+/** Bytes held per connection by requests in flight (WRITE payloads, READ buffers) before reading stops (plus at most one request). */
 export const inflightPayloadBytesMax = 64 * 1024 * 1024;
 /** Bytes queued on the socket (unsent replies) before reading stops until 'drain'. */
-export const socketQueuedBytesMax = 64 * 1024 * 1024;
+export const socketQueuedBytesMax = 32 * 1024 * 1024;
 
 /** Reads and writes up to this size are done synchronously on the event loop (see PERF.md). */
 export const syncIoBytesMaxDefault = 64 * 1024;
