@@ -43,7 +43,7 @@ export interface StructuredChunk {
 }
 
 export class RawNbd {
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   private ended = false;
   private wake: (() => void) | null = null;
   private readonly closedPromise: Promise<void>;
