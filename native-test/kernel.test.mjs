@@ -1,0 +1,252 @@
+// Kernel tests (issue 3): a real Linux NBD client (nbd.ko + nbd-client in a
+// Debian kernel booted under qemu TCG) formats, mounts, fills and checks file
+// systems, runs fio and survives a daemon restart against a deltavol daemon on
+// this host. The guest writes TAP on its second serial port; this file re-emits
+// each guest step as a tap assertion so a failure names the failing step.
+//
+// Run: npx tap --disable-coverage native-test/kernel.test.mjs
+// (it loads no project code, so tap's coverage check has nothing to measure)
+// Needs scripts/install-test-deps.sh and `npm run build` first. Environment:
+//   DELTAVOL_KERNEL_TEST_SERVER=nbdkit   use an nbdkit stand-in (debugging only)
+//   DELTAVOL_KERNEL_TEST_CASES=ext4,xfs  run some cases only (default: all)
+//   DELTAVOL_KERNEL_TEST_TIMEOUT=210     seconds the guest may run
+//   DELTAVOL_GUEST_CACHE=DIR             guest image cache (scripts/build-guest-image.sh)
+// Logs of the last runs: native-test/.cache/runs/<time>/{console,tap,server}.log
+import t from 'tap'
+import { spawnSync } from 'node:child_process'
+import { existsSync, readdirSync } from 'node:fs'
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { caseOf, parseGuestTap } from './lib/guest-tap.mjs'
+import { bootGuest } from './lib/qemu.mjs'
+import { DeltavolServer, NbdkitServer, run } from './lib/servers.mjs'
+
+const here = path.dirname(fileURLToPath(import.meta.url))
+const root = path.resolve(here, '..')
+const env = process.env
+const ALL_CASES = ['connect', 'ext4', 'xfs', 'blocksize', 'fio', 'readonly', 'restart']
+const cases = (env.DELTAVOL_KERNEL_TEST_CASES ?? ALL_CASES.join(',')).split(',').map(s => s.trim()).filter(Boolean)
+const serverKind = env.DELTAVOL_KERNEL_TEST_SERVER ?? 'deltavol'
+const guestTimeoutMs = Number(env.DELTAVOL_KERNEL_TEST_TIMEOUT ?? 210) * 1000
+const VOLUME_SIZE = '1GiB'
+const VOLUME_BYTES = 1 << 30
+const RO_SIZE = '64MiB'
+const volumes = { ext4: 'kt-ext4', xfs: 'kt-xfs', bs: 'kt-bs', fio: 'kt-fio', ro: 'kt-ro', rst: 'kt-rst' }
+
+// image build (cold ~5 s) + server + guest + teardown, with room to spare
+t.setTimeout(guestTimeoutMs + 120_000)
+
+const suiteT0 = Date.now()
+const timings = []
+const timing = (what, ms) => timings.push(`${what}: ${(ms / 1000).toFixed(1)} s`)
+
+/** Prerequisites: clear messages, no silent skip (CI installs them). */
+function missingPrerequisites() {
+  const missing = []
+  const have = cmd => spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0
+  for (const cmd of ['qemu-system-x86_64', 'mkfs.ext4', 'lz4', 'cpio', 'busybox', 'nbd-client', 'fio', 'mkfs.xfs']) {
+    if (!have(cmd)) missing.push(`${cmd} (scripts/install-test-deps.sh installs it)`)
+  }
+  const kernels = existsSync('/boot') ? readdirSync('/boot').filter(f => f.startsWith('vmlinuz-')) : []
+  if (!env.DELTAVOL_GUEST_KERNEL && kernels.length === 0) {
+    missing.push('a kernel in /boot/vmlinuz-* (package linux-image-amd64; scripts/install-test-deps.sh)')
+  }
+  if (serverKind === 'deltavol') {
+    if (!existsSync(path.join(root, 'dist/cli/main.js'))) missing.push('dist/cli/main.js (run `npm run build`)')
+    if (!have('nbdcopy')) missing.push('nbdcopy (package libnbd-bin; scripts/install-test-deps.sh)')
+  } else if (serverKind === 'nbdkit') {
+    if (!have('nbdkit')) missing.push('nbdkit')
+  } else {
+    missing.push(`a known DELTAVOL_KERNEL_TEST_SERVER (deltavol or nbdkit), not "${serverKind}"`)
+  }
+  const unknown = cases.filter(c => !ALL_CASES.includes(c))
+  if (unknown.length) missing.push(`known cases in DELTAVOL_KERNEL_TEST_CASES (unknown: ${unknown.join(', ')})`)
+  return missing
+}
+
+/** A small ext4 image with one known file, for the read-only volume. */
+async function makeReadOnlyImage(dir) {
+  const src = path.join(dir, 'ro-src')
+  await mkdir(src, { recursive: true })
+  const content = Buffer.alloc(777_777)
+  for (let i = 0; i < content.length; i++) content[i] = (i * 2654435761) >>> 24
+  await writeFile(path.join(src, 'hello.bin'), content)
+  const image = path.join(dir, 'ro.img')
+  await run('mkfs.ext4', ['-q', '-F', '-d', src, image, RO_SIZE.replace('iB', '')])
+  const { createHash } = await import('node:crypto')
+  return { image, file: 'hello.bin', sha256: createHash('sha256').update(content).digest('hex') }
+}
+
+async function runDirFor() {
+  const runs = path.join(here, '.cache', 'runs')
+  await mkdir(runs, { recursive: true })
+  // keep the logs of the last few runs only
+  const old = readdirSync(runs).sort().slice(0, -4)
+  for (const d of old) await rm(path.join(runs, d), { recursive: true, force: true })
+  const dir = path.join(runs, new Date().toISOString().replace(/[:.]/g, '-'))
+  await mkdir(dir, { recursive: true })
+  return dir
+}
+
+const missing = missingPrerequisites()
+if (missing.length) {
+  t.fail(`kernel test prerequisites missing:\n  - ${missing.join('\n  - ')}`, {
+    hint: 'run scripts/install-test-deps.sh (as root) and npm run build',
+  })
+} else {
+  t.test('kernel NBD client in a QEMU guest', main)
+}
+
+/** @param {import('tap').Test} t */
+async function main(t) {
+  const logDir = await runDirFor()
+  const workDir = await mkdtemp(path.join(os.tmpdir(), 'deltavol-kernel-test-'))
+  t.comment(`server: ${serverKind}; cases: ${cases.join(',')}; logs: ${path.relative(root, logDir)}`)
+  const ServerClass = serverKind === 'nbdkit' ? NbdkitServer : DeltavolServer
+  const server = new ServerClass({ root, logDir, workDir, defaultExport: volumes.xfs })
+  /** @type {ReturnType<typeof bootGuest> | null} */
+  let guest = null
+  t.teardown(async () => {
+    guest?.kill()
+    await server.dispose()
+    await rm(workDir, { recursive: true, force: true })
+  })
+
+  // ---- guest image -----------------------------------------------------------
+  let image
+  {
+    const t0 = Date.now()
+    const res = spawnSync(path.join(root, 'scripts/build-guest-image.sh'), [], { encoding: 'utf8', timeout: 600_000 })
+    const ms = Date.now() - t0
+    const out = Object.fromEntries(
+      (res.stdout ?? '').split('\n').filter(l => l.includes('=')).map(l => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
+    )
+    const ok = res.status === 0 && !!out.vmlinux && !!out.initramfs
+    t.ok(ok, 'guest image built (scripts/build-guest-image.sh)', {
+      ms, ...(ok ? {} : { status: res.status, error: res.error?.message, stderr: res.stderr }),
+    })
+    if (!ok) return
+    timing(`guest image (${/cached/.test(res.stderr) && !/built|extracted/.test(res.stderr) ? 'cached' : 'built'})`, ms)
+    image = out
+  }
+
+  // ---- server and volumes ----------------------------------------------------
+  let roInfo
+  {
+    const t0 = Date.now()
+    try {
+      await server.start()
+      t.pass(`${serverKind} daemon started (NBD port ${server.port})`)
+    } catch (err) {
+      t.fail(`${serverKind} daemon started`, { error: String(err) })
+      return
+    }
+    try {
+      for (const [key, name] of Object.entries(volumes)) {
+        if (key !== 'ro') await server.createVolume(name, VOLUME_SIZE)
+      }
+      if (serverKind === 'deltavol') await server.createVolume(volumes.ro, RO_SIZE)
+      t.pass(`volumes created: ${Object.values(volumes).join(', ')} (default export ${volumes.xfs})`)
+      roInfo = await makeReadOnlyImage(workDir)
+      await server.writeImageReadOnly(volumes.ro, roInfo.image)
+      t.pass(`read-only volume ${volumes.ro} holds an ext4 image with ${roInfo.file}`)
+    } catch (err) {
+      t.fail('volumes created and the read-only volume prepared', { error: String(err), serverLog: server.logTail(20) })
+      return
+    }
+    timing('server start and volume setup', Date.now() - t0)
+  }
+
+  // ---- boot the guest ------------------------------------------------------------
+  const append = [
+    'console=ttyS0', 'panic=1', 'quiet', 'mitigations=off',
+    `dvt.port=${server.port}`, `dvt.roport=${server.roPort}`, `dvt.cases=${cases.join(',')}`,
+    `dvt.size=${VOLUME_BYTES}`, `dvt.ext4=${volumes.ext4}`, `dvt.bs=${volumes.bs}`, `dvt.fio=${volumes.fio}`,
+    `dvt.ro=${volumes.ro}`, `dvt.rst=${volumes.rst}`, `dvt.rofile=${roInfo.file}`, `dvt.rosha=${roInfo.sha256}`,
+  ].join(' ')
+  const restarts = []
+  let restarting = Promise.resolve()
+  const onTapLine = line => {
+    if (!line.startsWith('# deltavol-restart-request')) return
+    restarting = restarting.then(async () => {
+      const t0 = Date.now()
+      try {
+        const res = await server.restart()
+        restarts.push({ ok: true, ...res, totalMs: Date.now() - t0 })
+        guest?.sendConsole(`deltavol-restarted stop=${res.stopped.ms}ms exit=${res.stopped.code ?? res.stopped.signal} start=${res.startMs}ms`)
+      } catch (err) {
+        restarts.push({ ok: false, error: String(err), totalMs: Date.now() - t0 })
+        guest?.sendConsole('deltavol-restart-failed')
+      }
+    })
+  }
+  guest = bootGuest({ vmlinux: image.vmlinux, initramfs: image.initramfs, append, logDir, timeoutMs: guestTimeoutMs, onTapLine })
+  const result = await guest.done
+  await restarting
+  timing('guest run (boot to poweroff)', result.wallMs)
+
+  // ---- re-emit the guest's TAP -------------------------------------------------------
+  const tap = parseGuestTap(await readFile(result.tapFile, 'utf8').catch(() => ''))
+  const byCase = new Map()
+  for (const p of tap.points) {
+    const c = caseOf(p.name)
+    if (!byCase.has(c)) byCase.set(c, [])
+    byCase.get(c).push(p)
+  }
+  for (const [c, points] of byCase) {
+    await t.test(`guest: ${c}`, async tt => {
+      for (const p of points) {
+        const extra = { ...p.diag }
+        if (p.timeMs !== null) extra.guest_ms = p.timeMs
+        if (p.todo) extra.todo = p.todo
+        if (p.skip) extra.skip = p.skip
+        tt.ok(p.ok, p.name, extra)
+      }
+    })
+    const ms = points.reduce((s, p) => s + (p.timeMs ?? Number(p.diag.duration_ms ?? 0)), 0)
+    timing(`guest case ${c}`, ms)
+  }
+
+  await t.test('guest run', async tt => {
+    tt.notOk(result.timedOut, `guest powered off within ${guestTimeoutMs / 1000} s`, {
+      wall_ms: result.wallMs, exit: result.code ?? result.signal,
+    })
+    tt.ok(tap.plan !== null, 'guest TAP ends with a plan line', { points: tap.points.length })
+    if (tap.plan) {
+      tt.equal(tap.planIndex, tap.points.length, 'the plan line comes after the last test point')
+      tt.equal(tap.plan.end, tap.points.length, `guest plan 1..${tap.plan.end} matches its ${tap.points.length} test points`)
+    }
+    const ids = tap.points.map(p => p.id)
+    tt.same(ids, ids.map((_, i) => i + 1), 'guest test points are numbered 1..N in order')
+    for (const c of cases) {
+      tt.ok(byCase.has(c), `guest reported case ${c}`)
+    }
+    if (cases.includes('restart')) {
+      tt.equal(restarts.length, 1, 'the guest asked for one daemon restart')
+      for (const r of restarts) {
+        tt.ok(r.ok, 'daemon restarted (SIGTERM, start again)', r)
+        if (r.ok) {
+          tt.equal(r.stopped.code, 0, `daemon exited 0 on SIGTERM (took ${r.stopped.ms} ms)`, {
+            signal: r.stopped.signal, killed: r.stopped.killed,
+            ...(serverKind === 'nbdkit' ? { todo: 'the nbdkit stand-in waits for idle clients' } : {}),
+          })
+        }
+      }
+    }
+    tt.same(tap.garbage, [], 'no stray lines in the guest TAP')
+  })
+
+  // ---- timings and logs -----------------------------------------------------------
+  const initUptime = tap.comments.map(c => /\/init at uptime ([\d.]+)s/.exec(c)).find(Boolean)
+  if (initUptime) timings.unshift(`boot to /init (guest uptime): ${initUptime[1]} s`)
+  if (result.firstTapMs !== null) timings.unshift(`qemu start to first TAP line: ${(result.firstTapMs / 1000).toFixed(1)} s`)
+  timing('suite so far', Date.now() - suiteT0)
+  t.comment(`timings:\n  ${timings.join('\n  ')}`)
+
+  if (!t.passing()) {
+    t.comment(`guest console (last 80 lines of ${path.relative(root, result.consoleFile)}):\n${guest.consoleTail(80)}`)
+    t.comment(`server log (last 30 lines):\n${server.logTail(30)}`)
+  }
+}
