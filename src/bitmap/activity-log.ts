@@ -1,0 +1,249 @@
+// Why: a write must be recorded as changed (and valid) before its data can reach disk,
+// but an fsync of the bitmaps per write would cost most of the write budget. As DRBD does,
+// the volume is cut into activity extents; a write may proceed at once when its extent is
+// "hot", i.e. listed in the durable activity log. Only the first write to a cold extent
+// waits, for one 4 KiB record + fsync shared by every write that joined meanwhile (group
+// commit). After a crash, every block of every extent in the newest good record is
+// treated as changed and valid: recovery over-marks by at most
+// activityExtentsMax × activityExtentBytes, and never under-marks.
+//
+// States of an extent: cold → joining (named in a record being written) → hot (in the
+// durable record; writes pass) → leaving (chosen for eviction: out of `hot` at once, so a
+// write to it waits and joins again) → cold once a record without it is durable. An
+// extent may only leave after the bitmap pages covering it are durable (checkpoint()).
+//
+// File layout: two 4 KiB record slots used in turn; a record is
+//   magic "DVAL" u32, version u32, seq lo u32, seq hi u32, count u32, extentBytes u32,
+//   crc32c u32 (of the record with this field 0), reserved u32, then count extents u32.
+// The good record with the highest seq wins; a torn record can only be the one being written.
+
+import { crc32c } from '@node-rs/crc32';
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFile, DurableFs } from '../util/durable-fs.js';
+import { PagedBitmap } from './paged-bitmap.js';
+import { activityExtentsMax, activityRecordBytes } from '../volume/engine-limits.js';
+
+const MAGIC = 0x4c415644; // "DVAL"
+const VERSION = 1;
+
+export interface ActivityLogOptions {
+  extentsTotal: number;
+  extentBytes: number;
+  /** Extents that may be hot at once (default activityExtentsMax). */
+  hotMax?: number;
+  /** Makes every bitmap bit set so far durable; called before extents are evicted. */
+  checkpoint: () => Promise<void>;
+}
+
+export class ActivityLog {
+  private readonly hot: PagedBitmap;
+  private readonly referenced: PagedBitmap;
+  private readonly joining: PagedBitmap;
+  private readonly hotList: Uint32Array;
+  private hotCount = 0;
+  private clockHand = 0;
+  private seq: number;
+  private slot: number;
+  private readonly record = Buffer.alloc(activityRecordBytes);
+  private batch: number[] = [];
+  private batchDone: Promise<void> | null = null;
+  private resolveBatch: (() => void) | null = null;
+  private rejectBatch: ((e: unknown) => void) | null = null;
+  private committing = false;
+  readonly hotMax: number;
+  /** Records written (each one fsync): the cost this log adds to the write path. */
+  commits = 0;
+
+  private constructor(
+    private readonly file: DurableFile,
+    private readonly options: ActivityLogOptions,
+    seq: number,
+    slot: number,
+  ) {
+    this.hotMax = options.hotMax ?? activityExtentsMax;
+    assert(this.hotMax >= 1 && this.hotMax <= activityExtentsMax, 'hotMax within the record');
+    this.hot = new PagedBitmap(options.extentsTotal);
+    this.referenced = new PagedBitmap(options.extentsTotal);
+    this.joining = new PagedBitmap(options.extentsTotal);
+    this.hotList = new Uint32Array(this.hotMax);
+    this.seq = seq;
+    this.slot = slot;
+  }
+
+  /** Creates an empty log (durable on return). */
+  static async create(fsys: DurableFs, name: string, options: ActivityLogOptions): Promise<ActivityLog> {
+    const file = fsys.open(name, true);
+    file.truncate(0);
+    const log = new ActivityLog(file, options, 1, 0);
+    await log.writeRecord([]);
+    return log;
+  }
+
+  /**
+   * Opens a log; returns the extents that were hot at the crash (or clean close: none).
+   * The caller marks their blocks changed and valid, checkpoints, then calls reset().
+   */
+  static open(fsys: DurableFs, name: string, options: ActivityLogOptions): { log: ActivityLog; hotAtOpen: number[] } {
+    const file = fsys.open(name, false);
+    let best: { seq: number; slot: number; extents: number[] } | null = null;
+    const r = Buffer.alloc(activityRecordBytes);
+    for (let s = 0; s < 2; s++) {
+      if (file.read(s * activityRecordBytes, r, 0, activityRecordBytes) < activityRecordBytes) continue;
+      if (r.readUInt32LE(0) !== MAGIC || r.readUInt32LE(4) !== VERSION) continue;
+      const crc = r.readUInt32LE(24);
+      r.writeUInt32LE(0, 24);
+      if (crc32c(r) !== crc) continue;
+      const count = r.readUInt32LE(16);
+      if (count > activityExtentsMax || r.readUInt32LE(20) !== options.extentBytes) continue;
+      const seq = r.readUInt32LE(8) + r.readUInt32LE(12) * 2 ** 32;
+      if (best && best.seq >= seq) continue;
+      const extents: number[] = [];
+      for (let i = 0; i < count; i++) extents.push(r.readUInt32LE(32 + 4 * i));
+      best = { seq, slot: s, extents };
+    }
+    if (!best) throw new DeltavolError('METADATA_CORRUPT', `activity log ${name}: no good record`);
+    for (const e of best.extents) {
+      if (e >= options.extentsTotal) throw new DeltavolError('METADATA_CORRUPT', `activity log ${name}: extent ${e} past the volume`);
+    }
+    const log = new ActivityLog(file, options, best.seq + 1, best.slot === 0 ? 1 : 0);
+    return { log, hotAtOpen: best.extents };
+  }
+
+  /** After recovery has made the hot extents' bits durable: an empty durable record. */
+  async reset(): Promise<void> {
+    await this.writeRecord([]);
+  }
+
+  get hotExtents(): number {
+    return this.hotCount;
+  }
+
+  /**
+   * The write path: extents [first, last] will be written. Returns null when all are hot
+   * (the common case: no I/O, no allocation), else a promise resolved once a record
+   * naming them all is durable.
+   */
+  ensure(first: number, last: number): Promise<void> | null {
+    let missing = false;
+    for (let e = first; e <= last; e++) {
+      if (this.hot.test(e)) {
+        this.referenced.set(e);
+        continue;
+      }
+      missing = true;
+      if (this.joining.set(e)) this.batch.push(e);
+    }
+    if (!missing) return null;
+    assert(last - first + 1 <= this.hotMax, 'one request spans more extents than the log holds');
+    return this.scheduleCommit();
+  }
+
+  private scheduleCommit(): Promise<void> {
+    if (!this.batchDone) {
+      this.batchDone = new Promise<void>((resolve, reject) => {
+        this.resolveBatch = resolve;
+        this.rejectBatch = reject;
+      });
+      // A microtask later, so every write of this event-loop turn joins one record.
+      if (!this.committing) queueMicrotask(() => void this.commitLoop());
+    }
+    return this.batchDone;
+  }
+
+  private async commitLoop(): Promise<void> {
+    if (this.committing) return;
+    this.committing = true;
+    try {
+      // Loop on the promise, not the batch: a write that found its extent joining in the
+      // record being written waits for the next round even if it added nothing to it.
+      while (this.batchDone !== null) {
+        const batch = this.batch;
+        const resolve = this.resolveBatch!;
+        const reject = this.rejectBatch!;
+        this.batch = [];
+        this.batchDone = null;
+        try {
+          for (let i = 0; i < batch.length; i += this.hotMax) await this.commitExtents(batch.slice(i, i + this.hotMax));
+          resolve();
+        } catch (err) {
+          for (const e of batch) this.joining.clear(e);
+          reject(err);
+        }
+      }
+    } finally {
+      this.committing = false;
+    }
+  }
+
+  private async commitExtents(batch: number[]): Promise<void> {
+    const overflow = this.hotCount + batch.length - this.hotMax;
+    if (overflow > 0) await this.evict(overflow);
+    const extents: number[] = [];
+    for (let i = 0; i < this.hotCount; i++) extents.push(this.hotList[i]!);
+    for (const e of batch) extents.push(e);
+    await this.writeRecord(extents);
+    for (const e of batch) {
+      this.joining.clear(e);
+      this.hot.set(e);
+      this.hotList[this.hotCount++] = e;
+    }
+  }
+
+  /** Second-chance clock: recently referenced extents survive one sweep. */
+  private async evict(count: number): Promise<void> {
+    assert(count <= this.hotCount, 'evict more than hot');
+    let evicted = 0;
+    while (evicted < count) {
+      if (this.clockHand >= this.hotCount) this.clockHand = 0;
+      const e = this.hotList[this.clockHand]!;
+      if (this.referenced.clear(e)) {
+        this.clockHand++;
+        continue;
+      }
+      // Leaving: out of `hot` now, so writes to it wait for a later record.
+      this.hot.clear(e);
+      this.hotList[this.clockHand] = this.hotList[--this.hotCount]!;
+      evicted++;
+    }
+    // Bits of the leaving extents were set before this point; make them durable before a
+    // record without those extents can be.
+    await this.options.checkpoint();
+  }
+
+  private async writeRecord(extents: number[]): Promise<void> {
+    assert(extents.length <= activityExtentsMax, 'record holds the hot set');
+    const r = this.record;
+    r.fill(0);
+    r.writeUInt32LE(MAGIC, 0);
+    r.writeUInt32LE(VERSION, 4);
+    r.writeUInt32LE(this.seq % 2 ** 32, 8);
+    r.writeUInt32LE(Math.floor(this.seq / 2 ** 32), 12);
+    r.writeUInt32LE(extents.length, 16);
+    r.writeUInt32LE(this.options.extentBytes, 20);
+    for (let i = 0; i < extents.length; i++) r.writeUInt32LE(extents[i]!, 32 + 4 * i);
+    r.writeUInt32LE(crc32c(r), 24);
+    // The slot not holding the newest good record: a torn write leaves that one standing.
+    this.file.write(this.slot * activityRecordBytes, r, 0, activityRecordBytes);
+    this.seq++;
+    this.slot = this.slot === 0 ? 1 : 0;
+    this.commits++;
+    await this.file.sync();
+  }
+
+  /** Clean shutdown: the caller has checkpointed every bitmap; nothing is hot any more. */
+  async closeClean(): Promise<void> {
+    assert(!this.committing && this.batch.length === 0, 'close with commits in flight');
+    await this.writeRecord([]);
+    this.hot.clearAll();
+    this.referenced.clearAll();
+    this.hotCount = 0;
+    this.file.close();
+  }
+
+  invariants(): void {
+    assert(this.hot.count() === this.hotCount, 'hot bitmap and list agree');
+    for (let i = 0; i < this.hotCount; i++) assert(this.hot.test(this.hotList[i]!), 'listed extent is hot');
+    assert(this.hotCount <= this.hotMax, 'hot within max');
+  }
+}

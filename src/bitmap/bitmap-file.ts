@@ -1,0 +1,193 @@
+// Why: a bitmap (the change log's pending set, the validity bitmap, a snapshot's meta
+// bitmap) must come back after a crash no smaller than it was at its last checkpoint,
+// even if the machine dies while a page is being rewritten. Each page therefore has two
+// record slots used in turn (ping-pong): a rewrite goes to the slot NOT holding the newest
+// good record, so a torn write can only destroy the record being written, never the
+// previous one. Untouched pages are never written and stay holes in a sparse file.
+//
+// File layout (little-endian):
+//   [0, 4096)   header: magic "DVBF", version u32, bitsTotal u32, pageBytes u32, crc32c u32
+//   then for page p, slot s ∈ {0,1}: a record at HEADER + (2p + s) · RECORD_BYTES
+//     [page bytes: BITMAP_PAGE_BYTES][trailer: magic "DVBP" u32, page u32, generation u32 lo,
+//      generation u32 hi, crc32c u32 over page bytes and the first 16 trailer bytes, zeros]
+//   A slot is good when its magic, page number and checksum match. A page's value is its
+//   good slot with the highest generation; with no good slot it is all zeroes.
+//
+// States of a page on disk: never written (both slots holes) → one good record → two good
+// records (newest wins) → during a rewrite, the older slot is being overwritten (torn or
+// not, the newer one still stands). Generations only grow (the file's largest + 1).
+//
+// What this file does not do: decide WHEN a checkpoint is safe to rely on. The activity
+// log (activity-log.ts) covers bits set since the last durable checkpoint.
+
+import { crc32c } from '@node-rs/crc32';
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFile, DurableFs } from '../util/durable-fs.js';
+import { BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap } from './paged-bitmap.js';
+import { bitmapRecordTrailerBytes } from '../volume/engine-limits.js';
+
+const FILE_MAGIC = 0x46425644; // "DVBF"
+const PAGE_MAGIC = 0x50425644; // "DVBP"
+const VERSION = 1;
+const HEADER_BYTES = 4096;
+const RECORD_BYTES = BITMAP_PAGE_BYTES + bitmapRecordTrailerBytes;
+const NO_SLOT = 2;
+
+function checksum(record: Buffer): number {
+  return crc32c(record.subarray(0, BITMAP_PAGE_BYTES + 16));
+}
+
+export class BitmapFile {
+  /** Per page: the slot holding its newest DURABLE good record, or NO_SLOT. */
+  private readonly currentSlot: Uint8Array;
+  /**
+   * Pages written since the last completed sync → generation of their latest write. They
+   * were written into the slot that is not currentSlot; a page written twice before a sync
+   * goes to that same slot again, so the durable record is never the one overwritten.
+   */
+  private readonly staged = new Map<number, number>();
+  private generation: number;
+  private readonly record = Buffer.alloc(RECORD_BYTES);
+  private readonly words: Uint32Array;
+
+  private constructor(
+    private readonly file: DurableFile,
+    readonly bitsTotal: number,
+    currentSlot: Uint8Array,
+    generation: number,
+  ) {
+    this.currentSlot = currentSlot;
+    this.generation = generation;
+    this.words = new Uint32Array(this.record.buffer, this.record.byteOffset, BITMAP_PAGE_WORDS);
+    assert(this.record.byteOffset % 4 === 0, 'record buffer is word aligned');
+  }
+
+  /** Makes a new, empty bitmap file (durable when this returns a resolved promise). */
+  static async create(fsys: DurableFs, name: string, bitsTotal: number): Promise<BitmapFile> {
+    const file = fsys.open(name, true);
+    file.truncate(0);
+    const header = Buffer.alloc(HEADER_BYTES);
+    header.writeUInt32LE(FILE_MAGIC, 0);
+    header.writeUInt32LE(VERSION, 4);
+    header.writeUInt32LE(bitsTotal >>> 0, 8);
+    header.writeUInt32LE(BITMAP_PAGE_BYTES, 12);
+    header.writeUInt32LE(bitsTotal >= 2 ** 32 ? 1 : 0, 20); // bitsTotal == 2^32 flag
+    header.writeUInt32LE(crc32c(header.subarray(0, 16)), 16);
+    file.write(0, header, 0, HEADER_BYTES);
+    await file.sync();
+    const pages = Math.ceil(bitsTotal / (BITMAP_PAGE_BYTES * 8));
+    return new BitmapFile(file, bitsTotal, new Uint8Array(pages).fill(NO_SLOT), 1);
+  }
+
+  /** Opens a bitmap file and loads it into a new bitmap (dirty tracking on, nothing dirty). */
+  static open(fsys: DurableFs, name: string): { file: BitmapFile; bitmap: PagedBitmap } {
+    const file = fsys.open(name, false);
+    const header = Buffer.alloc(HEADER_BYTES);
+    const n = file.read(0, header, 0, HEADER_BYTES);
+    const bad = (why: string) => new DeltavolError('METADATA_CORRUPT', `bitmap file ${name}: ${why}`);
+    if (n < 24 || header.readUInt32LE(0) !== FILE_MAGIC) throw bad('bad magic');
+    if (header.readUInt32LE(16) !== crc32c(header.subarray(0, 16))) throw bad('header checksum mismatch');
+    if (header.readUInt32LE(4) !== VERSION) throw bad(`unknown version ${header.readUInt32LE(4)}`);
+    if (header.readUInt32LE(12) !== BITMAP_PAGE_BYTES) throw bad('page size differs');
+    const bitsTotal = header.readUInt32LE(20) === 1 ? 2 ** 32 : header.readUInt32LE(8);
+    const bitmap = new PagedBitmap(bitsTotal, { trackDirty: true });
+    const slots = new Uint8Array(bitmap.pageTotal).fill(NO_SLOT);
+    const bf = new BitmapFile(file, bitsTotal, slots, 1);
+    let generationMax = 0;
+    const size = file.sizeBytes();
+    const rec = [Buffer.alloc(RECORD_BYTES), Buffer.alloc(RECORD_BYTES)];
+    for (let p = 0; p < bitmap.pageTotal; p++) {
+      const pos = HEADER_BYTES + 2 * p * RECORD_BYTES;
+      if (pos >= size) break; // the rest was never written
+      let best = NO_SLOT;
+      let bestGen = -1;
+      for (let s = 0; s < 2; s++) {
+        const r = rec[s]!;
+        if (file.read(pos + s * RECORD_BYTES, r, 0, RECORD_BYTES) < RECORD_BYTES) continue;
+        const t = BITMAP_PAGE_BYTES;
+        if (r.readUInt32LE(t) !== PAGE_MAGIC || r.readUInt32LE(t + 4) !== p) continue;
+        if (r.readUInt32LE(t + 16) !== checksum(r)) continue;
+        const gen = r.readUInt32LE(t + 8) + r.readUInt32LE(t + 12) * 2 ** 32;
+        if (gen > bestGen) {
+          best = s;
+          bestGen = gen;
+        }
+      }
+      if (best === NO_SLOT) continue;
+      slots[p] = best;
+      generationMax = Math.max(generationMax, bestGen);
+      const r = rec[best]!;
+      bitmap.loadPage(p, new Uint32Array(r.buffer.slice(r.byteOffset, r.byteOffset + BITMAP_PAGE_BYTES)));
+    }
+    bitmap.takeDirtyPages();
+    bf.generation = generationMax + 1;
+    return { file: bf, bitmap };
+  }
+
+  /** Stages page p (null = all zeroes) into its other slot. Durable after sync(). */
+  writePage(p: number, words: Readonly<Uint32Array> | null): void {
+    assert(p >= 0 && p < this.currentSlot.length, `page ${p} outside bitmap file`);
+    if (words === null) {
+      if (this.currentSlot[p] === NO_SLOT && !this.staged.has(p)) return; // never written: the hole already reads as zeroes
+      this.words.fill(0);
+    } else {
+      this.words.set(words);
+    }
+    this.writeStaged(p);
+  }
+
+  /** Stages page p computed by the caller into `scratch()` (avoids a copy for unions). */
+  scratch(): Uint32Array {
+    return this.words;
+  }
+  writeScratch(p: number): void {
+    this.writeStaged(p);
+  }
+
+  private writeStaged(p: number): void {
+    const slot = this.currentSlot[p] === 0 ? 1 : 0; // never the durable newest
+    const t = BITMAP_PAGE_BYTES;
+    const r = this.record;
+    r.writeUInt32LE(PAGE_MAGIC, t);
+    r.writeUInt32LE(p, t + 4);
+    r.writeUInt32LE(this.generation % 2 ** 32, t + 8);
+    r.writeUInt32LE(Math.floor(this.generation / 2 ** 32), t + 12);
+    r.writeUInt32LE(checksum(r), t + 16);
+    r.fill(0, t + 20);
+    this.file.write(HEADER_BYTES + (2 * p + slot) * RECORD_BYTES, r, 0, RECORD_BYTES);
+    this.staged.set(p, this.generation);
+    this.generation++;
+  }
+
+  /** Stages every page changed in `bitmap` since its last takeDirtyPages(); returns how many. */
+  writeDirty(bitmap: PagedBitmap): number {
+    assert(bitmap.bitsTotal === this.bitsTotal, 'bitmap and file sizes differ');
+    const dirty = bitmap.takeDirtyPages();
+    for (const p of dirty) this.writePage(p, bitmap.page(p));
+    return dirty.length;
+  }
+
+  /**
+   * Makes every staged page durable. Only then does a page's new slot become its durable
+   * one (and the old slot free for the next rewrite); a page staged again while this sync
+   * ran stays staged until a later sync covers it.
+   */
+  async sync(): Promise<void> {
+    const coveredBelow = this.generation;
+    await this.file.sync();
+    for (const [p, gen] of this.staged) {
+      if (gen >= coveredBelow) continue;
+      this.currentSlot[p] = this.currentSlot[p] === 0 ? 1 : 0;
+      this.staged.delete(p);
+    }
+  }
+
+  get stagedPages(): number {
+    return this.staged.size;
+  }
+
+  close(): void {
+    this.file.close();
+  }
+}

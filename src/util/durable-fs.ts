@@ -1,0 +1,104 @@
+// Why: the engine's metadata (bitmap pages, the activity log, snapshot save areas and
+// manifests) must survive a crash at any instant, and that can only be tested if the file
+// system is a parameter: production passes nodeDurableFs(dir), tests pass a simulated one
+// that loses or tears every write not yet synced when it "crashes" (STYLE.md practice 8).
+// Small positional reads and writes are synchronous (PERF.md: cheaper than the
+// threadpool for a few KiB in page cache); sync() is where the waiting happens.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { fsyncDirSync, writeFileAtomicSync } from './atomic-file.js';
+
+const fdatasyncAsync = promisify(fs.fdatasync);
+
+export interface DurableFile {
+  readonly name: string;
+  sizeBytes(): number;
+  /** Reads up to length bytes at position; returns the count (short only at end of file). */
+  read(position: number, target: Uint8Array, offset: number, length: number): number;
+  write(position: number, source: Uint8Array, offset: number, length: number): void;
+  truncate(sizeBytes: number): void;
+  /** Every write that returned before this call is durable when the promise resolves. */
+  sync(): Promise<void>;
+  close(): void;
+}
+
+export interface DurableFs {
+  /** Opens a file; `create` makes it (and its directory entry) durable if it is new. */
+  open(name: string, create: boolean): DurableFile;
+  exists(name: string): boolean;
+  remove(name: string): void;
+  /** Replaces a whole small file atomically and durably (manifests). */
+  writeAtomic(name: string, data: Uint8Array): void;
+  /** The whole file, or null if it does not exist. */
+  readAll(name: string): Buffer | null;
+}
+
+class NodeFile implements DurableFile {
+  constructor(
+    readonly name: string,
+    private readonly fd: number,
+  ) {}
+  sizeBytes(): number {
+    return fs.fstatSync(this.fd).size;
+  }
+  read(position: number, target: Uint8Array, offset: number, length: number): number {
+    let done = 0;
+    while (done < length) {
+      const n = fs.readSync(this.fd, target, offset + done, length - done, position + done);
+      if (n === 0) break;
+      done += n;
+    }
+    return done;
+  }
+  write(position: number, source: Uint8Array, offset: number, length: number): void {
+    let done = 0;
+    while (done < length) done += fs.writeSync(this.fd, source, offset + done, length - done, position + done);
+  }
+  truncate(sizeBytes: number): void {
+    fs.ftruncateSync(this.fd, sizeBytes);
+  }
+  sync(): Promise<void> {
+    return fdatasyncAsync(this.fd);
+  }
+  close(): void {
+    fs.closeSync(this.fd);
+  }
+}
+
+/** The real file system, rooted at one directory (names are plain file names). */
+export function nodeDurableFs(dir: string): DurableFs {
+  const at = (name: string) => path.join(dir, name);
+  return {
+    open(name, create) {
+      const existed = fs.existsSync(at(name));
+      const fd = fs.openSync(at(name), create ? 'a+' : 'r+', 0o600);
+      // 'a+' would append on write; reopen read/write without O_APPEND now that it exists.
+      let rw = fd;
+      if (create) {
+        fs.closeSync(fd);
+        rw = fs.openSync(at(name), 'r+');
+        if (!existed) {
+          fs.fsyncSync(rw);
+          fsyncDirSync(dir);
+        }
+      }
+      return new NodeFile(name, rw);
+    },
+    exists: (name) => fs.existsSync(at(name)),
+    remove(name) {
+      fs.rmSync(at(name), { force: true });
+      fsyncDirSync(dir);
+    },
+    writeAtomic: (name, data) => writeFileAtomicSync(at(name), Buffer.from(data.buffer, data.byteOffset, data.byteLength)),
+    readAll(name) {
+      try {
+        return fs.readFileSync(at(name));
+      } catch (e) {
+        if ((e as { code?: string }).code === 'ENOENT') return null;
+        throw e;
+      }
+    },
+  };
+}

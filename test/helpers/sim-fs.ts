@@ -1,0 +1,124 @@
+// Why: crash safety is a claim about what survives when unsynced writes are lost or
+// torn. This in-memory DurableFs keeps, per file, the durable bytes and the writes since
+// the last sync; crash(rng) keeps a random subset of those writes (a later write to the same bytes still wins, as in the page cache), tears
+// some of them at 512-byte sector boundaries, and returns a fresh file system holding
+// only what a real disk could hold after a power cut.
+
+import type { DurableFile, DurableFs } from '../../src/util/durable-fs.js';
+
+const SECTOR_BYTES = 512;
+
+type Pending = { kind: 'write'; position: number; data: Buffer } | { kind: 'truncate'; sizeBytes: number };
+
+class SimFileState {
+  durable = Buffer.alloc(0);
+  current = Buffer.alloc(0);
+  pending: Pending[] = [];
+}
+
+function applyWrite(buf: Buffer, position: number, data: Buffer): Buffer {
+  const end = position + data.length;
+  if (end > buf.length) {
+    const grown = Buffer.alloc(end);
+    buf.copy(grown);
+    buf = grown;
+  }
+  data.copy(buf, position);
+  return buf;
+}
+
+function applyTruncate(buf: Buffer, sizeBytes: number): Buffer {
+  if (sizeBytes <= buf.length) return Buffer.from(buf.subarray(0, sizeBytes));
+  const grown = Buffer.alloc(sizeBytes);
+  buf.copy(grown);
+  return grown;
+}
+
+export class SimFs implements DurableFs {
+  readonly files = new Map<string, SimFileState>();
+  syncs = 0;
+  writes = 0;
+
+  open(name: string, create: boolean): DurableFile {
+    let st = this.files.get(name);
+    if (!st) {
+      if (!create) throw Object.assign(new Error(`ENOENT: ${name}`), { code: 'ENOENT' });
+      st = new SimFileState();
+      this.files.set(name, st); // creation is durable (the real one fsyncs the directory)
+    }
+    const state = st;
+    const fsys = this;
+    return {
+      name,
+      sizeBytes: () => state.current.length,
+      read(position, target, offset, length) {
+        const n = Math.max(0, Math.min(length, state.current.length - position));
+        if (n > 0) state.current.copy(target as Buffer, offset, position, position + n);
+        return n;
+      },
+      write(position, source, offset, length) {
+        const data = Buffer.from(source.subarray(offset, offset + length));
+        state.current = applyWrite(state.current, position, data);
+        state.pending.push({ kind: 'write', position, data });
+        fsys.writes++;
+      },
+      truncate(sizeBytes) {
+        state.current = applyTruncate(state.current, sizeBytes);
+        state.pending.push({ kind: 'truncate', sizeBytes });
+      },
+      async sync() {
+        state.durable = Buffer.from(state.current);
+        state.pending = [];
+        fsys.syncs++;
+      },
+      close() {},
+    };
+  }
+
+  exists(name: string): boolean {
+    return this.files.has(name);
+  }
+  remove(name: string): void {
+    this.files.delete(name);
+  }
+  writeAtomic(name: string, data: Uint8Array): void {
+    const st = this.files.get(name) ?? new SimFileState();
+    st.durable = Buffer.from(data);
+    st.current = Buffer.from(data);
+    st.pending = [];
+    this.files.set(name, st);
+  }
+  readAll(name: string): Buffer | null {
+    const st = this.files.get(name);
+    return st ? Buffer.from(st.current) : null;
+  }
+
+  /** Everything synced stays; each unsynced write survives whole, torn, or not at all. */
+  crash(rng: () => number): SimFs {
+    const out = new SimFs();
+    for (const [name, st] of this.files) {
+      let buf = Buffer.from(st.durable);
+      for (const p of st.pending) {
+        const r = rng();
+        if (r < 0.4) continue; // lost
+        if (p.kind === 'truncate') {
+          buf = applyTruncate(buf, p.sizeBytes);
+          continue;
+        }
+        if (r < 0.6 && p.data.length > SECTOR_BYTES) {
+          // torn: a random subset of its sectors reached the disk
+          for (let s = 0; s < p.data.length; s += SECTOR_BYTES) {
+            if (rng() < 0.5) buf = applyWrite(buf, p.position + s, p.data.subarray(s, Math.min(p.data.length, s + SECTOR_BYTES)));
+          }
+          continue;
+        }
+        buf = applyWrite(buf, p.position, p.data);
+      }
+      const ns = new SimFileState();
+      ns.durable = buf;
+      ns.current = Buffer.from(buf);
+      out.files.set(name, ns);
+    }
+    return out;
+  }
+}
