@@ -39,7 +39,7 @@ function fio(name: string, args: string[]): FioJob[] {
   const outFile = path.join(dir, `${name}.json`);
   const r = run(
     'fio',
-    [`--name=${name}`, '--ioengine=nbd', '--rw=randwrite', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--output-format=json', `--output=${outFile}`, ...args],
+    [`--name=${name}`, '--ioengine=nbd', '--rw=randwrite', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json', `--output=${outFile}`, ...args],
     { allowFail: true, timeoutMs: 90_000 },
   );
   const text = fs.existsSync(outFile) ? fs.readFileSync(outFile, 'utf8') : '';
