@@ -190,6 +190,12 @@ export class Transmission {
   }
 
   private read(h: RequestHeader): void {
+    if (h.length === 0) {
+      // Nothing to read; an OFFSET_DATA chunk must carry at least one byte (doc/proto.md),
+      // so a structured reply is just the final NONE chunk.
+      this.replyOk(h, 0);
+      return;
+    }
     const headerBytes = R.readHeaderBytes(this.structured);
     const buf = Buffer.allocUnsafe(headerBytes + h.length);
     const data = buf.subarray(headerBytes);

@@ -367,6 +367,32 @@ describe('nbdsh: errors', () => {
     expect(r).toEqual({ max: 32 * MiB, write: EINVAL, read: EINVAL, untouched: true, works: true });
   });
 
+  it('zero-length requests are answered (success or EINVAL) without breaking the connection', () => {
+    // doc/proto.md: behaviour on length 0 is unspecified, but the server SHOULD NOT disconnect,
+    // and an OFFSET_DATA chunk must carry at least one byte (libnbd drops a server that sends an empty one).
+    const r = nbdshOut<Record<string, [number, boolean]>>(`
+      def probe(structured, fn):
+          h = connect(${py(d.uri('err'))}, strict=0, structured=structured)
+          e = err_of(lambda: fn(h))
+          return [e, err_of(lambda: h.pread(512, 0)) == 0]
+      out({
+        'read': probe(True, lambda h: h.pread(0, 0)),
+        'read_at_end': probe(True, lambda h: h.pread(0, h.get_size())),
+        'read_simple': probe(False, lambda h: h.pread(0, 0)),
+        'write': probe(True, lambda h: h.pwrite(b'', 0)),
+        'trim': probe(True, lambda h: h.trim(0, 0)),
+        'zero': probe(True, lambda h: h.zero(0, 0)),
+        'cache': probe(True, lambda h: h.cache(0, 0)),
+        'block_status': probe(True, lambda h: extents(h, 0, 0)),
+      })
+    `);
+    for (const [what, [err, alive]] of Object.entries(r)) {
+      expect([0, EINVAL], what).toContain(err);
+      expect(alive, `${what}: connection still works`).toBe(true);
+    }
+    expect(r.read![0]).toBe(0);
+  });
+
   it('an unknown command gets EINVAL (simple reply) and the connection keeps working', async () => {
     const c = await RawNbd.connect({ port: d.nbdPort });
     try {
