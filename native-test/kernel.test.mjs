@@ -144,12 +144,11 @@ async function main(t) {
       return
     }
     try {
-      for (const [key, name] of Object.entries(volumes)) {
-        if (key !== 'ro') await server.createVolume(name, VOLUME_SIZE)
-      }
-      if (serverKind === 'deltavol') await server.createVolume(volumes.ro, RO_SIZE)
+      const creating = Object.entries(volumes).filter(([key]) => key !== 'ro').map(([, name]) => server.createVolume(name, VOLUME_SIZE))
+      if (serverKind === 'deltavol') creating.push(server.createVolume(volumes.ro, RO_SIZE))
+      const [roImage] = await Promise.all([makeReadOnlyImage(workDir), ...creating])
       t.pass(`volumes created: ${Object.values(volumes).join(', ')} (default export ${volumes.xfs})`)
-      roInfo = await makeReadOnlyImage(workDir)
+      roInfo = roImage
       await server.writeImageReadOnly(volumes.ro, roInfo.image)
       t.pass(`read-only volume ${volumes.ro} holds an ext4 image with ${roInfo.file}`)
     } catch (err) {

@@ -249,8 +249,8 @@ case_restart() {
   mkdir -p "$mnt"
   step "restart: connect in ioctl mode with -persist (-L -p)" connect_persist "$dev" || { cleanup_dev "$dev"; return; }
   step "restart: mkfs.ext4 on the first 256 MiB" mkfs.ext4 -F -q "$dev" 256M || { cleanup_dev "$dev"; return; }
-  # noinit_itable: no background inode-table zeroing, so the device is really idle
-  step "restart: mount" mount -t ext4 -o noinit_itable "$dev" "$mnt" || { cleanup_dev "$dev"; return; }
+  # no background inode-table zeroing or bitmap prefetch: the device is really idle
+  step "restart: mount" mount -t ext4 -o noinit_itable,no_prefetch_block_bitmaps "$dev" "$mnt" || { cleanup_dev "$dev"; return; }
   step "restart: write files and sync" sh -c "cp /tmp/data/* $mnt/ && sync" || { cleanup_dev "$dev" "$mnt"; return; }
   step "restart: 4 MiB O_DIRECT write at 768 MiB, no flush" raw_write "$dev" || { cleanup_dev "$dev" "$mnt"; return; }
   step "restart: host restarts the daemon" request_restart || { cleanup_dev "$dev" "$mnt"; return; }
@@ -335,6 +335,8 @@ observe_client() {
   sysd=$(dev_sys "$dev")
   while [ $i -lt "$DVT_RECONNECT_WAIT" ]; do
     if timeout 5 dd if="$dev" of=/dev/null bs=4096 count=1 iflag=direct 2> /dev/null; then ok=yes; break; fi
+    # nothing else would reconnect the device once the -persist client is gone
+    kill -0 "$RST_CLIENT_PID" 2> /dev/null || break
     sleep 1
     i=$((i + 1))
   done

@@ -38,17 +38,23 @@ export async function run(cmd, args, { timeoutMs = 60_000, cwd } = {}) {
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms))
 
 /** Resolves when `child` exits ({code, signal}), or with null after timeoutMs. */
+// Waits for 'close' (exited and its stdout/stderr drained, so the log is complete).
 function waitExit(child, timeoutMs) {
-  if (child.exitCode !== null || child.signalCode !== null) {
-    return Promise.resolve({ code: child.exitCode, signal: child.signalCode })
-  }
+  if (child.dvClosed) return Promise.resolve({ code: child.exitCode, signal: child.signalCode })
   return new Promise(resolve => {
     const timer = setTimeout(() => resolve(null), timeoutMs)
-    child.once('exit', (code, signal) => {
+    child.once('close', (code, signal) => {
       clearTimeout(timer)
       resolve({ code, signal })
     })
   })
+}
+
+function spawnTracked(cmd, args) {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  child.dvClosed = false
+  child.once('close', () => { child.dvClosed = true })
+  return child
 }
 
 /** Keeps a process's stdout+stderr in a log file and the last lines in memory. */
@@ -169,7 +175,7 @@ export class DeltavolServer extends BaseServer {
       '--log-level', process.env.DELTAVOL_KERNEL_TEST_LOG_LEVEL ?? 'info',
     ]
     this.log.mark(`start #${this.starts}: node ${args.join(' ')}`)
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawnTracked(process.execPath, args)
     this.child = child
     this.log.attach(child)
     const ready = new Promise((resolve, reject) => {
@@ -239,7 +245,7 @@ export class NbdkitServer extends BaseServer {
 
   async #spawnNbdkit(args, port) {
     this.log.mark(`nbdkit ${args.join(' ')}`)
-    const child = spawn('nbdkit', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawnTracked('nbdkit', args)
     this.log.attach(child)
     const deadline = Date.now() + 20_000
     while (Date.now() < deadline) {
