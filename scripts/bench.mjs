@@ -1,0 +1,604 @@
+// Benchmark driver behind scripts/bench (see that file and `--help`).
+//
+// For each storage (tmpfs, disk) it makes a 1 GiB file of random data, serves one copy
+// with deltavol and one with `nbdkit file`, and runs the fio suite against both,
+// alternating server per job (deltavol job X, nbdkit job X, next job) because the
+// machine is shared and noisy. Per run it records IOPS, MB/s, p99 latency, the CPU
+// the server used (from /proc/PID/stat) and fio's own CPU (this process's reaped
+// children time); it samples deltavol's RSS throughout. Servers listen on free
+// ports on 127.0.0.1 only and are stopped, and work files removed, on every exit path.
+
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const cliMain = path.join(root, 'dist/cli/main.js');
+const VOLUME = 'bench';
+const RSS_GOAL_MIB = 150;
+const RATIO_GOAL = 0.8;
+const CLK_TCK = 100; // Linux USER_HZ; getconf CLK_TCK says 100 on every x86 Debian kernel
+
+// ---- the fio suite ------------------------------------------------------------------
+
+const BASE_JOBS = [
+  { base: 'randread-4k-qd32', rw: 'randread', bs: '4k', iodepth: 32 },
+  { base: 'randwrite-4k-qd32', rw: 'randwrite', bs: '4k', iodepth: 32 },
+  { base: 'read-1M-qd8', rw: 'read', bs: '1M', iodepth: 8 },
+  { base: 'write-1M-qd8', rw: 'write', bs: '1M', iodepth: 8 },
+  { base: 'randrw70-4k-qd32', rw: 'randrw', bs: '4k', iodepth: 32, rwmixread: 70 },
+];
+const ALL_JOBS = BASE_JOBS.flatMap((j) =>
+  [1, 4].map((numjobs) => ({ ...j, numjobs, name: `${j.base}-j${numjobs}` })),
+);
+const QUICK_JOBS = [
+  'randread-4k-qd32-j1',
+  'randwrite-4k-qd32-j1',
+  'read-1M-qd8-j1',
+  'write-1M-qd8-j1',
+  'randrw70-4k-qd32-j4',
+];
+
+// ---- options ----------------------------------------------------------------------------
+
+const HELP = `Usage: scripts/bench [options]
+
+  --storage tmpfs|disk|both  where the served files live (default both)
+  --quick                    smoke run: runtime 2 s, ramp 1 s, jobs ${QUICK_JOBS.join(', ')}
+  --runtime SECONDS          measured time per fio run (default 5)
+  --ramp SECONDS             fio ramp_time before measuring (default 1)
+  --jobs A,B,...             only jobs whose name contains one of these (names: --list)
+  --rounds N                 run the whole job list N times, report the median (default 1);
+                             even rounds run the second server first
+  --size SIZE                size of the served file (default 1G)
+  --tmpfs-dir DIR            base directory for tmpfs (default /dev/shm)
+  --disk-dir DIR             base directory for disk (default <repo>/.bench)
+  --deltavol-args "ARGS"     extra arguments for 'deltavol serve' (e.g. "--sync-io-max 0")
+  --ab "ARGS"                compare deltavol against deltavol with these extra serve
+                             arguments instead of against nbdkit
+  --out FILE                 JSON results (default <repo>/.bench/results-<timestamp>.json)
+  --list                     print the job names and exit
+  -h, --help                 this help
+
+Markdown tables go to stdout, progress to stderr. Environment: BENCH_NO_BUILD=1 skips
+the rebuild check in scripts/bench.`;
+
+function parseArgs(argv) {
+  const o = {
+    storage: 'both', quick: false, runtime: null, ramp: null, jobs: null, rounds: 1,
+    size: '1G', tmpfsDir: '/dev/shm', diskDir: path.join(root, '.bench'),
+    deltavolArgs: [], ab: null, out: null,
+  };
+  const need = (i) => {
+    if (i + 1 >= argv.length) die(`option ${argv[i]} needs a value`);
+    return argv[i + 1];
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    switch (a) {
+      case '--storage': o.storage = need(i); i++; break;
+      case '--quick': o.quick = true; break;
+      case '--runtime': o.runtime = Number(need(i)); i++; break;
+      case '--ramp': o.ramp = Number(need(i)); i++; break;
+      case '--jobs': o.jobs = need(i).split(',').filter(Boolean); i++; break;
+      case '--rounds': o.rounds = Number(need(i)); i++; break;
+      case '--size': o.size = need(i); i++; break;
+      case '--tmpfs-dir': o.tmpfsDir = need(i); i++; break;
+      case '--disk-dir': o.diskDir = path.resolve(need(i)); i++; break;
+      case '--deltavol-args': o.deltavolArgs = splitArgs(need(i)); i++; break;
+      case '--ab': o.ab = splitArgs(need(i)); i++; break;
+      case '--out': o.out = path.resolve(need(i)); i++; break;
+      case '--list': console.log(ALL_JOBS.map((j) => j.name).join('\n')); process.exit(0);
+      case '-h': case '--help': console.log(HELP); process.exit(0);
+      default: die(`unknown option ${a} (see --help)`);
+    }
+  }
+  if (!['tmpfs', 'disk', 'both'].includes(o.storage)) die('--storage must be tmpfs, disk or both');
+  o.runtime ??= o.quick ? 2 : 5;
+  o.ramp ??= 1;
+  for (const [k, v] of [['runtime', o.runtime], ['ramp', o.ramp], ['rounds', o.rounds]]) {
+    if (!Number.isFinite(v) || v < 0 || (k !== 'ramp' && v <= 0)) die(`bad --${k}`);
+  }
+  let jobs = o.quick && !o.jobs ? ALL_JOBS.filter((j) => QUICK_JOBS.includes(j.name)) : ALL_JOBS;
+  if (o.jobs) jobs = jobs.filter((j) => o.jobs.some((p) => j.name.includes(p)));
+  if (jobs.length === 0) die('no job matches --jobs (see --list)');
+  o.jobList = jobs;
+  o.sizeBytes = parseSize(o.size);
+  return o;
+}
+
+function splitArgs(s) {
+  return s.split(/\s+/).filter(Boolean);
+}
+
+function parseSize(s) {
+  const m = /^(\d+)([KMG]?)i?B?$/i.exec(s);
+  if (!m) die(`bad size ${s}`);
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2].toUpperCase()];
+  return Number(m[1]) * mult;
+}
+
+// ---- process bookkeeping: everything started is stopped on every exit path ---------------
+
+const cleanups = []; // LIFO
+let cleaningUp = false;
+
+async function cleanupAll() {
+  if (cleaningUp) return;
+  cleaningUp = true;
+  while (cleanups.length) {
+    const fn = cleanups.pop();
+    try { await fn(); } catch (e) { log(`cleanup: ${e.message}`); }
+  }
+}
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    log(`${sig}: stopping servers and removing work files`);
+    cleanupAll().finally(() => process.exit(130));
+  });
+}
+process.on('exit', () => {
+  // Last resort if something threw past main(): kill whatever is still registered.
+  for (const p of liveChildren) try { p.kill('SIGKILL'); } catch {}
+});
+const liveChildren = new Set();
+
+function log(msg) {
+  process.stderr.write(`bench: ${msg}\n`);
+}
+function die(msg) {
+  log(`ERROR: ${msg}`);
+  process.exit(2);
+}
+
+/** Runs a command to completion; rejects on non-zero exit or timeout. */
+function run(cmd, args, { timeoutMs = 120_000, stdio = ['ignore', 'pipe', 'pipe'] } = {}) {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { stdio });
+    liveChildren.add(p);
+    let out = '';
+    let err = '';
+    p.stdout?.on('data', (d) => (out += d));
+    p.stderr?.on('data', (d) => (err += d));
+    const timer = setTimeout(() => {
+      log(`${cmd} took longer than ${timeoutMs / 1000} s; killing it`);
+      p.kill('SIGKILL');
+    }, timeoutMs);
+    p.on('error', (e) => { clearTimeout(timer); liveChildren.delete(p); reject(e); });
+    p.on('close', (code, signal) => {
+      clearTimeout(timer);
+      liveChildren.delete(p);
+      if (code === 0) resolve({ out, err });
+      else reject(new Error(`${cmd} ${args.join(' ')} failed (${signal ?? code}): ${(err || out).trim().slice(-2000)}`));
+    });
+  });
+}
+
+function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Starts a long-lived server; `stop()` sends SIGTERM, then SIGKILL after 10 s. */
+function startDaemon(cmd, args, logFile) {
+  const fd = fs.openSync(logFile, 'a');
+  const p = spawn(cmd, args, { stdio: ['ignore', fd, fd] });
+  fs.closeSync(fd);
+  liveChildren.add(p);
+  let exited = false;
+  const exitP = new Promise((r) => p.on('exit', (code, sig) => { exited = true; liveChildren.delete(p); r({ code, sig }); }));
+  const stop = async () => {
+    if (exited) return exitP;
+    p.kill('SIGTERM');
+    const t = setTimeout(() => { log(`${path.basename(cmd)} (pid ${p.pid}) ignored SIGTERM; killing`); p.kill('SIGKILL'); }, 10_000);
+    const r = await exitP;
+    clearTimeout(t);
+    return r;
+  };
+  return { pid: p.pid, stop, isExited: () => exited, exitP };
+}
+
+async function waitFor(what, fn, timeoutMs, server) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (server?.isExited()) throw new Error(`${what}: the server exited during start-up`);
+    if (Date.now() > deadline) throw new Error(`${what}: not ready after ${timeoutMs / 1000} s`);
+    await sleep(50);
+  }
+}
+
+function tail(file, n = 20) {
+  try { return fs.readFileSync(file, 'utf8').trim().split('\n').slice(-n).join('\n'); } catch { return ''; }
+}
+
+// ---- /proc readings ------------------------------------------------------------------------
+
+/** utime+stime (own threads) and cutime+cstime (reaped children) of a process, seconds. */
+function procCpu(pid) {
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' '); // f[0] is field 3 (state)
+    return { self: (Number(f[11]) + Number(f[12])) / CLK_TCK, children: (Number(f[13]) + Number(f[14])) / CLK_TCK };
+  } catch {
+    return null;
+  }
+}
+
+function procStatusKiB(pid, key) {
+  try {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Busy and total jiffies of the whole machine (first line of /proc/stat). */
+function machineCpu() {
+  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
+  const idle = f[3] + f[4];
+  return { busy: (total - idle) / CLK_TCK, total: total / CLK_TCK };
+}
+
+/** Samples VmRSS of a process every 200 ms; `peakMiB()` is the largest seen. */
+function rssSampler(pid) {
+  let peak = 0;
+  const sample = () => { const v = procStatusKiB(pid, 'VmRSS'); if (v && v > peak) peak = v; };
+  sample();
+  const t = setInterval(sample, 200);
+  t.unref();
+  return { stop: () => clearInterval(t), peakMiB: () => peak / 1024, sample };
+}
+
+// ---- servers -------------------------------------------------------------------------------
+
+/** deltavol with its own data dir holding one volume filled from `seed`. */
+async function setupDeltavol(label, workDir, seed, sizeBytes, extraArgs) {
+  const dataDir = path.join(workDir, `deltavol-${label.replace(/[^a-z0-9]+/gi, '_')}`);
+  fs.mkdirSync(dataDir, { recursive: true });
+  const logFile = path.join(workDir, `${path.basename(dataDir)}.log`);
+  const infoFile = path.join(dataDir, 'daemon.json');
+  const serveArgs = [cliMain, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0',
+    '--bind', '127.0.0.1', '--control-bind', '127.0.0.1', '--log-level', 'warn', ...extraArgs];
+
+  const start = async () => {
+    fs.rmSync(infoFile, { force: true });
+    const d = startDaemon(process.execPath, serveArgs, logFile);
+    cleanups.push(d.stop);
+    try {
+      const info = await waitFor(`deltavol ${label}`, () => {
+        try {
+          const j = JSON.parse(fs.readFileSync(infoFile, 'utf8'));
+          return j.pid === d.pid ? j : null;
+        } catch { return null; }
+      }, 15_000, d);
+      return { d, info };
+    } catch (e) {
+      throw new Error(`${e.message}\n${tail(logFile)}`);
+    }
+  };
+
+  // First start: create the volume. Then stop, fill its file while nobody has it open,
+  // and start again, so the daemon under test begins from a clean state.
+  let { d, info } = await start();
+  await run(process.execPath, [cliMain, '--data-dir', dataDir, 'volume', 'create', VOLUME, '--size', String(sizeBytes)]);
+  await d.stop();
+  cleanups.splice(cleanups.indexOf(d.stop), 1);
+  const img = path.join(dataDir, 'volumes', VOLUME, 'data.img');
+  if (fs.statSync(img).size !== sizeBytes) throw new Error(`unexpected size of ${img}`);
+  await copyFill(seed, img);
+  ({ d, info } = await start());
+  return {
+    label, kind: 'deltavol', pid: d.pid, args: extraArgs, logFile,
+    uri: `nbd://127.0.0.1:${info.nbdPort}/${VOLUME}`,
+    stop: d.stop,
+  };
+}
+
+async function setupNbdkit(workDir, seed) {
+  const img = path.join(workDir, 'nbdkit.img');
+  await copyFill(seed, img);
+  const logFile = path.join(workDir, 'nbdkit.log');
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    const pidFile = path.join(workDir, 'nbdkit.pid');
+    fs.rmSync(pidFile, { force: true });
+    // -P: nbdkit writes the pid file once it is listening.
+    const d = startDaemon('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), '-P', pidFile, 'file', img], logFile);
+    cleanups.push(d.stop);
+    try {
+      await waitFor('nbdkit', () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '', 10_000, d);
+      return { label: 'nbdkit', kind: 'nbdkit', pid: d.pid, logFile, uri: `nbd://127.0.0.1:${port}/`, stop: d.stop };
+    } catch (e) {
+      await d.stop();
+      if (attempt >= 3) throw new Error(`${e.message}\n${tail(logFile)}`);
+      log(`nbdkit did not start on port ${port}; retrying on another port`);
+    }
+  }
+}
+
+/** Overwrites `dst` (created if missing) with the bytes of `src`, then fsyncs it. */
+async function copyFill(src, dst) {
+  await run('dd', [`if=${src}`, `of=${dst}`, 'bs=4M', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 600_000 });
+}
+
+// ---- one fio run --------------------------------------------------------------------------
+
+function fioArgs(job, uri, opts, outFile) {
+  const a = [
+    `--name=${job.name}`, '--ioengine=nbd', `--uri=${uri}`,
+    `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`, `--numjobs=${job.numjobs}`,
+    '--time_based', `--runtime=${opts.runtime}`, `--ramp_time=${opts.ramp}`,
+    '--group_reporting', '--lat_percentiles=1', '--output-format=json', `--output=${outFile}`,
+  ];
+  if (job.rwmixread) a.push(`--rwmixread=${job.rwmixread}`);
+  // With 4 connections each job gets its own quarter of the volume.
+  if (job.numjobs > 1) {
+    const part = Math.floor(opts.sizeBytes / job.numjobs / 1048576) * 1048576;
+    a.push(`--size=${part}`, `--offset_increment=${part}`);
+  }
+  return a;
+}
+
+function p99us(dir) {
+  const pct = dir.lat_ns?.percentile ?? dir.clat_ns?.percentile ?? {};
+  const v = pct['99.000000'];
+  return v == null ? null : v / 1000;
+}
+
+async function runFio(job, server, opts, workDir) {
+  const outFile = path.join(workDir, `fio-${job.name}-${server.kind}.json`);
+  const before = { server: procCpu(server.pid), me: procCpu(process.pid), machine: machineCpu(), t: performance.now() };
+  const timeoutMs = (opts.runtime + opts.ramp + 60) * 1000;
+  let error = null;
+  try {
+    await run('fio', fioArgs(job, server.uri, opts, outFile), { timeoutMs });
+  } catch (e) {
+    error = e.message;
+  }
+  const after = { server: procCpu(server.pid), me: procCpu(process.pid), machine: machineCpu(), t: performance.now() };
+  const wall = (after.t - before.t) / 1000;
+  let fj = null;
+  try {
+    const text = fs.readFileSync(outFile, 'utf8');
+    fj = JSON.parse(text.slice(text.indexOf('{')));
+  } catch (e) {
+    error ??= `cannot parse fio output: ${e.message}`;
+  }
+  fs.rmSync(outFile, { force: true });
+  const j = fj?.jobs?.[0];
+  if (!j) return { error: error ?? 'no fio job in output' };
+  if (j.error) error ??= `fio job error ${j.error}`;
+
+  const iops = j.read.iops + j.write.iops;
+  const serverCpu = before.server && after.server ? after.server.self - before.server.self : null;
+  const fioCpu = after.me.children - before.me.children; // fio reaped by this process
+  const machineBusy = after.machine.busy - before.machine.busy;
+  const r = {
+    iops,
+    mbps: (j.read.bw_bytes + j.write.bw_bytes) / 1e6,
+    p99us: job.rw === 'randrw'
+      ? { read: p99us(j.read), write: p99us(j.write) }
+      : p99us(job.rw.includes('read') ? j.read : j.write),
+    readIops: j.read.iops,
+    writeIops: j.write.iops,
+    totalIos: j.read.total_ios + j.write.total_ios,
+    fioRuntimeMs: j.job_runtime,
+    wallSeconds: wall,
+    // CPU in cores (1.0 = one core busy for the whole run) and per I/O, in µs.
+    serverCores: serverCpu == null ? null : serverCpu / wall,
+    serverUsPerIo: serverCpu == null || !iops ? null : (serverCpu / wall / iops) * 1e6,
+    fioCores: fioCpu / wall,
+    otherCores: Math.max(0, (machineBusy - (serverCpu ?? 0) - fioCpu) / wall),
+    error,
+  };
+  return r;
+}
+
+// ---- a storage pass -----------------------------------------------------------------------
+
+async function runStorage(storage, opts, serverSpecs) {
+  const base = storage === 'tmpfs' ? opts.tmpfsDir : opts.diskDir;
+  fs.mkdirSync(base, { recursive: true });
+  const workDir = fs.mkdtempSync(path.join(base, 'deltavol-bench-'));
+  const removeWork = () => fs.rmSync(workDir, { recursive: true, force: true });
+  cleanups.push(removeWork);
+  const fsType = toolVersion('findmnt', ['-n', '-o', 'FSTYPE', '-T', workDir]) ?? '?';
+  log(`[${storage}] work dir ${workDir} (${fsType}); filling a ${opts.size} seed file from /dev/urandom`);
+
+  const seed = path.join(workDir, 'seed.img');
+  await run('dd', ['if=/dev/urandom', `of=${seed}`, 'bs=1M', `count=${Math.ceil(opts.sizeBytes / 1048576)}`, 'iflag=fullblock', 'status=none'], { timeoutMs: 600_000 });
+  fs.truncateSync(seed, opts.sizeBytes);
+
+  const servers = [];
+  for (const spec of serverSpecs) {
+    log(`[${storage}] starting ${spec.label}`);
+    servers.push(spec.kind === 'nbdkit'
+      ? await setupNbdkit(workDir, seed)
+      : await setupDeltavol(spec.label, workDir, seed, opts.sizeBytes, spec.args));
+  }
+  fs.rmSync(seed);
+  const rss = new Map(servers.map((s) => [s.label, rssSampler(s.pid)]));
+
+  const jobs = opts.jobList.map((job) => ({ job, runs: Object.fromEntries(servers.map((s) => [s.label, []])) }));
+  const started = Date.now();
+  for (let round = 1; round <= opts.rounds; round++) {
+    // Round 1 runs deltavol first on every job, as asked; later rounds flip the order
+    // on even rounds so that neither server always follows the other's writeback.
+    const order = round % 2 === 1 ? servers : [...servers].reverse();
+    for (const entry of jobs) {
+      for (const s of order) {
+        const r = await runFio(entry.job, s, opts, workDir);
+        entry.runs[s.label].push(r);
+        log(`[${storage}] ${opts.rounds > 1 ? `round ${round} ` : ''}${entry.job.name.padEnd(20)} ${s.label.padEnd(12)} ` +
+          (r.error && r.iops == null ? `FAILED: ${r.error}` :
+            `${fmtK(r.iops).padStart(7)} IOPS ${fmtInt(r.mbps).padStart(6)} MB/s  p99 ${fmtP99(r.p99us)} µs  ` +
+            `server ${fmtFix(r.serverCores, 2)} cores ${fmtFix(r.serverUsPerIo, 1)} µs/IO  fio ${fmtFix(r.fioCores, 2)}` +
+            (r.error ? `  (error: ${r.error})` : '')));
+        if (s.kind === 'deltavol' && procCpu(s.pid) == null) throw new Error(`deltavol (pid ${s.pid}) died during ${entry.job.name}\n${tail(s.logFile)}`);
+      }
+    }
+  }
+
+  const memory = {};
+  for (const s of servers) {
+    const sampler = rss.get(s.label);
+    sampler.sample();
+    sampler.stop();
+    const vmHwmMiB = (procStatusKiB(s.pid, 'VmHWM') ?? 0) / 1024;
+    memory[s.label] = { peakMiB: Math.max(vmHwmMiB, sampler.peakMiB()), vmHwmMiB, largestSampleMiB: sampler.peakMiB() };
+  }
+  // Keep what the servers logged (warn level and up for deltavol) before the work dir goes.
+  const serverLogs = Object.fromEntries(servers.map((s) => [s.label, tail(s.logFile, 50)]));
+  for (const s of servers) {
+    const { code, sig } = await s.stop();
+    cleanups.splice(cleanups.indexOf(s.stop), 1);
+    if (s.kind === 'deltavol' && code !== 0) log(`[${storage}] deltavol exited with ${sig ?? code} on SIGTERM\n${tail(s.logFile)}`);
+  }
+  removeWork();
+  cleanups.splice(cleanups.indexOf(removeWork), 1);
+
+  const results = jobs.map(({ job, runs }) => {
+    const median = Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, medianRun(rs)]));
+    const [a, b] = servers.map((s) => median[s.label]);
+    return {
+      name: job.name, spec: { rw: job.rw, bs: job.bs, iodepth: job.iodepth, numjobs: job.numjobs, rwmixread: job.rwmixread },
+      median, ratio: a?.iops && b?.iops ? a.iops / b.iops : null, runs,
+    };
+  });
+  return { storage, dir: base, fsType, seconds: (Date.now() - started) / 1000, servers: servers.map((s) => ({ label: s.label, kind: s.kind, args: s.args ?? [], uri: s.uri })), memory, serverLogs, results };
+}
+
+function medianRun(rs) {
+  const ok = rs.filter((r) => r.iops != null).sort((x, y) => x.iops - y.iops);
+  return ok.length ? ok[Math.floor((ok.length - 1) / 2)] : null;
+}
+
+// ---- output --------------------------------------------------------------------------------
+
+function fmtK(v) {
+  if (v == null) return '–';
+  return v >= 1000 ? `${(v / 1000).toFixed(1)}k` : v.toFixed(0);
+}
+function fmtInt(v) {
+  return v == null ? '–' : Math.round(v).toString();
+}
+function fmtFix(v, d) {
+  return v == null ? '–' : v.toFixed(d);
+}
+function fmtP99(v) {
+  if (v == null) return '–';
+  if (typeof v === 'object') return `${fmtInt(v.read)}/${fmtInt(v.write)}`;
+  return fmtInt(v);
+}
+
+function markdown(run, opts) {
+  const [A, B] = run.servers.map((s) => s.label);
+  const lines = [];
+  const roundsNote = opts.rounds > 1 ? `, median of ${opts.rounds} rounds` : '';
+  lines.push(`### ${run.storage} (${run.fsType}, ${run.dir}), ${opts.runtime} s per job${roundsNote}`, '');
+  lines.push(`| job | ${A} IOPS | MB/s | p99 µs | ${B} IOPS | MB/s | p99 µs | ratio (IOPS) |`);
+  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of run.results) {
+    const a = r.median[A];
+    const b = r.median[B];
+    const ratio = r.ratio == null ? '–' : `${r.ratio.toFixed(2)}${r.ratio < RATIO_GOAL ? ' ⚠' : ''}`;
+    lines.push(`| ${r.name} | ${fmtK(a?.iops)} | ${fmtInt(a?.mbps)} | ${fmtP99(a?.p99us)} | ${fmtK(b?.iops)} | ${fmtInt(b?.mbps)} | ${fmtP99(b?.p99us)} | ${ratio} |`);
+  }
+  lines.push('', `p99 is total latency (submit to completion); randrw shows read/write. ⚠ = below the ${RATIO_GOAL} goal.`, '');
+  lines.push(`CPU during each job, in cores (2 = both vCPUs), and server CPU per I/O:`, '');
+  lines.push(`| job | ${A} cores | ${A} µs/IO | ${B} cores | ${B} µs/IO | fio cores (${A} / ${B}) | other load (${A} / ${B}) |`);
+  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of run.results) {
+    const a = r.median[A];
+    const b = r.median[B];
+    lines.push(`| ${r.name} | ${fmtFix(a?.serverCores, 2)} | ${fmtFix(a?.serverUsPerIo, 1)} | ${fmtFix(b?.serverCores, 2)} | ${fmtFix(b?.serverUsPerIo, 1)} | ${fmtFix(a?.fioCores, 2)} / ${fmtFix(b?.fioCores, 2)} | ${fmtFix(a?.otherCores, 2)} / ${fmtFix(b?.otherCores, 2)} |`);
+  }
+  lines.push('');
+  for (const [label, m] of Object.entries(run.memory)) {
+    const goal = label.startsWith('deltavol') ? ` (goal ≤ ${RSS_GOAL_MIB} MiB: ${m.peakMiB <= RSS_GOAL_MIB ? 'met' : 'NOT met'})` : '';
+    lines.push(`- ${label} peak RSS: ${m.peakMiB.toFixed(1)} MiB${goal}`);
+  }
+  const below = run.results.filter((r) => r.ratio != null && r.ratio < RATIO_GOAL).map((r) => `${r.name} ${r.ratio.toFixed(2)}`);
+  lines.push(`- jobs below ratio ${RATIO_GOAL}: ${below.length ? below.join(', ') : 'none'}`);
+  const failed = run.results.flatMap((r) => Object.entries(r.runs).flatMap(([k, rs]) => rs.filter((x) => x.error).map((x) => `${r.name}/${k}: ${x.error}`)));
+  if (failed.length) lines.push(`- errors: ${failed.join('; ')}`);
+  for (const [label, text] of Object.entries(run.serverLogs)) {
+    if (text && label.startsWith('deltavol')) lines.push(`- ${label} logged (last lines; full text in the JSON):\n\n\`\`\`\n${text.split('\n').slice(-5).join('\n')}\n\`\`\``);
+  }
+  return lines.join('\n');
+}
+
+// ---- main ----------------------------------------------------------------------------------
+
+function toolVersion(cmd, args) {
+  try { return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).split('\n')[0].trim(); } catch { return null; }
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  const storages = opts.storage === 'both' ? ['tmpfs', 'disk'] : [opts.storage];
+  const serverSpecs = [
+    { kind: 'deltavol', label: 'deltavol', args: opts.deltavolArgs },
+    opts.ab
+      ? { kind: 'deltavol', label: `deltavol ${opts.ab.join(' ')}`, args: [...opts.deltavolArgs, ...opts.ab] }
+      : { kind: 'nbdkit', label: 'nbdkit' },
+  ];
+  const perServer = opts.runtime + opts.ramp + 0.5;
+  const estimate = storages.length * opts.rounds * opts.jobList.length * 2 * perServer;
+  log(`${opts.jobList.length} jobs × 2 servers × ${storages.length} storage(s) × ${opts.rounds} round(s); ` +
+    `about ${Math.ceil(estimate / 60)} min of fio plus ~${storages.length * 15} s set-up`);
+
+  const startedAt = new Date();
+  const stamp = startedAt.toISOString().replace(/[:.]/g, '-').replace(/-\d+Z$/, 'Z');
+  const outFile = opts.out ?? path.join(root, '.bench', `results-${stamp}.json`);
+  const report = {
+    startedAt: startedAt.toISOString(),
+    host: {
+      hostname: os.hostname(), cpus: os.cpus().length, memMiB: Math.round(os.totalmem() / 1048576),
+      kernel: os.release(), node: process.version, loadavgStart: os.loadavg(),
+      fio: toolVersion('fio', ['--version']), nbdkit: toolVersion('nbdkit', ['--version']),
+      gitCommit: toolVersion('git', ['-C', root, 'rev-parse', '--short', 'HEAD']),
+      gitDirty: (toolVersion('git', ['-C', root, 'status', '--porcelain', '--', 'src']) ?? '') !== '',
+    },
+    options: { storage: opts.storage, quick: opts.quick, runtime: opts.runtime, ramp: opts.ramp, rounds: opts.rounds, size: opts.sizeBytes, deltavolArgs: opts.deltavolArgs, ab: opts.ab, jobs: opts.jobList.map((j) => j.name) },
+    storages: [],
+  };
+
+  try {
+    for (const storage of storages) {
+      const r = await runStorage(storage, opts, serverSpecs);
+      report.storages.push(r);
+      process.stdout.write(`${markdown(r, opts)}\n\n`);
+    }
+  } finally {
+    await cleanupAll();
+  }
+  report.host.loadavgEnd = os.loadavg();
+  report.finishedAt = new Date().toISOString();
+  fs.mkdirSync(path.dirname(outFile), { recursive: true });
+  fs.writeFileSync(outFile, `${JSON.stringify(report, null, 2)}\n`);
+  log(`results written to ${path.relative(process.cwd(), outFile) || outFile}`);
+}
+
+main().catch(async (e) => {
+  log(`ERROR: ${e.stack ?? e.message}`);
+  await cleanupAll();
+  process.exit(1);
+});
