@@ -674,6 +674,92 @@ describe('handshake (raw socket)', () => {
     }
   });
 
+  it('NBD_OPT_EXPORT_NAME gets size, flags and the 124 zero bytes a client without NO_ZEROES expects', async () => {
+    const c = await RawNbd.connect({ port: d.nbdPort });
+    try {
+      await c.greeting();
+      c.write(RawNbd.clientFlags(1)); // FIXED_NEWSTYLE only
+      c.write(RawNbd.option(OPT.EXPORT_NAME, Buffer.from('err')));
+      const b = await c.read(8 + 2 + 124);
+      expect(b.readBigUInt64BE(0)).toBe(16n * BigInt(MiB));
+      expect(b.readUInt16BE(8) & 1).toBe(1); // HAS_FLAGS
+      expect(b.subarray(10).equals(Buffer.alloc(124))).toBe(true);
+      expect((await c.readSimple(0, 512)).length).toBe(512);
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('option data over the limit is skipped with NBD_REP_ERR_TOO_BIG and the handshake goes on', async () => {
+    const c = await RawNbd.connect({ port: d.nbdPort });
+    try {
+      await c.greeting();
+      c.write(RawNbd.clientFlags());
+      c.write(RawNbd.option(OPT.INFO, Buffer.alloc(1024 * 1024, 0x41)));
+      const r = await c.optionReply();
+      expect([r.option, r.type]).toEqual([OPT.INFO, 2 ** 31 + 9]);
+      c.write(RawNbd.option(OPT.GO, RawNbd.goData('err')));
+      expect((await c.goReplies()).size).toBe(16n * BigInt(MiB));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('unknown client flags close the connection', async () => {
+    const c = await RawNbd.connect({ port: d.nbdPort });
+    try {
+      await c.greeting();
+      c.write(RawNbd.clientFlags(0x80000003));
+      expect(await c.closedWithin(5000)).toBe(true);
+      expect(c.buffered).toBe(0);
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('NBD_CMD_DISC after pipelined requests: every request is answered, then the server closes', async () => {
+    const c = await RawNbd.connect({ port: d.nbdPort });
+    try {
+      await c.handshake('err');
+      const payload = Buffer.alloc(4096, 0x3c);
+      c.write(
+        Buffer.concat([
+          RawNbd.request(CMD.WRITE, { cookie: 1n, offset: 65536, length: 4096 }),
+          payload,
+          RawNbd.request(CMD.FLUSH, { cookie: 2n }),
+          RawNbd.request(CMD.READ, { cookie: 3n, offset: 65536, length: 4096 }),
+          RawNbd.request(CMD.DISC, { cookie: 4n }),
+        ]),
+      );
+      const seen: bigint[] = [];
+      for (let i = 0; i < 3; i++) {
+        const r = await c.simpleReply();
+        expect(r.error).toBe(0);
+        seen.push(r.cookie);
+        if (r.cookie === 3n) expect(await c.read(4096)).toEqual(payload);
+      }
+      expect(seen.sort()).toEqual([1n, 2n, 3n]);
+      expect(await c.closedWithin(5000)).toBe(true);
+      expect(c.buffered).toBe(0);
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('a connection cut in the middle of a WRITE payload does not disturb the server', async () => {
+    const c = await RawNbd.connect({ port: d.nbdPort });
+    await c.handshake('err');
+    c.write(Buffer.concat([RawNbd.request(CMD.WRITE, { cookie: 1n, offset: 0, length: 65536 }), Buffer.alloc(1000)]));
+    await new Promise((r) => setTimeout(r, 50));
+    c.destroy();
+    const r = nbdshOut(`
+      h = connect(${py(d.uri('err'))})
+      out(err_of(lambda: h.pread(65536, 0)))
+    `);
+    expect(r).toBe(0);
+    expect(d.exited).toBe(false);
+  });
+
   it('NBD_OPT_GO for an unknown export gets NBD_REP_ERR_UNKNOWN; NBD_OPT_EXPORT_NAME for one closes', async () => {
     const c = await RawNbd.connect({ port: d.nbdPort });
     try {
