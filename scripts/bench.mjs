@@ -16,7 +16,9 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const cliMain = path.join(root, 'dist/cli/main.js');
+// Set by snapshotBuild(): the daemon runs from a private copy of dist/, so a rebuild by
+// someone else in this shared tree cannot mix two builds into one run.
+let cliMain = path.join(root, 'dist/cli/main.js');
 const VOLUME = 'bench';
 const RSS_GOAL_MIB = 150;
 const RATIO_GOAL = 0.8;
@@ -264,6 +266,26 @@ function rssSampler(pid) {
   const t = setInterval(sample, 200);
   t.unref();
   return { stop: () => clearInterval(t), peakMiB: () => peak / 1024, sample };
+}
+
+// ---- the build under test -------------------------------------------------------------
+
+/**
+ * Copies dist/, package.json and the native addon to <repo>/.bench/build-XXXX/ (inside the repo so
+ * node_modules and package.json's "type": "module" still resolve) and points cliMain
+ * there. native.ts finds the addon at ../../build/Release/ from dist/storage/.
+ */
+function snapshotBuild() {
+  const dir = fs.mkdtempSync(path.join(root, '.bench', 'build-'));
+  cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.cpSync(path.join(root, 'dist'), path.join(dir, 'dist'), { recursive: true });
+  fs.copyFileSync(path.join(root, 'package.json'), path.join(dir, 'package.json')); // the CLI reads its version
+  fs.mkdirSync(path.join(dir, 'build/Release'), { recursive: true });
+  for (const f of fs.readdirSync(path.join(root, 'build/Release')).filter((n) => n.endsWith('.node'))) {
+    fs.copyFileSync(path.join(root, 'build/Release', f), path.join(dir, 'build/Release', f));
+  }
+  cliMain = path.join(dir, 'dist/cli/main.js');
+  return { dir, builtAt: fs.statSync(path.join(root, 'dist/cli/main.js')).mtime.toISOString() };
 }
 
 // ---- servers -------------------------------------------------------------------------------
@@ -565,6 +587,8 @@ async function main() {
   log(`${opts.jobList.length} jobs × 2 servers × ${storages.length} storage(s) × ${opts.rounds} round(s); ` +
     `about ${Math.ceil(estimate / 60)} min of fio plus ~${storages.length * 15} s set-up`);
 
+  fs.mkdirSync(path.join(root, '.bench'), { recursive: true });
+  const build = snapshotBuild();
   const startedAt = new Date();
   const stamp = startedAt.toISOString().replace(/[:.]/g, '-').replace(/-\d+Z$/, 'Z');
   const outFile = opts.out ?? path.join(root, '.bench', `results-${stamp}.json`);
@@ -575,7 +599,9 @@ async function main() {
       kernel: os.release(), node: process.version, loadavgStart: os.loadavg(),
       fio: toolVersion('fio', ['--version']), nbdkit: toolVersion('nbdkit', ['--version']),
       gitCommit: toolVersion('git', ['-C', root, 'rev-parse', '--short', 'HEAD']),
-      gitDirty: (toolVersion('git', ['-C', root, 'status', '--porcelain', '--', 'src']) ?? '') !== '',
+      // Uncommitted changes under src/ when the run started (the build may include them).
+      srcChanges: (toolVersion('git', ['-C', root, 'status', '--porcelain', '--', 'src']) ?? '') !== '',
+      distBuiltAt: build.builtAt,
     },
     options: { storage: opts.storage, quick: opts.quick, runtime: opts.runtime, ramp: opts.ramp, rounds: opts.rounds, size: opts.sizeBytes, deltavolArgs: opts.deltavolArgs, ab: opts.ab, jobs: opts.jobList.map((j) => j.name) },
     storages: [],
