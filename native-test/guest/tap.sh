@@ -4,6 +4,8 @@
 # console, so the console log shows what happened around a failure.
 # A step prints "ok N - NAME # time=MSms" and, when it failed or left a note,
 # a YAML block the host harness (native-test/kernel.test.mjs) turns into diagnostics.
+# On the console a step is framed by "=== [N] start: NAME" and "=== [N] exit RC ...",
+# so after a timeout the harness can name the step that never finished.
 
 T_N=0
 T_FAILED=0
@@ -54,13 +56,14 @@ step() {
   shift
   T_N=$((T_N + 1))
   : > /tmp/step.note
-  console "=== [$T_N] $name: $*"
+  console "=== [$T_N] start: $name"
+  console "    \$ $*"
   t0=$(now_ms)
   "$@" > /tmp/step.out 2>&1
   rc=$?
   t1=$(now_ms)
   tail -n 40 /tmp/step.out > /dev/console
-  console "=== [$T_N] $name: exit $rc after $((t1 - t0)) ms"
+  console "=== [$T_N] exit $rc after $((t1 - t0)) ms: $name"
   if [ $rc -eq 0 ]; then
     emit ok "$name" $((t1 - t0)) 0 "$*"
   else
@@ -77,13 +80,14 @@ todo_step() {
   shift 2
   T_N=$((T_N + 1))
   : > /tmp/step.note
-  console "=== [$T_N] $name (todo if failing): $*"
+  console "=== [$T_N] start: $name"
+  console "    \$ $* (a failure is a TODO)"
   t0=$(now_ms)
   "$@" > /tmp/step.out 2>&1
   rc=$?
   t1=$(now_ms)
   tail -n 40 /tmp/step.out > /dev/console
-  console "=== [$T_N] $name: exit $rc after $((t1 - t0)) ms"
+  console "=== [$T_N] exit $rc after $((t1 - t0)) ms: $name"
   if [ $rc -eq 0 ]; then
     emit ok "$name" $((t1 - t0)) 0 "$*"
   else

@@ -94,3 +94,21 @@ export function caseOf(name) {
   const m = /^([\w-]+):\s/.exec(name)
   return m ? m[1] : 'guest'
 }
+
+/**
+ * The step the guest started but never finished, from the console framing
+ * "=== [N] start: NAME" / "=== [N] exit RC after MS ms: NAME" (guest/tap.sh).
+ * @param {string} consoleText
+ * @returns {{ id: number, name: string, output: string } | null}
+ */
+export function unfinishedStep(consoleText) {
+  const lines = consoleText.replace(/\r/g, '').split('\n')
+  let open = null
+  for (let i = 0; i < lines.length; i++) {
+    let m
+    if ((m = /^=== \[(\d+)\] start: (.*)$/.exec(lines[i]))) open = { id: Number(m[1]), name: m[2], line: i }
+    else if ((m = /^=== \[(\d+)\] exit /.exec(lines[i])) && open && Number(m[1]) === open.id) open = null
+  }
+  if (!open) return null
+  return { id: open.id, name: open.name, output: lines.slice(open.line + 1).slice(-40).join('\n') }
+}
