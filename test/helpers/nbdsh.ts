@@ -97,6 +97,9 @@ export function nbdsh(script: string, opts: NbdshOptions = {}): NbdshResult {
     timeout: opts.timeoutMs ?? 30_000,
     maxBuffer: 64 * 1024 * 1024,
   });
+  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT') {
+    throw new Error('nbdsh is not installed (Debian package python3-libnbd): run scripts/install-test-deps.sh');
+  }
   const res = { status: r.status ?? -1, stdout: r.stdout ?? '', stderr: r.stderr ?? '', out: parseOut(r.stdout ?? '') };
   if (!opts.allowFail && res.status !== 0) {
     throw new Error(`nbdsh exited ${res.status} (signal ${r.signal ?? 'none'}):\n${res.stdout}\n${res.stderr}`);

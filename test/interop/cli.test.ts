@@ -114,9 +114,11 @@ describe('cli: usage and exit codes', () => {
     expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
   });
 
-  it('a volume that does not exist exits 4', () => {
-    for (const c of [['volume', 'info', 'nope'], ['volume', 'resize', 'nope', '--size', '1G'], ['volume', 'delete', 'nope']]) {
-      const r = d.cli(c);
+  it('a volume that does not exist exits 4', async () => {
+    const cases = [['volume', 'info', 'nope'], ['volume', 'resize', 'nope', '--size', '1G'], ['volume', 'delete', 'nope']];
+    const results = await Promise.all(cases.map((c) => cliAsync(['--control', `127.0.0.1:${d.controlPort}`, ...c])));
+    for (const [k, c] of cases.entries()) {
+      const r = results[k]!;
       expect(r.status, c.join(' ')).toBe(4);
       expect(r.stderr).toMatch(/no volume named "nope"/);
     }
