@@ -10,6 +10,7 @@
 //   DELTAVOL_KERNEL_TEST_SERVER=nbdkit   use an nbdkit stand-in (debugging only)
 //   DELTAVOL_KERNEL_TEST_CASES=ext4,xfs  run some cases only (default: all)
 //   DELTAVOL_KERNEL_TEST_TIMEOUT=210     seconds the guest may run
+//   DELTAVOL_KERNEL_TEST_APPEND='dvt.fiomib=4'  extra guest kernel parameters (later ones win)
 //   DELTAVOL_GUEST_CACHE=DIR             guest image cache (scripts/build-guest-image.sh)
 // Logs of the last runs: native-test/.cache/runs/<time>/{console,tap,server}.log
 import t from 'tap'
@@ -165,7 +166,8 @@ async function main(t) {
     `dvt.port=${server.port}`, `dvt.roport=${server.roPort}`, `dvt.cases=${cases.join(',')}`,
     `dvt.size=${VOLUME_BYTES}`, `dvt.ext4=${volumes.ext4}`, `dvt.bs=${volumes.bs}`, `dvt.fio=${volumes.fio}`,
     `dvt.ro=${volumes.ro}`, `dvt.rst=${volumes.rst}`, `dvt.rofile=${roInfo.file}`, `dvt.rosha=${roInfo.sha256}`,
-  ].join(' ')
+    env.DELTAVOL_KERNEL_TEST_APPEND ?? '',
+  ].join(' ').trim()
   const restarts = []
   let restarting = Promise.resolve()
   const onTapLine = line => {
@@ -247,6 +249,15 @@ async function main(t) {
       }
     }
     tt.same(tap.garbage, [], 'no stray lines in the guest TAP')
+    if (serverKind === 'deltavol') {
+      // pino levels: 40 warn, 50 error, 60 fatal
+      const logged = (await readFile(server.log.file, 'utf8').catch(() => '')).split('\n')
+        .filter(l => l.startsWith('{')).map(l => { try { return JSON.parse(l) } catch { return null } }).filter(Boolean)
+      const errors = logged.filter(e => e.level >= 50)
+      const warnings = logged.filter(e => e.level === 40)
+      tt.equal(errors.length, 0, 'the daemon logged no errors', { errors: errors.slice(0, 10) })
+      if (warnings.length) tt.comment(`daemon warnings (${warnings.length}):\n  ${warnings.slice(0, 10).map(w => JSON.stringify(w)).join('\n  ')}`)
+    }
   })
 
   // ---- timings and logs -----------------------------------------------------------

@@ -27,12 +27,12 @@ INIT_UPTIME=$up
 stty -F /dev/ttyS1 raw -echo 2> /dev/null
 exec 3> /dev/ttyS1
 
-param() {  # param NAME DEFAULT: value of dvt.NAME= on the kernel command line
-  local w
+param() {  # param NAME DEFAULT: value of the last dvt.NAME= on the kernel command line
+  local w v="$2"
   for w in $(cat /proc/cmdline); do
-    case "$w" in (dvt."$1"=*) echo "${w#*=}"; return ;; esac
+    case "$w" in (dvt."$1"=*) v="${w#*=}" ;; esac
   done
-  echo "$2"
+  echo "$v"
 }
 
 DVT_HOST=$(param host 10.0.2.2)
