@@ -14,7 +14,7 @@
 //   DELTAVOL_GUEST_CACHE=DIR             guest image cache (scripts/build-guest-image.sh)
 // Logs of the last runs: native-test/.cache/runs/<time>/{console,tap,server}.log
 import t from 'tap'
-import { spawnSync } from 'node:child_process'
+import { execFile, spawnSync } from 'node:child_process'
 import { existsSync, readdirSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import os from 'node:os'
@@ -116,34 +116,30 @@ async function main(t) {
     await rm(workDir, { recursive: true, force: true })
   })
 
-  // ---- guest image -----------------------------------------------------------
-  let image
-  {
+  // ---- guest image (built while the server starts) -------------------------------
+  const imageBuild = (async () => {
     const t0 = Date.now()
-    const res = spawnSync(path.join(root, 'scripts/build-guest-image.sh'), [], { encoding: 'utf8', timeout: 600_000 })
-    const ms = Date.now() - t0
-    const out = Object.fromEntries(
-      (res.stdout ?? '').split('\n').filter(l => l.includes('=')).map(l => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-    )
-    const ok = res.status === 0 && !!out.vmlinux && !!out.initramfs
-    t.ok(ok, 'guest image built (scripts/build-guest-image.sh)', {
-      ms, ...(ok ? {} : { status: res.status, error: res.error?.message, stderr: res.stderr }),
+    const res = await new Promise(resolve => {
+      execFile(path.join(root, 'scripts/build-guest-image.sh'), [], { timeout: 600_000, killSignal: 'SIGKILL' },
+        (error, stdout, stderr) => resolve({ error, stdout: String(stdout), stderr: String(stderr) }))
     })
-    if (!ok) return
-    timing(`guest image (${/cached/.test(res.stderr) && !/built|extracted/.test(res.stderr) ? 'cached' : 'built'})`, ms)
-    image = out
-  }
+    const out = Object.fromEntries(
+      res.stdout.split('\n').filter(l => l.includes('=')).map(l => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
+    )
+    const ok = !res.error && !!out.vmlinux && !!out.initramfs
+    return { ok, ms: Date.now() - t0, out, res }
+  })()
 
   // ---- server and volumes ----------------------------------------------------
   let roInfo
-  {
+  const serverSetup = (async () => {
     const t0 = Date.now()
     try {
       await server.start()
       t.pass(`${serverKind} daemon started (NBD port ${server.port})`)
     } catch (err) {
       t.fail(`${serverKind} daemon started`, { error: String(err) })
-      return
+      return false
     }
     try {
       const creating = Object.entries(volumes).filter(([key]) => key !== 'ro').map(([, name]) => server.createVolume(name, VOLUME_SIZE))
@@ -155,10 +151,20 @@ async function main(t) {
       t.pass(`read-only volume ${volumes.ro} holds an ext4 image with ${roInfo.file}`)
     } catch (err) {
       t.fail('volumes created and the read-only volume prepared', { error: String(err), serverLog: server.logTail(20) })
-      return
+      return false
     }
     timing('server start and volume setup', Date.now() - t0)
-  }
+    return true
+  })()
+
+  const [built, serverReady] = await Promise.all([imageBuild, serverSetup])
+  t.ok(built.ok, 'guest image built (scripts/build-guest-image.sh)', {
+    ms: built.ms, ...(built.ok ? {} : { error: built.res.error?.message, stderr: built.res.stderr }),
+  })
+  if (!built.ok || !serverReady) return
+  const image = built.out
+  const cachedImage = /cached/.test(built.res.stderr) && !/built|extracted/.test(built.res.stderr)
+  timing(`guest image (${cachedImage ? 'cached' : 'built'}, concurrent with the server setup)`, built.ms)
 
   // ---- boot the guest ------------------------------------------------------------
   const append = [

@@ -74,6 +74,7 @@ if [ "$force" = 1 ] || [ ! -s "$vmlinux_dir/vmlinux" ]; then
   payload_len="$(u32 "$bzimage" $((0x24c)))"
   start=$(( (setup_sects + 1) * 512 + payload_off ))
   tmp="$(mktemp -d "$cache/.vmlinux.XXXXXX")"
+  chmod 755 "$tmp"
   trap 'rm -rf "$tmp"' EXIT
   # The payload is the compressed ELF vmlinux followed by its 4-byte size;
   # --single-stream stops after the xz stream and ignores that trailer.
@@ -172,6 +173,7 @@ initrd_dir="$cache/initramfs-$kver-$key"
 if [ "$force" = 1 ] || [ ! -s "$initrd_dir/initramfs.cpio.lz4" ]; then
   t0=$(date +%s%N)
   tmp="$(mktemp -d "$cache/.initramfs.XXXXXX")"
+  chmod 755 "$tmp"
   trap 'rm -rf "$tmp"' EXIT
   st="$tmp/root"
   mkdir -p "$st"/{bin,dev,proc,sys,tmp,mnt,etc,run,guest,lib64,root}

@@ -54,7 +54,7 @@ expect_dev() {
 }
 
 disconnect() {
-  nbd-client -d "$1" || return 1
+  timeout 20 nbd-client -d "$1" || return 1
   wait_size "$1" 0 10
 }
 
