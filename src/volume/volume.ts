@@ -113,7 +113,7 @@ export class Volume {
   trim(offset: number, length: number, fua: boolean): void | Promise<void> {
     this.checkWritable();
     this.checkRange(offset, length);
-    this.store.discard(offset, length);
+    if (length > 0) this.store.discard(offset, length); // fallocate refuses length 0
     if (fua) return this.store.flush();
   }
 
@@ -124,6 +124,7 @@ export class Volume {
   zero(offset: number, length: number, noHole: boolean, fastOnly: boolean, fua: boolean): void | Promise<void> {
     this.checkWritable();
     this.checkRange(offset, length);
+    if (length === 0) return fua ? this.store.flush() : undefined; // fallocate refuses length 0
     const r = this.store.zero(offset, length, noHole, fastOnly);
     const after = (ok: boolean): void | Promise<void> => {
       if (!ok) throw systemError('ENOTSUP', 'zeroing this range would not be faster than writing zeroes');

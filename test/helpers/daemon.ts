@@ -85,6 +85,7 @@ export class TestDaemon {
   async dispose(): Promise<void> {
     await this.stop();
     if (this.ownsDir) fs.rmSync(this.dataDir, { recursive: true, force: true });
+    fs.rmSync(this.logFile, { force: true });
   }
 
   log(): string {
