@@ -119,6 +119,13 @@ export class ActivityLog {
     return this.hotCount;
   }
 
+  /** The fast path: true (and marks them recently used) when every extent is hot. */
+  allHot(first: number, last: number): boolean {
+    for (let e = first; e <= last; e++) if (!this.hot.test(e)) return false;
+    for (let e = first; e <= last; e++) this.referenced.set(e);
+    return true;
+  }
+
   /**
    * The write path: extents [first, last] will be written. Returns null when all are hot
    * (the common case: no I/O, no allocation), else a promise resolved once a record

@@ -16,7 +16,13 @@ export type ErrorCode =
   | 'DAEMON_UNREACHABLE'
   | 'CONTROL_API'
   | 'SHUTTING_DOWN'
-  | 'IO';
+  | 'IO'
+  | 'SNAPSHOT_NOT_FOUND'
+  | 'SNAPSHOT_EXISTS'
+  | 'SNAPSHOT_INVALID'
+  | 'SNAPSHOTS_MAX'
+  | 'SAVE_AREA_FULL'
+  | 'DELTA_SET_BUSY';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';

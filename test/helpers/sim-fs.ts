@@ -67,8 +67,14 @@ export class SimFs implements DurableFs {
         state.pending.push({ kind: 'truncate', sizeBytes });
       },
       async sync() {
-        state.durable = Buffer.from(state.current);
-        state.pending = [];
+        // Like fsync: covers the writes issued before the call, and takes time, so a crash
+        // while it runs may keep or lose them.
+        const covered = state.pending.length;
+        await new Promise<void>((r) => setImmediate(r));
+        for (const p of state.pending.slice(0, covered)) {
+          state.durable = p.kind === 'write' ? applyWrite(state.durable, p.position, p.data) : applyTruncate(state.durable, p.sizeBytes);
+        }
+        state.pending = state.pending.slice(covered);
         fsys.syncs++;
       },
       close() {},

@@ -1,0 +1,162 @@
+// Why: replication ships, in delta sets, the blocks changed between two cuts, each with
+// its content as of the later cut (seed 001, the text after FIG. 10: "a queue of two
+// bit-map tables"). This module is only the bookkeeping of those two bitmaps; the volume
+// engine does the copying, so it can be tested without disks.
+//
+// Bitmaps and their states, per tracking block b:
+//   active[b]   - b was written (or trimmed/zeroed) since the last cut.
+//   frozen[b]   - b belongs to the delta set being built (its membership; never changes
+//                 while the set is built).
+//   uncopied[b] - b belongs to that set and its as-of-cut content has not been copied out
+//                 yet. uncopied ⊆ frozen. A write to b while uncopied[b] copies b first
+//                 (priority copy), so the set is exactly the volume as of the cut.
+// Phases: idle (frozen = uncopied = null) → building (after cut()) → idle again by
+//   complete() (the set is durable elsewhere; its bits are forgotten) or
+//   abort() (frozen is merged back into active: nothing forgotten).
+// Persistence: the durable "pending" bitmap is active ∪ frozen (what is not yet safely
+// in a delta set); pendingPage() computes a page of it for the bitmap file.
+
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import { BITMAP_PAGE_WORDS, PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
+
+export class ChangeLog {
+  private activeMap: PagedBitmap;
+  private frozenMap: PagedBitmap | null = null;
+  private uncopiedMap: PagedBitmap | null = null;
+  /** Pages whose pending value changed outside active/frozen dirty tracking (complete()). */
+  private readonly extraDirty: PagedBitmap;
+  private building = 0;
+
+  constructor(
+    readonly blocksTotal: number,
+    /** Pending blocks recovered from disk (they start in active). */
+    recovered?: PagedBitmap,
+  ) {
+    this.activeMap = recovered ?? new PagedBitmap(blocksTotal, { trackDirty: true });
+    assert(this.activeMap.bitsTotal === blocksTotal, 'recovered bitmap size');
+    this.extraDirty = new PagedBitmap(this.activeMap.pageTotal);
+  }
+
+  get active(): ReadonlyBitmap {
+    return this.activeMap;
+  }
+  get frozen(): ReadonlyBitmap | null {
+    return this.frozenMap;
+  }
+  /** Number of the set being built (0 when idle). */
+  get buildingSet(): number {
+    return this.building;
+  }
+
+  // ---- the write path ----
+
+  /** Records blocks [first, last] as changed. */
+  markChanged(first: number, last: number): void {
+    if (first === last) this.activeMap.set(first);
+    else this.activeMap.setRange(first, last - first + 1);
+  }
+
+  /** Whether b must be copied out (as of the cut) before it may be overwritten. */
+  needsCopy(b: number): boolean {
+    return this.uncopiedMap !== null && this.uncopiedMap.test(b);
+  }
+
+  /** True when some block of the set being built still waits to be copied. */
+  get copying(): boolean {
+    return this.uncopiedMap !== null && this.uncopiedMap.count() > 0;
+  }
+
+  markCopied(b: number): void {
+    assert(this.uncopiedMap !== null, 'markCopied while idle');
+    const was = this.uncopiedMap.clear(b);
+    assert(was, `block ${b} copied twice`);
+  }
+
+  /** The next block still to copy at or after `from`, or -1 (the background builder). */
+  nextUncopied(from: number): number {
+    return this.uncopiedMap === null ? -1 : this.uncopiedMap.nextSet(from);
+  }
+
+  // ---- cuts ----
+
+  /**
+   * Swaps the bitmaps: what was written so far becomes delta set `setNumber`. The caller
+   * guarantees the consistent point (no write between marking and data in flight).
+   */
+  cut(setNumber: number): ReadonlyBitmap {
+    if (this.frozenMap !== null) throw new DeltavolError('DELTA_SET_BUSY', `delta set ${this.building} is still being built`);
+    assert(setNumber > 0, 'delta set numbers start at 1');
+    this.frozenMap = this.activeMap;
+    this.uncopiedMap = this.frozenMap.clone();
+    this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
+    this.building = setNumber;
+    return this.frozenMap;
+  }
+
+  /** The set is durable in its destination: forget its blocks (active keeps later writes). */
+  complete(): void {
+    assert(this.frozenMap !== null && this.uncopiedMap !== null, 'complete while idle');
+    assert(this.uncopiedMap.count() === 0, 'complete before every block was copied');
+    const frozen = this.frozenMap;
+    for (let p = 0; p < frozen.pageTotal; p++) if (frozen.page(p) !== null) this.extraDirty.set(p);
+    for (const p of frozen.takeDirtyPages()) this.extraDirty.set(p);
+    this.frozenMap = null;
+    this.uncopiedMap = null;
+    this.building = 0;
+  }
+
+  /** Building failed: its blocks go back into active, so the next set carries them. */
+  abort(): void {
+    assert(this.frozenMap !== null, 'abort while idle');
+    for (const p of this.frozenMap.takeDirtyPages()) this.extraDirty.set(p);
+    this.activeMap.union(this.frozenMap);
+    this.frozenMap = null;
+    this.uncopiedMap = null;
+    this.building = 0;
+  }
+
+  // ---- persistence ----
+
+  /** Pages of the pending bitmap (active ∪ frozen) changed since the last call. */
+  takeDirtyPages(): number[] {
+    const pages = new Set<number>();
+    for (const p of this.activeMap.takeDirtyPages()) pages.add(p);
+    if (this.frozenMap) for (const p of this.frozenMap.takeDirtyPages()) pages.add(p);
+    this.extraDirty.forEachRun((s, c) => {
+      for (let p = s; p < s + c; p++) pages.add(p);
+    });
+    this.extraDirty.clearAll();
+    return [...pages].sort((a, b) => a - b);
+  }
+
+  /** Writes page p of active ∪ frozen into `out`; false when it is all zeroes. */
+  pendingPage(p: number, out: Uint32Array): boolean {
+    const a = this.activeMap.page(p);
+    const f = this.frozenMap?.page(p) ?? null;
+    if (a === null && f === null) return false;
+    if (f === null) out.set(a!);
+    else if (a === null) out.set(f);
+    else for (let w = 0; w < BITMAP_PAGE_WORDS; w++) out[w] = a[w]! | f[w]!;
+    return true;
+  }
+
+  /** Every block not yet safely in a delta set (tests, status). */
+  pending(): PagedBitmap {
+    const all = this.activeMap.clone();
+    if (this.frozenMap) all.union(this.frozenMap);
+    return all;
+  }
+
+  invariants(): void {
+    this.activeMap.invariants();
+    assert((this.frozenMap === null) === (this.uncopiedMap === null), 'frozen and uncopied go together');
+    if (this.frozenMap && this.uncopiedMap) {
+      this.frozenMap.invariants();
+      this.uncopiedMap.invariants();
+      const extra = this.uncopiedMap.clone();
+      extra.difference(this.frozenMap);
+      assert(extra.count() === 0, 'uncopied ⊆ frozen');
+    }
+  }
+}

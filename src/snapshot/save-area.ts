@@ -1,0 +1,150 @@
+// Why: a snapshot's before-images must survive a crash together with the knowledge of
+// which volume block each one belongs to. Keeping both in one append-only file of
+// self-describing, checksummed records makes it impossible for a block map and its save
+// area to disagree: the block map (and the snapshot's bitmap) is rebuilt from the file.
+//
+// Record at slot s, offset s · (HEADER + blockBytes):
+//   magic "DVSA" u32, snapshot id u32, block u32, slot u32, blockBytes u32,
+//   crc32c u32 over bytes [0, 20) and the data, 8 reserved bytes, then blockBytes of data.
+// States of a slot: free (past `slots`) → appended (written, maybe not durable) → durable
+// (after sync()). The write path issues the overwrite of a volume block only after the
+// record holding its before-image is durable, so after a crash any record that did not
+// survive belonged to a write that never reached the volume. Opening scans the longest
+// run of good records from slot 0 and truncates the rest (a later good record past a bad
+// one is stale and must not be resurrected by a future append).
+
+import { crc32c } from '@node-rs/crc32';
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFile, DurableFs } from '../util/durable-fs.js';
+import { GroupCommit } from '../util/group-commit.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { BlockMap } from './block-map.js';
+import { saveRecordHeaderBytes } from '../volume/engine-limits.js';
+
+const MAGIC = 0x41535644; // "DVSA"
+
+export class SaveArea {
+  readonly bitmap: PagedBitmap;
+  readonly map = new BlockMap();
+  private readonly stride: number;
+  private readonly record: Buffer;
+  private readonly commit: GroupCommit;
+  private slotsUsed = 0;
+
+  private constructor(
+    private readonly file: DurableFile,
+    readonly snapshotId: number,
+    readonly blockBytes: number,
+    bitsTotal: number,
+    /** Most bytes this save area may take on disk; beyond, append() throws SAVE_AREA_FULL. */
+    readonly bytesMax: number,
+  ) {
+    this.bitmap = new PagedBitmap(bitsTotal);
+    this.stride = saveRecordHeaderBytes + blockBytes;
+    this.record = Buffer.alloc(this.stride);
+    this.commit = new GroupCommit(() => this.file.sync());
+  }
+
+  static async create(fsys: DurableFs, name: string, snapshotId: number, blockBytes: number, bitsTotal: number, bytesMax: number): Promise<SaveArea> {
+    const file = fsys.open(name, true);
+    file.truncate(0);
+    await file.sync();
+    return new SaveArea(file, snapshotId, blockBytes, bitsTotal, bytesMax);
+  }
+
+  static async open(fsys: DurableFs, name: string, snapshotId: number, blockBytes: number, bitsTotal: number, bytesMax: number): Promise<SaveArea> {
+    const file = fsys.open(name, false);
+    const area = new SaveArea(file, snapshotId, blockBytes, bitsTotal, bytesMax);
+    const size = file.sizeBytes();
+    const r = area.record;
+    let slot = 0;
+    for (; (slot + 1) * area.stride <= size; slot++) {
+      file.read(slot * area.stride, r, 0, area.stride);
+      if (!area.good(r, slot)) break;
+      const block = r.readUInt32LE(8);
+      if (block >= bitsTotal || area.bitmap.test(block)) {
+        throw new DeltavolError('METADATA_CORRUPT', `save area ${name}: slot ${slot} names block ${block} twice or past the volume`);
+      }
+      area.map.insert(block, slot);
+      area.bitmap.set(block);
+    }
+    area.slotsUsed = slot;
+    if (size > slot * area.stride) {
+      file.truncate(slot * area.stride);
+      await file.sync();
+    }
+    return area;
+  }
+
+  private good(r: Buffer, slot: number): boolean {
+    if (r.readUInt32LE(0) !== MAGIC || r.readUInt32LE(4) !== this.snapshotId || r.readUInt32LE(12) !== slot) return false;
+    if (r.readUInt32LE(16) !== this.blockBytes) return false;
+    return r.readUInt32LE(20) === this.checksum(r);
+  }
+
+  private checksum(r: Buffer): number {
+    return crc32c(r.subarray(saveRecordHeaderBytes), crc32c(r.subarray(0, 20)));
+  }
+
+  get slots(): number {
+    return this.slotsUsed;
+  }
+
+  get bytesOnDisk(): number {
+    return this.slotsUsed * this.stride;
+  }
+
+  has(block: number): boolean {
+    return this.bitmap.test(block);
+  }
+
+  /** Whether one more record fits under bytesMax. */
+  get full(): boolean {
+    return (this.slotsUsed + 1) * this.stride > this.bytesMax;
+  }
+
+  /**
+   * Appends the before-image of `block` (blockBytes from data at dataOffset). Not durable
+   * until sync() resolves; the caller must not let the block's new data reach the volume
+   * before that.
+   */
+  append(block: number, data: Uint8Array, dataOffset: number): void {
+    assert(!this.bitmap.test(block), `block ${block} already saved`);
+    if (this.full) throw new DeltavolError('SAVE_AREA_FULL', `snapshot ${this.snapshotId}: save area reached ${this.bytesMax} bytes`);
+    const r = this.record;
+    const slot = this.slotsUsed;
+    r.writeUInt32LE(MAGIC, 0);
+    r.writeUInt32LE(this.snapshotId, 4);
+    r.writeUInt32LE(block, 8);
+    r.writeUInt32LE(slot, 12);
+    r.writeUInt32LE(this.blockBytes, 16);
+    r.set(data.subarray(dataOffset, dataOffset + this.blockBytes), saveRecordHeaderBytes);
+    r.writeUInt32LE(this.checksum(r), 20);
+    this.file.write(slot * this.stride, r, 0, this.stride);
+    this.slotsUsed++;
+    this.map.insert(block, slot);
+    this.bitmap.set(block);
+  }
+
+  /** Reads the before-image of a saved block into target (blockBytes). */
+  readBlock(block: number, target: Uint8Array, targetOffset: number): void {
+    const slot = this.map.get(block);
+    assert(slot >= 0, `block ${block} not in save area ${this.snapshotId}`);
+    const n = this.file.read(slot * this.stride + saveRecordHeaderBytes, target, targetOffset, this.blockBytes);
+    assert(n === this.blockBytes, 'short read of a save-area record');
+  }
+
+  /** Group-committed: one fsync for every append issued before it. */
+  sync(): Promise<void> {
+    return this.commit.sync();
+  }
+
+  get syncs(): number {
+    return this.commit.syncs;
+  }
+
+  close(): void {
+    this.file.close();
+  }
+}

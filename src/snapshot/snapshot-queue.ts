@@ -1,0 +1,380 @@
+// Why: the snapshot copy facility of seed 001 (FIG. 25–27, 41–46) for one volume: the
+// volume itself is the clone; each snapshot owns a save area (before-images + the block
+// map rebuilt from it), a bitmap (blocks saved) and a meta bitmap (the volume's validity
+// when it was taken). Snapshots form a queue, oldest at the head; only the tail receives
+// before-images. This module is pure bookkeeping over a DurableFs: the volume engine
+// decides when to call it, and passes a reader of the volume for reads that fall through.
+//
+// Per snapshot N and block b (bitmaps and their rules):
+//   meta_N[b]  - b held data when N was taken. Clear ⇒ N reads b as zeroes.
+//   saved_N[b] - N's save area holds b's content as of N (its before-image).
+//   saved_N[b] ⇒ meta_N[b]  (an invalid block is never saved).
+//   Only the tail is written: a write (or trim) of b with meta_T[b] ∧ ¬saved_T[b] saves b
+//   into T first (FIG. 41). Older snapshots never need a copy: if ¬saved_N[b] and
+//   meta_N[b], b did not change between N and N+1, so N reads b as N+1 does (FIG. 27).
+// Deleting N (or N becoming invalid when its save area fills) moves to its older
+// neighbour P every before-image P still needs (meta_P[b] ∧ ¬saved_P[b]); then N leaves
+// the chain. An invalid snapshot stays listed (status) but is skipped by every read.
+//
+// Files, per volume directory: snapshots.json (the queue, replaced atomically: a snapshot
+// exists once listed there), snap-ID.meta (its meta bitmap, bitmap-file.ts format),
+// snap-ID.save (save-area.ts format).
+
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFs } from '../util/durable-fs.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { BitmapFile } from '../bitmap/bitmap-file.js';
+import { SaveArea } from './save-area.js';
+import { snapshotsMax } from '../volume/engine-limits.js';
+
+const MANIFEST = 'snapshots.json';
+const FORMAT_VERSION = 1;
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+export interface SnapshotInfo {
+  id: number;
+  name: string;
+  createdAt: string;
+  /** Delta set number stamped by the replicator (0 until it does). */
+  deltaSetNumber: number;
+  savedBlocks: number;
+  saveAreaBytes: number;
+  /** False once its save area filled: it no longer reads correctly and is skipped. */
+  valid: boolean;
+}
+
+interface ManifestEntry {
+  id: number;
+  name: string;
+  createdAt: string;
+  deltaSetNumber: number;
+  valid: boolean;
+}
+
+export interface Snapshot {
+  readonly id: number;
+  readonly name: string;
+  readonly createdAt: string;
+  deltaSetNumber: number;
+  valid: boolean;
+  meta: PagedBitmap;
+  area: SaveArea | null;
+}
+
+/** Reads tracking block b of the volume (blockBytes) into target at offset. */
+export type VolumeBlockReader = (block: number, target: Buffer, offset: number) => void;
+
+export const metaFileName = (id: number) => `snap-${id}.meta`;
+export const saveFileName = (id: number) => `snap-${id}.save`;
+
+export class SnapshotQueue {
+  /** Oldest first. Invalid snapshots stay listed but have no area and join no chain. */
+  private readonly queue: Snapshot[] = [];
+  private nextId = 1;
+  /** The newest valid snapshot (the one receiving before-images), or null. */
+  private tailSnap: Snapshot | null = null;
+  private readonly scratch: Buffer;
+
+  private constructor(
+    private readonly fsys: DurableFs,
+    readonly blocksTotal: number,
+    readonly blockBytes: number,
+    readonly saveAreaBytesMax: number,
+  ) {
+    this.scratch = Buffer.alloc(blockBytes);
+  }
+
+  static async open(fsys: DurableFs, blocksTotal: number, blockBytes: number, saveAreaBytesMax: number): Promise<SnapshotQueue> {
+    const q = new SnapshotQueue(fsys, blocksTotal, blockBytes, saveAreaBytesMax);
+    const text = fsys.readAll(MANIFEST);
+    if (text === null) return q;
+    let m: { formatVersion: number; nextId: number; snapshots: ManifestEntry[] };
+    try {
+      m = JSON.parse(text.toString('utf8'));
+    } catch (e) {
+      throw new DeltavolError('METADATA_CORRUPT', `${MANIFEST}: ${(e as Error).message}`);
+    }
+    if (m.formatVersion !== FORMAT_VERSION || !Array.isArray(m.snapshots)) throw new DeltavolError('METADATA_CORRUPT', `${MANIFEST}: unknown format`);
+    q.nextId = m.nextId;
+    for (const e of m.snapshots) {
+      let meta = new PagedBitmap(blocksTotal);
+      let area: SaveArea | null = null;
+      if (e.valid) {
+        const opened = BitmapFile.open(fsys, metaFileName(e.id));
+        opened.file.close();
+        meta = opened.bitmap;
+        area = await SaveArea.open(fsys, saveFileName(e.id), e.id, blockBytes, blocksTotal, saveAreaBytesMax);
+      }
+      q.queue.push({ id: e.id, name: e.name, createdAt: e.createdAt, deltaSetNumber: e.deltaSetNumber, valid: e.valid, meta, area });
+    }
+    q.refreshTail();
+    return q;
+  }
+
+  private refreshTail(): void {
+    this.tailSnap = null;
+    for (let i = this.queue.length - 1; i >= 0; i--) {
+      if (this.queue[i]!.valid) {
+        this.tailSnap = this.queue[i]!;
+        break;
+      }
+    }
+  }
+
+  private writeManifest(): void {
+    const m = {
+      formatVersion: FORMAT_VERSION,
+      nextId: this.nextId,
+      snapshots: this.queue.map((s) => ({ id: s.id, name: s.name, createdAt: s.createdAt, deltaSetNumber: s.deltaSetNumber, valid: s.valid })),
+    };
+    this.fsys.writeAtomic(MANIFEST, Buffer.from(JSON.stringify(m, null, 2) + '\n'));
+  }
+
+  list(): SnapshotInfo[] {
+    return this.queue.map((s) => ({
+      id: s.id,
+      name: s.name,
+      createdAt: s.createdAt,
+      deltaSetNumber: s.deltaSetNumber,
+      savedBlocks: s.area?.slots ?? 0,
+      saveAreaBytes: s.area?.bytesOnDisk ?? 0,
+      valid: s.valid,
+    }));
+  }
+
+  get length(): number {
+    return this.queue.length;
+  }
+
+  get tail(): Snapshot | null {
+    return this.tailSnap;
+  }
+
+  indexOf(name: string): number {
+    const i = this.queue.findIndex((s) => s.name === name);
+    if (i < 0) throw new DeltavolError('SNAPSHOT_NOT_FOUND', `no snapshot named "${name}"`);
+    return i;
+  }
+
+  get(index: number): Snapshot {
+    const s = this.queue[index];
+    assert(s !== undefined, `snapshot index ${index}`);
+    return s;
+  }
+
+  // ---- the write path (FIG. 41) ----
+
+  /** Whether a write or trim of b must first save b's current content into the tail. */
+  needsSave(b: number): boolean {
+    const t = this.tailSnap;
+    return t !== null && t.meta.test(b) && !t.area!.has(b);
+  }
+
+  /** Appends b's before-image (blockBytes at data[offset]) to the tail; may throw SAVE_AREA_FULL. */
+  save(b: number, data: Buffer, offset: number): void {
+    const t = this.tailSnap;
+    assert(t !== null && t.area !== null, 'save without a tail');
+    t.area.append(b, data, offset);
+  }
+
+  /** Makes every before-image saved so far durable (group commit). */
+  syncTail(): Promise<void> {
+    return this.tailSnap?.area?.sync() ?? Promise.resolve();
+  }
+
+  // ---- create / delete ----
+
+  /**
+   * Takes a snapshot whose meta bitmap is `validity`. The caller has quiesced writes and
+   * flushed the volume: the snapshot is the volume as it is now.
+   */
+  async create(name: string, validity: PagedBitmap, deltaSetNumber = 0, now = new Date()): Promise<SnapshotInfo> {
+    if (!NAME_RE.test(name)) throw new DeltavolError('BAD_NAME', `invalid snapshot name "${name}"`);
+    if (this.queue.some((s) => s.name === name)) throw new DeltavolError('SNAPSHOT_EXISTS', `snapshot "${name}" already exists`);
+    if (this.queue.length >= snapshotsMax) throw new DeltavolError('SNAPSHOTS_MAX', `a volume has at most ${snapshotsMax} snapshots`);
+    const id = this.nextId++;
+    const meta = validity.clone();
+    // Files first, the manifest last: a crash before it leaves files no manifest names
+    // (removed at the next create of that id: ids are never reused, so they are inert).
+    const mf = await BitmapFile.create(this.fsys, metaFileName(id), this.blocksTotal);
+    for (let p = 0; p < meta.pageTotal; p++) if (meta.page(p) !== null) mf.writePage(p, meta.page(p));
+    await mf.sync();
+    mf.close();
+    const area = await SaveArea.create(this.fsys, saveFileName(id), id, this.blockBytes, this.blocksTotal, this.saveAreaBytesMax);
+    const snap: Snapshot = { id, name, createdAt: now.toISOString(), deltaSetNumber, valid: true, meta, area };
+    this.queue.push(snap);
+    this.writeManifest();
+    this.refreshTail();
+    return this.list()[this.queue.length - 1]!;
+  }
+
+  setDeltaSetNumber(name: string, deltaSetNumber: number): void {
+    this.queue[this.indexOf(name)]!.deltaSetNumber = deltaSetNumber;
+    this.writeManifest();
+  }
+
+  /** Removes a snapshot; every other snapshot reads exactly as before. */
+  async delete(name: string): Promise<void> {
+    const i = this.indexOf(name);
+    const snap = this.queue[i]!;
+    if (snap.valid) await this.mergeIntoOlder(i);
+    this.queue.splice(i, 1);
+    this.writeManifest();
+    this.refreshTail();
+    this.removeFiles(snap);
+  }
+
+  /**
+   * The tail's save area is full: it becomes invalid (listed, skipped by reads) after
+   * handing its older neighbour what that one needs, so no other snapshot is affected.
+   */
+  async invalidateTail(): Promise<string> {
+    const snap = this.tailSnap;
+    assert(snap !== null, 'invalidate without a tail');
+    const i = this.queue.indexOf(snap);
+    await this.mergeIntoOlder(i);
+    snap.valid = false;
+    this.writeManifest();
+    this.refreshTail();
+    this.removeFiles(snap);
+    snap.area = null;
+    snap.meta = new PagedBitmap(this.blocksTotal);
+    return snap.name;
+  }
+
+  /** Copies into the next older valid snapshot every before-image of queue[i] it needs. */
+  private async mergeIntoOlder(i: number): Promise<void> {
+    const snap = this.queue[i]!;
+    let older: Snapshot | null = null;
+    for (let j = i - 1; j >= 0; j--) {
+      if (this.queue[j]!.valid) {
+        older = this.queue[j]!;
+        break;
+      }
+    }
+    if (older === null) return;
+    const from = snap.area!;
+    const to = older.area!;
+    const buf = this.scratch;
+    let moved = 0;
+    from.bitmap.forEachRun((start, count) => {
+      for (let b = start; b < start + count; b++) {
+        if (!older.meta.test(b) || to.has(b)) continue;
+        from.readBlock(b, buf, 0);
+        to.append(b, buf, 0); // SAVE_AREA_FULL here aborts the delete; nothing changed yet
+        moved++;
+      }
+    });
+    if (moved > 0) await to.sync();
+  }
+
+  private removeFiles(snap: Snapshot): void {
+    snap.area?.close();
+    this.fsys.remove(saveFileName(snap.id));
+    this.fsys.remove(metaFileName(snap.id));
+  }
+
+  // ---- reads (FIG. 27 with meta bitmaps) ----
+
+  /**
+   * Reads block b of snapshot queue[index] into target: from the first valid snapshot at
+   * or after it that saved b, else from the volume. Returns false (target untouched) when
+   * b held no data when the snapshot was taken: it reads as zeroes.
+   */
+  readBlock(index: number, b: number, target: Buffer, offset: number, readVolume: VolumeBlockReader): boolean {
+    const snap = this.get(index);
+    if (!snap.valid) throw new DeltavolError('SNAPSHOT_INVALID', `snapshot "${snap.name}" is invalid (its save area filled up)`);
+    if (!snap.meta.test(b)) return false;
+    for (let i = index; i < this.queue.length; i++) {
+      const s = this.queue[i]!;
+      if (s.valid && s.area!.has(b)) {
+        s.area!.readBlock(b, target, offset);
+        return true;
+      }
+    }
+    readVolume(b, target, offset);
+    return true;
+  }
+
+  /** Whether block b of snapshot queue[index] holds data (BLOCK_STATUS on a snapshot export). */
+  blockValid(index: number, b: number): boolean {
+    return this.get(index).meta.test(b);
+  }
+
+  // ---- differential (FIG. 34, 39, 40) ----
+
+  /**
+   * The blocks to send to turn a copy of snapshot L into snapshot M (or the volume as it is
+   * now, when toIndex is null and `validity` is the volume's): `data` blocks are read from
+   * M, `zero` blocks hold no data in M but did in L. A block is in `data` when M holds it
+   * and some snapshot I in [L, M) saved it (it changed after I) or did not hold it (so a
+   * write to it was never saved anywhere); otherwise it did not change from L to M.
+   */
+  differential(fromIndex: number, toIndex: number | null, validity: PagedBitmap): { data: PagedBitmap; zero: PagedBitmap } {
+    const end = toIndex ?? this.queue.length;
+    if (toIndex !== null && !this.get(toIndex).valid) throw new DeltavolError('SNAPSHOT_INVALID', `snapshot "${this.get(toIndex).name}" is invalid`);
+    const mMeta = toIndex === null ? validity : this.get(toIndex).meta;
+    const { changed, allHeld, lMeta } = this.changesSince(fromIndex, end);
+    // data = M.meta ∧ (changed ∨ ¬allHeld)
+    const data = mMeta.clone();
+    data.intersect(changed);
+    const notHeld = mMeta.clone();
+    notHeld.difference(allHeld);
+    data.union(notHeld);
+    // zero = L.meta ∧ ¬M.meta
+    const zero = lMeta.clone();
+    zero.difference(mMeta);
+    return { data, zero };
+  }
+
+  /**
+   * What rolling the volume back to snapshot queue[index] must do: `write` blocks get the
+   * snapshot's content (they may differ now), `zero` blocks held no data in the snapshot
+   * but may now. The same reasoning as differential(), in the other direction.
+   */
+  restorePlan(index: number, validity: PagedBitmap): { write: PagedBitmap; zero: PagedBitmap } {
+    const { changed, allHeld, lMeta } = this.changesSince(index, this.queue.length);
+    const write = lMeta.clone();
+    write.intersect(changed);
+    const notHeld = lMeta.clone();
+    notHeld.difference(allHeld);
+    write.union(notHeld);
+    const zero = validity.clone();
+    zero.difference(lMeta);
+    return { write, zero };
+  }
+
+  /** Over valid snapshots I in [from, end): ∪ saved_I and ∩ meta_I. */
+  private changesSince(from: number, end: number): { changed: PagedBitmap; allHeld: PagedBitmap; lMeta: PagedBitmap } {
+    assert(from >= 0 && from < end && end <= this.queue.length, 'L must be older than M');
+    const l = this.get(from);
+    if (!l.valid) throw new DeltavolError('SNAPSHOT_INVALID', `snapshot "${l.name}" is invalid`);
+    const changed = new PagedBitmap(this.blocksTotal);
+    const allHeld = l.meta.clone();
+    for (let i = from; i < end; i++) {
+      const s = this.queue[i]!;
+      if (!s.valid) continue; // merged into its older neighbour when it became invalid
+      changed.union(s.area!.bitmap);
+      allHeld.intersect(s.meta);
+    }
+    return { changed, allHeld, lMeta: l.meta };
+  }
+
+  close(): void {
+    for (const s of this.queue) s.area?.close();
+  }
+
+  invariants(): void {
+    for (const s of this.queue) {
+      if (!s.valid) continue;
+      s.meta.invariants();
+      s.area!.bitmap.invariants();
+      const extra = s.area!.bitmap.clone();
+      extra.difference(s.meta);
+      assert(extra.count() === 0, `snapshot ${s.name}: saved ⊆ meta`);
+      assert(s.area!.bitmap.count() === s.area!.slots, `snapshot ${s.name}: one slot per saved block`);
+    }
+    assert(this.tailSnap === null || this.tailSnap.valid, 'tail is valid');
+  }
+}

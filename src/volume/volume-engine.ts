@@ -1,0 +1,562 @@
+// Why: every write to a volume must pass, in this order, through the snapshot copy-on-
+// write, the delta-set priority copy and the change log before its data may reach disk
+// (DESIGN.md "Data path"). This is that write path, plus the cold operations that need
+// a consistent point (cuts, snapshots, restore) and crash recovery. It knows nothing of
+// NBD: callers speak offsets and buffers; the volume's data, the metadata file system
+// and the delta-set destination are passed in, so a seeded simulation can crash them.
+//
+// Bitmaps this engine owns (see change-log.ts and snapshot-queue.ts for the others):
+//   validity[b]  - b may hold data. Set before a write's data is issued; cleared only
+//                  after a zeroing completed. Over-marking is always safe (a needless
+//                  copy of zeroes), under-marking is not (a snapshot would lose data).
+//   unsynced[b]  - b's before-image is in the tail's save area but not yet durable: no
+//                  write to b may be issued until a sync covers it.
+//   clearedUnflushed[b] - validity[b] was cleared after the last data flush began; the
+//                  persisted validity keeps b set until a flush covers its zeroing.
+// Durability rules (checked by the crash tests):
+//   - a before-image is durable before the overwrite is issued (unsynced, group commit);
+//   - a changed block is covered by the activity log (or a completed checkpoint) before
+//     its data is issued, so recovery finds it changed and valid;
+//   - a cut or snapshot happens with no write between "marked" and "data written".
+
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { assert } from '../util/assert.js';
+import { DeltavolError, isDeltavolError } from '../util/errors.js';
+import type { DurableFs } from '../util/durable-fs.js';
+import { GroupCommit } from '../util/group-commit.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { BitmapFile } from '../bitmap/bitmap-file.js';
+import { ActivityLog } from '../bitmap/activity-log.js';
+import { ChangeLog } from '../changelog/change-log.js';
+import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
+import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } from './engine-limits.js';
+
+const VALIDITY_FILE = 'validity.bm';
+const PENDING_FILE = 'pending.bm';
+const ACTIVITY_FILE = 'activity.log';
+/** Background copy-out yields to the event loop after this many blocks. */
+const COPY_BLOCKS_PER_TURN = 256;
+
+/** The volume's data, as the engine needs it. */
+export interface VolumeData {
+  readonly sizeBytes: number;
+  /** Synchronous positional read (whole tracking blocks for copies; page cache hot). */
+  readSync(offset: number, target: Buffer, targetOffset: number, length: number): void;
+  write(offset: number, chunks: Buffer[]): void | Promise<void>;
+  /** The range reads as zeroes afterwards (a hole where the file system allows). */
+  zero(offset: number, length: number): void | Promise<void>;
+  flush(): Promise<void>;
+}
+
+/** Where a delta set's blocks go (the replicator's outbound save area). */
+export interface DeltaSink {
+  /** Content of `block` as of the cut (blockBytes; copy it: the buffer is reused). */
+  put(block: number, data: Buffer): void;
+  /** Every block put so far is durable. */
+  commit(): Promise<void>;
+}
+
+export interface EngineOptions {
+  blockBytes: number;
+  /** Most bytes one snapshot's save area may use; past it the snapshot becomes invalid. */
+  saveAreaBytesMax: number;
+  /** Hot activity extents (tests use few to force evictions). */
+  activityHotMax?: number;
+  /** Activity extent size (bytes); tests use tiny extents to force evictions. */
+  activityExtentBytes?: number;
+  /** Background copy-out yields to the event loop after this many blocks. */
+  copyBlocksPerTurn?: number;
+  /** Told about events an operator must see (a snapshot invalidated). */
+  warn?: (message: string, fields: Record<string, unknown>) => void;
+}
+
+export interface EngineStats {
+  activityCommits: number;
+  checkpoints: number;
+  beforeImagesSaved: number;
+  priorityCopies: number;
+}
+
+export class VolumeEngine {
+  readonly blocksTotal: number;
+  private readonly extentBlocks: number;
+  private readonly buf: Buffer;
+  private readonly unsynced: PagedBitmap;
+  private clearedUnflushed: PagedBitmap;
+  private readonly checkpointer: GroupCommit;
+  private gate: Promise<void> | null = null;
+  private inflight = 0;
+  private drained: (() => void) | null = null;
+  private sink: DeltaSink | null = null;
+  private closed = false;
+  readonly stats: EngineStats = { activityCommits: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
+
+  /** Counts writes: a zeroing that raced with a write keeps its blocks valid (safe side). */
+  private writeSeq = 0;
+
+  private constructor(
+    private readonly data: VolumeData,
+    readonly options: EngineOptions,
+    private readonly validity: PagedBitmap,
+    private readonly validityFile: BitmapFile,
+    private readonly pendingFile: BitmapFile,
+    readonly changeLog: ChangeLog,
+    private al: ActivityLog | null,
+    readonly snapshots: SnapshotQueue,
+  ) {
+    this.blocksTotal = validity.bitsTotal;
+    this.extentBlocks = VolumeEngine.extentBlocksOf(options);
+    this.buf = Buffer.alloc(options.blockBytes);
+    this.unsynced = new PagedBitmap(this.blocksTotal);
+    this.clearedUnflushed = new PagedBitmap(this.blocksTotal);
+    this.checkpointer = new GroupCommit(() => this.checkpointOnce());
+  }
+
+  private static check(data: VolumeData, options: EngineOptions): number {
+    const bs = options.blockBytes;
+    assert(bs >= trackingBlockBytesMin && bs <= trackingBlockBytesMax && (bs & (bs - 1)) === 0, `tracking block ${bs}`);
+    return Math.ceil(data.sizeBytes / bs);
+  }
+
+  private static extentBlocksOf(options: EngineOptions): number {
+    const bytes = options.activityExtentBytes ?? activityExtentBytes;
+    assert(bytes >= options.blockBytes && bytes % options.blockBytes === 0, 'an activity extent is whole tracking blocks');
+    return bytes / options.blockBytes;
+  }
+
+  private static alOptions(blocks: number, options: EngineOptions, checkpoint: () => Promise<void>) {
+    const extentBlocks = VolumeEngine.extentBlocksOf(options);
+    return {
+      extentsTotal: Math.ceil(blocks / extentBlocks),
+      extentBytes: extentBlocks * options.blockBytes,
+      ...(options.activityHotMax !== undefined ? { hotMax: options.activityHotMax } : {}),
+      checkpoint,
+    };
+  }
+
+  /** A new volume's engine files (nothing written yet: every bitmap empty). */
+  static async create(fsys: DurableFs, data: VolumeData, options: EngineOptions): Promise<VolumeEngine> {
+    const blocks = VolumeEngine.check(data, options);
+    const vf = await BitmapFile.create(fsys, VALIDITY_FILE, blocks);
+    const pf = await BitmapFile.create(fsys, PENDING_FILE, blocks);
+    const snaps = await SnapshotQueue.open(fsys, blocks, options.blockBytes, options.saveAreaBytesMax);
+    const engine = new VolumeEngine(data, options, new PagedBitmap(blocks, { trackDirty: true }), vf, pf, new ChangeLog(blocks), null, snaps);
+    engine.al = await ActivityLog.create(fsys, ACTIVITY_FILE, VolumeEngine.alOptions(blocks, options, () => engine.checkpoint()));
+    return engine;
+  }
+
+  /**
+   * Opens after a clean close or a crash. Every block of an extent the activity log
+   * names becomes changed and valid (the bounded over-marking), then that is checkpointed
+   * and the log starts empty. A delta set being built at the crash is forgotten: its
+   * blocks are in the pending bitmap, so the next set carries them.
+   */
+  static async open(fsys: DurableFs, data: VolumeData, options: EngineOptions): Promise<VolumeEngine> {
+    const blocks = VolumeEngine.check(data, options);
+    const v = BitmapFile.open(fsys, VALIDITY_FILE);
+    const p = BitmapFile.open(fsys, PENDING_FILE);
+    if (v.bitmap.bitsTotal !== blocks || p.bitmap.bitsTotal !== blocks) throw new DeltavolError('METADATA_CORRUPT', 'bitmap files do not match the volume size');
+    const snaps = await SnapshotQueue.open(fsys, blocks, options.blockBytes, options.saveAreaBytesMax);
+    let engine: VolumeEngine | null = null;
+    const alOpts = VolumeEngine.alOptions(blocks, options, () => engine!.checkpoint());
+    const { log, hotAtOpen } = ActivityLog.open(fsys, ACTIVITY_FILE, alOpts);
+    const extentBlocks = VolumeEngine.extentBlocksOf(options);
+    for (const e of hotAtOpen) {
+      const first = e * extentBlocks;
+      const count = Math.min(extentBlocks, blocks - first);
+      v.bitmap.setRange(first, count);
+      p.bitmap.setRange(first, count);
+    }
+    engine = new VolumeEngine(data, options, v.bitmap, v.file, p.file, new ChangeLog(blocks, p.bitmap), log, snaps);
+    await engine.checkpoint();
+    await log.reset();
+    return engine;
+  }
+
+  get blockBytes(): number {
+    return this.options.blockBytes;
+  }
+
+  // ================= the write path =================
+
+  /** Writes chunks at offset. Returns a promise only when it must wait (or the data write is async). */
+  write(offset: number, chunks: Buffer[]): void | Promise<void> {
+    let length = 0;
+    for (const c of chunks) length += c.length;
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const bs = this.options.blockBytes;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    this.writeSeq++;
+    if (this.fastPathOpen(first, last)) {
+      this.changeLog.markChanged(first, last);
+      if (first === last) this.validity.set(first);
+      else this.validity.setRange(first, last - first + 1);
+      return this.issue(this.data.write(offset, chunks));
+    }
+    return this.slowPath(first, last, false, () => this.data.write(offset, chunks));
+  }
+
+  /** TRIM and WRITE_ZEROES: the range reads as zeroes; wholly covered blocks become invalid. */
+  zero(offset: number, length: number): void | Promise<void> {
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const bs = this.options.blockBytes;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const end = offset + length;
+    // Blocks wholly covered (the volume's partial last block counts as whole at its end).
+    const wholeFirst = Math.ceil(offset / bs);
+    const wholeLast = end >= this.data.sizeBytes ? last : Math.floor(end / bs) - 1;
+    return this.slowPath(first, last, true, () => {
+      const seq = this.writeSeq;
+      const r = this.data.zero(offset, length);
+      const invalidate = () => {
+        if (wholeLast < wholeFirst || seq !== this.writeSeq) return;
+        this.validity.clearRange(wholeFirst, wholeLast - wholeFirst + 1);
+        this.clearedUnflushed.setRange(wholeFirst, wholeLast - wholeFirst + 1);
+      };
+      if (r instanceof Promise) return r.then(invalidate);
+      invalidate();
+    });
+  }
+
+  flush(): Promise<void> {
+    return this.data.flush();
+  }
+
+  /** Plain volume read (the data path reads the file directly; this is for tests and tools). */
+  read(offset: number, length: number, target: Buffer): void {
+    this.checkRange(offset, length);
+    this.data.readSync(offset, target, 0, length);
+  }
+
+  private checkRange(offset: number, length: number): void {
+    assert(!this.closed, 'engine closed');
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= this.data.sizeBytes)) {
+      throw new DeltavolError('EINVAL_ARGUMENT', `range ${offset}+${length} outside the volume of ${this.data.sizeBytes} bytes`);
+    }
+  }
+
+  /** The common case: nothing to copy, nothing to wait for. No allocation, no I/O. */
+  private fastPathOpen(first: number, last: number): boolean {
+    if (this.gate !== null) return false;
+    const eb = this.extentBlocks;
+    if (!this.al!.allHot(Math.floor(first / eb), Math.floor(last / eb))) return false;
+    const copying = this.changeLog.copying;
+    const tail = this.snapshots.tail !== null;
+    const unsynced = this.unsynced.count() > 0;
+    if (!copying && !tail && !unsynced) return true;
+    for (let b = first; b <= last; b++) {
+      if (copying && this.changeLog.needsCopy(b)) return false;
+      if (tail && this.snapshots.needsSave(b)) return false;
+      if (unsynced && this.unsynced.test(b)) return false;
+    }
+    return true;
+  }
+
+  /** Counts an issued data operation until it completes (cuts and snapshots wait for it). */
+  private issue(r: void | Promise<void>): void | Promise<void> {
+    if (!(r instanceof Promise)) return;
+    this.inflight++;
+    return r.finally(() => this.settle());
+  }
+
+  private settle(): void {
+    this.inflight--;
+    if (this.inflight === 0 && this.drained) {
+      const d = this.drained;
+      this.drained = null;
+      d();
+    }
+  }
+
+  private async slowPath(first: number, last: number, isZero: boolean, doData: () => void | Promise<void>): Promise<void> {
+    const eb = this.extentBlocks;
+    const firstExtent = Math.floor(first / eb);
+    const lastExtent = Math.floor(last / eb);
+    const huge = lastExtent - firstExtent + 1 > this.al!.hotMax / 2;
+    for (;;) {
+      while (this.gate !== null) await this.gate;
+      // The activity log must name every extent touched (huge trims checkpoint instead).
+      if (!huge) {
+        const w = this.al!.ensure(firstExtent, lastExtent);
+        if (w !== null) {
+          await w;
+          continue; // re-check the gate and the log: anything may have moved meanwhile
+        }
+      }
+      // From here to the issue of the data operation (or the first await) nothing else runs.
+      let mustSync = false;
+      try {
+        for (let b = first; b <= last; b++) {
+          if (this.changeLog.needsCopy(b)) this.priorityCopy(b);
+          if (this.snapshots.needsSave(b)) {
+            this.readBlock(b, this.buf);
+            this.snapshots.save(b, this.buf, 0);
+            this.stats.beforeImagesSaved++;
+            this.unsynced.set(b);
+            mustSync = true;
+          } else if (this.unsynced.test(b)) {
+            mustSync = true;
+          }
+        }
+      } catch (e) {
+        if (!isDeltavolError(e, 'SAVE_AREA_FULL')) throw e;
+        await this.tailFull();
+        continue;
+      }
+      this.changeLog.markChanged(first, last);
+      if (!isZero) this.validity.setRange(first, last - first + 1);
+      this.inflight++;
+      try {
+        if (huge) await this.checkpoint();
+        if (mustSync) {
+          await this.snapshots.syncTail();
+          for (let b = first; b <= last; b++) this.unsynced.clear(b);
+        }
+        await doData();
+      } finally {
+        this.settle();
+      }
+      return;
+    }
+  }
+
+  private priorityCopy(b: number): void {
+    this.readBlock(b, this.buf);
+    this.sink!.put(b, this.buf);
+    this.changeLog.markCopied(b);
+    this.stats.priorityCopies++;
+  }
+
+  /** Reads tracking block b whole; past the end of the volume reads as zeroes. */
+  private readBlock(b: number, target: Buffer): void {
+    const bs = this.options.blockBytes;
+    const at = b * bs;
+    const n = Math.min(bs, this.data.sizeBytes - at);
+    this.data.readSync(at, target, 0, n);
+    if (n < bs) target.fill(0, n, bs);
+  }
+
+  private async tailFull(): Promise<void> {
+    await this.quiesce(async () => {
+      const tail = this.snapshots.tail;
+      if (tail === null || !tail.area!.full) return; // another writer handled it
+      const name = await this.snapshots.invalidateTail();
+      this.options.warn?.('snapshot save area full: snapshot invalidated, other snapshots unaffected', { snapshot: name, saveAreaBytesMax: this.options.saveAreaBytesMax });
+    });
+  }
+
+  // ================= consistent points =================
+
+  /** Runs fn with no write between "marked" and "data done", new writes held at the gate. */
+  private async quiesce<T>(fn: () => Promise<T> | T): Promise<T> {
+    while (this.gate !== null) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise<void>((r) => (open = r));
+    try {
+      while (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
+      return await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  // ================= delta sets =================
+
+  /**
+   * Cuts delta set `setNumber` at a consistent point and copies its blocks, as of the cut,
+   * into `sink` in block order (writes racing with the copy send theirs first: priority
+   * copy). Resolves when the set is committed; on failure its blocks return to the active
+   * bitmap and the error is rethrown.
+   */
+  async buildDeltaSet(setNumber: number, sink: DeltaSink): Promise<{ blocks: number }> {
+    const frozen = await this.quiesce(async () => {
+      // Ship only durable data: a write lost in a crash must not be on the replica only.
+      await this.data.flush();
+      const f = this.changeLog.cut(setNumber);
+      this.sink = sink;
+      return f;
+    });
+    const blocks = frozen.count();
+    try {
+      let n = 0;
+      for (let b = this.changeLog.nextUncopied(0); b >= 0; b = this.changeLog.nextUncopied(b + 1)) {
+        this.readBlock(b, this.buf);
+        sink.put(b, this.buf);
+        this.changeLog.markCopied(b);
+        if (++n % (this.options.copyBlocksPerTurn ?? COPY_BLOCKS_PER_TURN) === 0) await yieldToLoop();
+      }
+      await sink.commit();
+      this.changeLog.complete();
+    } catch (e) {
+      this.changeLog.abort();
+      throw e;
+    } finally {
+      this.sink = null;
+    }
+    return { blocks };
+  }
+
+  // ================= snapshots =================
+
+  async createSnapshot(name: string, deltaSetNumber = 0, now?: Date): Promise<SnapshotInfo> {
+    return this.quiesce(async () => {
+      await this.data.flush(); // the snapshot holds every write acknowledged before it
+      return this.snapshots.create(name, this.validity, deltaSetNumber, now);
+    });
+  }
+
+  deleteSnapshot(name: string): Promise<void> {
+    return this.quiesce(() => this.snapshots.delete(name));
+  }
+
+  listSnapshots(): SnapshotInfo[] {
+    return this.snapshots.list();
+  }
+
+  /** Reads [offset, offset+length) of a snapshot into target. */
+  readSnapshot(name: string, offset: number, length: number, target: Buffer): void {
+    this.checkRange(offset, length);
+    const index = this.snapshots.indexOf(name);
+    const bs = this.options.blockBytes;
+    const reader = (b: number, t: Buffer, o: number) => this.readBlock(b, t.subarray(o, o + bs));
+    let done = 0;
+    while (done < length) {
+      const at = offset + done;
+      const b = Math.floor(at / bs);
+      const inBlock = at - b * bs;
+      const n = Math.min(bs - inBlock, length - done);
+      if (inBlock === 0 && n === bs) {
+        if (!this.snapshots.readBlock(index, b, target, done, reader)) target.fill(0, done, done + n);
+      } else if (this.snapshots.readBlock(index, b, this.buf, 0, reader)) {
+        this.buf.copy(target, done, inBlock, inBlock + n);
+      } else {
+        target.fill(0, done, done + n);
+      }
+      done += n;
+    }
+  }
+
+  /** Whether tracking block b held data when the snapshot was taken (BLOCK_STATUS holes). */
+  snapshotBlockValid(name: string, b: number): boolean {
+    return this.snapshots.blockValid(this.snapshots.indexOf(name), b);
+  }
+
+  /**
+   * Snapshot differential L→M (M null: the volume now): blocks to read from M and blocks
+   * to zero, each in block order, that turn a copy of L into M.
+   */
+  differential(from: string, to: string | null): { data: PagedBitmap; zero: PagedBitmap } {
+    const l = this.snapshots.indexOf(from);
+    const m = to === null ? null : this.snapshots.indexOf(to);
+    if (m !== null && m <= l) throw new DeltavolError('EINVAL_ARGUMENT', `snapshot "${to}" is not newer than "${from}"`);
+    return this.snapshots.differential(l, m, this.validity);
+  }
+
+  /**
+   * Rolls the volume back to a snapshot in place, writing only blocks that may differ,
+   * through the normal write path (newer snapshots and the change log see it as writes).
+   * The caller keeps other writers away; a crash midway is repaired by running it again.
+   */
+  async restoreSnapshot(name: string): Promise<{ blocksWritten: number; blocksZeroed: number }> {
+    const index = this.snapshots.indexOf(name);
+    const plan = this.snapshots.restorePlan(index, this.validity);
+    const bs = this.options.blockBytes;
+    const reader = (b: number, t: Buffer, o: number) => this.readBlock(b, t.subarray(o, o + bs));
+    let blocksWritten = 0;
+    const writes: [number, number][] = plan.write.runs();
+    for (const [start, count] of writes) {
+      for (let b = start; b < start + count; b++) {
+        const block = Buffer.alloc(bs);
+        const has = this.snapshots.readBlock(index, b, block, 0, reader);
+        assert(has, 'restore writes only blocks the snapshot holds');
+        const at = b * bs;
+        await this.write(at, [block.subarray(0, Math.min(bs, this.data.sizeBytes - at))]);
+        blocksWritten++;
+      }
+    }
+    let blocksZeroed = 0;
+    for (const [start, count] of plan.zero.runs()) {
+      const at = start * bs;
+      await this.zero(at, Math.min(count * bs, this.data.sizeBytes - at));
+      blocksZeroed += count;
+    }
+    return { blocksWritten, blocksZeroed };
+  }
+
+  // ================= persistence =================
+
+  /** Makes every bit set so far durable in the bitmap files (group-committed). */
+  checkpoint(): Promise<void> {
+    return this.checkpointer.sync();
+  }
+
+  private async checkpointOnce(): Promise<void> {
+    // Validity clears may be persisted only once their zeroing is durable.
+    const covered = this.clearedUnflushed;
+    this.clearedUnflushed = new PagedBitmap(this.blocksTotal);
+    covered.clearAll();
+    await this.data.flush();
+    const scratch = this.validityFile.scratch();
+    for (const p of this.validity.takeDirtyPages()) {
+      const page = this.validity.page(p);
+      const late = this.clearedUnflushed.page(p);
+      if (page === null && late === null) {
+        this.validityFile.writePage(p, null);
+        continue;
+      }
+      scratch.fill(0);
+      if (page) scratch.set(page);
+      if (late) for (let w = 0; w < scratch.length; w++) scratch[w]! |= late[w]!;
+      this.validityFile.writeScratch(p);
+      if (late) this.validity.markDirty(p); // write it again once its clears are flushed
+    }
+    const ps = this.pendingFile.scratch();
+    for (const p of this.changeLog.takeDirtyPages()) {
+      if (this.changeLog.pendingPage(p, ps)) this.pendingFile.writeScratch(p);
+      else this.pendingFile.writePage(p, null);
+    }
+    await Promise.all([this.validityFile.sync(), this.pendingFile.sync()]);
+    this.stats.checkpoints++;
+  }
+
+  /** Clean close: checkpoint, then an empty activity log (recovery will mark nothing extra). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.quiesce(async () => {
+      await this.checkpoint();
+      await this.al!.closeClean();
+    });
+    this.closed = true;
+    this.validityFile.close();
+    this.pendingFile.close();
+    this.snapshots.close();
+  }
+
+  get activityCommits(): number {
+    return this.al!.commits;
+  }
+
+  /** Memory held by this engine's bitmaps (bytes). */
+  bitmapBytes(): number {
+    return this.validity.bytesUsed() + this.changeLog.pending().bytesUsed();
+  }
+
+  /** The validity bitmap (tests, status). */
+  validBlocks(): PagedBitmap {
+    return this.validity.clone();
+  }
+
+  invariants(): void {
+    this.validity.invariants();
+    this.changeLog.invariants();
+    this.snapshots.invariants();
+    this.al!.invariants();
+    assert(this.inflight >= 0, 'inflight ≥ 0');
+    if (this.gate === null && this.inflight === 0) assert(this.unsynced.count() === 0, 'every before-image synced once writes drain');
+  }
+}
