@@ -227,46 +227,67 @@ export class SnapshotQueue {
 
   /**
    * The tail's save area is full: it becomes invalid (listed, skipped by reads) after
-   * handing its older neighbour what that one needs, so no other snapshot is affected.
+   * handing its older neighbours what they need, so no other snapshot is affected.
+   * Returns the names of the snapshots invalidated (more than one when a neighbour's save
+   * area fills while taking those blocks: it is then retired the same way first).
    */
-  async invalidateTail(): Promise<string> {
+  async invalidateTail(): Promise<string[]> {
     const snap = this.tailSnap;
     assert(snap !== null, 'invalidate without a tail');
-    const i = this.queue.indexOf(snap);
-    await this.mergeIntoOlder(i);
+    return this.invalidate(this.queue.indexOf(snap));
+  }
+
+  private async invalidate(i: number): Promise<string[]> {
+    const snap = this.queue[i]!;
+    assert(snap.valid, 'invalidate a valid snapshot');
+    const names = await this.mergeIntoOlder(i);
     snap.valid = false;
     this.writeManifest();
     this.refreshTail();
     this.removeFiles(snap);
     snap.area = null;
     snap.meta = new PagedBitmap(this.blocksTotal);
-    return snap.name;
+    return [...names, snap.name];
   }
 
-  /** Copies into the next older valid snapshot every before-image of queue[i] it needs. */
-  private async mergeIntoOlder(i: number): Promise<void> {
-    const snap = this.queue[i]!;
-    let older: Snapshot | null = null;
-    for (let j = i - 1; j >= 0; j--) {
-      if (this.queue[j]!.valid) {
-        older = this.queue[j]!;
-        break;
+  private olderValid(i: number): number {
+    for (let j = i - 1; j >= 0; j--) if (this.queue[j]!.valid) return j;
+    return -1;
+  }
+
+  /**
+   * Copies into the nearest older valid snapshot every before-image of queue[i] it needs
+   * (meta ∧ ¬saved: it read that block through queue[i]). If that one's save area fills,
+   * it is invalidated first (its own blocks go further down) and the copy continues into
+   * the next older one. Returns the names invalidated on the way.
+   */
+  private async mergeIntoOlder(i: number): Promise<string[]> {
+    const from = this.queue[i]!.area!;
+    const invalidated: string[] = [];
+    const touched = new Set<SaveArea>();
+    const buf = this.scratch;
+    let j = this.olderValid(i);
+    for (const [start, count] of from.bitmap.runs()) {
+      for (let b = start; b < start + count && j >= 0; b++) {
+        for (;;) {
+          const older = this.queue[j]!;
+          if (!older.meta.test(b) || older.area!.has(b)) break;
+          if (older.area!.full) {
+            touched.delete(older.area!);
+            invalidated.push(...(await this.invalidate(j)));
+            j = this.olderValid(i);
+            if (j < 0) break;
+            continue;
+          }
+          from.readBlock(b, buf, 0);
+          older.area!.append(b, buf, 0);
+          touched.add(older.area!);
+          break;
+        }
       }
     }
-    if (older === null) return;
-    const from = snap.area!;
-    const to = older.area!;
-    const buf = this.scratch;
-    let moved = 0;
-    from.bitmap.forEachRun((start, count) => {
-      for (let b = start; b < start + count; b++) {
-        if (!older.meta.test(b) || to.has(b)) continue;
-        from.readBlock(b, buf, 0);
-        to.append(b, buf, 0); // SAVE_AREA_FULL here aborts the delete; nothing changed yet
-        moved++;
-      }
-    });
-    if (moved > 0) await to.sync();
+    for (const area of touched) await area.sync();
+    return invalidated;
   }
 
   private removeFiles(snap: Snapshot): void {

@@ -344,8 +344,8 @@ export class VolumeEngine {
     await this.quiesce(async () => {
       const tail = this.snapshots.tail;
       if (tail === null || !tail.area!.full) return; // another writer handled it
-      const name = await this.snapshots.invalidateTail();
-      this.options.warn?.('snapshot save area full: snapshot invalidated, other snapshots unaffected', { snapshot: name, saveAreaBytesMax: this.options.saveAreaBytesMax });
+      const names = await this.snapshots.invalidateTail();
+      this.options.warn?.('snapshot save area full: snapshot invalidated, other snapshots unaffected', { snapshots: names, saveAreaBytesMax: this.options.saveAreaBytesMax });
     });
   }
 

@@ -30,7 +30,8 @@ type Op =
   | { k: 'cutEnd' }
   | { k: 'diff'; l: number; m: number }
   | { k: 'crash'; racing: boolean }
-  | { k: 'reopen' };
+  | { k: 'reopen' }
+  | { k: 'burst'; parts: { block: number; from: number; length: number; zero: boolean }[] };
 
 const aligned = fc
   .tuple(fc.integer({ min: 0, max: BLOCKS_WHOLE - 1 }), fc.integer({ min: 1, max: 4 }))
@@ -54,6 +55,16 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.tuple(fc.nat(20), fc.nat(21)).map(([l, m]) => ({ k: 'diff' as const, l, m })) },
   { weight: 2, arbitrary: fc.boolean().map((racing) => ({ k: 'crash' as const, racing })) },
   { weight: 1, arbitrary: fc.constant({ k: 'reopen' as const }) },
+  {
+    // Writes and zeroes in flight together (distinct blocks, so the model's order is free).
+    weight: 3,
+    arbitrary: fc
+      .uniqueArray(
+        fc.record({ block: fc.nat(BLOCKS_WHOLE - 1), from: fc.nat(BS - 1), length: fc.integer({ min: 1, max: BS }), zero: fc.boolean() }),
+        { minLength: 2, maxLength: 6, selector: (p) => p.block },
+      )
+      .map((parts) => ({ k: 'burst' as const, parts: parts.map((p) => ({ ...p, length: Math.min(p.length, BS - p.from) })) })),
+  },
 );
 
 interface ModelSnap {
@@ -158,6 +169,22 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
         const chunks = o.length > 1000 && tag % 2 === 0 ? [p.subarray(0, 777), p.subarray(777)] : [p];
         await engine.write(o.offset, chunks);
         p.copy(model.vol, o.offset);
+        break;
+      }
+      case 'burst': {
+        const inFlight: Promise<void>[] = [];
+        for (const p of o.parts) {
+          const at = p.block * BS + p.from;
+          if (p.zero) {
+            inFlight.push(Promise.resolve(engine.zero(at, p.length)));
+            model.vol.fill(0, at, at + p.length);
+          } else {
+            const d = pattern(++tag, p.length);
+            inFlight.push(Promise.resolve(engine.write(at, [d])));
+            d.copy(model.vol, at);
+          }
+        }
+        await Promise.all(inFlight);
         break;
       }
       case 'zero':

@@ -1,0 +1,77 @@
+// Why: the snapshot facility's two merges, shown on small hand-built cases: a full save
+// area invalidates its snapshot after handing its older neighbour the before-images that
+// neighbour read through it (so the neighbour reads as before); deleting a middle
+// snapshot keeps both neighbours intact.
+import { describe, expect, it } from 'vitest';
+import { VolumeEngine, type EngineOptions } from '../../../src/volume/volume-engine.js';
+import { SimFs } from '../../helpers/sim-fs.js';
+import { SimVolumeData } from '../../helpers/sim-volume-data.js';
+
+const BS = 4096;
+const SIZE = 32 * BS;
+
+async function engineWith(saveBlocksMax: number) {
+  const fsys = new SimFs();
+  const data = new SimVolumeData(SIZE);
+  const warnings: unknown[] = [];
+  const options: EngineOptions = { blockBytes: BS, saveAreaBytesMax: saveBlocksMax * (BS + 32), warn: (m, f) => void warnings.push({ m, f }) };
+  const engine = await VolumeEngine.create(fsys, data, options);
+  return { engine, warnings, fsys, data, options };
+}
+
+async function fill(engine: VolumeEngine, first: number, count: number, value: number) {
+  for (let b = first; b < first + count; b++) await engine.write(b * BS, [Buffer.alloc(BS, value)]);
+}
+
+function blockValues(engine: VolumeEngine, snap: string, first: number, count: number): number[] {
+  const out: number[] = [];
+  const buf = Buffer.alloc(BS);
+  for (let b = first; b < first + count; b++) {
+    engine.readSnapshot(snap, b * BS, BS, buf);
+    expect(buf.every((x) => x === buf[0])).toBe(true);
+    out.push(buf[0]!);
+  }
+  return out;
+}
+
+describe('snapshot queue merges', () => {
+  it('a full tail hands its older neighbour what it needs, then only it becomes invalid', async () => {
+    const { engine, warnings } = await engineWith(6);
+    await fill(engine, 0, 10, 1); // blocks 0-9 hold 1
+    await engine.createSnapshot('a');
+    await fill(engine, 10, 3, 2); // 10-12 hold data only after a
+    await engine.createSnapshot('b');
+    await fill(engine, 0, 3, 3); // b saves 0-2 (a reads them through b)
+    await fill(engine, 10, 3, 4); // b saves 10-12: b is full (6)
+    await fill(engine, 13, 1, 5); // 13 was a hole in b: nothing to save
+    await fill(engine, 3, 1, 6); // b must save 3: full → b invalid, 0-2 move into a
+    expect(engine.listSnapshots().map((s) => [s.name, s.valid])).toEqual([
+      ['a', true],
+      ['b', false],
+    ]);
+    expect(warnings.length).toBe(1);
+    expect(blockValues(engine, 'a', 0, 14)).toEqual([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]);
+    // a is the tail again: a later overwrite of 5 is saved there.
+    await fill(engine, 5, 1, 7);
+    expect(blockValues(engine, 'a', 5, 1)).toEqual([1]);
+    engine.invariants();
+  });
+
+  it('deleting a middle snapshot keeps the older and newer ones intact', async () => {
+    const { engine } = await engineWith(1000);
+    await fill(engine, 0, 8, 1);
+    await engine.createSnapshot('s1');
+    await fill(engine, 0, 2, 2);
+    await engine.createSnapshot('s2');
+    await fill(engine, 2, 2, 3); // s2 saves 2-3, which s1 reads through s2
+    await engine.createSnapshot('s3');
+    await fill(engine, 0, 4, 4);
+    await engine.deleteSnapshot('s2');
+    expect(blockValues(engine, 's1', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
+    expect(blockValues(engine, 's3', 0, 8)).toEqual([2, 2, 3, 3, 1, 1, 1, 1]);
+    const { data, zero } = engine.differential('s1', 's3');
+    expect(data.runs()).toEqual([[0, 4]]);
+    expect(zero.count()).toBe(0);
+    engine.invariants();
+  });
+});
