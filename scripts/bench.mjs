@@ -428,6 +428,7 @@ async function runFio(job, server, opts, workDir) {
     serverUsPerIo: serverCpu == null || !iops ? null : (serverCpu / wall / iops) * 1e6,
     fioCores: fioCpu / wall,
     otherCores: Math.max(0, (machineBusy - (serverCpu ?? 0) - fioCpu) / wall),
+    serverRssAfterMiB: (procStatusKiB(server.pid, 'VmRSS') ?? 0) / 1024,
     error,
   };
   return r;
