@@ -462,7 +462,7 @@ async function runStorage(storage, opts, serverSpecs) {
   const jobs = opts.jobList.map((job) => ({ job, runs: Object.fromEntries(servers.map((s) => [s.label, []])) }));
   const started = Date.now();
   for (let round = 1; round <= opts.rounds; round++) {
-    // Round 1 runs deltavol first on every job, as asked; later rounds flip the order
+    // Odd rounds run deltavol first on every job (deltavol X, nbdkit X, next job); even rounds flip the order
     // on even rounds so that neither server always follows the other's writeback.
     const order = round % 2 === 1 ? servers : [...servers].reverse();
     for (const entry of jobs) {
