@@ -32,7 +32,7 @@ export const socketQueuedBytesMax = 32 * 1024 * 1024;
 
 /** Reads and writes up to this size are done synchronously on the event loop (see PERF.md). */
 export const syncIoBytesMaxDefault = 64 * 1024;
-/** Reads at least this large first ask the file for holes and send them as OFFSET_HOLE chunks. */
+/** Structured reads at least this large send runs of zero 4 KiB blocks as OFFSET_HOLE chunks. */
 export const sparseReadBytesMin = 64 * 1024;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;

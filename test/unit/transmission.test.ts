@@ -173,12 +173,24 @@ describe('Transmission with structured replies', () => {
     expect(chunks[2]!.payload.readUInt32BE(8)).toBe(65536 - 12288);
   });
 
-  it('a READ entirely in a hole is one OFFSET_HOLE chunk and no storage read', () => {
+  it('a READ of only zeroes is one OFFSET_HOLE chunk with DONE', () => {
     const t = setup({ structured: true });
     t.req(C.CMD_READ, { length: 65536 });
     const chunks = parseStructured(t.sent[0]!);
     expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_OFFSET_HOLE]);
-    expect(t.exp.calls).not.toContain('read');
+    expect(chunks[0]!.flags & C.REPLY_FLAG_DONE).toBeTruthy();
+    expect(chunks[0]!.payload.readUInt32BE(8)).toBe(65536);
+  });
+
+  it('zero detection: a trailing partial block and a zero block with a non-zero last byte', () => {
+    const t = setup({ structured: true });
+    t.exp.data[8191] = 9; // block 1 is not zero although its first byte is
+    t.req(C.CMD_READ, { offset: 0, length: 65536 + 512 });
+    const chunks = parseStructured(t.sent[0]!);
+    expect(chunks.map((c) => c.type)).toEqual([C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_OFFSET_DATA, C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_NONE]);
+    expect(chunks[1]!.payload.length - 8).toBe(4096);
+    expect(chunks[1]!.payload[8 + 4095]).toBe(9);
+    expect(chunks[2]!.payload.readUInt32BE(8)).toBe(65536 + 512 - 8192);
   });
 
   it('DF: one content chunk even when the range has holes', () => {
