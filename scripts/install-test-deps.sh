@@ -11,7 +11,7 @@ packages=(
   # comparison server for scripts/bench
   nbdkit
   # kernel tests (native-test/): a Debian kernel with nbd.ko booted under TCG
-  qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs xfsprogs cpio lz4 kmod
+  qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs xfsprogs cpio lz4 kmod xz-utils
   # two-node drills
   iproute2 iptables
   # misc tools the tests call
