@@ -15,6 +15,7 @@
 // Logs of the last runs: native-test/.cache/runs/<time>/{console,tap,server}.log
 import t from 'tap'
 import { execFile, spawnSync } from 'node:child_process'
+import { createHash } from 'node:crypto'
 import { existsSync, readdirSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import os from 'node:os'
@@ -76,7 +77,6 @@ async function makeReadOnlyImage(dir) {
   await writeFile(path.join(src, 'hello.bin'), content)
   const image = path.join(dir, 'ro.img')
   await run('mkfs.ext4', ['-q', '-F', '-d', src, image, RO_SIZE.replace('iB', '')])
-  const { createHash } = await import('node:crypto')
   return { image, file: 'hello.bin', sha256: createHash('sha256').update(content).digest('hex') }
 }
 

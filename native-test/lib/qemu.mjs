@@ -99,6 +99,7 @@ export function bootGuest(opts) {
     done,
     /** a line for the guest to read from its console (ttyS0 input) */
     sendConsole(line) {
+      if (child.exitCode !== null || child.signalCode !== null) return
       consoleLog.write(`\n# harness -> guest console: ${line}\n`)
       child.stdin.write(`${line}\n`)
     },

@@ -5,7 +5,7 @@
 // create volumes, put a file system image on a read-only volume, restart, stop.
 import { spawn, execFile } from 'node:child_process'
 import { createWriteStream } from 'node:fs'
-import { mkdir, readFile, truncate, writeFile, copyFile } from 'node:fs/promises'
+import { copyFile, mkdir, truncate, writeFile } from 'node:fs/promises'
 import net from 'node:net'
 import path from 'node:path'
 import { promisify } from 'node:util'
@@ -295,8 +295,4 @@ export function parseSize(s) {
   if (!m) throw new Error(`bad size ${s}`)
   const mult = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase()]
   return Number(m[1]) * mult
-}
-
-export async function readText(file) {
-  return readFile(file, 'utf8').catch(() => '')
 }
