@@ -98,7 +98,8 @@ export class Daemon {
       startedAt: new Date().toISOString(),
     };
     writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
-    this.log.info({ ...this.info, defaultExport: this.defaultExport ?? null }, 'listening');
+    const { pid: _pid, ...fields } = this.info; // pino already logs the pid
+    this.log.info({ ...fields, defaultExport: this.defaultExport ?? null }, 'listening');
     return this.info;
   }
 

@@ -90,7 +90,7 @@ export class Connection {
     const result = this.negotiator.push(chunk);
     for (const b of this.negotiator.drainOutput()) this.socket.write(b);
     if (result.kind === 'close') {
-      this.log.debug({ reason: result.reason }, 'handshake ended');
+      this.log.info({ reason: result.reason }, 'handshake ended without a connection');
       this.socket.end();
       this.state = 'closed';
       return;
