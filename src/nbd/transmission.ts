@@ -10,11 +10,25 @@ import type { Negotiated } from './negotiator.js';
 import type { RequestHeader } from './request-framer.js';
 import * as R from './replies.js';
 import { nbdErrorFor } from './errno.js';
-import { blockSizeMinBytes, blockStatusExtentsMax, requestPayloadBytesMax, sparseReadBytesMin } from '../util/limits.js';
+import {
+  blockSizeMinBytes,
+  blockStatusExtentsMax,
+  pooledReadBufferBytesMin,
+  pooledReadBuffersBytesMax,
+  requestPayloadBytesMax,
+  sparseReadBytesMin,
+} from '../util/limits.js';
+import { BufferPool } from '../util/buffer-pool.js';
+
+/** Read buffers shared by every connection of the process (see buffer-pool.ts). */
+const readBuffers = new BufferPool(pooledReadBufferBytesMin, pooledReadBuffersBytesMax);
 
 export interface TransmissionHost {
-  /** Queue reply bytes on the connection (the host corks and batches). */
-  send(buffers: Buffer[]): void;
+  /**
+   * Queue reply bytes on the connection (the host corks and batches). `sent` runs once
+   * the socket no longer needs the buffers (written, or the connection is gone).
+   */
+  send(buffers: Buffer[], sent?: () => void): void;
   /** One request has completed and its reply is queued. */
   completed(payloadBytes: number): void;
   /** An export call failed in a way the client should hear about; for logs. */
@@ -182,10 +196,14 @@ export class Transmission {
     this.finish([reply], payloadBytes);
   }
 
-  private finish(buffers: Buffer[], payloadBytes: number): void {
+  private finish(buffers: Buffer[], payloadBytes: number, pooled?: Buffer): void {
     this.inflight--;
     this.inflightPayloadBytes -= payloadBytes;
-    if (!this.closed) this.host.send(buffers);
+    if (this.closed) {
+      if (pooled) readBuffers.release(pooled);
+    } else {
+      this.host.send(buffers, pooled ? () => readBuffers.release(pooled) : undefined);
+    }
     this.host.completed(payloadBytes);
   }
 
@@ -197,12 +215,12 @@ export class Transmission {
       return;
     }
     const headerBytes = R.readHeaderBytes(this.structured);
-    const buf = Buffer.allocUnsafe(headerBytes + h.length);
+    const buf = readBuffers.acquire(headerBytes + h.length);
     const data = buf.subarray(headerBytes);
     const afterRead = () => {
       if (!this.structured) {
         R.writeSimpleHeader(buf, 0, 0, h.cookieHi, h.cookieLo);
-        this.finish([buf], h.length);
+        this.finish([buf], h.length, buf);
         return;
       }
       // Large reads send runs of zero blocks as OFFSET_HOLE chunks: fewer bytes on the
@@ -210,16 +228,27 @@ export class Transmission {
       // than it saves on some file systems: SEEK_HOLE is linear in the file on tmpfs).
       const runs = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0 ? zeroRuns(data) : null;
       if (runs && runs.length === 1 && runs[0]!.flags & C.STATE_ZERO) {
+        readBuffers.release(buf);
         this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], h.length);
       } else if (runs && runs.length > 1) {
-        this.finish(this.sparseChunks(h, data, runs), h.length);
+        this.finish(this.sparseChunks(h, data, runs), h.length, buf);
       } else {
         R.writeOffsetDataHeader(buf, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
-        this.finish([buf], h.length);
+        this.finish([buf], h.length, buf);
       }
     };
-    const r = this.exp.read(h.offset, h.length, data);
-    if (isPromise(r)) r.then(afterRead, (e) => this.failed(h, e, h.length));
+    const failed = (e: unknown) => {
+      readBuffers.release(buf);
+      this.failed(h, e, h.length);
+    };
+    let r: MaybePromise<void>;
+    try {
+      r = this.exp.read(h.offset, h.length, data);
+    } catch (e) {
+      failed(e);
+      return;
+    }
+    if (isPromise(r)) r.then(afterRead, failed);
     else afterRead();
   }
 

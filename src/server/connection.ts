@@ -165,8 +165,11 @@ export class Connection {
     if (!this.paused) this.socket.resume();
   }
 
-  private send(buffers: Buffer[]): void {
-    if (this.state === 'closed' || this.socket.destroyed) return;
+  private send(buffers: Buffer[], sent?: () => void): void {
+    if (this.state === 'closed' || this.socket.destroyed) {
+      sent?.();
+      return;
+    }
     if (!this.inDataEvent && !this.uncorkScheduled) {
       // Completions from the threadpool: batch all that land in this loop turn.
       this.uncorkScheduled = true;
@@ -176,9 +179,13 @@ export class Connection {
         this.socket.uncork();
       });
     }
-    for (const b of buffers) {
+    const last = buffers.length - 1;
+    for (let i = 0; i <= last; i++) {
+      const b = buffers[i]!;
       this.stats.bytesWritten += b.length;
-      this.socket.write(b);
+      // Writes complete in order, so the last one's callback means all were taken.
+      if (i === last && sent) this.socket.write(b, () => sent());
+      else this.socket.write(b);
     }
   }
 
