@@ -173,6 +173,10 @@ export class ActivityLog {
         try {
           for (let i = 0; i < batch.length; i += this.hotMax) await this.commitExtents(batch.slice(i, i + this.hotMax));
           resolve();
+          // Let the writers just released pass their check before the next record can
+          // evict their extents again (otherwise a few writers on more extents than the
+          // log holds evict each other forever).
+          await new Promise<void>((r) => setImmediate(r));
         } catch (err) {
           for (const e of batch) this.joining.clear(e);
           reject(err);

@@ -290,7 +290,7 @@ describe('volume engine against an in-memory model', () => {
     const seed = testSeed('engine model');
     await fc.assert(
       fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 60 }), fc.integer(), (ops, crashSeed) => runSequence(ops, crashSeed, base)),
-      { seed, numRuns: RUNS },
+      { seed, numRuns: RUNS, timeout: 10_000, endOnFailure: process.env.DELTAVOL_NO_SHRINK === '1' },
     );
   });
 
@@ -299,7 +299,7 @@ describe('volume engine against an in-memory model', () => {
     const small = { ...base, saveAreaBytesMax: 6 * (BS + 32) };
     await fc.assert(
       fc.asyncProperty(fc.array(op, { minLength: 10, maxLength: 60 }), fc.integer(), (ops, crashSeed) => runSequence(ops, crashSeed, small)),
-      { seed, numRuns: Math.ceil(RUNS / 2) },
+      { seed, numRuns: Math.ceil(RUNS / 2), timeout: 10_000, endOnFailure: process.env.DELTAVOL_NO_SHRINK === '1' },
     );
   });
 });
