@@ -21,7 +21,7 @@
 // log (activity-log.ts) covers bits set since the last durable checkpoint.
 
 import { crc32c } from '@node-rs/crc32';
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap } from './paged-bitmap.js';
@@ -127,7 +127,7 @@ export class BitmapFile {
 
   /** Stages page p (null = all zeroes) into its other slot. Durable after sync(). */
   writePage(p: number, words: Readonly<Uint32Array> | null): void {
-    assert(p >= 0 && p < this.currentSlot.length, `page ${p} outside bitmap file`);
+    if (!(p >= 0 && p < this.currentSlot.length)) throw new AssertionError(`page ${p} outside bitmap file`);
     if (words === null) {
       if (this.currentSlot[p] === NO_SLOT && !this.staged.has(p)) return; // never written: the hole already reads as zeroes
       this.words.fill(0);

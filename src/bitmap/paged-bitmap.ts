@@ -18,7 +18,7 @@
 // The hot calls (set / test of one bit) allocate nothing once a page exists: a typed-array
 // page, a shift and a mask. Bit indexes are < 2^32 (asserted), so >>> is safe.
 
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 
 export const BITMAP_PAGE_BYTES = 4096;
 export const BITMAP_PAGE_WORDS = BITMAP_PAGE_BYTES / 4;
@@ -94,7 +94,7 @@ export class PagedBitmap implements ReadonlyBitmap {
 
   /** Sets a bit; true if it was clear. */
   set(bit: number): boolean {
-    assert(bit >= 0 && bit < this.bitsTotal, `bit ${bit} outside bitmap of ${this.bitsTotal}`);
+    if (!(bit >= 0 && bit < this.bitsTotal)) throw new AssertionError(`bit ${bit} outside bitmap of ${this.bitsTotal}`);
     const p = bit >>> PAGE_SHIFT;
     let page = this.pages[p]!;
     if (page === null) page = this.allocPage(p);
@@ -111,7 +111,7 @@ export class PagedBitmap implements ReadonlyBitmap {
 
   /** Clears a bit; true if it was set. */
   clear(bit: number): boolean {
-    assert(bit >= 0 && bit < this.bitsTotal, `bit ${bit} outside bitmap of ${this.bitsTotal}`);
+    if (!(bit >= 0 && bit < this.bitsTotal)) throw new AssertionError(`bit ${bit} outside bitmap of ${this.bitsTotal}`);
     const p = bit >>> PAGE_SHIFT;
     const page = this.pages[p]!;
     if (page === null) return false;
@@ -184,7 +184,9 @@ export class PagedBitmap implements ReadonlyBitmap {
   }
 
   private checkRange(start: number, count: number): void {
-    assert(Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 && start + count <= this.bitsTotal, `range ${start}+${count} outside bitmap of ${this.bitsTotal}`);
+    if (!(Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 && start + count <= this.bitsTotal)) {
+      throw new AssertionError(`range ${start}+${count} outside bitmap of ${this.bitsTotal}`);
+    }
   }
 
   // ---- scanning, in block order ----

@@ -16,7 +16,7 @@
 // Persistence: the durable "pending" bitmap is active ∪ frozen (what is not yet safely
 // in a delta set); pendingPage() computes a page of it for the bitmap file.
 
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import { BITMAP_PAGE_WORDS, PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 
@@ -70,7 +70,7 @@ export class ChangeLog {
   markCopied(b: number): void {
     assert(this.uncopiedMap !== null, 'markCopied while idle');
     const was = this.uncopiedMap.clear(b);
-    assert(was, `block ${b} copied twice`);
+    if (!was) throw new AssertionError(`block ${b} copied twice`);
   }
 
   /** The next block still to copy at or after `from`, or -1 (the background builder). */

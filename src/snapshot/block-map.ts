@@ -8,7 +8,7 @@
 // deleted as a whole), so no tombstones are needed. Rules: used ≤ capacity / 2;
 // capacity is a power of two; a block appears at most once.
 
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 
 const EMPTY = 0xffffffff;
 const CAPACITY_MIN = 1024;
@@ -54,7 +54,7 @@ export class BlockMap {
     let i = hash(block) & this.mask;
     for (;;) {
       const k = this.keys[i]!;
-      assert(k !== block, `block ${block} already in the block map`);
+      if (k === block) throw new AssertionError(`block ${block} already in the block map`);
       if (k === EMPTY) break;
       i = (i + 1) & this.mask;
     }

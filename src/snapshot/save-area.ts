@@ -14,7 +14,7 @@
 // one is stale and must not be resurrected by a future append).
 
 import { crc32c } from '@node-rs/crc32';
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { GroupCommit } from '../util/group-commit.js';
@@ -110,7 +110,7 @@ export class SaveArea {
    * before that.
    */
   append(block: number, data: Uint8Array, dataOffset: number): void {
-    assert(!this.bitmap.test(block), `block ${block} already saved`);
+    if (this.bitmap.test(block)) throw new AssertionError(`block ${block} already saved`);
     if (this.full) throw new DeltavolError('SAVE_AREA_FULL', `snapshot ${this.snapshotId}: save area reached ${this.bytesMax} bytes`);
     const r = this.record;
     const slot = this.slotsUsed;
@@ -130,7 +130,7 @@ export class SaveArea {
   /** Reads the before-image of a saved block into target (blockBytes). */
   readBlock(block: number, target: Uint8Array, targetOffset: number): void {
     const slot = this.map.get(block);
-    assert(slot >= 0, `block ${block} not in save area ${this.snapshotId}`);
+    if (slot < 0) throw new AssertionError(`block ${block} not in save area ${this.snapshotId}`);
     const n = this.file.read(slot * this.stride + saveRecordHeaderBytes, target, targetOffset, this.blockBytes);
     assert(n === this.blockBytes, 'short read of a save-area record');
   }

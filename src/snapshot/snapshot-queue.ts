@@ -20,7 +20,7 @@
 // exists once listed there), snap-ID.meta (its meta bitmap, bitmap-file.ts format),
 // snap-ID.save (save-area.ts format).
 
-import { assert } from '../util/assert.js';
+import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
@@ -159,7 +159,7 @@ export class SnapshotQueue {
 
   get(index: number): Snapshot {
     const s = this.queue[index];
-    assert(s !== undefined, `snapshot index ${index}`);
+    if (s === undefined) throw new AssertionError(`snapshot index ${index}`);
     return s;
   }
 
