@@ -48,6 +48,15 @@ export interface VolumeData {
   flush(): Promise<void>;
 }
 
+/** One item of a differential stream: blocks to write (data) or to zero (data null). */
+export interface DifferentialRun {
+  block: number;
+  count: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  data: Buffer | null;
+}
+
 /** Where a delta set's blocks go (the replicator's outbound save area). */
 export interface DeltaSink {
   /** Content of `block` as of the cut (blockBytes; copy it: the buffer is reused). */
@@ -455,6 +464,60 @@ export class VolumeEngine {
     const m = to === null ? null : this.snapshots.indexOf(to);
     if (m !== null && m <= l) throw new DeltavolError('EINVAL_ARGUMENT', `snapshot "${to}" is not newer than "${from}"`);
     return this.snapshots.differential(l, m, this.validity);
+  }
+
+  /**
+   * The differential L→M as a stream in block order: runs of blocks to write (with their
+   * content read from M, at most `runBlocksMax` per item) and runs to zero. Applied in
+   * order to a volume equal to L, it yields M. Reads happen as the stream is consumed.
+   */
+  *differentialStream(from: string, to: string | null, runBlocksMax = 256): Generator<DifferentialRun> {
+    const { data, zero } = this.differential(from, to);
+    const bs = this.options.blockBytes;
+    const size = this.data.sizeBytes;
+    let at = 0;
+    for (;;) {
+      const d = data.nextSet(at);
+      const z = zero.nextSet(at);
+      if (d < 0 && z < 0) return;
+      if (z >= 0 && (d < 0 || z < d)) {
+        const end = zero.nextClear(z);
+        yield { block: z, count: end - z, offsetBytes: z * bs, lengthBytes: Math.min(end * bs, size) - z * bs, data: null };
+        at = end;
+        continue;
+      }
+      const end = Math.min(data.nextClear(d), d + runBlocksMax);
+      const offsetBytes = d * bs;
+      const lengthBytes = Math.min(end * bs, size) - offsetBytes;
+      const buf = Buffer.alloc(lengthBytes);
+      if (to === null) this.read(offsetBytes, lengthBytes, buf);
+      else this.readSnapshot(to, offsetBytes, lengthBytes, buf);
+      yield { block: d, count: end - d, offsetBytes, lengthBytes, data: buf };
+      at = end;
+    }
+  }
+
+  /**
+   * Data and hole extents of a snapshot over [offset, offset+length), at most extentsMax
+   * (BLOCK_STATUS base:allocation on a snapshot export): a hole is a run of blocks that
+   * held no data when the snapshot was taken.
+   */
+  snapshotExtents(name: string, offset: number, length: number, extentsMax: number): { lengthBytes: number; hole: boolean }[] {
+    this.checkRange(offset, length);
+    const meta = this.snapshots.get(this.snapshots.indexOf(name)).meta;
+    const bs = this.options.blockBytes;
+    const end = offset + length;
+    const out: { lengthBytes: number; hole: boolean }[] = [];
+    let pos = offset;
+    while (pos < end && out.length < extentsMax) {
+      const b = Math.floor(pos / bs);
+      const valid = meta.test(b);
+      const nextB = valid ? meta.nextClear(b) : meta.nextSet(b);
+      const stop = nextB < 0 ? end : Math.min(end, nextB * bs);
+      out.push({ lengthBytes: stop - pos, hole: !valid });
+      pos = stop;
+    }
+    return out;
   }
 
   /**
