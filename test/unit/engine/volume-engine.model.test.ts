@@ -29,7 +29,7 @@ type Op =
   | { k: 'cutBegin'; fail: boolean }
   | { k: 'cutEnd' }
   | { k: 'diff'; l: number; m: number }
-  | { k: 'crash'; racing: boolean }
+  | { k: 'crash'; during: 'none' | 'write' | 'restore' | 'snap'; turns: number; pick: number }
   | { k: 'reopen' }
   | { k: 'burst'; parts: { block: number; from: number; length: number; zero: boolean }[] };
 
@@ -53,7 +53,11 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.boolean().map((fail) => ({ k: 'cutBegin' as const, fail })) },
   { weight: 2, arbitrary: fc.constant({ k: 'cutEnd' as const }) },
   { weight: 2, arbitrary: fc.tuple(fc.nat(20), fc.nat(21)).map(([l, m]) => ({ k: 'diff' as const, l, m })) },
-  { weight: 2, arbitrary: fc.boolean().map((racing) => ({ k: 'crash' as const, racing })) },
+  {
+    // The machine dies while a write, a restore or a snapshot creation is under way.
+    weight: 3,
+    arbitrary: fc.record({ k: fc.constant('crash' as const), during: fc.constantFrom('none' as const, 'write' as const, 'restore' as const, 'snap' as const), turns: fc.nat(6), pick: fc.nat(20) }),
+  },
   { weight: 1, arbitrary: fc.constant({ k: 'reopen' as const }) },
   {
     // Writes and zeroes in flight together (distinct blocks, so the model's order is free).
@@ -161,6 +165,25 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
     build = { done, asOfCut, fail, setNumber: n };
   };
 
+  const restore = async (s: ModelSnap) => {
+    if (!s.valid) {
+      await expect(engine.restoreSnapshot(s.name)).rejects.toSatisfy((e) => isDeltavolError(e, 'SNAPSHOT_INVALID'));
+      return;
+    }
+    try {
+      await engine.restoreSnapshot(s.name);
+      s.content.copy(model.vol);
+    } catch (e) {
+      // Its own save area (or the tail's, cascading) filled during the restore: it became
+      // invalid midway. Every write went through the engine, so the volume is whatever
+      // the engine now reads; the other snapshots are checked as usual.
+      if (!isDeltavolError(e, 'SNAPSHOT_INVALID')) throw e;
+      syncValidity();
+      expect(s.valid).toBe(false);
+      engine.read(0, SIZE, model.vol);
+    }
+  };
+
   for (const o of ops) {
     switch (o.k) {
       case 'write': {
@@ -206,13 +229,7 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
       }
       case 'restore': {
         if (model.snaps.length === 0) break;
-        const s = model.snaps[o.i % model.snaps.length]!;
-        if (!s.valid) {
-          await expect(engine.restoreSnapshot(s.name)).rejects.toSatisfy((e) => isDeltavolError(e, 'SNAPSHOT_INVALID'));
-          break;
-        }
-        await engine.restoreSnapshot(s.name);
-        s.content.copy(model.vol);
+        await restore(model.snaps[o.i % model.snaps.length]!);
         break;
       }
       case 'cutBegin':
@@ -251,16 +268,28 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
         break;
       }
       case 'crash': {
-        if (o.racing) {
-          // A write caught mid-flight: the crash happens before it can finish.
+        let restoring: ModelSnap | null = null;
+        let creating: string | null = null;
+        const before = Buffer.from(model.vol);
+        if (o.during === 'write') {
           // Prefer a block whose first write must save a before-image: the ordering under test.
           const p = pattern(++tag, BS);
           const needing: number[] = [];
           for (let b = 0; b < BLOCKS_WHOLE; b++) if (engine.snapshots.needsSave(b)) needing.push(b);
-          const b = needing.length > 0 ? needing[Math.floor(rng() * needing.length)]! : Math.floor(rng() * BLOCKS_WHOLE);
+          const b = needing.length > 0 ? needing[o.pick % needing.length]! : o.pick % BLOCKS_WHOLE;
           const r = engine.write(b * BS, [p]);
           if (r instanceof Promise) r.catch(() => undefined);
+        } else if (o.during === 'restore') {
+          const valid = model.snaps.filter((x) => x.valid);
+          if (valid.length > 0) {
+            restoring = valid[o.pick % valid.length]!;
+            engine.restoreSnapshot(restoring.name).catch(() => undefined);
+          }
+        } else if (o.during === 'snap') {
+          creating = `s${++snapSeq}`;
+          engine.createSnapshot(creating).catch(() => undefined);
         }
+        for (let i = 0; i < o.turns; i++) await new Promise((r) => setImmediate(r));
         if (build) {
           build.done.catch(() => undefined);
           build = null;
@@ -269,10 +298,19 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
         data = data.crash(rng);
         engine = await VolumeEngine.open(fsys, data, options);
         model.vol = Buffer.from(data.current); // any mix of unflushed writes may survive
+        if (creating !== null && engine.listSnapshots().some((x) => x.name === creating)) {
+          // Listed means its creation completed: it holds the volume as it was then.
+          model.snaps.push({ name: creating, content: before, valid: true });
+        }
         // Nothing that differs from the replica may be forgotten by the change log.
         const pending = engine.changeLog.pending();
         for (let b = 0; b < BLOCKS; b++) {
           if (!blockOf(model.vol, b).equals(blockOf(model.replica, b))) expect(pending.test(b), `block ${b} pending after crash`).toBe(true);
+        }
+        check();
+        if (restoring !== null) {
+          // A restore cut short is finished by running it again.
+          await restore(restoring);
         }
         break;
       }
