@@ -244,7 +244,8 @@ export class ActivityLog {
 
   /** Clean shutdown: the caller has checkpointed every bitmap; nothing is hot any more. */
   async closeClean(): Promise<void> {
-    assert(!this.committing && this.batch.length === 0, 'close with commits in flight');
+    // Writers held at the engine's gate may still have a record on its way: let it land.
+    while (this.committing || this.batchDone !== null) await new Promise<void>((r) => setImmediate(r));
     await this.writeRecord([]);
     this.hot.clearAll();
     this.referenced.clearAll();
