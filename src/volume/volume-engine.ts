@@ -407,6 +407,9 @@ export class VolumeEngine {
     } finally {
       this.sink = null;
     }
+    // Persist the forgetting too, so a crash later does not resend this set's blocks
+    // beyond the activity log's bound.
+    await this.checkpoint();
     return { blocks };
   }
 
@@ -417,6 +420,11 @@ export class VolumeEngine {
       await this.data.flush(); // the snapshot holds every write acknowledged before it
       return this.snapshots.create(name, this.validity, deltaSetNumber, now);
     });
+  }
+
+  /** Stamps a snapshot with the delta set it corresponds to (the replicator's restart point). */
+  stampSnapshot(name: string, deltaSetNumber: number): void {
+    this.snapshots.setDeltaSetNumber(name, deltaSetNumber);
   }
 
   deleteSnapshot(name: string): Promise<void> {
