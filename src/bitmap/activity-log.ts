@@ -115,6 +115,14 @@ export class ActivityLog {
     await this.writeRecord([]);
   }
 
+  /** The volume grew: more extents (all cold). */
+  grow(extentsTotal: number): void {
+    this.options.extentsTotal = extentsTotal;
+    this.hot.grow(extentsTotal);
+    this.referenced.grow(extentsTotal);
+    this.joining.grow(extentsTotal);
+  }
+
   get hotExtents(): number {
     return this.hotCount;
   }

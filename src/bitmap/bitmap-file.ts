@@ -40,7 +40,7 @@ function checksum(record: Buffer): number {
 
 export class BitmapFile {
   /** Per page: the slot holding its newest DURABLE good record, or NO_SLOT. */
-  private readonly currentSlot: Uint8Array;
+  private currentSlot: Uint8Array;
   /**
    * Pages written since the last completed sync → generation of their latest write. They
    * were written into the slot that is not currentSlot; a page written twice before a sync
@@ -53,7 +53,7 @@ export class BitmapFile {
 
   private constructor(
     private readonly file: DurableFile,
-    readonly bitsTotal: number,
+    public bitsTotal: number,
     currentSlot: Uint8Array,
     generation: number,
   ) {
@@ -63,10 +63,7 @@ export class BitmapFile {
     assert(this.record.byteOffset % 4 === 0, 'record buffer is word aligned');
   }
 
-  /** Makes a new, empty bitmap file (durable when this returns a resolved promise). */
-  static async create(fsys: DurableFs, name: string, bitsTotal: number): Promise<BitmapFile> {
-    const file = fsys.open(name, true);
-    file.truncate(0);
+  private static header(bitsTotal: number): Buffer {
     const header = Buffer.alloc(HEADER_BYTES);
     header.writeUInt32LE(FILE_MAGIC, 0);
     header.writeUInt32LE(VERSION, 4);
@@ -74,7 +71,14 @@ export class BitmapFile {
     header.writeUInt32LE(BITMAP_PAGE_BYTES, 12);
     header.writeUInt32LE(bitsTotal >= 2 ** 32 ? 1 : 0, 20); // bitsTotal == 2^32 flag
     header.writeUInt32LE(crc32c(header.subarray(0, 16)), 16);
-    file.write(0, header, 0, HEADER_BYTES);
+    return header;
+  }
+
+  /** Makes a new, empty bitmap file (durable when this returns a resolved promise). */
+  static async create(fsys: DurableFs, name: string, bitsTotal: number): Promise<BitmapFile> {
+    const file = fsys.open(name, true);
+    file.truncate(0);
+    file.write(0, BitmapFile.header(bitsTotal), 0, HEADER_BYTES);
     await file.sync();
     const pages = Math.ceil(bitsTotal / (BITMAP_PAGE_BYTES * 8));
     return new BitmapFile(file, bitsTotal, new Uint8Array(pages).fill(NO_SLOT), 1);
@@ -123,6 +127,25 @@ export class BitmapFile {
     bitmap.takeDirtyPages();
     bf.generation = generationMax + 1;
     return { file: bf, bitmap };
+  }
+
+  /**
+   * The volume grew: more bits. Page records do not move (their offsets depend on the
+   * page number only); only the header changes, in one sector, which the disk writes
+   * whole or not at all (a file whose header still says the old size is grown again
+   * when opened).
+   */
+  async grow(bitsTotal: number): Promise<void> {
+    assert(bitsTotal >= this.bitsTotal, 'bitmap files only grow');
+    const pages = Math.ceil(bitsTotal / (BITMAP_PAGE_BYTES * 8));
+    if (pages > this.currentSlot.length) {
+      const slots = new Uint8Array(pages).fill(NO_SLOT);
+      slots.set(this.currentSlot);
+      this.currentSlot = slots;
+    }
+    this.bitsTotal = bitsTotal;
+    this.file.write(0, BitmapFile.header(bitsTotal), 0, 512);
+    await this.file.sync();
   }
 
   /** Stages page p (null = all zeroes) into its other slot. Durable after sync(). */

@@ -61,27 +61,53 @@ export interface ReadonlyBitmap {
 }
 
 export class PagedBitmap implements ReadonlyBitmap {
-  readonly pageTotal: number;
+  private bits: number;
+  private pageCount: number;
   private readonly pages: (Uint32Array | null)[];
-  private readonly pageCounts: Uint32Array;
+  private pageCounts: Uint32Array;
   private setCount = 0;
   private pagesPresent = 0;
   private readonly freePages: Uint32Array[] = [];
   /** Dirty tracking (persistence): a flag per page and the list of flagged pages. */
-  private readonly dirtyFlags: Uint8Array | null;
+  private dirtyFlags: Uint8Array | null;
   private dirtyList: Uint32Array | null;
   private dirtyCount = 0;
 
-  constructor(
-    readonly bitsTotal: number,
-    options: { trackDirty?: boolean } = {},
-  ) {
+  constructor(bitsTotal: number, options: { trackDirty?: boolean } = {}) {
     assert(Number.isInteger(bitsTotal) && bitsTotal >= 0 && bitsTotal <= BITMAP_BITS_MAX, `bitmap size ${bitsTotal} out of range`);
-    this.pageTotal = Math.ceil(bitsTotal / BITMAP_PAGE_BITS);
+    this.bits = bitsTotal;
+    this.pageCount = Math.ceil(bitsTotal / BITMAP_PAGE_BITS);
     this.pages = new Array<Uint32Array | null>(this.pageTotal).fill(null);
     this.pageCounts = new Uint32Array(this.pageTotal);
     this.dirtyFlags = options.trackDirty ? new Uint8Array(this.pageTotal) : null;
     this.dirtyList = options.trackDirty ? new Uint32Array(Math.min(this.pageTotal, 64)) : null;
+  }
+
+  /** Number of bits (tracking blocks); only grow() changes it. */
+  get bitsTotal(): number {
+    return this.bits;
+  }
+  get pageTotal(): number {
+    return this.pageCount;
+  }
+
+  /** Makes room for more bits (a volume grew); the new bits are clear and cost nothing. */
+  grow(bitsTotal: number): void {
+    assert(Number.isInteger(bitsTotal) && bitsTotal >= this.bits && bitsTotal <= BITMAP_BITS_MAX, `cannot grow a bitmap of ${this.bits} to ${bitsTotal}`);
+    const pages = Math.ceil(bitsTotal / BITMAP_PAGE_BITS);
+    if (pages > this.pageCount) {
+      for (let p = this.pageCount; p < pages; p++) this.pages.push(null);
+      const counts = new Uint32Array(pages);
+      counts.set(this.pageCounts);
+      this.pageCounts = counts;
+      if (this.dirtyFlags !== null) {
+        const flags = new Uint8Array(pages);
+        flags.set(this.dirtyFlags);
+        this.dirtyFlags = flags;
+      }
+      this.pageCount = pages;
+    }
+    this.bits = bitsTotal;
   }
 
   // ---- single bits (the write path) ----

@@ -29,7 +29,7 @@ export class ChangeLog {
   private building = 0;
 
   constructor(
-    readonly blocksTotal: number,
+    public blocksTotal: number,
     /** Pending blocks recovered from disk (they start in active). */
     recovered?: PagedBitmap,
   ) {
@@ -47,6 +47,14 @@ export class ChangeLog {
   /** Number of the set being built (0 when idle). */
   get buildingSet(): number {
     return this.building;
+  }
+
+  /** The volume grew; refused by the engine while a set is being built. */
+  grow(blocksTotal: number): void {
+    assert(this.frozenMap === null, 'grow while building a delta set');
+    this.activeMap.grow(blocksTotal);
+    this.extraDirty.grow(this.activeMap.pageTotal);
+    this.blocksTotal = blocksTotal;
   }
 
   // ---- the write path ----

@@ -36,6 +36,8 @@ export interface SnapshotInfo {
   id: number;
   name: string;
   createdAt: string;
+  /** The volume's size when the snapshot was taken (its export size). */
+  sizeBytes: number;
   /** Delta set number stamped by the replicator (0 until it does). */
   deltaSetNumber: number;
   savedBlocks: number;
@@ -48,6 +50,7 @@ interface ManifestEntry {
   id: number;
   name: string;
   createdAt: string;
+  sizeBytes: number;
   deltaSetNumber: number;
   valid: boolean;
 }
@@ -56,6 +59,7 @@ export interface Snapshot {
   readonly id: number;
   readonly name: string;
   readonly createdAt: string;
+  readonly sizeBytes: number;
   deltaSetNumber: number;
   valid: boolean;
   meta: PagedBitmap;
@@ -78,7 +82,7 @@ export class SnapshotQueue {
 
   private constructor(
     private readonly fsys: DurableFs,
-    readonly blocksTotal: number,
+    public blocksTotal: number,
     readonly blockBytes: number,
     readonly saveAreaBytesMax: number,
   ) {
@@ -104,9 +108,13 @@ export class SnapshotQueue {
         const opened = BitmapFile.open(fsys, metaFileName(e.id));
         opened.file.close();
         meta = opened.bitmap;
+        // Taken before the volume grew: the blocks added since held nothing then.
+        if (meta.bitsTotal > blocksTotal) throw new DeltavolError('METADATA_CORRUPT', `${metaFileName(e.id)}: larger than the volume`);
+        meta.grow(blocksTotal);
         area = await SaveArea.open(fsys, saveFileName(e.id), e.id, blockBytes, blocksTotal, saveAreaBytesMax);
       }
-      q.queue.push({ id: e.id, name: e.name, createdAt: e.createdAt, deltaSetNumber: e.deltaSetNumber, valid: e.valid, meta, area });
+      if (!Number.isSafeInteger(e.sizeBytes)) throw new DeltavolError('METADATA_CORRUPT', `${MANIFEST}: snapshot ${e.name} has no size`);
+      q.queue.push({ id: e.id, name: e.name, createdAt: e.createdAt, sizeBytes: e.sizeBytes, deltaSetNumber: e.deltaSetNumber, valid: e.valid, meta, area });
     }
     q.refreshTail();
     return q;
@@ -126,9 +134,18 @@ export class SnapshotQueue {
     const m = {
       formatVersion: FORMAT_VERSION,
       nextId: this.nextId,
-      snapshots: this.queue.map((s) => ({ id: s.id, name: s.name, createdAt: s.createdAt, deltaSetNumber: s.deltaSetNumber, valid: s.valid })),
+      snapshots: this.queue.map((s) => ({ id: s.id, name: s.name, createdAt: s.createdAt, sizeBytes: s.sizeBytes, deltaSetNumber: s.deltaSetNumber, valid: s.valid })),
     };
     this.fsys.writeAtomic(MANIFEST, Buffer.from(JSON.stringify(m, null, 2) + '\n'));
+  }
+
+  /** The volume grew: every snapshot reads the new blocks as holes (they held nothing then). */
+  grow(blocksTotal: number): void {
+    for (const s of this.queue) {
+      s.meta.grow(blocksTotal);
+      s.area?.bitmap.grow(blocksTotal);
+    }
+    this.blocksTotal = blocksTotal;
   }
 
   list(): SnapshotInfo[] {
@@ -136,6 +153,7 @@ export class SnapshotQueue {
       id: s.id,
       name: s.name,
       createdAt: s.createdAt,
+      sizeBytes: s.sizeBytes,
       deltaSetNumber: s.deltaSetNumber,
       savedBlocks: s.area?.slots ?? 0,
       saveAreaBytes: s.area?.bytesOnDisk ?? 0,
@@ -189,7 +207,7 @@ export class SnapshotQueue {
    * Takes a snapshot whose meta bitmap is `validity`. The caller has quiesced writes and
    * flushed the volume: the snapshot is the volume as it is now.
    */
-  async create(name: string, validity: PagedBitmap, deltaSetNumber = 0, now = new Date()): Promise<SnapshotInfo> {
+  async create(name: string, validity: PagedBitmap, sizeBytes: number, deltaSetNumber = 0, now = new Date()): Promise<SnapshotInfo> {
     if (!NAME_RE.test(name)) throw new DeltavolError('BAD_NAME', `invalid snapshot name "${name}"`);
     if (this.queue.some((s) => s.name === name)) throw new DeltavolError('SNAPSHOT_EXISTS', `snapshot "${name}" already exists`);
     if (this.queue.length >= snapshotsMax) throw new DeltavolError('SNAPSHOTS_MAX', `a volume has at most ${snapshotsMax} snapshots`);
@@ -202,7 +220,7 @@ export class SnapshotQueue {
     await mf.sync();
     mf.close();
     const area = await SaveArea.create(this.fsys, saveFileName(id), id, this.blockBytes, this.blocksTotal, this.saveAreaBytesMax);
-    const snap: Snapshot = { id, name, createdAt: now.toISOString(), deltaSetNumber, valid: true, meta, area };
+    const snap: Snapshot = { id, name, createdAt: now.toISOString(), sizeBytes, deltaSetNumber, valid: true, meta, area };
     this.queue.push(snap);
     this.writeManifest();
     this.refreshTail();

@@ -87,7 +87,9 @@ export interface EngineStats {
 }
 
 export class VolumeEngine {
-  readonly blocksTotal: number;
+  private blocks: number;
+  /** The size the bitmaps cover (the data may already be larger until grow() runs). */
+  private size: number;
   private readonly extentBlocks: number;
   private readonly buf: Buffer;
   private readonly unsynced: PagedBitmap;
@@ -113,7 +115,8 @@ export class VolumeEngine {
     private al: ActivityLog | null,
     readonly snapshots: SnapshotQueue,
   ) {
-    this.blocksTotal = validity.bitsTotal;
+    this.blocks = validity.bitsTotal;
+    this.size = data.sizeBytes;
     this.extentBlocks = VolumeEngine.extentBlocksOf(options);
     this.buf = Buffer.alloc(options.blockBytes);
     this.unsynced = new PagedBitmap(this.blocksTotal);
@@ -164,7 +167,16 @@ export class VolumeEngine {
     const blocks = VolumeEngine.check(data, options);
     const v = BitmapFile.open(fsys, VALIDITY_FILE);
     const p = BitmapFile.open(fsys, PENDING_FILE);
-    if (v.bitmap.bitsTotal !== blocks || p.bitmap.bitsTotal !== blocks) throw new DeltavolError('METADATA_CORRUPT', 'bitmap files do not match the volume size');
+    if (v.bitmap.bitsTotal > blocks || p.bitmap.bitsTotal > blocks) throw new DeltavolError('METADATA_CORRUPT', 'bitmap files are larger than the volume');
+    // A crash between growing the data and growing the bitmaps: finish the growth.
+    if (v.bitmap.bitsTotal < blocks) {
+      v.bitmap.grow(blocks);
+      await v.file.grow(blocks);
+    }
+    if (p.bitmap.bitsTotal < blocks) {
+      p.bitmap.grow(blocks);
+      await p.file.grow(blocks);
+    }
     const snaps = await SnapshotQueue.open(fsys, blocks, options.blockBytes, options.saveAreaBytesMax);
     let engine: VolumeEngine | null = null;
     const alOpts = VolumeEngine.alOptions(blocks, options, () => engine!.checkpoint());
@@ -180,6 +192,10 @@ export class VolumeEngine {
     await engine.checkpoint();
     await log.reset();
     return engine;
+  }
+
+  get blocksTotal(): number {
+    return this.blocks;
   }
 
   get blockBytes(): number {
@@ -217,7 +233,7 @@ export class VolumeEngine {
     const end = offset + length;
     // Blocks wholly covered (the volume's partial last block counts as whole at its end).
     const wholeFirst = Math.ceil(offset / bs);
-    const wholeLast = end >= this.data.sizeBytes ? last : Math.floor(end / bs) - 1;
+    const wholeLast = end >= this.size ? last : Math.floor(end / bs) - 1;
     return this.slowPath(first, last, true, () => {
       const seq = this.writeSeq;
       const r = this.data.zero(offset, length);
@@ -243,8 +259,8 @@ export class VolumeEngine {
 
   private checkRange(offset: number, length: number): void {
     assert(!this.closed, 'engine closed');
-    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= this.data.sizeBytes)) {
-      throw new DeltavolError('EINVAL_ARGUMENT', `range ${offset}+${length} outside the volume of ${this.data.sizeBytes} bytes`);
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= this.size)) {
+      throw new DeltavolError('EINVAL_ARGUMENT', `range ${offset}+${length} outside the volume of ${this.size} bytes`);
     }
   }
 
@@ -413,12 +429,35 @@ export class VolumeEngine {
     return { blocks };
   }
 
+  /**
+   * The volume's data grew (VolumeData.sizeBytes is already the new size): every bitmap
+   * grows with it. Refused while a delta set is being built.
+   */
+  async grow(): Promise<void> {
+    await this.quiesce(async () => {
+      if (this.changeLog.buildingSet !== 0) throw new DeltavolError('DELTA_SET_BUSY', 'cannot grow while a delta set is being built');
+      const blocks = Math.ceil(this.data.sizeBytes / this.options.blockBytes);
+      assert(blocks >= this.blocks && this.data.sizeBytes >= this.size, 'volumes only grow');
+      this.size = this.data.sizeBytes;
+      if (blocks === this.blocks) return;
+      this.validity.grow(blocks);
+      this.changeLog.grow(blocks);
+      this.unsynced.grow(blocks);
+      this.clearedUnflushed.grow(blocks);
+      this.snapshots.grow(blocks);
+      this.al!.grow(Math.ceil(blocks / this.extentBlocks));
+      this.blocks = blocks;
+      await this.validityFile.grow(blocks);
+      await this.pendingFile.grow(blocks);
+    });
+  }
+
   // ================= snapshots =================
 
   async createSnapshot(name: string, deltaSetNumber = 0, now?: Date): Promise<SnapshotInfo> {
     return this.quiesce(async () => {
       await this.data.flush(); // the snapshot holds every write acknowledged before it
-      return this.snapshots.create(name, this.validity, deltaSetNumber, now);
+      return this.snapshots.create(name, this.validity, this.size, deltaSetNumber, now);
     });
   }
 
@@ -482,7 +521,7 @@ export class VolumeEngine {
   *differentialStream(from: string, to: string | null, runBlocksMax = 256): Generator<DifferentialRun> {
     const { data, zero } = this.differential(from, to);
     const bs = this.options.blockBytes;
-    const size = this.data.sizeBytes;
+    const size = this.size;
     let at = 0;
     for (;;) {
       const d = data.nextSet(at);
@@ -546,14 +585,14 @@ export class VolumeEngine {
         const has = this.snapshots.readBlock(index, b, block, 0, reader);
         assert(has, 'restore writes only blocks the snapshot holds');
         const at = b * bs;
-        await this.write(at, [block.subarray(0, Math.min(bs, this.data.sizeBytes - at))]);
+        await this.write(at, [block.subarray(0, Math.min(bs, this.size - at))]);
         blocksWritten++;
       }
     }
     let blocksZeroed = 0;
     for (const [start, count] of plan.zero.runs()) {
       const at = start * bs;
-      await this.zero(at, Math.min(count * bs, this.data.sizeBytes - at));
+      await this.zero(at, Math.min(count * bs, this.size - at));
       blocksZeroed += count;
     }
     return { blocksWritten, blocksZeroed };

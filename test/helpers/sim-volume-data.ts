@@ -13,7 +13,10 @@ export class SimVolumeData implements VolumeData {
   private pending: { position: number; data: Buffer }[] = [];
   flushes = 0;
 
-  constructor(readonly sizeBytes: number, from?: Buffer) {
+  constructor(
+    public sizeBytes: number,
+    from?: Buffer,
+  ) {
     this.current = from ? Buffer.from(from) : Buffer.alloc(sizeBytes);
     this.durable = Buffer.from(this.current);
   }
@@ -40,6 +43,18 @@ export class SimVolumeData implements VolumeData {
     for (const p of this.pending.slice(0, covered)) p.data.copy(this.durable, p.position);
     this.pending = this.pending.slice(covered);
     this.flushes++;
+  }
+
+  /** Grows the volume (like ftruncate to a larger size: durable at once, reads as zeroes). */
+  grow(sizeBytes: number): void {
+    const grow = (b: Buffer) => {
+      const g = Buffer.alloc(sizeBytes);
+      b.copy(g);
+      return g;
+    };
+    this.current = grow(this.current);
+    this.durable = grow(this.durable);
+    this.sizeBytes = sizeBytes;
   }
 
   crash(rng: () => number): SimVolumeData {
