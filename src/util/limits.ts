@@ -37,7 +37,7 @@ export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */
 export const pooledReadBufferBytesMin = 64 * 1024;
 /** Idle bytes the read-buffer pool keeps for reuse (per process). */
-export const pooledReadBuffersBytesMax = 48 * 1024 * 1024;
+export const pooledReadBuffersBytesMax = 16 * 1024 * 1024;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */
