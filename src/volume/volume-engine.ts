@@ -104,6 +104,9 @@ export class VolumeEngine {
 
   /** Counts writes: a zeroing that raced with a write keeps its blocks valid (safe side). */
   private writeSeq = 0;
+  /** Counts every change (writes, zeroes, consistent points): cached answers expire with it. */
+  private version = 0;
+  private changedCache: { name: string; version: number; blocks: PagedBitmap } | null = null;
 
   private constructor(
     private readonly data: VolumeData,
@@ -214,6 +217,7 @@ export class VolumeEngine {
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
     this.writeSeq++;
+    this.version++;
     if (this.fastPathOpen(first, last)) {
       this.changeLog.markChanged(first, last);
       if (first === last) this.validity.set(first);
@@ -234,6 +238,7 @@ export class VolumeEngine {
     // Blocks wholly covered (the volume's partial last block counts as whole at its end).
     const wholeFirst = Math.ceil(offset / bs);
     const wholeLast = end >= this.size ? last : Math.floor(end / bs) - 1;
+    this.version++;
     return this.slowPath(first, last, true, () => {
       const seq = this.writeSeq;
       const r = this.data.zero(offset, length);
@@ -381,6 +386,7 @@ export class VolumeEngine {
     while (this.gate !== null) await this.gate;
     let open!: () => void;
     this.gate = new Promise<void>((r) => (open = r));
+    this.version++;
     try {
       while (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
       return await fn();
@@ -562,6 +568,35 @@ export class VolumeEngine {
       const nextB = valid ? meta.nextClear(b) : meta.nextSet(b);
       const stop = nextB < 0 ? end : Math.min(end, nextB * bs);
       out.push({ lengthBytes: stop - pos, hole: !valid });
+      pos = stop;
+    }
+    return out;
+  }
+
+  /**
+   * Extents of [offset, offset+length) changed since snapshot `name` (dirty) or not, at
+   * most extentsMax: the NBD meta context qemu:dirty-bitmap:NAME, so backup tools read only
+   * what changed. Dirty means "may differ": a block rewritten with the same bytes is dirty.
+   */
+  dirtyExtents(name: string, offset: number, length: number, extentsMax: number): { lengthBytes: number; dirty: boolean }[] {
+    this.checkRange(offset, length);
+    let cache = this.changedCache;
+    if (cache === null || cache.name !== name || cache.version !== this.version) {
+      const { data, zero } = this.differential(name, null);
+      data.union(zero);
+      cache = this.changedCache = { name, version: this.version, blocks: data };
+    }
+    const changed = cache.blocks;
+    const bs = this.options.blockBytes;
+    const end = offset + length;
+    const out: { lengthBytes: number; dirty: boolean }[] = [];
+    let pos = offset;
+    while (pos < end && out.length < extentsMax) {
+      const b = Math.floor(pos / bs);
+      const dirty = changed.test(b);
+      const nextB = dirty ? changed.nextClear(b) : changed.nextSet(b);
+      const stop = nextB < 0 ? end : Math.min(end, nextB * bs);
+      out.push({ lengthBytes: stop - pos, dirty });
       pos = stop;
     }
     return out;

@@ -255,6 +255,15 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions)
           if (run.data) run.data.copy(copy, run.offsetBytes);
           else copy.fill(0, run.offsetBytes, run.offsetBytes + run.lengthBytes);
         }
+        if (!m) {
+          // qemu:dirty-bitmap:L: every byte that differs from L lies in a dirty extent.
+          let pos = 0;
+          for (const ex of engine.dirtyExtents(l.name, 0, SIZE, 1000)) {
+            if (!ex.dirty) expect(model.vol.subarray(pos, pos + ex.lengthBytes).equals(l.content.subarray(pos, pos + ex.lengthBytes)), `clean extent at ${pos}`).toBe(true);
+            pos += ex.lengthBytes;
+          }
+          expect(pos).toBe(SIZE);
+        }
         // Snapshot holes as BLOCK_STATUS reports them: a hole reads as zeroes.
         if (m) {
           let pos = 0;
