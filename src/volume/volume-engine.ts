@@ -34,7 +34,7 @@ import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } fro
 const VALIDITY_FILE = 'validity.bm';
 const PENDING_FILE = 'pending.bm';
 const ACTIVITY_FILE = 'activity.log';
-/** Background copy-out yields to the event loop after this many blocks. */
+/** Background copy-out yields to the event loop after this many blocks (default). */
 const COPY_BLOCKS_PER_TURN = 256;
 
 /** The volume's data, as the engine needs it. */
@@ -80,7 +80,6 @@ export interface EngineOptions {
 }
 
 export interface EngineStats {
-  activityCommits: number;
   checkpoints: number;
   beforeImagesSaved: number;
   priorityCopies: number;
@@ -100,7 +99,7 @@ export class VolumeEngine {
   private drained: (() => void) | null = null;
   private sink: DeltaSink | null = null;
   private closed = false;
-  readonly stats: EngineStats = { activityCommits: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
+  readonly stats: EngineStats = { checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
 
   /** Counts writes: a zeroing that raced with a write keeps its blocks valid (safe side). */
   private writeSeq = 0;
