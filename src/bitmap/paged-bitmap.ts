@@ -13,7 +13,11 @@
 //   - pageCounts[p] = popcount of page p; setCount = Σ pageCounts;
 //   - no bit at or past bitsTotal is ever set;
 //   - with dirty tracking on: a page whose bits changed since the last takeDirtyPages()
-//     is listed exactly once in the dirty list (persistence writes only those pages).
+//     is listed exactly once in the dirty list (persistence writes only those pages);
+//   - a present page may be shared with other bitmaps (shareClone(): a snapshot's meta
+//     bitmap shares the validity bitmap's pages); a shared page is never written in
+//     place: the first change copies it (copy-on-write), so sharing costs nothing until
+//     the bitmaps diverge, and then one page per page changed.
 //
 // The hot calls (set / test of one bit) allocate nothing once a page exists: a typed-array
 // page, a shift and a mask. Bit indexes are < 2^32 (asserted), so >>> is safe.
@@ -70,6 +74,8 @@ export class PagedBitmap implements ReadonlyBitmap {
   private readonly freePages: Uint32Array[] = [];
   /** Dirty tracking (persistence): a flag per page and the list of flagged pages. */
   private dirtyFlags: Uint8Array | null;
+  /** Per page: 1 when the page array may also be referenced by another bitmap. */
+  private shared: Uint8Array | null = null;
   private dirtyList: Uint32Array | null;
   private dirtyCount = 0;
 
@@ -105,6 +111,11 @@ export class PagedBitmap implements ReadonlyBitmap {
         flags.set(this.dirtyFlags);
         this.dirtyFlags = flags;
       }
+      if (this.shared !== null) {
+        const flags = new Uint8Array(pages);
+        flags.set(this.shared);
+        this.shared = flags;
+      }
       this.pageCount = pages;
     }
     this.bits = bitsTotal;
@@ -128,6 +139,7 @@ export class PagedBitmap implements ReadonlyBitmap {
     const mask = 1 << (bit & 31);
     const old = page[w]!;
     if ((old & mask) !== 0) return false;
+    if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
     page[w] = old | mask;
     this.pageCounts[p]!++;
     this.setCount++;
@@ -139,12 +151,13 @@ export class PagedBitmap implements ReadonlyBitmap {
   clear(bit: number): boolean {
     if (!(bit >= 0 && bit < this.bitsTotal)) throw new AssertionError(`bit ${bit} outside bitmap of ${this.bitsTotal}`);
     const p = bit >>> PAGE_SHIFT;
-    const page = this.pages[p]!;
+    let page = this.pages[p]!;
     if (page === null) return false;
     const w = (bit >>> 5) & WORD_MASK_IN_PAGE;
     const mask = 1 << (bit & 31);
     const old = page[w]!;
     if ((old & mask) === 0) return false;
+    if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
     page[w] = old & ~mask;
     this.setCount--;
     if (this.dirtyFlags !== null) this.markDirty(p);
@@ -162,6 +175,7 @@ export class PagedBitmap implements ReadonlyBitmap {
       const old = page[w]!;
       const added = popcount32(mask & ~old);
       if (added === 0) return;
+      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
       page[w] = (old | mask) >>> 0;
       this.pageCounts[p]! += added;
       this.setCount += added;
@@ -172,11 +186,12 @@ export class PagedBitmap implements ReadonlyBitmap {
   clearRange(start: number, count: number): void {
     this.checkRange(start, count);
     this.forWordSpans(start, count, (p, w, mask) => {
-      const page = this.pages[p]!;
+      let page = this.pages[p]!;
       if (page === null) return;
       const old = page[w]!;
       const removed = popcount32(mask & old);
       if (removed === 0) return;
+      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
       page[w] = (old & ~mask) >>> 0;
       this.setCount -= removed;
       if (this.dirtyFlags !== null) this.markDirty(p);
@@ -297,6 +312,7 @@ export class PagedBitmap implements ReadonlyBitmap {
       }
       let n = 0;
       let changed = false;
+      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
       for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
         const v = (dst[w]! | src[w]!) >>> 0;
         if (v !== dst[w]) {
@@ -318,8 +334,9 @@ export class PagedBitmap implements ReadonlyBitmap {
     const pagesN = Math.min(this.pageTotal, other.pageTotal);
     for (let p = 0; p < pagesN; p++) {
       const src = other.pages[p]!;
-      const dst = this.pages[p]!;
+      let dst = this.pages[p]!;
       if (src === null || dst === null) continue;
+      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
       let n = 0;
       let changed = false;
       for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
@@ -341,8 +358,9 @@ export class PagedBitmap implements ReadonlyBitmap {
   /** this &= other. */
   intersect(other: PagedBitmap): void {
     for (let p = 0; p < this.pageTotal; p++) {
-      const dst = this.pages[p]!;
+      let dst = this.pages[p]!;
       if (dst === null) continue;
+      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
       const src = p < other.pageTotal ? other.pages[p]! : null;
       let n = 0;
       if (src !== null) {
@@ -372,6 +390,39 @@ export class PagedBitmap implements ReadonlyBitmap {
     }
     c.setCount = this.setCount;
     return c;
+  }
+
+  /**
+   * A copy that shares every page with this bitmap until either changes it (then that
+   * page is copied for the one changing it). For bitmaps that rarely diverge: a snapshot's
+   * meta bitmap taken from the validity bitmap costs no page until the volume changes.
+   */
+  shareClone(options: { trackDirty?: boolean } = {}): PagedBitmap {
+    const c = new PagedBitmap(this.bitsTotal, options);
+    if (this.shared === null) this.shared = new Uint8Array(this.pageCount);
+    c.shared = new Uint8Array(this.pageCount);
+    for (let p = 0; p < this.pageCount; p++) {
+      const page = this.pages[p]!;
+      if (page === null) continue;
+      c.pages[p] = page;
+      c.pageCounts[p] = this.pageCounts[p]!;
+      c.pagesPresent++;
+      this.shared[p] = 1;
+      c.shared[p] = 1;
+      if (c.dirtyFlags !== null) c.markDirty(p);
+    }
+    c.setCount = this.setCount;
+    return c;
+  }
+
+  /** Makes page p this bitmap's own (copying it if it may be shared) before a change. */
+  private own(p: number): Uint32Array {
+    const page = this.pages[p]!;
+    this.shared![p] = 0;
+    const copy = this.freePages.pop() ?? new Uint32Array(BITMAP_PAGE_WORDS);
+    copy.set(page);
+    this.pages[p] = copy;
+    return copy;
   }
 
   clearAll(): void {
@@ -404,10 +455,20 @@ export class PagedBitmap implements ReadonlyBitmap {
     return this.pagesPresent;
   }
 
-  /** Bytes of memory this bitmap holds: present pages plus the page table and counters. */
+  /**
+   * Bytes of memory this bitmap holds: present pages plus the page table and counters
+   * (a page shared with another bitmap counts in each; see ownBytesUsed()).
+   */
   bytesUsed(): number {
     const tableBytes = this.pageTotal * (8 + 4) + (this.dirtyFlags ? this.pageTotal + this.dirtyList!.byteLength : 0);
     return (this.pagesPresent + this.freePages.length) * BITMAP_PAGE_BYTES + tableBytes;
+  }
+
+  /** Like bytesUsed(), but pages shared with another bitmap are not counted. */
+  ownBytesUsed(): number {
+    let shared = 0;
+    if (this.shared !== null) for (let p = 0; p < this.pageCount; p++) shared += this.shared[p]!;
+    return this.bytesUsed() - shared * BITMAP_PAGE_BYTES;
   }
 
   // ---- pages, for persistence ----
@@ -433,7 +494,8 @@ export class PagedBitmap implements ReadonlyBitmap {
         this.releasePage(p);
       }
     } else {
-      const page = this.pages[p] ?? this.allocPage(p);
+      let page = this.pages[p] ?? this.allocPage(p);
+      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
       page.set(words);
       this.pageCounts[p] = n;
     }
@@ -478,6 +540,10 @@ export class PagedBitmap implements ReadonlyBitmap {
     const page = this.pages[p]!;
     this.pages[p] = null;
     this.pagesPresent--;
+    if (this.shared !== null && this.shared[p] !== 0) {
+      this.shared[p] = 0; // another bitmap still reads it: never recycle
+      return;
+    }
     if (this.freePages.length < FREE_PAGES_KEPT_MAX) {
       page.fill(0);
       this.freePages.push(page);

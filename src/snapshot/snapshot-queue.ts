@@ -212,7 +212,9 @@ export class SnapshotQueue {
     if (this.queue.some((s) => s.name === name)) throw new DeltavolError('SNAPSHOT_EXISTS', `snapshot "${name}" already exists`);
     if (this.queue.length >= snapshotsMax) throw new DeltavolError('SNAPSHOTS_MAX', `a volume has at most ${snapshotsMax} snapshots`);
     const id = this.nextId++;
-    const meta = validity.clone();
+    // Shares the validity bitmap's pages: a snapshot costs memory only where the volume's
+    // validity changes after it (one page copied per page changed).
+    const meta = validity.shareClone();
     // Files first, the manifest last: a crash before it leaves files no manifest names
     // (removed at the next create of that id: ids are never reused, so they are inert).
     const mf = await BitmapFile.create(this.fsys, metaFileName(id), this.blocksTotal);

@@ -12,7 +12,7 @@ type Op =
   | { k: 'set' | 'clear' | 'test'; bit: number }
   | { k: 'setRange' | 'clearRange' | 'countRange'; start: number; count: number }
   | { k: 'union' | 'difference' | 'intersect'; bits: number[]; ranges: [number, number][] }
-  | { k: 'clone' | 'clearAll' | 'dirty' };
+  | { k: 'clone' | 'clearAll' | 'dirty' | 'share' | 'swapShared' };
 
 // Positions cluster near word and page edges, where the bugs live.
 const edge = fc.oneof(
@@ -25,7 +25,7 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   fc.record({ k: fc.constantFrom('set' as const, 'clear' as const, 'test' as const), bit: edge }),
   range.chain(([start, count]) => fc.constantFrom('setRange' as const, 'clearRange' as const, 'countRange' as const).map((k) => ({ k, start, count }))),
   fc.record({ k: fc.constantFrom('union' as const, 'difference' as const, 'intersect' as const), bits: fc.array(edge, { maxLength: 20 }), ranges: fc.array(range, { maxLength: 3 }) }),
-  fc.record({ k: fc.constantFrom('clone' as const, 'clearAll' as const, 'dirty' as const) }),
+  fc.record({ k: fc.constantFrom('clone' as const, 'clearAll' as const, 'dirty' as const, 'share' as const, 'swapShared' as const) }),
 );
 
 function runsOf(model: Set<number>): [number, number][] {
@@ -74,7 +74,9 @@ describe('PagedBitmap', () => {
     fc.assert(
       fc.property(fc.array(op, { minLength: 1, maxLength: 40 }), fc.array(edge, { minLength: 4, maxLength: 8 }), (ops, probes) => {
         let bm = new PagedBitmap(SIZE, { trackDirty: true });
-        const model = new Set<number>();
+        let model = new Set<number>();
+        // Bitmaps sharing pages with bm (shareClone): each must keep its own contents.
+        const sharers: { bm: PagedBitmap; model: Set<number> }[] = [];
         for (const o of ops) {
           switch (o.k) {
             case 'set':
@@ -123,6 +125,18 @@ describe('PagedBitmap', () => {
               bm.clearAll();
               model.clear();
               break;
+            case 'share':
+              sharers.push({ bm: bm.shareClone({ trackDirty: true }), model: new Set(model) });
+              break;
+            case 'swapShared': {
+              // Carry on mutating a sharer instead, so both sides of a share get changed.
+              const other = sharers.pop();
+              if (!other) break;
+              sharers.push({ bm, model });
+              bm = other.bm;
+              model = other.model;
+              break;
+            }
             case 'dirty': {
               // Every page holding a bit, or changed since the last take, is reported dirty once.
               const dirty = bm.takeDirtyPages();
@@ -132,6 +146,10 @@ describe('PagedBitmap', () => {
             }
           }
           check(bm, model, probes);
+          for (const sh of sharers) {
+            sh.bm.invariants();
+            expect(sh.bm.runs()).toEqual(runsOf(sh.model));
+          }
         }
       }),
       { seed, numRuns: 300 },
