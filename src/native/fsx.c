@@ -49,15 +49,21 @@ static int get_i64(napi_env env, napi_value v, int64_t *out) {
   return 1;
 }
 
-static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, const char *name) {
+/* Reads (fd, offset, length) arguments; throws and returns 0 when they are not integers. */
+static int get_range_args(napi_env env, napi_callback_info info, int64_t *fd, int64_t *off, int64_t *len) {
   size_t argc = 3;
   napi_value argv[3];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  int64_t fd, off, len;
-  if (argc < 3 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &off) || !get_i64(env, argv[2], &len)) {
+  if (argc < 3 || !get_i64(env, argv[0], fd) || !get_i64(env, argv[1], off) || !get_i64(env, argv[2], len)) {
     napi_throw_type_error(env, "EINVAL", "expected (fd, offset, length) as non-negative integers");
-    return NULL;
+    return 0;
   }
+  return 1;
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, const char *name) {
+  int64_t fd, off, len;
+  if (!get_range_args(env, info, &fd, &off, &len)) return NULL;
   int r;
   do {
     r = fallocate((int)fd, mode, (off_t)off, (off_t)len);
@@ -108,14 +114,8 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
 
 /* posix_fadvise(WILLNEED): start reading a range into the page cache (NBD_CMD_CACHE). */
 static napi_value will_need(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int64_t fd, off, len;
-  if (argc < 3 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &off) || !get_i64(env, argv[2], &len)) {
-    napi_throw_type_error(env, "EINVAL", "expected (fd, offset, length) as non-negative integers");
-    return NULL;
-  }
+  if (!get_range_args(env, info, &fd, &off, &len)) return NULL;
   int r = posix_fadvise((int)fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
   if (r != 0) return throw_errno(env, "posix_fadvise", r);
   return NULL;
