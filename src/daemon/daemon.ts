@@ -15,6 +15,7 @@ import { NbdServer } from '../server/nbd-server.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
+import { loadFsx } from '../storage/native.js';
 
 export interface DaemonConfig {
   dataDir: string;
@@ -53,6 +54,7 @@ export class Daemon {
   private stopping: Promise<void> | null = null;
   private defaultExport: string | undefined;
   private readonly startedMs = Date.now();
+  private lockFd: number | null = null;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -61,7 +63,12 @@ export class Daemon {
     // A 4 KiB read reply (16-byte header + data) is just over Node's default pooled size;
     // a larger pool serves it (and replies up to 32 KiB) without a malloc per request.
     Buffer.poolSize = 64 * 1024;
-    this.registry = new VolumeRegistry(config.dataDir, { syncIoBytesMax: config.syncIoBytesMax }, log.child({ part: 'volumes' }));
+    const volumesLog = log.child({ part: 'volumes' });
+    this.registry = new VolumeRegistry(
+      config.dataDir,
+      { syncIoBytesMax: config.syncIoBytesMax, warn: (msg, fields) => volumesLog.warn(fields, msg) },
+      volumesLog,
+    );
     this.defaultExport = config.defaultExport;
     this.nbd = new NbdServer(
       new VolumeCatalog(this.registry, () => this.defaultExport),
@@ -79,9 +86,9 @@ export class Daemon {
       throw new DeltavolError('DATA_DIR', `cannot create data directory ${dir}: ${(e as Error).message}`);
     }
     this.lockDataDir();
-    this.registry.load();
+    await this.registry.load();
     if (this.config.demoVolumeBytes && !this.registry.get('demo')) {
-      this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
+      await this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
     }
     if (this.defaultExport === undefined && this.config.demoVolumeBytes) this.defaultExport = 'demo';
     const nbdPort = await this.nbd.listenTcp(this.config.nbdPort, this.config.nbdHost);
@@ -113,28 +120,33 @@ export class Daemon {
     await this.nbd.close(shutdownDrainMs);
     await this.api.close();
     await this.registry.closeAll();
-    for (const f of [DAEMON_INFO_FILE, PID_FILE]) fs.rmSync(path.join(this.config.dataDir, f), { force: true });
+    fs.rmSync(path.join(this.config.dataDir, DAEMON_INFO_FILE), { force: true });
+    if (this.lockFd !== null) fs.closeSync(this.lockFd);
+    this.lockFd = null;
     this.log.info('shut down cleanly');
   }
 
-  /** One daemon per data directory: a pid file created exclusively; a stale one is replaced. */
+  /**
+   * One daemon per data directory: an flock on DATA_DIR/daemon.pid, held for the life of
+   * the process and released by the kernel however it ends (a pid check would be fooled by
+   * a reused pid after a crash). The file holds the owner's pid for the error message.
+   */
   private lockDataDir(): void {
     const pidPath = path.join(this.config.dataDir, PID_FILE);
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        fs.writeFileSync(pidPath, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
-        return;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-        const other = Number(fs.readFileSync(pidPath, 'utf8').trim());
-        if (Number.isInteger(other) && other > 0 && other !== process.pid && processAlive(other)) {
-          throw new DeltavolError('DATA_DIR', `data directory ${this.config.dataDir} is in use by daemon pid ${other}`);
-        }
-        this.log.warn({ stalePid: other }, 'removing stale pid file');
-        fs.rmSync(pidPath, { force: true });
-      }
+    const fd = fs.openSync(pidPath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    const fsx = loadFsx();
+    if (!fsx) {
+      fs.closeSync(fd);
+      throw new DeltavolError('DATA_DIR', 'the native addon (build/Release/fsx.node) is missing: run `npm run build`');
     }
-    throw new DeltavolError('DATA_DIR', `cannot lock data directory ${this.config.dataDir}`);
+    if (!fsx.lockExclusive(fd)) {
+      const other = fs.readFileSync(pidPath, 'utf8').trim();
+      fs.closeSync(fd);
+      throw new DeltavolError('DATA_DIR', `data directory ${this.config.dataDir} is in use by daemon pid ${other || '?'}`);
+    }
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+    this.lockFd = fd; // kept open: closing it would drop the lock
   }
 
   private volumeJson(v: Volume) {
@@ -170,12 +182,12 @@ export class Daemon {
     api.route('GET', '/v1/status', () => this.status());
     api.route('GET', '/v1/volumes', () => ({ volumes: this.registry.list().map((v) => this.volumeJson(v)) }));
     api.route('GET', '/v1/volumes/:name', (p) => this.volumeJson(this.registry.require(p.name!)));
-    api.route('POST', '/v1/volumes', (_p, body) => {
+    api.route('POST', '/v1/volumes', async (_p, body) => {
       const name = str(body, 'name');
       const sizeBytes = num(body, 'sizeBytes');
       if (!name) throw new DeltavolError('EINVAL_ARGUMENT', '"name" is required');
       if (sizeBytes === undefined) throw new DeltavolError('EINVAL_ARGUMENT', '"sizeBytes" is required');
-      const v = this.registry.create({
+      const v = await this.registry.create({
         name,
         sizeBytes,
         readOnly: bool(body, 'readOnly'),
@@ -184,14 +196,14 @@ export class Daemon {
       });
       return this.volumeJson(v);
     });
-    api.route('PATCH', '/v1/volumes/:name', (p, body) => {
+    api.route('PATCH', '/v1/volumes/:name', async (p, body) => {
       const name = p.name!;
       const sizeBytes = num(body, 'sizeBytes');
-      if (sizeBytes !== undefined) this.registry.resize(name, sizeBytes);
+      if (sizeBytes !== undefined) await this.registry.resize(name, sizeBytes);
       const readOnly = bool(body, 'readOnly');
       const description = str(body, 'description');
       if (readOnly !== undefined || description !== undefined) {
-        this.registry.update(name, {
+        await this.registry.update(name, {
           ...(readOnly !== undefined ? { readOnly } : {}),
           ...(description !== undefined ? { description } : {}),
         });
@@ -222,11 +234,3 @@ export class Daemon {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}

@@ -2,13 +2,15 @@
  * fsx: the few Linux file calls Node.js does not expose and a block server needs.
  * fallocate(2) to punch holes and zero ranges (TRIM, WRITE_ZEROES) and
  * lseek(2) SEEK_DATA / SEEK_HOLE to report real allocation (BLOCK_STATUS), and
- * posix_fadvise(2) WILLNEED for NBD_CMD_CACHE.
+ * posix_fadvise(2) WILLNEED for NBD_CMD_CACHE, and flock(2) so one daemon owns a data
+ * directory.
  * Each function is synchronous and tiny; errors become JS exceptions whose
  * `code` is the errno name (EOPNOTSUPP, ENXIO, ...), as Node's own fs errors are.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <linux/falloc.h>
 #include <node_api.h>
 #include <stdint.h>
@@ -121,6 +123,29 @@ static napi_value will_need(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * flock(LOCK_EX | LOCK_NB): true when this process now holds the lock, false when another
+ * does. The kernel drops it when the holder dies, even by SIGKILL: no stale locks.
+ */
+static napi_value lock_exclusive(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd;
+  if (argc < 1 || !get_i64(env, argv[0], &fd)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd)");
+    return NULL;
+  }
+  int r;
+  do {
+    r = flock((int)fd, LOCK_EX | LOCK_NB);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0 && errno != EWOULDBLOCK) return throw_errno(env, "flock", errno);
+  napi_value out;
+  napi_get_boolean(env, r == 0, &out);
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -129,6 +154,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
     {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_default, NULL},
+    {"lockExclusive", NULL, lock_exclusive, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -16,6 +16,8 @@ export interface Fsx {
   seekHole(fd: number, offset: number): number;
   /** posix_fadvise(WILLNEED): asks the kernel to read the range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
+  /** flock(LOCK_EX | LOCK_NB): true if acquired, false if another process holds it. */
+  lockExclusive(fd: number): boolean;
 }
 
 let cached: Fsx | null | undefined;
