@@ -24,8 +24,8 @@ export function fileStoreData(store: FileStore): VolumeData {
       }
     },
     write: (offset, chunks) => store.write(offset, chunks),
-    zero(offset, length) {
-      const r = store.zero(offset, length, false, false);
+    zero(offset, length, keepAllocated) {
+      const r = store.zero(offset, length, keepAllocated ?? false, false);
       if (typeof r !== 'boolean') return r.then(() => undefined);
     },
     flush: () => store.flush(),

@@ -42,7 +42,7 @@ export class VolumeRegistry {
   }
 
   /** Opens every volume found under the data directory. A damaged one is logged and skipped. */
-  load(): void {
+  async load(): Promise<void> {
     fs.mkdirSync(this.volumesDir, { recursive: true, mode: 0o700 });
     for (const entry of fs.readdirSync(this.volumesDir, { withFileTypes: true })) {
       const dir = path.join(this.volumesDir, entry.name);
@@ -61,7 +61,7 @@ export class VolumeRegistry {
         }
         const meta = parseVolumeMeta(fs.readFileSync(metaPath, 'utf8'), metaPath);
         if (meta.name !== entry.name) throw new DeltavolError('METADATA_CORRUPT', `${metaPath}: name "${meta.name}" ≠ directory`);
-        this.volumes.set(meta.name, Volume.open(dir, meta, this.io));
+        this.volumes.set(meta.name, await Volume.open(dir, meta, this.io, false));
       } catch (e) {
         this.log.error({ dir, err: (e as Error).message }, 'volume not loaded');
       }
@@ -83,7 +83,7 @@ export class VolumeRegistry {
     return v;
   }
 
-  create(options: CreateVolumeOptions): Volume {
+  async create(options: CreateVolumeOptions): Promise<Volume> {
     validateVolumeName(options.name);
     validateVolumeSize(options.sizeBytes);
     const trackingBlockBytes = options.trackingBlockBytes ?? TRACKING_BLOCK_BYTES_DEFAULT;
@@ -101,33 +101,34 @@ export class VolumeRegistry {
       trackingBlockBytes,
     };
     fs.mkdirSync(dir, { mode: 0o700 });
+    let v: Volume;
     try {
-      // Data first, metadata last: a crash in between leaves a directory without
-      // metadata, which load() removes.
+      // Data and engine first, metadata last: a crash in between leaves a directory
+      // without metadata, which load() removes.
       FileStore.create(path.join(dir, DATA_FILE), meta.sizeBytes);
+      v = await Volume.open(dir, meta, this.io, true);
       writeFileAtomicSync(path.join(dir, META_FILE), JSON.stringify(meta, null, 2) + '\n');
       fsyncDirSync(this.volumesDir);
     } catch (e) {
       fs.rmSync(dir, { recursive: true, force: true });
       throw e;
     }
-    const v = Volume.open(dir, meta, this.io);
     this.volumes.set(meta.name, v);
     this.log.info({ volume: meta.name, sizeBytes: meta.sizeBytes, readOnly: meta.readOnly }, 'volume created');
     return v;
   }
 
-  resize(name: string, sizeBytes: number): Volume {
+  async resize(name: string, sizeBytes: number): Promise<Volume> {
     const v = this.require(name);
     validateVolumeSize(sizeBytes);
-    v.updateMeta({ sizeBytes });
+    await v.updateMeta({ sizeBytes });
     this.log.info({ volume: name, sizeBytes }, 'volume resized');
     return v;
   }
 
-  update(name: string, patch: { readOnly?: boolean; description?: string }): Volume {
+  async update(name: string, patch: { readOnly?: boolean; description?: string }): Promise<Volume> {
     const v = this.require(name);
-    v.updateMeta(patch);
+    await v.updateMeta(patch);
     this.log.info({ volume: name, ...patch }, 'volume updated');
     return v;
   }

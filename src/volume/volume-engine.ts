@@ -43,8 +43,11 @@ export interface VolumeData {
   /** Synchronous positional read (whole tracking blocks for copies; page cache hot). */
   readSync(offset: number, target: Buffer, targetOffset: number, length: number): void;
   write(offset: number, chunks: Buffer[]): void | Promise<void>;
-  /** The range reads as zeroes afterwards (a hole where the file system allows). */
-  zero(offset: number, length: number): void | Promise<void>;
+  /**
+   * The range reads as zeroes afterwards: a hole where the file system allows, or, with
+   * keepAllocated (NBD_CMD_FLAG_NO_HOLE), zeroes that stay provisioned.
+   */
+  zero(offset: number, length: number, keepAllocated?: boolean): void | Promise<void>;
   flush(): Promise<void>;
 }
 
@@ -227,7 +230,7 @@ export class VolumeEngine {
   }
 
   /** TRIM and WRITE_ZEROES: the range reads as zeroes; wholly covered blocks become invalid. */
-  zero(offset: number, length: number): void | Promise<void> {
+  zero(offset: number, length: number, keepAllocated = false): void | Promise<void> {
     this.checkRange(offset, length);
     if (length === 0) return;
     const bs = this.options.blockBytes;
@@ -240,7 +243,7 @@ export class VolumeEngine {
     this.version++;
     return this.slowPath(first, last, true, () => {
       const seq = this.writeSeq;
-      const r = this.data.zero(offset, length);
+      const r = this.data.zero(offset, length, keepAllocated);
       const invalidate = () => {
         if (wholeLast < wholeFirst || seq !== this.writeSeq) return;
         this.validity.clearRange(wholeFirst, wholeLast - wholeFirst + 1);

@@ -1,17 +1,24 @@
-// Why: a volume is the unit users create, export and (later) snapshot and replicate.
-// Every read and write of a volume passes through here, whoever the caller is (NBD
-// exports today; the change log, snapshots and replication hook into this write path
-// next). Knows nothing of NBD: callers speak offsets, lengths and buffers.
+// Why: a volume is the unit users create, export and snapshot (and later replicate).
+// Every read and write of a volume passes through here, whoever the caller is; every
+// write, TRIM and zeroing goes through the volume engine (change log, snapshot
+// copy-on-write, validity, crash safety) before its data reaches the file. Knows nothing
+// of NBD: callers speak offsets, lengths and buffers.
 
+import fs from 'node:fs';
 import path from 'node:path';
 import { assert } from '../util/assert.js';
 import { DeltavolError, systemError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
+import { nodeDurableFs } from '../util/durable-fs.js';
 import { FileStore } from '../storage/file-store.js';
+import { VolumeEngine } from './volume-engine.js';
+import { fileStoreData } from './file-store-data.js';
 import type { VolumeMeta } from './volume-meta.js';
 
 export const META_FILE = 'volume.json';
 export const DATA_FILE = 'data.img';
+/** Engine metadata (bitmaps, activity log, snapshot save areas) lives in this subdirectory. */
+export const ENGINE_DIR = 'engine';
 
 export interface VolumeExtent {
   lengthBytes: number;
@@ -21,6 +28,8 @@ export interface VolumeExtent {
 
 export interface VolumeIoOptions {
   syncIoBytesMax: number;
+  /** Told about events an operator must see (a snapshot invalidated). */
+  warn?: (message: string, fields: Record<string, unknown>) => void;
 }
 
 export class Volume {
@@ -31,17 +40,41 @@ export class Volume {
     readonly dir: string,
     private meta: VolumeMeta,
     private readonly store: FileStore,
+    readonly engine: VolumeEngine,
   ) {
     assert(store.sizeBytes === meta.sizeBytes, `data file size ${store.sizeBytes} ≠ metadata size ${meta.sizeBytes}`);
   }
 
-  static open(dir: string, meta: VolumeMeta, io: VolumeIoOptions): Volume {
+  /**
+   * Opens a volume's data file and its engine. `fresh`: the volume was just created, so
+   * the engine starts with empty bitmaps; otherwise it recovers from its files (after a
+   * clean close or a crash).
+   */
+  static async open(dir: string, meta: VolumeMeta, io: VolumeIoOptions, fresh: boolean): Promise<Volume> {
     const store = FileStore.open(path.join(dir, DATA_FILE), { readOnly: false, syncIoBytesMax: io.syncIoBytesMax });
-    if (store.sizeBytes !== meta.sizeBytes) {
+    try {
+      if (store.sizeBytes !== meta.sizeBytes) {
+        throw new DeltavolError('METADATA_CORRUPT', `volume ${meta.name}: data file is ${store.sizeBytes} bytes, metadata says ${meta.sizeBytes}`);
+      }
+      const engineDir = path.join(dir, ENGINE_DIR);
+      if (!fresh && !fs.existsSync(engineDir)) {
+        throw new DeltavolError('METADATA_CORRUPT', `volume ${meta.name}: engine metadata directory ${engineDir} is missing`);
+      }
+      fs.mkdirSync(engineDir, { recursive: true, mode: 0o700 });
+      const options = {
+        blockBytes: meta.trackingBlockBytes,
+        // One snapshot never needs more than every block of the volume, plus record headers.
+        saveAreaBytesMax: meta.sizeBytes + Math.ceil(meta.sizeBytes / 8),
+        warn: io.warn,
+      };
+      const data = fileStoreData(store);
+      const fsys = nodeDurableFs(engineDir);
+      const engine = fresh ? await VolumeEngine.create(fsys, data, options) : await VolumeEngine.open(fsys, data, options);
+      return new Volume(dir, meta, store, engine);
+    } catch (e) {
       store.close();
-      throw new DeltavolError('METADATA_CORRUPT', `volume ${meta.name}: data file is ${store.sizeBytes} bytes, metadata says ${meta.sizeBytes}`);
+      throw e;
     }
-    return new Volume(dir, meta, store);
   }
 
   get name(): string {
@@ -88,8 +121,10 @@ export class Volume {
 
   private checkWritable(): void {
     if (this.meta.readOnly) throw systemError('EPERM', `volume ${this.name} is read-only`);
+    if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
   }
 
+  /** Reads go straight to the file: the engine changes what is written, not how it is read. */
   read(offset: number, length: number, target: Buffer): void | Promise<void> {
     this.checkRange(offset, length);
     return this.store.read(offset, length, target);
@@ -100,21 +135,22 @@ export class Volume {
     let length = 0;
     for (const c of chunks) length += c.length;
     this.checkRange(offset, length);
-    const r = this.store.write(offset, chunks);
+    const r = this.engine.write(offset, chunks);
     if (!fua) return r;
-    return r ? r.then(() => this.store.flush()) : this.store.flush();
+    return r ? r.then(() => this.engine.flush()) : this.engine.flush();
   }
 
+  /** Makes every completed write durable (data; the engine's own ordering covers its metadata). */
   flush(): Promise<void> {
-    return this.store.flush();
+    return this.engine.flush();
   }
 
-  /** TRIM: the range's contents become unspecified; here, a hole (zeroes) where possible. */
+  /**
+   * TRIM: the range's contents become unspecified. Here it reads as zeroes, through the
+   * engine, so snapshots keep the old contents and the change log records the change.
+   */
   trim(offset: number, length: number, fua: boolean): void | Promise<void> {
-    this.checkWritable();
-    this.checkRange(offset, length);
-    if (length > 0) this.store.discard(offset, length); // fallocate refuses length 0
-    if (fua) return this.store.flush();
+    return this.zero(offset, length, false, false, fua);
   }
 
   /**
@@ -124,13 +160,12 @@ export class Volume {
   zero(offset: number, length: number, noHole: boolean, fastOnly: boolean, fua: boolean): void | Promise<void> {
     this.checkWritable();
     this.checkRange(offset, length);
-    if (length === 0) return fua ? this.store.flush() : undefined; // fallocate refuses length 0
-    const r = this.store.zero(offset, length, noHole, fastOnly);
-    const after = (ok: boolean): void | Promise<void> => {
-      if (!ok) throw systemError('ENOTSUP', 'zeroing this range would not be faster than writing zeroes');
-      if (fua) return this.store.flush();
-    };
-    return typeof r === 'boolean' ? after(r) : r.then(after);
+    if (fastOnly && !this.store.canPunch) {
+      throw systemError('ENOTSUP', 'zeroing this range would not be faster than writing zeroes');
+    }
+    const r = this.engine.zero(offset, length, noHole);
+    if (!fua) return r;
+    return r ? r.then(() => this.engine.flush()) : this.engine.flush();
   }
 
   prefetch(offset: number, length: number): void {
@@ -144,22 +179,25 @@ export class Volume {
     return this.store.allocation(offset, length, extentsMax);
   }
 
-  updateMeta(patch: Partial<Pick<VolumeMeta, 'readOnly' | 'description' | 'sizeBytes'>>): void {
+  async updateMeta(patch: Partial<Pick<VolumeMeta, 'readOnly' | 'description' | 'sizeBytes'>>): Promise<void> {
     const next = { ...this.meta, ...patch };
     if (next.sizeBytes !== this.meta.sizeBytes) {
       if (next.sizeBytes < this.meta.sizeBytes) {
         throw new DeltavolError('VOLUME_SHRINK', `volume ${this.name} cannot shrink (${this.meta.sizeBytes} → ${next.sizeBytes} bytes)`);
       }
+      // Data first, then the engine's bitmaps (its open() finishes a growth a crash interrupted).
       this.store.resize(next.sizeBytes);
+      await this.engine.grow();
     }
     writeFileAtomicSync(path.join(this.dir, META_FILE), JSON.stringify(next, null, 2) + '\n');
     this.meta = next;
   }
 
-  /** Flushes and closes the data file. New users are refused from here on. */
+  /** Checkpoints the engine, flushes and closes the data file. New users are refused from here on. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.engine.close();
     await this.store.flush();
     this.store.close();
   }
