@@ -5,7 +5,7 @@
 //
 // Exit codes (stable, for scripts):
 //   0 success · 1 the operation failed · 2 bad usage · 3 daemon unreachable
-//   4 no such volume · 5 conflict (already exists, busy)
+//   4 no such volume or snapshot · 5 conflict (already exists, busy)
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -219,6 +219,67 @@ export function buildProgram(): Command {
       process.stdout.write(`deleted ${name}\n`);
     });
 
+  const snapshot = program.command('snapshot').description('create, list, delete and restore snapshots of a volume (exported read-only as VOLUME@SNAPSHOT)');
+
+  interface SnapshotJson {
+    name: string;
+    createdAt: string;
+    sizeBytes: number;
+    deltaSetNumber: number;
+    savedBlocks: number;
+    saveAreaBytes: number;
+    valid: boolean;
+  }
+
+  snapshot
+    .command('create <volume> <name>')
+    .description('take a snapshot now: it holds every write acknowledged before it')
+    .option('--json', 'print JSON')
+    .action(async (vol: string, name: string, opts, cmd: Command) => {
+      const s = await client(cmd).request<SnapshotJson>('POST', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`, { name });
+      print(opts.json, s, () => `created snapshot ${vol}@${s.name} at ${s.createdAt}; export: ${vol}@${s.name} (read-only)`);
+    });
+
+  snapshot
+    .command('list <volume>')
+    .alias('ls')
+    .description('list the snapshots of a volume, oldest first')
+    .option('--json', 'print JSON')
+    .action(async (vol: string, opts, cmd: Command) => {
+      const { snapshots } = await client(cmd).request<{ snapshots: SnapshotJson[] }>('GET', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`);
+      print(opts.json, snapshots, () =>
+        snapshots.length === 0
+          ? `volume ${vol} has no snapshots (take one with: deltavol snapshot create ${vol} NAME)`
+          : table(
+              ['SNAPSHOT', 'CREATED', 'SIZE', 'SAVED', 'DELTA SET', 'STATE'],
+              snapshots.map((s) => [s.name, s.createdAt, formatBytes(s.sizeBytes), formatBytes(s.saveAreaBytes), s.deltaSetNumber, s.valid ? 'valid' : 'INVALID (save area full)']),
+            ),
+      );
+    });
+
+  snapshot
+    .command('delete <volume> <name>')
+    .alias('rm')
+    .description('delete a snapshot; every other snapshot keeps its content')
+    .option('--force', 'delete even while clients read it')
+    .action(async (vol: string, name: string, opts, cmd: Command) => {
+      await client(cmd).request('DELETE', `/v1/volumes/${encodeURIComponent(vol)}/snapshots/${encodeURIComponent(name)}${opts.force ? '?force=1' : ''}`);
+      process.stdout.write(`deleted snapshot ${vol}@${name}\n`);
+    });
+
+  snapshot
+    .command('restore <volume> <name>')
+    .description('roll the volume back to the snapshot in place, copying only the blocks that differ')
+    .option('--force', 'restore even with clients connected to the volume (they must not trust cached data)')
+    .option('--json', 'print JSON')
+    .action(async (vol: string, name: string, opts, cmd: Command) => {
+      const r = await client(cmd).request<{ blocksWritten: number; blocksZeroed: number; seconds: number }>(
+        'POST',
+        `/v1/volumes/${encodeURIComponent(vol)}/snapshots/${encodeURIComponent(name)}/restore${opts.force ? '?force=1' : ''}`,
+      );
+      print(opts.json, r, () => `restored ${vol} to snapshot ${name}: ${r.blocksWritten} blocks copied back, ${r.blocksZeroed} zeroed, ${r.seconds.toFixed(2)} s`);
+    });
+
   program
     .command('default-export [name]')
     .description('set the volume served for the empty export name (no name: unset)')
@@ -268,9 +329,12 @@ function exitCodeFor(e: unknown): number {
       case 'DAEMON_UNREACHABLE':
         return EXIT.unreachable;
       case 'VOLUME_NOT_FOUND':
+      case 'SNAPSHOT_NOT_FOUND':
         return EXIT.notFound;
       case 'VOLUME_EXISTS':
       case 'VOLUME_BUSY':
+      case 'SNAPSHOT_EXISTS':
+      case 'SNAPSHOTS_MAX':
         return EXIT.conflict;
       case 'BAD_SIZE':
       case 'BAD_NAME':

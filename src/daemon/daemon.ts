@@ -214,6 +214,26 @@ export class Daemon {
       await this.registry.delete(p.name!, q.get('force') === '1' || q.get('force') === 'true');
       return { deleted: p.name };
     });
+    api.route('GET', '/v1/volumes/:name/snapshots', (p) => ({ snapshots: this.registry.require(p.name!).snapshots() }));
+    api.route('POST', '/v1/volumes/:name/snapshots', async (p, body) => {
+      const snap = str(body, 'name');
+      if (!snap) throw new DeltavolError('EINVAL_ARGUMENT', '"name" is required');
+      const info = await this.registry.require(p.name!).createSnapshot(snap);
+      this.log.info({ volume: p.name, snapshot: snap, createdAt: info.createdAt }, 'snapshot created');
+      return info;
+    });
+    api.route('DELETE', '/v1/volumes/:name/snapshots/:snap', async (p, _b, q) => {
+      await this.registry.require(p.name!).deleteSnapshot(p.snap!, q.get('force') === '1' || q.get('force') === 'true');
+      this.log.info({ volume: p.name, snapshot: p.snap }, 'snapshot deleted');
+      return { deleted: p.snap };
+    });
+    api.route('POST', '/v1/volumes/:name/snapshots/:snap/restore', async (p, _b, q) => {
+      const started = Date.now();
+      const r = await this.registry.require(p.name!).restoreSnapshot(p.snap!, q.get('force') === '1' || q.get('force') === 'true');
+      const result = { restored: p.snap, ...r, seconds: (Date.now() - started) / 1000 };
+      this.log.info({ volume: p.name, ...result }, 'volume restored from snapshot');
+      return result;
+    });
     api.route('POST', '/v1/default-export', (_p, body) => {
       const name = str(body, 'name');
       if (name !== undefined && name !== '') this.registry.require(name);

@@ -13,7 +13,8 @@ import { nodeDurableFs } from '../util/durable-fs.js';
 import { FileStore } from '../storage/file-store.js';
 import { VolumeEngine } from './volume-engine.js';
 import { fileStoreData } from './file-store-data.js';
-import type { VolumeMeta } from './volume-meta.js';
+import { validateVolumeName, type VolumeMeta } from './volume-meta.js';
+import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 
 export const META_FILE = 'volume.json';
 export const DATA_FILE = 'data.img';
@@ -34,6 +35,8 @@ export interface VolumeIoOptions {
 
 export class Volume {
   private openHandles = 0;
+  /** Users (NBD connections) per snapshot export. */
+  private readonly snapshotUsers = new Map<string, number>();
   private closed = false;
 
   private constructor(
@@ -191,6 +194,84 @@ export class Volume {
     }
     writeFileAtomicSync(path.join(this.dir, META_FILE), JSON.stringify(next, null, 2) + '\n');
     this.meta = next;
+  }
+
+  // ================= snapshots =================
+
+  snapshots(): SnapshotInfo[] {
+    return this.engine.listSnapshots();
+  }
+
+  snapshot(name: string): SnapshotInfo {
+    const s = this.engine.listSnapshots().find((x) => x.name === name);
+    if (!s) throw new DeltavolError('SNAPSHOT_NOT_FOUND', `volume ${this.name} has no snapshot named "${name}"`);
+    return s;
+  }
+
+  /** Takes a snapshot at a consistent point: it holds every write acknowledged before. */
+  createSnapshot(name: string, deltaSetNumber = 0): Promise<SnapshotInfo> {
+    validateVolumeName(name);
+    if (this.closed) throw new DeltavolError('SHUTTING_DOWN', `volume ${this.name} is closing`);
+    return this.engine.createSnapshot(name, deltaSetNumber);
+  }
+
+  /** Deletes a snapshot; refused while a client reads it unless force. Others keep their content. */
+  async deleteSnapshot(name: string, force: boolean): Promise<void> {
+    this.snapshot(name);
+    const users = this.snapshotUsers.get(name) ?? 0;
+    if (users > 0 && !force) {
+      throw new DeltavolError('VOLUME_BUSY', `snapshot ${this.name}@${name} has ${users} connected client(s); disconnect them or use --force`);
+    }
+    await this.engine.deleteSnapshot(name);
+  }
+
+  /**
+   * Rolls the volume back to a snapshot in place, copying only blocks that differ.
+   * Refused while clients are connected to the volume (their caches would be wrong) unless force.
+   */
+  restoreSnapshot(name: string, force: boolean): Promise<{ blocksWritten: number; blocksZeroed: number }> {
+    this.checkWritable();
+    this.snapshot(name);
+    if (this.openHandles > 0 && !force) {
+      throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${this.openHandles} connected client(s); disconnect them or use --force`);
+    }
+    return this.engine.restoreSnapshot(name);
+  }
+
+  acquireSnapshot(name: string): SnapshotInfo {
+    const s = this.snapshot(name);
+    if (!s.valid) throw new DeltavolError('SNAPSHOT_INVALID', `snapshot ${this.name}@${name} is invalid (its save area filled)`);
+    this.acquire();
+    this.snapshotUsers.set(name, (this.snapshotUsers.get(name) ?? 0) + 1);
+    return s;
+  }
+
+  releaseSnapshot(name: string): void {
+    const n = this.snapshotUsers.get(name) ?? 0;
+    assert(n > 0, 'releaseSnapshot without acquireSnapshot');
+    if (n === 1) this.snapshotUsers.delete(name);
+    else this.snapshotUsers.set(name, n - 1);
+    this.release();
+  }
+
+  readSnapshot(name: string, offset: number, length: number, target: Buffer): void {
+    const s = this.snapshot(name);
+    if (!s.valid) throw systemError('EIO', `snapshot ${this.name}@${name} is invalid (its save area filled)`);
+    if (!(offset >= 0 && length >= 0 && offset + length <= s.sizeBytes)) {
+      throw systemError('EINVAL', `range ${offset}+${length} outside snapshot ${this.name}@${name} of ${s.sizeBytes} bytes`);
+    }
+    this.engine.readSnapshot(name, offset, length, target);
+  }
+
+  /** Holes of a snapshot: blocks that held no data when it was taken. */
+  snapshotExtents(name: string, offset: number, length: number, extentsMax: number): VolumeExtent[] {
+    return this.engine.snapshotExtents(name, offset, length, extentsMax);
+  }
+
+  /** Blocks changed since snapshot `name` (the qemu:dirty-bitmap:NAME context). */
+  changedSince(name: string, offset: number, length: number, extentsMax: number): { lengthBytes: number; dirty: boolean }[] {
+    this.checkRange(offset, length);
+    return this.engine.dirtyExtents(name, offset, length, extentsMax);
   }
 
   /** Checkpoints the engine, flushes and closes the data file. New users are refused from here on. */
