@@ -36,16 +36,36 @@ export class ControlClient {
     return `${this.target.host}:${this.target.port}`;
   }
 
+  private url(urlPath: string): string {
+    return `http://${this.target.host.includes(':') ? `[${this.target.host}]` : this.target.host}:${this.target.port}${urlPath}`;
+  }
+
   async request<T>(method: string, urlPath: string, body?: unknown): Promise<T> {
-    const url = `http://${this.target.host.includes(':') ? `[${this.target.host}]` : this.target.host}:${this.target.port}${urlPath}`;
-    let res: Response;
+    const res = await this.send(urlPath, {
+      method,
+      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(60_000),
+    });
+    return this.json<T>(res);
+  }
+
+  /** GET of a binary stream (a differential); HTTP errors become DeltavolErrors. */
+  async download(urlPath: string): Promise<ReadableStream<Uint8Array>> {
+    const res = await this.send(urlPath, { method: 'GET' });
+    if (!res.ok || !res.body) await this.json(res);
+    return res.body!;
+  }
+
+  /** POST of a binary stream; the answer is JSON. */
+  async upload<T>(urlPath: string, body: ReadableStream<Uint8Array>): Promise<T> {
+    const init = { method: 'POST', body, duplex: 'half', headers: { 'content-type': 'application/octet-stream' } };
+    return this.json<T>(await this.send(urlPath, init as RequestInit));
+  }
+
+  private async send(urlPath: string, init: RequestInit): Promise<Response> {
     try {
-      res = await fetch(url, {
-        method,
-        headers: body === undefined ? {} : { 'content-type': 'application/json' },
-        body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(60_000),
-      });
+      return await fetch(this.url(urlPath), init);
     } catch (e) {
       const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message;
       throw new DeltavolError(
@@ -53,6 +73,9 @@ export class ControlClient {
         `cannot reach the deltavol daemon at ${this.address} (${cause}). Is \`deltavol serve\` running? Use --control HOST:PORT or DELTAVOL_CONTROL to point at it.`,
       );
     }
+  }
+
+  private async json<T>(res: Response): Promise<T> {
     const text = await res.text();
     let json: unknown;
     try {

@@ -280,6 +280,47 @@ export function buildProgram(): Command {
       print(opts.json, r, () => `restored ${vol} to snapshot ${name}: ${r.blocksWritten} blocks copied back, ${r.blocksZeroed} zeroed, ${r.seconds.toFixed(2)} s`);
     });
 
+  snapshot
+    .command('diff <volume> <from> <to>')
+    .description('the blocks that changed between snapshots FROM and TO, with their content as of TO, as a checksummed stream')
+    .option('-o, --output <file>', 'write the stream to this file ("-" for stdout)')
+    .option('--apply-to <volume>', 'apply it to another volume of this daemon that equals FROM (it then equals TO)')
+    .action(async (vol: string, from: string, to: string, opts, cmd: Command) => {
+      if (!opts.output === !opts.applyTo) throw new DeltavolError('EINVAL_ARGUMENT', 'give exactly one of --output FILE and --apply-to VOLUME');
+      const c = client(cmd);
+      const stream = await c.download(`/v1/volumes/${encodeURIComponent(vol)}/differential?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`);
+      if (opts.applyTo) {
+        const r = await c.upload<{ records: number; bytesWritten: number; bytesZeroed: number; seconds: number }>(
+          `/v1/volumes/${encodeURIComponent(opts.applyTo)}/differential`,
+          stream,
+        );
+        process.stdout.write(`applied ${vol} ${from}→${to} to ${opts.applyTo}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
+        return;
+      }
+      if (opts.output === '-' && process.stdout.isTTY) throw new DeltavolError('EINVAL_ARGUMENT', 'refusing to write a binary stream to a terminal; use --output FILE');
+      const { Readable } = await import('node:stream');
+      const { pipeline } = await import('node:stream/promises');
+      const started = Date.now();
+      let bytes = 0;
+      const counted = Readable.fromWeb(stream as import('node:stream/web').ReadableStream).on('data', (b: Buffer) => (bytes += b.length));
+      await pipeline(counted, opts.output === '-' ? process.stdout : fs.createWriteStream(opts.output));
+      process.stderr.write(`differential ${vol} ${from}→${to}: ${formatBytes(bytes)} in ${((Date.now() - started) / 1000).toFixed(2)} s\n`);
+    });
+
+  snapshot
+    .command('apply <volume>')
+    .description('apply a differential stream (from `snapshot diff --output`) to a volume that equals its FROM snapshot; verified whole before anything is written')
+    .requiredOption('-i, --input <file>', 'the stream ("-" for stdin)')
+    .action(async (vol: string, opts, cmd: Command) => {
+      const { Readable } = await import('node:stream');
+      const input = opts.input === '-' ? process.stdin : fs.createReadStream(opts.input);
+      const r = await client(cmd).upload<{ from: string; to: string; records: number; bytesWritten: number; bytesZeroed: number; seconds: number }>(
+        `/v1/volumes/${encodeURIComponent(vol)}/differential`,
+        Readable.toWeb(input) as ReadableStream<Uint8Array>,
+      );
+      process.stdout.write(`applied ${r.from}→${r.to} to ${vol}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
+    });
+
   program
     .command('default-export [name]')
     .description('set the volume served for the empty export name (no name: unset)')

@@ -9,12 +9,15 @@ import type { Logger } from '../util/log.js';
 import { DeltavolError, isDeltavolError, type ErrorCode } from '../util/errors.js';
 
 export type RouteHandler = (params: Record<string, string>, body: unknown, query: URLSearchParams) => unknown | Promise<unknown>;
+/** A route that reads the request and writes the response itself (binary streams). */
+export type RawHandler = (params: Record<string, string>, query: URLSearchParams, req: http.IncomingMessage, res: http.ServerResponse) => Promise<void>;
 
 interface Route {
   method: string;
   pattern: RegExp;
   keys: string[];
-  handler: RouteHandler;
+  handler: RouteHandler | null;
+  raw: RawHandler | null;
 }
 
 const STATUS_FOR: Partial<Record<ErrorCode, number>> = {
@@ -31,6 +34,7 @@ const STATUS_FOR: Partial<Record<ErrorCode, number>> = {
   SNAPSHOT_EXISTS: 409,
   SNAPSHOT_INVALID: 409,
   SNAPSHOTS_MAX: 409,
+  BAD_STREAM: 400,
 };
 
 const BODY_BYTES_MAX = 1024 * 1024;
@@ -43,6 +47,15 @@ export class ControlApi {
   constructor(private readonly log: Logger) {}
 
   route(method: string, path: string, handler: RouteHandler): void {
+    this.add(method, path, handler, null);
+  }
+
+  /** A route whose handler streams: it must write the whole response (errors before the first byte become JSON errors). */
+  rawRoute(method: string, path: string, handler: RawHandler): void {
+    this.add(method, path, null, handler);
+  }
+
+  private add(method: string, path: string, handler: RouteHandler | null, raw: RawHandler | null): void {
     const keys: string[] = [];
     const pattern = new RegExp(
       '^' +
@@ -52,7 +65,7 @@ export class ControlApi {
         }) +
         '$',
     );
-    this.routes.push({ method, pattern, keys, handler });
+    this.routes.push({ method, pattern, keys, handler, raw });
   }
 
   /** A GET route answered as text/plain (Prometheus metrics). */
@@ -102,13 +115,23 @@ export class ControlApi {
         if (!m) continue;
         const params: Record<string, string> = {};
         r.keys.forEach((k, i) => (params[k] = decodeURIComponent(m[i + 1]!)));
+        if (r.raw) {
+          await r.raw(params, url.searchParams, req, res);
+          return;
+        }
         const body = await readJson(req);
-        const result = await r.handler(params, body, url.searchParams);
+        const result = await r.handler!(params, body, url.searchParams);
         send(200, result ?? {});
         return;
       }
       send(404, { error: { code: 'NOT_FOUND', message: `no route ${req.method} ${url.pathname}` } });
     } catch (e) {
+      if (res.headersSent) {
+        // A stream failed half-way: the client sees a truncated body (its trailer is missing).
+        this.log.error({ err: (e as Error).message, path: url.pathname }, 'control API stream failed');
+        res.destroy();
+        return;
+      }
       if (isDeltavolError(e)) {
         send(STATUS_FOR[e.code] ?? 500, { error: { code: e.code, message: e.message, details: e.details } });
       } else {

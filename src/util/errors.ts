@@ -22,7 +22,8 @@ export type ErrorCode =
   | 'SNAPSHOT_INVALID'
   | 'SNAPSHOTS_MAX'
   | 'SAVE_AREA_FULL'
-  | 'DELTA_SET_BUSY';
+  | 'DELTA_SET_BUSY'
+  | 'BAD_STREAM';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';

@@ -15,6 +15,7 @@ import { VolumeEngine } from './volume-engine.js';
 import { fileStoreData } from './file-store-data.js';
 import { validateVolumeName, type VolumeMeta } from './volume-meta.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
+import type { DiffHeader, DiffRun } from '../snapshot/diff-stream.js';
 
 export const META_FILE = 'volume.json';
 export const DATA_FILE = 'data.img';
@@ -272,6 +273,36 @@ export class Volume {
   changedSince(name: string, offset: number, length: number, extentsMax: number): { lengthBytes: number; dirty: boolean }[] {
     this.checkRange(offset, length);
     return this.engine.dirtyExtents(name, offset, length, extentsMax);
+  }
+
+  /**
+   * The differential L→M (seed 001 FIG. 34–40): the blocks that changed between snapshots
+   * `from` and `to`, with their content as of `to`, in block order; ranges that became
+   * zero come as zero runs. Applied to a copy of `from`, it yields `to` byte for byte.
+   */
+  differentialHeader(from: string, to: string): DiffHeader {
+    for (const n of [from, to]) {
+      if (!this.snapshot(n).valid) throw new DeltavolError('SNAPSHOT_INVALID', `snapshot ${this.name}@${n} is invalid (its save area filled)`);
+    }
+    return {
+      volume: this.name,
+      from,
+      to,
+      blockBytes: this.meta.trackingBlockBytes,
+      sizeBytes: this.snapshot(to).sizeBytes,
+      createdAt: new Date().toISOString(),
+    };
+  }
+
+  *differential(from: string, to: string): Generator<DiffRun> {
+    for (const r of this.engine.differentialStream(from, to)) {
+      yield { offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, data: r.data };
+    }
+  }
+
+  /** Applies one run of a differential through the normal write path (the change log sees it). */
+  applyRun(run: DiffRun): void | Promise<void> {
+    return run.data ? this.write(run.offsetBytes, [run.data], false) : this.zero(run.offsetBytes, run.lengthBytes, false, false, false);
   }
 
   /** Checkpoints the engine, flushes and closes the data file. New users are refused from here on. */
