@@ -27,7 +27,11 @@ export class MiniNbdClient {
     sock.on('error', () => undefined);
   }
 
-  static async connect(port: number, exportName: string, host = '127.0.0.1'): Promise<MiniNbdClient> {
+  /**
+   * blockSize false: do not ask for NBD_INFO_BLOCK_SIZE, so the server does not hold this
+   * client to its 512-byte minimum (unaligned requests are allowed).
+   */
+  static async connect(port: number, exportName: string, host = '127.0.0.1', opts: { blockSize?: boolean } = {}): Promise<MiniNbdClient> {
     const sock = net.connect({ port, host });
     await new Promise<void>((res, rej) => {
       sock.once('connect', () => res());
@@ -35,7 +39,7 @@ export class MiniNbdClient {
     });
     sock.setNoDelay(true);
     const c = new MiniNbdClient(sock);
-    await c.handshake(exportName);
+    await c.handshake(exportName, opts.blockSize ?? true);
     return c;
   }
 
@@ -74,11 +78,11 @@ export class MiniNbdClient {
     }
   }
 
-  private async handshake(exportName: string): Promise<void> {
+  private async handshake(exportName: string, blockSize: boolean): Promise<void> {
     const greeting = await this.take(18);
     if (greeting.readBigUInt64BE(0) !== C.NBDMAGIC) throw new Error('bad greeting');
     this.sock.write(Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]));
-    this.sock.write(option(C.OPT_GO, goData(exportName, [C.INFO_BLOCK_SIZE])));
+    this.sock.write(option(C.OPT_GO, goData(exportName, blockSize ? [C.INFO_BLOCK_SIZE] : [])));
     for (;;) {
       const h = await this.take(20);
       const type = h.readUInt32BE(12);
