@@ -1,0 +1,469 @@
+// Why: the volume engine promises (README "Volume engine", issue 4 "Crash safety") that a
+// kill -9 at any instant never loses a write made durable (FUA or a completed FLUSH),
+// never lets a snapshot read data newer than its creation, and never leaves a changed
+// block missing from both the pending bitmap and the activity log (it would silently never
+// replicate). This test checks those promises against a real daemon in a child process:
+// several NBD connections keep pipelined writes of mixed sizes, TRIMs, zeroes and FLUSHes
+// in flight, snapshots are created and deleted through the CLI, and the daemon is killed
+// with SIGKILL at seeded random moments, dozens of times, restarted on the same data
+// directory each time. A log of every request (issued, acknowledged, durable) is the model.
+//
+// Layout: a 256 MiB volume (64 activity extents of 4 MiB); the test writes only inside 60
+// windows of 128 KiB, one per extent, some straddling an extent boundary, some not 4 KiB
+// aligned (so "aligned" writes are partial tracking blocks). Each kill epoch loads a few
+// windows (some never touched before), so activity-log extents turn hot during the load and
+// a kill can land between "extent logged" and "data written". The model space is the
+// concatenation of the windows (7.5 MiB).
+//
+// Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/crash/kill9.test.ts
+// (kill instants relative to the I/O are timing, so a replay is similar, not identical).
+
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import * as C from '../../src/nbd/constants.js';
+import { BitmapFile } from '../../src/bitmap/bitmap-file.js';
+import { ActivityLog } from '../../src/bitmap/activity-log.js';
+import { nodeDurableFs } from '../../src/util/durable-fs.js';
+import { activityExtentBytes } from '../../src/volume/engine-limits.js';
+import { CLI, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { MiniNbdClient } from '../helpers/nbd-client.js';
+import { prng, testSeed } from '../helpers/seed.js';
+import { checkAgainstModel, type ModelOp } from '../helpers/crash-model.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const VOL = 'v';
+const VOL_BYTES = 256 * MiB;
+const BLOCK = 4 * KiB; // the volume's tracking block (default)
+const WIN = 128 * KiB;
+const NW = 60;
+const MODEL_BYTES = NW * WIN;
+const KILLS_MAX = 40;
+const KILL_PHASE_MS = 55_000; // the kill loop stops starting epochs after this
+const CONNECTIONS = 3;
+const LANES = 6; // requests in flight per connection
+const SNAPSHOTS_LIVE_MAX = 4;
+
+const seed = testSeed('crash/kill9');
+const rnd = prng(seed);
+const randInt = (lo: number, hi: number) => lo + Math.floor(rnd() * (hi - lo + 1)); // inclusive
+
+/** Volume offset of each window. */
+const windowBase: number[] = [];
+for (let i = 0; i < NW; i++) {
+  const ext = i * activityExtentBytes;
+  if (i % 4 === 0) windowBase.push(ext + activityExtentBytes - WIN / 2); // straddles extents i, i+1
+  else if (i % 4 === 1) windowBase.push(ext + 512 * randInt(1, (activityExtentBytes - WIN) / 512 - 1) + (randInt(0, 1) ? 0 : 512 * 3)); // 512-aligned
+  else windowBase.push(ext + BLOCK * randInt(0, (activityExtentBytes - WIN) / BLOCK - 1));
+}
+for (let i = 0; i < NW; i++) {
+  if (windowBase[i]! % 512 !== 0 || windowBase[i]! + WIN > VOL_BYTES) throw new Error('bad window layout');
+}
+const volAt = (m: number) => windowBase[Math.floor(m / WIN)]! + (m % WIN);
+
+/** Deterministic-per-seed data (random bytes from a second stream). */
+const dataRnd = prng(seed ^ 0x5eed);
+function randomBytes(n: number): Buffer {
+  const words = new Uint32Array(Math.ceil(n / 4));
+  for (let i = 0; i < words.length; i++) words[i] = Math.floor(dataRnd() * 2 ** 32);
+  return Buffer.from(words.buffer, 0, n);
+}
+
+function cliAsync(d: TestDaemon, args: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, '--control', `127.0.0.1:${d.controlPort}`, ...args], { timeout: 30_000 }, (err, stdout, stderr) => {
+      const status = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
+      resolve({ status, stdout, stderr });
+    });
+  });
+}
+
+/** Log lines at error level or worse (pino JSON: level ≥ 50), and the "volumes loaded" lines. */
+function logProblems(d: TestDaemon): { errors: string[]; loaded: string[][] } {
+  const errors: string[] = [];
+  const loaded: string[][] = [];
+  for (const line of d.log().split('\n')) {
+    if (!line.trim()) continue;
+    let j: { level?: number; msg?: string; volumes?: string[] };
+    try {
+      j = JSON.parse(line);
+    } catch {
+      errors.push(`not JSON: ${line}`);
+      continue;
+    }
+    if ((j.level ?? 0) >= 50) errors.push(line);
+    if (j.msg === 'volumes loaded') loaded.push(j.volumes ?? []);
+  }
+  return { errors, loaded };
+}
+
+/** Reads the model space from an export (volume or snapshot), a few windows at a time. */
+async function readModelSpace(c: MiniNbdClient): Promise<Buffer> {
+  const out = Buffer.alloc(MODEL_BYTES);
+  for (let w = 0; w < NW; w += 4) {
+    const rs = await Promise.all(
+      [0, 1, 2, 3].filter((k) => w + k < NW).map((k) => c.read(windowBase[w + k]!, WIN).then((r) => ({ k, r }))),
+    );
+    for (const { k, r } of rs) {
+      if (r.error !== 0) throw new Error(`read of window ${w + k} failed: error ${r.error}`);
+      r.data.copy(out, (w + k) * WIN);
+    }
+  }
+  return out;
+}
+
+type SnapState = 'creating' | 'created' | 'unknown' | 'deleting' | 'deleted';
+interface Snap {
+  name: string;
+  state: SnapState;
+  epoch: number;
+  start: number;
+  end: number;
+  /** Exact content (model space) once checked against the model. */
+  content: Buffer | null;
+}
+
+interface Epoch {
+  index: number;
+  base: Buffer;
+  ops: ModelOp[];
+}
+
+describe('kill -9 under load', () => {
+  const dirs: string[] = [];
+  afterAll(() => {
+    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+  });
+
+  it('keeps durable writes, snapshots and the change log across dozens of SIGKILLs', async () => {
+    const t0 = Date.now();
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'deltavol-kill9-'));
+    dirs.push(dataDir);
+    const engineDir = path.join(dataDir, 'volumes', VOL, 'engine');
+    const dataImg = path.join(dataDir, 'volumes', VOL, 'data.img');
+    const blocksTotal = VOL_BYTES / BLOCK;
+    const extentBlocks = activityExtentBytes / BLOCK;
+    /** Blocks written (acknowledged, or seen changed on disk) since the volume was created. */
+    const everChanged = new Uint8Array(blocksTotal);
+    const snaps: Snap[] = [];
+    let snapSeq = 0;
+    let clock = 0;
+    let kills = 0;
+    const stats = { ops: 0, bytes: 0, fua: 0, flushes: 0, zeroes: 0, inflightAtKill: 0, snapsCreated: 0, snapsChecked: 0, snapsDeleted: 0, restartMs: [] as number[], hotAtKill: [] as number[] };
+    const touched = new Set<number>();
+    let model: Buffer = Buffer.alloc(MODEL_BYTES); // content at the start of the current epoch
+    let prev: Epoch | null = null;
+
+    const failures: string[] = [];
+    const fail = (m: string) => {
+      failures.push(m);
+      throw new Error(`${m} (seed ${seed})`);
+    };
+
+    const start = async (first: boolean): Promise<TestDaemon> => {
+      const t = Date.now();
+      const d = await startDaemon({ dataDir, volumes: first ? [{ name: VOL, size: String(VOL_BYTES) }] : [] });
+      if (!first) stats.restartMs.push(Date.now() - t);
+      const { errors, loaded } = logProblems(d);
+      if (errors.length > 0) fail(`restart ${kills}: error log lines:\n${errors.join('\n')}`);
+      if (!first && !(loaded.length === 1 && loaded[0]!.includes(VOL))) fail(`restart ${kills}: volume not loaded: ${JSON.stringify(loaded)}`);
+      return d;
+    };
+
+    /** Verifies the volume after a restart against the previous epoch; returns its content. */
+    const verifyVolume = async (c: MiniNbdClient, ep: Epoch | null): Promise<Buffer> => {
+      const f = await c.flush(); // what we read now is durable: the next epoch's exact base
+      if (f.error !== 0) fail(`flush after restart failed: ${f.error}`);
+      const actual = await readModelSpace(c);
+      if (ep) {
+        const r = checkAgainstModel(ep.base, ep.ops, actual, (op) => op.durable, () => true);
+        if (r.bad > 0) {
+          fail(
+            `after kill ${kills}: ${r.bad} bytes read back a value no durable/acknowledged/in-flight write allows; first: ` +
+              JSON.stringify(r.mismatches.map((m) => ({ ...m, volumeOffset: volAt(m.at) }))),
+          );
+        }
+      }
+      return actual;
+    };
+
+    const verifySnapshots = async (d: TestDaemon) => {
+      const r = d.cli(['snapshot', 'list', VOL, '--json']);
+      if (r.status !== 0) fail(`snapshot list failed: ${r.stderr}`);
+      const infos = new Map((JSON.parse(r.stdout) as { name: string; valid: boolean }[]).map((s) => [s.name, s]));
+      const listed = new Set(infos.keys());
+      for (const s of snaps) {
+        const exists = listed.has(s.name);
+        listed.delete(s.name);
+        if (s.state === 'created' && !exists) fail(`snapshot ${s.name} (created, acknowledged) is gone after kill ${kills}`);
+        if (s.state === 'deleted' && exists) fail(`snapshot ${s.name} (deleted, acknowledged) is back after kill ${kills}`);
+        if (s.state === 'unknown' || s.state === 'deleting') s.state = exists ? 'created' : 'deleted';
+        if (s.state !== 'created') continue;
+        if (!infos.get(s.name)!.valid) fail(`snapshot ${s.name} is invalid after kill ${kills}`);
+        const sc = await MiniNbdClient.connect(d.nbdPort, `${VOL}@${s.name}`);
+        const actual = await readModelSpace(sc);
+        await sc.disconnect();
+        stats.snapsChecked++;
+        if (s.content === null) {
+          // First check: against the model of the epoch it was taken in.
+          const ep = prev!;
+          if (ep.index !== s.epoch) fail(`internal: snapshot ${s.name} of epoch ${s.epoch} checked in epoch ${ep.index + 1}`);
+          const res = checkAgainstModel(
+            ep.base,
+            ep.ops,
+            actual,
+            (op) => op.ack < s.start,
+            (op) => op.issue < s.end,
+          );
+          if (res.bad > 0) {
+            fail(
+              `snapshot ${s.name} (taken in epoch ${s.epoch}, clock ${s.start}..${s.end}): ${res.bad} bytes not as of its creation; first: ` +
+                JSON.stringify(res.mismatches.map((m) => ({ ...m, volumeOffset: volAt(m.at) }))),
+            );
+          }
+          s.content = actual;
+        } else if (!actual.equals(s.content)) {
+          let at = 0;
+          while (actual[at] === s.content[at]) at++;
+          fail(`snapshot ${s.name} changed after kill ${kills}: first difference at model byte ${at} (volume offset ${volAt(at)})`);
+        }
+      }
+      if (listed.size > 0) fail(`unexpected snapshots after kill ${kills}: ${[...listed.keys()].join(', ')}`);
+    };
+
+    /** After a kill, with the daemon dead: the engine's own files, read with its own classes. */
+    const checkEngineFiles = (ep: Epoch) => {
+      const fsys = nodeDurableFs(engineDir);
+      const pending = BitmapFile.open(fsys, 'pending.bm');
+      const validity = BitmapFile.open(fsys, 'validity.bm');
+      const { log, hotAtOpen } = ActivityLog.open(fsys, 'activity.log', {
+        extentsTotal: Math.ceil(blocksTotal / extentBlocks),
+        extentBytes: activityExtentBytes,
+        checkpoint: async () => undefined,
+      });
+      pending.file.close();
+      validity.file.close();
+      void log; // opened read-only in effect (nothing written); its fd closes with the process
+      stats.hotAtKill.push(hotAtOpen.length);
+      const hot = new Set(hotAtOpen);
+      const covered = (b: number, bm: typeof pending.bitmap) => bm.test(b) || hot.has(Math.floor(b / extentBlocks));
+      // Blocks acknowledged as written or zeroed this epoch.
+      for (const op of ep.ops) {
+        if (op.ack === Infinity) continue;
+        const vs = volAt(op.start); // an op stays inside one window: contiguous on the volume
+        for (let b = Math.floor(vs / BLOCK); b <= Math.floor((vs + op.length - 1) / BLOCK); b++) everChanged[b] = 1;
+      }
+      // Blocks whose bytes on disk differ from the epoch's start (in-flight writes that landed).
+      const fd = fs.openSync(dataImg, 'r');
+      try {
+        for (let w = 0; w < NW; w++) {
+          const lo = Math.floor(windowBase[w]! / BLOCK) * BLOCK;
+          const hi = Math.ceil((windowBase[w]! + WIN) / BLOCK) * BLOCK;
+          const buf = Buffer.alloc(hi - lo);
+          fs.readSync(fd, buf, 0, buf.length, lo);
+          const disk = buf.subarray(windowBase[w]! - lo, windowBase[w]! - lo + WIN);
+          const was = ep.base.subarray(w * WIN, (w + 1) * WIN);
+          for (let x = 0; x < WIN; x += 1) {
+            if (disk[x] !== was[x]) {
+              everChanged[Math.floor((windowBase[w]! + x) / BLOCK)] = 1;
+              x = (Math.floor((windowBase[w]! + x) / BLOCK) + 1) * BLOCK - windowBase[w]! - 1;
+            }
+          }
+          // Validity: a block holding data must be valid (or in a hot extent).
+          for (let b = lo / BLOCK; b < hi / BLOCK; b++) {
+            const blk = buf.subarray(b * BLOCK - lo, (b + 1) * BLOCK - lo);
+            if (blk.some((v) => v !== 0) && !covered(b, validity.bitmap)) {
+              fail(`after kill ${kills}: block ${b} holds data on disk but is neither valid nor in a hot activity extent (a snapshot would read it as a hole)`);
+            }
+          }
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+      const missing: number[] = [];
+      for (let b = 0; b < blocksTotal; b++) if (everChanged[b] && !covered(b, pending.bitmap)) missing.push(b);
+      if (missing.length > 0) {
+        fail(`after kill ${kills}: ${missing.length} changed blocks in neither the pending bitmap nor a hot activity extent (first: ${missing.slice(0, 8).join(', ')}; hot extents ${hotAtOpen.join(',')})`);
+      }
+    };
+
+    let d = await start(true);
+    try {
+      while (kills < KILLS_MAX && Date.now() - t0 < KILL_PHASE_MS) {
+        const epochIndex = kills;
+        const clients = await Promise.all(Array.from({ length: CONNECTIONS }, () => MiniNbdClient.connect(d.nbdPort, VOL, '127.0.0.1', { blockSize: false })));
+        model = await verifyVolume(clients[0]!, prev);
+        await verifySnapshots(d);
+        const ep: Epoch = { index: epochIndex, base: model, ops: [] };
+        const acked: ModelOp[] = []; // in acknowledgement order
+        let durableUpTo = 0;
+        const markDurableBefore = (t: number) => {
+          while (durableUpTo < acked.length && acked[durableUpTo]!.ack < t) acked[durableUpTo++]!.durable = true;
+        };
+
+        // This epoch's windows: some touched before, some new.
+        const active: number[] = [];
+        const known = [...touched];
+        for (let k = 0; k < 3 && known.length > 0; k++) active.push(known[randInt(0, known.length - 1)]!);
+        for (let k = 0; k < 3; k++) active.push(randInt(0, NW - 1));
+        for (const w of active) touched.add(w);
+
+        let stop = false;
+        let killed = false;
+        const errors: string[] = [];
+        const lane = async (c: MiniNbdClient) => {
+          while (!stop) {
+            const w = active[randInt(0, active.length - 1)]!;
+            const r = rnd();
+            let o: number;
+            let len: number;
+            let kind: 'write' | 'trim' | 'zero' | 'flush' = 'write';
+            if (r < 0.35) [o, len] = [BLOCK * randInt(0, WIN / BLOCK - 1), BLOCK];
+            else if (r < 0.55) {
+              len = 512 * randInt(1, 7);
+              o = 512 * randInt(0, (WIN - len) / 512);
+            } else if (r < 0.65) [o, len] = [BLOCK * randInt(0, (WIN - 64 * KiB) / BLOCK), 64 * KiB];
+            else if (r < 0.8) {
+              len = randInt(1, 12_000);
+              o = randInt(0, WIN - len);
+            } else if (r < 0.86) {
+              kind = 'trim';
+              len = 512 * randInt(1, 128);
+              o = 512 * randInt(0, (WIN - len) / 512);
+            } else if (r < 0.92) {
+              kind = 'zero';
+              len = BLOCK * randInt(1, 16);
+              o = BLOCK * randInt(0, (WIN - len) / BLOCK);
+            } else {
+              kind = 'flush';
+              [o, len] = [0, 0];
+            }
+            const fua = kind !== 'flush' && rnd() < 0.15;
+            const flags = fua ? C.CMDFLAG_FUA : 0;
+            const at = windowBase[w]! + o;
+            if (kind === 'flush') {
+              const issue = clock++;
+              stats.flushes++;
+              const res = await c.flush();
+              if (res.error === -1) return;
+              if (res.error !== 0) errors.push(`FLUSH failed: ${res.error}`);
+              else markDurableBefore(issue);
+              continue;
+            }
+            const op: ModelOp = { start: w * WIN + o, length: len, data: kind === 'write' ? randomBytes(len) : null, issue: clock++, ack: Infinity, durable: false };
+            ep.ops.push(op);
+            let res: { error: number };
+            if (kind === 'write') res = await c.write(at, op.data!, fua);
+            else if (kind === 'trim') res = await c.request(C.CMD_TRIM, at, len, { flags });
+            else res = await c.request(C.CMD_WRITE_ZEROES, at, len, { flags: flags | (rnd() < 0.5 ? C.CMDFLAG_NO_HOLE : 0) });
+            if (res.error === -1) return; // the daemon was killed: in flight forever
+            if (res.error !== 0) {
+              errors.push(`${kind} ${at}+${len} failed: error ${res.error}`);
+              return;
+            }
+            op.ack = clock++;
+            acked.push(op);
+            if (fua) op.durable = true;
+            stats.ops++;
+            stats.bytes += len;
+            if (fua) stats.fua++;
+            if (kind !== 'write') stats.zeroes++;
+          }
+        };
+        const lanes = clients.flatMap((c) => Array.from({ length: LANES }, () => lane(c)));
+
+        // A snapshot (and maybe a delete) at random moments of this epoch; the kill may hit them.
+        const killDelay = randInt(40, 700);
+        const live = snaps.filter((s) => s.state === 'created');
+        const side: Promise<void>[] = [];
+        let killAt = killDelay;
+        if (live.length < SNAPSHOTS_LIVE_MAX && rnd() < 0.6) {
+          const snapDelay = randInt(0, 500);
+          if (rnd() < 0.5) killAt = snapDelay + randInt(0, 400); // aim at the creation
+          const s: Snap = { name: `s${++snapSeq}`, state: 'creating', epoch: epochIndex, start: 0, end: Infinity, content: null };
+          snaps.push(s);
+          side.push(
+            (async () => {
+              await new Promise((r) => setTimeout(r, snapDelay));
+              s.start = clock++;
+              const res = await cliAsync(d, ['snapshot', 'create', VOL, s.name]);
+              if (res.status === 0) {
+                s.end = clock++;
+                s.state = 'created';
+                markDurableBefore(s.start); // it holds (and flushed) every write acknowledged before it
+                stats.snapsCreated++;
+              } else if (killed) s.state = 'unknown';
+              else errors.push(`snapshot create ${s.name}: ${res.status} ${res.stderr}`);
+            })(),
+          );
+        }
+        if (live.length > 1 && rnd() < 0.3) {
+          const victim = live[randInt(0, live.length - 1)]!;
+          const delDelay = randInt(0, 600);
+          side.push(
+            (async () => {
+              await new Promise((r) => setTimeout(r, delDelay));
+              if (killed) return;
+              victim.state = 'deleting';
+              const res = await cliAsync(d, ['snapshot', 'delete', VOL, victim.name]);
+              if (res.status === 0) {
+                victim.state = 'deleted';
+                stats.snapsDeleted++;
+              } else if (!killed) errors.push(`snapshot delete ${victim.name}: ${res.status} ${res.stderr}`);
+            })(),
+          );
+        }
+
+        await new Promise((r) => setTimeout(r, killAt));
+        if (d.exited) fail(`daemon exited on its own in epoch ${epochIndex}:\n${d.log().slice(-4000)}`);
+        killed = true;
+        await d.kill();
+        kills++;
+        stop = true;
+        for (const c of clients) c.destroy();
+        await Promise.all(lanes);
+        await Promise.all(side);
+        if (errors.length > 0) fail(`epoch ${epochIndex}: requests failed while the daemon ran:\n${errors.slice(0, 10).join('\n')}`);
+        stats.inflightAtKill += ep.ops.filter((op) => op.ack === Infinity).length;
+        fs.rmSync(d.logFile, { force: true });
+
+        checkEngineFiles(ep);
+        prev = ep;
+        d = await start(false);
+      }
+
+      // Last restart: verify, then a clean stop must exit 0 and leave nothing hot.
+      const c = await MiniNbdClient.connect(d.nbdPort, VOL, '127.0.0.1', { blockSize: false });
+      model = await verifyVolume(c, prev);
+      await c.disconnect();
+      await verifySnapshots(d);
+      const code = await d.stop();
+      const { errors } = logProblems(d);
+      fs.rmSync(d.logFile, { force: true });
+      expect(errors).toEqual([]);
+      expect(code).toBe(0);
+      const { hotAtOpen } = ActivityLog.open(nodeDurableFs(engineDir), 'activity.log', {
+        extentsTotal: Math.ceil(blocksTotal / extentBlocks),
+        extentBytes: activityExtentBytes,
+        checkpoint: async () => undefined,
+      });
+      expect(hotAtOpen).toEqual([]);
+    } finally {
+      if (!d.exited) await d.kill();
+      fs.rmSync(d.logFile, { force: true });
+    }
+
+    const rs = [...stats.restartMs].sort((a, b) => a - b);
+    console.log(
+      `[kill9] seed ${seed}: ${kills} kills in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${stats.ops} requests acknowledged ` +
+        `(${(stats.bytes / MiB).toFixed(0)} MiB, ${stats.fua} FUA, ${stats.zeroes} trim/zero), ${stats.flushes} flushes, ` +
+        `${stats.inflightAtKill} in flight at kills; snapshots: ${stats.snapsCreated} created, ${stats.snapsDeleted} deleted, ${stats.snapsChecked} checks; ` +
+        `hot extents at kills: max ${Math.max(...stats.hotAtKill)}; restart (spawn → daemon.json) median ${rs[rs.length >> 1]} ms, max ${rs[rs.length - 1]} ms`,
+    );
+    expect(failures).toEqual([]);
+    expect(kills).toBeGreaterThanOrEqual(24);
+  }, 85_000);
+});
