@@ -46,6 +46,8 @@ export interface DaemonInfo {
 
 export const DAEMON_INFO_FILE = 'daemon.json';
 const PID_FILE = 'daemon.pid';
+/** A differential stream is written to the HTTP response in pieces of about this size. */
+const differentialBatchBytes = 1024 * 1024;
 
 export class Daemon {
   readonly registry: VolumeRegistry;
@@ -244,15 +246,26 @@ export class Daemon {
       const header = v.differentialHeader(from, to);
       const runs = v.differential(from, to);
       res.writeHead(200, { 'content-type': 'application/octet-stream' });
-      res.write(enc.header(header));
+      // Runs are small (often one 4 KiB block): send them in batches of ~1 MiB, since
+      // every HTTP write becomes a chunk the client must parse.
+      let batch: Buffer[] = [enc.header(header)];
+      let batchBytes = 0;
       let dataBytes = 0;
       for (const run of runs) {
         dataBytes += run.data?.length ?? 0;
-        let ok = true;
-        for (const b of enc.run(run)) ok = res.write(b) && ok;
-        if (!ok) await new Promise((r) => res.once('drain', r));
+        for (const b of enc.run(run)) {
+          batch.push(b);
+          batchBytes += b.length;
+        }
+        if (batchBytes >= differentialBatchBytes) {
+          const ok = res.write(Buffer.concat(batch));
+          batch = [];
+          batchBytes = 0;
+          if (!ok) await new Promise((r) => res.once('drain', r));
+        }
       }
-      res.end(enc.trailer());
+      batch.push(enc.trailer());
+      res.end(Buffer.concat(batch));
       this.log.info({ volume: p.name, from, to, dataBytes }, 'differential sent');
     });
     api.rawRoute('POST', '/v1/volumes/:name/differential', async (p, _q, req, res) => {
