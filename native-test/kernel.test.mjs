@@ -1,7 +1,7 @@
 // Kernel tests (issue 3): a real Linux NBD client (nbd.ko + nbd-client in a
 // Debian kernel booted under qemu TCG) formats, mounts, fills and checks file
-// systems, runs fio and survives a daemon restart against a deltavol daemon on
-// this host. The guest writes TAP on its second serial port; this file re-emits
+// systems, runs fio, mounts a snapshot export read-only while the volume changes
+// and survives a daemon restart against a deltavol daemon on this host. The guest writes TAP on its second serial port; this file re-emits
 // each guest step as a tap assertion so a failure names the failing step.
 //
 // Run: npx tap --disable-coverage native-test/kernel.test.mjs
@@ -28,14 +28,14 @@ import { DeltavolServer, NbdkitServer, run } from './lib/servers.mjs'
 const here = path.dirname(fileURLToPath(import.meta.url))
 const root = path.resolve(here, '..')
 const env = process.env
-const ALL_CASES = ['connect', 'ext4', 'xfs', 'blocksize', 'fio', 'readonly', 'restart']
+const ALL_CASES = ['connect', 'ext4', 'xfs', 'blocksize', 'fio', 'readonly', 'snapshot', 'restart']
 const cases = (env.DELTAVOL_KERNEL_TEST_CASES ?? ALL_CASES.join(',')).split(',').map(s => s.trim()).filter(Boolean)
 const serverKind = env.DELTAVOL_KERNEL_TEST_SERVER ?? 'deltavol'
 const guestTimeoutMs = Number(env.DELTAVOL_KERNEL_TEST_TIMEOUT ?? 210) * 1000
 const VOLUME_SIZE = '1GiB'
 const VOLUME_BYTES = 1 << 30
 const RO_SIZE = '64MiB'
-const volumes = { ext4: 'kt-ext4', xfs: 'kt-xfs', bs: 'kt-bs', fio: 'kt-fio', ro: 'kt-ro', rst: 'kt-rst' }
+const volumes = { ext4: 'kt-ext4', xfs: 'kt-xfs', bs: 'kt-bs', fio: 'kt-fio', ro: 'kt-ro', rst: 'kt-rst', snap: 'kt-snap' }
 
 // image build (cold ~5 s) + server + guest + teardown, with room to spare
 t.setTimeout(guestTimeoutMs + 120_000)
@@ -171,14 +171,33 @@ async function main(t) {
     'console=ttyS0', 'panic=1', 'quiet', 'mitigations=off',
     `dvt.port=${server.port}`, `dvt.roport=${server.roPort}`, `dvt.cases=${cases.join(',')}`,
     `dvt.size=${VOLUME_BYTES}`, `dvt.ext4=${volumes.ext4}`, `dvt.bs=${volumes.bs}`, `dvt.fio=${volumes.fio}`,
-    `dvt.ro=${volumes.ro}`, `dvt.rst=${volumes.rst}`, `dvt.rofile=${roInfo.file}`, `dvt.rosha=${roInfo.sha256}`,
+    `dvt.ro=${volumes.ro}`, `dvt.rst=${volumes.rst}`, `dvt.snap=${volumes.snap}`, `dvt.rofile=${roInfo.file}`, `dvt.rosha=${roInfo.sha256}`,
     env.DELTAVOL_KERNEL_TEST_APPEND ?? '',
   ].join(' ').trim()
   const restarts = []
-  let restarting = Promise.resolve()
+  let hostActions = Promise.resolve()
+  // the guest asks for a snapshot (case snapshot) while its file system is frozen
+  const snapshots = []
+  const takeSnapshot = async (volume, name) => {
+    const t0 = Date.now()
+    try {
+      if (serverKind !== 'deltavol') throw new Error(`the ${serverKind} stand-in has no snapshots`)
+      await server.createSnapshot(volume, name)
+      snapshots.push({ ok: true, volume, name, ms: Date.now() - t0 })
+      guest?.sendConsole(`deltavol-snapshot-created ${volume}@${name} in ${Date.now() - t0}ms`)
+    } catch (err) {
+      snapshots.push({ ok: false, volume, name, error: String(err), ms: Date.now() - t0 })
+      guest?.sendConsole('deltavol-snapshot-failed')
+    }
+  }
   const onTapLine = line => {
+    const snap = /^# deltavol-snapshot-request (\S+) (\S+)$/.exec(line)
+    if (snap) {
+      hostActions = hostActions.then(() => takeSnapshot(snap[1], snap[2]))
+      return
+    }
     if (!line.startsWith('# deltavol-restart-request')) return
-    restarting = restarting.then(async () => {
+    hostActions = hostActions.then(async () => {
       const t0 = Date.now()
       try {
         const res = await server.restart()
@@ -192,7 +211,7 @@ async function main(t) {
   }
   guest = bootGuest({ vmlinux: image.vmlinux, initramfs: image.initramfs, append, logDir, timeoutMs: guestTimeoutMs, onTapLine })
   const result = await guest.done
-  await restarting
+  await hostActions
   timing('guest run (boot to poweroff)', result.wallMs)
 
   // ---- re-emit the guest's TAP -------------------------------------------------------
@@ -253,6 +272,10 @@ async function main(t) {
           })
         }
       }
+    }
+    if (cases.includes('snapshot')) {
+      tt.equal(snapshots.length, 1, 'the guest asked for one snapshot')
+      for (const s of snapshots) tt.ok(s.ok, `snapshot ${s.volume}@${s.name} created (deltavol snapshot create)`, s)
     }
     tt.same(tap.garbage, [], 'no stray lines in the guest TAP')
     if (serverKind === 'deltavol') {

@@ -315,24 +315,34 @@ umount_any() {
   umount -l "$1" && note "umount failed, lazy umount used"
 }
 
-# Tell the host (a TAP comment on ttyS1) and wait for its answer on the console
-# serial port (ttyS0 input), written by the harness once the new daemon listens.
-request_restart() {
+# ask_host REQUEST OK FAIL SECS: tell the host (a TAP comment "# REQUEST" on ttyS1)
+# and wait for its answer on the console serial port (ttyS0 input), written by the
+# harness once it has done the work: a line holding OK (returns 0, the rest of the
+# line in HOST_ANSWER) or FAIL (returns 1).
+ask_host() {
   local line deadline
-  RST_T0=$(now_ms)
-  dmesg -c > /dev/null
-  tap "# deltavol-restart-request"
-  deadline=$(( $(now_ms) + DVT_RESTART_WAIT * 1000 ))
+  HOST_ANSWER=""
+  tap "# $1"
+  deadline=$(( $(now_ms) + $4 * 1000 ))
   while [ "$(now_ms)" -lt $deadline ]; do
     line=""
     read -t 5 line < /dev/console
     case "$line" in
-      (*deltavol-restarted*) RST_T1=$(now_ms); note "host: ${line#*deltavol-restarted}; answer after $((RST_T1 - RST_T0)) ms"; return 0 ;;
-      (*deltavol-restart-failed*) echo "host: $line"; return 1 ;;
+      (*"$2"*) HOST_ANSWER="${line#*"$2"}"; return 0 ;;
+      (*"$3"*) echo "host: $line"; return 1 ;;
     esac
   done
-  echo "no answer from the host within $DVT_RESTART_WAIT s"
+  echo "no answer from the host within $4 s"
   return 1
+}
+
+# the harness answers once the new daemon listens
+request_restart() {
+  RST_T0=$(now_ms)
+  dmesg -c > /dev/null
+  ask_host deltavol-restart-request deltavol-restarted deltavol-restart-failed "$DVT_RESTART_WAIT" || return 1
+  RST_T1=$(now_ms)
+  note "host:${HOST_ANSWER}; answer after $((RST_T1 - RST_T0)) ms"
 }
 
 # wait up to DVT_RECONNECT_WAIT s for the device to work again, then describe
@@ -361,4 +371,117 @@ observe_client() {
   while read -r l; do note "dmesg: $l"; done < /tmp/dmesg.nbd
   cat /tmp/dmesg.all
   return 0
+}
+
+# Snapshot export (issue 3, issue 4): an ext4 on the volume stays mounted while the
+# host takes a snapshot; the volume keeps changing; the snapshot export
+# VOLUME@SNAPSHOT, connected on a second device and mounted -o ro,noload, shows
+# exactly the files present at snapshot time, also while a writer keeps changing the
+# volume. The file system is frozen (fsfreeze, which also checkpoints the ext4
+# journal) for the instant of the snapshot: -o noload does not replay a journal, so
+# a snapshot of a merely synced ext4 may hold metadata only in its journal.
+SNAP_NAME=s1
+case_snapshot() {
+  local dev=/dev/nbd9 sdev=/dev/nbd10 mnt=/mnt/snapvol smnt=/mnt/snap
+  mkdir -p "$mnt" "$smnt"
+  step "snapshot: connect the volume" connect "$dev" -N "$DVT_SNAP_EXPORT" || { cleanup_dev "$dev"; return; }
+  step "snapshot: mkfs.ext4 on the first 256 MiB" mkfs.ext4 -F -q "$dev" 256M || { cleanup_dev "$dev"; return; }
+  step "snapshot: mount" mount -t ext4 -o noinit_itable "$dev" "$mnt" || { cleanup_dev "$dev"; return; }
+  step "snapshot: write files and sync" snap_fill "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: freeze, host takes snapshot $DVT_SNAP_EXPORT@$SNAP_NAME, thaw" snap_take "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: delete, overwrite, append, rename and add files on the volume, sync" snap_change "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: the volume no longer holds the snapshot-time files" snap_differs "$mnt"
+  step "snapshot: start a writer that keeps changing the volume" snap_churn_start "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: connect $DVT_SNAP_EXPORT@$SNAP_NAME on a second device" connect "$sdev" -N "$DVT_SNAP_EXPORT@$SNAP_NAME" \
+    || { snap_churn_stop; cleanup_dev "$sdev"; cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: the snapshot device is read-only" sh -c "test \"\$(cat $(dev_sys $sdev)/ro)\" = 1"
+  step "snapshot: mount -o ro,noload" mount -t ext4 -o ro,noload "$sdev" "$smnt" \
+    || { snap_churn_stop; cleanup_dev "$sdev"; cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: exactly the snapshot-time files, by sha256, while the volume changes" snap_check "$smnt"
+  step "snapshot: drop caches, the same files read again from the server" snap_check_cold "$smnt"
+  step "snapshot: the writer changed the volume meanwhile" snap_churn_stop
+  step "snapshot: umount the snapshot" umount "$smnt" || { cleanup_dev "$sdev" "$smnt"; cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: e2fsck -fn on the snapshot finds no errors" e2fsck -fn "$sdev"
+  step "snapshot: O_DIRECT write to the snapshot device fails within 20 s" write_must_fail "$sdev"
+  step "snapshot: disconnect the snapshot" disconnect "$sdev" || cleanup_dev "$sdev"
+  step "snapshot: the volume still holds its post-snapshot files" snap_live_check "$mnt"
+  step "snapshot: umount the volume" umount "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
+  step "snapshot: e2fsck -fn on the volume finds no errors" e2fsck -fn "$dev"
+  step "snapshot: disconnect the volume" disconnect "$dev" || cleanup_dev "$dev"
+}
+# snap_sums DIR: "sha256  ./path" of every file under DIR (but churn/), sorted by path
+snap_sums() { (cd "$1" && find . -type f ! -path './churn/*' | sort | while read -r f; do sha256sum "$f"; done); }
+snap_fill() {
+  mkdir -p "$1/dir" || return 1
+  cp /tmp/data/small-* "$1/" || return 1
+  cp /tmp/data/big.bin "$1/dir/" || return 1
+  dd if=/dev/urandom of="$1/rewrite.bin" bs=$MIB count=8 2> /dev/null || return 1
+  sync || return 1
+  snap_sums "$1" > /tmp/snap.sums || return 1
+  echo "$(wc -l < /tmp/snap.sums) files"
+}
+snap_take() {
+  local rc t0
+  fsfreeze --freeze "$1" || return 1
+  t0=$(now_ms)
+  ask_host "deltavol-snapshot-request $DVT_SNAP_EXPORT $SNAP_NAME" deltavol-snapshot-created deltavol-snapshot-failed 60
+  rc=$?
+  note "host:${HOST_ANSWER}; answer after $(( $(now_ms) - t0 )) ms (file system frozen meanwhile)"
+  fsfreeze --unfreeze "$1" || return 1
+  return $rc
+}
+snap_change() {
+  local i
+  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do rm "$1/small-$i.bin" || return 1; done
+  dd if=/dev/urandom of="$1/dir/big.bin" bs=$MIB seek=8 count=4 conv=notrunc 2> /dev/null || return 1
+  head -c 5000 /dev/urandom >> "$1/small-30.bin" || return 1
+  mv "$1/small-40.bin" "$1/dir/renamed-40.bin" || return 1
+  for i in 1 2 3 4 5 6 7 8; do head -c $((i * 40000)) /dev/urandom > "$1/new-$i.bin" || return 1; done
+  sync || return 1
+  snap_sums "$1" > /tmp/live.sums || return 1
+  echo "$(wc -l < /tmp/live.sums) files now"
+}
+snap_differs() {
+  if diff /tmp/snap.sums /tmp/live.sums > /tmp/snap.diff; then echo "the volume's files equal the snapshot's"; return 1; fi
+  echo "$(grep -c '^[-+][0-9a-f]' /tmp/snap.diff) lines differ"
+}
+# background writer: new files in churn/, and rewrite.bin (which the snapshot holds)
+# overwritten in place, synced often, until /tmp/churn.stop appears (at most ~200 rounds)
+snap_churn() {
+  local i=0
+  mkdir -p "$1/churn"
+  while [ ! -e /tmp/churn.stop ] && [ $i -lt 200 ]; do
+    head -c 131072 /dev/urandom > "$1/churn/f$((i % 6))" || break
+    rm -f "$1/churn/f$(((i + 3) % 6))"
+    dd if=/dev/urandom of="$1/rewrite.bin" bs=65536 seek=$(((i * 37) % 128)) count=1 conv=notrunc 2> /dev/null || break
+    [ $((i % 3)) -ne 2 ] || sync
+    i=$((i + 1))
+    echo "$i" > /tmp/churn.count
+  done
+}
+snap_churn_start() {
+  rm -f /tmp/churn.stop /tmp/churn.count
+  snap_churn "$1" > /tmp/churn.log 2>&1 &
+  SNAP_CHURN_PID=$!
+  echo "writer pid $SNAP_CHURN_PID"
+}
+snap_churn_stop() {
+  local i=0
+  touch /tmp/churn.stop
+  while kill -0 "$SNAP_CHURN_PID" 2> /dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -0 "$SNAP_CHURN_PID" 2> /dev/null && { echo "writer still running after 20 s"; kill -9 "$SNAP_CHURN_PID"; return 1; }
+  cat /tmp/churn.log
+  note "writer: $(cat /tmp/churn.count 2> /dev/null || echo 0) rounds"
+  [ "$(cat /tmp/churn.count 2> /dev/null || echo 0)" -ge 2 ]
+}
+snap_check() {
+  snap_sums "$1" > /tmp/snapro.sums || return 1
+  if ! diff /tmp/snap.sums /tmp/snapro.sums; then echo "the snapshot differs from the files at snapshot time"; return 1; fi
+  echo "$(wc -l < /tmp/snapro.sums) files, names and sha256 as at snapshot time"
+}
+snap_check_cold() { drop_caches && snap_check "$1"; }
+snap_live_check() {
+  snap_sums "$1" | grep -v ' ./rewrite.bin$' > /tmp/live.now || return 1
+  grep -v ' ./rewrite.bin$' /tmp/live.sums | diff - /tmp/live.now || return 1
+  echo "$(wc -l < /tmp/live.now) files as changed after the snapshot"
 }

@@ -6,7 +6,7 @@
 # Kernel command line parameters (all optional except dvt.port):
 #   dvt.host=10.0.2.2 dvt.port=N dvt.roport=N dvt.cases=connect,ext4,...
 #   dvt.size=BYTES dvt.ext4=EXPORT dvt.bs=EXPORT dvt.fio=EXPORT dvt.ro=EXPORT
-#   dvt.rst=EXPORT dvt.rofile=NAME dvt.rosha=SHA256 dvt.fiomib=N dvt.fiosecs=N
+#   dvt.rst=EXPORT dvt.snap=EXPORT dvt.rofile=NAME dvt.rosha=SHA256 dvt.fiomib=N dvt.fiosecs=N
 #   dvt.iotimeout=SECS dvt.restartwait=SECS dvt.reconnectwait=SECS
 
 PATH=/bin
@@ -38,13 +38,14 @@ param() {  # param NAME DEFAULT: value of the last dvt.NAME= on the kernel comma
 DVT_HOST=$(param host 10.0.2.2)
 DVT_PORT=$(param port 10809)
 DVT_RO_PORT=$(param roport "$DVT_PORT")
-DVT_CASES=$(param cases connect,ext4,xfs,blocksize,fio,readonly,restart)
+DVT_CASES=$(param cases connect,ext4,xfs,blocksize,fio,readonly,snapshot,restart)
 DVT_SIZE=$(param size 1073741824)
 DVT_EXT4_EXPORT=$(param ext4 kt-ext4)
 DVT_BS_EXPORT=$(param bs kt-bs)
 DVT_FIO_EXPORT=$(param fio kt-fio)
 DVT_RO_EXPORT=$(param ro kt-ro)
 DVT_RST_EXPORT=$(param rst kt-rst)
+DVT_SNAP_EXPORT=$(param snap kt-snap)
 DVT_RO_FILE=$(param rofile hello.bin)
 DVT_RO_SHA=$(param rosha none)
 DVT_FIO_WRITE_MIB=$(param fiomib 12)
@@ -82,7 +83,7 @@ main() {
   for c in $(echo "$DVT_CASES" | tr ',' ' '); do
     tap "# case $c"
     case "$c" in
-      (connect | ext4 | xfs | blocksize | fio | readonly | restart) "case_$c" ;;
+      (connect | ext4 | xfs | blocksize | fio | readonly | snapshot | restart) "case_$c" ;;
       (*) T_N=$((T_N + 1)); tap "not ok $T_N - unknown case $c" ;;
     esac
   done

@@ -208,6 +208,11 @@ export class DeltavolServer extends BaseServer {
     await this.cliRun('volume', 'create', name, '--size', size)
   }
 
+  /** Take a snapshot of a volume now (exported read-only as VOLUME@NAME). */
+  async createSnapshot(volume, name) {
+    await this.cliRun('snapshot', 'create', volume, name)
+  }
+
   /** Copy a raw image onto a volume over NBD (nbdcopy), then make it read-only. */
   async writeImageReadOnly(name, image) {
     await run('nbdcopy', [image, `nbd://127.0.0.1:${this.port}/${name}`], { timeoutMs: 60_000 })
