@@ -377,9 +377,9 @@ observe_client() {
 # host takes a snapshot; the volume keeps changing; the snapshot export
 # VOLUME@SNAPSHOT, connected on a second device and mounted -o ro,noload, shows
 # exactly the files present at snapshot time, also while a writer keeps changing the
-# volume. The file system is frozen (fsfreeze, which also checkpoints the ext4
-# journal) for the instant of the snapshot: -o noload does not replay a journal, so
-# a snapshot of a merely synced ext4 may hold metadata only in its journal.
+# volume. The file system is frozen (fsfreeze: no write in flight, the ext4 journal
+# checkpointed) for the instant of the snapshot, because -o noload does not replay a
+# journal (native-test/README.md, "Snapshot case").
 SNAP_NAME=s1
 case_snapshot() {
   local dev=/dev/nbd9 sdev=/dev/nbd10 mnt=/mnt/snapvol smnt=/mnt/snap
