@@ -136,6 +136,7 @@ export function buildProgram(): Command {
     .option('--read-only', 'export it read-only')
     .option('--description <text>', 'shown to NBD clients that list exports')
     .option('--tracking-block <size>', 'change-tracking block size, power of two 4K-1M', '4K')
+    .option('--snapshot-space <size>', 'most space one snapshot may use for before-images; past it that snapshot becomes invalid (default: the volume size)')
     .option('--json', 'print JSON')
     .action(async (name: string, opts, cmd: Command) => {
       const v = await client(cmd).request<VolumeJson>('POST', '/v1/volumes', {
@@ -144,6 +145,7 @@ export function buildProgram(): Command {
         readOnly: Boolean(opts.readOnly),
         description: opts.description ?? '',
         trackingBlockBytes: size(opts.trackingBlock),
+        ...(opts.snapshotSpace ? { snapshotSpaceBytes: size(opts.snapshotSpace) } : {}),
       });
       print(opts.json, v, () => `created ${volumeLine(v)}`);
     });

@@ -196,6 +196,7 @@ export class Daemon {
         readOnly: bool(body, 'readOnly'),
         description: str(body, 'description'),
         trackingBlockBytes: num(body, 'trackingBlockBytes'),
+        snapshotSpaceBytes: num(body, 'snapshotSpaceBytes'),
       });
       return this.volumeJson(v);
     });

@@ -121,7 +121,16 @@ export class SaveArea {
     r.writeUInt32LE(this.blockBytes, 16);
     r.set(data.subarray(dataOffset, dataOffset + this.blockBytes), saveRecordHeaderBytes);
     r.writeUInt32LE(this.checksum(r), 20);
-    this.file.write(slot * this.stride, r, 0, this.stride);
+    try {
+      this.file.write(slot * this.stride, r, 0, this.stride);
+    } catch (e) {
+      // A full disk is a full save area: the snapshot is invalidated, writes go on.
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOSPC' || code === 'EDQUOT') {
+        throw new DeltavolError('SAVE_AREA_FULL', `snapshot ${this.snapshotId}: no space left for its save area (${code})`);
+      }
+      throw e;
+    }
     this.slotsUsed++;
     this.map.insert(block, slot);
     this.bitmap.set(block);

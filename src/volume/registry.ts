@@ -27,6 +27,7 @@ export interface CreateVolumeOptions {
   readOnly?: boolean;
   description?: string;
   trackingBlockBytes?: number;
+  snapshotSpaceBytes?: number;
 }
 
 export class VolumeRegistry {
@@ -88,6 +89,9 @@ export class VolumeRegistry {
     validateVolumeSize(options.sizeBytes);
     const trackingBlockBytes = options.trackingBlockBytes ?? TRACKING_BLOCK_BYTES_DEFAULT;
     validateTrackingBlock(trackingBlockBytes);
+    if (options.snapshotSpaceBytes !== undefined && !(Number.isSafeInteger(options.snapshotSpaceBytes) && options.snapshotSpaceBytes >= trackingBlockBytes)) {
+      throw new DeltavolError('BAD_SIZE', `snapshot space must be at least one tracking block (${trackingBlockBytes} bytes)`);
+    }
     if (this.volumes.has(options.name)) throw new DeltavolError('VOLUME_EXISTS', `volume "${options.name}" already exists`);
     const dir = path.join(this.volumesDir, options.name);
     if (fs.existsSync(dir)) throw new DeltavolError('VOLUME_EXISTS', `directory ${dir} already exists`);
@@ -99,6 +103,7 @@ export class VolumeRegistry {
       description: options.description ?? '',
       createdAt: new Date().toISOString(),
       trackingBlockBytes,
+      ...(options.snapshotSpaceBytes !== undefined ? { snapshotSpaceBytes: options.snapshotSpaceBytes } : {}),
     };
     fs.mkdirSync(dir, { mode: 0o700 });
     let v: Volume;

@@ -18,6 +18,11 @@ export interface VolumeMeta {
   createdAt: string;
   /** Unit of change tracking and copy-on-write (power of two, 4 KiB–1 MiB). */
   trackingBlockBytes: number;
+  /**
+   * Most bytes one snapshot's save area may use; past it that snapshot becomes invalid
+   * (and only it). Absent: the volume size plus record overhead (a snapshot never fills).
+   */
+  snapshotSpaceBytes?: number;
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
@@ -62,5 +67,6 @@ export function parseVolumeMeta(text: string, where: string): VolumeMeta {
   if (typeof m.description !== 'string') throw bad('description');
   if (typeof m.createdAt !== 'string') throw bad('createdAt');
   if (typeof m.trackingBlockBytes !== 'number') throw bad('trackingBlockBytes');
+  if (m.snapshotSpaceBytes !== undefined && (typeof m.snapshotSpaceBytes !== 'number' || m.snapshotSpaceBytes <= 0)) throw bad('snapshotSpaceBytes');
   return m as VolumeMeta;
 }

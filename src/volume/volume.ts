@@ -67,8 +67,8 @@ export class Volume {
       fs.mkdirSync(engineDir, { recursive: true, mode: 0o700 });
       const options = {
         blockBytes: meta.trackingBlockBytes,
-        // One snapshot never needs more than every block of the volume, plus record headers.
-        saveAreaBytesMax: meta.sizeBytes + Math.ceil(meta.sizeBytes / 8),
+        // By default one snapshot may hold every block of the volume, plus record headers.
+        saveAreaBytesMax: meta.snapshotSpaceBytes ?? meta.sizeBytes + Math.ceil(meta.sizeBytes / 8),
         warn: io.warn,
       };
       const data = fileStoreData(store);
