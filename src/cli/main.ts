@@ -18,6 +18,7 @@ import { syncIoBytesMaxDefault } from '../util/limits.js';
 import { Daemon } from '../daemon/daemon.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { table } from './format.js';
+import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5 } as const;
 
@@ -223,22 +224,12 @@ export function buildProgram(): Command {
 
   const snapshot = program.command('snapshot').description('create, list, delete and restore snapshots of a volume (exported read-only as VOLUME@SNAPSHOT)');
 
-  interface SnapshotJson {
-    name: string;
-    createdAt: string;
-    sizeBytes: number;
-    deltaSetNumber: number;
-    savedBlocks: number;
-    saveAreaBytes: number;
-    valid: boolean;
-  }
-
   snapshot
     .command('create <volume> <name>')
     .description('take a snapshot now: it holds every write acknowledged before it')
     .option('--json', 'print JSON')
     .action(async (vol: string, name: string, opts, cmd: Command) => {
-      const s = await client(cmd).request<SnapshotJson>('POST', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`, { name });
+      const s = await client(cmd).request<SnapshotInfo>('POST', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`, { name });
       print(opts.json, s, () => `created snapshot ${vol}@${s.name} at ${s.createdAt}; export: ${vol}@${s.name} (read-only)`);
     });
 
@@ -248,7 +239,7 @@ export function buildProgram(): Command {
     .description('list the snapshots of a volume, oldest first')
     .option('--json', 'print JSON')
     .action(async (vol: string, opts, cmd: Command) => {
-      const { snapshots } = await client(cmd).request<{ snapshots: SnapshotJson[] }>('GET', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`);
+      const { snapshots } = await client(cmd).request<{ snapshots: SnapshotInfo[] }>('GET', `/v1/volumes/${encodeURIComponent(vol)}/snapshots`);
       print(opts.json, snapshots, () =>
         snapshots.length === 0
           ? `volume ${vol} has no snapshots (take one with: deltavol snapshot create ${vol} NAME)`
