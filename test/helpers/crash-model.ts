@@ -27,6 +27,7 @@ export interface Mismatch {
   at: number;
   actual: number;
   base: number;
+  /** The latest ops covering the byte (at most 6). */
   candidates: { issue: number; ack: number; durable: boolean; value: number }[];
 }
 
@@ -40,7 +41,7 @@ export function checkAgainstModel(
   actual: Buffer,
   definite: (op: ModelOp) => boolean,
   candidate: (op: ModelOp) => boolean,
-  limit = 8,
+  limit = 3,
 ): { bad: number; mismatches: Mismatch[] } {
   const n = base.length;
   if (actual.length !== n) throw new Error(`actual is ${actual.length} bytes, model ${n}`);
@@ -70,6 +71,7 @@ export function checkAgainstModel(
     if (mismatches.length < limit) {
       const candidates = ops
         .filter((op) => x >= op.start && x < op.start + op.length)
+        .slice(-6) // the latest few: enough to see which write the byte came from
         .map((op) => ({ issue: op.issue, ack: op.ack, durable: op.durable, value: op.data === null ? 0 : op.data[x - op.start]! }));
       mismatches.push({ at: x, actual: actual[x]!, base: base[x]!, candidates });
     }
