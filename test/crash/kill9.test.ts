@@ -56,11 +56,13 @@ const windowBase: number[] = [];
 for (let i = 0; i < NW; i++) {
   const ext = i * activityExtentBytes;
   if (i % 4 === 0) windowBase.push(ext + activityExtentBytes - WIN / 2); // straddles extents i, i+1
-  else if (i % 4 === 1) windowBase.push(ext + 512 * randInt(1, (activityExtentBytes - WIN) / 512 - 1) + (randInt(0, 1) ? 0 : 512 * 3)); // 512-aligned
+  // 512-aligned, past the end of window i-1 (which straddles into this extent).
+  else if (i % 4 === 1) windowBase.push(ext + WIN / 2 + 512 * randInt(1, (activityExtentBytes - WIN - WIN / 2) / 512 - 8));
   else windowBase.push(ext + BLOCK * randInt(0, (activityExtentBytes - WIN) / BLOCK - 1));
 }
 for (let i = 0; i < NW; i++) {
   if (windowBase[i]! % 512 !== 0 || windowBase[i]! + WIN > VOL_BYTES) throw new Error('bad window layout');
+  if (i > 0 && windowBase[i - 1]! + WIN > windowBase[i]!) throw new Error(`windows ${i - 1} and ${i} overlap`);
 }
 const volAt = (m: number) => windowBase[Math.floor(m / WIN)]! + (m % WIN);
 
@@ -166,6 +168,22 @@ describe('kill -9 under load', () => {
     let model: Buffer = Buffer.alloc(MODEL_BYTES); // content at the start of the current epoch
     let prev: Epoch | null = null;
     let lastLog = '';
+    const diskAtKill = Buffer.alloc(MODEL_BYTES);
+    const badPerWindow = (ep: Epoch, actual: Buffer) => {
+      const out: Record<number, number> = {};
+      for (let w = 0; w < NW; w++) {
+        const sub = checkAgainstModel(
+          ep.base.subarray(w * WIN, (w + 1) * WIN),
+          ep.ops.filter((op) => Math.floor(op.start / WIN) === w).map((op) => ({ ...op, start: op.start - w * WIN })),
+          actual.subarray(w * WIN, (w + 1) * WIN),
+          (op) => op.durable,
+          () => true,
+          0,
+        );
+        if (sub.bad) out[w] = sub.bad;
+      }
+      return out;
+    };
 
     const failures: string[] = [];
     const fail = (m: string) => {
@@ -191,9 +209,18 @@ describe('kill -9 under load', () => {
       if (ep) {
         const r = checkAgainstModel(ep.base, ep.ops, actual, (op) => op.durable, () => true);
         if (r.bad > 0) {
+          // Where did the bytes come from? (a misplaced write, the disk at the kill, ...)
+          const at = r.mismatches[0]!.at;
+          const probe = actual.subarray(at, at + 32);
+          const sources = ep.ops
+            .map((op) => ({ op, i: op.data ? op.data.indexOf(probe) : -1 }))
+            .filter((x) => x.i >= 0)
+            .map(({ op, i }) => ({ modelStart: op.start, volumeStart: volAt(op.start), length: op.length, issue: op.issue, ack: op.ack, durable: op.durable, probeAt: i }));
           fail(
             `after kill ${kills}: ${r.bad} bytes read back a value no durable/acknowledged/in-flight write allows; first: ` +
-              JSON.stringify(r.mismatches.map((m) => ({ ...m, volumeOffset: volAt(m.at) }))),
+              JSON.stringify(r.mismatches.map((m) => ({ ...m, volumeOffset: volAt(m.at) }))) +
+              `; disk at the kill there: ${diskAtKill.subarray(at, at + 16).toString('hex')}, read now: ${actual.subarray(at, at + 16).toString('hex')}, epoch base: ${ep.base.subarray(at, at + 16).toString('hex')}` +
+              `; ops whose data holds the 32 bytes read: ${JSON.stringify(sources)}; bad bytes per window: ${JSON.stringify(badPerWindow(ep, actual))}`,
           );
         }
       }
@@ -282,6 +309,7 @@ describe('kill -9 under load', () => {
           const buf = Buffer.alloc(hi - lo);
           fs.readSync(fd, buf, 0, buf.length, lo);
           const disk = buf.subarray(windowBase[w]! - lo, windowBase[w]! - lo + WIN);
+          disk.copy(diskAtKill, w * WIN);
           const was = ep.base.subarray(w * WIN, (w + 1) * WIN);
           for (let x = 0; x < WIN; x += 1) {
             if (disk[x] !== was[x]) {
@@ -421,7 +449,7 @@ describe('kill -9 under load', () => {
             })(),
           );
         }
-        if (live.length > 1 && rnd() < 0.3) {
+        if (live.length > 1 && rnd() < (live.length >= 3 ? 0.6 : 0.25)) {
           const victim = live[randInt(0, live.length - 1)]!;
           const delDelay = randInt(0, 600);
           side.push(
@@ -553,5 +581,104 @@ describe('kill -9 under load', () => {
       `[kill9] 1 GiB volume crash recovery (spawn → daemon.json, 25 ms polling): ${crashMs.join(', ')} ms (median ${sorted[1]} ms) ` +
         `with ${hot.join(', ')} of ${extentsTotal} activity extents hot at the kill; after a clean stop: ${cleanMs} ms`,
     );
+  }, 60_000);
+
+  it('a snapshot save area that fills under load, then SIGKILL: the full one stays invalid, the older one intact, writes go on', async () => {
+    const SMALL = 32 * MiB;
+    const SPAN = 16 * MiB; // writes land in [0, SPAN)
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'deltavol-kill9-space-'));
+    dirs.push(dataDir);
+    let d = await startDaemon({ dataDir });
+    const logs: string[] = [];
+    try {
+      const cr = d.cli(['volume', 'create', 'small', '--size', String(SMALL), '--snapshot-space', '1M']);
+      expect(cr.status, cr.stderr).toBe(0);
+      let c = await MiniNbdClient.connect(d.nbdPort, 'small');
+      for (let at = 0; at < 8 * MiB; at += 64 * KiB) expect((await c.write(at, randomBytes(64 * KiB))).error).toBe(0);
+      expect(d.cli(['snapshot', 'create', 'small', 'old']).status).toBe(0);
+      const readSpan = async (cl: MiniNbdClient) => {
+        const out = Buffer.alloc(SPAN);
+        for (let at = 0; at < SPAN; at += 256 * KiB) {
+          const r = await cl.read(at, 256 * KiB);
+          expect(r.error).toBe(0);
+          r.data.copy(out, at);
+        }
+        return out;
+      };
+      const oldContent = await readSpan(c);
+      // 512 KiB of first writes after 'old': fits its 1 MiB space.
+      for (let at = 0; at < 512 * KiB; at += 64 * KiB) expect((await c.write(at, randomBytes(64 * KiB))).error).toBe(0);
+      expect(d.cli(['snapshot', 'create', 'small', 'new']).status).toBe(0);
+      await c.disconnect();
+
+      for (let round = 0; round < 3; round++) {
+        // Load: random 4 KiB and unaligned writes over 16 MiB, some FUA, some FLUSH; 'new' fills
+        // after ~250 first writes. Killed at a seeded moment.
+        const cl = await MiniNbdClient.connect(d.nbdPort, 'small', '127.0.0.1', { blockSize: false });
+        const f = await cl.flush();
+        expect(f.error).toBe(0);
+        const base = await readSpan(cl);
+        const ops: ModelOp[] = [];
+        const acked: ModelOp[] = [];
+        let durableUpTo = 0;
+        let clk = 0;
+        let stop = false;
+        const lanes = Array.from({ length: 8 }, async () => {
+          while (!stop) {
+            if (rnd() < 0.05) {
+              const issue = clk++;
+              const r = await cl.flush();
+              if (r.error !== 0) return;
+              while (durableUpTo < acked.length && acked[durableUpTo]!.ack < issue) acked[durableUpTo++]!.durable = true;
+              continue;
+            }
+            const len = rnd() < 0.7 ? BLOCK : randInt(1, 9000);
+            const at = len === BLOCK ? BLOCK * randInt(0, SPAN / BLOCK - 1) : randInt(0, SPAN - len);
+            const fua = rnd() < 0.1;
+            const op: ModelOp = { start: at, length: len, data: randomBytes(len), issue: clk++, ack: Infinity, durable: false };
+            ops.push(op);
+            const r = await cl.write(at, op.data!, fua);
+            if (r.error === -1) return;
+            expect(r.error, `write ${at}+${len} while the save area filled`).toBe(0);
+            op.ack = clk++;
+            op.durable = fua;
+            acked.push(op);
+          }
+        });
+        await new Promise((r) => setTimeout(r, randInt(150, 600)));
+        expect(d.exited).toBe(false);
+        await d.kill();
+        stop = true;
+        cl.destroy();
+        await Promise.all(lanes);
+        logs.push(d.log());
+        fs.rmSync(d.logFile, { force: true });
+
+        d = await startDaemon({ dataDir });
+        expect(logProblems(d).errors).toEqual([]);
+        c = await MiniNbdClient.connect(d.nbdPort, 'small', '127.0.0.1', { blockSize: false });
+        const after = await readSpan(c);
+        const res = checkAgainstModel(base, ops, after, (op) => op.durable, () => true);
+        expect(res.bad, `round ${round}: ${JSON.stringify(res.mismatches)} (seed ${seed})`).toBe(0);
+        const list = JSON.parse(d.cli(['snapshot', 'list', 'small', '--json']).stdout) as { name: string; valid: boolean }[];
+        const valid = Object.fromEntries(list.map((s) => [s.name, s.valid]));
+        expect(Object.keys(valid).sort()).toEqual(['new', 'old']);
+        expect(valid.new, `round ${round}: 'new' (1 MiB space, > 4 MiB of first writes) is still valid`).toBe(false);
+        await expect(MiniNbdClient.connect(d.nbdPort, 'small@new')).rejects.toThrow(/GO refused/);
+        if (valid.old) {
+          const oc = await MiniNbdClient.connect(d.nbdPort, 'small@old');
+          const got = await readSpan(oc);
+          await oc.disconnect();
+          expect(got.equals(oldContent), `round ${round}: snapshot 'old' changed (seed ${seed})`).toBe(true);
+        }
+        await c.disconnect();
+      }
+      expect(logs.join('\n')).toMatch(/snapshot save area full/);
+      expect(await d.stop()).toBe(0);
+      expect(logProblems(d).errors).toEqual([]);
+    } finally {
+      if (!d.exited) await d.kill();
+      fs.rmSync(d.logFile, { force: true });
+    }
   }, 60_000);
 });
