@@ -283,7 +283,7 @@ describe('snapshot allocation map (nbdinfo --map)', () => {
     snapOk(['create', 'map', 'm1']);
     expect(nbdMap(d.uri('map@m1'))).toEqual(before);
 
-    // Trim part of the data, write where there were holes, zero a data block.
+    // Trim part of the data, write where there were holes.
     qemuIo(d.uri('map'), ['discard 0 32K', 'discard 5M 256K', 'write -P 0x99 8M 128K', 'write -P 0x9a 2M 4K']);
     const live = nbdMap(d.uri('map'));
     expect(live).toEqual(
