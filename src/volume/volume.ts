@@ -233,8 +233,13 @@ export class Volume {
   restoreSnapshot(name: string, force: boolean): Promise<{ blocksWritten: number; blocksZeroed: number }> {
     this.checkWritable();
     this.snapshot(name);
-    if (this.openHandles > 0 && !force) {
-      throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${this.openHandles} connected client(s); disconnect them or use --force`);
+    // Readers of snapshot exports are unaffected (snapshots keep their content); only
+    // clients of the volume itself would hold stale caches.
+    let snapshotReaders = 0;
+    for (const n of this.snapshotUsers.values()) snapshotReaders += n;
+    const volumeClients = this.openHandles - snapshotReaders;
+    if (volumeClients > 0 && !force) {
+      throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${volumeClients} connected client(s); disconnect them or use --force`);
     }
     return this.engine.restoreSnapshot(name);
   }
