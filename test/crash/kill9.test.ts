@@ -166,7 +166,7 @@ describe('kill -9 under load', () => {
     let snapSeq = 0;
     let clock = 0;
     let kills = 0;
-    const stats = { ops: 0, bytes: 0, fua: 0, flushes: 0, zeroes: 0, inflightAtKill: 0, snapsCreated: 0, snapsChecked: 0, snapsDeleted: 0, restartMs: [] as number[], hotAtKill: [] as number[], ackedLostBytes: 0 };
+    const stats = { ops: 0, bytes: 0, fua: 0, flushes: 0, zeroes: 0, inflightAtKill: 0, snapsCreated: 0, snapsChecked: 0, snapsDeleted: 0, restartMs: [] as number[], hotAtKill: [] as number[], ackedLostBytes: 0, restores: 0 };
     const phaseMs: Record<string, number> = {};
     const phase = async <T,>(name: string, fn: () => Promise<T> | T): Promise<T> => {
       const t = Date.now();
@@ -358,6 +358,24 @@ describe('kill -9 under load', () => {
         const clients = await Promise.all(Array.from({ length: CONNECTIONS }, () => MiniNbdClient.connect(d.nbdPort, VOL, '127.0.0.1', { blockSize: false })));
         model = await phase('verify volume', () => verifyVolume(clients[0]!, prev));
         await phase('verify snapshots', () => verifySnapshots(d));
+        // Sometimes roll the volume back to a snapshot first (the idle clients stay: --force).
+        const restorable = snaps.filter((s) => s.state === 'created' && s.content !== null);
+        if (restorable.length > 0 && rnd() < 0.25) {
+          const s = restorable[randInt(0, restorable.length - 1)]!;
+          const r = await cliAsync(d, ['snapshot', 'restore', VOL, s.name, '--force']);
+          if (r.status !== 0) fail(`snapshot restore ${s.name}: ${r.status} ${r.stderr}`);
+          if ((await clients[0]!.flush()).error !== 0) fail('flush after restore failed');
+          const now = await readModelSpace(clients[0]!);
+          if (!now.equals(s.content!)) {
+            let at = 0;
+            while (now[at] === s.content![at]) at++;
+            fail(`after restoring ${s.name} the volume differs from it at model byte ${at} (volume offset ${volAt(at)})`);
+          }
+          // The blocks the restore rewrote are changes the change log must hold too.
+          for (let m = 0; m < MODEL_BYTES; m++) if (now[m] !== model[m]) everChanged[Math.floor(volAt(m) / BLOCK)] = 1;
+          model = now;
+          stats.restores++;
+        }
         const ep: Epoch = { index: epochIndex, base: model, ops: [] };
         const acked: ModelOp[] = []; // in acknowledgement order
         let durableUpTo = 0;
@@ -526,7 +544,7 @@ describe('kill -9 under load', () => {
     console.log(
       `[kill9] seed ${seed}: ${kills} kills in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${stats.ops} requests acknowledged ` +
         `(${(stats.bytes / MiB).toFixed(0)} MiB, ${stats.fua} FUA, ${stats.zeroes} trim/zero), ${stats.flushes} flushes, ` +
-        `${stats.inflightAtKill} in flight at kills; bytes of acknowledged (not yet durable) writes lost (every 3rd epoch): ${stats.ackedLostBytes}; snapshots: ${stats.snapsCreated} created, ${stats.snapsDeleted} deleted, ${stats.snapsChecked} checks; ` +
+        `${stats.inflightAtKill} in flight at kills; bytes of acknowledged (not yet durable) writes lost (every 3rd epoch): ${stats.ackedLostBytes}; snapshots: ${stats.snapsCreated} created, ${stats.snapsDeleted} deleted, ${stats.snapsChecked} checks, ${stats.restores} restores; ` +
         `hot extents at kills: max ${Math.max(...stats.hotAtKill)}; restart (spawn → daemon.json) median ${rs[rs.length >> 1]} ms, max ${rs[rs.length - 1]} ms; time per phase (ms) ${JSON.stringify(phaseMs)}`,
     );
     expect(failures).toEqual([]);
