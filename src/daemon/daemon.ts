@@ -246,13 +246,17 @@ export class Daemon {
       const enc = new DiffEncoder();
       const header = v.differentialHeader(from, to);
       const runs = v.differential(from, to);
+      // Pull the first run before the status line: a bad pair of snapshots (M not newer
+      // than L) then fails as a JSON error, not as a truncated stream.
+      const first = runs.next();
       res.writeHead(200, { 'content-type': 'application/octet-stream' });
       // Runs are small (often one 4 KiB block): send them in batches of ~1 MiB, since
       // every HTTP write becomes a chunk the client must parse.
       let batch: Buffer[] = [enc.header(header)];
       let batchBytes = 0;
       let dataBytes = 0;
-      for (const run of runs) {
+      for (let it = first; !it.done; it = runs.next()) {
+        const run = it.value;
         dataBytes += run.data?.length ?? 0;
         for (const b of enc.run(run)) {
           batch.push(b);

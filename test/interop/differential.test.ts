@@ -56,7 +56,9 @@ describe('snapshot differential', () => {
   });
 
   it('refuses M older than L, and unknown snapshots', () => {
-    expect(d.cli(['snapshot', 'diff', 'a', 'M', 'L', '-o', path.join(dir, 'x')]).status).not.toBe(0);
+    const r = d.cli(['snapshot', 'diff', 'a', 'M', 'L', '-o', path.join(dir, 'x')]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/not newer than/);
     expect(d.cli(['snapshot', 'diff', 'a', 'L', 'nope', '-o', path.join(dir, 'y')]).status).toBe(4);
   });
 });
