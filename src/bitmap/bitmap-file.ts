@@ -48,6 +48,12 @@ export class BitmapFile {
    */
   private readonly staged = new Map<number, number>();
   private generation: number;
+  /**
+   * Slots found holding a torn record at open. They must be zeroed durably (repair())
+   * before any new record is written: a later torn write over leftover sectors of an old
+   * record could otherwise complete that old record and bring it back as valid.
+   */
+  private garbage: number[] = [];
   private readonly record = Buffer.alloc(RECORD_BYTES);
   private readonly words: Uint32Array;
 
@@ -110,8 +116,11 @@ export class BitmapFile {
         const r = rec[s]!;
         if (file.read(pos + s * RECORD_BYTES, r, 0, RECORD_BYTES) < RECORD_BYTES) continue;
         const t = BITMAP_PAGE_BYTES;
-        if (r.readUInt32LE(t) !== PAGE_MAGIC || r.readUInt32LE(t + 4) !== p) continue;
-        if (r.readUInt32LE(t + 16) !== checksum(r)) continue;
+        const good = r.readUInt32LE(t) === PAGE_MAGIC && r.readUInt32LE(t + 4) === p && r.readUInt32LE(t + 16) === checksum(r);
+        if (!good) {
+          if (r.some((byte) => byte !== 0)) bf.garbage.push(pos + s * RECORD_BYTES);
+          continue;
+        }
         const gen = r.readUInt32LE(t + 8) + r.readUInt32LE(t + 12) * 2 ** 32;
         if (gen > bestGen) {
           best = s;
@@ -168,7 +177,17 @@ export class BitmapFile {
     this.writeStaged(p);
   }
 
+  /** Zeroes, durably, the torn records open() found. Call before writing to a reopened file. */
+  async repair(): Promise<void> {
+    if (this.garbage.length === 0) return;
+    const zero = Buffer.alloc(RECORD_BYTES);
+    for (const pos of this.garbage) this.file.write(pos, zero, 0, RECORD_BYTES);
+    await this.file.sync();
+    this.garbage = [];
+  }
+
   private writeStaged(p: number): void {
+    assert(this.garbage.length === 0, 'repair() a reopened bitmap file before writing to it');
     const slot = this.currentSlot[p] === 0 ? 1 : 0; // never the durable newest
     const t = BITMAP_PAGE_BYTES;
     const r = this.record;

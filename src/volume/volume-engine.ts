@@ -172,6 +172,8 @@ export class VolumeEngine {
     const blocks = VolumeEngine.check(data, options);
     const v = BitmapFile.open(fsys, VALIDITY_FILE);
     const p = BitmapFile.open(fsys, PENDING_FILE);
+    await v.file.repair();
+    await p.file.repair();
     if (v.bitmap.bitsTotal > blocks || p.bitmap.bitsTotal > blocks) throw new DeltavolError('METADATA_CORRUPT', 'bitmap files are larger than the volume');
     // A crash between growing the data and growing the bitmaps: finish the growth.
     if (v.bitmap.bitsTotal < blocks) {

@@ -55,6 +55,7 @@ describe('BitmapFile', () => {
               fsys = fsys.crash(rng);
               const opened = BitmapFile.open(fsys, 'b.bm');
               file = opened.file;
+              await file.repair();
               opened.bitmap.invariants();
               for (let p = 0; p < pages; p++) expect(allowed[p]).toContain(pageKey(opened.bitmap, p));
               bm = opened.bitmap;
