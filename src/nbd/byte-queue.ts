@@ -17,18 +17,6 @@ export class ByteQueue {
     this.length += chunk.length;
   }
 
-  /** The byte at position i (0 = next unread byte) without consuming. */
-  peekUInt8(i: number): number {
-    assert(i < this.length, 'peek past end of queue');
-    let k = this.first;
-    let pos = this.head + i;
-    while (pos >= this.chunks[k]!.length) {
-      pos -= this.chunks[k]!.length;
-      k++;
-    }
-    return this.chunks[k]![pos]!;
-  }
-
   /** n bytes as one buffer: a view when they lie in one chunk, else a copy. */
   take(n: number): Buffer {
     assert(n <= this.length, 'take past end of queue');

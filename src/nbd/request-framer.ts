@@ -32,11 +32,6 @@ export type FramerError = { kind: 'bad-magic'; magic: number };
 export class RequestFramer {
   private pending: RequestHeader | null = null;
   private discardLeft = 0;
-  /** Bytes of WRITE payload parsed so far for the pending request (for memory accounting). */
-  get bufferedBytes(): number {
-    return this.queue.length;
-  }
-
   constructor(
     readonly queue: ByteQueue,
     private readonly sink: FramerSink,

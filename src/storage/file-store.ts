@@ -64,10 +64,6 @@ export class FileStore {
     return this.fsx !== null && this.punchWorks;
   }
 
-  get canFindHoles(): boolean {
-    return this.fsx !== null;
-  }
-
   read(offset: number, length: number, target: Buffer): void | Promise<void> {
     assert(!this.closed, 'read on a closed file');
     assert(target.length >= length, 'read target too small');
@@ -162,10 +158,6 @@ export class FileStore {
     return this.flushQueued;
   }
 
-  flushSync(): void {
-    if (!this.closed) fs.fdatasyncSync(this.fd);
-  }
-
   /**
    * Makes [offset, offset+length) read as zeroes. With keepAllocated, the range stays
    * provisioned (NO_HOLE). Returns false when it could only be done by writing zeroes
@@ -203,17 +195,6 @@ export class FileStore {
     }
     if (fastOnly) return false;
     return this.writeZeroes(offset, length).then(() => true);
-  }
-
-  /** Discards a range (TRIM): punches a hole when possible, otherwise does nothing. */
-  discard(offset: number, length: number): void {
-    if (!this.fsx || !this.punchWorks) return;
-    try {
-      this.fsx.punchHole(this.fd, offset, length);
-    } catch (e) {
-      if (!this.isUnsupported(e)) throw e;
-      this.punchWorks = false;
-    }
   }
 
   private isUnsupported(e: unknown): boolean {

@@ -47,8 +47,4 @@ export class BufferPool {
     list.push(Buffer.from(view.buffer, 0, cls));
     this.pooledBytes += cls;
   }
-
-  get idleBytes(): number {
-    return this.pooledBytes;
-  }
 }

@@ -1,7 +1,7 @@
 // Why: the engine speaks VolumeData; a volume's bytes live in a FileStore. This adapter
 // is the only place the two meet, so file-store.ts stays free of engine concerns. Zeroing
 // must really read back as zeroes afterwards (the engine marks the blocks invalid), so
-// TRIM goes through FileStore.zero (punch, else write zeroes), never the advisory discard.
+// TRIM goes through FileStore.zero (punch, else write zeroes), never a hint that may do nothing.
 
 import fs from 'node:fs';
 import type { FileStore } from '../storage/file-store.js';
