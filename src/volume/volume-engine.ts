@@ -31,6 +31,25 @@ import { ChangeLog } from '../changelog/change-log.js';
 import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } from './engine-limits.js';
 
+/**
+ * The byte range [offset, offset+length) as runs of blocks whose bit is set or clear in
+ * `bits` (blocks of blockBytes), at most extentsMax runs (BLOCK_STATUS replies).
+ */
+function byteExtents(bits: PagedBitmap, blockBytes: number, offset: number, length: number, extentsMax: number): { lengthBytes: number; set: boolean }[] {
+  const end = offset + length;
+  const out: { lengthBytes: number; set: boolean }[] = [];
+  let pos = offset;
+  while (pos < end && out.length < extentsMax) {
+    const b = Math.floor(pos / blockBytes);
+    const set = bits.test(b);
+    const nextB = set ? bits.nextClear(b) : bits.nextSet(b);
+    const stop = nextB < 0 ? end : Math.min(end, nextB * blockBytes);
+    out.push({ lengthBytes: stop - pos, set });
+    pos = stop;
+  }
+  return out;
+}
+
 const VALIDITY_FILE = 'validity.bm';
 const PENDING_FILE = 'pending.bm';
 const ACTIVITY_FILE = 'activity.log';
@@ -562,19 +581,7 @@ export class VolumeEngine {
   snapshotExtents(name: string, offset: number, length: number, extentsMax: number): { lengthBytes: number; hole: boolean }[] {
     this.checkRange(offset, length);
     const meta = this.snapshots.get(this.snapshots.indexOf(name)).meta;
-    const bs = this.options.blockBytes;
-    const end = offset + length;
-    const out: { lengthBytes: number; hole: boolean }[] = [];
-    let pos = offset;
-    while (pos < end && out.length < extentsMax) {
-      const b = Math.floor(pos / bs);
-      const valid = meta.test(b);
-      const nextB = valid ? meta.nextClear(b) : meta.nextSet(b);
-      const stop = nextB < 0 ? end : Math.min(end, nextB * bs);
-      out.push({ lengthBytes: stop - pos, hole: !valid });
-      pos = stop;
-    }
-    return out;
+    return byteExtents(meta, this.options.blockBytes, offset, length, extentsMax).map((e) => ({ lengthBytes: e.lengthBytes, hole: !e.set }));
   }
 
   /**
@@ -590,20 +597,7 @@ export class VolumeEngine {
       data.union(zero);
       cache = this.changedCache = { name, version: this.version, blocks: data };
     }
-    const changed = cache.blocks;
-    const bs = this.options.blockBytes;
-    const end = offset + length;
-    const out: { lengthBytes: number; dirty: boolean }[] = [];
-    let pos = offset;
-    while (pos < end && out.length < extentsMax) {
-      const b = Math.floor(pos / bs);
-      const dirty = changed.test(b);
-      const nextB = dirty ? changed.nextClear(b) : changed.nextSet(b);
-      const stop = nextB < 0 ? end : Math.min(end, nextB * bs);
-      out.push({ lengthBytes: stop - pos, dirty });
-      pos = stop;
-    }
-    return out;
+    return byteExtents(cache.blocks, this.options.blockBytes, offset, length, extentsMax).map((e) => ({ lengthBytes: e.lengthBytes, dirty: e.set }));
   }
 
   /**
