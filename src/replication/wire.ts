@@ -1,0 +1,396 @@
+// Why: the primary and the replica talk over one TCP link, and everything that crosses it
+// (handshake, initial copy, delta-set chunks, acks) must arrive whole, intact and
+// unambiguous, or not at all. This file is the framing only: pure, no sockets, testable
+// with bytes alone. Format (all integers big-endian):
+//   prefix: u32 magic 'DVR1' | u32 msgBytes | u32 dataBytes | u32 crc32c(prefix[0..12] ++ msg)
+//   msg:    msgBytes of msgpack (one plain object with a string `t`)
+//   data:   dataBytes of raw block data, outside the msgpack so it is never copied into it
+// The frame checksum covers the prefix and the message but not the data: block data is
+// covered end to end by chunkChecksum / the init crc (computed where the data is read and
+// checked where it is written), which also catches a block landing at the wrong address.
+// Any broken frame (bad magic, over a limit, checksum mismatch, malformed message) throws
+// BAD_STREAM and the link is closed; there is no resynchronising inside a stream.
+
+import { crc32c } from '@node-rs/crc32';
+import { Packr } from 'msgpackr';
+import { ByteQueue } from '../nbd/byte-queue.js';
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+
+export const FRAME_MAGIC = 0x44565231; // 'DVR1'
+export const framePrefixBytes = 16;
+/** Largest msgpack part of one frame (runs of a chunk are the biggest message). */
+export const replicationMsgBytesMax = 1024 * 1024;
+/** Largest data part of one frame (one delta-set chunk or one initial-copy piece). */
+export const replicationDataBytesMax = 16 * 1024 * 1024;
+
+/** Block runs: [first block, number of blocks], count ≥ 1. */
+export type Runs = [block: number, count: number][];
+
+export type ReplMessage =
+  | {
+      t: 'hello';
+      protocol: 1;
+      pairId: string;
+      primaryVolume: string;
+      replicaVolume: string;
+      generation: number;
+      sizeBytes: number;
+      blockBytes: number;
+      create: boolean;
+      description: string;
+    }
+  | {
+      t: 'welcome';
+      generation: number;
+      ackedSet: number;
+      playedSet: number;
+      initialCopy: { done: boolean; offsetBytes: number };
+      splitWrites: Runs;
+    }
+  | { t: 'refuse'; code: string; message: string }
+  /** Carries lengthBytes of data unless `zero`. */
+  | { t: 'init'; generation: number; offsetBytes: number; lengthBytes: number; zero: boolean; crc: number }
+  /** From the replica: everything below offsetBytes is durable. */
+  | { t: 'initAck'; offsetBytes: number }
+  | { t: 'initDone'; generation: number; baseSet: number }
+  /** Carries the runs' blocks concatenated as data. */
+  | { t: 'chunk'; generation: number; set: number; chunk: number; runs: Runs; crc: number }
+  | {
+      t: 'trailer';
+      generation: number;
+      set: number;
+      chunks: number;
+      blocks: number;
+      dataBytes: number;
+      dataCrc: number;
+      catchUpFrom: number;
+      createdAtMs: number;
+      trailerCrc: number;
+    }
+  | { t: 'ack'; set: number; playedSet: number }
+  | { t: 'nak'; set: number; chunk: number; reason: string }
+  | { t: 'ping'; atMs: number }
+  | { t: 'pong'; atMs: number };
+
+export type ReplMessageType = ReplMessage['t'];
+type Trailer = Extract<ReplMessage, { t: 'trailer' }>;
+
+export interface Frame {
+  msg: ReplMessage;
+  /** null when the frame has no data part. */
+  data: Buffer | null;
+}
+
+// useRecords: false so plain objects round-trip as maps (no shared structures to keep in
+// sync between peers); mapsAsObjects then defaults to true.
+const packr = new Packr({ useRecords: false });
+
+// ---------------------------------------------------------------------------------------
+// Message validation: one table keyed by `t`, each field with its kind. Unknown fields
+// are refused too, so a sender bug shows up at once instead of being silently ignored.
+
+type FieldKind = 'uint' | 'u32' | 'string' | 'boolean' | 'runs' | 'protocol' | 'initialCopy';
+
+const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
+  hello: {
+    protocol: 'protocol',
+    pairId: 'string',
+    primaryVolume: 'string',
+    replicaVolume: 'string',
+    generation: 'u32',
+    sizeBytes: 'uint',
+    blockBytes: 'uint',
+    create: 'boolean',
+    description: 'string',
+  },
+  welcome: { generation: 'u32', ackedSet: 'uint', playedSet: 'uint', initialCopy: 'initialCopy', splitWrites: 'runs' },
+  refuse: { code: 'string', message: 'string' },
+  init: { generation: 'u32', offsetBytes: 'uint', lengthBytes: 'uint', zero: 'boolean', crc: 'u32' },
+  initAck: { offsetBytes: 'uint' },
+  initDone: { generation: 'u32', baseSet: 'uint' },
+  chunk: { generation: 'u32', set: 'uint', chunk: 'u32', runs: 'runs', crc: 'u32' },
+  trailer: {
+    generation: 'u32',
+    set: 'uint',
+    chunks: 'u32',
+    blocks: 'uint',
+    dataBytes: 'uint',
+    dataCrc: 'u32',
+    catchUpFrom: 'uint',
+    createdAtMs: 'uint',
+    trailerCrc: 'u32',
+  },
+  ack: { set: 'uint', playedSet: 'uint' },
+  nak: { set: 'uint', chunk: 'u32', reason: 'string' },
+  ping: { atMs: 'uint' },
+  pong: { atMs: 'uint' },
+};
+
+const PROTOCOL_VERSION = 1;
+
+function isUint(v: unknown): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function isU32(v: unknown): v is number {
+  return isUint(v) && v <= 0xffffffff;
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
+  const proto = Object.getPrototypeOf(v) as unknown;
+  return proto === Object.prototype || proto === null;
+}
+
+/** Total blocks of the runs, or null when they are malformed. */
+function runsBlocks(v: unknown): number | null {
+  if (!Array.isArray(v)) return null;
+  let blocks = 0;
+  for (const r of v as unknown[]) {
+    if (!Array.isArray(r) || r.length !== 2 || !isUint(r[0]) || !isUint(r[1]) || r[1] < 1) return null;
+    if (!Number.isSafeInteger(r[0] + r[1])) return null;
+    blocks += r[1];
+  }
+  return Number.isSafeInteger(blocks) ? blocks : null;
+}
+
+function fieldProblem(kind: FieldKind, v: unknown): boolean {
+  switch (kind) {
+    case 'uint':
+      return !isUint(v);
+    case 'u32':
+      return !isU32(v);
+    case 'string':
+      return typeof v !== 'string';
+    case 'boolean':
+      return typeof v !== 'boolean';
+    case 'runs':
+      return runsBlocks(v) === null;
+    case 'protocol':
+      return v !== PROTOCOL_VERSION;
+    case 'initialCopy': {
+      if (!isPlainObject(v)) return true;
+      const keys = Object.keys(v);
+      return keys.length !== 2 || typeof v.done !== 'boolean' || !isUint(v.offsetBytes);
+    }
+  }
+}
+
+/** Why `v` is not a valid message carrying `dataBytes` of data, or null when it is. */
+function messageProblem(v: unknown, dataBytes: number): string | null {
+  if (!isPlainObject(v)) return 'message is not an object';
+  const t = v.t;
+  if (typeof t !== 'string' || !Object.hasOwn(MESSAGE_FIELDS, t)) return `unknown message type ${JSON.stringify(t)}`;
+  const fields = MESSAGE_FIELDS[t as ReplMessageType];
+  for (const [name, kind] of Object.entries(fields)) {
+    if (!Object.hasOwn(v, name)) return `${t}: missing field ${name}`;
+    if (fieldProblem(kind, v[name])) return `${t}: bad field ${name}`;
+  }
+  for (const name of Object.keys(v)) {
+    if (name !== 't' && !Object.hasOwn(fields, name)) return `${t}: unknown field ${name}`;
+  }
+  // Which messages carry data, and how much.
+  if (t === 'init') {
+    const want = v.zero ? 0 : (v.lengthBytes as number);
+    if (dataBytes !== want) return `init: ${dataBytes} data bytes for ${v.zero ? 'a zero range' : `${want} bytes`}`;
+  } else if (t === 'chunk') {
+    // The block size is the volume's, unknown here; the data must still be a whole,
+    // non-zero number of bytes per block of the runs.
+    const blocks = runsBlocks(v.runs)!;
+    if (blocks === 0) return 'chunk: no runs';
+    if (dataBytes === 0 || dataBytes % blocks !== 0) return `chunk: ${dataBytes} data bytes for ${blocks} blocks`;
+  } else if (dataBytes !== 0) {
+    return `${t}: carries no data, got ${dataBytes} bytes`;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+
+/**
+ * One frame as pieces for socket.cork()/write or writev: the prefix and message in one
+ * buffer, then the data buffers exactly as given (never copied). A message that does not
+ * validate is a bug in the caller (assertion).
+ */
+export function encodeFrame(msg: ReplMessage, data: Buffer[] = []): Buffer[] {
+  let dataBytes = 0;
+  for (const d of data) dataBytes += d.length;
+  const problem = messageProblem(msg, dataBytes);
+  assert(problem === null, `encodeFrame: ${problem}`);
+  assert(dataBytes <= replicationDataBytesMax, `encodeFrame: ${dataBytes} data bytes > ${replicationDataBytesMax}`);
+  const body = packr.pack(msg); // a view of the packer's reused buffer: copy it out now
+  assert(body.length <= replicationMsgBytesMax, `encodeFrame: ${body.length} message bytes > ${replicationMsgBytesMax}`);
+  const head = Buffer.allocUnsafe(framePrefixBytes + body.length);
+  head.writeUInt32BE(FRAME_MAGIC, 0);
+  head.writeUInt32BE(body.length, 4);
+  head.writeUInt32BE(dataBytes, 8);
+  body.copy(head, framePrefixBytes);
+  head.writeUInt32BE(crc32c(head.subarray(framePrefixBytes), crc32c(head.subarray(0, 12))) >>> 0, 12);
+  return [head, ...data];
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+
+type DecoderState = 'prefix' | 'msg' | 'data';
+
+/**
+ * Push parser: feed socket chunks of any size, whole frames come out through onFrame.
+ * Data is a view of the pushed chunk when it lies in one chunk, else joined with one copy.
+ * Any exception out of push (a broken frame, or one thrown by onFrame) leaves the decoder
+ * unusable: the link must be closed.
+ */
+export class FrameDecoder {
+  private readonly queue = new ByteQueue();
+  private state: DecoderState = 'prefix';
+  private msgBytes = 0;
+  private dataBytes = 0;
+  private crcWanted = 0;
+  private crcPrefix = 0;
+  private msg: ReplMessage | null = null;
+  private closed: 'failed' | 'ended' | null = null;
+  private pushing = false;
+
+  constructor(private readonly onFrame: (f: Frame) => void) {}
+
+  /** Bytes buffered that are not yet a whole frame. */
+  get pendingBytes(): number {
+    const held = this.state === 'msg' ? framePrefixBytes : this.state === 'data' ? framePrefixBytes + this.msgBytes : 0;
+    return held + this.queue.length;
+  }
+
+  push(chunk: Buffer): void {
+    if (this.closed) this.fail(this.closed === 'failed' ? 'decoder used after an error' : 'push after end');
+    assert(!this.pushing, 'FrameDecoder.push re-entered from onFrame');
+    this.pushing = true;
+    try {
+      this.queue.push(chunk);
+      this.parse();
+    } catch (e) {
+      this.closed = 'failed';
+      this.queue.clear();
+      throw e;
+    } finally {
+      this.pushing = false;
+    }
+  }
+
+  /** The peer closed the link: throws when it did so inside a frame. */
+  end(): void {
+    if (this.closed === 'failed') this.fail('decoder used after an error');
+    const pending = this.pendingBytes;
+    this.closed = 'ended';
+    if (pending > 0) this.fail(`stream ended inside a frame (${pending} bytes pending, truncated)`);
+  }
+
+  private fail(message: string, details?: Record<string, unknown>): never {
+    this.closed = 'failed';
+    throw new DeltavolError('BAD_STREAM', `replication stream: ${message}`, details);
+  }
+
+  private parse(): void {
+    const q = this.queue;
+    for (;;) {
+      switch (this.state) {
+        case 'prefix': {
+          if (q.length < framePrefixBytes) return;
+          const p = q.take(framePrefixBytes);
+          const magic = p.readUInt32BE(0);
+          if (magic !== FRAME_MAGIC) this.fail(`bad frame magic 0x${magic.toString(16).padStart(8, '0')}`, { magic });
+          this.msgBytes = p.readUInt32BE(4);
+          this.dataBytes = p.readUInt32BE(8);
+          if (this.msgBytes === 0 || this.msgBytes > replicationMsgBytesMax) {
+            this.fail(`message of ${this.msgBytes} bytes (must be 1..${replicationMsgBytesMax})`, { msgBytes: this.msgBytes });
+          }
+          if (this.dataBytes > replicationDataBytesMax) {
+            this.fail(`data of ${this.dataBytes} bytes > ${replicationDataBytesMax}`, { dataBytes: this.dataBytes });
+          }
+          this.crcWanted = p.readUInt32BE(12);
+          this.crcPrefix = crc32c(p.subarray(0, 12));
+          this.state = 'msg';
+          break;
+        }
+        case 'msg': {
+          if (q.length < this.msgBytes) return;
+          const m = q.take(this.msgBytes);
+          if (crc32c(m, this.crcPrefix) >>> 0 !== this.crcWanted) this.fail('frame checksum mismatch');
+          let v: unknown;
+          try {
+            v = packr.unpack(m);
+          } catch (e) {
+            this.fail(`message is not valid msgpack: ${(e as Error).message}`);
+          }
+          const problem = messageProblem(v, this.dataBytes);
+          if (problem !== null) this.fail(problem);
+          this.msg = v as ReplMessage;
+          this.state = 'data';
+          break;
+        }
+        case 'data': {
+          if (q.length < this.dataBytes) return;
+          const data = this.dataBytes > 0 ? q.take(this.dataBytes) : null;
+          const msg = this.msg!;
+          this.msg = null;
+          this.state = 'prefix';
+          this.onFrame({ msg, data });
+          break;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checksums over fixed binary layouts (never over msgpack, whose encoding of a value is
+// not unique across versions).
+
+function writeU64(b: Buffer, at: number, v: number): void {
+  assert(isUint(v), `u64 field ${v} is not a safe non-negative integer`);
+  b.writeUInt32BE(Math.floor(v / 4294967296), at);
+  b.writeUInt32BE(v >>> 0, at + 4);
+}
+
+function writeU32(b: Buffer, at: number, v: number): void {
+  assert(isU32(v), `u32 field ${v} out of range`);
+  b.writeUInt32BE(v, at);
+}
+
+const TRAILER_LAYOUT_BYTES = 4 + 8 + 4 + 8 + 8 + 4 + 8 + 8;
+
+/**
+ * crc32c over u32 generation | u64 set | u32 chunks | u64 blocks | u64 dataBytes |
+ * u32 dataCrc | u64 catchUpFrom | u64 createdAtMs.
+ */
+export function trailerChecksum(t: Omit<Trailer, 'trailerCrc' | 't'>): number {
+  const b = Buffer.allocUnsafe(TRAILER_LAYOUT_BYTES);
+  writeU32(b, 0, t.generation);
+  writeU64(b, 4, t.set);
+  writeU32(b, 12, t.chunks);
+  writeU64(b, 16, t.blocks);
+  writeU64(b, 24, t.dataBytes);
+  writeU32(b, 32, t.dataCrc);
+  writeU64(b, 36, t.catchUpFrom);
+  writeU64(b, 44, t.createdAtMs);
+  return crc32c(b) >>> 0;
+}
+
+/**
+ * crc32c over the data, then u64 set | u32 chunk | u32 runs | per run u64 block, u64 count:
+ * a flipped data bit and a block sent to the wrong address are both caught.
+ */
+export function chunkChecksum(data: Buffer | Buffer[], set: number, chunk: number, runs: Runs): number {
+  let crc = 0;
+  if (Buffer.isBuffer(data)) crc = crc32c(data);
+  else for (const d of data) crc = crc32c(d, crc);
+  const b = Buffer.allocUnsafe(16 + 16 * runs.length);
+  writeU64(b, 0, set);
+  writeU32(b, 8, chunk);
+  writeU32(b, 12, runs.length);
+  for (let i = 0; i < runs.length; i++) {
+    writeU64(b, 16 + 16 * i, runs[i]![0]);
+    writeU64(b, 24 + 16 * i, runs[i]![1]);
+  }
+  return crc32c(b, crc) >>> 0;
+}
