@@ -20,6 +20,13 @@ import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import { BITMAP_PAGE_WORDS, PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 
+export interface CutOptions {
+  /** At most this many blocks go into the set (the first ones in block order). */
+  blocksMax?: number;
+  /** Blocks the set carries besides the changed ones (a catch-up after a split). */
+  extra?: PagedBitmap;
+}
+
 export class ChangeLog {
   private activeMap: PagedBitmap;
   private frozenMap: PagedBitmap | null = null;
@@ -92,14 +99,45 @@ export class ChangeLog {
    * Swaps the bitmaps: what was written so far becomes delta set `setNumber`. The caller
    * guarantees the consistent point (no write between marking and data in flight).
    */
-  cut(setNumber: number): ReadonlyBitmap {
+  cut(setNumber: number, options: CutOptions = {}): ReadonlyBitmap {
     if (this.frozenMap !== null) throw new DeltavolError('DELTA_SET_BUSY', `delta set ${this.building} is still being built`);
     assert(setNumber > 0, 'delta set numbers start at 1');
-    this.frozenMap = this.activeMap;
+    const { blocksMax, extra } = options;
+    const whole = this.activeMap;
+    if (blocksMax !== undefined && whole.count() > blocksMax) {
+      // A partial set: the first blocksMax changed blocks (block order); the rest stay active.
+      assert(blocksMax > 0, 'a partial set holds at least one block');
+      const part = new PagedBitmap(this.blocksTotal, { trackDirty: true });
+      let left = blocksMax;
+      for (const [start, count] of whole.runs()) {
+        const n = Math.min(count, left);
+        part.setRange(start, n);
+        left -= n;
+        if (left === 0) break;
+      }
+      whole.difference(part);
+      // The pending bitmap (active ∪ frozen) is unchanged by the split.
+      part.takeDirtyPages();
+      this.frozenMap = part;
+    } else {
+      this.frozenMap = whole;
+      this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
+    }
+    if (extra) {
+      assert(extra.bitsTotal <= this.blocksTotal, 'extra blocks inside the volume');
+      this.frozenMap.union(extra);
+    }
     this.uncopiedMap = this.frozenMap.clone();
-    this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
     this.building = setNumber;
     return this.frozenMap;
+  }
+
+  /** Forgets every change recorded so far (nothing is being built): a fresh start. */
+  discardAll(): void {
+    assert(this.frozenMap === null, 'discard while building a delta set');
+    const old = this.activeMap;
+    for (let p = 0; p < old.pageTotal; p++) if (old.page(p) !== null) this.extraDirty.set(p);
+    this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
   }
 
   /** The set is durable in its destination: forget its blocks (active keeps later writes). */

@@ -12,7 +12,9 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { DeltavolError, isDeltavolError } from '../util/errors.js';
-import { formatBytes, parseHostPort, parseSizeBytes } from '../util/units.js';
+import { formatBytes, parseDurationMs, parseHostPort, parseSizeBytes } from '../util/units.js';
+import { registerReplicationCommands, renderReplication, type VolumeReplication } from './replication-commands.js';
+import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
 import { createLogger } from '../util/log.js';
 import { syncIoBytesMaxDefault } from '../util/limits.js';
 import { Daemon } from '../daemon/daemon.js';
@@ -81,6 +83,10 @@ export function buildProgram(): Command {
     .option('--default-export <name>', 'volume served to clients that ask for the empty export name')
     .option('--demo-volume <size>', 'create a volume "demo" of this size if missing and make it the default export')
     .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
+    .option('--repl-port <n>', 'replication port: peers connect here to replicate into this node (0 = any free port)', String(replicationPortDefault))
+    .option('--repl-bind <addr>', 'replication listen address (0.0.0.0 to accept remote primaries)', '127.0.0.1')
+    .option('--outbound-size <size>', 'outbound save area per replicated volume (delta sets waiting for their replicas)', String(outboundBytesDefault))
+    .option('--playback-delay <duration>', 'a replica plays a complete delta set after this delay', '0ms')
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
@@ -105,6 +111,10 @@ export function buildProgram(): Command {
           demoVolumeBytes: opts.demoVolume ? size(opts.demoVolume) : undefined,
           syncIoBytesMax: size(opts.syncIoMax),
           version: VERSION,
+          replHost: opts.replBind,
+          replPort: port(opts.replPort, '--repl-port'),
+          outboundBytes: size(opts.outboundSize),
+          playbackDelayMs: parseDurationMs(opts.playbackDelay),
         },
         log,
       );
@@ -322,24 +332,32 @@ export function buildProgram(): Command {
       process.stdout.write(`default export: ${r.defaultExport ?? '(none)'}\n`);
     });
 
+  registerReplicationCommands(program, { client, print });
+
   program
-    .command('status')
-    .description('show the daemon: listeners, volumes, connections')
+    .command('status [volume]')
+    .description('show the daemon (listeners, volumes, connections) and replication: role, pair state, sets, lag, rate; with VOLUME, only its replication')
     .option('--json', 'print JSON')
-    .action(async (opts, cmd: Command) => {
+    .action(async (volume: string | undefined, opts, cmd: Command) => {
+      if (volume !== undefined) {
+        const r = await client(cmd).request<{ volumes: VolumeReplication[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
+        print(opts.json, r.volumes[0], () => renderReplication(r.volumes) + (r.volumes[0]!.role === 'simplex' ? `\n${volume}: simplex (not replicated)` : ''));
+        return;
+      }
       type Status = {
-        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number };
+        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number; replHost: string; replPort: number };
         uptimeSeconds: number;
         defaultExport: string | null;
         connections: { export: string | null; inflight: number; requests: number }[];
         volumes: VolumeJson[];
       };
       const s = await client(cmd).request<Status>('GET', '/v1/status');
-      print(opts.json, s, () => {
+      const repl = await client(cmd).request<{ volumes: VolumeReplication[] }>('GET', '/v1/replication');
+      print(opts.json, { ...s, replication: repl.volumes }, () => {
         const d = s.daemon;
         const lines = [
           `deltavol ${d.version}, pid ${d.pid}, up ${s.uptimeSeconds} s`,
-          `NBD: nbd://${d.nbdHost}:${d.nbdPort}/${d.socketPath ? `  unix: ${d.socketPath}` : ''}   control: port ${d.controlPort}`,
+          `NBD: nbd://${d.nbdHost}:${d.nbdPort}/${d.socketPath ? `  unix: ${d.socketPath}` : ''}   control: port ${d.controlPort}   replication: ${d.replHost}:${d.replPort}`,
           `default export: ${s.defaultExport ?? '(none)'}`,
           `connections: ${s.connections.length}`,
           '',
@@ -349,6 +367,8 @@ export function buildProgram(): Command {
                 ['VOLUME', 'SIZE', 'ALLOCATED', 'MODE', 'CONNS'],
                 s.volumes.map((v) => [v.name, formatBytes(v.sizeBytes), formatBytes(v.allocatedBytes), v.readOnly ? 'ro' : 'rw', v.connections]),
               ),
+          '',
+          renderReplication(repl.volumes),
         ];
         return lines.join('\n');
       });

@@ -17,6 +17,9 @@ import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { DiffDecoder, DiffEncoder, type DiffRun } from '../snapshot/diff-stream.js';
+import { ReplicationService } from '../replication/service.js';
+import { inboundBytesMaxDefault } from '../replication/limits.js';
+import { parseHostPort } from '../util/units.js';
 
 export interface DaemonConfig {
   dataDir: string;
@@ -30,6 +33,13 @@ export interface DaemonConfig {
   demoVolumeBytes?: number;
   syncIoBytesMax: number;
   version: string;
+  /** Replication listener (port 0: any free port). */
+  replHost: string;
+  replPort: number;
+  /** Outbound save area per replicated volume. */
+  outboundBytes: number;
+  /** Replica playback waits this long after a set is complete (0: at once). */
+  playbackDelayMs: number;
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -41,6 +51,8 @@ export interface DaemonInfo {
   socketPath: string | null;
   controlHost: string;
   controlPort: number;
+  replHost: string;
+  replPort: number;
   startedAt: string;
 }
 
@@ -53,6 +65,7 @@ export class Daemon {
   readonly registry: VolumeRegistry;
   private readonly nbd: NbdServer;
   private readonly api: ControlApi;
+  readonly replication: ReplicationService;
   private info: DaemonInfo | null = null;
   private stopping: Promise<void> | null = null;
   private defaultExport: string | undefined;
@@ -78,6 +91,11 @@ export class Daemon {
       log.child({ part: 'nbd' }),
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
+    this.replication = new ReplicationService(
+      this.registry,
+      { host: config.replHost, port: config.replPort, outboundBytes: config.outboundBytes, playbackDelayMs: config.playbackDelayMs, inboundBytesMax: inboundBytesMaxDefault },
+      log.child({ part: 'replication' }),
+    );
     this.registerRoutes();
   }
 
@@ -94,6 +112,8 @@ export class Daemon {
       await this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
     }
     if (this.defaultExport === undefined && this.config.demoVolumeBytes) this.defaultExport = 'demo';
+    // Replicas play back what they hold before any client can read them.
+    const replPort = await this.replication.start();
     const nbdPort = await this.nbd.listenTcp(this.config.nbdPort, this.config.nbdHost);
     if (this.config.socketPath) await this.nbd.listenUnix(this.config.socketPath);
     const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost);
@@ -105,6 +125,8 @@ export class Daemon {
       socketPath: this.config.socketPath ?? null,
       controlHost: this.config.controlHost,
       controlPort,
+      replHost: this.config.replHost,
+      replPort,
       startedAt: new Date().toISOString(),
     };
     writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
@@ -122,6 +144,7 @@ export class Daemon {
     this.log.info({ connections: this.nbd.connections.size }, 'shutting down: draining connections');
     await this.nbd.close(shutdownDrainMs);
     await this.api.close();
+    await this.replication.stop();
     await this.registry.closeAll();
     fs.rmSync(path.join(this.config.dataDir, DAEMON_INFO_FILE), { force: true });
     if (this.lockFd !== null) fs.closeSync(this.lockFd);
@@ -203,7 +226,10 @@ export class Daemon {
     api.route('PATCH', '/v1/volumes/:name', async (p, body) => {
       const name = p.name!;
       const sizeBytes = num(body, 'sizeBytes');
-      if (sizeBytes !== undefined) await this.registry.resize(name, sizeBytes);
+      if (sizeBytes !== undefined) {
+        this.replication.checkResizable(name);
+        await this.registry.resize(name, sizeBytes);
+      }
       const readOnly = bool(body, 'readOnly');
       const description = str(body, 'description');
       if (readOnly !== undefined || description !== undefined) {
@@ -215,14 +241,18 @@ export class Daemon {
       return this.volumeJson(this.registry.require(name));
     });
     api.route('DELETE', '/v1/volumes/:name', async (p, _b, q) => {
-      await this.registry.delete(p.name!, q.get('force') === '1' || q.get('force') === 'true');
+      const force = q.get('force') === '1' || q.get('force') === 'true';
+      const v = this.registry.require(p.name!);
+      if (v.users > 0 && !force) await this.registry.delete(p.name!, false); // throws VOLUME_BUSY
+      await this.replication.forget(p.name!, force);
+      await this.registry.delete(p.name!, force);
       return { deleted: p.name };
     });
     api.route('GET', '/v1/volumes/:name/snapshots', (p) => ({ snapshots: this.registry.require(p.name!).snapshots() }));
     api.route('POST', '/v1/volumes/:name/snapshots', async (p, body) => {
       const snap = str(body, 'name');
       if (!snap) throw new DeltavolError('EINVAL_ARGUMENT', '"name" is required');
-      const info = await this.registry.require(p.name!).createSnapshot(snap);
+      const info = await this.replication.createSnapshot(p.name!, snap);
       this.log.info({ volume: p.name, snapshot: snap, createdAt: info.createdAt }, 'snapshot created');
       return info;
     });
@@ -322,6 +352,29 @@ export class Daemon {
         fs.rmSync(spool, { force: true });
       }
     });
+    // ---- replication ----
+    api.route('GET', '/v1/replication', (_p, _b, q) => ({ volumes: this.replication.status(q.get('volume') ?? undefined) }));
+    api.route('POST', '/v1/volumes/:name/replicas', async (p, body) => {
+      const peer = str(body, 'peer');
+      if (!peer) throw new DeltavolError('EINVAL_ARGUMENT', '"peer" (HOST:PORT of the peer\'s replication port) is required');
+      const { host, port } = parseHostPort(peer);
+      const pair = await this.replication.addReplica(p.name!, {
+        peerHost: host,
+        peerPort: port,
+        remoteVolume: str(body, 'as'),
+        cutIntervalMs: num(body, 'cutIntervalMs'),
+        highWaterBytes: num(body, 'highWaterBytes'),
+        retriesBeforeSuspend: num(body, 'retries'),
+      });
+      return pair;
+    });
+    api.route('DELETE', '/v1/volumes/:name/replicas/:pair', async (p) => {
+      await this.replication.removeReplica(p.name!, p.pair!);
+      return { removed: p.pair };
+    });
+    api.route('POST', '/v1/volumes/:name/replicas/suspend', async (p, body) => ({ pairs: await this.replication.suspend(p.name!, str(body, 'pair')) }));
+    api.route('POST', '/v1/volumes/:name/replicas/resume', (p, body) => ({ pairs: this.replication.resume(p.name!, str(body, 'pair')) }));
+    api.route('POST', '/v1/volumes/:name/cut', async (p, body) => this.replication.cut(p.name!, str(body, 'snapshot')));
     api.route('POST', '/v1/default-export', (_p, body) => {
       const name = str(body, 'name');
       if (name !== undefined && name !== '') this.registry.require(name);

@@ -69,6 +69,8 @@ export type ReplMessage =
       trailerCrc: number;
     }
   | { t: 'ack'; set: number; playedSet: number }
+  /** Operator split (seed 003): the replica records its own writes until the next hello. */
+  | { t: 'split'; generation: number }
   | { t: 'nak'; set: number; chunk: number; reason: string }
   | { t: 'ping'; atMs: number }
   | { t: 'pong'; atMs: number };
@@ -122,6 +124,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
     trailerCrc: 'u32',
   },
   ack: { set: 'uint', playedSet: 'uint' },
+  split: { generation: 'u32' },
   nak: { set: 'uint', chunk: 'u32', reason: 'string' },
   ping: { atMs: 'uint' },
   pong: { atMs: 'uint' },

@@ -40,3 +40,14 @@ export function parseHostPort(text: string, defaultHost = '127.0.0.1'): { host: 
   const host = m[1] ?? (m[2] || defaultHost);
   return { host, port };
 }
+
+const DURATION_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** Parses "500ms", "5s", "2m", "1h" or a plain number of seconds into milliseconds. */
+export function parseDurationMs(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/i.exec(text);
+  if (!m) throw new DeltavolError('EINVAL_ARGUMENT', `cannot parse duration "${text}" (examples: 500ms, 5s, 2m)`);
+  const ms = Number(m[1]) * DURATION_MS[(m[2] ?? 's').toLowerCase()]!;
+  if (!Number.isSafeInteger(Math.round(ms))) throw new DeltavolError('EINVAL_ARGUMENT', `duration "${text}" is too large`);
+  return Math.round(ms);
+}

@@ -27,7 +27,7 @@ import { GroupCommit } from '../util/group-commit.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { BitmapFile } from '../bitmap/bitmap-file.js';
 import { ActivityLog } from '../bitmap/activity-log.js';
-import { ChangeLog } from '../changelog/change-log.js';
+import { ChangeLog, type CutOptions } from '../changelog/change-log.js';
 import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } from './engine-limits.js';
 
@@ -85,6 +85,14 @@ export interface DeltaSink {
   put(block: number, data: Buffer): void;
   /** Every block put so far is durable. */
   commit(): Promise<void>;
+}
+
+export interface BuildOptions extends CutOptions {
+  /**
+   * Also take this snapshot at the cut, stamped with the set number: it equals a replica
+   * that has played this set (a restart point, or the base of an initial copy).
+   */
+  snapshotName?: string;
 }
 
 export interface EngineOptions {
@@ -427,11 +435,13 @@ export class VolumeEngine {
    * copy). Resolves when the set is committed; on failure its blocks return to the active
    * bitmap and the error is rethrown.
    */
-  async buildDeltaSet(setNumber: number, sink: DeltaSink): Promise<{ blocks: number }> {
+  async buildDeltaSet(setNumber: number, sink: DeltaSink, options: BuildOptions = {}): Promise<{ blocks: number }> {
     const frozen = await this.quiesce(async () => {
       // Ship only durable data: a write lost in a crash must not be on the replica only.
       await this.data.flush();
-      const f = this.changeLog.cut(setNumber);
+      // The snapshot first: if it is refused (a name in use), nothing was cut.
+      if (options.snapshotName !== undefined) await this.snapshots.create(options.snapshotName, this.validity, this.size, setNumber);
+      const f = this.changeLog.cut(setNumber, options);
       this.sink = sink;
       return f;
     });
@@ -456,6 +466,23 @@ export class VolumeEngine {
     // beyond the activity log's bound.
     await this.checkpoint();
     return { blocks };
+  }
+
+  /** Blocks changed since the last cut (the high-water mark of a replication pair). */
+  changedBlockCount(): number {
+    return this.changeLog.active.count();
+  }
+
+  /**
+   * Forgets every recorded change (a replica starting a split: from here on its change
+   * log holds only its own writes). Durable when it resolves.
+   */
+  async discardChanges(): Promise<void> {
+    await this.quiesce(async () => {
+      if (this.changeLog.buildingSet !== 0) throw new DeltavolError('DELTA_SET_BUSY', 'cannot discard changes while a delta set is being built');
+      this.changeLog.discardAll();
+    });
+    await this.checkpoint();
   }
 
   /**
@@ -524,6 +551,11 @@ export class VolumeEngine {
       }
       done += n;
     }
+  }
+
+  /** The blocks that held data when the snapshot was taken (a copy). */
+  snapshotValidBlocks(name: string): PagedBitmap {
+    return this.snapshots.get(this.snapshots.indexOf(name)).meta.clone();
   }
 
   /** Whether tracking block b held data when the snapshot was taken (BLOCK_STATUS holes). */

@@ -11,7 +11,8 @@ import { DeltavolError, systemError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
 import { nodeDurableFs } from '../util/durable-fs.js';
 import { FileStore } from '../storage/file-store.js';
-import { VolumeEngine } from './volume-engine.js';
+import { VolumeEngine, type BuildOptions, type DeltaSink } from './volume-engine.js';
+import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { fileStoreData } from './file-store-data.js';
 import { validateVolumeName, type VolumeMeta } from './volume-meta.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -28,6 +29,12 @@ export interface VolumeExtent {
   hole: boolean;
 }
 
+/** Blocks read from elsewhere than the data file (a replica's delta set being integrated). */
+export interface ReadOverlay {
+  /** Copies n bytes of tracking block b from inBlock into target at offset; false if b is not here. */
+  readBlock(b: number, inBlock: number, target: Buffer, offset: number, n: number): boolean;
+}
+
 export interface VolumeIoOptions {
   syncIoBytesMax: number;
   /** Told about events an operator must see (a snapshot invalidated). */
@@ -39,6 +46,9 @@ export class Volume {
   /** Users (NBD connections) per snapshot export. */
   private readonly snapshotUsers = new Map<string, number>();
   private closed = false;
+  private overlay: ReadOverlay | null = null;
+  private readsInFlight = 0;
+  private readonly readWaiters: (() => void)[] = [];
 
   private constructor(
     readonly dir: string,
@@ -128,10 +138,65 @@ export class Volume {
     if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
   }
 
-  /** Reads go straight to the file: the engine changes what is written, not how it is read. */
+  /**
+   * Reads go straight to the file: the engine changes what is written, not how it is read.
+   * While a read overlay is set (a replica integrating a delta set), its blocks are read
+   * from the overlay instead, synchronously, so a reader sees the whole set or none of it.
+   */
   read(offset: number, length: number, target: Buffer): void | Promise<void> {
     this.checkRange(offset, length);
-    return this.store.read(offset, length, target);
+    if (this.overlay !== null) return this.readThroughOverlay(this.overlay, offset, length, target);
+    const r = this.store.read(offset, length, target);
+    if (!(r instanceof Promise)) return;
+    this.readsInFlight++;
+    return r.finally(() => {
+      if (--this.readsInFlight === 0) for (const w of this.readWaiters.splice(0)) w();
+    });
+  }
+
+  private readThroughOverlay(o: ReadOverlay, offset: number, length: number, target: Buffer): void {
+    const bs = this.meta.trackingBlockBytes;
+    let done = 0;
+    while (done < length) {
+      const at = offset + done;
+      const b = Math.floor(at / bs);
+      const inBlock = at - b * bs;
+      const n = Math.min(bs - inBlock, length - done);
+      if (!o.readBlock(b, inBlock, target, done, n)) this.readFileSync(at, target, done, n);
+      done += n;
+    }
+  }
+
+  private readFileSync(at: number, target: Buffer, offset: number, n: number): void {
+    let done = 0;
+    while (done < n) {
+      const got = fs.readSync(this.store.fd, target, offset + done, n - done, at + done);
+      if (got === 0) {
+        target.fill(0, offset + done, offset + n);
+        return;
+      }
+      done += got;
+    }
+  }
+
+  /** Sets (or removes, with null) the read overlay. Reads issued before it may still run: see readsDrained(). */
+  setOverlay(o: ReadOverlay | null): void {
+    this.overlay = o;
+  }
+
+  /** Resolves when no read issued to the threadpool is still running. */
+  readsDrained(): Promise<void> {
+    if (this.readsInFlight === 0) return Promise.resolve();
+    return new Promise((r) => this.readWaiters.push(r));
+  }
+
+  /**
+   * A replica's playback (or initial copy) writes through the engine even though the
+   * volume is read-only to clients: snapshots and the change log see it as any write.
+   */
+  playbackWrite(offset: number, chunks: Buffer[]): void | Promise<void> {
+    if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
+    return this.engine.write(offset, chunks);
   }
 
   write(offset: number, chunks: Buffer[], fua: boolean): void | Promise<void> {
@@ -180,6 +245,8 @@ export class Volume {
   /** Allocation of the range from the file itself: holes read as zeroes. */
   extents(offset: number, length: number, extentsMax: number): VolumeExtent[] {
     this.checkRange(offset, length);
+    // During playback the file's holes may be about to fill: report data (always safe).
+    if (this.overlay !== null) return [{ lengthBytes: length, hole: false }];
     return this.store.allocation(offset, length, extentsMax);
   }
 
@@ -303,6 +370,41 @@ export class Volume {
     for (const r of this.engine.differentialStream(from, to)) {
       yield { offsetBytes: r.offsetBytes, lengthBytes: r.lengthBytes, data: r.data };
     }
+  }
+
+  // ================= replication (see src/replication/ports.ts) =================
+
+  get blockBytes(): number {
+    return this.meta.trackingBlockBytes;
+  }
+  get blocksTotal(): number {
+    return this.engine.blocksTotal;
+  }
+
+  buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }> {
+    if (this.closed) throw new DeltavolError('SHUTTING_DOWN', `volume ${this.name} is closing`);
+    if (options.snapshotName !== undefined) validateVolumeName(options.snapshotName);
+    return this.engine.buildDeltaSet(n, sink, options);
+  }
+
+  changedBlockCount(): number {
+    return this.engine.changedBlockCount();
+  }
+
+  snapshotValidBlocks(name: string): PagedBitmap {
+    return this.engine.snapshotValidBlocks(name);
+  }
+
+  discardChanges(): Promise<void> {
+    return this.engine.discardChanges();
+  }
+
+  changedBlocks(): PagedBitmap {
+    return this.engine.changeLog.pending();
+  }
+
+  async setReadOnly(readOnly: boolean): Promise<void> {
+    if (this.meta.readOnly !== readOnly) await this.updateMeta({ readOnly });
   }
 
   /** Applies one run of a differential through the normal write path (the change log sees it). */

@@ -41,7 +41,22 @@ export class TestDaemon {
     readonly controlPort: number,
     readonly logFile: string,
     private readonly ownsDir: boolean,
+    /** Replication port (peers connect here). */
+    readonly replPort: number,
   ) {}
+
+  /** The control API, as JSON (tests poll replication status with it). */
+  async api<T>(method: string, urlPath: string, body?: unknown): Promise<T> {
+    const res = await fetch(`http://127.0.0.1:${this.controlPort}${urlPath}`, {
+      method,
+      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(60_000),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${urlPath}: ${res.status} ${text}`);
+    return JSON.parse(text) as T;
+  }
 
   uri(exportName = ''): string {
     return `nbd://127.0.0.1:${this.nbdPort}/${exportName}`;
@@ -107,7 +122,7 @@ export async function startDaemon(options: StartOptions = {}): Promise<TestDaemo
   const out = fs.openSync(logFile, 'a');
   const proc = spawn(
     process.execPath,
-    [CLI, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0', '--log-level', options.logLevel ?? 'info', ...(options.extraArgs ?? [])],
+    [CLI, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0', '--repl-port', '0', '--log-level', options.logLevel ?? 'info', ...(options.extraArgs ?? [])],
     { stdio: ['ignore', out, out] },
   );
   fs.closeSync(out);
@@ -121,8 +136,8 @@ export async function startDaemon(options: StartOptions = {}): Promise<TestDaemo
     }
     await new Promise((r) => setTimeout(r, 25));
   }
-  const info = JSON.parse(fs.readFileSync(infoPath, 'utf8')) as { nbdPort: number; controlPort: number };
-  const d = new TestDaemon(proc, dataDir, info.nbdPort, info.controlPort, logFile, ownsDir);
+  const info = JSON.parse(fs.readFileSync(infoPath, 'utf8')) as { nbdPort: number; controlPort: number; replPort: number };
+  const d = new TestDaemon(proc, dataDir, info.nbdPort, info.controlPort, logFile, ownsDir, info.replPort);
   for (const v of options.volumes ?? []) {
     const args = ['volume', 'create', v.name, '--size', v.size];
     if (v.readOnly) args.push('--read-only');

@@ -91,6 +91,7 @@ const EVERY_TYPE: Sample[] = [
   ], 4096),
   { msg: { t: 'trailer', ...TRAILER_FIELDS, trailerCrc: trailerChecksum(TRAILER_FIELDS) }, data: [] },
   { msg: { t: 'ack', set: 11, playedSet: 10 }, data: [] },
+  { msg: { t: 'split', generation: 3 }, data: [] },
   { msg: { t: 'nak', set: 11, chunk: 4, reason: 'chunk checksum mismatch' }, data: [] },
   { msg: { t: 'ping', atMs: 1_767_225_600_000 }, data: [] },
   { msg: { t: 'pong', atMs: 0 }, data: [] },
@@ -199,6 +200,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
     })
     .map((f) => ({ msg: { t: 'trailer' as const, ...f, trailerCrc: trailerChecksum(f) }, data: [] })),
   fc.record({ t: fc.constant('ack' as const), set: uint, playedSet: uint }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('split' as const), generation: u32 }).map((msg) => ({ msg, data: [] })),
   fc.record({ t: fc.constant('nak' as const), set: uint, chunk: u32, reason: str }).map((msg) => ({ msg, data: [] })),
   fc.record({ t: fc.constantFrom('ping' as const, 'pong' as const), atMs: uint }).map((msg) => ({ msg, data: [] })),
 );
@@ -206,7 +208,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
 describe('replication wire: round trips', () => {
   it('round-trips one message of every type', () => {
     const types = new Set(EVERY_TYPE.map((s) => s.msg.t));
-    expect(types.size).toBe(12);
+    expect(types.size).toBe(13);
     for (const s of EVERY_TYPE) expectSame(decodeAll([frameBytes(s)]), [s]);
     expectSame(decodeAll([Buffer.concat(EVERY_TYPE.map(frameBytes))]), EVERY_TYPE);
   });

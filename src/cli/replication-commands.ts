@@ -1,0 +1,222 @@
+// Why: the replication words of the CLI (`replica add|list|remove|suspend|resume|cut`
+// and the replication part of `status`), kept apart from main.ts so each file stays one
+// concern. Like main.ts it only turns words into control-API requests and answers into
+// text: a table for people, --json for scripts, a progress bar while an initial copy runs.
+
+import type { Command } from 'commander';
+import cliProgress from 'cli-progress';
+import { DeltavolError } from '../util/errors.js';
+import { formatBytes, parseDurationMs, parseSizeBytes } from '../util/units.js';
+import type { ControlClient } from './control-client.js';
+import { table } from './format.js';
+
+export interface PairStatus {
+  id: string;
+  peer: string;
+  remoteVolume: string;
+  state: string;
+  connected: boolean;
+  reason: string | null;
+  generation: number;
+  ackedSet: number;
+  playedSet: number;
+  sets: { set: number; createdAt: string; blocks: number; bytes: number; partial: boolean; state: string }[];
+  lagSeconds: number;
+  bytesDifferent: number;
+  currentBytesPerSec: number;
+  averageBytesPerSec: number;
+  initialCopy: { doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null;
+}
+
+export interface VolumeReplication {
+  volume: string;
+  role: 'primary' | 'replica' | 'simplex';
+  state?: string;
+  generation?: number;
+  currentSet?: number;
+  replicas?: PairStatus[];
+  outbound?: { capacityBytes: number; usedBytes: number; full: boolean; sets: number };
+  // replica side
+  primaryVolume?: string;
+  playedSet?: number;
+  ackedSet?: number;
+  lagSeconds?: number;
+  connected?: boolean;
+  inboundBytes?: number;
+  setsHeld?: { set: number; createdAt: string; blocks: number; bytes: number }[];
+}
+
+type Helpers = {
+  client: (cmd: Command) => ControlClient;
+  print: (json: boolean, value: unknown, human: () => string) => void;
+};
+
+const rate = (bps: number) => `${formatBytes(bps)}/s`;
+
+/** The replication part of `status`: one table of pairs for primaries, one line per replica. */
+export function renderReplication(vols: VolumeReplication[]): string {
+  const rows: (string | number)[][] = [];
+  for (const v of vols) {
+    if (v.role === 'primary') {
+      for (const p of v.replicas ?? []) {
+        const outstanding = p.sets.filter((s) => s.state !== 'acknowledged' || s.set > p.playedSet).length;
+        rows.push([
+          v.volume,
+          'primary',
+          `${p.remoteVolume}@${p.peer}`,
+          p.state + (p.reason && p.state === 'failure-suspend' ? ` (${p.reason})` : ''),
+          p.generation,
+          `${v.currentSet}/${p.ackedSet}/${p.playedSet}`,
+          outstanding,
+          `${p.lagSeconds.toFixed(1)} s`,
+          formatBytes(p.bytesDifferent),
+          p.initialCopy ? `copy ${formatBytes(p.initialCopy.doneBytes)}/${formatBytes(p.initialCopy.totalBytes)}` : `${rate(p.currentBytesPerSec)} (avg ${rate(p.averageBytesPerSec)})`,
+        ]);
+      }
+    } else if (v.role === 'replica') {
+      rows.push([v.volume, 'replica', v.primaryVolume ?? '', v.state ?? '', v.generation ?? 0, `-/${v.ackedSet}/${v.playedSet}`, v.setsHeld?.length ?? 0, `${(v.lagSeconds ?? 0).toFixed(1)} s`, '', v.connected ? 'connected' : 'not connected']);
+    }
+  }
+  if (rows.length === 0) return 'no replication';
+  return table(['VOLUME', 'ROLE', 'PEER', 'STATE', 'GEN', 'SET cut/acked/played', 'OUTSTANDING', 'LAG', 'DIFFERENT', 'RATE'], rows);
+}
+
+function pairDetail(v: VolumeReplication, p: PairStatus): string {
+  const lines = [
+    `${v.volume} → ${p.remoteVolume} at ${p.peer}  (pair ${p.id})`,
+    `  state ${p.state}${p.reason ? ` — ${p.reason}` : ''}, generation ${p.generation}`,
+    `  sets: current ${v.currentSet}, acknowledged ${p.ackedSet}, played ${p.playedSet}`,
+    `  lag ${p.lagSeconds.toFixed(1)} s, different from the replica: ${formatBytes(p.bytesDifferent)}`,
+    `  rate ${rate(p.currentBytesPerSec)} now, ${rate(p.averageBytesPerSec)} average`,
+  ];
+  if (p.initialCopy) lines.push(`  initial copy ${formatBytes(p.initialCopy.doneBytes)} of ${formatBytes(p.initialCopy.totalBytes)}, ${rate(p.initialCopy.bytesPerSec)}`);
+  if (p.sets.length > 0) {
+    lines.push(
+      table(
+        ['  SET', 'CREATED', 'BLOCKS', 'BYTES', 'STATE'],
+        p.sets.slice(0, 20).map((s) => [`  ${s.set}`, s.createdAt, s.blocks, formatBytes(s.bytes), s.state + (s.partial ? ' (partial)' : '')]),
+      ),
+    );
+  }
+  return lines.join('\n');
+}
+
+async function replicationOf(c: ControlClient, volume: string): Promise<VolumeReplication> {
+  const r = await c.request<{ volumes: VolumeReplication[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
+  return r.volumes[0]!;
+}
+
+/** Follows an initial copy until it is done: a bar on a terminal, a line every 5 s otherwise. */
+async function followInitialCopy(c: ControlClient, volume: string, pairId: string, timeoutMs: number): Promise<PairStatus> {
+  const tty = process.stderr.isTTY;
+  const bar = tty
+    ? new cliProgress.SingleBar(
+        { format: 'initial copy [{bar}] {percentage}% | {done} of {total} | {rate} | ETA {eta_formatted}', hideCursor: true, stream: process.stderr },
+        cliProgress.Presets.shades_classic,
+      )
+    : null;
+  let started = false;
+  let lastLine = 0;
+  const deadline = Date.now() + timeoutMs;
+  try {
+    for (;;) {
+      const v = await replicationOf(c, volume);
+      const p = v.replicas?.find((x) => x.id === pairId);
+      if (!p) throw new DeltavolError('EINVAL_ARGUMENT', `pair ${pairId} disappeared`);
+      const ic = p.initialCopy;
+      if (ic === null) {
+        if (bar && started) bar.update(bar.getTotal(), { done: formatBytes(bar.getTotal()), total: formatBytes(bar.getTotal()), rate: '' });
+        return p;
+      }
+      if (p.state === 'failure-suspend') throw new DeltavolError('DAEMON_UNREACHABLE', `initial copy stalled: ${p.reason ?? 'peer unreachable'} (it resumes by itself when the peer returns)`);
+      const payload = { done: formatBytes(ic.doneBytes), total: formatBytes(ic.totalBytes), rate: rate(ic.bytesPerSec) };
+      if (bar) {
+        if (!started) {
+          bar.start(Math.max(1, ic.totalBytes), ic.doneBytes, payload);
+          started = true;
+        } else bar.update(ic.doneBytes, payload);
+      } else if (Date.now() - lastLine >= 5000) {
+        lastLine = Date.now();
+        const pct = ic.totalBytes > 0 ? Math.floor((100 * ic.doneBytes) / ic.totalBytes) : 0;
+        process.stderr.write(`initial copy ${pct}% ${payload.done} of ${payload.total}, ${payload.rate}, ETA ${ic.etaSeconds ?? '?'} s\n`);
+      }
+      if (Date.now() > deadline) throw new DeltavolError('IO', `initial copy not done after ${timeoutMs / 1000} s (it goes on in the daemon)`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  } finally {
+    bar?.stop();
+  }
+}
+
+export function registerReplicationCommands(program: Command, h: Helpers): void {
+  const replica = program.command('replica').description('replicate volumes to a peer deltavol: add, list, remove, suspend, resume, cut');
+
+  replica
+    .command('add <volume>')
+    .description("start replicating VOLUME to a peer daemon: the peer creates the replica, an initial copy follows, then delta sets")
+    .requiredOption('--peer <host:port>', "the peer daemon's replication address (its `serve --repl-port`)")
+    .option('--as <name>', 'name of the replica volume on the peer (default: the same name)')
+    .option('--cut-interval <duration>', 'cut a delta set at least this often while there are changes', '5s')
+    .option('--high-water <size>', 'cut a delta set when this many bytes changed', '64M')
+    .option('--retries <n>', 'failed connection attempts before the pair goes to failure-suspend', '5')
+    .option('--no-wait', 'return at once instead of following the initial copy')
+    .option('--timeout <duration>', 'give up following the initial copy after this long', '24h')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const c = h.client(cmd);
+      const pair = await c.request<{ id: string; remoteVolume: string; peerHost: string; peerPort: number }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/replicas`, {
+        peer: opts.peer,
+        ...(opts.as ? { as: opts.as } : {}),
+        cutIntervalMs: parseDurationMs(opts.cutInterval),
+        highWaterBytes: parseSizeBytes(opts.highWater),
+        retries: Number(opts.retries),
+      });
+      if (!opts.json) process.stderr.write(`pair ${pair.id}: ${volume} → ${pair.remoteVolume} at ${pair.peerHost}:${pair.peerPort}\n`);
+      const status = opts.wait ? await followInitialCopy(c, volume, pair.id, parseDurationMs(opts.timeout)) : null;
+      h.print(opts.json, status ?? pair, () => (status ? `initial copy complete; pair ${pair.id} is ${status.state}` : `pair ${pair.id} added; initial copy running (see \`deltavol status ${volume}\`)`));
+    });
+
+  replica
+    .command('list <volume>')
+    .description("show a volume's replicas: state, sets, lag, rate")
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const v = await replicationOf(h.client(cmd), volume);
+      h.print(opts.json, v, () => (v.role === 'primary' ? (v.replicas ?? []).map((p) => pairDetail(v, p)).join('\n\n') : renderReplication([v])));
+    });
+
+  replica
+    .command('remove <volume> <pair>')
+    .description('stop replicating to a replica (PAIR: its id, remote volume name or HOST:PORT); the replica volume stays on the peer')
+    .action(async (volume: string, pair: string, _o, cmd: Command) => {
+      await h.client(cmd).request('DELETE', `/v1/volumes/${encodeURIComponent(volume)}/replicas/${encodeURIComponent(pair)}`);
+      process.stdout.write(`replica ${pair} of ${volume} removed\n`);
+    });
+
+  for (const [name, what] of [
+    ['suspend', 'split the pair: stop shipping (changes are recorded and the replica becomes writable, recording its own writes)'],
+    ['resume', 'resume a split or failed pair: only blocks that differ travel'],
+  ] as const) {
+    replica
+      .command(`${name} <volume>`)
+      .description(what)
+      .option('--pair <pair>', 'only this pair (default: every pair of the volume)')
+      .option('--json', 'print JSON')
+      .action(async (volume: string, opts, cmd: Command) => {
+        const r = await h.client(cmd).request<{ pairs: { id: string }[] }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/replicas/${name}`, opts.pair ? { pair: opts.pair } : {});
+        h.print(opts.json, r, () => r.pairs.map((p) => `pair ${p.id}: ${name === 'suspend' ? 'suspended' : 'resumed'}`).join('\n'));
+      });
+  }
+
+  replica
+    .command('cut <volume>')
+    .description('cut a delta set now; with --snapshot, also take a snapshot stamped with its number')
+    .option('--snapshot <name>', 'snapshot taken at the cut (equals the replica once it has played this set)')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const r = await h.client(cmd).request<{ set: number | null }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/cut`, opts.snapshot ? { snapshot: opts.snapshot } : {});
+      h.print(opts.json, r, () => (r.set === null ? 'nothing to cut (no changes, or the outbound save area is full)' : `delta set ${r.set} cut${opts.snapshot ? `, snapshot ${opts.snapshot} stamped ${r.set}` : ''}`));
+    });
+}
+
+export { replicationOf };

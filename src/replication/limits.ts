@@ -1,0 +1,43 @@
+// Why: the replication limits and defaults in one place, named with their units, with
+// the relations between them asserted at load (as src/util/limits.ts does for NBD).
+
+import { assert } from '../util/assert.js';
+
+/** Default TCP port of the replication listener. */
+export const replicationPortDefault = 10811;
+/** A ping is sent this often on an idle link. */
+export const replicationHeartbeatMs = 1000;
+/** A link that hears nothing for this long is declared dead. */
+export const replicationSilenceMs = 6000;
+/** Connect attempts time out after this long. */
+export const replicationConnectTimeoutMs = 5000;
+/** Reconnect back-off: first delay, doubled per failure up to the max. */
+export const reconnectDelayMsMin = 200;
+export const reconnectDelayMsMax = 5000;
+/** Consecutive failed attempts before a pair goes to failure-suspend (default). */
+export const retriesBeforeSuspendDefault = 5;
+
+/** Cut triggers (defaults, per pair): a timeout and a high-water mark of changed bytes. */
+export const cutIntervalMsDefault = 5000;
+export const cutHighWaterBytesDefault = 64 * 1024 * 1024;
+/** A set never holds more than this (a big backlog travels as several partial sets). */
+export const setBytesMax = 256 * 1024 * 1024;
+/** Outbound save area size (default; per volume). */
+export const outboundBytesDefault = 1024 * 1024 * 1024;
+/** Unacknowledged set data in flight per pair. */
+export const sendWindowBytes = 64 * 1024 * 1024;
+/** Socket queue the sender keeps filled (more waits for 'drain'). */
+export const socketQueueBytesMax = 8 * 1024 * 1024;
+/** The replicator checks its cut triggers this often. */
+export const replicatorTickMs = 100;
+
+/** Replica: stop reading the link while the inbound save area holds this much. */
+export const inboundBytesMaxDefault = 1024 * 1024 * 1024;
+/** Initial copy: bytes per init frame, and durable progress acknowledged this often. */
+export const initRunBytesMax = 1024 * 1024;
+export const initAckEveryBytes = 64 * 1024 * 1024;
+
+assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
+assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
+assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');
+assert(sendWindowBytes >= 16 * 1024 * 1024, 'the window holds several chunks');

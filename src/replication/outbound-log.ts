@@ -1,0 +1,307 @@
+// Why: delta sets must survive a restart of either daemon and a link that is down for
+// hours, so nothing to be sent is held only in memory (seed 001's save volume and
+// mailbox). This is the primary's outbound save area: a durable wrap-around log of chunk
+// records (each one a ready-to-send wire frame, so sending is a read and a socket write)
+// plus an index of the complete sets it holds. It knows nothing of pairs or sockets: the
+// replicator decides what to release and when.
+//
+// Files (in the volume's replication directory):
+//   outbound.log   capacityBytes; record r of a set lives at physical offset pos % capacity.
+//                  A record never wraps: if it does not fit before the end, it starts at 0.
+//   outbound.json  the index, replaced atomically: sets (chunk positions, counts, data
+//                  checksum), the logical write position and the released position.
+// Positions are logical (ever increasing); used space = writePos - releasedPos.
+// A set is in the index only once its records are durable (commit): a crash while it is
+// built leaves records past writePos, which the next set overwrites.
+
+import { crc32c } from '@node-rs/crc32';
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFile, DurableFs } from '../util/durable-fs.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import type { DeltaSink } from '../volume/volume-engine.js';
+import { encodeFrame, chunkChecksum, framePrefixBytes, FrameDecoder, type Runs, type ReplMessage } from './wire.js';
+
+export const OUTBOUND_LOG_FILE = 'outbound.log';
+export const OUTBOUND_INDEX_FILE = 'outbound.json';
+/** Block data per chunk record. */
+export const chunkDataBytesMax = 1024 * 1024;
+/** A chunk's frame prefix and message (generous: runs are ~10 bytes each in msgpack). */
+const chunkOverheadBytes = (blocksPerChunk: number) => framePrefixBytes + 128 + 12 * blocksPerChunk;
+
+export interface ChunkPos {
+  /** Logical position of the record. */
+  pos: number;
+  bytes: number;
+  /** The chunk's data checksum (from its header). */
+  crc: number;
+}
+
+export interface OutboundSet {
+  set: number;
+  generation: number;
+  createdAtMs: number;
+  blocks: number;
+  dataBytes: number;
+  /** crc32c over the big-endian u32 chunk checksums in chunk order (covers every byte). */
+  dataCrc: number;
+  /** Only some of the changed blocks (the rest follow in later sets): not a point in time. */
+  partial: boolean;
+  chunks: ChunkPos[];
+  startPos: number;
+  endPos: number;
+}
+
+interface IndexFile {
+  version: 1;
+  capacityBytes: number;
+  writePos: number;
+  releasedPos: number;
+  /** Highest set number ever committed (sets are numbered without gaps). */
+  lastSet: number;
+  sets: OutboundSet[];
+}
+
+/** The data checksum of a set from its chunk checksums (sender and receiver agree on it). */
+export function setDataChecksum(chunkCrcs: number[]): number {
+  const b = Buffer.allocUnsafe(4 * chunkCrcs.length);
+  chunkCrcs.forEach((c, i) => b.writeUInt32BE(c >>> 0, 4 * i));
+  return crc32c(b);
+}
+
+export class OutboundLog {
+  private constructor(
+    private readonly fsys: DurableFs,
+    private readonly file: DurableFile,
+    private index: IndexFile,
+  ) {}
+
+  /** Opens (or creates) the log. A capacity change applies once the log is empty. */
+  static open(fsys: DurableFs, capacityBytes: number): OutboundLog {
+    assert(Number.isSafeInteger(capacityBytes) && capacityBytes >= 4 * chunkDataBytesMax, `outbound capacity ${capacityBytes} below 4 MiB`);
+    const raw = fsys.readAll(OUTBOUND_INDEX_FILE);
+    let index: IndexFile;
+    if (raw === null) {
+      index = { version: 1, capacityBytes, writePos: 0, releasedPos: 0, lastSet: 0, sets: [] };
+    } else {
+      try {
+        index = JSON.parse(raw.toString('utf8')) as IndexFile;
+      } catch (e) {
+        throw new DeltavolError('METADATA_CORRUPT', `${OUTBOUND_INDEX_FILE}: ${(e as Error).message}`);
+      }
+      if (index.version !== 1 || !Array.isArray(index.sets)) throw new DeltavolError('METADATA_CORRUPT', `${OUTBOUND_INDEX_FILE}: unknown format`);
+      if (index.sets.length === 0 && index.capacityBytes !== capacityBytes) {
+        index = { ...index, capacityBytes, writePos: 0, releasedPos: 0 };
+      }
+    }
+    const log = new OutboundLog(fsys, fsys.open(OUTBOUND_LOG_FILE, true), index);
+    if (raw === null) log.saveIndex();
+    log.invariants();
+    return log;
+  }
+
+  get capacityBytes(): number {
+    return this.index.capacityBytes;
+  }
+  get usedBytes(): number {
+    return this.index.writePos - this.index.releasedPos;
+  }
+  get freeBytes(): number {
+    return this.capacityBytes - this.usedBytes;
+  }
+  get sets(): readonly OutboundSet[] {
+    return this.index.sets;
+  }
+  /** Highest set number committed so far (0: none yet). */
+  get lastSet(): number {
+    return this.index.lastSet;
+  }
+
+  get(set: number): OutboundSet | undefined {
+    const first = this.index.sets[0];
+    if (!first) return undefined;
+    const s = this.index.sets[set - first.set];
+    return s && s.set === set ? s : undefined;
+  }
+
+  /** Bytes a set of `blocks` blocks may take, wrap gap included (reserve this before a cut). */
+  static bytesFor(blocks: number, blockBytes: number): number {
+    const perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
+    const chunks = Math.ceil(blocks / perChunk);
+    const recordMax = perChunk * blockBytes + chunkOverheadBytes(perChunk);
+    return blocks * blockBytes + chunks * chunkOverheadBytes(perChunk) + recordMax;
+  }
+
+  /** Most blocks one set may hold with the space free now (0: none). */
+  blocksThatFit(blockBytes: number): number {
+    const perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
+    const recordMax = perChunk * blockBytes + chunkOverheadBytes(perChunk);
+    const room = this.freeBytes - recordMax;
+    if (room <= 0) return 0;
+    const perBlock = blockBytes + chunkOverheadBytes(perChunk) / perChunk;
+    return Math.max(0, Math.floor(room / perBlock) - 1);
+  }
+
+  /** A sink for set lastSet+1: give it to VolumeEngine.buildDeltaSet. */
+  beginSet(set: number, generation: number, blockBytes: number, blocksTotal: number, partial: boolean): SetWriter {
+    assert(set === this.index.lastSet + 1, `set ${set} after ${this.index.lastSet}`);
+    return new SetWriter(this, set, generation, blockBytes, new PagedBitmap(blocksTotal), partial, this.index.writePos);
+  }
+
+  /** Writes one record at logical position ≥ pos; returns where it went. */
+  writeRecord(pos: number, parts: Buffer[]): { pos: number; end: number } {
+    let bytes = 0;
+    for (const p of parts) bytes += p.length;
+    const cap = this.capacityBytes;
+    assert(bytes <= cap, 'record larger than the log');
+    if ((pos % cap) + bytes > cap) pos += cap - (pos % cap); // wrap: records never straddle the end
+    if (pos + bytes - this.index.releasedPos > cap) {
+      throw new DeltavolError('SAVE_AREA_FULL', `outbound save area full (${cap} bytes)`);
+    }
+    let at = pos % cap;
+    for (const p of parts) {
+      this.file.write(at, p, 0, p.length);
+      at += p.length;
+    }
+    return { pos, end: pos + bytes };
+  }
+
+  /** The set is durable: it enters the index. */
+  async commitSet(s: OutboundSet): Promise<void> {
+    await this.file.sync();
+    assert(s.set === this.index.lastSet + 1, 'sets commit in order');
+    this.index.sets.push(s);
+    this.index.lastSet = s.set;
+    this.index.writePos = s.endPos;
+    this.saveIndex();
+  }
+
+  /** Frees every set ≤ upTo (no pair needs them any more). */
+  release(upTo: number): void {
+    let n = 0;
+    while (n < this.index.sets.length && this.index.sets[n]!.set <= upTo) n++;
+    if (n === 0) return;
+    this.index.sets.splice(0, n);
+    this.index.releasedPos = this.index.sets[0]?.startPos ?? this.index.writePos;
+    this.saveIndex();
+  }
+
+  /** The stored frame of a chunk (prefix, message, data), ready to send. */
+  readChunk(c: ChunkPos): Buffer {
+    const b = Buffer.allocUnsafe(c.bytes);
+    const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
+    if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
+    return b;
+  }
+
+  /** The blocks a set carries (read from its chunk headers). */
+  setBlocks(s: OutboundSet): Runs {
+    const out: Runs = [];
+    for (const c of s.chunks) {
+      const frame = decodeOne(this.readChunk(c));
+      if (frame.t !== 'chunk') throw new DeltavolError('METADATA_CORRUPT', `outbound log: record at ${c.pos} is not a chunk`);
+      out.push(...frame.runs);
+    }
+    return out;
+  }
+
+  private saveIndex(): void {
+    this.fsys.writeAtomic(OUTBOUND_INDEX_FILE, Buffer.from(JSON.stringify(this.index)));
+  }
+
+  close(): void {
+    this.file.close();
+  }
+
+  invariants(): void {
+    const ix = this.index;
+    assert(ix.releasedPos <= ix.writePos && ix.writePos - ix.releasedPos <= ix.capacityBytes, 'log positions');
+    let prev = ix.releasedPos;
+    let expect = ix.sets[0]?.set;
+    for (const s of ix.sets) {
+      assert(s.set === expect, 'sets numbered without gaps');
+      expect = s.set + 1;
+      assert(s.startPos >= prev && s.endPos >= s.startPos, 'sets in log order');
+      prev = s.endPos;
+    }
+    assert(prev <= ix.writePos, 'sets end before the write position');
+    if (ix.sets.length > 0) assert(ix.sets[ix.sets.length - 1]!.set === ix.lastSet, 'last set');
+  }
+}
+
+function decodeOne(frame: Buffer): ReplMessage {
+  let msg: ReplMessage | null = null;
+  const d = new FrameDecoder((f) => (msg = f.msg));
+  d.push(frame);
+  if (msg === null) throw new DeltavolError('METADATA_CORRUPT', 'outbound log: damaged record');
+  return msg;
+}
+
+/** Collects a set's blocks into chunk records (DeltaSink for VolumeEngine.buildDeltaSet). */
+export class SetWriter implements DeltaSink {
+  private readonly perChunk: number;
+  private readonly data: Buffer;
+  private fill = 0;
+  private runs: Runs = [];
+  private readonly chunks: ChunkPos[] = [];
+  private blocks = 0;
+  private pos: number;
+  /** The cut happens right after the writer is made: the set's age counts from here. */
+  private readonly createdAtMs = Date.now();
+
+  constructor(
+    private readonly log: OutboundLog,
+    readonly set: number,
+    private readonly generation: number,
+    private readonly blockBytes: number,
+    /** Every block put (the set's membership). */
+    readonly members: PagedBitmap,
+    private readonly partial: boolean,
+    private readonly startPos: number,
+  ) {
+    this.perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
+    this.data = Buffer.allocUnsafe(this.perChunk * blockBytes);
+    this.pos = startPos;
+  }
+
+  put(block: number, data: Buffer): void {
+    assert(data.length === this.blockBytes, 'whole tracking blocks');
+    data.copy(this.data, this.fill * this.blockBytes);
+    this.fill++;
+    this.blocks++;
+    this.members.set(block);
+    const last = this.runs[this.runs.length - 1];
+    if (last && last[0] + last[1] === block) last[1]++;
+    else this.runs.push([block, 1]);
+    if (this.fill === this.perChunk) this.flushChunk();
+  }
+
+  private flushChunk(): void {
+    if (this.fill === 0) return;
+    const data = this.data.subarray(0, this.fill * this.blockBytes);
+    const chunk = this.chunks.length;
+    const crc = chunkChecksum(data, this.set, chunk, this.runs);
+    const parts = encodeFrame({ t: 'chunk', generation: this.generation, set: this.set, chunk, runs: this.runs, crc }, [data]);
+    const at = this.log.writeRecord(this.pos, parts);
+    this.chunks.push({ pos: at.pos, bytes: at.end - at.pos, crc });
+    this.pos = at.end;
+    this.fill = 0;
+    this.runs = [];
+  }
+
+  async commit(): Promise<void> {
+    this.flushChunk();
+    await this.log.commitSet({
+      set: this.set,
+      generation: this.generation,
+      createdAtMs: this.createdAtMs,
+      blocks: this.blocks,
+      dataBytes: this.blocks * this.blockBytes,
+      dataCrc: setDataChecksum(this.chunks.map((c) => c.crc)),
+      partial: this.partial,
+      chunks: this.chunks,
+      startPos: this.startPos,
+      endPos: this.pos,
+    });
+  }
+}
