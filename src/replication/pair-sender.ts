@@ -385,6 +385,11 @@ export class PairSender {
     };
   }
 
+  /** Bytes this pair has put on the wire since the daemon started (all sessions). */
+  get bytesSent(): number {
+    return this.totalBytes;
+  }
+
   get inflightSets(): readonly Inflight[] {
     return this.inflight;
   }

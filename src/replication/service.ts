@@ -239,6 +239,7 @@ export class ReplicationService {
           bytesDifferent: (changed + pending) * bs + outstandingBytes,
           pendingBlocks: pending,
           ...s.rates(),
+          bytesSent: s.bytesSent,
           initialCopy: s.initialCopyProgress(),
           config: { cutIntervalMs: p.cutIntervalMs, highWaterBytes: p.highWaterBytes, retriesBeforeSuspend: p.retriesBeforeSuspend },
         };

@@ -60,6 +60,8 @@ export interface FaultProxyOptions {
   faults?: Faults;
   /** Connections open at once; more are refused (default 64). */
   connectionsMax?: number;
+  /** Listen on this port (default: any free port); a test restarts a "link" on the same port. */
+  listenPort?: number;
 }
 
 const reorderHoldMsDefault = 50;
@@ -96,7 +98,7 @@ export async function startFaultProxy(opts: FaultProxyOptions): Promise<FaultPro
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
+    server.listen(opts.listenPort ?? 0, '127.0.0.1', () => {
       server.off('error', reject);
       resolve();
     });
