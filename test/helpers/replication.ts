@@ -1,0 +1,202 @@
+// Why: every replication test does the same few things: start two daemons, pair a
+// volume, drive a seeded write load through a real NBD client while remembering what was
+// acknowledged, wait until the replica has played everything, and compare whole volumes.
+// Here once, so the tests read as the scenario they check.
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import { expect } from 'vitest';
+import { MiniNbdClient } from './nbd-client.js';
+import type { TestDaemon } from './daemon.js';
+
+export interface PairStatusJson {
+  id: string;
+  state: string;
+  reason: string | null;
+  connected: boolean;
+  ackedSet: number;
+  playedSet: number;
+  lagSeconds: number;
+  bytesDifferent: number;
+  bytesSent: number;
+  pendingBlocks: number;
+  initialCopy: { doneBytes: number; totalBytes: number } | null;
+  sets: { set: number; state: string; partial: boolean }[];
+}
+
+export interface PrimaryStatusJson {
+  volume: string;
+  role: string;
+  currentSet: number;
+  changedBlocksSinceCut: number;
+  outbound: { capacityBytes: number; usedBytes: number; full: boolean; sets: number };
+  replicas: PairStatusJson[];
+  // replica side
+  playedSet?: number;
+  ackedSet?: number;
+  state?: string;
+}
+
+export async function replStatus(d: TestDaemon, volume: string): Promise<PrimaryStatusJson> {
+  const r = await d.api<{ volumes: PrimaryStatusJson[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
+  return r.volumes[0]!;
+}
+
+/** Polls until pred(status) holds (bounded); returns the last status. */
+export async function waitStatus(d: TestDaemon, volume: string, pred: (s: PrimaryStatusJson) => boolean, timeoutMs: number, what: string): Promise<PrimaryStatusJson> {
+  const deadline = Date.now() + timeoutMs;
+  let s = await replStatus(d, volume);
+  while (!pred(s)) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last status: ${JSON.stringify(s).slice(0, 2000)}`);
+    await new Promise((r) => setTimeout(r, 100));
+    s = await replStatus(d, volume);
+  }
+  return s;
+}
+
+/** Every replica has played everything the primary changed (nothing cut or uncut is left). */
+export function inSync(s: PrimaryStatusJson): boolean {
+  return s.changedBlocksSinceCut === 0 && s.replicas.length > 0 && s.replicas.every((p) => p.initialCopy === null && p.playedSet === s.currentSet && p.pendingBlocks === 0 && p.state === 'duplex');
+}
+
+export function waitInSync(d: TestDaemon, volume: string, timeoutMs = 60_000): Promise<PrimaryStatusJson> {
+  return waitStatus(d, volume, inSync, timeoutMs, 'replicas in sync');
+}
+
+export function sha256File(file: string): string {
+  const h = crypto.createHash('sha256');
+  const fd = fs.openSync(file, 'r');
+  const buf = Buffer.allocUnsafe(4 * 1024 * 1024);
+  try {
+    for (let pos = 0; ; ) {
+      const n = fs.readSync(fd, buf, 0, buf.length, pos);
+      if (n === 0) break;
+      h.update(buf.subarray(0, n));
+      pos += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return h.digest('hex');
+}
+
+/** A free TCP port on 127.0.0.1 (for daemons that must keep their port across restarts). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * A seeded writer through NBD: random aligned and unaligned writes (512-byte sectors),
+ * some TRIMs, kept in a byte model of what was acknowledged. stop() waits for requests in
+ * flight; model holds the expected volume content.
+ */
+export class SeededWriter {
+  readonly model: Buffer;
+  writes = 0;
+  trims = 0;
+  private running = false;
+  private loop: Promise<void> | null = null;
+  error: Error | null = null;
+
+  constructor(
+    private readonly client: MiniNbdClient,
+    readonly sizeBytes: number,
+    private readonly rnd: () => number,
+    /** Writes only below this offset (a region the test can reason about). */
+    private readonly regionBytes = sizeBytes,
+    initial?: Buffer,
+  ) {
+    this.model = initial ?? Buffer.alloc(sizeBytes);
+  }
+
+  static async connect(port: number, exportName: string, sizeBytes: number, rnd: () => number, regionBytes?: number): Promise<SeededWriter> {
+    return new SeededWriter(await MiniNbdClient.connect(port, exportName), sizeBytes, rnd, regionBytes);
+  }
+
+  /** One batch of `n` pipelined requests. */
+  async batch(n: number): Promise<void> {
+    const ops: Promise<void>[] = [];
+    // Requests in one batch never overlap (their order on the server is not the model's).
+    const taken: [number, number][] = [];
+    for (let i = 0; i < n; i++) {
+      const aligned = this.rnd() < 0.7;
+      const len = aligned ? 4096 * (1 + Math.floor(this.rnd() * 16)) : 512 * (1 + Math.floor(this.rnd() * 24));
+      const off = (aligned ? 4096 : 512) * Math.floor((this.rnd() * (this.regionBytes - len)) / (aligned ? 4096 : 512));
+      if (taken.some(([a, b]) => off < b && a < off + len)) continue;
+      taken.push([off, off + len]);
+      if (this.rnd() < 0.08) {
+        ops.push(
+          this.client.request(4 /* TRIM */, off, len).then((r) => {
+            if (r.error !== 0) throw new Error(`trim error ${r.error}`);
+            this.model.fill(0, off, off + len);
+            this.trims++;
+          }),
+        );
+      } else {
+        const data = Buffer.allocUnsafe(len);
+        for (let j = 0; j < len; j += 4) data.writeUInt32LE((this.rnd() * 0xffffffff) >>> 0, j);
+        ops.push(
+          this.client.write(off, data).then((r) => {
+            if (r.error !== 0) throw new Error(`write error ${r.error}`);
+            data.copy(this.model, off);
+            this.writes++;
+          }),
+        );
+      }
+    }
+    await Promise.all(ops);
+  }
+
+  /** Writes in batches until stop() (or an error). */
+  start(batchSize = 16, pauseMs = 0): void {
+    this.running = true;
+    this.loop = (async () => {
+      try {
+        while (this.running) {
+          await this.batch(batchSize);
+          if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
+        }
+      } catch (e) {
+        this.error = e as Error;
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.running = false;
+    await this.loop;
+    if (this.error) throw this.error;
+  }
+
+  async close(): Promise<void> {
+    await this.client.disconnect().catch(() => this.client.destroy());
+  }
+}
+
+/** The whole volume through NBD, compared with what the model says (first difference reported). */
+export async function expectVolumeEquals(port: number, exportName: string, expected: Buffer, what: string): Promise<void> {
+  const c = await MiniNbdClient.connect(port, exportName);
+  try {
+    const step = 4 * 1024 * 1024;
+    for (let off = 0; off < expected.length; off += step) {
+      const n = Math.min(step, expected.length - off);
+      const r = await c.read(off, n);
+      expect(r.error, `${what}: read error at ${off}`).toBe(0);
+      if (!r.data.equals(expected.subarray(off, off + n))) {
+        let i = 0;
+        while (r.data[i] === expected[off + i]) i++;
+        throw new Error(`${what}: first difference at byte ${off + i} (block ${Math.floor((off + i) / 4096)})`);
+      }
+    }
+  } finally {
+    await c.disconnect().catch(() => c.destroy());
+  }
+}
