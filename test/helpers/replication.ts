@@ -100,6 +100,8 @@ export function freePort(): Promise<number> {
  */
 export class SeededWriter {
   readonly model: Buffer;
+  /** Per 512-byte sector: 1 when a request covering it failed unacknowledged (its content is unknown). */
+  readonly uncertain: Uint8Array;
   writes = 0;
   trims = 0;
   private running = false;
@@ -107,7 +109,7 @@ export class SeededWriter {
   error: Error | null = null;
 
   constructor(
-    private readonly client: MiniNbdClient,
+    private client: MiniNbdClient,
     readonly sizeBytes: number,
     private readonly rnd: () => number,
     /** Writes only below this offset (a region the test can reason about). */
@@ -115,6 +117,11 @@ export class SeededWriter {
     initial?: Buffer,
   ) {
     this.model = initial ?? Buffer.alloc(sizeBytes);
+    this.uncertain = new Uint8Array(Math.ceil(sizeBytes / 512));
+  }
+
+  private settle(off: number, len: number, ok: boolean): void {
+    this.uncertain.fill(ok ? 0 : 1, off / 512, (off + len) / 512);
   }
 
   static async connect(port: number, exportName: string, sizeBytes: number, rnd: () => number, regionBytes?: number): Promise<SeededWriter> {
@@ -134,25 +141,54 @@ export class SeededWriter {
       taken.push([off, off + len]);
       if (this.rnd() < 0.08) {
         ops.push(
-          this.client.request(4 /* TRIM */, off, len).then((r) => {
-            if (r.error !== 0) throw new Error(`trim error ${r.error}`);
-            this.model.fill(0, off, off + len);
-            this.trims++;
-          }),
+          this.client.request(4 /* TRIM */, off, len).then(
+            (r) => {
+              if (r.error !== 0) {
+                this.settle(off, len, false);
+                throw new Error(`trim error ${r.error}`);
+              }
+              this.model.fill(0, off, off + len);
+              this.settle(off, len, true);
+              this.trims++;
+            },
+            (e: Error) => {
+              this.settle(off, len, false);
+              throw e;
+            },
+          ),
         );
       } else {
         const data = Buffer.allocUnsafe(len);
         for (let j = 0; j < len; j += 4) data.writeUInt32LE((this.rnd() * 0xffffffff) >>> 0, j);
         ops.push(
-          this.client.write(off, data).then((r) => {
-            if (r.error !== 0) throw new Error(`write error ${r.error}`);
-            data.copy(this.model, off);
-            this.writes++;
-          }),
+          this.client.write(off, data).then(
+            (r) => {
+              if (r.error !== 0) {
+                this.settle(off, len, false);
+                throw new Error(`write error ${r.error}`);
+              }
+              data.copy(this.model, off);
+              this.settle(off, len, true);
+              this.writes++;
+            },
+            (e: Error) => {
+              this.settle(off, len, false);
+              throw e;
+            },
+          ),
         );
       }
     }
-    await Promise.all(ops);
+    const results = await Promise.allSettled(ops);
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+  }
+
+  /** Continues on a new connection (after the daemon was restarted). */
+  reconnect(client: MiniNbdClient): void {
+    this.client.destroy();
+    this.client = client;
+    this.error = null;
   }
 
   /** Writes in batches until stop() (or an error). */
@@ -182,7 +218,7 @@ export class SeededWriter {
 }
 
 /** The whole volume through NBD, compared with what the model says (first difference reported). */
-export async function expectVolumeEquals(port: number, exportName: string, expected: Buffer, what: string): Promise<void> {
+export async function expectVolumeEquals(port: number, exportName: string, expected: Buffer, what: string, uncertain?: Uint8Array): Promise<void> {
   const c = await MiniNbdClient.connect(port, exportName);
   try {
     const step = 4 * 1024 * 1024;
@@ -191,9 +227,11 @@ export async function expectVolumeEquals(port: number, exportName: string, expec
       const r = await c.read(off, n);
       expect(r.error, `${what}: read error at ${off}`).toBe(0);
       if (!r.data.equals(expected.subarray(off, off + n))) {
-        let i = 0;
-        while (r.data[i] === expected[off + i]) i++;
-        throw new Error(`${what}: first difference at byte ${off + i} (block ${Math.floor((off + i) / 4096)})`);
+        for (let i = 0; i < n; i++) {
+          if (r.data[i] === expected[off + i]) continue;
+          if (uncertain && uncertain[Math.floor((off + i) / 512)]) continue;
+          throw new Error(`${what}: first difference at byte ${off + i} (block ${Math.floor((off + i) / 4096)})`);
+        }
       }
     }
   } finally {
