@@ -15,6 +15,7 @@ import { NbdServer } from '../server/nbd-server.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
+import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { DiffDecoder, DiffEncoder, type DiffRun } from '../snapshot/diff-stream.js';
 import { ReplicationService } from '../replication/service.js';
@@ -381,7 +382,7 @@ export class Daemon {
       this.defaultExport = name || undefined;
       return { defaultExport: this.defaultExport ?? null };
     });
-    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs));
+    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()));
   }
 
   status() {

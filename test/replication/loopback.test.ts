@@ -132,6 +132,14 @@ describe('replication over loopback', () => {
     await w.batch(50);
     const s2 = await waitInSync(a, 'v2');
     expect(s2.replicas.length).toBe(1);
+    // The same numbers for people and for Prometheus.
+    const table = cli(a, ['status', 'v2']);
+    expect(table).toMatch(/v2\s+primary\s+v2-one@127\.0\.0\.1:\d+\s+duplex\s+1\s/);
+    const metrics = await (await fetch(`http://127.0.0.1:${a.controlPort}/metrics`)).text();
+    expect(metrics).toMatch(/deltavol_replication_pair_state\{volume="v2",pair="[0-9a-f]+",peer="[^"]+",remote_volume="v2-one",state="duplex"\} 1/);
+    expect(metrics).toMatch(/deltavol_replication_lag_seconds\{volume="v2",[^}]*remote_volume="v2-one"\} 0\n/);
+    const rmetrics = await (await fetch(`http://127.0.0.1:${b.controlPort}/metrics`)).text();
+    expect(rmetrics).toMatch(/deltavol_replica_played_set\{volume="v2-one",primary_volume="v2"\} \d+/);
     expect(sha256File(b.volumePath('v2-one'))).toBe(sha256File(a.volumePath('v2')));
     await w.close();
   }, 120_000);
