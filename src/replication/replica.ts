@@ -381,7 +381,11 @@ export class ReplicaVolume {
     inbound.remove(s.set);
     this.setsPlayed++;
     const link = this.link;
-    if (link && !link.closed) link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
+    if (link && !link.closed) {
+      link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
+      // Reading stopped while the inbound area was full: playback made room.
+      if (this.queued <= 16 && this.inbound.bytesHeld <= this.options.inboundBytesMax) link.resume();
+    }
   }
 
   private async waitPlaybackIdle(): Promise<void> {
