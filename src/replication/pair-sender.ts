@@ -29,6 +29,8 @@ export class PairSender {
   private stopped = false;
   private loop: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
+  private wakeBackoff: (() => void) | null = null;
+  private connecting: net.Socket | null = null;
   private failures = 0;
   private suspending = false;
   private splitAcked: (() => void) | null = null;
@@ -67,29 +69,40 @@ export class PairSender {
     this.loop = this.run();
   }
 
+  /** Something to send (a set was cut, an ack moved the window): ends a wait for work only. */
   wake(): void {
     const w = this.wakeUp;
     this.wakeUp = null;
     w?.();
   }
 
-  private sleep(ms: number): Promise<void> {
+  /** Ends any wait, the reconnect back-off included (stop, resume). */
+  private wakeAll(): void {
+    this.wake();
+    const b = this.wakeBackoff;
+    this.wakeBackoff = null;
+    b?.();
+  }
+
+  private sleep(ms: number, backoff = false): Promise<void> {
     return new Promise((resolve) => {
-      const t = setTimeout(() => {
-        this.wakeUp = null;
-        resolve();
-      }, ms);
-      this.wakeUp = () => {
+      const done = () => {
         clearTimeout(t);
+        if (backoff) this.wakeBackoff = null;
+        else this.wakeUp = null;
         resolve();
       };
+      const t = setTimeout(done, ms);
+      if (backoff) this.wakeBackoff = done;
+      else this.wakeUp = done;
     });
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
     this.link?.close('pair stopped');
-    this.wake();
+    this.connecting?.destroy(new Error('pair stopped'));
+    this.wakeAll();
     await this.loop;
   }
 
@@ -108,13 +121,13 @@ export class PairSender {
     }
     this.suspending = false;
     this.link?.close('pair suspended by the operator');
-    this.wake();
+    this.wakeAll();
     this.log.info({ ackedSet: this.pair.ackedSet }, 'pair suspended');
   }
 
   resume(): void {
     this.failures = 0;
-    this.wake();
+    this.wakeAll();
     this.log.info('pair resumed');
   }
 
@@ -124,7 +137,7 @@ export class PairSender {
     let delay = L.reconnectDelayMsMin;
     while (!this.stopped) {
       if (this.pair.operatorSuspended) {
-        await this.sleep(1000);
+        await this.sleep(1000, true);
         continue;
       }
       try {
@@ -144,7 +157,7 @@ export class PairSender {
         this.inflight = [];
       }
       if (this.stopped) break;
-      await this.sleep(delay);
+      await this.sleep(delay, true);
       delay = Math.min(delay * 2, L.reconnectDelayMsMax);
     }
   }
@@ -153,16 +166,19 @@ export class PairSender {
     const p = this.pair;
     return new Promise((resolve, reject) => {
       const sock = net.connect({ host: p.peerHost, port: p.peerPort });
+      this.connecting = sock;
       const t = setTimeout(() => {
         sock.destroy();
         reject(new DeltavolError('DAEMON_UNREACHABLE', `connect to ${p.peerHost}:${p.peerPort} timed out`));
       }, L.replicationConnectTimeoutMs);
       sock.once('connect', () => {
         clearTimeout(t);
+        this.connecting = null;
         resolve(sock);
       });
       sock.once('error', (e) => {
         clearTimeout(t);
+        this.connecting = null;
         reject(new DeltavolError('DAEMON_UNREACHABLE', `cannot reach ${p.peerHost}:${p.peerPort}: ${e.message}`));
       });
     });
