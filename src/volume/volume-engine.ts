@@ -21,6 +21,7 @@
 
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { assert } from '../util/assert.js';
+import { forEachBlockSlice } from '../util/block-slices.js';
 import { DeltavolError, isDeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import { GroupCommit } from '../util/group-commit.js';
@@ -536,12 +537,7 @@ export class VolumeEngine {
     const index = this.snapshots.indexOf(name);
     const bs = this.options.blockBytes;
     const reader = (b: number, t: Buffer, o: number) => this.readBlock(b, t.subarray(o, o + bs));
-    let done = 0;
-    while (done < length) {
-      const at = offset + done;
-      const b = Math.floor(at / bs);
-      const inBlock = at - b * bs;
-      const n = Math.min(bs - inBlock, length - done);
+    forEachBlockSlice(offset, length, bs, (b, inBlock, done, n) => {
       if (inBlock === 0 && n === bs) {
         if (!this.snapshots.readBlock(index, b, target, done, reader)) target.fill(0, done, done + n);
       } else if (this.snapshots.readBlock(index, b, this.buf, 0, reader)) {
@@ -549,8 +545,7 @@ export class VolumeEngine {
       } else {
         target.fill(0, done, done + n);
       }
-      done += n;
-    }
+    });
   }
 
   /** The blocks that held data when the snapshot was taken (a copy). */

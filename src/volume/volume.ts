@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { assert } from '../util/assert.js';
+import { forEachBlockSlice } from '../util/block-slices.js';
 import { DeltavolError, systemError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
 import { nodeDurableFs } from '../util/durable-fs.js';
@@ -155,16 +156,9 @@ export class Volume {
   }
 
   private readThroughOverlay(o: ReadOverlay, offset: number, length: number, target: Buffer): void {
-    const bs = this.meta.trackingBlockBytes;
-    let done = 0;
-    while (done < length) {
-      const at = offset + done;
-      const b = Math.floor(at / bs);
-      const inBlock = at - b * bs;
-      const n = Math.min(bs - inBlock, length - done);
-      if (!o.readBlock(b, inBlock, target, done, n)) this.readFileSync(at, target, done, n);
-      done += n;
-    }
+    forEachBlockSlice(offset, length, this.meta.trackingBlockBytes, (b, inBlock, done, n) => {
+      if (!o.readBlock(b, inBlock, target, done, n)) this.readFileSync(offset + done, target, done, n);
+    });
   }
 
   private readFileSync(at: number, target: Buffer, offset: number, n: number): void {

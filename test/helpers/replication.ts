@@ -3,12 +3,11 @@
 // acknowledged, wait until the replica has played everything, and compare whole volumes.
 // Here once, so the tests read as the scenario they check.
 
-import crypto from 'node:crypto';
-import fs from 'node:fs';
-import net from 'node:net';
 import { expect } from 'vitest';
 import { MiniNbdClient } from './nbd-client.js';
 import type { TestDaemon } from './daemon.js';
+export { sha256File } from './images.js';
+export { freePort } from './daemon.js';
 
 export interface PairStatusJson {
   id: string;
@@ -62,35 +61,6 @@ export function inSync(s: PrimaryStatusJson): boolean {
 
 export function waitInSync(d: TestDaemon, volume: string, timeoutMs = 60_000): Promise<PrimaryStatusJson> {
   return waitStatus(d, volume, inSync, timeoutMs, 'replicas in sync');
-}
-
-export function sha256File(file: string): string {
-  const h = crypto.createHash('sha256');
-  const fd = fs.openSync(file, 'r');
-  const buf = Buffer.allocUnsafe(4 * 1024 * 1024);
-  try {
-    for (let pos = 0; ; ) {
-      const n = fs.readSync(fd, buf, 0, buf.length, pos);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-      pos += n;
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return h.digest('hex');
-}
-
-/** A free TCP port on 127.0.0.1 (for daemons that must keep their port across restarts). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
 }
 
 /**

@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, run, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { CLI, freePort, run, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { tempDir } from '../helpers/images.js';
 import { nbdshBackground, nbdshOut } from '../helpers/nbdsh.js';
 import { RawNbd } from '../helpers/raw-nbd.js';
@@ -47,16 +47,6 @@ function nbdinfo(args: string[]) {
   return run('nbdinfo', args, { allowFail: true, timeoutMs: 30_000 });
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitFor(what: string, cond: () => boolean, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

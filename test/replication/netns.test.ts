@@ -18,6 +18,7 @@ import { sha256File } from '../helpers/images.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { NetLab, NsDaemon, netnsSupport, sh } from '../helpers/netns.js';
 import { prng, testSeed } from '../helpers/seed.js';
+import type { PairStatusJson, PrimaryStatusJson } from '../helpers/replication.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -31,26 +32,8 @@ if (!support.ok) console.log(`[netns] SKIPPED: ${support.why}`);
 
 // ---------------------------------------------------------------- status
 
-interface PairStatus {
-  id: string;
-  state: string;
-  reason: string | null;
-  connected: boolean;
-  ackedSet: number;
-  playedSet: number;
-  lagSeconds: number;
-  bytesSent: number;
-  initialCopy: { doneBytes: number; totalBytes: number } | null;
-}
-
-interface PrimaryStatus {
-  volume: string;
-  role: string;
-  currentSet: number;
-  changedBlocksSinceCut: number;
-  outbound: { usedBytes: number; sets: number; full: boolean };
-  replicas: PairStatus[];
-}
+type PairStatus = PairStatusJson;
+type PrimaryStatus = PrimaryStatusJson;
 
 interface ReplicaStatus {
   volume: string;
