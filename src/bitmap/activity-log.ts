@@ -16,6 +16,14 @@
 //   magic "DVAL" u32, version u32, seq lo u32, seq hi u32, count u32, extentBytes u32,
 //   crc32c u32 (of the record with this field 0), reserved u32, then count extents u32.
 // The good record with the highest seq wins; a torn record can only be the one being written.
+//
+// Slot reuse: a slot is written again only once the other slot holds a record known
+// durable (its sync resolved). After a crash the next record goes into the torn slot and
+// nothing relies on it until its sync resolves, which also wipes what the crash left
+// there; so a torn leftover cannot be completed by a later torn write into a record that
+// wins. After a failed sync the slot's content is unknown (whole, torn or lost, and a
+// later sync will not write it again), so the next record goes into that same slot: the
+// other one still holds the only record known good.
 
 import { crc32c } from '@node-rs/crc32';
 import { assert } from '../util/assert.js';
@@ -195,15 +203,17 @@ export class ActivityLog {
     }
   }
 
-  private async commitExtents(batch: number[]): Promise<void> {
+  private async commitExtents(joined: number[]): Promise<void> {
+    // An extent that joined while it was leaving is hot again if that eviction failed.
+    const batch = joined.filter((e) => !this.hot.test(e));
     const overflow = this.hotCount + batch.length - this.hotMax;
     if (overflow > 0) await this.evict(overflow);
     const extents: number[] = [];
     for (let i = 0; i < this.hotCount; i++) extents.push(this.hotList[i]!);
     for (const e of batch) extents.push(e);
     await this.writeRecord(extents);
+    for (const e of joined) this.joining.clear(e);
     for (const e of batch) {
-      this.joining.clear(e);
       this.hot.set(e);
       this.hotList[this.hotCount++] = e;
     }
@@ -212,8 +222,8 @@ export class ActivityLog {
   /** Second-chance clock: recently referenced extents survive one sweep. */
   private async evict(count: number): Promise<void> {
     assert(count <= this.hotCount, 'evict more than hot');
-    let evicted = 0;
-    while (evicted < count) {
+    const leaving: number[] = [];
+    while (leaving.length < count) {
       if (this.clockHand >= this.hotCount) this.clockHand = 0;
       const e = this.hotList[this.clockHand]!;
       if (this.referenced.clear(e)) {
@@ -223,11 +233,21 @@ export class ActivityLog {
       // Leaving: out of `hot` now, so writes to it wait for a later record.
       this.hot.clear(e);
       this.hotList[this.clockHand] = this.hotList[--this.hotCount]!;
-      evicted++;
+      leaving.push(e);
     }
     // Bits of the leaving extents were set before this point; make them durable before a
     // record without those extents can be.
-    await this.options.checkpoint();
+    try {
+      await this.options.checkpoint();
+    } catch (err) {
+      // Their bits may not be durable: they stay hot (the durable record still names
+      // them), or the next record, written with room to spare, would drop them unchecked.
+      for (const e of leaving) {
+        this.hot.set(e);
+        this.hotList[this.hotCount++] = e;
+      }
+      throw err;
+    }
   }
 
   private async writeRecord(extents: number[]): Promise<void> {
@@ -242,12 +262,14 @@ export class ActivityLog {
     r.writeUInt32LE(this.options.extentBytes, 20);
     for (let i = 0; i < extents.length; i++) r.writeUInt32LE(extents[i]!, 32 + 4 * i);
     r.writeUInt32LE(crc32c(r), 24);
-    // The slot not holding the newest good record: a torn write leaves that one standing.
+    // The slot not holding the newest durable record: a torn write leaves that one standing.
     this.file.write(this.slot * activityRecordBytes, r, 0, activityRecordBytes);
     this.seq++;
-    this.slot = this.slot === 0 ? 1 : 0;
     this.commits++;
+    // Only once this record is durable may the other slot be overwritten; if the sync
+    // fails, the next record goes into this slot again (see the header).
     await this.file.sync();
+    this.slot = this.slot === 0 ? 1 : 0;
   }
 
   /** Clean shutdown: the caller has checkpointed every bitmap; nothing is hot any more. */

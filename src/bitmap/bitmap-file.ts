@@ -17,6 +17,11 @@
 // records (newest wins) → during a rewrite, the older slot is being overwritten (torn or
 // not, the newer one still stands). Generations only grow (the file's largest + 1).
 //
+// A failed write or fsync fails the file until it is reopened: a page staged before it may
+// be lost (Linux drops the failed pages and a later fsync does not write them again), so a
+// later sync() must not make its slot the page's durable one, and the page's next rewrite
+// must not go over the record that is still good. Reopening reads what is really there.
+//
 // What this file does not do: decide WHEN a checkpoint is safe to rely on. The activity
 // log (activity-log.ts) covers bits set since the last durable checkpoint.
 
@@ -54,6 +59,8 @@ export class BitmapFile {
    * record could otherwise complete that old record and bring it back as valid.
    */
   private garbage: number[] = [];
+  /** The first write or fsync error: from then on every call fails (see the header). */
+  private failure: Error | null = null;
   private readonly record = Buffer.alloc(RECORD_BYTES);
   private readonly words: Uint32Array;
 
@@ -146,6 +153,7 @@ export class BitmapFile {
    */
   async grow(bitsTotal: number): Promise<void> {
     assert(bitsTotal >= this.bitsTotal, 'bitmap files only grow');
+    this.checkFailed();
     const pages = Math.ceil(bitsTotal / (BITMAP_PAGE_BYTES * 8));
     if (pages > this.currentSlot.length) {
       const slots = new Uint8Array(pages).fill(NO_SLOT);
@@ -153,8 +161,12 @@ export class BitmapFile {
       this.currentSlot = slots;
     }
     this.bitsTotal = bitsTotal;
-    this.file.write(0, BitmapFile.header(bitsTotal), 0, 512);
-    await this.file.sync();
+    try {
+      this.file.write(0, BitmapFile.header(bitsTotal), 0, 512);
+      await this.file.sync();
+    } catch (e) {
+      throw this.fail(e);
+    }
   }
 
   /** Stages page p (null = all zeroes) into its other slot. Durable after sync(). */
@@ -180,14 +192,29 @@ export class BitmapFile {
   /** Zeroes, durably, the torn records open() found. Call before writing to a reopened file. */
   async repair(): Promise<void> {
     if (this.garbage.length === 0) return;
+    this.checkFailed();
     const zero = Buffer.alloc(RECORD_BYTES);
-    for (const pos of this.garbage) this.file.write(pos, zero, 0, RECORD_BYTES);
-    await this.file.sync();
+    try {
+      for (const pos of this.garbage) this.file.write(pos, zero, 0, RECORD_BYTES);
+      await this.file.sync();
+    } catch (e) {
+      throw this.fail(e);
+    }
     this.garbage = [];
+  }
+
+  private checkFailed(): void {
+    if (this.failure) throw new DeltavolError('IO', `bitmap file ${this.file.name}: failed earlier (${this.failure.message}); reopen it`);
+  }
+
+  private fail(e: unknown): unknown {
+    this.failure ??= e instanceof Error ? e : new Error(String(e));
+    return e;
   }
 
   private writeStaged(p: number): void {
     assert(this.garbage.length === 0, 'repair() a reopened bitmap file before writing to it');
+    this.checkFailed();
     const slot = this.currentSlot[p] === 0 ? 1 : 0; // never the durable newest
     const t = BITMAP_PAGE_BYTES;
     const r = this.record;
@@ -197,7 +224,11 @@ export class BitmapFile {
     r.writeUInt32LE(Math.floor(this.generation / 2 ** 32), t + 12);
     r.writeUInt32LE(checksum(r), t + 16);
     r.fill(0, t + 20);
-    this.file.write(HEADER_BYTES + (2 * p + slot) * RECORD_BYTES, r, 0, RECORD_BYTES);
+    try {
+      this.file.write(HEADER_BYTES + (2 * p + slot) * RECORD_BYTES, r, 0, RECORD_BYTES);
+    } catch (e) {
+      throw this.fail(e); // e.g. ENOSPC: part of the record may be there
+    }
     this.staged.set(p, this.generation);
     this.generation++;
   }
@@ -216,8 +247,13 @@ export class BitmapFile {
    * ran stays staged until a later sync covers it.
    */
   async sync(): Promise<void> {
+    this.checkFailed();
     const coveredBelow = this.generation;
-    await this.file.sync();
+    try {
+      await this.file.sync();
+    } catch (e) {
+      throw this.fail(e);
+    }
     for (const [p, gen] of this.staged) {
       if (gen >= coveredBelow) continue;
       this.currentSlot[p] = this.currentSlot[p] === 0 ? 1 : 0;

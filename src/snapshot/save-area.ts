@@ -12,6 +12,12 @@
 // survive belonged to a write that never reached the volume. Opening scans the longest
 // run of good records from slot 0 and truncates the rest (a later good record past a bad
 // one is stale and must not be resurrected by a future append).
+//
+// A failed write or fsync fails the save area for good: what reached the disk is unknown
+// and a later fsync would not write it again (Linux drops the failed pages), so a later
+// sync() resolving could let the engine overwrite a block whose before-image is lost.
+// From then on sync() rejects and the area counts as full: its snapshot is invalidated
+// as when it fills, and writes go on.
 
 import { crc32c } from '@node-rs/crc32';
 import { assert, AssertionError } from '../util/assert.js';
@@ -31,6 +37,8 @@ export class SaveArea {
   private readonly record: Buffer;
   private readonly commit: GroupCommit;
   private slotsUsed = 0;
+  /** The first write or fsync error: from then on no record appended since open is known durable. */
+  private failure: Error | null = null;
 
   private constructor(
     private readonly file: DurableFile,
@@ -43,7 +51,7 @@ export class SaveArea {
     this.bitmap = new PagedBitmap(bitsTotal);
     this.stride = saveRecordHeaderBytes + blockBytes;
     this.record = Buffer.alloc(this.stride);
-    this.commit = new GroupCommit(() => this.file.sync());
+    this.commit = new GroupCommit(() => this.syncOnce());
   }
 
   static async create(fsys: DurableFs, name: string, snapshotId: number, blockBytes: number, bitsTotal: number, bytesMax: number): Promise<SaveArea> {
@@ -99,9 +107,9 @@ export class SaveArea {
     return this.bitmap.test(block);
   }
 
-  /** Whether one more record fits under bytesMax. */
+  /** Whether one more record fits under bytesMax (never, once the area failed). */
   get full(): boolean {
-    return (this.slotsUsed + 1) * this.stride > this.bytesMax;
+    return this.failure !== null || (this.slotsUsed + 1) * this.stride > this.bytesMax;
   }
 
   /**
@@ -111,6 +119,7 @@ export class SaveArea {
    */
   append(block: number, data: Uint8Array, dataOffset: number): void {
     if (this.bitmap.test(block)) throw new AssertionError(`block ${block} already saved`);
+    if (this.failure) throw new DeltavolError('SAVE_AREA_FULL', `snapshot ${this.snapshotId}: its save area failed (${this.failure.message})`);
     if (this.full) throw new DeltavolError('SAVE_AREA_FULL', `snapshot ${this.snapshotId}: save area reached ${this.bytesMax} bytes`);
     const r = this.record;
     const slot = this.slotsUsed;
@@ -124,6 +133,8 @@ export class SaveArea {
     try {
       this.file.write(slot * this.stride, r, 0, this.stride);
     } catch (e) {
+      // Part of the record may be in the file, at a slot the next append would reuse.
+      this.failure = e as Error;
       // A full disk is a full save area: the snapshot is invalidated, writes go on.
       const code = (e as { code?: string }).code;
       if (code === 'ENOSPC' || code === 'EDQUOT') {
@@ -147,6 +158,16 @@ export class SaveArea {
   /** Group-committed: one fsync for every append issued before it. */
   sync(): Promise<void> {
     return this.commit.sync();
+  }
+
+  private async syncOnce(): Promise<void> {
+    if (this.failure) throw new DeltavolError('IO', `snapshot ${this.snapshotId}: its save area failed earlier (${this.failure.message})`);
+    try {
+      await this.file.sync();
+    } catch (e) {
+      this.failure = e as Error;
+      throw e;
+    }
   }
 
   get syncs(): number {

@@ -2,7 +2,9 @@
 // torn. This in-memory DurableFs keeps, per file, the durable bytes and the writes since
 // the last sync; crash(rng) keeps a random subset of those writes (a later write to the same bytes still wins, as in the page cache), tears
 // some of them at 512-byte sector boundaries, and returns a fresh file system holding
-// only what a real disk could hold after a power cut.
+// only what a real disk could hold after a power cut. A sync may also be made to fail
+// (syncFaults) the way Linux fails an fsync: the writes it covered are settled at once,
+// whole, torn or lost, and no later sync writes them again, though reads still see them.
 
 import type { DurableFile, DurableFs } from '../../src/util/durable-fs.js';
 
@@ -34,10 +36,41 @@ function applyTruncate(buf: Buffer, sizeBytes: number): Buffer {
   return grown;
 }
 
+/** Each unsynced write reaches `buf` whole, torn at sector boundaries, or not at all. */
+function settle(buf: Buffer, pending: Pending[], rng: () => number): Buffer {
+  for (const p of pending) {
+    const r = rng();
+    if (r < 0.4) continue; // lost
+    if (p.kind === 'truncate') {
+      buf = applyTruncate(buf, p.sizeBytes);
+      continue;
+    }
+    if (r < 0.6 && p.data.length > SECTOR_BYTES) {
+      // torn: a random subset of its sectors reached the disk
+      for (let s = 0; s < p.data.length; s += SECTOR_BYTES) {
+        if (rng() < 0.5) buf = applyWrite(buf, p.position + s, p.data.subarray(s, Math.min(p.data.length, s + SECTOR_BYTES)));
+      }
+      continue;
+    }
+    buf = applyWrite(buf, p.position, p.data);
+  }
+  return buf;
+}
+
+export interface SyncFaults {
+  /** Whether this sync of file `name` fails (EIO). */
+  fails: (name: string) => boolean;
+  /** Decides what the failed sync's writes left on the disk. */
+  rng: () => number;
+}
+
 export class SimFs implements DurableFs {
   readonly files = new Map<string, SimFileState>();
   syncs = 0;
   writes = 0;
+  syncFailures = 0;
+  /** Fault injection for sync(); null: every sync succeeds. Not carried over by crash(). */
+  syncFaults: SyncFaults | null = null;
 
   open(name: string, create: boolean): DurableFile {
     let st = this.files.get(name);
@@ -71,6 +104,12 @@ export class SimFs implements DurableFs {
         // while it runs may keep or lose them.
         const covered = state.pending.length;
         await new Promise<void>((r) => setImmediate(r));
+        if (fsys.syncFaults?.fails(name)) {
+          state.durable = settle(state.durable, state.pending.slice(0, covered), fsys.syncFaults.rng);
+          state.pending = state.pending.slice(covered);
+          fsys.syncFailures++;
+          throw Object.assign(new Error(`EIO: fsync ${name}`), { code: 'EIO' });
+        }
         for (const p of state.pending.slice(0, covered)) {
           state.durable = p.kind === 'write' ? applyWrite(state.durable, p.position, p.data) : applyTruncate(state.durable, p.sizeBytes);
         }
@@ -103,23 +142,7 @@ export class SimFs implements DurableFs {
   crash(rng: () => number): SimFs {
     const out = new SimFs();
     for (const [name, st] of this.files) {
-      let buf = Buffer.from(st.durable);
-      for (const p of st.pending) {
-        const r = rng();
-        if (r < 0.4) continue; // lost
-        if (p.kind === 'truncate') {
-          buf = applyTruncate(buf, p.sizeBytes);
-          continue;
-        }
-        if (r < 0.6 && p.data.length > SECTOR_BYTES) {
-          // torn: a random subset of its sectors reached the disk
-          for (let s = 0; s < p.data.length; s += SECTOR_BYTES) {
-            if (rng() < 0.5) buf = applyWrite(buf, p.position + s, p.data.subarray(s, Math.min(p.data.length, s + SECTOR_BYTES)));
-          }
-          continue;
-        }
-        buf = applyWrite(buf, p.position, p.data);
-      }
+      const buf = settle(Buffer.from(st.durable), st.pending, rng);
       const ns = new SimFileState();
       ns.durable = buf;
       ns.current = Buffer.from(buf);

@@ -17,55 +17,116 @@ function pageKey(bm: PagedBitmap, p: number): string {
   return page ? Buffer.from(page.buffer, page.byteOffset, page.byteLength).toString('base64') : '';
 }
 
+type BitmapOp = { k: 'set' | 'clear'; bit: number; n: number } | { k: 'stage' } | { k: 'sync' } | { k: 'crash' };
+
+const bitmapOps = fc.array(
+  fc.oneof(
+    { weight: 4, arbitrary: fc.record({ k: fc.constant('set' as const), bit: fc.integer({ min: 0, max: BITS - 1 }), n: fc.integer({ min: 1, max: 5000 }) }) },
+    { weight: 1, arbitrary: fc.record({ k: fc.constant('clear' as const), bit: fc.integer({ min: 0, max: BITS - 1 }), n: fc.integer({ min: 1, max: 5000 }) }) },
+    { weight: 3, arbitrary: fc.constant({ k: 'stage' as const }) },
+    { weight: 2, arbitrary: fc.constant({ k: 'sync' as const }) },
+    { weight: 2, arbitrary: fc.constant({ k: 'crash' as const }) },
+  ),
+  { minLength: 20, maxLength: 60 },
+);
+
+/** Random stages, syncs (a share of them failing) and crashes; every reload is checked. */
+async function bitmapCrashRun(ops: BitmapOp[], crashSeed: number, syncFail: number): Promise<void> {
+  const rng = prng(crashSeed);
+  const withFaults = (f: SimFs) => {
+    if (syncFail > 0) f.syncFaults = { fails: () => rng() < syncFail, rng };
+    return f;
+  };
+  let fsys = new SimFs();
+  let file = await BitmapFile.create(fsys, 'b.bm', BITS);
+  withFaults(fsys);
+  let bm = new PagedBitmap(BITS, { trackDirty: true });
+  const pages = bm.pageTotal;
+  // Per page: allowed reload values (durable one first, then staged ones).
+  let allowed: string[][] = Array.from({ length: pages }, () => ['']);
+  for (const o of ops) {
+    if (o.k === 'set') bm.setRange(o.bit, Math.min(o.n, BITS - o.bit));
+    else if (o.k === 'clear') bm.clearRange(o.bit, Math.min(o.n, BITS - o.bit));
+    else if (o.k === 'stage') {
+      const dirty = bm.takeDirtyPages();
+      try {
+        for (const p of dirty) {
+          file.writePage(p, bm.page(p));
+          allowed[p]!.push(pageKey(bm, p));
+        }
+      } catch (e) {
+        expect(String(e)).toMatch(/failed earlier/); // after a failed sync: refused until reopened
+      }
+    } else if (o.k === 'sync') {
+      try {
+        await file.sync();
+        allowed = allowed.map((a) => [a[a.length - 1]!]);
+      } catch (e) {
+        expect(String(e)).toMatch(/EIO|failed earlier/); // what was staged may or may not be there
+      }
+    } else {
+      fsys = fsys.crash(rng);
+      const opened = BitmapFile.open(fsys, 'b.bm');
+      file = opened.file;
+      await file.repair();
+      withFaults(fsys);
+      opened.bitmap.invariants();
+      for (let p = 0; p < pages; p++) expect(allowed[p]).toContain(pageKey(opened.bitmap, p));
+      bm = opened.bitmap;
+      allowed = Array.from({ length: pages }, (_, p) => [pageKey(bm, p)]);
+    }
+  }
+}
+
 describe('BitmapFile', () => {
   it('reloads each page as its last synced value or a value staged after it, across random crashes', async () => {
     const seed = testSeed('bitmap-file crash');
     await fc.assert(
-      fc.asyncProperty(
-        fc.array(
-          fc.oneof(
-            { weight: 4, arbitrary: fc.record({ k: fc.constant('set' as const), bit: fc.integer({ min: 0, max: BITS - 1 }), n: fc.integer({ min: 1, max: 5000 }) }) },
-            { weight: 1, arbitrary: fc.record({ k: fc.constant('clear' as const), bit: fc.integer({ min: 0, max: BITS - 1 }), n: fc.integer({ min: 1, max: 5000 }) }) },
-            { weight: 3, arbitrary: fc.constant({ k: 'stage' as const }) },
-            { weight: 2, arbitrary: fc.constant({ k: 'sync' as const }) },
-            { weight: 2, arbitrary: fc.constant({ k: 'crash' as const }) },
-          ),
-          { minLength: 20, maxLength: 60 },
-        ),
-        fc.integer(),
-        async (ops, crashSeed) => {
-          const rng = prng(crashSeed);
-          let fsys = new SimFs();
-          let file = await BitmapFile.create(fsys, 'b.bm', BITS);
-          let bm = new PagedBitmap(BITS, { trackDirty: true });
-          const pages = bm.pageTotal;
-          // Per page: allowed reload values (durable one first, then staged ones).
-          let allowed: string[][] = Array.from({ length: pages }, () => ['']);
-          for (const o of ops) {
-            if (o.k === 'set') bm.setRange(o.bit, Math.min(o.n, BITS - o.bit));
-            else if (o.k === 'clear') bm.clearRange(o.bit, Math.min(o.n, BITS - o.bit));
-            else if (o.k === 'stage') {
-              const dirty = bm.takeDirtyPages();
-              for (const p of dirty) file.writePage(p, bm.page(p));
-              for (const p of dirty) allowed[p]!.push(pageKey(bm, p));
-            } else if (o.k === 'sync') {
-              await file.sync();
-              allowed = allowed.map((a) => [a[a.length - 1]!]);
-            } else {
-              fsys = fsys.crash(rng);
-              const opened = BitmapFile.open(fsys, 'b.bm');
-              file = opened.file;
-              await file.repair();
-              opened.bitmap.invariants();
-              for (let p = 0; p < pages; p++) expect(allowed[p]).toContain(pageKey(opened.bitmap, p));
-              bm = opened.bitmap;
-              allowed = Array.from({ length: pages }, (_, p) => [pageKey(bm, p)]);
-            }
-          }
-        },
-      ),
+      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, 0)),
       { seed, numRuns: 300 },
     );
+  });
+
+  it('does the same when fsyncs fail', async () => {
+    const seed = testSeed('bitmap-file crash with failed syncs');
+    await fc.assert(
+      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, 0.15)),
+      { seed, numRuns: 300 },
+    );
+  });
+
+  it('after a failed fsync, never takes a later fsync as covering the lost page, nor rewrites its only durable record', async () => {
+    const fsys = new SimFs();
+    const file = await BitmapFile.create(fsys, 'f.bm', BITS);
+    const bm = new PagedBitmap(BITS, { trackDirty: true });
+    const runsOf = () => JSON.stringify(bm.runs().filter(([start]) => start < BITMAP_PAGE_BITS));
+    bm.setRange(0, 100);
+    file.writeDirty(bm);
+    await file.sync();
+    const allowed = [runsOf()]; // page 0's durable value, then values staged after it
+    bm.setRange(100, 100);
+    file.writeDirty(bm);
+    allowed.push(runsOf());
+    // That record never reaches the disk, and its fsync says so.
+    fsys.syncFaults = { fails: () => true, rng: () => 0 };
+    await expect(file.sync()).rejects.toThrow(/EIO/);
+    fsys.syncFaults = null;
+    try {
+      // A later fsync that succeeds must not make the lost record page 0's durable one
+      // (its next rewrite would then go over the only good record).
+      bm.set(BITMAP_PAGE_BITS + 1);
+      file.writeDirty(bm);
+      await file.sync();
+      bm.set(300);
+      file.writeDirty(bm);
+      allowed.push(runsOf());
+    } catch (e) {
+      expect(String(e)).toMatch(/failed earlier/); // the file refuses everything until reopened
+    }
+    // The machine dies while that rewrite is on its way: only its first sector lands.
+    const fates = [0.5, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9];
+    const { bitmap } = BitmapFile.open(fsys.crash(() => fates.shift() ?? 0.9), 'f.bm');
+    expect(allowed).toContain(JSON.stringify(bitmap.runs().filter(([start]) => start < BITMAP_PAGE_BITS)));
   });
 
   it('keeps untouched pages as holes: a 1 TiB volume bitmap file with one page is small', async () => {
