@@ -1,0 +1,725 @@
+#!/usr/bin/env node
+// Why: issue 5's speed questions, measured end to end between two real daemons on this
+// machine (loopback, tmpfs data dirs), in one run:
+//   1. what an attached replica in duplex costs the primary's 4k random writes (fio
+//      through NBD, alternating with/without a replica on the same volume per round);
+//   2. how fast a 1 GiB change ships (suspend, write 1 GiB, cut, resume, time until in
+//      sync) against raw loopback TCP between two Node processes measured in the same run.
+//      With the default 1 GiB outbound area the change does not fit: the suspended pair is
+//      detached and catches up from its pending bitmap (the table says which path ran;
+//      --serve-args "--outbound-size 2G" ships ready-made sets instead);
+//   3. replication lag under a steady 20 MB/s random-write load with a 1 s cut interval;
+//   4. initial copy of a 4 GiB volume with 25% valid blocks: time and bytes sent/valid.
+// "In sync": nothing changed since the last cut, and every pair copied, played the last
+// set, holds no pending blocks and differs by 0 bytes (without the last two a detached
+// pair looks in sync between two catch-up sets).
+// Every ratio compares things measured in the same run; each test repeats for --rounds
+// and reports the median, because the 2-core machine is shared and noisy: the CPU columns
+// show how much of it the daemons got and how much went to everything else.
+// The daemons run from a private copy of dist/ (built from src/ as it is, see srcChanges
+// in the JSON); every daemon, child and tmpfs directory goes on every exit path.
+// Usage: scripts/bench replication [--rounds 3] [--runtime 20] [--steady 60]
+//        [--only iops,ship,steady,init] [--dir /dev/shm] [--serve-args "ARGS"] [--out FILE]
+//        (--help for all options; about 5 minutes with the defaults)
+// Markdown tables go to stdout, then one JSON line with every number; progress to stderr.
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+const CLK_TCK = 100;
+const GOALS = { iopsRatio: 0.9, shipRatio: 0.7, lagSeconds: 3 };
+
+// ---- options ------------------------------------------------------------------------
+
+const HELP = `Usage: scripts/bench replication [options]
+
+  --rounds N          rounds per test, medians reported (default 3)
+  --runtime S         seconds per fio run of the IOPS test (default 20, ramp 1 s more)
+  --steady S          seconds of the 20 MB/s steady-state load (default 60)
+  --only LIST         some of iops,ship,steady,init (default all; raw TCP runs with ship)
+  --dir DIR           base directory of the daemons' data dirs (default /dev/shm)
+  --serve-args "A"    extra arguments for both 'deltavol serve' (e.g. "--outbound-size 2G")
+  --node-args "A"     extra node arguments for both daemons (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
+  --out FILE          also write the JSON result to FILE
+  --trace             log the pair's progress at every poll (ship, init) to stderr
+  -h, --help          this help
+
+About 5 minutes with the defaults. Markdown to stdout, then one JSON line; progress to stderr.`;
+
+const argv = process.argv.slice(2);
+const opt = { rounds: 3, runtime: 20, steady: 60, only: ['iops', 'ship', 'steady', 'init'], dir: '/dev/shm', serveArgs: [], nodeArgs: [], out: null, trace: false };
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i];
+  const need = () => {
+    if (i + 1 >= argv.length) die(`option ${a} needs a value`);
+    return argv[++i];
+  };
+  switch (a) {
+    case '--rounds': opt.rounds = Number(need()); break;
+    case '--runtime': opt.runtime = Number(need()); break;
+    case '--steady': opt.steady = Number(need()); break;
+    case '--only': opt.only = need().split(',').filter(Boolean); break;
+    case '--dir': opt.dir = need(); break;
+    case '--serve-args': opt.serveArgs = need().split(/\s+/).filter(Boolean); break;
+    case '--node-args': opt.nodeArgs = need().split(/\s+/).filter(Boolean); break;
+    case '--out': opt.out = path.resolve(need()); break;
+    case '--trace': opt.trace = true; break;
+    case '-h': case '--help': console.log(HELP); process.exit(0);
+    default: die(`unknown option ${a} (see --help)`);
+  }
+}
+for (const k of ['rounds', 'runtime', 'steady']) if (!(opt[k] > 0)) die(`bad --${k}`);
+for (const t of opt.only) if (!['iops', 'ship', 'steady', 'init'].includes(t)) die(`unknown test ${t} in --only`);
+
+function log(msg) {
+  if (interrupted && !/^SIG|cleanup|SIGTERM/.test(msg)) return; // the failures a stop causes are noise
+  process.stderr.write(`bench-replication: ${msg}\n`);
+}
+function die(msg) {
+  log(`ERROR: ${msg}`);
+  process.exit(2);
+}
+
+// ---- processes and clean-up: everything started is stopped on every exit path ---------
+
+const cleanups = []; // LIFO
+const liveChildren = new Set();
+let cleaningUp = false;
+let interrupted = false;
+async function cleanupAll() {
+  if (cleaningUp) return;
+  cleaningUp = true;
+  while (cleanups.length) {
+    const fn = cleanups.pop();
+    try { await fn(); } catch (e) { log(`cleanup: ${e.message}`); }
+  }
+}
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    interrupted = true;
+    log(`${sig}: stopping daemons and removing work files`);
+    cleanupAll().finally(() => process.exit(130));
+  });
+}
+process.on('exit', () => {
+  for (const p of liveChildren) try { p.kill('SIGKILL'); } catch {}
+});
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const now = () => performance.now();
+
+/** Runs a command to completion; rejects on non-zero exit or timeout. */
+function run(cmd, args, { timeoutMs = 120_000 } = {}) {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    liveChildren.add(p);
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (err += d));
+    const timer = setTimeout(() => {
+      log(`${cmd} took longer than ${timeoutMs / 1000} s; killing it`);
+      p.kill('SIGKILL');
+    }, timeoutMs);
+    p.on('error', (e) => { clearTimeout(timer); liveChildren.delete(p); reject(e); });
+    p.on('close', (code, signal) => {
+      clearTimeout(timer);
+      liveChildren.delete(p);
+      if (code === 0) resolve({ out, err });
+      else reject(new Error(`${cmd} ${args.join(' ')} failed (${signal ?? code}): ${(err || out).trim().slice(-2000)}`));
+    });
+  });
+}
+
+/** Bounded poll: resolves with fn's first truthy value. */
+async function waitFor(what, fn, timeoutMs, everyMs = 100) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not done after ${timeoutMs / 1000} s`);
+    await sleep(everyMs);
+  }
+}
+
+function tail(file, n = 20) {
+  try { return fs.readFileSync(file, 'utf8').trim().split('\n').slice(-n).join('\n'); } catch { return ''; }
+}
+
+/** CPU seconds a process used so far (utime+stime). */
+function procCpu(pid) {
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch { return null; }
+}
+function rssMiB(pid) {
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : null;
+  } catch { return null; }
+}
+
+/** The daemon runs from a private copy of dist/: a rebuild by someone else mid-run cannot mix builds. */
+function snapshotBuild() {
+  fs.mkdirSync(path.join(root, '.bench'), { recursive: true });
+  const dir = fs.mkdtempSync(path.join(root, '.bench', 'build-'));
+  cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.cpSync(path.join(root, 'dist'), path.join(dir, 'dist'), { recursive: true });
+  fs.copyFileSync(path.join(root, 'package.json'), path.join(dir, 'package.json'));
+  fs.mkdirSync(path.join(dir, 'build/Release'), { recursive: true });
+  for (const f of fs.readdirSync(path.join(root, 'build/Release')).filter((n) => n.endsWith('.node'))) {
+    fs.copyFileSync(path.join(root, 'build/Release', f), path.join(dir, 'build/Release', f));
+  }
+  return path.join(dir, 'dist/cli/main.js');
+}
+
+// ---- daemons and their control API -----------------------------------------------------
+
+async function startDaemon(cli, name, workDir) {
+  const dataDir = path.join(workDir, name);
+  fs.mkdirSync(dataDir);
+  const logFile = path.join(workDir, `${name}.log`);
+  const fd = fs.openSync(logFile, 'a');
+  const args = [...opt.nodeArgs, cli, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0', '--repl-port', '0', '--log-level', 'warn', ...opt.serveArgs];
+  const p = spawn(process.execPath, args, { stdio: ['ignore', fd, fd] });
+  fs.closeSync(fd);
+  liveChildren.add(p);
+  let exited = false;
+  const exitP = new Promise((r) => p.on('exit', (code, sig) => { exited = true; liveChildren.delete(p); r({ code, sig }); }));
+  const d = {
+    name, pid: p.pid, dataDir, logFile,
+    isExited: () => exited,
+    async stop() {
+      if (exited) return exitP;
+      p.kill('SIGTERM');
+      const t = setTimeout(() => { log(`daemon ${name} ignored SIGTERM for 15 s; killing`); p.kill('SIGKILL'); }, 15_000);
+      const r = await exitP;
+      clearTimeout(t);
+      return r;
+    },
+  };
+  cleanups.push(d.stop);
+  const info = await waitFor(`daemon ${name} start-up`, () => {
+    if (exited) throw new Error(`daemon ${name} exited during start-up:\n${tail(logFile)}`);
+    try {
+      const j = JSON.parse(fs.readFileSync(path.join(dataDir, 'daemon.json'), 'utf8'));
+      return j.controlPort && j.nbdPort && j.replPort ? j : null;
+    } catch { return null; }
+  }, 20_000, 50);
+  Object.assign(d, { nbdPort: info.nbdPort, controlPort: info.controlPort, replPort: info.replPort });
+  d.peerAddr = `127.0.0.1:${info.replPort}`;
+  d.uri = (vol) => `nbd://127.0.0.1:${info.nbdPort}/${vol}`;
+  return d;
+}
+
+async function api(d, method, urlPath, body, timeoutMs = 120_000) {
+  if (d.isExited()) throw new Error(`daemon ${d.name} is gone:\n${tail(d.logFile)}`);
+  const res = await fetch(`http://127.0.0.1:${d.controlPort}${urlPath}`, {
+    method,
+    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  const text = await res.text();
+  let j = null;
+  try { j = text ? JSON.parse(text) : null; } catch {}
+  if (!res.ok) throw new Error(`${d.name}: ${method} ${urlPath} → ${res.status}: ${j?.error?.message ?? text.slice(0, 500)}`);
+  return j;
+}
+
+const createVolume = (d, name, sizeBytes) => api(d, 'POST', '/v1/volumes', { name, sizeBytes });
+const deleteVolume = (d, name) => api(d, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}?force=1`);
+const replStatus = async (d, vol) => (await api(d, 'GET', `/v1/replication?volume=${encodeURIComponent(vol)}`)).volumes[0];
+
+/** Adds a replica of `vol` on `peer` (no wait); returns the pair id. */
+async function addReplica(primary, vol, peer, as, extra = {}) {
+  const p = await api(primary, 'POST', `/v1/volumes/${encodeURIComponent(vol)}/replicas`, { peer: peer.peerAddr, as, ...extra });
+  return p.id;
+}
+
+/** In sync: nothing changed since the last cut, every replica copied and has played the last set. */
+function inSync(v) {
+  return v.role === 'primary' && v.changedBlocksSinceCut === 0 &&
+    v.replicas.every((r) => r.initialCopy === null && r.playedSet === v.currentSet &&
+      // A pair that fell back to its pending bitmap (outbound area full) has played every
+      // set cut so far and still differs: its pending blocks travel in catch-up sets.
+      r.state === 'duplex' && (r.pendingBlocks ?? 0) === 0 && r.bytesDifferent === 0);
+}
+
+async function waitDuplex(primary, vol, timeoutMs) {
+  return waitFor(`${vol}: pair in duplex`, async () => {
+    const v = await replStatus(primary, vol);
+    const r = v.replicas?.[0];
+    if (r?.state === 'failure-suspend') throw new Error(`${vol}: pair failed: ${r.reason}`);
+    return r && r.state === 'duplex' && r.initialCopy === null ? v : null;
+  }, timeoutMs, 100);
+}
+
+async function removeReplica(primary, peer, vol, pairId, remoteVol) {
+  await api(primary, 'DELETE', `/v1/volumes/${encodeURIComponent(vol)}/replicas/${pairId}`);
+  // The replica volume stays on the peer: delete it so tmpfs does not fill up.
+  await deleteVolume(peer, remoteVol).catch((e) => log(`could not delete ${remoteVol} on the peer: ${e.message}`));
+}
+
+// ---- fio -----------------------------------------------------------------------------
+
+async function fio(name, uri, extra, timeoutMs) {
+  const { out } = await run('fio', [`--name=${name}`, '--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...extra], { timeoutMs });
+  const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  if (j.error) throw new Error(`fio ${name}: job error ${j.error}`);
+  return { iops: j.write.iops, mbps: j.write.bw_bytes / 1e6, bytes: j.write.io_bytes, p99us: (j.write.lat_ns?.percentile?.['99.000000'] ?? j.write.clat_ns?.percentile?.['99.000000'] ?? 0) / 1000 };
+}
+
+// ---- statistics ------------------------------------------------------------------------
+
+function median(xs) {
+  const s = xs.filter((x) => x != null && Number.isFinite(x)).sort((a, b) => a - b);
+  if (s.length === 0) return null;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+function percentile(xs, p) {
+  const s = [...xs].sort((a, b) => a - b);
+  if (s.length === 0) return null;
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
+}
+const f0 = (v) => (v == null ? '–' : v.toFixed(0));
+const f1 = (v) => (v == null ? '–' : v.toFixed(1));
+const f2 = (v) => (v == null ? '–' : v.toFixed(2));
+const fk = (v) => (v == null ? '–' : v >= 1000 ? `${(v / 1000).toFixed(1)}k` : v.toFixed(0));
+const flag = (ok) => (ok ? '' : ' ⚠');
+
+/** Busy CPU seconds of the whole machine (all cores), from /proc/stat. */
+function machineBusy() {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
+    return (total - f[3] - f[4]) / CLK_TCK;
+  } catch { return null; }
+}
+
+/**
+ * CPU over a phase, in cores: each daemon, and `other` = the rest of the machine (fio,
+ * this script, and whatever else runs on the shared machine; 2 = both vCPUs).
+ */
+function cpuMeter(daemons) {
+  const t0 = now();
+  const c0 = daemons.map((d) => procCpu(d.pid));
+  const m0 = machineBusy();
+  return () => {
+    const s = (now() - t0) / 1000;
+    if (!(s > 0)) return {};
+    const out = Object.fromEntries(daemons.map((d, i) => [d.name, +((procCpu(d.pid) - c0[i]) / s).toFixed(2)]));
+    const machine = (machineBusy() - m0) / s;
+    out.other = +Math.max(0, machine - daemons.reduce((n, d) => n + out[d.name], 0)).toFixed(2);
+    return out;
+  };
+}
+const fmtCores = (c) => (c ? `${c.A} / ${c.B} / ${c.other}` : '–');
+
+// ---- 1. primary write IOPS with and without a duplex replica -------------------------------
+
+async function testIops(A, B) {
+  const vol = 'iops';
+  const size = 1 * GiB;
+  await createVolume(A, vol, size);
+  log(`iops: pre-filling ${size / GiB} GiB so neither case pays first-touch allocation`);
+  await fio('prefill', A.uri(vol), ['--rw=write', '--bs=1M', '--iodepth=8', `--size=${size}`], 120_000);
+  const job = ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--time_based', `--runtime=${opt.runtime}`, '--ramp_time=1', '--lat_percentiles=1', '--randrepeat=0'];
+  const rounds = [];
+  let pair = null; // { id, remote }
+  const attach = async (r) => {
+    const remote = `iops-r${r}`;
+    const t0 = now();
+    const id = await addReplica(A, vol, B, remote);
+    pair = { id, remote };
+    await waitDuplex(A, vol, 180_000);
+    return (now() - t0) / 1000;
+  };
+  const detach = async () => {
+    await removeReplica(A, B, vol, pair.id, pair.remote);
+    pair = null;
+  };
+  for (let r = 1; r <= opt.rounds; r++) {
+    const order = r % 2 === 1 ? ['none', 'replica'] : ['replica', 'none'];
+    const row = { round: r, order };
+    for (const kind of order) {
+      if (kind === 'replica' && !pair) row.attachSeconds = await attach(r);
+      if (kind === 'none' && pair) await detach();
+      // Every duplex run starts with nothing left to ship (not with the last run's backlog).
+      if (kind === 'replica') await waitFor(`${vol}: in sync before the run`, async () => inSync(await replStatus(A, vol)), 180_000, 100);
+      const before = kind === 'replica' ? await replStatus(A, vol) : null;
+      const cpu = cpuMeter([A, B]);
+      const res = await fio(`randwrite-${kind}`, A.uri(vol), job, (opt.runtime + 60) * 1000);
+      res.cores = cpu();
+      if (kind === 'replica') {
+        const after = await replStatus(A, vol);
+        const p0 = before.replicas[0];
+        const p1 = after.replicas[0];
+        Object.assign(res, {
+          state: p1.state,
+          setsCut: after.currentSet - before.currentSet,
+          shippedMB: (p1.bytesSent - p0.bytesSent) / 1e6,
+          shippedMBps: (p1.bytesSent - p0.bytesSent) / 1e6 / (opt.runtime + 1),
+          backlogMB: p1.bytesDifferent / 1e6,
+          lagSecondsAtEnd: p1.lagSeconds,
+          outboundFull: after.outbound.full,
+          outboundUsedMB: after.outbound.usedBytes / 1e6,
+        });
+      }
+      row[kind] = res;
+      log(`iops round ${r}: ${kind === 'none' ? 'no replica' : 'duplex replica'} ${f0(res.iops)} IOPS` +
+        (kind === 'replica' ? ` (shipped ${f0(res.shippedMB)} MB in ${res.setsCut} sets, backlog ${f0(res.backlogMB)} MB, lag ${f1(res.lagSecondsAtEnd)} s)` : '') +
+        `, cores A/B/other ${fmtCores(res.cores)}`);
+    }
+    row.ratio = row.replica.iops / row.none.iops;
+    rounds.push(row);
+  }
+  if (pair) await detach();
+  await deleteVolume(A, vol);
+  return {
+    volumeBytes: size, runtime: opt.runtime, rounds,
+    medianNone: median(rounds.map((x) => x.none.iops)),
+    medianReplica: median(rounds.map((x) => x.replica.iops)),
+    medianRatio: median(rounds.map((x) => x.ratio)),
+  };
+}
+
+// ---- raw loopback TCP between two Node processes ----------------------------------------
+
+const TCP_SERVER = `
+const net = require('node:net');
+const total = Number(process.argv[1]);
+const srv = net.createServer((s) => {
+  let got = 0;
+  s.on('data', (b) => { got += b.length; if (got >= total) s.end('k'); });
+});
+srv.listen(0, '127.0.0.1', () => console.log(srv.address().port));
+`;
+const TCP_CLIENT = `
+const net = require('node:net');
+const [port, total] = [Number(process.argv[1]), Number(process.argv[2])];
+const buf = require('node:crypto').randomBytes(1 << 20);
+const s = net.connect({ host: '127.0.0.1', port }, async () => {
+  s.setNoDelay(true);
+  const t0 = performance.now();
+  s.once('data', () => { console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000 })); s.destroy(); });
+  for (let sent = 0; sent < total; sent += buf.length) {
+    if (!s.write(buf)) await new Promise((r) => s.once('drain', r));
+  }
+});
+`;
+
+async function rawTcp(bytes) {
+  const srv = spawn(process.execPath, ['-e', TCP_SERVER, String(bytes)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  liveChildren.add(srv);
+  const stop = () => { srv.kill('SIGKILL'); liveChildren.delete(srv); };
+  cleanups.push(stop);
+  try {
+    const port = await new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('tcp server did not start')), 10_000);
+      srv.stdout.once('data', (d) => { clearTimeout(t); resolve(Number(String(d).trim())); });
+      srv.once('exit', () => reject(new Error('tcp server exited')));
+    });
+    const { out } = await run(process.execPath, ['-e', TCP_CLIENT, String(port), String(bytes)], { timeoutMs: 60_000 });
+    const { seconds } = JSON.parse(out.trim());
+    return { seconds, mbps: bytes / 1e6 / seconds };
+  } finally {
+    stop();
+    cleanups.splice(cleanups.indexOf(stop), 1);
+  }
+}
+
+// ---- 2. shipping a 1 GiB change -------------------------------------------------------------
+
+async function testShip(A, B) {
+  const vol = 'ship';
+  const change = 1 * GiB;
+  await createVolume(A, vol, change);
+  const pairId = await addReplica(A, vol, B, vol);
+  await waitDuplex(A, vol, 60_000);
+  const rounds = [];
+  for (let r = 1; r <= opt.rounds; r++) {
+    const tcp = await rawTcp(change);
+    await api(A, 'POST', `/v1/volumes/${vol}/replicas/suspend`, {});
+    const w = await fio(`change-${r}`, A.uri(vol), ['--rw=write', '--bs=1M', '--iodepth=8', `--size=${change}`], 120_000);
+    // Everything changed goes into sets now (when the outbound area has room), so the
+    // clock below measures shipping, not waiting for the cut interval.
+    const tc = now();
+    const cut = await api(A, 'POST', `/v1/volumes/${vol}/cut`, {});
+    const cutSeconds = (now() - tc) / 1000;
+    const before = await replStatus(A, vol);
+    const p0 = before.replicas[0];
+    const cpu = cpuMeter([A, B]);
+    const t0 = now();
+    await api(A, 'POST', `/v1/volumes/${vol}/replicas/resume`, {});
+    let polls = 0;
+    const end = await waitFor(`${vol}: in sync after resume`, async () => {
+      polls++;
+      const v = await replStatus(A, vol);
+      const p = v.replicas[0];
+      if (p.state === 'failure-suspend') throw new Error(`pair failed: ${p.reason}`);
+      if (opt.trace) {
+        const rb = await replStatus(B, vol).catch(() => ({}));
+        log(`  t=${f2((now() - t0) / 1000)} ${p.state} cut ${v.currentSet} acked ${p.ackedSet} played ${p.playedSet} changed ${v.changedBlocksSinceCut} pending ${p.pendingBlocks} sent ${f0((p.bytesSent - p0.bytesSent) / 1e6)} MB outbound ${v.outbound.sets} sets ${f0(v.outbound.usedBytes / 1e6)} MB | replica acked ${rb.ackedSet} played ${rb.playedSet} held ${rb.setsHeld?.length} inbound ${f0((rb.inboundBytes ?? 0) / 1e6)} MB received ${f0((rb.bytesReceived ?? 0) / 1e6)} MB`);
+      }
+      return inSync(v) ? v : null;
+    }, 180_000, 50);
+    const seconds = (now() - t0) / 1000;
+    const cores = cpu();
+    const p1 = end.replicas[0];
+    const row = {
+      round: r, writeMBps: w.mbps, cutSet: cut?.set ?? null, cutSeconds,
+      atResume: { sets: before.outbound.sets, outboundUsedMB: before.outbound.usedBytes / 1e6, outboundFull: before.outbound.full, changedBlocks: before.changedBlocksSinceCut, pendingBlocks: p0.pendingBlocks ?? null, bytesDifferentMB: p0.bytesDifferent / 1e6 },
+      seconds, mbps: change / 1e6 / seconds, sentMB: (p1.bytesSent - p0.bytesSent) / 1e6, setsAfter: end.currentSet - before.currentSet, cores,
+      tcpMBps: tcp.mbps,
+    };
+    row.ratio = row.mbps / row.tcpMBps;
+    rounds.push(row);
+    log(`ship round ${r}: 1 GiB in sync ${f2(seconds)} s after resume = ${f0(row.mbps)} MB/s (sent ${f0(row.sentMB)} MB; at resume ${before.outbound.sets} sets, ` +
+      `${f0(row.atResume.outboundUsedMB)} MB outbound${before.outbound.full ? ' FULL' : ''}, pending ${row.atResume.pendingBlocks} blocks; cut took ${f2(cutSeconds)} s), ` +
+      `raw TCP ${f0(tcp.mbps)} MB/s, cores A/B/other ${fmtCores(cores)}`);
+  }
+  await removeReplica(A, B, vol, pairId, vol);
+  await deleteVolume(A, vol);
+  return {
+    changeBytes: change, rounds,
+    medianMBps: median(rounds.map((x) => x.mbps)),
+    medianTcpMBps: median(rounds.map((x) => x.tcpMBps)),
+    medianSeconds: median(rounds.map((x) => x.seconds)),
+    medianRatio: median(rounds.map((x) => x.ratio)),
+  };
+}
+
+// ---- 3. steady state lag --------------------------------------------------------------------
+
+async function testSteady(A, B) {
+  const vol = 'steady';
+  const size = 1 * GiB;
+  await createVolume(A, vol, size);
+  const pairId = await addReplica(A, vol, B, vol, { cutIntervalMs: 1000 });
+  await waitDuplex(A, vol, 60_000);
+  const before = await replStatus(A, vol);
+  const samples = [];
+  const states = {};
+  let polling = true;
+  let pollErrors = 0;
+  const poller = (async () => {
+    while (polling) {
+      const t = now();
+      try {
+        const v = await replStatus(A, vol);
+        const p = v.replicas[0];
+        samples.push(p.lagSeconds);
+        states[p.state] = (states[p.state] ?? 0) + 1;
+      } catch (e) {
+        if (++pollErrors <= 3) log(`steady: status poll failed: ${e.message}`);
+      }
+      await sleep(Math.max(0, 250 - (now() - t)));
+    }
+  })();
+  const cpu = cpuMeter([A, B]);
+  let w;
+  try {
+    w = await fio('steady-20MBps', A.uri(vol), ['--rw=randwrite', '--bs=64k', '--iodepth=4', '--rate=20m', '--time_based', `--runtime=${opt.steady}`, `--size=${size}`, '--randrepeat=0'], (opt.steady + 60) * 1000);
+  } finally {
+    polling = false;
+    await poller;
+  }
+  const cores = cpu();
+  const after = await replStatus(A, vol);
+  await removeReplica(A, B, vol, pairId, vol);
+  await deleteVolume(A, vol);
+  const r = {
+    seconds: opt.steady, writeMBps: w.mbps, samples: samples.length, pollErrors, states,
+    lagP50: percentile(samples, 50), lagP99: percentile(samples, 99), lagMax: samples.length ? Math.max(...samples) : null,
+    setsCut: after.currentSet - before.currentSet,
+    shippedMBps: (after.replicas[0].bytesSent - before.replicas[0].bytesSent) / 1e6 / opt.steady,
+    cores,
+  };
+  log(`steady: ${f1(w.mbps)} MB/s written for ${opt.steady} s, lag p50 ${f2(r.lagP50)} p99 ${f2(r.lagP99)} max ${f2(r.lagMax)} s (${samples.length} samples), ${r.setsCut} sets, cores A/B/other ${fmtCores(cores)}`);
+  return r;
+}
+
+// ---- 4. initial copy of a sparse 4 GiB volume ---------------------------------------------------
+
+async function testInit(A, B) {
+  const size = 4 * GiB;
+  const rounds = [];
+  for (let r = 1; r <= opt.rounds; r++) {
+    // A fresh volume per round, so every round is a first replica of a volume whose
+    // writes were never cut (as in real use), not a re-add after an earlier round's cuts.
+    const vol = `init-${r}`;
+    await createVolume(A, vol, size);
+    // 1 MiB written, 3 MiB skipped: 1 GiB of valid blocks spread over the whole volume.
+    await fio('scatter', A.uri(vol), ['--rw=write:3M', '--bs=1M', '--iodepth=8', `--size=${size}`], 120_000);
+    const cpu = cpuMeter([A, B]);
+    const t0 = now();
+    const id = await addReplica(A, vol, B, vol);
+    let totalBytes = null;
+    let copied = null;
+    const end = await waitFor(`${vol}: initial copy and in sync`, async () => {
+      const v = await replStatus(A, vol);
+      const p = v.replicas.find((x) => x.id === id);
+      if (p.state === 'failure-suspend') throw new Error(`pair failed: ${p.reason}`);
+      if (p.initialCopy) totalBytes = p.initialCopy.totalBytes;
+      if (opt.trace) log(`  t=${f2((now() - t0) / 1000)} ${p.state} copied ${f0((p.initialCopy?.doneBytes ?? 0) / 1e6)} MB sent ${f0(p.bytesSent / 1e6)} MB cut ${v.currentSet} acked ${p.ackedSet} played ${p.playedSet} changed ${v.changedBlocksSinceCut} outbound ${v.outbound.sets} sets ${f0(v.outbound.usedBytes / 1e6)} MB`);
+      if (p.initialCopy === null && copied === null) copied = { seconds: (now() - t0) / 1000, bytesSent: p.bytesSent, cores: cpu() };
+      return copied && inSync(v) ? p : null;
+    }, 180_000, 50);
+    const syncSeconds = (now() - t0) / 1000;
+    const valid = totalBytes ?? GiB;
+    const row = {
+      round: r, validBytes: valid,
+      seconds: copied.seconds, mbps: valid / 1e6 / copied.seconds, bytesSent: copied.bytesSent, sentPerValid: copied.bytesSent / valid,
+      syncSeconds, bytesSentInSync: end.bytesSent, sentPerValidInSync: end.bytesSent / valid,
+      cores: copied.cores,
+    };
+    rounds.push(row);
+    log(`init round ${r}: ${f0(valid / MiB)} MiB valid copied in ${f2(row.seconds)} s = ${f0(row.mbps)} MB/s, sent/valid ${row.sentPerValid.toFixed(3)}; ` +
+      `in sync after ${f2(syncSeconds)} s, sent/valid then ${row.sentPerValidInSync.toFixed(3)}; cores A/B/other ${fmtCores(row.cores)}`);
+    await removeReplica(A, B, vol, id, vol);
+    await deleteVolume(A, vol);
+  }
+  return {
+    volumeBytes: size, rounds,
+    medianSeconds: median(rounds.map((x) => x.seconds)),
+    medianMBps: median(rounds.map((x) => x.mbps)),
+    medianSentPerValid: median(rounds.map((x) => x.sentPerValid)),
+    medianSyncSeconds: median(rounds.map((x) => x.syncSeconds)),
+    medianSentPerValidInSync: median(rounds.map((x) => x.sentPerValidInSync)),
+  };
+}
+
+// ---- output -------------------------------------------------------------------------------
+
+function markdown(res) {
+  const L = [];
+  const n = opt.rounds;
+  L.push(`### Replication (two daemons on loopback, data dirs on ${res.fsType} ${opt.dir}; median of ${n} round${n > 1 ? 's' : ''}, steady state one run)`, '');
+  L.push('| measure | value | compared with | ratio | goal |');
+  L.push('| --- | ---: | ---: | ---: | ---: |');
+  if (res.iops) {
+    const x = res.iops;
+    L.push(`| 4k randwrite qd32, duplex replica (cut 5 s, high water 64M) | ${fk(x.medianReplica)} IOPS | ${fk(x.medianNone)} IOPS without replica | ${f2(x.medianRatio)}${flag(x.medianRatio >= GOALS.iopsRatio)} | ≥ ${GOALS.iopsRatio} |`);
+  }
+  if (res.ship) {
+    const x = res.ship;
+    L.push(`| 1 GiB change, resume → in sync | ${f0(x.medianMBps)} MB/s (${f2(x.medianSeconds)} s) | ${f0(x.medianTcpMBps)} MB/s raw loopback TCP | ${f2(x.medianRatio)}${flag(x.medianRatio >= GOALS.shipRatio)} | ≥ ${GOALS.shipRatio} |`);
+  }
+  if (res.steady) {
+    const x = res.steady;
+    L.push(`| lag at ${f1(x.writeMBps)} MB/s (fio --rate=20m) random 64k writes, cut 1 s: p50 / p99 / max | ${f2(x.lagP50)} / ${f2(x.lagP99)} / ${f2(x.lagMax)} s | | | p99, max ≤ ${GOALS.lagSeconds} s${flag(x.lagP99 <= GOALS.lagSeconds && x.lagMax <= GOALS.lagSeconds)} |`);
+  }
+  if (res.init) {
+    const x = res.init;
+    L.push(`| initial copy, 4 GiB volume with 1 GiB valid | ${f0(x.medianMBps)} MB/s (${f2(x.medianSeconds)} s) | bytes sent / valid bytes | ${f2(x.medianSentPerValid)}${flag(Math.abs(x.medianSentPerValid - 1) <= 0.05)} | ≈ 1 |`);
+    L.push(`| … until in sync (sets cut after the base included) | ${f2(x.medianSyncSeconds)} s | bytes sent / valid bytes | ${f2(x.medianSentPerValidInSync)}${flag(Math.abs(x.medianSentPerValidInSync - 1) <= 0.05)} | ≈ 1 |`);
+  }
+  L.push('', '⚠ = goal not met. Per round (cores = CPU of primary A / replica B / everything else on the machine during the measured phase; 2 = both vCPUs):', '');
+  if (res.iops) {
+    L.push('| IOPS round | order | no replica | duplex replica | ratio | p99 µs none / replica | shipped MB/s | backlog at end | cores A/B/other none | cores A/B/other replica |');
+    L.push('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+    for (const r of res.iops.rounds) {
+      L.push(`| ${r.round} | ${r.order.join(' → ')} | ${fk(r.none.iops)} | ${fk(r.replica.iops)} | ${f2(r.ratio)} | ${f0(r.none.p99us)} / ${f0(r.replica.p99us)} | ${f0(r.replica.shippedMBps)} | ${f0(r.replica.backlogMB)} MB | ${fmtCores(r.none.cores)} | ${fmtCores(r.replica.cores)} |`);
+    }
+    L.push('');
+  }
+  if (res.ship) {
+    L.push('| ship round | seconds | MB/s | raw TCP MB/s | ratio | outbound at resume | pending blocks | cut took | cores A/B/other |');
+    L.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+    for (const r of res.ship.rounds) {
+      L.push(`| ${r.round} | ${f2(r.seconds)} | ${f0(r.mbps)} | ${f0(r.tcpMBps)} | ${f2(r.ratio)} | ${r.atResume.sets} sets, ${f0(r.atResume.outboundUsedMB)} MB${r.atResume.outboundFull ? ' (full)' : ''} | ${r.atResume.pendingBlocks ?? '–'} | ${f2(r.cutSeconds)} s | ${fmtCores(r.cores)} |`);
+    }
+    L.push('');
+  }
+  if (res.steady) {
+    const x = res.steady;
+    L.push(`Steady state: ${x.samples} lag samples every 250 ms over ${x.seconds} s, ${x.setsCut} sets cut, ${f1(x.shippedMBps)} MB/s shipped, states ${JSON.stringify(x.states)}, cores A/B/other ${fmtCores(x.cores)}.`, '');
+  }
+  if (res.init) {
+    L.push('| init round | copy seconds | MB/s | valid MiB | sent / valid | in sync after | sent / valid then | cores A/B/other (copy) |');
+    L.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+    for (const r of res.init.rounds) L.push(`| ${r.round} | ${f2(r.seconds)} | ${f0(r.mbps)} | ${f0(r.validBytes / MiB)} | ${r.sentPerValid.toFixed(3)} | ${f2(r.syncSeconds)} s | ${r.sentPerValidInSync.toFixed(3)} | ${fmtCores(r.cores)} |`);
+    L.push('');
+  }
+  L.push(`Peak RSS: ${Object.entries(res.peakRssMiB).map(([k, v]) => `${k} ${f0(v)} MiB`).join(', ')}. MB = 10^6 bytes.`);
+  for (const [k, t] of Object.entries(res.daemonLogs)) if (t) L.push('', `Daemon ${k} logged (last lines):`, '', '```', t.split('\n').slice(-8).join('\n'), '```');
+  return L.join('\n');
+}
+
+// ---- main -----------------------------------------------------------------------------------
+
+async function main() {
+  const started = Date.now();
+  const cli = snapshotBuild();
+  const workDir = fs.mkdtempSync(path.join(opt.dir, 'deltavol-bench-repl-'));
+  cleanups.push(() => fs.rmSync(workDir, { recursive: true, force: true }));
+  let fsType = null;
+  try { fsType = execFileSync('stat', ['-f', '-c', '%T', workDir], { encoding: 'utf8' }).trim(); } catch {}
+  const est = (opt.only.includes('iops') ? opt.rounds * (2 * (opt.runtime + 2) + 8) + 5 : 0) +
+    (opt.only.includes('ship') ? opt.rounds * 12 : 0) + (opt.only.includes('steady') ? opt.steady + 5 : 0) + (opt.only.includes('init') ? 10 + opt.rounds * 8 : 0);
+  log(`tests ${opt.only.join(', ')}, ${opt.rounds} round(s); about ${Math.ceil(est / 60)} min`);
+
+  const A = await startDaemon(cli, 'A', workDir);
+  const B = await startDaemon(cli, 'B', workDir);
+  const peak = { A: 0, B: 0 };
+  const rssTimer = setInterval(() => {
+    for (const d of [A, B]) peak[d.name] = Math.max(peak[d.name], rssMiB(d.pid) ?? 0);
+  }, 500);
+  cleanups.push(() => clearInterval(rssTimer));
+
+  const res = {
+    bench: 'replication', startedAt: new Date(started).toISOString(), fsType, dir: opt.dir,
+    host: {
+      cpus: os.cpus().length, node: process.version, kernel: os.release(), loadavgStart: os.loadavg(),
+      gitCommit: (() => { try { return execFileSync('git', ['-C', root, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim(); } catch { return null; } })(),
+      // Uncommitted changes under src/ when the run started (the build may include them).
+      srcChanges: (() => { try { return execFileSync('git', ['-C', root, 'status', '--porcelain', '--', 'src'], { encoding: 'utf8' }).trim() !== ''; } catch { return null; } })(),
+    },
+    options: { rounds: opt.rounds, runtime: opt.runtime, steady: opt.steady, only: opt.only, serveArgs: opt.serveArgs },
+  };
+  const tests = { iops: testIops, ship: testShip, steady: testSteady, init: testInit };
+  for (const name of ['iops', 'ship', 'steady', 'init']) {
+    if (!opt.only.includes(name)) continue;
+    const t0 = Date.now();
+    try {
+      res[name] = await tests[name](A, B);
+    } catch (e) {
+      res[name] = null;
+      res.errors = [...(res.errors ?? []), `${name}: ${e.message}`];
+      log(`${name} FAILED: ${e.stack ?? e.message}`);
+      for (const d of [A, B]) if (d.isExited()) throw new Error(`daemon ${d.name} died:\n${tail(d.logFile)}`);
+    }
+    log(`${name} took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  }
+  res.peakRssMiB = peak;
+  res.daemonLogs = { A: tail(A.logFile, 50), B: tail(B.logFile, 50) };
+  res.seconds = (Date.now() - started) / 1000;
+  res.host.loadavgEnd = os.loadavg();
+  for (const d of [A, B]) {
+    const { code, sig } = await d.stop();
+    if (code !== 0) log(`daemon ${d.name} exited with ${sig ?? code} on SIGTERM:\n${tail(d.logFile)}`);
+  }
+  process.stdout.write(`${markdown(res)}\n\n`);
+  if (res.errors) process.stdout.write(`Errors: ${res.errors.join('; ')}\n\n`);
+  const line = JSON.stringify(res);
+  process.stdout.write(`${line}\n`);
+  if (opt.out) fs.writeFileSync(opt.out, `${JSON.stringify(res, null, 2)}\n`);
+  log(`done in ${res.seconds.toFixed(0)} s`);
+  if (res.errors) process.exitCode = 1;
+}
+
+main()
+  .catch((e) => {
+    log(`ERROR: ${e.stack ?? e.message}`);
+    process.exitCode = 1;
+  })
+  .finally(() => cleanupAll());
