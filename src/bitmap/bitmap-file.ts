@@ -30,14 +30,16 @@ import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap } from './paged-bitmap.js';
-import { bitmapRecordTrailerBytes } from '../volume/engine-limits.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
 const PAGE_MAGIC = 0x50425644; // "DVBP"
 const VERSION = 1;
 const HEADER_BYTES = 4096;
+/** Bytes of a page record's trailer (magic, page, generation, checksum, zeros). */
+const bitmapRecordTrailerBytes = 32;
 const RECORD_BYTES = BITMAP_PAGE_BYTES + bitmapRecordTrailerBytes;
 const NO_SLOT = 2;
+assert(BITMAP_PAGE_BYTES % 512 === 0, 'bitmap pages are whole sectors');
 
 function checksum(record: Buffer): number {
   return crc32c(record.subarray(0, BITMAP_PAGE_BYTES + 16));

@@ -26,9 +26,10 @@ import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { GroupCommit } from '../util/group-commit.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { BlockMap } from './block-map.js';
-import { saveRecordHeaderBytes } from '../volume/engine-limits.js';
 
 const MAGIC = 0x41535644; // "DVSA"
+/** Bytes of a record header (magic, snapshot id, block, slot, block size, checksum, reserved). */
+const saveRecordHeaderBytes = 32;
 
 export class SaveArea {
   readonly bitmap: PagedBitmap;

@@ -26,11 +26,12 @@ import type { DurableFs } from '../util/durable-fs.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { BitmapFile } from '../bitmap/bitmap-file.js';
 import { SaveArea } from './save-area.js';
-import { snapshotsMax } from '../volume/engine-limits.js';
 
 const MANIFEST = 'snapshots.json';
 const FORMAT_VERSION = 1;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Snapshots per volume. */
+const snapshotsMax = 256;
 
 export interface SnapshotInfo {
   id: number;
