@@ -24,12 +24,15 @@ import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { GroupCommit } from '../util/group-commit.js';
+import { crc32cBytes } from '../util/crc32c-bytes.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { BlockMap } from './block-map.js';
 
 const MAGIC = 0x41535644; // "DVSA"
 /** Bytes of a record header (magic, snapshot id, block, slot, block size, checksum, reserved). */
 const saveRecordHeaderBytes = 32;
+/** Bytes read at a time when opening (a whole number of records, at least one). */
+const openReadBytes = 1024 * 1024;
 
 export class SaveArea {
   readonly bitmap: PagedBitmap;
@@ -66,17 +69,26 @@ export class SaveArea {
     const file = fsys.open(name, false);
     const area = new SaveArea(file, snapshotId, blockBytes, bitsTotal, bytesMax);
     const size = file.sizeBytes();
-    const r = area.record;
+    const stride = area.stride;
+    const slotsOnDisk = Math.floor(size / stride);
+    // Large sequential reads: one read per record cost as much as checksumming it.
+    const perBatch = Math.max(1, Math.floor(openReadBytes / stride));
+    const batch = Buffer.allocUnsafe(Math.min(perBatch, Math.max(1, slotsOnDisk)) * stride);
     let slot = 0;
-    for (; (slot + 1) * area.stride <= size; slot++) {
-      file.read(slot * area.stride, r, 0, area.stride);
-      if (!area.good(r, slot)) break;
-      const block = r.readUInt32LE(8);
-      if (block >= bitsTotal || area.bitmap.test(block)) {
-        throw new DeltavolError('METADATA_CORRUPT', `save area ${name}: slot ${slot} names block ${block} twice or past the volume`);
+    scan: while (slot < slotsOnDisk) {
+      const count = Math.min(perBatch, slotsOnDisk - slot);
+      const n = file.read(slot * stride, batch, 0, count * stride);
+      for (let i = 0; i < count; i++, slot++) {
+        if ((i + 1) * stride > n) break scan;
+        const at = i * stride;
+        if (!area.good(batch, at, slot)) break scan;
+        const block = batch.readUInt32LE(at + 8);
+        if (block >= bitsTotal || area.bitmap.test(block)) {
+          throw new DeltavolError('METADATA_CORRUPT', `save area ${name}: slot ${slot} names block ${block} twice or past the volume`);
+        }
+        area.map.insert(block, slot);
+        area.bitmap.set(block);
       }
-      area.map.insert(block, slot);
-      area.bitmap.set(block);
     }
     area.slotsUsed = slot;
     if (size > slot * area.stride) {
@@ -86,14 +98,16 @@ export class SaveArea {
     return area;
   }
 
-  private good(r: Buffer, slot: number): boolean {
-    if (r.readUInt32LE(0) !== MAGIC || r.readUInt32LE(4) !== this.snapshotId || r.readUInt32LE(12) !== slot) return false;
-    if (r.readUInt32LE(16) !== this.blockBytes) return false;
-    return r.readUInt32LE(20) === this.checksum(r);
+  /** Whether r[at, at + stride) holds slot `slot` of this area, whole. */
+  private good(r: Buffer, at: number, slot: number): boolean {
+    if (r.readUInt32LE(at) !== MAGIC || r.readUInt32LE(at + 4) !== this.snapshotId || r.readUInt32LE(at + 12) !== slot) return false;
+    if (r.readUInt32LE(at + 16) !== this.blockBytes) return false;
+    return r.readUInt32LE(at + 20) === this.checksum(r, at);
   }
 
-  private checksum(r: Buffer): number {
-    return crc32c(r.subarray(saveRecordHeaderBytes), crc32c(r.subarray(0, 20)));
+  /** crc32c of the header's first 20 bytes, then of the data. */
+  private checksum(r: Buffer, at: number): number {
+    return crc32c(r.subarray(at + saveRecordHeaderBytes, at + this.stride), crc32cBytes(r, at, 20));
   }
 
   get slots(): number {
@@ -130,7 +144,7 @@ export class SaveArea {
     r.writeUInt32LE(slot, 12);
     r.writeUInt32LE(this.blockBytes, 16);
     r.set(data.subarray(dataOffset, dataOffset + this.blockBytes), saveRecordHeaderBytes);
-    r.writeUInt32LE(this.checksum(r), 20);
+    r.writeUInt32LE(this.checksum(r, 0), 20);
     try {
       this.file.write(slot * this.stride, r, 0, this.stride);
     } catch (e) {
