@@ -21,11 +21,11 @@ export const retriesBeforeSuspendDefault = 5;
 export const cutIntervalMsDefault = 5000;
 export const cutHighWaterBytesDefault = 64 * 1024 * 1024;
 /** A set never holds more than this (a big backlog travels as several partial sets). */
-export const setBytesMax = 256 * 1024 * 1024;
+export const setBytesMax = 64 * 1024 * 1024;
 /** Outbound save area size (default; per volume). */
 export const outboundBytesDefault = 1024 * 1024 * 1024;
 /** Unacknowledged set data in flight per pair. */
-export const sendWindowBytes = 64 * 1024 * 1024;
+export const sendWindowBytes = 256 * 1024 * 1024;
 /** Socket queue the sender keeps filled (more waits for 'drain'). */
 export const socketQueueBytesMax = 8 * 1024 * 1024;
 /** The replicator checks its cut triggers this often. */
@@ -40,4 +40,4 @@ export const initAckEveryBytes = 64 * 1024 * 1024;
 assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
 assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
 assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');
-assert(sendWindowBytes >= 16 * 1024 * 1024, 'the window holds several chunks');
+assert(sendWindowBytes >= 2 * setBytesMax, 'the window holds several sets (the link stays busy while one is acknowledged)');

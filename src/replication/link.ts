@@ -79,10 +79,15 @@ export class Link {
     }
   }
 
-  /** A frame already encoded (a chunk record read from the outbound log). */
-  sendEncoded(frame: Buffer): void {
+  /** A frame already encoded (a chunk record read from the outbound log), in pieces. */
+  sendEncoded(frame: Buffer[]): void {
     if (this.closedReason !== null) return;
-    this.write(frame);
+    if (frame.length === 1) this.write(frame[0]!);
+    else {
+      this.socket.cork();
+      for (const p of frame) this.write(p);
+      this.socket.uncork();
+    }
   }
 
   private write(b: Buffer): void {

@@ -26,6 +26,8 @@ export const OUTBOUND_LOG_FILE = 'outbound.log';
 export const OUTBOUND_INDEX_FILE = 'outbound.json';
 /** Block data per chunk record. */
 export const chunkDataBytesMax = 1024 * 1024;
+/** Recent chunks kept in memory for the senders (a cache of the file). */
+const outboundCacheBytesMax = 96 * 1024 * 1024;
 /** A chunk's frame prefix and message (generous: runs are ~10 bytes each in msgpack). */
 const chunkOverheadBytes = (blocksPerChunk: number) => framePrefixBytes + 128 + 12 * blocksPerChunk;
 
@@ -70,6 +72,10 @@ export function setDataChecksum(chunkCrcs: number[]): number {
 }
 
 export class OutboundLog {
+  /** Recent chunk frames by position (what senders read next, without a file read). */
+  private readonly cache = new Map<number, Buffer[]>();
+  private cacheBytes = 0;
+
   private constructor(
     private readonly fsys: DurableFs,
     private readonly file: DurableFile,
@@ -163,6 +169,7 @@ export class OutboundLog {
       this.file.write(at, p, 0, p.length);
       at += p.length;
     }
+    this.remember(pos, parts, bytes);
     return { pos, end: pos + bytes };
   }
 
@@ -181,24 +188,49 @@ export class OutboundLog {
     let n = 0;
     while (n < this.index.sets.length && this.index.sets[n]!.set <= upTo) n++;
     if (n === 0) return;
+    for (const s of this.index.sets.slice(0, n)) {
+      for (const c of s.chunks) {
+        const p = this.cache.get(c.pos);
+        if (p) this.cacheBytes -= p.reduce((k, b) => k + b.length, 0);
+        this.cache.delete(c.pos);
+      }
+    }
     this.index.sets.splice(0, n);
     this.index.releasedPos = this.index.sets[0]?.startPos ?? this.index.writePos;
     this.saveIndex();
   }
 
-  /** The stored frame of a chunk (prefix, message, data), ready to send. */
-  readChunk(c: ChunkPos): Buffer {
+  /**
+   * The stored frame of a chunk (prefix and message, then data), ready to send. Recent
+   * chunks come from memory (a copy of what is on disk), older ones from the file.
+   */
+  readChunk(c: ChunkPos): Buffer[] {
+    const cached = this.cache.get(c.pos);
+    if (cached) return cached;
     const b = Buffer.allocUnsafe(c.bytes);
     const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
     if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
-    return b;
+    return [b];
+  }
+
+  /** Keeps a just-written record in memory for the senders (bounded, oldest out first). */
+  private remember(pos: number, parts: Buffer[], bytes: number): void {
+    this.cache.set(pos, parts);
+    this.cacheBytes += bytes;
+    while (this.cacheBytes > outboundCacheBytesMax) {
+      const oldest = this.cache.keys().next();
+      if (oldest.done) break;
+      const p = this.cache.get(oldest.value)!;
+      this.cacheBytes -= p.reduce((n, b) => n + b.length, 0);
+      this.cache.delete(oldest.value);
+    }
   }
 
   /** The blocks a set carries (read from its chunk headers). */
   setBlocks(s: OutboundSet): Runs {
     const out: Runs = [];
     for (const c of s.chunks) {
-      const frame = decodeOne(this.readChunk(c));
+      const frame = decodeOne(Buffer.concat(this.readChunk(c)));
       if (frame.t !== 'chunk') throw new DeltavolError('METADATA_CORRUPT', `outbound log: record at ${c.pos} is not a chunk`);
       out.push(...frame.runs);
     }
@@ -240,7 +272,7 @@ function decodeOne(frame: Buffer): ReplMessage {
 /** Collects a set's blocks into chunk records (DeltaSink for VolumeEngine.buildDeltaSet). */
 export class SetWriter implements DeltaSink {
   private readonly perChunk: number;
-  private readonly data: Buffer;
+  private data: Buffer;
   private fill = 0;
   private runs: Runs = [];
   private readonly chunks: ChunkPos[] = [];
@@ -260,6 +292,7 @@ export class SetWriter implements DeltaSink {
     private readonly startPos: number,
   ) {
     this.perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
+    // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
     this.data = Buffer.allocUnsafe(this.perChunk * blockBytes);
     this.pos = startPos;
   }
@@ -287,6 +320,7 @@ export class SetWriter implements DeltaSink {
     this.pos = at.end;
     this.fill = 0;
     this.runs = [];
+    this.data = Buffer.allocUnsafe(this.perChunk * this.blockBytes);
   }
 
   async commit(): Promise<void> {

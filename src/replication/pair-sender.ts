@@ -285,9 +285,9 @@ export class PairSender {
     return p.catchUp && p.catchUp.set === set ? p.catchUp.from : set - 1;
   }
 
-  private sendBytes(link: Link, frame: Buffer): void {
+  private sendBytes(link: Link, frame: Buffer[]): void {
     link.sendEncoded(frame);
-    this.count(frame.length);
+    for (const b of frame) this.count(b.length);
   }
 
   private count(n: number): void {

@@ -16,8 +16,12 @@ export interface PrimaryPort {
   readonly description: string;
   /** Cuts set `n` and copies its blocks, as of the cut, into sink. */
   buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }>;
+  /** A snapshot stamped n holding every change so far; the change log is emptied. */
+  snapshotAndForget(name: string, n: number): Promise<void>;
   /** Blocks changed since the last cut. */
   changedBlockCount(): number;
+  /** Blocks not yet in a committed set (changed since the cut, or in the set being built). */
+  unshippedBlockCount(): number;
   snapshots(): SnapshotInfo[];
   deleteSnapshot(name: string, force: boolean): Promise<void>;
   /** Blocks that held data when the snapshot was taken. */

@@ -55,6 +55,15 @@ interface StateFile {
   pairs: PairRecord[];
 }
 
+interface CutRequest {
+  snapshotName?: string;
+  reason: string;
+  /** Cut even with nothing changed (a set with no blocks). */
+  force?: boolean;
+  /** No set: a snapshot holding every change, and an empty change log (first replica). */
+  forget?: boolean;
+}
+
 export interface ReplicatorOptions {
   outboundBytes: number;
 }
@@ -140,7 +149,10 @@ export class VolumeReplicator {
     }
     const id = randomBytes(6).toString('hex');
     const baseSnapshot = `repl-base-${id}`;
-    const set = await this.cut({ snapshotName: baseSnapshot, reason: 'initial copy', force: true });
+    // The first replica: the base snapshot holds every change, so the change log starts
+    // empty (no set is built). Otherwise the others still need those changes: cut a set.
+    const first = this.state.pairs.length === 0;
+    const set = await this.cut({ snapshotName: baseSnapshot, reason: 'initial copy', force: true, forget: first });
     if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
     const valid = this.volume.snapshotValidBlocks(baseSnapshot).count() * this.volume.blockBytes;
     const p: PairRecord = {
@@ -300,6 +312,10 @@ export class VolumeReplicator {
       interval = Math.min(interval, p.cutIntervalMs);
       highWater = Math.min(highWater, p.highWaterBytes);
     }
+    // Nobody would take a set (every pair split, or detached and away): let the change log
+    // accumulate; it is cut, in sets of at most setBytesMax, when a pair comes back.
+    const consumers = this.state.pairs.filter((p) => !p.operatorSuspended && (!p.detached || this.senders.get(p.id)?.connected));
+    if (consumers.length === 0) return;
     const catchUpWanted = this.state.pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
     const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted;
     if (due) void this.cut({ reason: catchUpWanted ? 'catch-up' : 'trigger' }).catch((e: Error) => this.log_.error({ err: e.message }, 'delta set not built'));
@@ -314,7 +330,7 @@ export class VolumeReplicator {
    * Cuts and builds the next set (one at a time). Resolves with its number, or null when
    * there was nothing to cut or no room in the outbound save area.
    */
-  cut(options: { snapshotName?: string; reason: string; force?: boolean }): Promise<number | null> {
+  cut(options: CutRequest): Promise<number | null> {
     const run = async (): Promise<number | null> => {
       while (this.building) await this.building.catch(() => null);
       const p = this.cutOnce(options);
@@ -328,8 +344,15 @@ export class VolumeReplicator {
     return run();
   }
 
-  private async cutOnce(options: { snapshotName?: string; reason: string; force?: boolean }): Promise<number | null> {
+  private async cutOnce(options: CutRequest): Promise<number | null> {
     assert(!this.closed, 'replicator closed');
+    if (options.forget) {
+      assert(options.snapshotName !== undefined && this.state.pairs.length === 0, 'forget only for a first base snapshot');
+      await this.volume.snapshotAndForget(options.snapshotName, this.log.lastSet);
+      this.lastCutMs = Date.now();
+      this.firstChangeMs = null;
+      return this.log.lastSet;
+    }
     const bs = this.volume.blockBytes;
     const blocksTotal = this.volume.blocksTotal;
     const changed = this.volume.changedBlockCount();
@@ -407,7 +430,7 @@ export class VolumeReplicator {
         }
       }
     }
-    if (oldest === null && this.firstChangeMs !== null && this.volume.changedBlockCount() > 0) oldest = this.firstChangeMs;
+    if (oldest === null && this.volume.unshippedBlockCount() > 0) oldest = this.firstChangeMs ?? this.lastCutMs;
     if (!p.initialCopy.done) oldest = Math.min(oldest ?? now, Date.parse(p.createdAt));
     return oldest === null ? 0 : Math.max(0, now - oldest);
   }

@@ -199,7 +199,8 @@ export class ReplicationService {
 
   private primaryStatus(r: VolumeReplicator) {
     const bs = r.volume.blockBytes;
-    const changed = r.volume.changedBlockCount();
+    // Blocks of a set being built count as changed: they are not in any set yet.
+    const changed = r.volume.unshippedBlockCount();
     return {
       generation: r.generation,
       currentSet: r.log.lastSet,

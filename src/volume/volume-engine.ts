@@ -56,6 +56,8 @@ const PENDING_FILE = 'pending.bm';
 const ACTIVITY_FILE = 'activity.log';
 /** Background copy-out yields to the event loop after this many blocks (default). */
 const COPY_BLOCKS_PER_TURN = 256;
+/** Background copy-out reads runs of adjacent blocks up to this many bytes at once. */
+const COPY_RUN_BYTES_MAX = 1024 * 1024;
 
 /** The volume's data, as the engine needs it. */
 export interface VolumeData {
@@ -448,12 +450,29 @@ export class VolumeEngine {
     });
     const blocks = frozen.count();
     try {
+      // Runs of uncopied blocks are read with one call each (up to a turn's worth); a
+      // turn runs without awaiting, so no write can slip between a read and its put.
+      const perTurn = this.options.copyBlocksPerTurn ?? COPY_BLOCKS_PER_TURN;
+      const bs = this.options.blockBytes;
+      const runBuf = Buffer.allocUnsafe(Math.min(perTurn, Math.max(1, Math.floor(COPY_RUN_BYTES_MAX / bs))) * bs);
+      const runMax = runBuf.length / bs;
       let n = 0;
-      for (let b = this.changeLog.nextUncopied(0); b >= 0; b = this.changeLog.nextUncopied(b + 1)) {
-        this.readBlock(b, this.buf);
-        sink.put(b, this.buf);
-        this.changeLog.markCopied(b);
-        if (++n % (this.options.copyBlocksPerTurn ?? COPY_BLOCKS_PER_TURN) === 0) await yieldToLoop();
+      for (let b = this.changeLog.nextUncopied(0); b >= 0; ) {
+        const end = Math.min(this.changeLog.nextCopiedOrEnd(b), b + runMax);
+        const count = end - b;
+        const bytes = Math.min(count * bs, this.data.sizeBytes - b * bs);
+        this.data.readSync(b * bs, runBuf, 0, bytes);
+        if (bytes < count * bs) runBuf.fill(0, bytes, count * bs);
+        for (let i = 0; i < count; i++) {
+          sink.put(b + i, runBuf.subarray(i * bs, (i + 1) * bs));
+          this.changeLog.markCopied(b + i);
+        }
+        n += count;
+        if (n >= perTurn) {
+          n = 0;
+          await yieldToLoop();
+        }
+        b = this.changeLog.nextUncopied(end);
       }
       await sink.commit();
       this.changeLog.complete();
@@ -469,9 +488,28 @@ export class VolumeEngine {
     return { blocks };
   }
 
+  /**
+   * A snapshot stamped `setNumber` that holds every change so far, and an empty change
+   * log: the base of a first replica (nobody needs those changes as a delta set).
+   */
+  async snapshotAndForget(name: string, setNumber: number): Promise<void> {
+    await this.quiesce(async () => {
+      if (this.changeLog.buildingSet !== 0) throw new DeltavolError('DELTA_SET_BUSY', 'a delta set is being built');
+      await this.data.flush();
+      await this.snapshots.create(name, this.validity, this.size, setNumber);
+      this.changeLog.discardAll();
+    });
+    await this.checkpoint();
+  }
+
   /** Blocks changed since the last cut (the high-water mark of a replication pair). */
   changedBlockCount(): number {
     return this.changeLog.active.count();
+  }
+
+  /** Blocks not yet safely in a delta set: changed since the cut, or in the set being built. */
+  unshippedBlockCount(): number {
+    return this.changeLog.active.count() + (this.changeLog.frozen?.count() ?? 0);
   }
 
   /**

@@ -381,8 +381,17 @@ export class Volume {
     return this.engine.buildDeltaSet(n, sink, options);
   }
 
+  snapshotAndForget(name: string, setNumber: number): Promise<void> {
+    validateVolumeName(name);
+    return this.engine.snapshotAndForget(name, setNumber);
+  }
+
   changedBlockCount(): number {
     return this.engine.changedBlockCount();
+  }
+
+  unshippedBlockCount(): number {
+    return this.engine.unshippedBlockCount();
   }
 
   snapshotValidBlocks(name: string): PagedBitmap {

@@ -162,25 +162,37 @@ describe('replication faults', () => {
   it('an outbound save area too small for the backlog: the pair falls back to its pending bitmap, writes never wait', async () => {
     const seed = testSeed('replication-outbound-full');
     const rnd = prng(seed);
-    const [a, b] = await Promise.all([daemon({ extraArgs: ['--outbound-size', '4M'] }), daemon()]);
+    const replPort = await freePort();
+    const a = await daemon({ extraArgs: ['--outbound-size', '4M'] });
+    let b = await daemon({ extraArgs: ['--repl-port', String(replPort)] });
     cli(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
     const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
-    cli(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${b.replPort}`, '--cut-interval', '100ms', '--high-water', '256K']);
+    cli(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${replPort}`, '--cut-interval', '100ms', '--high-water', '256K', '--retries', '2']);
+    // While split nothing is cut: the change log accumulates (nobody would take a set).
     cli(a, ['replica', 'suspend', 'v']);
-    // 16 MiB of changes against a 4 MiB outbound area while the pair is split.
-    const started = Date.now();
-    for (let i = 0; i < 20; i++) await w.batch(32);
-    const writeMs = Date.now() - started;
-    await sleep(500);
-    const full = await replStatus(a, 'v');
-    console.log(`outbound while split: ${JSON.stringify(full.outbound)}, pending blocks ${full.replicas[0]!.pendingBlocks}, writes took ${writeMs} ms`);
-    expect(full.outbound.usedBytes).toBeLessThanOrEqual(full.outbound.capacityBytes);
-    expect(full.replicas[0]!.pendingBlocks + (full.outbound.full ? 1 : 0)).toBeGreaterThan(0);
+    for (let i = 0; i < 5; i++) await w.batch(32);
+    await sleep(400);
+    const split = await replStatus(a, 'v');
+    expect(split.outbound.sets).toBe(0);
+    expect(split.changedBlocksSinceCut).toBeGreaterThan(0);
     cli(a, ['replica', 'resume', 'v']);
-    w.start(8, 20); // and keep writing while it catches up in partial sets
+    await waitInSync(a, 'v');
+    // The replica goes away: sets are cut into the 4 MiB outbound area until it is full,
+    // then the stalled pair is detached and what it misses goes to its pending bitmap.
+    const dataDir = b.dataDir;
+    await b.stop();
+    const started = Date.now();
+    for (let i = 0; i < 20; i++) await w.batch(32); // ~16 MiB of changes
+    const writeMs = Date.now() - started;
+    const full = await waitStatus(a, 'v', (s) => s.replicas[0]!.pendingBlocks > 0, 30_000, 'pair detached to its pending bitmap');
+    console.log(`outbound with the replica away: ${JSON.stringify(full.outbound)}, pending blocks ${full.replicas[0]!.pendingBlocks}, state ${full.replicas[0]!.state}, writes took ${writeMs} ms`);
+    expect(full.outbound.usedBytes).toBeLessThanOrEqual(full.outbound.capacityBytes);
+    expect(a.log()).toMatch(/outbound save area full: stalled pair detached/);
+    b = await daemon({ dataDir, extraArgs: ['--repl-port', String(replPort)] });
+    w.start(8, 20); // and keep writing while it catches up
     await sleep(2000);
     await w.stop();
     await expectConverged(a, b, 'v', w);
     await w.close();
-  }, 120_000);
+  }, 150_000);
 });

@@ -79,7 +79,7 @@ describe('outbound log', () => {
           const got: number[] = [];
           const crcs: number[] = [];
           s.chunks.forEach((c, i) => {
-            const f = decode(l.readChunk(c));
+            const f = decode(Buffer.concat(l.readChunk(c)));
             if (f.msg.t !== 'chunk') throw new Error('not a chunk');
             expect(f.msg.set).toBe(k.set);
             expect(f.msg.chunk).toBe(i);
