@@ -88,6 +88,13 @@ export class ChangeLog {
     if (!was) throw new AssertionError(`block ${b} copied twice`);
   }
 
+  /** The first block at or after `from` that needs no copy (end of a run of uncopied blocks). */
+  nextCopiedOrEnd(from: number): number {
+    if (this.uncopiedMap === null) return from;
+    const c = this.uncopiedMap.nextClear(from);
+    return c < 0 ? this.blocksTotal : c;
+  }
+
   /** The next block still to copy at or after `from`, or -1 (the background builder). */
   nextUncopied(from: number): number {
     return this.uncopiedMap === null ? -1 : this.uncopiedMap.nextSet(from);
