@@ -314,6 +314,7 @@ export class ReplicaVolume {
       return;
     }
     this.trailers.delete(set);
+    this.log.debug({ set, blocks: r.set.blocks, bytes: r.set.dataBytes }, 'delta set received');
     const before = this.ackedSet;
     this.ackedSet = this.chainHead();
     if (this.ackedSet !== before) link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
@@ -343,6 +344,7 @@ export class ReplicaVolume {
   }
 
   private async play(s: InboundSet): Promise<void> {
+    const started = Date.now();
     const bs = this.port.blockBytes;
     const size = this.port.sizeBytes;
     const where = new Map<number, number>();
@@ -361,16 +363,21 @@ export class ReplicaVolume {
     });
     try {
       await this.port.readsDrained(); // reads that started before the overlay finish first
+      // The blocks of a set are distinct: a chunk's writes are issued together (the engine
+      // group-commits what they need), one chunk at a time to bound memory.
       for (const c of s.chunks) {
         const data = Buffer.allocUnsafe(c.bytes);
         inbound.read(s.set, c.pos, data, 0, c.bytes);
         let at = 0;
+        const waits: Promise<void>[] = [];
         for (const [b, n] of c.runs) {
           const off = b * bs;
           const len = Math.min(n * bs, size - off);
-          await this.port.playbackWrite(off, [data.subarray(at, at + len)]);
+          const r = this.port.playbackWrite(off, [data.subarray(at, at + len)]);
+          if (r) waits.push(r);
           at += n * bs;
         }
+        await Promise.all(waits);
       }
       await this.port.flush();
       this.state.playedSet = s.set;
@@ -380,6 +387,7 @@ export class ReplicaVolume {
     }
     inbound.remove(s.set);
     this.setsPlayed++;
+    this.log.debug({ set: s.set, blocks: s.blocks, ms: Date.now() - started }, 'delta set played');
     const link = this.link;
     if (link && !link.closed) {
       link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });

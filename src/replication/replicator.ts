@@ -318,7 +318,14 @@ export class VolumeReplicator {
     if (consumers.length === 0) return;
     const catchUpWanted = this.state.pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
     const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted;
-    if (due) void this.cut({ reason: catchUpWanted ? 'catch-up' : 'trigger' }).catch((e: Error) => this.log_.error({ err: e.message }, 'delta set not built'));
+    if (!due) return;
+    void this.cut({ reason: catchUpWanted ? 'catch-up' : 'trigger' }).then(
+      (n) => {
+        // A backlog (more than a high-water mark waiting): cut again at once, not at the next tick.
+        if (n !== null && this.volume.changedBlockCount() * this.volume.blockBytes >= highWater) this.poke();
+      },
+      (e: Error) => this.log_.error({ err: e.message }, 'delta set not built'),
+    );
   }
 
   /** Asks for a cut soon (a catch-up is wanted, or space was freed). */
