@@ -52,8 +52,14 @@ interface Receiving {
 
 export type FinishResult = { ok: true; set: InboundSet } | { ok: false; missing: number[]; reason: string };
 
+/** Received chunk data kept in memory for playback (a copy of what is on disk). */
+const inboundMemoryBytesMax = 256 * 1024 * 1024;
+
 export class InboundArea {
   private readonly receiving = new Map<number, Receiving>();
+  /** Chunk data by set and chunk number, so playback need not read it back. */
+  private readonly memory = new Map<number, Map<number, Buffer>>();
+  private memoryBytes = 0;
   private readonly completeSets = new Map<number, InboundSet>();
   private readonly fds = new Map<number, number>();
 
@@ -98,6 +104,7 @@ export class InboundArea {
   /** A new session: sets not yet complete are dropped (the sender resends them whole). */
   dropIncomplete(): void {
     for (const [set, r] of this.receiving) {
+      this.forget(set);
       fs.closeSync(r.fd);
       fs.rmSync(this.partPath(set), { force: true });
     }
@@ -124,6 +131,12 @@ export class InboundArea {
     while (done < data.length) done += fs.writeSync(r.fd, data, done, data.length - done, r.sizeBytes + done);
     r.chunks.set(msg.chunk, { chunk: msg.chunk, runs: msg.runs, crc: msg.crc, pos: r.sizeBytes, bytes: data.length });
     r.sizeBytes += data.length;
+    if (this.memoryBytes + data.length <= inboundMemoryBytesMax) {
+      let m = this.memory.get(msg.set);
+      if (!m) this.memory.set(msg.set, (m = new Map()));
+      m.set(msg.chunk, data);
+      this.memoryBytes += data.length;
+    }
   }
 
   /**
@@ -169,6 +182,7 @@ export class InboundArea {
   }
 
   private dropSet(set: number): void {
+    this.forget(set);
     const r = this.receiving.get(set);
     if (r) fs.closeSync(r.fd);
     this.receiving.delete(set);
@@ -184,6 +198,22 @@ export class InboundArea {
       this.fds.set(set, fd);
     }
     return fd;
+  }
+
+  /** A complete set's chunk data (from memory when still there, else from its file). */
+  chunkData(set: number, c: InboundChunk): Buffer {
+    const m = this.memory.get(set)?.get(c.chunk);
+    if (m) return m;
+    const data = Buffer.allocUnsafe(c.bytes);
+    this.read(set, c.pos, data, 0, c.bytes);
+    return data;
+  }
+
+  private forget(set: number): void {
+    const m = this.memory.get(set);
+    if (!m) return;
+    for (const b of m.values()) this.memoryBytes -= b.length;
+    this.memory.delete(set);
   }
 
   /** Reads `length` bytes of a complete set's data at `pos` into target. */
@@ -203,6 +233,7 @@ export class InboundArea {
     if (fd !== undefined) fs.closeSync(fd);
     this.fds.delete(set);
     this.completeSets.delete(set);
+    this.forget(set);
     fs.rmSync(this.jsonPath(set), { force: true });
     fs.rmSync(this.partPath(set), { force: true });
     fsyncDirSync(this.dir);

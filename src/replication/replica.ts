@@ -366,8 +366,7 @@ export class ReplicaVolume {
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
       for (const c of s.chunks) {
-        const data = Buffer.allocUnsafe(c.bytes);
-        inbound.read(s.set, c.pos, data, 0, c.bytes);
+        const data = inbound.chunkData(s.set, c);
         let at = 0;
         const waits: Promise<void>[] = [];
         for (const [b, n] of c.runs) {
