@@ -42,6 +42,7 @@ export interface VolumeReplication {
   ackedSet?: number;
   lagSeconds?: number;
   connected?: boolean;
+  consistent?: boolean;
   inboundBytes?: number;
   setsHeld?: { set: number; createdAt: string; blocks: number; bytes: number }[];
 }
@@ -74,7 +75,7 @@ export function renderReplication(vols: VolumeReplication[]): string {
         ]);
       }
     } else if (v.role === 'replica') {
-      rows.push([v.volume, 'replica', v.primaryVolume ?? '', v.state ?? '', v.generation ?? 0, `-/${v.ackedSet}/${v.playedSet}`, v.setsHeld?.length ?? 0, `${(v.lagSeconds ?? 0).toFixed(1)} s`, '', v.connected ? 'connected' : 'not connected']);
+      rows.push([v.volume, 'replica', v.primaryVolume ?? '', (v.state ?? '') + (v.consistent === false ? ' (not consistent)' : ''), v.generation ?? 0, `-/${v.ackedSet}/${v.playedSet}`, v.setsHeld?.length ?? 0, `${(v.lagSeconds ?? 0).toFixed(1)} s`, '', v.connected ? 'connected' : 'not connected']);
     }
   }
   if (rows.length === 0) return 'no replication';

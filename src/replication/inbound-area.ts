@@ -39,6 +39,8 @@ export interface InboundSet {
   catchUpFrom: number;
   createdAtMs: number;
   receivedAtMs: number;
+  /** Only some of the primary's changes (more sets follow before a point in time). */
+  partial: boolean;
   blocks: number;
   dataBytes: number;
   chunks: InboundChunk[];
@@ -172,6 +174,7 @@ export class InboundArea {
       catchUpFrom: t.catchUpFrom,
       createdAtMs: t.createdAtMs,
       receivedAtMs: Date.now(),
+      partial: t.partial,
       blocks,
       dataBytes: t.dataBytes,
       chunks,

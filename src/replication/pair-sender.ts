@@ -370,6 +370,7 @@ export class PairSender {
       dataCrc: s.dataCrc,
       catchUpFrom: from,
       createdAtMs: s.createdAtMs,
+      partial: s.partial,
     };
     link.send({ t: 'trailer', ...t, trailerCrc: trailerChecksum(t) });
   }

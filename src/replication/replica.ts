@@ -39,6 +39,11 @@ export interface ReplicaState {
   generation: number;
   playedSet: number;
   initialCopy: { done: boolean; offsetBytes: number; baseSet: number };
+  /**
+   * The volume equals the primary at a point in time (false during an initial copy and
+   * after a partial set until a whole one is played).
+   */
+  consistent: boolean;
   split: boolean;
   createdAt: string;
 }
@@ -89,6 +94,7 @@ export class ReplicaVolume {
     const dir = path.join(volumeDir, REPLICA_DIR);
     const state = JSON.parse(fs.readFileSync(path.join(dir, STATE_FILE), 'utf8')) as ReplicaState;
     if (state.version !== 1) throw new DeltavolError('METADATA_CORRUPT', `${dir}/${STATE_FILE}: unknown format`);
+    state.consistent ??= state.initialCopy.done;
     return new ReplicaVolume(port, dir, state, log, options);
   }
 
@@ -102,6 +108,7 @@ export class ReplicaVolume {
       generation: hello.generation,
       playedSet: 0,
       initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
+      consistent: false,
       split: false,
       createdAt: new Date().toISOString(),
     };
@@ -227,6 +234,7 @@ export class ReplicaVolume {
         await this.port.flush();
         this.state.initialCopy = { done: true, offsetBytes: this.port.sizeBytes, baseSet: m.baseSet };
         this.state.playedSet = m.baseSet;
+        this.state.consistent = true;
         this.saveState();
         this.ackedSet = this.chainHead();
         this.log.info({ baseSet: m.baseSet }, 'initial copy complete');
@@ -380,6 +388,7 @@ export class ReplicaVolume {
       }
       await this.port.flush();
       this.state.playedSet = s.set;
+      this.state.consistent = !s.partial;
       this.saveState();
     } finally {
       this.port.setOverlay(null);
@@ -416,6 +425,9 @@ export class ReplicaVolume {
     while (this.snapshotting) await this.snapshotting.catch(() => undefined);
     const run = (async () => {
       await this.waitPlaybackIdle();
+      if (!this.state.consistent) {
+        this.log.warn({ snapshot: name, playedSet: this.state.playedSet }, 'snapshot of a replica that is between two points in time (initial copy or a partial set): it may not be crash-consistent');
+      }
       return this.port.createSnapshot(name, this.state.playedSet);
     })();
     this.snapshotting = run;
@@ -441,6 +453,7 @@ export class ReplicaVolume {
       generation: this.state.generation,
       playedSet: this.state.playedSet,
       ackedSet: this.ackedSet,
+      consistent: this.state.consistent,
       initialCopy: this.state.initialCopy,
       setsHeld: held.map((s) => ({ set: s.set, createdAt: new Date(s.createdAtMs).toISOString(), receivedAt: new Date(s.receivedAtMs).toISOString(), blocks: s.blocks, bytes: s.dataBytes })),
       inboundBytes: this.inbound.bytesHeld,

@@ -66,6 +66,8 @@ export type ReplMessage =
       dataCrc: number;
       catchUpFrom: number;
       createdAtMs: number;
+      /** Only some of the changed blocks: after it the replica is not at a point in time of the primary. */
+      partial: boolean;
       trailerCrc: number;
     }
   | { t: 'ack'; set: number; playedSet: number }
@@ -121,6 +123,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
     dataCrc: 'u32',
     catchUpFrom: 'uint',
     createdAtMs: 'uint',
+    partial: 'boolean',
     trailerCrc: 'u32',
   },
   ack: { set: 'uint', playedSet: 'uint' },
@@ -360,7 +363,7 @@ function writeU32(b: Buffer, at: number, v: number): void {
   b.writeUInt32BE(v, at);
 }
 
-const TRAILER_LAYOUT_BYTES = 4 + 8 + 4 + 8 + 8 + 4 + 8 + 8;
+const TRAILER_LAYOUT_BYTES = 4 + 8 + 4 + 8 + 8 + 4 + 8 + 8 + 1;
 
 /**
  * crc32c over u32 generation | u64 set | u32 chunks | u64 blocks | u64 dataBytes |
@@ -376,6 +379,7 @@ export function trailerChecksum(t: Omit<Trailer, 'trailerCrc' | 't'>): number {
   writeU32(b, 32, t.dataCrc);
   writeU64(b, 36, t.catchUpFrom);
   writeU64(b, 44, t.createdAtMs);
+  b[52] = t.partial ? 1 : 0;
   return crc32c(b) >>> 0;
 }
 

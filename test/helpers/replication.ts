@@ -35,6 +35,7 @@ export interface PrimaryStatusJson {
   playedSet?: number;
   ackedSet?: number;
   state?: string;
+  consistent?: boolean;
 }
 
 export async function replStatus(d: TestDaemon, volume: string): Promise<PrimaryStatusJson> {

@@ -50,6 +50,7 @@ describe('replication over loopback', () => {
     await w.stop();
     const s = await waitInSync(a, 'v1');
     expect(s.replicas[0]!.lagSeconds).toBe(0);
+    expect((await replStatus(b, 'v1')).consistent).toBe(true);
     expect(sha256File(b.volumePath('v1'))).toBe(sha256File(a.volumePath('v1')));
     await expectVolumeEquals(b.nbdPort, 'v1', w.model, 'replica vs acknowledged writes');
 

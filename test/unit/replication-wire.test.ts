@@ -44,6 +44,7 @@ const TRAILER_FIELDS = {
   dataCrc: 0xdeadbeef,
   catchUpFrom: 2 ** 33 + 1,
   createdAtMs: 1_767_225_600_000,
+  partial: false,
 };
 
 /** One message of every type. */
@@ -197,6 +198,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
       dataCrc: u32,
       catchUpFrom: uint,
       createdAtMs: uint,
+      partial: fc.boolean(),
     })
     .map((f) => ({ msg: { t: 'trailer' as const, ...f, trailerCrc: trailerChecksum(f) }, data: [] })),
   fc.record({ t: fc.constant('ack' as const), set: uint, playedSet: uint }).map((msg) => ({ msg, data: [] })),
@@ -329,7 +331,11 @@ describe('replication wire: damage', () => {
   it('trailerChecksum changes when any field changes (low and high bits)', () => {
     const base = trailerChecksum(TRAILER_FIELDS);
     const seen = new Set([base]);
+    const flipped = trailerChecksum({ ...TRAILER_FIELDS, partial: true });
+    expect(flipped).not.toBe(base);
+    seen.add(flipped);
     for (const key of Object.keys(TRAILER_FIELDS) as (keyof typeof TRAILER_FIELDS)[]) {
+      if (key === 'partial') continue;
       const v = TRAILER_FIELDS[key];
       const wide = ['generation', 'chunks', 'dataCrc'].includes(key) ? 2 ** 31 : 2 ** 50;
       for (const changed of [v + 1, v === 0 ? v + 2 : v - 1, v >= wide ? v - wide : v + wide]) {
@@ -338,7 +344,7 @@ describe('replication wire: damage', () => {
         seen.add(c);
       }
     }
-    expect(seen.size).toBe(1 + 8 * 3);
+    expect(seen.size).toBe(2 + 8 * 3);
   });
 });
 
