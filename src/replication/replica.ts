@@ -355,14 +355,21 @@ export class ReplicaVolume {
     const started = Date.now();
     const bs = this.port.blockBytes;
     const size = this.port.sizeBytes;
-    const where = new Map<number, number>();
-    for (const c of s.chunks) {
-      let pos = c.pos;
-      for (const [b, n] of c.runs) for (let i = 0; i < n; i++, pos += bs) where.set(b + i, pos);
-    }
+    // Where each block of the set sits in the inbound file: built on the first read that
+    // comes during playback (most sets are played with nobody reading).
+    let where: Map<number, number> | null = null;
+    const locate = () => {
+      const m = new Map<number, number>();
+      for (const c of s.chunks) {
+        let pos = c.pos;
+        for (const [b, n] of c.runs) for (let i = 0; i < n; i++, pos += bs) m.set(b + i, pos);
+      }
+      return m;
+    };
     const inbound = this.inbound;
     this.port.setOverlay({
       readBlock(b, inBlock, target, offset, n) {
+        where ??= locate();
         const pos = where.get(b);
         if (pos === undefined) return false;
         inbound.read(s.set, pos + inBlock, target, offset, n);
