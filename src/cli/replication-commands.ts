@@ -129,7 +129,13 @@ async function followInitialCopy(c: ControlClient, volume: string, pairId: strin
         if (bar && started) bar.update(bar.getTotal(), { done: formatBytes(bar.getTotal()), total: formatBytes(bar.getTotal()), rate: '' });
         return p;
       }
-      if (p.state === 'failure-suspend') throw new DeltavolError('DAEMON_UNREACHABLE', `initial copy stalled: ${p.reason ?? 'peer unreachable'} (it resumes by itself when the peer returns)`);
+      if (p.state === 'failure-suspend') {
+        const refused = /replica refused: ([A-Z_]+)/.exec(p.reason ?? '');
+        if (refused) {
+          throw new DeltavolError(refused[1] === 'VOLUME_EXISTS' ? 'VOLUME_EXISTS' : 'EINVAL_ARGUMENT', `${p.reason} (remove the pair with \`deltavol replica remove ${volume} ${pairId}\`, or fix the peer: the pair keeps retrying)`);
+        }
+        throw new DeltavolError('DAEMON_UNREACHABLE', `initial copy stalled: ${p.reason ?? 'peer unreachable'} (it resumes by itself when the peer returns)`);
+      }
       const payload = { done: formatBytes(ic.doneBytes), total: formatBytes(ic.totalBytes), rate: rate(ic.bytesPerSec) };
       if (bar) {
         if (!started) {

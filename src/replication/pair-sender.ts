@@ -15,6 +15,9 @@ import * as L from './limits.js';
 
 type Welcome = Extract<ReplMessage, { t: 'welcome' }>;
 
+/** Refusal codes a reconnect cannot cure. */
+const PERMANENT_REFUSALS = new Set(['VOLUME_EXISTS', 'GEOMETRY', 'STALE_GENERATION', 'VOLUME_NOT_FOUND']);
+
 /** A chunk's 'nak' with this chunk number asks for the whole set again. */
 export const WHOLE_SET = 0xffffffff;
 
@@ -145,6 +148,14 @@ export class PairSender {
         delay = L.reconnectDelayMsMin;
       } catch (e) {
         this.failures++;
+        // A refusal that retrying cannot fix (the name is taken, sizes differ, a newer
+        // generation): straight to failure-suspend so the operator sees it now. Retries go
+        // on at the slowest pace, in case the peer is fixed.
+        const code = (e as DeltavolError).details?.refuseCode;
+        if (typeof code === 'string' && PERMANENT_REFUSALS.has(code)) {
+          this.failures = Math.max(this.failures, this.pair.retriesBeforeSuspend);
+          delay = L.reconnectDelayMsMax;
+        }
         this.lastError = (e as Error).message;
         this.lastErrorAtMs = Date.now();
         const state = this.failures >= this.pair.retriesBeforeSuspend ? 'failure-suspend' : 'retrying';
@@ -248,7 +259,7 @@ export class PairSender {
         welcome(m);
         return;
       case 'refuse':
-        refused(new DeltavolError('EINVAL_ARGUMENT', `replica refused: ${m.code}: ${m.message}`));
+        refused(new DeltavolError('EINVAL_ARGUMENT', `replica refused: ${m.code}: ${m.message}`, { refuseCode: m.code }));
         this.link?.close(`refused: ${m.code}`);
         return;
       case 'ack': {

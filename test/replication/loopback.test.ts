@@ -107,6 +107,21 @@ describe('replication over loopback', () => {
     expect(other[0]).toMatchObject({ t: 'refuse', code: 'VOLUME_EXISTS' });
   });
 
+  it('a replica name taken on the peer is refused at once, with the reason', async () => {
+    cli(b, ['volume', 'create', 'taken', '--size', '16M']);
+    cli(a, ['volume', 'create', 'v4', '--size', '16M']);
+    const r = a.cli(['replica', 'add', 'v4', '--peer', `127.0.0.1:${b.replPort}`, '--as', 'taken', '--timeout', '30s']);
+    expect(r.status, r.stderr).toBe(5);
+    expect(r.stderr).toMatch(/replica refused: VOLUME_EXISTS: volume taken exists on this node and is not a replica/);
+    const s = await replStatus(a, 'v4');
+    expect(s.replicas[0]!.state).toBe('failure-suspend');
+    cli(a, ['replica', 'remove', 'v4', 'taken']);
+    expect((await replStatus(a, 'v4')).role).toBe('simplex');
+    // Replicated volumes cannot be resized; a primary with replicas is deleted only with --force.
+    expect(a.cli(['volume', 'resize', 'v1', '--size', '128M']).status).toBe(5);
+    expect(a.cli(['volume', 'delete', 'v1']).status).toBe(5);
+  }, 60_000);
+
   it('fans out to two replicas, pairs a volume that already has data and snapshots', async () => {
     const size = 32 * MiB;
     cli(a, ['volume', 'create', 'v2', '--size', String(size)]);
