@@ -37,6 +37,8 @@ export class PairSender {
   private failures = 0;
   private suspending = false;
   private splitAcked: (() => void) | null = null;
+  /** This session sent initDone: the next ack ends the initial copy. */
+  private initDoneSent = false;
   /** Sets sent on this connection and not yet acknowledged. */
   private inflight: Inflight[] = [];
   private recoverUntilSet = 0;
@@ -226,7 +228,10 @@ export class PairSender {
     if (w.generation > this.r.generation) {
       throw new DeltavolError('EINVAL_ARGUMENT', `replica has generation ${w.generation}, newer than ours (${this.r.generation}): this primary is stale`);
     }
-    // The replica is the truth about what it holds.
+    this.initDoneSent = false;
+    // The replica is the truth about what it holds (a copy it finished counts as done even
+    // if its ack was lost in a crash of this side).
+    if (w.initialCopy.done && !p.initialCopy.done) await this.r.initialCopyDone(p);
     if (w.initialCopy.done) {
       if (w.ackedSet < p.ackedSet && !p.detached) {
         const needed = p.catchUp ? p.catchUp.set : w.ackedSet + 1;
@@ -267,7 +272,8 @@ export class PairSender {
         const before = p.ackedSet;
         this.r.onAck(p, m.set, m.playedSet);
         this.inflight = this.inflight.filter((i) => i.set > p.ackedSet);
-        if (!p.initialCopy.done && m.set >= p.initialCopy.baseSet && p.ackedSet >= p.initialCopy.baseSet) void this.r.initialCopyDone(p);
+        // Only the ack that answers initDone ends the initial copy (a split is acked too).
+        if (!p.initialCopy.done && this.initDoneSent && m.set >= p.initialCopy.baseSet) void this.r.initialCopyDone(p);
         if (p.ackedSet !== before) this.wake();
         return;
       }
@@ -340,6 +346,7 @@ export class PairSender {
       }
     }
     link.send({ t: 'initDone', generation: this.r.generation, baseSet: p.initialCopy.baseSet });
+    this.initDoneSent = true;
   }
 
   // ================= delta sets =================
@@ -348,7 +355,12 @@ export class PairSender {
     const p = this.pair;
     let sentUpTo = p.ackedSet;
     if (p.catchUp && p.ackedSet < p.catchUp.set) sentUpTo = p.catchUp.from;
-    while (!link.closed && !this.stopped && !p.operatorSuspended) {
+    while (!link.closed && !this.stopped) {
+      // A split under way: send nothing new; suspend() tells the replica, then closes the link.
+      if (p.operatorSuspended) {
+        await this.sleep(100);
+        continue;
+      }
       // Acks may have moved the chain past what this session sent (a resumed session).
       if (p.ackedSet > sentUpTo) sentUpTo = p.ackedSet;
       const next = this.r.nextSetFor(p, sentUpTo);

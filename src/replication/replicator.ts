@@ -353,8 +353,9 @@ export class VolumeReplicator {
 
   private async cutOnce(options: CutRequest): Promise<number | null> {
     assert(!this.closed, 'replicator closed');
-    if (options.forget) {
-      assert(options.snapshotName !== undefined && this.state.pairs.length === 0, 'forget only for a first base snapshot');
+    // (Another pair may have been added meanwhile: then its sets are needed, cut normally.)
+    if (options.forget && this.state.pairs.length === 0) {
+      assert(options.snapshotName !== undefined, 'forget only for a base snapshot');
       await this.volume.snapshotAndForget(options.snapshotName, this.log.lastSet);
       this.lastCutMs = Date.now();
       this.firstChangeMs = null;
