@@ -229,6 +229,7 @@ export class PairSender {
       throw new DeltavolError('EINVAL_ARGUMENT', `replica has generation ${w.generation}, newer than ours (${this.r.generation}): this primary is stale`);
     }
     this.initDoneSent = false;
+    if (!w.initialCopy.done && p.initialCopy.done) await this.r.restartInitialCopy(p);
     // The replica is the truth about what it holds (a copy it finished counts as done even
     // if its ack was lost in a crash of this side).
     if (w.initialCopy.done && !p.initialCopy.done) await this.r.initialCopyDone(p);

@@ -227,6 +227,26 @@ export class VolumeReplicator {
     this.releaseSets();
   }
 
+  /**
+   * The replica has no copy although the pair's record says it had one (its volume was
+   * deleted and recreated on the peer): start a new initial copy from a new base snapshot.
+   */
+  async restartInitialCopy(p: PairRecord): Promise<void> {
+    const baseSnapshot = `repl-base-${p.id}-${Date.now().toString(36)}`;
+    const set = await this.cut({ snapshotName: baseSnapshot, reason: 'initial copy again', force: true });
+    if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
+    const valid = this.volume.snapshotValidBlocks(baseSnapshot).count() * this.volume.blockBytes;
+    p.initialCopy = { done: false, baseSet: set, baseSnapshot, validBytes: Math.min(valid, this.volume.sizeBytes) };
+    p.ackedSet = set;
+    p.playedSet = 0;
+    p.catchUp = null;
+    p.detached = false;
+    this.pending.get(p.id)!.clearAll();
+    this.saveState();
+    this.savePending(p.id);
+    this.log_.warn({ pair: p.id, baseSet: set }, 'the replica has lost its copy: initial copy starts again');
+  }
+
   /** The initial copy finished and the replica holds the base set. */
   async initialCopyDone(p: PairRecord): Promise<void> {
     p.initialCopy.done = true;

@@ -157,6 +157,14 @@ describe('replication over loopback', () => {
     const rmetrics = await (await fetch(`http://127.0.0.1:${b.controlPort}/metrics`)).text();
     expect(rmetrics).toMatch(/deltavol_replica_played_set\{volume="v2-one",primary_volume="v2"\} \d+/);
     expect(sha256File(b.volumePath('v2-one'))).toBe(sha256File(a.volumePath('v2')));
+    // The replica volume is deleted on the peer: the pair notices at its next hello and
+    // copies everything again from a new base snapshot.
+    cli(b, ['volume', 'delete', 'v2-one', '--force']);
+    await w.batch(30);
+    for (let i = 0; i < 200 && !/the replica has lost its copy/.test(a.log()); i++) await new Promise((r) => setTimeout(r, 100));
+    expect(a.log()).toMatch(/the replica has lost its copy: initial copy starts again/);
+    await waitInSync(a, 'v2');
+    expect(sha256File(b.volumePath('v2-one'))).toBe(sha256File(a.volumePath('v2')));
     await w.close();
   }, 120_000);
 
