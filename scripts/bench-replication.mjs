@@ -47,12 +47,14 @@ const HELP = `Usage: scripts/bench replication [options]
   --node-args "A"     extra node arguments for both daemons (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   --out FILE          also write the JSON result to FILE
   --trace             log the pair's progress at every poll (ship, init) to stderr
+  --pin               primary daemon and fio on CPU 0, replica daemon on CPU 1 (taskset), as
+                      if the replica had its own machine; the no-replica case gets CPU 0 too
   -h, --help          this help
 
 About 5 minutes with the defaults. Markdown to stdout, then one JSON line; progress to stderr.`;
 
 const argv = process.argv.slice(2);
-const opt = { rounds: 3, runtime: 20, steady: 60, only: ['iops', 'ship', 'steady', 'init'], dir: '/dev/shm', serveArgs: [], nodeArgs: [], out: null, trace: false };
+const opt = { rounds: 3, runtime: 20, steady: 60, only: ['iops', 'ship', 'steady', 'init'], dir: '/dev/shm', serveArgs: [], nodeArgs: [], out: null, trace: false, pin: false };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => {
@@ -69,6 +71,7 @@ for (let i = 0; i < argv.length; i++) {
     case '--node-args': opt.nodeArgs = need().split(/\s+/).filter(Boolean); break;
     case '--out': opt.out = path.resolve(need()); break;
     case '--trace': opt.trace = true; break;
+    case '--pin': opt.pin = true; break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
     default: die(`unknown option ${a} (see --help)`);
   }
@@ -188,7 +191,10 @@ async function startDaemon(cli, name, workDir) {
   const logFile = path.join(workDir, `${name}.log`);
   const fd = fs.openSync(logFile, 'a');
   const args = [...opt.nodeArgs, cli, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0', '--repl-port', '0', '--log-level', 'warn', ...opt.serveArgs];
-  const p = spawn(process.execPath, args, { stdio: ['ignore', fd, fd] });
+  // taskset execs node in place: the pid (and /proc accounting) is the daemon's.
+  const p = opt.pin
+    ? spawn('taskset', ['-c', name === 'A' ? '0' : '1', process.execPath, ...args], { stdio: ['ignore', fd, fd] })
+    : spawn(process.execPath, args, { stdio: ['ignore', fd, fd] });
   fs.closeSync(fd);
   liveChildren.add(p);
   let exited = false;
@@ -271,7 +277,8 @@ async function removeReplica(primary, peer, vol, pairId, remoteVol) {
 // ---- fio -----------------------------------------------------------------------------
 
 async function fio(name, uri, extra, timeoutMs) {
-  const { out } = await run('fio', [`--name=${name}`, '--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...extra], { timeoutMs });
+  const fioArgs = [`--name=${name}`, '--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...extra];
+  const { out } = opt.pin ? await run('taskset', ['-c', '0', 'fio', ...fioArgs], { timeoutMs }) : await run('fio', fioArgs, { timeoutMs });
   const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   if (j.error) throw new Error(`fio ${name}: job error ${j.error}`);
   return { iops: j.write.iops, mbps: j.write.bw_bytes / 1e6, bytes: j.write.io_bytes, p99us: (j.write.lat_ns?.percentile?.['99.000000'] ?? j.write.clat_ns?.percentile?.['99.000000'] ?? 0) / 1000 };
