@@ -12,6 +12,23 @@ import { fsyncDirSync, writeFileAtomicSync } from './atomic-file.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 
+/**
+ * fdatasync on the event loop when it has been fast (tmpfs, a write-back cache: tens of µs,
+ * less than a threadpool round trip), in the threadpool otherwise. A sync that turns out
+ * slow switches to the threadpool; the fast path is tried again every 30 s (so on slow
+ * storage the event loop waits for at most one fdatasync per 30 s).
+ */
+const syncFastNs = 100_000n;
+const syncProbeMs = 30_000;
+let syncSlowSinceMs = -Infinity;
+
+async function adaptiveSync(fd: number): Promise<void> {
+  if (Date.now() - syncSlowSinceMs < syncProbeMs) return fdatasyncAsync(fd);
+  const t = process.hrtime.bigint();
+  fs.fdatasyncSync(fd);
+  if (process.hrtime.bigint() - t > syncFastNs) syncSlowSinceMs = Date.now();
+}
+
 export interface DurableFile {
   readonly name: string;
   sizeBytes(): number;
@@ -60,7 +77,7 @@ class NodeFile implements DurableFile {
     fs.ftruncateSync(this.fd, sizeBytes);
   }
   sync(): Promise<void> {
-    return fdatasyncAsync(this.fd);
+    return adaptiveSync(this.fd);
   }
   close(): void {
     fs.closeSync(this.fd);
