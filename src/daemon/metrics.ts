@@ -4,7 +4,8 @@
 import type { Volume } from '../volume/volume.js';
 import type { Connection } from '../server/connection.js';
 
-function line(name: string, labels: Record<string, string>, value: number): string {
+/** One sample line of the Prometheus text format (label values escaped). */
+export function line(name: string, labels: Record<string, string>, value: number): string {
   const l = Object.entries(labels)
     .map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, '_')}"`)
     .join(',');

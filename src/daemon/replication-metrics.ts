@@ -3,23 +3,15 @@
 // on lag (the RPO they would lose now) without parsing tables.
 
 import type { ReplicationService } from '../replication/service.js';
+import { line } from './metrics.js';
 
 type Status = ReturnType<ReplicationService['status']>[number];
 
 const PAIR_STATES = ['initial-copy', 'duplex', 'duplex-pending', 'suspending', 'suspend', 'failure-suspend'] as const;
 
-function esc(v: string): string {
-  return v.replace(/["\\\n]/g, '_');
-}
-
 function metric(out: string[], name: string, type: 'gauge' | 'counter', help: string, rows: [Record<string, string>, number][]): void {
   out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-  for (const [labels, value] of rows) {
-    const l = Object.entries(labels)
-      .map(([k, v]) => `${k}="${esc(v)}"`)
-      .join(',');
-    out.push(`${name}${l ? `{${l}}` : ''} ${value}`);
-  }
+  for (const [labels, value] of rows) out.push(line(name, labels, value));
 }
 
 export function renderReplicationMetrics(volumes: Status[]): string {

@@ -70,13 +70,7 @@ export class Link {
 
   send(msg: ReplMessage, data?: Buffer[]): void {
     if (this.closedReason !== null) return;
-    const parts = encodeFrame(msg, data);
-    if (parts.length === 1) this.write(parts[0]!);
-    else {
-      this.socket.cork();
-      for (const p of parts) this.write(p);
-      this.socket.uncork();
-    }
+    this.sendEncoded(encodeFrame(msg, data));
   }
 
   /** A frame already encoded (a chunk record read from the outbound log), in pieces. */

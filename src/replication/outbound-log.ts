@@ -73,7 +73,7 @@ export function setDataChecksum(chunkCrcs: number[]): number {
 
 export class OutboundLog {
   /** Recent chunk frames by position (what senders read next, without a file read). */
-  private readonly cache = new Map<number, Buffer[]>();
+  private readonly cache = new Map<number, { parts: Buffer[]; bytes: number }>();
   private cacheBytes = 0;
 
   private constructor(
@@ -188,13 +188,7 @@ export class OutboundLog {
     let n = 0;
     while (n < this.index.sets.length && this.index.sets[n]!.set <= upTo) n++;
     if (n === 0) return;
-    for (const s of this.index.sets.slice(0, n)) {
-      for (const c of s.chunks) {
-        const p = this.cache.get(c.pos);
-        if (p) this.cacheBytes -= p.reduce((k, b) => k + b.length, 0);
-        this.cache.delete(c.pos);
-      }
-    }
+    for (const s of this.index.sets.slice(0, n)) for (const c of s.chunks) this.forgetCached(c.pos);
     this.index.sets.splice(0, n);
     this.index.releasedPos = this.index.sets[0]?.startPos ?? this.index.writePos;
     this.saveIndex();
@@ -206,7 +200,7 @@ export class OutboundLog {
    */
   readChunk(c: ChunkPos): Buffer[] {
     const cached = this.cache.get(c.pos);
-    if (cached) return cached;
+    if (cached) return cached.parts;
     const b = Buffer.allocUnsafe(c.bytes);
     const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
     if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
@@ -215,15 +209,21 @@ export class OutboundLog {
 
   /** Keeps a just-written record in memory for the senders (bounded, oldest out first). */
   private remember(pos: number, parts: Buffer[], bytes: number): void {
-    this.cache.set(pos, parts);
+    this.forgetCached(pos); // a record rewritten after a set that was never committed
+    this.cache.set(pos, { parts, bytes });
     this.cacheBytes += bytes;
     while (this.cacheBytes > outboundCacheBytesMax) {
       const oldest = this.cache.keys().next();
       if (oldest.done) break;
-      const p = this.cache.get(oldest.value)!;
-      this.cacheBytes -= p.reduce((n, b) => n + b.length, 0);
-      this.cache.delete(oldest.value);
+      this.forgetCached(oldest.value);
     }
+  }
+
+  private forgetCached(pos: number): void {
+    const e = this.cache.get(pos);
+    if (!e) return;
+    this.cacheBytes -= e.bytes;
+    this.cache.delete(pos);
   }
 
   /** The blocks a set carries (read from its chunk headers). */

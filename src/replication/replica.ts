@@ -112,8 +112,9 @@ export class ReplicaVolume {
       split: false,
       createdAt: new Date().toISOString(),
     };
-    writeFileAtomicSync(path.join(dir, STATE_FILE), JSON.stringify(state, null, 1));
-    return new ReplicaVolume(port, dir, state, log, options);
+    const rv = new ReplicaVolume(port, dir, state, log, options);
+    rv.saveState();
+    return rv;
   }
 
   get pairId(): string {

@@ -452,7 +452,8 @@ export class VolumeReplicator {
       oldest = first?.createdAtMs ?? this.lastCutMs;
     } else {
       for (const s of this.log.sets) {
-        if (s.set > p.playedSet && (!p.catchUp || s.set >= p.catchUp.set || s.set > p.ackedSet)) {
+        // (A set at or below the acked chain head but skipped by a catch-up is not this pair's.)
+        if (s.set > p.playedSet && (!p.catchUp || s.set > p.ackedSet)) {
           oldest = s.createdAtMs;
           break;
         }

@@ -12,7 +12,7 @@ import { DeltavolError, systemError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
 import { nodeDurableFs } from '../util/durable-fs.js';
 import { FileStore } from '../storage/file-store.js';
-import { VolumeEngine, type BuildOptions, type DeltaSink } from './volume-engine.js';
+import { VolumeEngine, type BuildOptions, type DeltaSink, type VolumeData } from './volume-engine.js';
 import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { fileStoreData } from './file-store-data.js';
 import { validateVolumeName, type VolumeMeta } from './volume-meta.js';
@@ -55,6 +55,8 @@ export class Volume {
     readonly dir: string,
     private meta: VolumeMeta,
     private readonly store: FileStore,
+    /** The data file as the engine sees it (synchronous block reads for overlay reads). */
+    private readonly data: VolumeData,
     readonly engine: VolumeEngine,
   ) {
     assert(store.sizeBytes === meta.sizeBytes, `data file size ${store.sizeBytes} ≠ metadata size ${meta.sizeBytes}`);
@@ -85,7 +87,7 @@ export class Volume {
       const data = fileStoreData(store);
       const fsys = nodeDurableFs(engineDir);
       const engine = fresh ? await VolumeEngine.create(fsys, data, options) : await VolumeEngine.open(fsys, data, options);
-      return new Volume(dir, meta, store, engine);
+      return new Volume(dir, meta, store, data, engine);
     } catch (e) {
       store.close();
       throw e;
@@ -157,20 +159,8 @@ export class Volume {
 
   private readThroughOverlay(o: ReadOverlay, offset: number, length: number, target: Buffer): void {
     forEachBlockSlice(offset, length, this.meta.trackingBlockBytes, (b, inBlock, done, n) => {
-      if (!o.readBlock(b, inBlock, target, done, n)) this.readFileSync(offset + done, target, done, n);
+      if (!o.readBlock(b, inBlock, target, done, n)) this.data.readSync(offset + done, target, done, n);
     });
-  }
-
-  private readFileSync(at: number, target: Buffer, offset: number, n: number): void {
-    let done = 0;
-    while (done < n) {
-      const got = fs.readSync(this.store.fd, target, offset + done, n - done, at + done);
-      if (got === 0) {
-        target.fill(0, offset + done, offset + n);
-        return;
-      }
-      done += got;
-    }
   }
 
   /** Sets (or removes, with null) the read overlay. Reads issued before it may still run: see readsDrained(). */
