@@ -28,6 +28,8 @@ export const outboundBytesDefault = 1024 * 1024 * 1024;
 export const sendWindowBytes = 256 * 1024 * 1024;
 /** Socket queue the sender keeps filled (more waits for 'drain'). */
 export const socketQueueBytesMax = 8 * 1024 * 1024;
+/** A cut with a restart-point snapshot waits this long at most for outbound room for its backlog. */
+export const restartPointCutMsMax = 45_000;
 /** The replicator checks its cut triggers this often. */
 export const replicatorTickMs = 100;
 

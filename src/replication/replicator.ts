@@ -73,7 +73,7 @@ export class VolumeReplicator {
   readonly log: OutboundLog;
   readonly senders = new Map<string, PairSender>();
   private readonly pending = new Map<string, PagedBitmap>();
-  private building: Promise<number | null> | null = null;
+  private building: Promise<unknown> | null = null;
   private lastCutMs = Date.now();
   private firstChangeMs: number | null = null;
   private readonly timer: NodeJS.Timeout;
@@ -358,20 +358,59 @@ export class VolumeReplicator {
    * there was nothing to cut or no room in the outbound save area.
    */
   cut(options: CutRequest): Promise<number | null> {
-    const run = async (): Promise<number | null> => {
+    if (options.snapshotName !== undefined && !options.forget) return this.cutRestartPoint(options);
+    return this.cutSerial(options);
+  }
+
+  private async cutSerial(options: CutRequest): Promise<number | null> {
+    while (this.building) await this.building.catch(() => null);
+    const p = this.cutOnce(options);
+    this.building = p;
+    try {
+      const n = await p;
+      return n === 'not-whole' ? null : n;
+    } finally {
+      if (this.building === p) this.building = null;
+    }
+  }
+
+  /**
+   * A cut with a snapshot stamped with its set: a restart point, which must mean byte
+   * equality (a replica that has played set n equals the snapshot stamped n). So the set
+   * must be whole: a backlog larger than one set is cut first, in partial sets, and the
+   * snapshot goes with the first cut that carries everything left. Waits (bounded) for
+   * outbound space; fails with a code rather than stamping a snapshot with a set that
+   * carries only part of the changes before it.
+   */
+  private async cutRestartPoint(options: CutRequest): Promise<number> {
+    const deadline = Date.now() + L.restartPointCutMsMax;
+    for (let round = 0; ; round++) {
       while (this.building) await this.building.catch(() => null);
-      const p = this.cutOnce(options);
+      const p = this.cutOnce({ ...options, whole: true });
       this.building = p;
+      let n: number | null | 'not-whole';
       try {
-        return await p;
+        n = await p;
       } finally {
         if (this.building === p) this.building = null;
       }
-    };
-    return run();
+      if (typeof n === 'number') return n;
+      if (n === 'not-whole') {
+        // More than one set's worth waits: ship part of it as an ordinary set first.
+        const part = await this.cutSerial({ reason: 'backlog before a restart point' });
+        if (part !== null) continue;
+      }
+      if (Date.now() > deadline) {
+        throw new DeltavolError(
+          'SAVE_AREA_FULL',
+          `no snapshot taken: the outbound save area has no room for the ${this.volume.unshippedBlockCount()} changed blocks a restart point must carry (${round} rounds in ${L.restartPointCutMsMax / 1000} s); is the replica reachable?`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 100)); // acknowledgements free space
+    }
   }
 
-  private async cutOnce(options: CutRequest): Promise<number | null> {
+  private async cutOnce(options: CutRequest & { whole?: boolean }): Promise<number | null | 'not-whole'> {
     assert(!this.closed, 'replicator closed');
     // (Another pair may have been added meanwhile: then its sets are needed, cut normally.)
     if (options.forget && this.state.pairs.length === 0) {
@@ -403,6 +442,7 @@ export class VolumeReplicator {
     const extra = firstBlocks(wanted, extraMax);
     const blocksMax = room - extra.count();
     const partial = changed > blocksMax || extra.count() < wanted.count();
+    if (partial && options.whole) return 'not-whole';
     const n = this.log.lastSet + 1;
     const writer = this.log.beginSet(n, this.state.generation, bs, blocksTotal, partial);
     const before = Date.now();
