@@ -5,7 +5,8 @@
 //
 // Exit codes (stable, for scripts):
 //   0 success · 1 the operation failed · 2 bad usage · 3 daemon unreachable
-//   4 no such volume or snapshot · 5 conflict (already exists, busy)
+//   4 no such volume or snapshot · 5 conflict (already exists, busy, wrong role, stale
+//   generation, refused by the peer) · 6 the replication peer is unreachable
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -14,6 +15,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { DeltavolError, isDeltavolError } from '../util/errors.js';
 import { formatBytes, parseDurationMs, parseHostPort, parseSizeBytes } from '../util/units.js';
 import { registerReplicationCommands, renderReplication, type VolumeReplication } from './replication-commands.js';
+import { registerRecoveryCommands } from './recovery-commands.js';
 import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
 import { createLogger } from '../util/log.js';
 import { syncIoBytesMaxDefault } from '../util/limits.js';
@@ -22,7 +24,7 @@ import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './con
 import { table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 
-export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5 } as const;
+export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5, peerUnreachable: 6 } as const;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const VERSION = (JSON.parse(fs.readFileSync(path.resolve(here, '../../package.json'), 'utf8')) as { version: string }).version;
@@ -85,6 +87,7 @@ export function buildProgram(): Command {
     .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
     .option('--repl-port <n>', 'replication port: peers connect here to replicate into this node (0 = any free port)', String(replicationPortDefault))
     .option('--repl-bind <addr>', 'replication listen address (0.0.0.0 to accept remote primaries)', '127.0.0.1')
+    .option('--repl-advertise <host:port>', 'replication address peers dial back after a resync or a handover (default: the address they see, on --repl-port)')
     .option('--outbound-size <size>', 'outbound save area per replicated volume (delta sets waiting for their replicas)', String(outboundBytesDefault))
     .option('--playback-delay <duration>', 'a replica plays a complete delta set after this delay', '0ms')
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
@@ -115,6 +118,7 @@ export function buildProgram(): Command {
           replPort: port(opts.replPort, '--repl-port'),
           outboundBytes: size(opts.outboundSize),
           playbackDelayMs: parseDurationMs(opts.playbackDelay),
+          ...(opts.replAdvertise ? { replAdvertiseHost: parseHostPort(opts.replAdvertise).host, replAdvertisePort: parseHostPort(opts.replAdvertise).port } : {}),
         },
         log,
       );
@@ -333,6 +337,7 @@ export function buildProgram(): Command {
     });
 
   registerReplicationCommands(program, { client, print });
+  registerRecoveryCommands(program, { client, print });
 
   program
     .command('status [volume]')
@@ -389,7 +394,13 @@ function exitCodeFor(e: unknown): number {
       case 'VOLUME_BUSY':
       case 'SNAPSHOT_EXISTS':
       case 'SNAPSHOTS_MAX':
+      case 'ROLE_CONFLICT':
+      case 'STALE_GENERATION':
+      case 'GEOMETRY':
+      case 'PEER_REFUSED':
         return EXIT.conflict;
+      case 'PEER_UNREACHABLE':
+        return EXIT.peerUnreachable;
       case 'BAD_SIZE':
       case 'BAD_NAME':
       case 'EINVAL_ARGUMENT':

@@ -22,10 +22,12 @@ export interface PairStatus {
   playedSet: number;
   sets: { set: number; createdAt: string; blocks: number; bytes: number; partial: boolean; state: string }[];
   lagSeconds: number;
+  rpo: { atRiskSinceMs: number | null; seconds: number };
+  reasonCode: string | null;
   bytesDifferent: number;
   currentBytesPerSec: number;
   averageBytesPerSec: number;
-  initialCopy: { doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null;
+  initialCopy: { kind: string; doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null;
 }
 
 export interface VolumeReplication {
@@ -33,6 +35,12 @@ export interface VolumeReplication {
   role: 'primary' | 'replica' | 'simplex';
   state?: string;
   generation?: number;
+  fenced?: { generation: number; peer: string; reason: string } | null;
+  failover?: { kind: string; restartSnapshot: string | null; restartSet: number; resyncPairId: string | null } | null;
+  handover?: { newGeneration: number } | null;
+  rpo?: { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null };
+  resync?: { full: boolean; registered: boolean; reason: string } | null;
+  copy?: { kind: string; totalBytes: number; receivedBytes: number } | null;
   currentSet?: number;
   replicas?: PairStatus[];
   outbound?: { capacityBytes: number; usedBytes: number; full: boolean; sets: number };
@@ -57,29 +65,50 @@ const rate = (bps: number) => `${formatBytes(bps)}/s`;
 /** The replication part of `status`: one table of pairs for primaries, one line per replica. */
 export function renderReplication(vols: VolumeReplication[]): string {
   const rows: (string | number)[][] = [];
+  const notes: string[] = [];
   for (const v of vols) {
+    if (v.fenced) notes.push(`${v.volume}: FENCED — a newer primary (generation ${v.fenced.generation}) exists at ${v.fenced.peer}; writes are refused. \`deltavol resync ${v.volume}\` makes it that primary's replica (only what differs travels).`);
+    if (v.state === 'failed-over' && v.failover) notes.push(`${v.volume}: failed over (restart point ${v.failover.restartSnapshot ?? 'none'} = set ${v.failover.restartSet}); ${v.failover.resyncPairId ? 'the old primary is being resynced' : 'waiting for the old primary to resync'}`);
+    if (v.handover) notes.push(`${v.volume}: planned handover to generation ${v.handover.newGeneration} under way: writes held`);
+    if (v.resync) notes.push(`${v.volume}: resyncing from its new primary${v.resync.full ? ` (FULL copy: ${v.resync.reason})` : ''}${v.resync.registered ? '' : ' — waiting for the new primary to record it'}`);
     if (v.role === 'primary') {
+      if ((v.replicas ?? []).length === 0) rows.push([v.volume, 'primary', '', v.state ?? '', v.generation ?? 0, `${v.currentSet ?? '-'}/-/-`, 0, '', '', '', '']);
       for (const p of v.replicas ?? []) {
         const outstanding = p.sets.filter((s) => s.state !== 'acknowledged' || s.set > p.playedSet).length;
         rows.push([
           v.volume,
           'primary',
           `${p.remoteVolume}@${p.peer}`,
-          p.state + (p.reason && p.state === 'failure-suspend' ? ` (${p.reason})` : ''),
+          p.state + (p.reason && (p.state === 'failure-suspend' || p.state === 'disconnected') ? ` (${p.reason})` : ''),
           p.generation,
           `${v.currentSet}/${p.ackedSet}/${p.playedSet}`,
           outstanding,
           `${p.lagSeconds.toFixed(1)} s`,
+          `${p.rpo.seconds.toFixed(1)} s`,
           formatBytes(p.bytesDifferent),
-          p.initialCopy ? `copy ${formatBytes(p.initialCopy.doneBytes)}/${formatBytes(p.initialCopy.totalBytes)}` : `${rate(p.currentBytesPerSec)} (avg ${rate(p.averageBytesPerSec)})`,
+          p.initialCopy ? `${p.initialCopy.kind === 'full' ? 'copy' : p.initialCopy.kind} ${formatBytes(p.initialCopy.doneBytes)}/${formatBytes(p.initialCopy.totalBytes)}` : `${rate(p.currentBytesPerSec)} (avg ${rate(p.averageBytesPerSec)})`,
         ]);
       }
     } else if (v.role === 'replica') {
-      rows.push([v.volume, 'replica', v.primaryVolume ?? '', (v.state ?? '') + (v.consistent === false ? ' (not consistent)' : ''), v.generation ?? 0, `-/${v.ackedSet}/${v.playedSet}`, v.setsHeld?.length ?? 0, `${(v.lagSeconds ?? 0).toFixed(1)} s`, '', v.connected ? 'connected' : 'not connected']);
+      rows.push([
+        v.volume,
+        'replica',
+        v.primaryVolume ?? '',
+        (v.state ?? '') + (v.consistent === false ? ' (not consistent)' : ''),
+        v.generation ?? 0,
+        `-/${v.ackedSet}/${v.playedSet}`,
+        v.setsHeld?.length ?? 0,
+        `${(v.lagSeconds ?? 0).toFixed(1)} s`,
+        `${(v.rpo?.seconds ?? 0).toFixed(1)} s`,
+        '',
+        v.copy ? `${v.copy.kind} ${formatBytes(v.copy.receivedBytes)}/${formatBytes(v.copy.totalBytes)}` : v.connected ? 'connected' : 'not connected',
+      ]);
+    } else if (v.state && v.state !== 'simplex') {
+      rows.push([v.volume, v.role, '', v.state, v.generation ?? 0, '', '', '', '', '', '']);
     }
   }
-  if (rows.length === 0) return 'no replication';
-  return table(['VOLUME', 'ROLE', 'PEER', 'STATE', 'GEN', 'SET cut/acked/played', 'OUTSTANDING', 'LAG', 'DIFFERENT', 'RATE'], rows);
+  if (rows.length === 0 && notes.length === 0) return 'no replication';
+  return [table(['VOLUME', 'ROLE', 'PEER', 'STATE', 'GEN', 'SET cut/acked/played', 'OUTSTANDING', 'LAG', 'RPO', 'DIFFERENT', 'RATE'], rows), ...notes].join('\n');
 }
 
 function pairDetail(v: VolumeReplication, p: PairStatus): string {
@@ -87,7 +116,7 @@ function pairDetail(v: VolumeReplication, p: PairStatus): string {
     `${v.volume} → ${p.remoteVolume} at ${p.peer}  (pair ${p.id})`,
     `  state ${p.state}${p.reason ? ` — ${p.reason}` : ''}, generation ${p.generation}`,
     `  sets: current ${v.currentSet}, acknowledged ${p.ackedSet}, played ${p.playedSet}`,
-    `  lag ${p.lagSeconds.toFixed(1)} s, different from the replica: ${formatBytes(p.bytesDifferent)}`,
+    `  lag ${p.lagSeconds.toFixed(1)} s, a failover there now would lose ${p.rpo.seconds.toFixed(1)} s of writes, different from the replica: ${formatBytes(p.bytesDifferent)}`,
     `  rate ${rate(p.currentBytesPerSec)} now, ${rate(p.averageBytesPerSec)} average`,
   ];
   if (p.initialCopy) lines.push(`  initial copy ${formatBytes(p.initialCopy.doneBytes)} of ${formatBytes(p.initialCopy.totalBytes)}, ${rate(p.initialCopy.bytesPerSec)}`);
@@ -130,11 +159,10 @@ async function followInitialCopy(c: ControlClient, volume: string, pairId: strin
         return p;
       }
       if (p.state === 'failure-suspend') {
-        const refused = /replica refused: ([A-Z_]+)/.exec(p.reason ?? '');
-        if (refused) {
-          throw new DeltavolError(refused[1] === 'VOLUME_EXISTS' ? 'VOLUME_EXISTS' : 'EINVAL_ARGUMENT', `${p.reason} (remove the pair with \`deltavol replica remove ${volume} ${pairId}\`, or fix the peer: the pair keeps retrying)`);
-        }
-        throw new DeltavolError('DAEMON_UNREACHABLE', `initial copy stalled: ${p.reason ?? 'peer unreachable'} (it resumes by itself when the peer returns)`);
+        const code = p.reasonCode ?? 'PEER_UNREACHABLE';
+        if (code === 'PEER_UNREACHABLE' || code === 'IO') throw new DeltavolError('PEER_UNREACHABLE', `initial copy stalled: ${p.reason ?? 'peer unreachable'} (it resumes by itself when the peer returns)`);
+        const local = code === 'VOLUME_EXISTS' || code === 'GEOMETRY' || code === 'STALE_GENERATION' || code === 'ROLE_CONFLICT' || code === 'VOLUME_NOT_FOUND' ? code : 'PEER_REFUSED';
+        throw new DeltavolError(local, `${p.reason} (remove the pair with \`deltavol replica remove ${volume} ${pairId}\`, or fix the peer: the pair keeps retrying)`);
       }
       const payload = { done: formatBytes(ic.doneBytes), total: formatBytes(ic.totalBytes), rate: rate(ic.bytesPerSec) };
       if (bar) {

@@ -19,6 +19,8 @@ import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { DiffDecoder, DiffEncoder, type DiffRun } from '../snapshot/diff-stream.js';
 import { ReplicationService } from '../replication/service.js';
+import { systemPlatform } from '../replication/platform.js';
+import { RegistryVolumeHost } from './volume-host.js';
 import { inboundBytesMaxDefault } from '../replication/limits.js';
 import { parseHostPort } from '../util/units.js';
 
@@ -41,6 +43,9 @@ export interface DaemonConfig {
   outboundBytes: number;
   /** Replica playback waits this long after a set is complete (0: at once). */
   playbackDelayMs: number;
+  /** The replication address peers dial back (a resync, a handover); default: as they see us, on the bound port. */
+  replAdvertiseHost?: string;
+  replAdvertisePort?: number;
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -93,8 +98,17 @@ export class Daemon {
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     this.replication = new ReplicationService(
-      this.registry,
-      { host: config.replHost, port: config.replPort, outboundBytes: config.outboundBytes, playbackDelayMs: config.playbackDelayMs, inboundBytesMax: inboundBytesMaxDefault },
+      new RegistryVolumeHost(this.registry, log.child({ part: 'replication' })),
+      systemPlatform,
+      {
+        host: config.replHost,
+        port: config.replPort,
+        advertiseHost: config.replAdvertiseHost ?? '',
+        advertisePort: config.replAdvertisePort ?? 0,
+        outboundBytes: config.outboundBytes,
+        playbackDelayMs: config.playbackDelayMs,
+        inboundBytesMax: inboundBytesMaxDefault,
+      },
       log.child({ part: 'replication' }),
     );
     this.registerRoutes();
@@ -177,8 +191,13 @@ export class Daemon {
   }
 
   private volumeJson(v: Volume) {
+    const access = v.writeAccess;
     return {
       ...v.info,
+      // What clients get (the operator's flag, or the replication role's refusal).
+      readOnly: v.readOnly,
+      readOnlySetting: v.readOnlySetting,
+      writes: access.mode === 'open' ? 'open' : access.mode === 'hold' ? `held: ${access.reason}` : `refused: ${access.reason}`,
       allocatedBytes: v.allocatedBytes(),
       connections: v.users,
       isDefaultExport: v.name === this.defaultExport,
@@ -233,6 +252,7 @@ export class Daemon {
       }
       const readOnly = bool(body, 'readOnly');
       const description = str(body, 'description');
+      if (readOnly === false) this.replication.checkMakeWritable(name);
       if (readOnly !== undefined || description !== undefined) {
         await this.registry.update(name, {
           ...(readOnly !== undefined ? { readOnly } : {}),
@@ -376,6 +396,15 @@ export class Daemon {
     api.route('POST', '/v1/volumes/:name/replicas/suspend', async (p, body) => ({ pairs: await this.replication.suspend(p.name!, str(body, 'pair')) }));
     api.route('POST', '/v1/volumes/:name/replicas/resume', (p, body) => ({ pairs: this.replication.resume(p.name!, str(body, 'pair')) }));
     api.route('POST', '/v1/volumes/:name/cut', async (p, body) => this.replication.cut(p.name!, str(body, 'snapshot')));
+    // ---- recovery ----
+    api.route('POST', '/v1/volumes/:name/failover', async (p, body) => this.replication.failover(p.name!, { now: bool(body, 'now'), force: bool(body, 'force'), sync: bool(body, 'sync') }));
+    api.route('POST', '/v1/volumes/:name/failback', async (p) => this.replication.failback(p.name!));
+    api.route('POST', '/v1/volumes/:name/resync', async (p, body) => {
+      const peer = str(body, 'peer');
+      const at = peer ? parseHostPort(peer) : undefined;
+      return this.replication.resync(p.name!, { ...(at ? { peerHost: at.host, peerPort: at.port } : {}), ...(str(body, 'peerVolume') ? { peerVolume: str(body, 'peerVolume') } : {}) });
+    });
+    api.route('POST', '/v1/volumes/:name/unfence', async (p) => this.replication.unfence(p.name!));
     api.route('POST', '/v1/default-export', (_p, body) => {
       const name = str(body, 'name');
       if (name !== undefined && name !== '') this.registry.require(name);

@@ -1,13 +1,18 @@
-// Why: the replication numbers `status` shows (pair state, sets, lag, rates, bytes
-// different) as Prometheus gauges and counters on GET /metrics, so an operator can alert
-// on lag (the RPO they would lose now) without parsing tables.
+// Why: the replication numbers `status` shows (role, state, generation, pair state, sets,
+// lag, what a failover would lose now, bytes different, rates) as Prometheus gauges and
+// counters on GET /metrics, so an operator can alert on a fenced volume or on the RPO
+// without parsing tables. The same state words as status (one word per state).
 
 import type { ReplicationService } from '../replication/service.js';
 import { line } from './metrics.js';
 
 type Status = ReturnType<ReplicationService['status']>[number];
+type PrimaryStatus = Extract<Status, { currentSet: number }>;
+type Pair = PrimaryStatus['replicas'][number];
+type ReplicaStatus = Extract<Status, { role: 'replica' }>;
 
-const PAIR_STATES = ['initial-copy', 'duplex', 'duplex-pending', 'suspending', 'suspend', 'failure-suspend'] as const;
+const PAIR_STATES = ['initial-copy', 'resyncing', 'duplex', 'duplex-pending', 'disconnected', 'suspending', 'suspend', 'failure-suspend', 'fenced', 'handing-over'] as const;
+const VOLUME_STATES = ['simplex', 'primary', 'failed-over', 'fenced', 'handing-over', 'initial-copy', 'resyncing', 'duplex', 'disconnected', 'suspend'] as const;
 
 function metric(out: string[], name: string, type: 'gauge' | 'counter', help: string, rows: [Record<string, string>, number][]): void {
   out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -16,14 +21,21 @@ function metric(out: string[], name: string, type: 'gauge' | 'counter', help: st
 
 export function renderReplicationMetrics(volumes: Status[]): string {
   const out: string[] = [];
-  const pairs: [Record<string, string>, Extract<Status, { role: 'primary' }>['replicas'][number], Extract<Status, { role: 'primary' }>][] = [];
-  const replicas: Extract<Status, { role: 'replica' }>[] = [];
+  const pairs: [Record<string, string>, Pair, PrimaryStatus][] = [];
+  const replicas: ReplicaStatus[] = [];
+  const primaries: PrimaryStatus[] = [];
   for (const v of volumes) {
-    if (v.role === 'primary') for (const p of v.replicas) pairs.push([{ volume: v.volume, pair: p.id, peer: p.peer, remote_volume: p.remoteVolume }, p, v]);
-    else if (v.role === 'replica') replicas.push(v);
+    if ('currentSet' in v) {
+      primaries.push(v);
+      for (const p of v.replicas) pairs.push([{ volume: v.volume, pair: p.id, peer: p.peer, remote_volume: p.remoteVolume }, p, v]);
+    } else if (v.role === 'replica') replicas.push(v as ReplicaStatus);
   }
+  metric(out, 'deltavol_volume_state', 'gauge', 'Replication state of the volume (1 for the current state, with its role).', volumes.flatMap((v) => VOLUME_STATES.map((s): [Record<string, string>, number] => [{ volume: v.volume, role: v.role, state: s }, v.state === s ? 1 : 0])));
+  metric(out, 'deltavol_volume_generation', 'gauge', 'Generation of the volume on this node (moves at every failover or takeover).', volumes.map((v) => [{ volume: v.volume }, v.generation]));
+  metric(out, 'deltavol_volume_fenced', 'gauge', '1 when a newer primary of this volume exists elsewhere (writes refused).', volumes.map((v) => [{ volume: v.volume }, v.fenced ? 1 : 0]));
   metric(out, 'deltavol_replication_pair_state', 'gauge', 'Pair state (1 for the current state).', pairs.flatMap(([l, p]) => PAIR_STATES.map((s): [Record<string, string>, number] => [{ ...l, state: s }, p.state === s ? 1 : 0])));
-  metric(out, 'deltavol_replication_lag_seconds', 'gauge', 'Age of the oldest change not yet played on the replica (data at risk now).', pairs.map(([l, p]) => [l, p.lagSeconds]));
+  metric(out, 'deltavol_replication_lag_seconds', 'gauge', 'Age of the oldest change not yet played on the replica.', pairs.map(([l, p]) => [l, p.lagSeconds]));
+  metric(out, 'deltavol_replication_rpo_seconds', 'gauge', 'Age of the oldest write the replica does not hold durably (what a failover would lose now).', pairs.map(([l, p]) => [l, p.rpo.seconds]));
   metric(out, 'deltavol_replication_current_set', 'gauge', 'Last delta set cut on the primary.', pairs.map(([l, , v]) => [l, v.currentSet]));
   metric(out, 'deltavol_replication_acked_set', 'gauge', 'Last delta set the replica holds durably.', pairs.map(([l, p]) => [l, p.ackedSet]));
   metric(out, 'deltavol_replication_played_set', 'gauge', 'Last delta set played on the replica.', pairs.map(([l, p]) => [l, p.playedSet]));
@@ -31,12 +43,13 @@ export function renderReplicationMetrics(volumes: Status[]): string {
   metric(out, 'deltavol_replication_sent_bytes_total', 'counter', 'Bytes sent to the replica since the daemon started.', pairs.map(([l, p]) => [l, p.bytesSent]));
   metric(out, 'deltavol_replication_rate_bytes_per_second', 'gauge', 'Transfer rate over the last seconds.', pairs.map(([l, p]) => [l, p.currentBytesPerSec]));
   metric(out, 'deltavol_replication_generation', 'gauge', 'Generation count of the pair.', pairs.map(([l, p]) => [l, p.generation]));
-  const prim = volumes.filter((v): v is Extract<Status, { role: 'primary' }> => v.role === 'primary');
-  metric(out, 'deltavol_replication_outbound_used_bytes', 'gauge', 'Bytes of the outbound save area in use.', prim.map((v) => [{ volume: v.volume }, v.outbound.usedBytes]));
-  metric(out, 'deltavol_replication_outbound_capacity_bytes', 'gauge', 'Size of the outbound save area.', prim.map((v) => [{ volume: v.volume }, v.outbound.capacityBytes]));
-  metric(out, 'deltavol_replica_played_set', 'gauge', 'Last delta set played on this replica.', replicas.map((r) => [{ volume: r.volume, primary_volume: r.primaryVolume }, r.playedSet]));
-  metric(out, 'deltavol_replica_acked_set', 'gauge', 'Last delta set this replica holds durably.', replicas.map((r) => [{ volume: r.volume, primary_volume: r.primaryVolume }, r.ackedSet]));
-  metric(out, 'deltavol_replica_lag_seconds', 'gauge', 'Age of the oldest complete set not yet played here.', replicas.map((r) => [{ volume: r.volume, primary_volume: r.primaryVolume }, r.lagSeconds]));
-  metric(out, 'deltavol_replica_inbound_bytes', 'gauge', 'Bytes held in the inbound save area.', replicas.map((r) => [{ volume: r.volume, primary_volume: r.primaryVolume }, r.inboundBytes]));
+  metric(out, 'deltavol_replication_outbound_used_bytes', 'gauge', 'Bytes of the outbound save area in use.', primaries.map((v) => [{ volume: v.volume }, v.outbound.usedBytes]));
+  metric(out, 'deltavol_replication_outbound_capacity_bytes', 'gauge', 'Size of the outbound save area.', primaries.map((v) => [{ volume: v.volume }, v.outbound.capacityBytes]));
+  const rl = (r: ReplicaStatus) => ({ volume: r.volume, primary_volume: r.primaryVolume });
+  metric(out, 'deltavol_replica_played_set', 'gauge', 'Last delta set played on this replica.', replicas.map((r) => [rl(r), r.playedSet]));
+  metric(out, 'deltavol_replica_acked_set', 'gauge', 'Last delta set this replica holds durably.', replicas.map((r) => [rl(r), r.ackedSet]));
+  metric(out, 'deltavol_replica_lag_seconds', 'gauge', 'Age of the oldest complete set not yet played here.', replicas.map((r) => [rl(r), r.lagSeconds]));
+  metric(out, 'deltavol_replica_rpo_seconds', 'gauge', "What a failover here would lose now, from the primary's last report (seconds of its writes).", replicas.map((r) => [rl(r), r.rpo.seconds]));
+  metric(out, 'deltavol_replica_inbound_bytes', 'gauge', 'Bytes held in the inbound save area.', replicas.map((r) => [rl(r), r.inboundBytes]));
   return out.join('\n') + '\n';
 }

@@ -1,25 +1,21 @@
 // Why: the replica acknowledges a delta set only once every chunk of it is durable here
 // and every checksum matched (seed 001: the secondary's save volume); playback then
 // integrates complete sets in order, and while one is integrated its blocks are read from
-// here, so a reader never sees half a set. Knows nothing of sockets or volumes.
+// here, so a reader never sees half a set. Knows nothing of links or volumes; its files
+// live in a DurableFs (the volume's replication directory, or the simulator's).
 //
-// Files (in the replica's replication directory, `inbound/`):
-//   set-N.part  chunk data appended as it arrives (any order, duplicates ignored)
-//   set-N.json  written atomically once the set is complete and verified (the commit
-//               point): trailer fields and where each chunk's data sits in set-N.part.
+// Files:
+//   inbound-set-N.part  chunk data written as it arrives (any order, duplicates ignored)
+//   inbound-set-N.json  written atomically once the set is complete and verified (the
+//                       commit point): trailer fields and where each chunk's data sits.
 // At open, a .part without its .json is an incomplete set: it is deleted (the sender
 // resends it whole).
 
-import fs from 'node:fs';
-import path from 'node:path';
-import { promisify } from 'node:util';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
-import { fsyncDirSync, writeFileAtomicSync } from '../util/atomic-file.js';
+import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { setDataChecksum } from './outbound-log.js';
 import type { ReplMessage, Runs } from './wire.js';
-
-const fdatasync = promisify(fs.fdatasync);
 
 type ChunkMsg = Extract<ReplMessage, { t: 'chunk' }>;
 type TrailerMsg = Extract<ReplMessage, { t: 'trailer' }>;
@@ -28,7 +24,7 @@ export interface InboundChunk {
   chunk: number;
   runs: Runs;
   crc: number;
-  /** Byte offset of the chunk's data in set-N.part. */
+  /** Byte offset of the chunk's data in the set's .part file. */
   pos: number;
   bytes: number;
 }
@@ -47,7 +43,7 @@ export interface InboundSet {
 }
 
 interface Receiving {
-  fd: number;
+  file: DurableFile;
   sizeBytes: number;
   chunks: Map<number, InboundChunk>;
 }
@@ -56,6 +52,10 @@ export type FinishResult = { ok: true; set: InboundSet } | { ok: false; missing:
 
 /** Received chunk data kept in memory for playback (a copy of what is on disk). */
 const inboundMemoryBytesMax = 256 * 1024 * 1024;
+const NAME = /^inbound-set-(\d+)\.(part|json)$/;
+
+const partName = (set: number) => `inbound-set-${set}.part`;
+const jsonName = (set: number) => `inbound-set-${set}.json`;
 
 export class InboundArea {
   private readonly receiving = new Map<number, Receiving>();
@@ -63,26 +63,29 @@ export class InboundArea {
   private readonly memory = new Map<number, Map<number, Buffer>>();
   private memoryBytes = 0;
   private readonly completeSets = new Map<number, InboundSet>();
-  private readonly fds = new Map<number, number>();
+  private readonly files = new Map<number, DurableFile>();
 
-  constructor(readonly dir: string) {
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    for (const name of fs.readdirSync(dir)) {
-      const m = /^set-(\d+)\.(part|json)$/.exec(name);
-      if (!m) {
-        if (name.includes('.tmp')) fs.rmSync(path.join(dir, name), { force: true });
-        continue;
-      }
+  constructor(
+    private readonly fsys: DurableFs,
+    private readonly now: () => number,
+  ) {
+    const names = fsys.list();
+    for (const name of names) {
+      const m = NAME.exec(name);
+      if (!m || m[2] !== 'json') continue;
       const set = Number(m[1]);
-      if (m[2] === 'json') {
-        const s = JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8')) as InboundSet;
-        assert(s.set === set, `${name} names set ${s.set}`);
-        this.completeSets.set(set, s);
+      let s: InboundSet;
+      try {
+        s = JSON.parse(fsys.readAll(name)!.toString('utf8')) as InboundSet;
+      } catch (e) {
+        throw new DeltavolError('METADATA_CORRUPT', `${name}: ${(e as Error).message}`);
       }
+      assert(s.set === set, `${name} names set ${s.set}`);
+      this.completeSets.set(set, s);
     }
-    for (const name of fs.readdirSync(dir)) {
-      const m = /^set-(\d+)\.part$/.exec(name);
-      if (m && !this.completeSets.has(Number(m[1]))) fs.rmSync(path.join(dir, name), { force: true });
+    for (const name of names) {
+      const m = NAME.exec(name);
+      if (m && m[2] === 'part' && !this.completeSets.has(Number(m[1]))) fsys.remove(name);
     }
   }
 
@@ -103,21 +106,14 @@ export class InboundArea {
     return n;
   }
 
-  /** A new session: sets not yet complete are dropped (the sender resends them whole). */
-  dropIncomplete(): void {
-    for (const [set, r] of this.receiving) {
-      this.forget(set);
-      fs.closeSync(r.fd);
-      fs.rmSync(this.partPath(set), { force: true });
-    }
-    this.receiving.clear();
+  /** Sets being received (some chunks here, not complete): their numbers. */
+  incomplete(): number[] {
+    return [...this.receiving.keys()].sort((a, b) => a - b);
   }
 
-  private partPath(set: number): string {
-    return path.join(this.dir, `set-${set}.part`);
-  }
-  private jsonPath(set: number): string {
-    return path.join(this.dir, `set-${set}.json`);
+  /** A new session: sets not yet complete are dropped (the sender resends them whole). */
+  dropIncomplete(): void {
+    for (const set of [...this.receiving.keys()]) this.dropSet(set);
   }
 
   /** Stores a verified chunk (its checksum was checked by the caller). Duplicates are ignored. */
@@ -125,12 +121,12 @@ export class InboundArea {
     assert(!this.completeSets.has(msg.set), 'chunk of a complete set');
     let r = this.receiving.get(msg.set);
     if (!r) {
-      r = { fd: fs.openSync(this.partPath(msg.set), 'w+', 0o600), sizeBytes: 0, chunks: new Map() };
+      if (this.fsys.exists(partName(msg.set))) this.fsys.remove(partName(msg.set));
+      r = { file: this.fsys.open(partName(msg.set), true), sizeBytes: 0, chunks: new Map() };
       this.receiving.set(msg.set, r);
     }
     if (r.chunks.has(msg.chunk)) return;
-    let done = 0;
-    while (done < data.length) done += fs.writeSync(r.fd, data, done, data.length - done, r.sizeBytes + done);
+    r.file.write(r.sizeBytes, data, 0, data.length);
     r.chunks.set(msg.chunk, { chunk: msg.chunk, runs: msg.runs, crc: msg.crc, pos: r.sizeBytes, bytes: data.length });
     r.sizeBytes += data.length;
     if (this.memoryBytes + data.length <= inboundMemoryBytesMax) {
@@ -146,11 +142,12 @@ export class InboundArea {
    * matches, the set becomes durable and complete (then, and only then, it may be acked).
    */
   async finishSet(t: TrailerMsg): Promise<FinishResult> {
-    const r = this.receiving.get(t.set) ?? { fd: -1, sizeBytes: 0, chunks: new Map<number, InboundChunk>() };
+    const r = this.receiving.get(t.set);
+    const held = r?.chunks ?? new Map<number, InboundChunk>();
     const missing: number[] = [];
-    for (let c = 0; c < t.chunks; c++) if (!r.chunks.has(c)) missing.push(c);
+    for (let c = 0; c < t.chunks; c++) if (!held.has(c)) missing.push(c);
     if (missing.length > 0) return { ok: false, missing, reason: `${missing.length} of ${t.chunks} chunks missing` };
-    const chunks = [...r.chunks.values()].sort((a, b) => a.chunk - b.chunk);
+    const chunks = [...held.values()].sort((a, b) => a.chunk - b.chunk);
     const bad = (reason: string): FinishResult => {
       this.dropSet(t.set);
       return { ok: false, missing: [], reason };
@@ -159,13 +156,14 @@ export class InboundArea {
     let blocks = 0;
     for (const c of chunks) for (const [, n] of c.runs) blocks += n;
     if (blocks !== t.blocks) return bad(`set ${t.set}: ${blocks} blocks held, trailer announces ${t.blocks}`);
-    if (r.sizeBytes !== t.dataBytes) return bad(`set ${t.set}: ${r.sizeBytes} data bytes held, trailer announces ${t.dataBytes}`);
+    const sizeBytes = r?.sizeBytes ?? 0;
+    if (sizeBytes !== t.dataBytes) return bad(`set ${t.set}: ${sizeBytes} data bytes held, trailer announces ${t.dataBytes}`);
     if (setDataChecksum(chunks.map((c) => c.crc)) !== t.dataCrc) return bad(`set ${t.set}: data checksum mismatch`);
-    if (r.fd >= 0) {
-      await fdatasync(r.fd);
-      fs.closeSync(r.fd);
+    if (r) {
+      await r.file.sync();
+      r.file.close();
     } else {
-      fs.writeFileSync(this.partPath(t.set), Buffer.alloc(0), { mode: 0o600 });
+      this.fsys.open(partName(t.set), true).close(); // an empty set still has its (empty) data file
     }
     this.receiving.delete(t.set);
     const s: InboundSet = {
@@ -173,13 +171,13 @@ export class InboundArea {
       generation: t.generation,
       catchUpFrom: t.catchUpFrom,
       createdAtMs: t.createdAtMs,
-      receivedAtMs: Date.now(),
+      receivedAtMs: this.now(),
       partial: t.partial,
       blocks,
       dataBytes: t.dataBytes,
       chunks,
     };
-    writeFileAtomicSync(this.jsonPath(t.set), JSON.stringify(s));
+    this.fsys.writeAtomic(jsonName(t.set), Buffer.from(JSON.stringify(s)));
     this.completeSets.set(t.set, s);
     return { ok: true, set: s };
   }
@@ -187,20 +185,19 @@ export class InboundArea {
   private dropSet(set: number): void {
     this.forget(set);
     const r = this.receiving.get(set);
-    if (r) fs.closeSync(r.fd);
+    if (r) r.file.close();
     this.receiving.delete(set);
-    fs.rmSync(this.partPath(set), { force: true });
+    if (this.fsys.exists(partName(set))) this.fsys.remove(partName(set));
   }
 
-  /** An open descriptor of a complete set's data (cached until remove()). */
-  fdOf(set: number): number {
-    let fd = this.fds.get(set);
-    if (fd === undefined) {
+  private fileOf(set: number): DurableFile {
+    let f = this.files.get(set);
+    if (f === undefined) {
       if (!this.completeSets.has(set)) throw new DeltavolError('IO', `inbound set ${set} is not complete`);
-      fd = fs.openSync(this.partPath(set), 'r');
-      this.fds.set(set, fd);
+      f = this.fsys.open(partName(set), false);
+      this.files.set(set, f);
     }
-    return fd;
+    return f;
   }
 
   /** A complete set's chunk data (from memory when still there, else from its file). */
@@ -221,28 +218,21 @@ export class InboundArea {
 
   /** Reads `length` bytes of a complete set's data at `pos` into target. */
   read(set: number, pos: number, target: Buffer, offset: number, length: number): void {
-    const fd = this.fdOf(set);
-    let done = 0;
-    while (done < length) {
-      const n = fs.readSync(fd, target, offset + done, length - done, pos + done);
-      if (n === 0) throw new DeltavolError('IO', `inbound set ${set}: short read at ${pos + done}`);
-      done += n;
-    }
+    const n = this.fileOf(set).read(pos, target, offset, length);
+    if (n !== length) throw new DeltavolError('IO', `inbound set ${set}: short read at ${pos + n}`);
   }
 
-  /** The set was played: its files go, the json first (a .part alone is removed at open). */
+  /** The set was played (or is dropped): its files go, the json first (a .part alone is removed at open). */
   remove(set: number): void {
-    const fd = this.fds.get(set);
-    if (fd !== undefined) fs.closeSync(fd);
-    this.fds.delete(set);
+    this.files.get(set)?.close();
+    this.files.delete(set);
     this.completeSets.delete(set);
     this.forget(set);
-    fs.rmSync(this.jsonPath(set), { force: true });
-    fs.rmSync(this.partPath(set), { force: true });
-    fsyncDirSync(this.dir);
+    if (this.fsys.exists(jsonName(set))) this.fsys.remove(jsonName(set));
+    if (this.fsys.exists(partName(set))) this.fsys.remove(partName(set));
   }
 
-  /** Removes every set (a fresh initial copy). */
+  /** Removes every set (a fresh initial copy, or a failover that drops what it did not play). */
   clear(): void {
     this.dropIncomplete();
     for (const s of [...this.completeSets.keys()]) this.remove(s);
@@ -250,7 +240,7 @@ export class InboundArea {
 
   close(): void {
     this.dropIncomplete();
-    for (const fd of this.fds.values()) fs.closeSync(fd);
-    this.fds.clear();
+    for (const f of this.files.values()) f.close();
+    this.files.clear();
   }
 }

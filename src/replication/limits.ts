@@ -33,6 +33,8 @@ export const restartPointCutMsMax = 45_000;
 /** The replicator checks its cut triggers this often. */
 export const replicatorTickMs = 100;
 
+/** A replica writes the primary's progress report down at least this often (and at every change). */
+export const reportPersistMs = 10_000;
 /** Replica: stop reading the link while the inbound save area holds this much. */
 export const inboundBytesMaxDefault = 1024 * 1024 * 1024;
 /** Initial copy: bytes per init frame, and durable progress acknowledged this often. */

@@ -1,28 +1,31 @@
-// Why: both ends of a replication connection need the same things from a socket: frames
-// in and out with backpressure, a heartbeat that notices a silent peer (a cut cable or a
-// DROP rule sends no RST; TCP alone would wait for many minutes), and one place where the
-// connection ends with a reason. Knows nothing of sets or volumes.
+// Why: both ends of a replication connection need the same things from a connection:
+// frames in and out with backpressure, a heartbeat that notices a silent peer (a cut cable
+// or a DROP rule sends no RST; TCP alone would wait for many minutes), and one place where
+// the connection ends with a reason. Knows nothing of sets or volumes; the connection and
+// the clock are passed in (transport.ts, clock.ts) so the simulator can drive it.
 
-import type { Socket } from 'node:net';
+import type { Clock, Cancel } from '../util/clock.js';
+import type { Conn } from './transport.js';
 import { encodeFrame, FrameDecoder, type Frame, type ReplMessage } from './wire.js';
 import { replicationHeartbeatMs, replicationSilenceMs } from './limits.js';
 
 export class Link {
   private closedReason: string | null = null;
   private readonly decoder: FrameDecoder;
-  private lastHeardMs = Date.now();
-  private readonly timer: NodeJS.Timeout;
+  private lastHeardMs: number;
+  private readonly stopTimer: Cancel;
   private readonly closeHandlers: ((reason: string) => void)[] = [];
   bytesSent = 0;
   bytesReceived = 0;
 
   constructor(
-    readonly socket: Socket,
+    readonly conn: Conn,
+    private readonly clock: Clock,
     private readonly onFrame: (f: Frame) => void,
     heartbeatMs = replicationHeartbeatMs,
     silenceMs = replicationSilenceMs,
   ) {
-    socket.setNoDelay(true);
+    this.lastHeardMs = clock.now();
     this.decoder = new FrameDecoder((f) => {
       if (f.msg.t === 'ping') {
         this.send({ t: 'pong', atMs: f.msg.atMs });
@@ -31,8 +34,8 @@ export class Link {
       if (f.msg.t === 'pong') return;
       this.onFrame(f);
     });
-    socket.on('data', (chunk: Buffer) => {
-      this.lastHeardMs = Date.now();
+    conn.onData((chunk: Buffer) => {
+      this.lastHeardMs = this.clock.now();
       this.bytesReceived += chunk.length;
       if (this.closedReason !== null) return;
       try {
@@ -41,14 +44,11 @@ export class Link {
         this.close(`bad frame from peer: ${(e as Error).message}`);
       }
     });
-    socket.on('error', (e) => this.close(`socket error: ${e.message}`));
-    socket.on('close', () => this.close('connection closed by peer'));
-    socket.on('end', () => this.close('connection closed by peer'));
-    this.timer = setInterval(() => {
-      if (Date.now() - this.lastHeardMs > silenceMs) this.close(`peer silent for ${silenceMs} ms`);
-      else this.send({ t: 'ping', atMs: Date.now() });
-    }, heartbeatMs);
-    this.timer.unref();
+    conn.onClose((reason) => this.close(reason === 'connection closed' ? 'connection closed by peer' : reason));
+    this.stopTimer = clock.every(heartbeatMs, () => {
+      if (this.clock.now() - this.lastHeardMs > silenceMs) this.close(`peer silent for ${silenceMs} ms`);
+      else this.send({ t: 'ping', atMs: this.clock.now() });
+    });
   }
 
   get closed(): boolean {
@@ -57,10 +57,17 @@ export class Link {
   get reason(): string | null {
     return this.closedReason;
   }
+  /** When the peer was last heard from (ms since the epoch). */
+  get lastHeardAtMs(): number {
+    return this.lastHeardMs;
+  }
+  get remoteAddress(): string {
+    return this.conn.remoteAddress;
+  }
 
-  /** Bytes written but not yet taken by the kernel. */
+  /** Bytes written but not yet taken by the network. */
   get queuedBytes(): number {
-    return this.socket.writableLength;
+    return this.conn.writableLength;
   }
 
   onClose(fn: (reason: string) => void): void {
@@ -78,45 +85,45 @@ export class Link {
     if (this.closedReason !== null) return;
     if (frame.length === 1) this.write(frame[0]!);
     else {
-      this.socket.cork();
+      this.conn.cork();
       for (const p of frame) this.write(p);
-      this.socket.uncork();
+      this.conn.uncork();
     }
   }
 
   private write(b: Buffer): void {
     this.bytesSent += b.length;
-    this.socket.write(b);
+    this.conn.write(b);
   }
 
-  /** Resolves once the socket's queue is below `bytes` (or the link closed). */
+  /** Resolves once the connection's queue is below `bytes` (or the link closed). */
   async drainBelow(bytes: number): Promise<void> {
-    while (this.closedReason === null && this.socket.writableLength > bytes) {
+    while (this.closedReason === null && this.conn.writableLength > bytes) {
       await new Promise<void>((r) => {
         const done = () => {
-          this.socket.off('drain', done);
-          clearTimeout(t);
+          this.conn.offDrain(done);
+          cancel();
           r();
         };
-        const t = setTimeout(done, 1000);
-        this.socket.once('drain', done);
+        const cancel = this.clock.after(1000, done);
+        this.conn.onDrain(done);
       });
     }
   }
 
   /** Stop reading (the receiver is full) or read again. */
   pause(): void {
-    this.socket.pause();
+    this.conn.pause();
   }
   resume(): void {
-    this.socket.resume();
+    this.conn.resume();
   }
 
   close(reason: string): void {
     if (this.closedReason !== null) return;
     this.closedReason = reason;
-    clearInterval(this.timer);
-    this.socket.destroy();
+    this.stopTimer();
+    this.conn.destroy();
     for (const h of this.closeHandlers.splice(0)) h(reason);
   }
 }

@@ -43,6 +43,8 @@ export interface OutboundSet {
   set: number;
   generation: number;
   createdAtMs: number;
+  /** When the first change this set carries was made (its writes are at risk since then). */
+  firstChangeAtMs: number;
   blocks: number;
   dataBytes: number;
   /** crc32c over the big-endian u32 chunk checksums in chunk order (covers every byte). */
@@ -106,6 +108,17 @@ export class OutboundLog {
     return log;
   }
 
+  /** The last set number recorded in a log's index, without opening the log (0: none). */
+  static lastSetIn(fsys: DurableFs): number {
+    const raw = fsys.readAll(OUTBOUND_INDEX_FILE);
+    if (raw === null) return 0;
+    try {
+      return (JSON.parse(raw.toString('utf8')) as IndexFile).lastSet;
+    } catch (e) {
+      throw new DeltavolError('METADATA_CORRUPT', `${OUTBOUND_INDEX_FILE}: ${(e as Error).message}`);
+    }
+  }
+
   get capacityBytes(): number {
     return this.index.capacityBytes;
   }
@@ -148,10 +161,13 @@ export class OutboundLog {
     return Math.max(0, Math.floor(room / perBlock) - 1);
   }
 
-  /** A sink for set lastSet+1: give it to VolumeEngine.buildDeltaSet. */
-  beginSet(set: number, generation: number, blockBytes: number, blocksTotal: number, partial: boolean): SetWriter {
+  /**
+   * A sink for set lastSet+1 (give it to VolumeEngine.buildDeltaSet), cut at `createdAtMs`,
+   * carrying changes made since `firstChangeAtMs`.
+   */
+  beginSet(set: number, generation: number, blockBytes: number, blocksTotal: number, partial: boolean, createdAtMs: number, firstChangeAtMs: number): SetWriter {
     assert(set === this.index.lastSet + 1, `set ${set} after ${this.index.lastSet}`);
-    return new SetWriter(this, set, generation, blockBytes, new PagedBitmap(blocksTotal), partial, this.index.writePos);
+    return new SetWriter(this, set, generation, blockBytes, new PagedBitmap(blocksTotal), partial, this.index.writePos, createdAtMs, firstChangeAtMs);
   }
 
   /** Writes one record at logical position ≥ pos; returns where it went. */
@@ -181,6 +197,11 @@ export class OutboundLog {
     this.index.lastSet = s.set;
     this.index.writePos = s.endPos;
     this.saveIndex();
+  }
+
+  /** Frees every set (the volume no longer ships: it became a replica). Numbering goes on. */
+  releaseAll(): void {
+    this.release(this.index.lastSet);
   }
 
   /** Frees every set ≤ upTo (no pair needs them any more). */
@@ -278,8 +299,6 @@ export class SetWriter implements DeltaSink {
   private readonly chunks: ChunkPos[] = [];
   private blocks = 0;
   private pos: number;
-  /** The cut happens right after the writer is made: the set's age counts from here. */
-  private readonly createdAtMs = Date.now();
 
   constructor(
     private readonly log: OutboundLog,
@@ -290,6 +309,9 @@ export class SetWriter implements DeltaSink {
     readonly members: PagedBitmap,
     private readonly partial: boolean,
     private readonly startPos: number,
+    /** The cut happens right after the writer is made: the set's age counts from here. */
+    private readonly createdAtMs: number,
+    private readonly firstChangeAtMs: number,
   ) {
     this.perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
     // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
@@ -329,6 +351,7 @@ export class SetWriter implements DeltaSink {
       set: this.set,
       generation: this.generation,
       createdAtMs: this.createdAtMs,
+      firstChangeAtMs: this.firstChangeAtMs,
       blocks: this.blocks,
       dataBytes: this.blocks * this.blockBytes,
       dataCrc: setDataChecksum(this.chunks.map((c) => c.crc)),

@@ -1,25 +1,65 @@
 // Why: one pair's connection to its replica: connect, say hello, copy the base snapshot
-// if the initial copy is not done, then send the sets of the outbound log in order,
-// a window of them in flight, resending what the replica refuses; reconnect with
-// back-off after any failure and resume from what the replica says it holds (nothing is
-// held only in memory). Its state is what `status` shows for the pair.
+// if the initial copy is not done (all of it, or a resync's differential), then send the
+// sets of the outbound log in order, a window of them in flight, resending what the
+// replica refuses; reconnect with back-off after any failure and resume from what the
+// replica says it holds (nothing is held only in memory). Its state is what `status`
+// shows for the pair. It knows the replicator only through PairHost, and the network and
+// time only through the platform, so the simulator runs it as it is.
 
-import net from 'node:net';
 import { crc32c } from '@node-rs/crc32';
 import type { Logger } from '../util/log.js';
-import { DeltavolError } from '../util/errors.js';
+import { DeltavolError, type ErrorCode } from '../util/errors.js';
+import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import type { PairRecord } from '../recovery/role-record.js';
 import { Link } from './link.js';
-import { trailerChecksum, type Frame, type ReplMessage } from './wire.js';
-import type { PairRecord, PairState, VolumeReplicator } from './replicator.js';
+import type { OutboundLog } from './outbound-log.js';
+import type { PrimaryPort } from './ports.js';
+import type { ReplicationPlatform } from './platform.js';
+import { PROTOCOL_VERSION, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import * as L from './limits.js';
 
 type Welcome = Extract<ReplMessage, { t: 'welcome' }>;
 
-/** Refusal codes a reconnect cannot cure. */
-const PERMANENT_REFUSALS = new Set(['VOLUME_EXISTS', 'GEOMETRY', 'STALE_GENERATION', 'VOLUME_NOT_FOUND']);
+/**
+ * The states of a pair, as status shows them. One word each; a pair that is not
+ * connected says so: 'disconnected' within its retry budget, 'failure-suspend' past it.
+ */
+export type PairState = 'initial-copy' | 'resyncing' | 'duplex' | 'duplex-pending' | 'disconnected' | 'suspending' | 'suspend' | 'failure-suspend' | 'fenced' | 'handing-over';
 
-/** A chunk's 'nak' with this chunk number asks for the whole set again. */
-export const WHOLE_SET = 0xffffffff;
+/** Refusal codes a reconnect cannot cure. */
+const PERMANENT_REFUSALS = new Set(['VOLUME_EXISTS', 'GEOMETRY', 'STALE_GENERATION', 'VOLUME_NOT_FOUND', 'FAILED_OVER', 'ROLE_CONFLICT']);
+/** Refusal codes the wire carries that are also local error codes (so the CLI can act on them). */
+const REFUSAL_ERROR: Record<string, ErrorCode> = { GEOMETRY: 'GEOMETRY', STALE_GENERATION: 'STALE_GENERATION', FAILED_OVER: 'STALE_GENERATION', VOLUME_EXISTS: 'VOLUME_EXISTS', VOLUME_NOT_FOUND: 'VOLUME_NOT_FOUND', ROLE_CONFLICT: 'ROLE_CONFLICT' };
+
+/** What a sender needs from its volume's replicator. */
+export interface PairHost {
+  readonly volume: PrimaryPort;
+  readonly outbound: OutboundLog;
+  readonly generation: number;
+  /** False once the volume must not ship (fenced, handed over, closing): the sender stops. */
+  readonly shipping: boolean;
+  pendingOf(id: string): PagedBitmap;
+  onAck(p: PairRecord, set: number, played: number): void;
+  restartInitialCopy(p: PairRecord): Promise<void>;
+  initialCopyDone(p: PairRecord): Promise<void>;
+  addSplitWrites(p: PairRecord, runs: Runs): void;
+  nextSetFor(p: PairRecord, after: number): { set: number; from: number } | null;
+  poke(): void;
+  /** Blocks a differential copy moves (null: the whole base). */
+  copyBlocks(p: PairRecord): PagedBitmap | null;
+  /** When the oldest write the replica does not hold was made (null: none). */
+  atRiskSinceMs(p: PairRecord): number | null;
+  /** Where this node's replication port listens, for the peer (host '' = as the peer sees us). */
+  returnAddress(): { host: string; port: number };
+  /** The peer said it holds a newer generation of this volume: this side was replaced. */
+  onNewerGeneration(p: PairRecord, generation: number, code: string, message: string): void;
+  /** A recovery message from the replica on this pair's link (takeover, handover commit or abort). */
+  onRecoveryMessage(p: PairRecord, m: ReplMessage, link: Link): void;
+  /** The link of this pair went down (a handover in progress learns of it). */
+  onLinkDown(p: PairRecord): void;
+  /** The replica welcomed this primary: the pair's session is up. */
+  onSessionUp(p: PairRecord): void;
+}
 
 interface Inflight {
   set: number;
@@ -33,7 +73,7 @@ export class PairSender {
   private loop: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
   private wakeBackoff: (() => void) | null = null;
-  private connecting: net.Socket | null = null;
+  private connecting: AbortController | null = null;
   private failures = 0;
   private suspending = false;
   private splitAcked: (() => void) | null = null;
@@ -47,25 +87,38 @@ export class PairSender {
   private readonly samples: [number, number][] = [];
   private totalBytes = 0;
   lastError: string | null = null;
+  /** The error code of the last failure (a refusal's code, or PEER_UNREACHABLE). */
+  lastErrorCode: string | null = null;
   lastErrorAtMs: number | null = null;
   initialCopyBytes = 0;
   private initialCopyStartMs = 0;
 
   constructor(
-    private readonly r: VolumeReplicator,
+    private readonly r: PairHost,
     readonly pair: PairRecord,
     private readonly log: Logger,
+    private readonly platform: ReplicationPlatform,
   ) {}
+
+  private now(): number {
+    return this.platform.clock.now();
+  }
 
   get connected(): boolean {
     return this.link !== null && !this.link.closed && this.sessionStartMs > 0;
   }
 
+  /** The link of the current session (recovery sends on it). */
+  get currentLink(): Link | null {
+    return this.connected ? this.link : null;
+  }
+
   get state(): PairState {
     const p = this.pair;
+    if (!this.r.shipping) return 'fenced';
     if (p.operatorSuspended) return this.suspending ? 'suspending' : 'suspend';
-    if (!this.connected) return this.failures >= p.retriesBeforeSuspend ? 'failure-suspend' : p.initialCopy.done ? 'duplex-pending' : 'initial-copy';
-    if (!p.initialCopy.done) return 'initial-copy';
+    if (!this.connected) return this.failures >= p.retriesBeforeSuspend ? 'failure-suspend' : 'disconnected';
+    if (!p.initialCopy.done) return p.initialCopy.kind === 'full' ? 'initial-copy' : 'resyncing';
     if (p.detached || p.catchUp || this.r.pendingOf(p.id).count() > 0 || p.ackedSet < this.recoverUntilSet) return 'duplex-pending';
     return 'duplex';
   }
@@ -92,12 +145,12 @@ export class PairSender {
   private sleep(ms: number, backoff = false): Promise<void> {
     return new Promise((resolve) => {
       const done = () => {
-        clearTimeout(t);
+        cancel();
         if (backoff) this.wakeBackoff = null;
         else this.wakeUp = null;
         resolve();
       };
-      const t = setTimeout(done, ms);
+      const cancel = this.platform.clock.after(ms, done);
       if (backoff) this.wakeBackoff = done;
       else this.wakeUp = done;
     });
@@ -106,7 +159,7 @@ export class PairSender {
   async stop(): Promise<void> {
     this.stopped = true;
     this.link?.close('pair stopped');
-    this.connecting?.destroy(new Error('pair stopped'));
+    this.connecting?.abort();
     this.wakeAll();
     await this.loop;
   }
@@ -114,14 +167,14 @@ export class PairSender {
   /** Operator split: let sent sets be acknowledged (≤ 10 s), then close the link. */
   async suspend(): Promise<void> {
     this.suspending = true;
-    const deadline = Date.now() + 10_000;
-    while (this.connected && this.inflight.length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const deadline = this.now() + 10_000;
+    while (this.connected && this.inflight.length > 0 && this.now() < deadline) await this.sleep(50);
     const link = this.link;
     if (link && this.connected) {
       // Tell the replica (seed 003): it becomes writable and records its own writes.
       const acked = new Promise<void>((r) => (this.splitAcked = r));
       link.send({ t: 'split', generation: this.r.generation });
-      await Promise.race([acked, new Promise((r) => setTimeout(r, 5000))]);
+      await Promise.race([acked, new Promise((r) => this.platform.clock.after(5000, () => r(undefined)))]);
       this.splitAcked = null;
     }
     this.suspending = false;
@@ -140,7 +193,7 @@ export class PairSender {
 
   private async run(): Promise<void> {
     let delay = L.reconnectDelayMsMin;
-    while (!this.stopped) {
+    while (!this.stopped && this.r.shipping) {
       if (this.pair.operatorSuspended) {
         await this.sleep(1000, true);
         continue;
@@ -159,62 +212,56 @@ export class PairSender {
           delay = L.reconnectDelayMsMax;
         }
         this.lastError = (e as Error).message;
-        this.lastErrorAtMs = Date.now();
-        const state = this.failures >= this.pair.retriesBeforeSuspend ? 'failure-suspend' : 'retrying';
-        if (this.failures === this.pair.retriesBeforeSuspend) this.log.warn({ err: this.lastError, failures: this.failures }, 'pair state failure-suspend');
+        this.lastErrorCode = typeof code === 'string' ? code : ((e as DeltavolError).code ?? 'IO');
+        this.lastErrorAtMs = this.now();
+        const state = this.failures >= this.pair.retriesBeforeSuspend ? 'failure-suspend' : 'disconnected';
+        if (this.failures === this.pair.retriesBeforeSuspend) this.log.warn({ err: this.lastError, code: this.lastErrorCode, failures: this.failures }, 'pair state failure-suspend');
         else this.log.info({ err: this.lastError, failures: this.failures, state }, 'replication link failed');
       } finally {
+        const had = this.link !== null && this.sessionStartMs > 0;
         this.link?.close('session ended');
         this.link = null;
         this.sessionStartMs = 0;
         this.inflight = [];
+        if (had) this.r.onLinkDown(this.pair);
       }
-      if (this.stopped) break;
+      if (this.stopped || !this.r.shipping) break;
       await this.sleep(delay, true);
       delay = Math.min(delay * 2, L.reconnectDelayMsMax);
     }
-  }
-
-  private connect(): Promise<net.Socket> {
-    const p = this.pair;
-    return new Promise((resolve, reject) => {
-      const sock = net.connect({ host: p.peerHost, port: p.peerPort });
-      this.connecting = sock;
-      const t = setTimeout(() => {
-        sock.destroy();
-        reject(new DeltavolError('DAEMON_UNREACHABLE', `connect to ${p.peerHost}:${p.peerPort} timed out`));
-      }, L.replicationConnectTimeoutMs);
-      sock.once('connect', () => {
-        clearTimeout(t);
-        this.connecting = null;
-        resolve(sock);
-      });
-      sock.once('error', (e) => {
-        clearTimeout(t);
-        this.connecting = null;
-        reject(new DeltavolError('DAEMON_UNREACHABLE', `cannot reach ${p.peerHost}:${p.peerPort}: ${e.message}`));
-      });
-    });
   }
 
   /** One connection, until it fails or the pair is stopped/suspended. Throws on failure. */
   private async session(): Promise<void> {
     const p = this.pair;
     const v = this.r.volume;
-    const sock = await this.connect();
+    this.connecting = new AbortController();
+    let conn;
+    try {
+      conn = await this.platform.transport.connect(p.peerHost, p.peerPort, L.replicationConnectTimeoutMs, this.connecting.signal);
+    } catch (e) {
+      throw new DeltavolError('PEER_UNREACHABLE', (e as Error).message);
+    } finally {
+      this.connecting = null;
+    }
+    if (this.stopped) {
+      conn.destroy();
+      return;
+    }
     let welcome: ((w: Welcome) => void) | null = null;
     let refused: ((e: Error) => void) | null = null;
-    const link = new Link(sock, (f) => this.onFrame(f, (w) => welcome?.(w), (e) => refused?.(e)));
+    const link = new Link(conn, this.platform.clock, (f) => this.onFrame(f, (w) => welcome?.(w), (e) => refused?.(e)));
     this.link = link;
-    const ended = new Promise<never>((_, reject) => link.onClose((reason) => reject(new DeltavolError('IO', reason))));
+    const ended = new Promise<never>((_, reject) => link.onClose((reason) => reject(new DeltavolError('PEER_UNREACHABLE', reason))));
     ended.catch(() => undefined);
     const welcomed = new Promise<Welcome>((resolve, reject) => {
       welcome = resolve;
       refused = reject;
     });
+    const back = this.r.returnAddress();
     link.send({
       t: 'hello',
-      protocol: 1,
+      protocol: PROTOCOL_VERSION,
       pairId: p.id,
       primaryVolume: v.name,
       replicaVolume: p.remoteVolume,
@@ -223,10 +270,14 @@ export class PairSender {
       blockBytes: v.blockBytes,
       create: true,
       description: `replica of ${v.name}`,
+      returnHost: back.host,
+      returnPort: back.port,
     });
     const w = await Promise.race([welcomed, ended]);
     if (w.generation > this.r.generation) {
-      throw new DeltavolError('EINVAL_ARGUMENT', `replica has generation ${w.generation}, newer than ours (${this.r.generation}): this primary is stale`);
+      const message = `the replica has generation ${w.generation}, newer than this volume's ${this.r.generation}: this primary was replaced`;
+      this.r.onNewerGeneration(p, w.generation, 'STALE_GENERATION', message);
+      throw new DeltavolError('STALE_GENERATION', message, { refuseCode: 'STALE_GENERATION' });
     }
     this.initDoneSent = false;
     if (!w.initialCopy.done && p.initialCopy.done) await this.r.restartInitialCopy(p);
@@ -236,25 +287,61 @@ export class PairSender {
     if (w.initialCopy.done) {
       if (w.ackedSet < p.ackedSet && !p.detached) {
         const needed = p.catchUp ? p.catchUp.set : w.ackedSet + 1;
-        if (!this.r.log.get(needed) && !(p.catchUp && p.catchUp.from === w.ackedSet)) {
+        if (!this.r.outbound.get(needed) && !(p.catchUp && p.catchUp.from === w.ackedSet)) {
           throw new DeltavolError('METADATA_CORRUPT', `replica holds set ${w.ackedSet} but the primary recorded ${p.ackedSet} and no longer has the sets between: remove and add the replica again`);
         }
         if (!p.catchUp) p.ackedSet = w.ackedSet;
       }
       this.r.onAck(p, w.ackedSet, w.playedSet);
     }
-    this.sessionStartMs = Date.now();
+    this.sessionStartMs = this.now();
     this.sessionBytes = 0;
     this.failures = 0;
-    this.recoverUntilSet = this.r.log.lastSet;
+    this.lastError = null;
+    this.lastErrorCode = null;
+    this.recoverUntilSet = this.r.outbound.lastSet;
     this.log.info({ ackedSet: w.ackedSet, playedSet: w.playedSet, initialCopy: w.initialCopy, splitWriteRuns: w.splitWrites.length }, 'replication link up');
+    this.r.onSessionUp(p);
     if (w.splitWrites.length > 0) this.r.addSplitWrites(p, w.splitWrites);
     if (p.detached) this.r.poke();
-    const work = (async () => {
-      if (!p.initialCopy.done) await this.initialCopy(link, w.initialCopy.offsetBytes);
-      await this.ship(link);
-    })();
-    await Promise.race([work, ended]);
+    this.sendProgress(link);
+    const stopProgress = this.platform.clock.every(L.replicationHeartbeatMs, () => this.sendProgress(link));
+    try {
+      const work = (async () => {
+        if (!p.initialCopy.done) await this.initialCopy(link, w.initialCopy.offsetBytes);
+        await this.ship(link);
+      })();
+      await Promise.race([work, ended]);
+    } finally {
+      stopProgress();
+    }
+  }
+
+  /** What the replica should know to report a failover's loss if this node vanishes. */
+  private sendProgress(link: Link): void {
+    if (link.closed) return;
+    const since = this.r.atRiskSinceMs(this.pair);
+    link.send({
+      t: 'progress',
+      generation: this.r.generation,
+      lastSet: this.r.outbound.lastSet,
+      atRiskSinceMs: since ?? 0,
+      bytesDifferent: this.bytesDifferent(),
+      atMs: this.now(),
+    });
+  }
+
+  /** Blocks not yet on the replica: changed since the cut, pending, and in unacked sets. */
+  bytesDifferent(): number {
+    const p = this.pair;
+    const bs = this.r.volume.blockBytes;
+    let outstanding = 0;
+    for (const s of this.r.outbound.sets) {
+      if (s.set <= p.ackedSet) continue;
+      if (p.catchUp && s.set < p.catchUp.set && s.set > p.catchUp.from) continue;
+      outstanding += s.dataBytes;
+    }
+    return (this.r.volume.unshippedBlockCount() + this.r.pendingOf(p.id).count()) * bs + outstanding;
   }
 
   private onFrame(f: Frame, welcome: (w: Welcome) => void, refused: (e: Error) => void): void {
@@ -264,10 +351,15 @@ export class PairSender {
       case 'welcome':
         welcome(m);
         return;
-      case 'refuse':
-        refused(new DeltavolError('EINVAL_ARGUMENT', `replica refused: ${m.code}: ${m.message}`, { refuseCode: m.code }));
+      case 'refuse': {
+        if (m.generation > this.r.generation && (m.code === 'STALE_GENERATION' || m.code === 'FAILED_OVER' || m.code === 'HANDED_OVER')) {
+          this.r.onNewerGeneration(p, m.generation, m.code, m.message);
+        }
+        const code = REFUSAL_ERROR[m.code] ?? 'PEER_REFUSED';
+        refused(new DeltavolError(code, `replica refused: ${m.code}: ${m.message}`, { refuseCode: m.code, generation: m.generation }));
         this.link?.close(`refused: ${m.code}`);
         return;
+      }
       case 'ack': {
         this.splitAcked?.();
         const before = p.ackedSet;
@@ -282,17 +374,22 @@ export class PairSender {
         return;
       case 'nak': {
         this.log.warn({ set: m.set, chunk: m.chunk, reason: m.reason }, 'replica refused a chunk: resending');
-        const s = this.r.log.get(m.set);
+        const s = this.r.outbound.get(m.set);
         const link = this.link;
         if (!s || !link) return;
         const chunks = m.chunk === WHOLE_SET ? s.chunks : s.chunks[m.chunk] ? [s.chunks[m.chunk]!] : [];
-        for (const c of chunks) this.sendBytes(link, this.r.log.readChunk(c));
+        for (const c of chunks) this.sendBytes(link, this.r.outbound.readChunk(c));
         if (m.chunk === WHOLE_SET) {
           const i = this.inflight.find((x) => x.set === m.set);
           if (i) this.sendTrailer(link, m.set, this.chainFrom(m.set));
         }
         return;
       }
+      case 'takeover':
+      case 'handoverCommit':
+      case 'handoverAbort':
+        if (this.link && this.connected) this.r.onRecoveryMessage(p, m, this.link);
+        return;
       default:
         this.link?.close(`unexpected message ${m.t} from replica`);
     }
@@ -315,6 +412,12 @@ export class PairSender {
 
   // ================= initial copy =================
 
+  /**
+   * Copies the base snapshot from `fromOffset` on, in block order (the replica records
+   * durable progress as an offset). A full copy sends the valid blocks; a differential
+   * one only the blocks of its list, and zeroes those the base holds no data in; an
+   * 'everything' copy sends every block that way.
+   */
   private async initialCopy(link: Link, fromOffset: number): Promise<void> {
     const p = this.pair;
     const v = this.r.volume;
@@ -322,28 +425,43 @@ export class PairSender {
     if (base === null) throw new DeltavolError('METADATA_CORRUPT', 'initial copy not done but its base snapshot is gone: remove and add the replica again');
     const bs = v.blockBytes;
     const valid = v.snapshotValidBlocks(base);
-    this.initialCopyStartMs = Date.now();
+    const list = p.initialCopy.kind === 'differential' ? this.r.copyBlocks(p)! : p.initialCopy.kind === 'everything' ? null : valid;
+    this.initialCopyStartMs = this.now();
     this.initialCopyBytes = 0;
+    link.send({ t: 'initStart', generation: this.r.generation, kind: p.initialCopy.kind, totalBytes: p.initialCopy.totalBytes, baseSet: p.initialCopy.baseSet });
     const runBytesMax = Math.max(bs, Math.floor(L.initRunBytesMax / bs) * bs);
-    let lastLog = Date.now();
-    for (const [start, count] of valid.runs()) {
-      let at = Math.max(start * bs, fromOffset);
-      const end = Math.min((start + count) * bs, v.sizeBytes);
-      if (start * bs < fromOffset) this.initialCopyBytes += Math.min(end, fromOffset) - start * bs;
-      while (at < end) {
-        if (link.closed || this.stopped || p.operatorSuspended) return;
-        const n = Math.min(runBytesMax, end - at);
-        const data = Buffer.allocUnsafe(n);
-        v.readSnapshot(base, at, n, data);
-        link.send({ t: 'init', generation: this.r.generation, offsetBytes: at, lengthBytes: n, zero: false, crc: crc32c(data) }, [data]);
-        this.count(n);
-        this.initialCopyBytes += n;
-        at += n;
-        await link.drainBelow(L.socketQueueBytesMax);
-        if (Date.now() - lastLog > 10_000) {
-          lastLog = Date.now();
-          this.log.info({ copiedBytes: this.initialCopyBytes, validBytes: p.initialCopy.validBytes }, 'initial copy progress');
+    let lastLog = this.now();
+    const runs: [number, number][] = list ? list.runs() : [[0, v.blocksTotal]];
+    for (const [start, count] of runs) {
+      // Split the run where the base's validity changes: data where it holds data, zeroes elsewhere.
+      for (let b = start; b < start + count; ) {
+        const isValid = valid.test(b);
+        const next = isValid ? valid.nextClear(b) : valid.nextSet(b);
+        const end = Math.min(start + count, next < 0 ? start + count : next);
+        const endBytes = Math.min(end * bs, v.sizeBytes);
+        let at = Math.max(b * bs, fromOffset);
+        if (isValid && b * bs < fromOffset) this.initialCopyBytes += Math.min(endBytes, fromOffset) - b * bs;
+        while (at < endBytes) {
+          if (link.closed || this.stopped || p.operatorSuspended) return;
+          if (!isValid) {
+            link.send({ t: 'init', generation: this.r.generation, offsetBytes: at, lengthBytes: endBytes - at, zero: true, crc: 0 });
+            at = endBytes;
+            break;
+          }
+          const n = Math.min(runBytesMax, endBytes - at);
+          const data = Buffer.allocUnsafe(n);
+          v.readSnapshot(base, at, n, data);
+          link.send({ t: 'init', generation: this.r.generation, offsetBytes: at, lengthBytes: n, zero: false, crc: crc32c(data) }, [data]);
+          this.count(n);
+          this.initialCopyBytes += n;
+          at += n;
+          await link.drainBelow(L.socketQueueBytesMax);
+          if (this.now() - lastLog > 10_000) {
+            lastLog = this.now();
+            this.log.info({ copiedBytes: this.initialCopyBytes, totalBytes: p.initialCopy.totalBytes, kind: p.initialCopy.kind }, 'initial copy progress');
+          }
         }
+        b = end;
       }
     }
     link.send({ t: 'initDone', generation: this.r.generation, baseSet: p.initialCopy.baseSet });
@@ -356,7 +474,7 @@ export class PairSender {
     const p = this.pair;
     let sentUpTo = p.ackedSet;
     if (p.catchUp && p.ackedSet < p.catchUp.set) sentUpTo = p.catchUp.from;
-    while (!link.closed && !this.stopped) {
+    while (!link.closed && !this.stopped && this.r.shipping) {
       // A split under way: send nothing new; suspend() tells the replica, then closes the link.
       if (p.operatorSuspended) {
         await this.sleep(100);
@@ -371,11 +489,11 @@ export class PairSender {
         await this.sleep(500);
         continue;
       }
-      const s = this.r.log.get(next.set)!;
-      this.inflight.push({ set: s.set, bytes: s.dataBytes, sentAtMs: Date.now() });
+      const s = this.r.outbound.get(next.set)!;
+      this.inflight.push({ set: s.set, bytes: s.dataBytes, sentAtMs: this.now() });
       for (const c of s.chunks) {
         if (link.closed) return;
-        this.sendBytes(link, this.r.log.readChunk(c));
+        this.sendBytes(link, this.r.outbound.readChunk(c));
         await link.drainBelow(L.socketQueueBytesMax);
       }
       this.sendTrailer(link, s.set, next.from);
@@ -384,7 +502,7 @@ export class PairSender {
   }
 
   private sendTrailer(link: Link, set: number, from: number): void {
-    const s = this.r.log.get(set)!;
+    const s = this.r.outbound.get(set)!;
     const t = {
       generation: s.generation,
       set: s.set,
@@ -403,7 +521,7 @@ export class PairSender {
 
   /** Bytes per second over the last few seconds, and since the link came up. */
   rates(): { currentBytesPerSec: number; averageBytesPerSec: number } {
-    const now = Date.now();
+    const now = this.now();
     this.samples.push([now, this.totalBytes]);
     while (this.samples.length > 2 && now - this.samples[0]![0] > 5000) this.samples.shift();
     const [t0, b0] = this.samples[0]!;
@@ -412,15 +530,16 @@ export class PairSender {
     return { currentBytesPerSec: Math.round(current), averageBytesPerSec: Math.round(average) };
   }
 
-  initialCopyProgress(): { doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null {
+  initialCopyProgress(): { kind: string; doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null {
     const p = this.pair;
     if (p.initialCopy.done) return null;
-    const elapsed = (Date.now() - this.initialCopyStartMs) / 1000;
+    const elapsed = (this.now() - this.initialCopyStartMs) / 1000;
     const rate = this.initialCopyStartMs > 0 && elapsed > 0 ? this.initialCopyBytes / elapsed : 0;
-    const left = Math.max(0, p.initialCopy.validBytes - this.initialCopyBytes);
+    const left = Math.max(0, p.initialCopy.totalBytes - this.initialCopyBytes);
     return {
+      kind: p.initialCopy.kind,
       doneBytes: this.initialCopyBytes,
-      totalBytes: p.initialCopy.validBytes,
+      totalBytes: p.initialCopy.totalBytes,
       bytesPerSec: Math.round(rate),
       etaSeconds: rate > 0 ? Math.round(left / rate) : null,
     };

@@ -1,19 +1,27 @@
-// Why: replication talks to volumes through this small interface and nothing else
-// (STYLE.md layer boundaries): the primary cuts delta sets and reads snapshots, the
-// replica writes, overlays reads and snapshots. The daemon passes Volume objects, which
-// implement both; tests may pass fakes.
+// Why: replication and recovery talk to volumes through these small interfaces and
+// nothing else (STYLE.md layer boundaries): the primary cuts delta sets and reads
+// snapshots, the replica writes, overlays reads and snapshots, and recovery compares
+// snapshots and sets who may write. The daemon passes Volume objects (through a
+// VolumeHost over its registry); the seeded simulator passes volumes over simulated
+// disks. Paths never cross this line: a volume's replication state lives in the
+// DurableFs its host gives.
 
 import type { DeltaSink, BuildOptions } from '../volume/volume-engine.js';
 import type { ReadOverlay } from '../volume/volume.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import type { DurableFs } from '../util/durable-fs.js';
+import type { WriteAccess } from '../recovery/role-record.js';
 
-export interface PrimaryPort {
+export interface VolumeGeometry {
   readonly name: string;
   readonly sizeBytes: number;
   readonly blockBytes: number;
   readonly blocksTotal: number;
   readonly description: string;
+}
+
+export interface PrimaryPort extends VolumeGeometry {
   /** Cuts set `n` and copies its blocks, as of the cut, into sink. */
   buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }>;
   /** A snapshot stamped n holding every change so far; the change log is emptied. */
@@ -27,21 +35,46 @@ export interface PrimaryPort {
   /** Blocks that held data when the snapshot was taken. */
   snapshotValidBlocks(name: string): PagedBitmap;
   readSnapshot(name: string, offset: number, length: number, target: Buffer): void;
+  /** Blocks to copy (data) and to zero that turn a copy of snapshot `from` into `to`. */
+  differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap };
 }
 
-export interface ReplicaPort {
-  readonly name: string;
-  readonly sizeBytes: number;
-  readonly blockBytes: number;
-  readonly readOnly: boolean;
+export interface ReplicaPort extends VolumeGeometry {
   playbackWrite(offset: number, chunks: Buffer[]): void | Promise<void>;
+  /** The range reads as zeroes afterwards (a resync zeroing blocks the primary has not got). */
+  playbackZero(offset: number, length: number): void | Promise<void>;
   flush(): Promise<void>;
   setOverlay(o: ReadOverlay | null): void;
   readsDrained(): Promise<void>;
   createSnapshot(name: string, deltaSetNumber: number): Promise<SnapshotInfo>;
-  /** Forgets the change log (a split starts: from now on it holds the replica's own writes). */
+  /** Forgets the change log (from now on it holds only later writes). */
   discardChanges(): Promise<void>;
-  /** Blocks written since discardChanges (the replica's side of a split). */
+  /** Blocks written since the last cut or discardChanges (a split's writes, a fenced primary's backlog). */
   changedBlocks(): PagedBitmap;
-  setReadOnly(readOnly: boolean): Promise<void>;
+}
+
+/** A volume as replication and recovery see it. */
+export interface HostedVolume extends PrimaryPort, ReplicaPort {
+  /** What clients may do (the role record decides; the volume enforces). */
+  setWriteAccess(a: WriteAccess): void;
+  /** Resolves when no client write is running (the ones held or refused do not count). */
+  writesIdle(): Promise<void>;
+}
+
+export interface CreateReplicaVolume {
+  name: string;
+  sizeBytes: number;
+  blockBytes: number;
+  description: string;
+}
+
+/** The volumes of one node, as replication needs them. */
+export interface VolumeHost {
+  list(): HostedVolume[];
+  get(name: string): HostedVolume | undefined;
+  /** Throws VOLUME_NOT_FOUND. */
+  require(name: string): HostedVolume;
+  create(options: CreateReplicaVolume): Promise<HostedVolume>;
+  /** Where the volume's replication state lives (role record, save areas, pending bitmaps). */
+  stateFs(volume: string): DurableFs;
 }

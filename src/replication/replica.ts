@@ -1,58 +1,55 @@
 // Why: one replica volume's side of replication (seed 001 FIG. 9, 11, 22): it takes the
-// initial copy, stores incoming chunks durably (inbound-area.ts), acknowledges a set only
-// when it is whole and verified, and plays complete sets back in order while readers see
-// either the state before a set or after it (the set's blocks are read from the inbound
-// area while it is integrated). Snapshots of the replica are stamped with the last set
-// played. During an operator split (seed 003) the volume is writable and its change log
-// records the replica's own writes, reported at the next hello so they travel again.
+// initial copy (or a resync's differential), stores incoming chunks durably
+// (inbound-area.ts), acknowledges a set only when it is whole and verified, and plays
+// complete sets back in order while readers see either the state before a set or after
+// it (the set's blocks are read from the inbound area while it is integrated). Snapshots
+// of the replica are stamped with the last set played. During an operator split (seed
+// 003) the volume is writable and its change log records the replica's own writes,
+// reported at the next hello so they travel again. It also remembers what the primary
+// last reported (its last set, since when writes were at risk), so a failover can say
+// what it loses.
 //
-// State (replica/state.json, replaced atomically): pair id, generation, playedSet,
-// initial-copy progress (everything below offsetBytes durable), split flag.
-// ackedSet is not stored: it is the end of the chain playedSet → complete sets whose
-// catchUpFrom is the previous one.
+// State: the volume's role record (upstream: pair id, playedSet, initial-copy progress,
+// split flag; the generation) — changed in place for progress, by transitions for the
+// rest. ackedSet is not stored: it is the end of the chain playedSet → complete sets
+// whose catchUpFrom is the previous one.
 
-import fs from 'node:fs';
-import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
-import { writeFileAtomicSync } from '../util/atomic-file.js';
+import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
+import type { RoleRecord, UpstreamRecord } from '../recovery/role-record.js';
 import { InboundArea, type InboundSet } from './inbound-area.js';
-import { Link } from './link.js';
-import { chunkChecksum, trailerChecksum, type Frame, type ReplMessage, type Runs } from './wire.js';
+import type { Link } from './link.js';
+import { chunkChecksum, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import type { ReplicaPort } from './ports.js';
-import { WHOLE_SET } from './pair-sender.js';
+import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 
-export const REPLICA_DIR = 'replica';
-const STATE_FILE = 'state.json';
-const SPLIT_WRITES_FILE = 'split-writes.json';
+const SPLIT_WRITES_FILE = 'replica-split-writes.json';
 
 type Hello = Extract<ReplMessage, { t: 'hello' }>;
 type TrailerMsg = Extract<ReplMessage, { t: 'trailer' }>;
-
-export interface ReplicaState {
-  version: 1;
-  pairId: string;
-  primaryVolume: string;
-  generation: number;
-  playedSet: number;
-  initialCopy: { done: boolean; offsetBytes: number; baseSet: number };
-  /**
-   * The volume equals the primary at a point in time (false during an initial copy and
-   * after a partial set until a whole one is played).
-   */
-  consistent: boolean;
-  split: boolean;
-  createdAt: string;
-}
 
 export interface ReplicaOptions {
   /** Complete sets wait this long before playback (0: at once). */
   playbackDelayMs: number;
   inboundBytesMax: number;
+  /** Recovery messages from the primary on this replica's link (a handover). */
+  onRecoveryMessage?: (m: ReplMessage, link: Link) => void;
 }
+
+/** What the primary last said about itself (it survives the primary: a failover reports from it). */
+export interface PrimaryReport {
+  lastSet: number;
+  atRiskSinceMs: number | null;
+  bytesDifferent: number;
+  /** When it was received. */
+  atMs: number;
+}
+
+export type ReplicaStateWord = 'initial-copy' | 'resyncing' | 'duplex' | 'disconnected' | 'suspend';
 
 export class ReplicaVolume {
   private link: Link | null = null;
@@ -64,71 +61,67 @@ export class ReplicaVolume {
   private queued = 0;
   private playing: Promise<void> | null = null;
   private snapshotting: Promise<unknown> | null = null;
+  /** Playback stopped for good (a failover is taking the volume over). */
+  private halted = false;
   private closed = false;
   private sessionSawData = false;
   private initBytesSinceAck = 0;
-  private readonly timer: NodeJS.Timeout;
+  private readonly stopTimer: () => void;
+  /** When the primary was last heard from (ms since the epoch; after a restart, its last report's time). */
+  lastContactMs: number | null;
   lastError: string | null = null;
+  /** The copy under way, as its sender announced it (bytes count what arrived since). */
+  copy: { kind: string; totalBytes: number; receivedBytes: number; startedAtMs: number } | null = null;
   setsPlayed = 0;
   bytesReceived = 0;
 
-  private constructor(
+  constructor(
     readonly port: ReplicaPort,
-    readonly dir: string,
-    private state: ReplicaState,
+    private readonly fsys: DurableFs,
+    readonly role: RoleRecord,
     private readonly log: Logger,
+    private readonly platform: ReplicationPlatform,
     private readonly options: ReplicaOptions,
   ) {
-    this.inbound = new InboundArea(path.join(dir, 'inbound'));
-    for (const s of this.inbound.complete()) if (s.set <= state.playedSet) this.inbound.remove(s.set);
+    if (role.role !== 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${port.name} is not a replica`);
+    this.inbound = new InboundArea(fsys, () => platform.clock.now());
+    for (const s of this.inbound.complete()) if (s.set <= this.state.playedSet) this.inbound.remove(s.set);
     this.ackedSet = this.chainHead();
-    this.timer = setInterval(() => this.kickPlayback(), 200);
-    this.timer.unref();
+    this.lastContactMs = this.state.lastReport?.atMs ?? null;
+    this.stopTimer = platform.clock.every(200, () => this.kickPlayback());
   }
 
-  static exists(volumeDir: string): boolean {
-    return fs.existsSync(path.join(volumeDir, REPLICA_DIR, STATE_FILE));
+  /** What the primary last said about itself (it survives the primary and restarts of this node). */
+  get lastReport(): PrimaryReport | null {
+    return this.state.lastReport;
   }
 
-  static open(port: ReplicaPort, volumeDir: string, log: Logger, options: ReplicaOptions): ReplicaVolume {
-    const dir = path.join(volumeDir, REPLICA_DIR);
-    const state = JSON.parse(fs.readFileSync(path.join(dir, STATE_FILE), 'utf8')) as ReplicaState;
-    if (state.version !== 1) throw new DeltavolError('METADATA_CORRUPT', `${dir}/${STATE_FILE}: unknown format`);
-    state.consistent ??= state.initialCopy.done;
-    return new ReplicaVolume(port, dir, state, log, options);
-  }
-
-  static create(port: ReplicaPort, volumeDir: string, hello: Hello, log: Logger, options: ReplicaOptions): ReplicaVolume {
-    const dir = path.join(volumeDir, REPLICA_DIR);
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const state: ReplicaState = {
-      version: 1,
-      pairId: hello.pairId,
-      primaryVolume: hello.primaryVolume,
-      generation: hello.generation,
-      playedSet: 0,
-      initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
-      consistent: false,
-      split: false,
-      createdAt: new Date().toISOString(),
-    };
-    const rv = new ReplicaVolume(port, dir, state, log, options);
-    rv.saveState();
-    return rv;
+  /** The upstream record (progress fields are changed in place, then saveState()). */
+  private get state(): UpstreamRecord {
+    const u = this.role.upstream;
+    if (!u) throw new DeltavolError('ROLE_CONFLICT', `volume ${this.port.name} is no longer a replica`);
+    return u;
   }
 
   get pairId(): string {
     return this.state.pairId;
   }
-  get info(): Readonly<ReplicaState> {
+  get info(): Readonly<UpstreamRecord> {
     return this.state;
   }
   get connected(): boolean {
     return this.link !== null && !this.link.closed;
   }
+  /** The primary's session link, if one is up. */
+  get currentLink(): Link | null {
+    return this.connected ? this.link : null;
+  }
+  get chainHeadSet(): number {
+    return this.ackedSet;
+  }
 
   private saveState(): void {
-    writeFileAtomicSync(path.join(this.dir, STATE_FILE), JSON.stringify(this.state, null, 1));
+    this.role.saveProgress();
   }
 
   /** The last set of the chain from playedSet through complete sets. */
@@ -150,45 +143,49 @@ export class ReplicaVolume {
 
   /** A primary said hello on `link`: take the session over (one at a time). */
   async accept(link: Link, hello: Hello): Promise<void> {
-    if (hello.generation < this.state.generation) {
-      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${hello.generation} is older than this replica's ${this.state.generation}` });
+    const generation = this.role.generation;
+    if (this.halted) {
+      link.send({ t: 'refuse', code: 'ROLE_CONFLICT', message: `replica ${this.port.name} is taking over: no session now`, generation: 0 });
+      link.close('replica taking over');
+      return;
+    }
+    if (hello.generation < generation) {
+      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${hello.generation} is older than this replica's ${generation}`, generation });
       link.close('stale generation');
       return;
     }
     if (hello.sizeBytes !== this.port.sizeBytes || hello.blockBytes !== this.port.blockBytes) {
-      link.send({ t: 'refuse', code: 'GEOMETRY', message: `replica ${this.port.name} is ${this.port.sizeBytes} bytes in ${this.port.blockBytes}-byte blocks; primary is ${hello.sizeBytes} in ${hello.blockBytes}` });
+      link.send({ t: 'refuse', code: 'GEOMETRY', message: `replica ${this.port.name} is ${this.port.sizeBytes} bytes in ${this.port.blockBytes}-byte blocks; primary is ${hello.sizeBytes} in ${hello.blockBytes}`, generation: 0 });
       link.close('geometry mismatch');
       return;
     }
     this.link?.close('replaced by a new session');
     this.link = link;
+    this.lastContactMs = this.platform.clock.now();
     await this.queue; // the old session's frames are done
+    if (this.link !== link || this.halted) return;
     this.trailers.clear();
     this.inbound.dropIncomplete();
     this.sessionSawData = false;
-    if (hello.generation > this.state.generation) {
-      this.state.generation = hello.generation;
-      this.saveState();
-    }
+    if (hello.generation > this.role.generation) this.role.transition({ t: 'generation-adopted', generation: hello.generation }, { primary: hello.primaryVolume });
+    // A resyncing old primary: the new primary dialling in means it recorded the resync.
+    if (this.state.resync && !this.state.resync.registered) this.role.transition({ t: 'resync-registered' });
     let splitWrites: Runs = [];
-    const splitFile = path.join(this.dir, SPLIT_WRITES_FILE);
     if (this.state.split) {
       // The split ends: what the replica wrote must travel again. Saved before it is
       // reported, removed only once the primary has certainly recorded it.
       await this.waitPlaybackIdle();
       splitWrites = this.port.changedBlocks().runs();
-      writeFileAtomicSync(splitFile, JSON.stringify(splitWrites));
-      await this.port.setReadOnly(true);
-      this.state.split = false;
-      this.saveState();
-      this.log.info({ runs: splitWrites.length }, 'split ends: replica read-only again');
-    } else if (fs.existsSync(splitFile)) {
-      splitWrites = JSON.parse(fs.readFileSync(splitFile, 'utf8')) as Runs;
+      this.fsys.writeAtomic(SPLIT_WRITES_FILE, Buffer.from(JSON.stringify(splitWrites)));
+      this.role.transition({ t: 'split-ended' }, { runs: splitWrites.length });
+    } else {
+      const f = this.fsys.readAll(SPLIT_WRITES_FILE);
+      if (f) splitWrites = JSON.parse(f.toString('utf8')) as Runs;
     }
     this.ackedSet = this.chainHead();
     link.send({
       t: 'welcome',
-      generation: this.state.generation,
+      generation: this.role.generation,
       ackedSet: this.ackedSet,
       playedSet: this.state.playedSet,
       initialCopy: { done: this.state.initialCopy.done, offsetBytes: this.state.initialCopy.offsetBytes },
@@ -200,6 +197,7 @@ export class ReplicaVolume {
   /** Frames of the current session, handled in order. */
   onFrame(link: Link, f: Frame): void {
     if (link !== this.link) return;
+    this.lastContactMs = link.lastHeardAtMs;
     this.queued++;
     if (this.queued > 64 || this.inbound.bytesHeld > this.options.inboundBytesMax) link.pause();
     this.queue = this.queue
@@ -217,18 +215,22 @@ export class ReplicaVolume {
 
   private async handle(link: Link, f: Frame): Promise<void> {
     const m = f.msg;
-    if (link.closed) return;
-    if (!this.sessionSawData && m.t !== 'split') {
+    if (link.closed || this.halted) return;
+    if (!this.sessionSawData && m.t !== 'split' && m.t !== 'progress') {
       // Anything the primary sends after our welcome means it recorded our split writes.
       this.sessionSawData = true;
-      fs.rmSync(path.join(this.dir, SPLIT_WRITES_FILE), { force: true });
+      if (this.fsys.exists(SPLIT_WRITES_FILE)) this.fsys.remove(SPLIT_WRITES_FILE);
     }
-    if ('generation' in m && m.generation < this.state.generation) {
-      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${m.generation} is older than ${this.state.generation}` });
+    if ('generation' in m && m.t !== 'handover' && m.generation < this.role.generation) {
+      const generation = this.role.generation;
+      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${m.generation} is older than ${generation}`, generation });
       link.close('stale generation');
       return;
     }
     switch (m.t) {
+      case 'initStart':
+        if (!this.state.initialCopy.done) this.copy = { kind: m.kind, totalBytes: m.totalBytes, receivedBytes: 0, startedAtMs: this.platform.clock.now() };
+        return;
       case 'init':
         return this.onInit(link, m, f.data);
       case 'initDone': {
@@ -237,6 +239,8 @@ export class ReplicaVolume {
         this.state.playedSet = m.baseSet;
         this.state.consistent = true;
         this.saveState();
+        if (this.state.resync) this.role.transition({ t: 'resync-finished' }, { baseSet: m.baseSet, copiedBytes: this.copy?.receivedBytes ?? null });
+        this.copy = null;
         this.ackedSet = this.chainHead();
         this.log.info({ baseSet: m.baseSet }, 'initial copy complete');
         link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
@@ -252,7 +256,7 @@ export class ReplicaVolume {
         }
         for (const [b, c] of m.runs) {
           if (b + c > Math.ceil(this.port.sizeBytes / this.port.blockBytes)) {
-            link.send({ t: 'refuse', code: 'BAD_CHUNK', message: `set ${m.set} chunk ${m.chunk}: blocks past the end of the volume` });
+            link.send({ t: 'refuse', code: 'BAD_CHUNK', message: `set ${m.set} chunk ${m.chunk}: blocks past the end of the volume`, generation: 0 });
             link.close('chunk past the end');
             return;
           }
@@ -280,8 +284,20 @@ export class ReplicaVolume {
         await this.startSplit();
         link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
         return;
+      case 'progress': {
+        const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now() };
+        const old = this.state.lastReport;
+        this.state.lastReport = r;
+        // Durable when what a failover would report changes (not at every heartbeat).
+        if (!old || old.lastSet !== r.lastSet || old.atRiskSinceMs !== r.atRiskSinceMs || r.atMs - old.atMs > L.reportPersistMs) this.saveState();
+        return;
+      }
+      case 'handover':
+      case 'handoverAbort':
+        if (this.options.onRecoveryMessage) this.options.onRecoveryMessage(m, link);
+        return;
       default:
-        link.send({ t: 'refuse', code: 'PROTOCOL', message: `unexpected ${m.t}` });
+        link.send({ t: 'refuse', code: 'PROTOCOL', message: `unexpected ${m.t}`, generation: 0 });
         link.close(`unexpected ${m.t}`);
     }
   }
@@ -289,15 +305,18 @@ export class ReplicaVolume {
   private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, data: Buffer | null): Promise<void> {
     if (this.state.initialCopy.done) return; // a late duplicate
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `init range ${m.offsetBytes}+${m.lengthBytes} past the end`);
-    if (!m.zero) {
+    if (m.zero) {
+      await this.port.playbackZero(m.offsetBytes, m.lengthBytes);
+    } else {
       if (crc32c(data!) !== m.crc) {
         // A damaged range: drop the link; the primary resumes from the last durable offset.
         link.close('initial copy checksum mismatch');
         return;
       }
       await this.port.playbackWrite(m.offsetBytes, [data!]);
+      this.bytesReceived += m.lengthBytes;
+      if (this.copy) this.copy.receivedBytes += m.lengthBytes;
     }
-    this.bytesReceived += m.lengthBytes;
     this.initBytesSinceAck += m.lengthBytes;
     if (this.initBytesSinceAck >= L.initAckEveryBytes) {
       this.initBytesSinceAck = 0;
@@ -333,11 +352,15 @@ export class ReplicaVolume {
   // ================= playback =================
 
   private kickPlayback(): void {
-    if (this.playing || this.snapshotting || this.closed || this.state.split) return;
+    if (this.playing || this.snapshotting || this.closed || this.halted || this.state.split) return;
     const next = this.nextToPlay();
     if (!next) return;
-    if (this.options.playbackDelayMs > 0 && Date.now() - next.receivedAtMs < this.options.playbackDelayMs && this.inbound.bytesHeld < this.options.inboundBytesMax / 2) return;
-    this.playing = this.play(next)
+    if (this.options.playbackDelayMs > 0 && this.platform.clock.now() - next.receivedAtMs < this.options.playbackDelayMs && this.inbound.bytesHeld < this.options.inboundBytesMax / 2) return;
+    this.startPlaying(next);
+  }
+
+  private startPlaying(next: InboundSet): Promise<void> {
+    const p = this.play(next)
       .catch((e: Error) => {
         this.lastError = e.message;
         this.log.error({ set: next.set, err: e.message }, 'playback failed');
@@ -346,6 +369,8 @@ export class ReplicaVolume {
         this.playing = null;
         this.kickPlayback();
       });
+    this.playing = p;
+    return p;
   }
 
   private nextToPlay(): InboundSet | undefined {
@@ -353,7 +378,7 @@ export class ReplicaVolume {
   }
 
   private async play(s: InboundSet): Promise<void> {
-    const started = Date.now();
+    const started = this.platform.clock.now();
     const bs = this.port.blockBytes;
     const size = this.port.sizeBytes;
     // Where each block of the set sits in the inbound file: built on the first read that
@@ -396,6 +421,7 @@ export class ReplicaVolume {
       }
       await this.port.flush();
       this.state.playedSet = s.set;
+      this.state.playedCutAtMs = s.createdAtMs;
       this.state.consistent = !s.partial;
       this.saveState();
     } finally {
@@ -403,7 +429,7 @@ export class ReplicaVolume {
     }
     inbound.remove(s.set);
     this.setsPlayed++;
-    this.log.debug({ set: s.set, blocks: s.blocks, ms: Date.now() - started }, 'delta set played');
+    this.log.debug({ set: s.set, blocks: s.blocks, ms: this.platform.clock.now() - started }, 'delta set played');
     const link = this.link;
     if (link && !link.closed) {
       link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
@@ -422,10 +448,7 @@ export class ReplicaVolume {
     if (this.state.split) return;
     await this.waitPlaybackIdle();
     await this.port.discardChanges();
-    this.state.split = true;
-    this.saveState();
-    await this.port.setReadOnly(false);
-    this.log.info({ playedSet: this.state.playedSet }, 'split: replica writable, its writes are recorded');
+    this.role.transition({ t: 'split-started' }, { playedSet: this.state.playedSet });
   }
 
   /** A snapshot between two sets, stamped with the last set played. */
@@ -447,25 +470,101 @@ export class ReplicaVolume {
     }
   }
 
+  // ================= taking over (recovery) =================
+
+  /** Ends the primary's session (a failover: nothing more is accepted from it). */
+  endSession(reason: string): void {
+    this.link?.close(reason);
+    this.link = null;
+  }
+
+  /**
+   * Plays every complete set of the chain (unless `now`), then stops playback for good.
+   * Returns the sets held whole but not played (their blocks travel at a resync).
+   */
+  async halt(now: boolean): Promise<{ played: number[]; dropped: InboundSet[] }> {
+    const played: number[] = [];
+    await this.waitPlaybackIdle();
+    while (!now) {
+      const next = this.nextToPlay();
+      if (!next) break;
+      await this.startPlaying(next);
+      if (this.state.playedSet !== next.set) throw new DeltavolError('IO', `set ${next.set} could not be played: ${this.lastError ?? 'unknown error'}`);
+      played.push(next.set);
+    }
+    this.halted = true;
+    await this.waitPlaybackIdle();
+    const dropped = this.inbound.complete().filter((s) => s.set > this.state.playedSet && s.set <= this.ackedSet);
+    return { played, dropped };
+  }
+
+  /** A takeover was abandoned: sessions and playback go on. */
+  resumeAfterHalt(): void {
+    this.halted = false;
+    this.kickPlayback();
+  }
+
+  /** Blocks of the given sets (what a failover --now left unplayed). */
+  static blocksOf(sets: InboundSet[]): Runs {
+    const out: Runs = [];
+    for (const s of sets) for (const c of s.chunks) out.push(...c.runs);
+    return out;
+  }
+
+  /** Sets being received but not complete (the primary had begun them). */
+  incompleteSets(): number[] {
+    return this.inbound.incomplete();
+  }
+
+  /** Removes every inbound set and file (the volume is no longer a replica). */
+  dropInbound(): void {
+    this.inbound.clear();
+    if (this.fsys.exists(SPLIT_WRITES_FILE)) this.fsys.remove(SPLIT_WRITES_FILE);
+  }
+
   // ================= status =================
+
+  /** The pair's state word as this replica sees it. */
+  get stateWord(): ReplicaStateWord {
+    if (this.state.split) return 'suspend';
+    if (!this.connected) return 'disconnected';
+    if (!this.state.initialCopy.done) return this.state.resync ? 'resyncing' : 'initial-copy';
+    return 'duplex';
+  }
+
+  /**
+   * What a failover now would lose: writes made on the primary since `atRiskSinceMs`
+   * (from its last report), up to the last contact; null when nothing was at risk.
+   */
+  rpo(): { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null; bytesAtMost: number } {
+    const r = this.lastReport;
+    const until = this.connected ? this.platform.clock.now() : (this.lastContactMs ?? this.platform.clock.now());
+    if (!r || r.atRiskSinceMs === null) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
+    return { atRiskSinceMs: r.atRiskSinceMs, seconds: Math.max(0, (until - r.atRiskSinceMs) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r.bytesDifferent };
+  }
 
   status() {
     const held = this.inbound.complete();
     const oldest = held.find((s) => s.set > this.state.playedSet);
+    const now = this.platform.clock.now();
     return {
       role: 'replica' as const,
       pairId: this.state.pairId,
       primaryVolume: this.state.primaryVolume,
-      state: this.state.split ? 'suspend' : !this.state.initialCopy.done ? 'initial-copy' : this.connected ? 'duplex' : 'disconnected',
+      state: this.stateWord,
       connected: this.connected,
-      generation: this.state.generation,
+      generation: this.role.generation,
       playedSet: this.state.playedSet,
       ackedSet: this.ackedSet,
       consistent: this.state.consistent,
       initialCopy: this.state.initialCopy,
+      copy: this.copy,
+      resync: this.state.resync,
       setsHeld: held.map((s) => ({ set: s.set, createdAt: new Date(s.createdAtMs).toISOString(), receivedAt: new Date(s.receivedAtMs).toISOString(), blocks: s.blocks, bytes: s.dataBytes })),
       inboundBytes: this.inbound.bytesHeld,
-      lagSeconds: oldest ? Math.max(0, (Date.now() - oldest.createdAtMs) / 1000) : 0,
+      lagSeconds: oldest ? Math.max(0, (now - oldest.createdAtMs) / 1000) : 0,
+      rpo: this.rpo(),
+      primaryLastSet: this.lastReport?.lastSet ?? null,
       setsPlayed: this.setsPlayed,
       bytesReceived: this.bytesReceived,
       lastError: this.lastError,
@@ -475,7 +574,7 @@ export class ReplicaVolume {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    clearInterval(this.timer);
+    this.stopTimer();
     this.link?.close('replica closing');
     await this.queue.catch(() => undefined);
     await this.waitPlaybackIdle();

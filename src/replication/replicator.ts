@@ -1,59 +1,34 @@
 // Why: one primary volume's side of replication (seed 001 FIG. 5, 7–12): it decides when
 // to cut a delta set (timeout, high-water mark, on demand), builds sets into the
-// outbound save area, keeps the pairs' durable records (generation, what each replica
-// acknowledged, split and catch-up state), frees log space once every pair is past a
-// set, and when the log is full lets a stalled pair fall back to a pending bitmap so the
-// others keep going. Each pair's connection is a PairSender (pair-sender.ts).
+// outbound save area, keeps the pairs' progress (what each replica acknowledged, split
+// and catch-up state) in the volume's role record, frees log space once every pair is
+// past a set, and when the log is full lets a stalled pair fall back to a pending bitmap
+// so the others keep going. Each pair's connection is a PairSender (pair-sender.ts).
 //
-// Pair record invariants (replication.json, replaced atomically):
+// Pair invariants (role.json, through RoleRecord):
 //   - ackedSet is the last set the replica holds durably (its chain head); the log keeps
 //     every set after it (or from catchUp.set) until the replica acknowledges it;
 //   - a detached pair holds no log space: everything it misses is in its pending file
 //     (pair-ID.pending), which is durable before any set it missed is released;
 //   - a catch-up set carries the pending blocks (and the replica's split writes) and is
-//     sent with catchUpFrom = ackedSet; the pending file is cleared once it is acked.
+//     sent with catchUpFrom = ackedSet; the pending file is cleared once it is acked;
+//   - a differential initial copy (a resync) copies only the blocks of its copy file
+//     (pair-ID.copy), written before the pair exists.
 
-import { randomBytes } from 'node:crypto';
 import type { Logger } from '../util/log.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
+import { sleep } from '../util/clock.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import type { InitialCopyRecord, PairConfig, PairRecord, RoleRecord } from '../recovery/role-record.js';
 import { OutboundLog } from './outbound-log.js';
 import type { PrimaryPort } from './ports.js';
-import type { Runs } from './wire.js';
-import { PairSender } from './pair-sender.js';
+import type { ReplicationPlatform } from './platform.js';
+import type { ReplMessage, Runs } from './wire.js';
+import type { Link } from './link.js';
+import { PairSender, type PairHost } from './pair-sender.js';
 import * as L from './limits.js';
-
-export const REPLICATION_STATE_FILE = 'replication.json';
-
-export type PairState = 'initial-copy' | 'duplex' | 'duplex-pending' | 'suspending' | 'suspend' | 'failure-suspend';
-
-export interface PairConfig {
-  peerHost: string;
-  peerPort: number;
-  remoteVolume: string;
-  cutIntervalMs: number;
-  highWaterBytes: number;
-  retriesBeforeSuspend: number;
-}
-
-export interface PairRecord extends PairConfig {
-  id: string;
-  createdAt: string;
-  ackedSet: number;
-  playedSet: number;
-  initialCopy: { done: boolean; baseSet: number; baseSnapshot: string | null; validBytes: number };
-  operatorSuspended: boolean;
-  detached: boolean;
-  catchUp: { set: number; from: number } | null;
-}
-
-interface StateFile {
-  version: 1;
-  generation: number;
-  pairs: PairRecord[];
-}
 
 interface CutRequest {
   snapshotName?: string;
@@ -68,15 +43,53 @@ export interface ReplicatorOptions {
   outboundBytes: number;
 }
 
-export class VolumeReplicator {
-  private state: StateFile;
-  readonly log: OutboundLog;
+/** What the replicator leaves to recovery (the replication service wires these). */
+export interface ReplicatorHooks {
+  returnAddress(): { host: string; port: number };
+  onNewerGeneration(p: PairRecord, generation: number, code: string, message: string): void;
+  onRecoveryMessage(p: PairRecord, m: ReplMessage, link: Link): void;
+  onLinkDown(p: PairRecord): void;
+  onSessionUp(p: PairRecord): void;
+  onInitialCopyDone(p: PairRecord): void;
+}
+
+/** How a new pair's replica gets its first copy. */
+export type InitialCopyPlan =
+  | { kind: 'full' }
+  /**
+   * Only these blocks (read from the base snapshot; blocks that hold no data there are
+   * zeroed). Computed once the base snapshot exists (a resync adds what changed up to it).
+   */
+  | { kind: 'differential'; blocks: (baseSnapshot: string) => PagedBitmap }
+  /** Every block, invalid ones zeroed (a replica volume that holds old data). */
+  | { kind: 'everything' };
+
+export interface AddPairOptions {
+  /** A given pair id (a resync registers the id the old primary already recorded). */
+  id?: string;
+  copy?: InitialCopyPlan;
+}
+
+const pendingFile = (id: string) => `pair-${id}.pending`;
+const copyFile = (id: string) => `pair-${id}.copy`;
+
+function readRuns(fsys: DurableFs, name: string, blocksTotal: number): PagedBitmap | null {
+  const f = fsys.readAll(name);
+  if (!f) return null;
+  const bits = new PagedBitmap(blocksTotal);
+  for (const [s, c] of JSON.parse(f.toString('utf8')) as Runs) if (s + c <= blocksTotal) bits.setRange(s, c);
+  return bits;
+}
+
+export class VolumeReplicator implements PairHost {
+  readonly outbound: OutboundLog;
   readonly senders = new Map<string, PairSender>();
   private readonly pending = new Map<string, PagedBitmap>();
   private building: Promise<unknown> | null = null;
-  private lastCutMs = Date.now();
+  private lastCutMs: number;
+  /** When the oldest change not yet in a set was made (null: none). */
   private firstChangeMs: number | null = null;
-  private readonly timer: NodeJS.Timeout;
+  private readonly stopTimer: () => void;
   private closed = false;
   /** Reason the last cut could not happen (outbound full), for status. */
   outboundFull = false;
@@ -85,50 +98,51 @@ export class VolumeReplicator {
   constructor(
     readonly volume: PrimaryPort,
     private readonly fsys: DurableFs,
-    private readonly log_: Logger,
+    readonly role: RoleRecord,
+    private readonly log: Logger,
+    readonly platform: ReplicationPlatform,
     options: ReplicatorOptions,
+    private readonly hooks: ReplicatorHooks,
   ) {
-    const raw = fsys.readAll(REPLICATION_STATE_FILE);
-    this.state = raw ? (JSON.parse(raw.toString('utf8')) as StateFile) : { version: 1, generation: 1, pairs: [] };
-    this.log = OutboundLog.open(fsys, options.outboundBytes);
-    for (const p of this.state.pairs) {
-      const bits = new PagedBitmap(volume.blocksTotal);
-      const f = fsys.readAll(pendingFile(p.id));
-      if (f) for (const [s, c] of JSON.parse(f.toString('utf8')) as Runs) bits.setRange(s, c);
-      this.pending.set(p.id, bits);
-    }
-    this.timer = setInterval(() => this.tick(), L.replicatorTickMs);
-    this.timer.unref();
+    this.lastCutMs = platform.clock.now();
+    this.outbound = OutboundLog.open(fsys, options.outboundBytes);
+    for (const p of role.pairs) this.pending.set(p.id, readRuns(fsys, pendingFile(p.id), volume.blocksTotal) ?? new PagedBitmap(volume.blocksTotal));
+    if (volume.changedBlockCount() > 0) this.firstChangeMs = this.lastCutMs;
+    this.stopTimer = platform.clock.every(L.replicatorTickMs, () => this.tick());
   }
 
   get generation(): number {
-    return this.state.generation;
+    return this.role.generation;
   }
   get pairs(): readonly PairRecord[] {
-    return this.state.pairs;
+    return this.role.pairs;
   }
   pair(id: string): PairRecord {
-    const p = this.state.pairs.find((x) => x.id === id || x.remoteVolume === id || `${x.peerHost}:${x.peerPort}` === id);
+    const p = this.role.pairs.find((x) => x.id === id || x.remoteVolume === id || `${x.peerHost}:${x.peerPort}` === id);
     if (!p) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${this.volume.name} has no replica "${id}"`);
     return p;
   }
   pendingOf(id: string): PagedBitmap {
     return this.pending.get(id)!;
   }
+  /** Whether the volume may ship (a fenced or handed-over volume ships nothing). */
+  get shipping(): boolean {
+    return this.role.role === 'primary' && this.role.state.fenced === null && !this.closed;
+  }
 
   /** Starts a sender per pair (after a restart, every pair resumes where its record says). */
   start(): void {
-    for (const p of this.state.pairs) this.startSender(p);
+    for (const p of this.role.pairs) if (!this.senders.has(p.id)) this.startSender(p);
   }
 
   private startSender(p: PairRecord): void {
-    const s = new PairSender(this, p, this.log_.child({ pair: p.id, peer: `${p.peerHost}:${p.peerPort}` }));
+    const s = new PairSender(this, p, this.log.child({ pair: p.id, peer: `${p.peerHost}:${p.peerPort}` }), this.platform);
     this.senders.set(p.id, s);
     s.start();
   }
 
   saveState(): void {
-    this.fsys.writeAtomic(REPLICATION_STATE_FILE, Buffer.from(JSON.stringify(this.state, null, 1)));
+    this.role.saveProgress();
   }
 
   private savePending(id: string): void {
@@ -139,55 +153,80 @@ export class VolumeReplicator {
 
   /**
    * A new replica: cut a set with a base snapshot stamped with its number, then the
-   * sender copies the snapshot's valid blocks and continues with the next set.
+   * sender copies the snapshot's blocks (all valid ones, or a resync's differential) and
+   * continues with the next set.
    */
-  async addPair(config: PairConfig): Promise<PairRecord> {
-    for (const p of this.state.pairs) {
+  async addPair(config: PairConfig, options: AddPairOptions = {}): Promise<PairRecord> {
+    for (const p of this.role.pairs) {
       if (p.peerHost === config.peerHost && p.peerPort === config.peerPort && p.remoteVolume === config.remoteVolume) {
         throw new DeltavolError('VOLUME_EXISTS', `volume ${this.volume.name} already replicates to ${config.remoteVolume} at ${config.peerHost}:${config.peerPort}`);
       }
     }
-    const id = randomBytes(6).toString('hex');
-    const baseSnapshot = `repl-base-${id}`;
-    // The first replica: the base snapshot holds every change, so the change log starts
-    // empty (no set is built). Otherwise the others still need those changes: cut a set.
-    const first = this.state.pairs.length === 0;
-    const set = await this.cut({ snapshotName: baseSnapshot, reason: 'initial copy', force: true, forget: first });
-    if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
-    const valid = this.volume.snapshotValidBlocks(baseSnapshot).count() * this.volume.blockBytes;
+    const id = options.id ?? this.platform.newId();
+    const plan = options.copy ?? { kind: 'full' };
+    const copy = await this.startCopy(id, plan, this.role.pairs.length === 0, 'initial copy');
     const p: PairRecord = {
       ...config,
       id,
-      createdAt: new Date().toISOString(),
-      ackedSet: set,
+      createdAt: new Date(this.platform.clock.now()).toISOString(),
+      ackedSet: copy.baseSet,
       playedSet: 0,
-      initialCopy: { done: false, baseSet: set, baseSnapshot, validBytes: Math.min(valid, this.volume.sizeBytes) },
+      initialCopy: copy,
       operatorSuspended: false,
       detached: false,
       catchUp: null,
     };
     this.pending.set(id, new PagedBitmap(this.volume.blocksTotal));
-    this.state.pairs.push(p);
-    this.saveState();
-    this.log_.info({ pair: id, peer: `${config.peerHost}:${config.peerPort}`, remoteVolume: config.remoteVolume, baseSet: set }, 'replica added: initial copy starts');
-    this.startSender(p);
+    this.role.transition({ t: 'pair-added', pair: p }, { pair: id, peer: `${config.peerHost}:${config.peerPort}`, remoteVolume: config.remoteVolume, baseSet: copy.baseSet, copy: plan.kind });
+    this.startSender(this.role.pairs.find((x) => x.id === id)!);
     this.releaseSets();
-    return p;
+    return this.role.pairs.find((x) => x.id === id)!;
+  }
+
+  /**
+   * A base snapshot for a copy (stamped with the set it equals) and what the copy moves.
+   * `first`: no other pair needs the changes so far, so the change log starts empty.
+   */
+  private async startCopy(id: string, plan: InitialCopyPlan, first: boolean, reason: string): Promise<InitialCopyRecord> {
+    const baseSnapshot = `repl-base-${id}-${this.platform.clock.now().toString(36)}`;
+    const set = await this.cut({ snapshotName: baseSnapshot, reason, force: true, forget: first });
+    if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
+    const bs = this.volume.blockBytes;
+    let totalBytes: number;
+    if (plan.kind === 'differential') {
+      const blocks = plan.blocks(baseSnapshot);
+      this.fsys.writeAtomic(copyFile(id), Buffer.from(JSON.stringify(blocks.runs())));
+      const valid = this.volume.snapshotValidBlocks(baseSnapshot);
+      valid.intersect(blocks);
+      totalBytes = valid.count() * bs;
+    } else if (plan.kind === 'everything') {
+      totalBytes = this.volume.snapshotValidBlocks(baseSnapshot).count() * bs;
+    } else {
+      if (this.fsys.exists(copyFile(id))) this.fsys.remove(copyFile(id));
+      totalBytes = this.volume.snapshotValidBlocks(baseSnapshot).count() * bs;
+    }
+    return { done: false, baseSet: set, baseSnapshot, totalBytes: Math.min(totalBytes, this.volume.sizeBytes), kind: plan.kind };
+  }
+
+  /** The blocks a differential copy moves (null: the whole base). */
+  copyBlocks(p: PairRecord): PagedBitmap | null {
+    if (p.initialCopy.kind !== 'differential') return null;
+    const bits = readRuns(this.fsys, copyFile(p.id), this.volume.blocksTotal);
+    if (!bits) throw new DeltavolError('METADATA_CORRUPT', `pair ${p.id}: the block list of its differential copy (${copyFile(p.id)}) is missing`);
+    return bits;
   }
 
   async removePair(id: string): Promise<void> {
     const p = this.pair(id);
     await this.senders.get(p.id)?.stop();
     this.senders.delete(p.id);
-    this.state.pairs = this.state.pairs.filter((x) => x !== p);
-    this.saveState();
-    this.fsys.remove(pendingFile(p.id));
+    this.role.transition({ t: 'pair-removed', pairId: p.id }, { pair: p.id });
+    for (const f of [pendingFile(p.id), copyFile(p.id)]) if (this.fsys.exists(f)) this.fsys.remove(f);
     this.pending.delete(p.id);
     if (p.initialCopy.baseSnapshot && this.volume.snapshots().some((s) => s.name === p.initialCopy.baseSnapshot)) {
       await this.volume.deleteSnapshot(p.initialCopy.baseSnapshot, true);
     }
     this.releaseSets();
-    this.log_.info({ pair: p.id }, 'replica removed');
   }
 
   async suspend(id: string): Promise<PairRecord> {
@@ -218,7 +257,7 @@ export class VolumeReplicator {
       changed = true;
     }
     if (p.catchUp && p.ackedSet >= p.catchUp.set) {
-      this.log_.info({ pair: p.id, set: p.catchUp.set, from: p.catchUp.from }, 'catch-up set acknowledged');
+      this.log.info({ pair: p.id, set: p.catchUp.set, from: p.catchUp.from }, 'catch-up set acknowledged');
       p.catchUp = null;
       changed = true;
     }
@@ -232,19 +271,15 @@ export class VolumeReplicator {
    * deleted and recreated on the peer): start a new initial copy from a new base snapshot.
    */
   async restartInitialCopy(p: PairRecord): Promise<void> {
-    const baseSnapshot = `repl-base-${p.id}-${Date.now().toString(36)}`;
-    const set = await this.cut({ snapshotName: baseSnapshot, reason: 'initial copy again', force: true });
-    if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
-    const valid = this.volume.snapshotValidBlocks(baseSnapshot).count() * this.volume.blockBytes;
-    p.initialCopy = { done: false, baseSet: set, baseSnapshot, validBytes: Math.min(valid, this.volume.sizeBytes) };
-    p.ackedSet = set;
+    p.initialCopy = await this.startCopy(p.id, { kind: 'full' }, false, 'initial copy again');
+    p.ackedSet = p.initialCopy.baseSet;
     p.playedSet = 0;
     p.catchUp = null;
     p.detached = false;
     this.pending.get(p.id)!.clearAll();
     this.saveState();
     this.savePending(p.id);
-    this.log_.warn({ pair: p.id, baseSet: set }, 'the replica has lost its copy: initial copy starts again');
+    this.log.warn({ pair: p.id, baseSet: p.initialCopy.baseSet }, 'the replica has lost its copy: initial copy starts again');
   }
 
   /** The initial copy finished and the replica holds the base set. */
@@ -253,8 +288,26 @@ export class VolumeReplicator {
     const base = p.initialCopy.baseSnapshot;
     p.initialCopy.baseSnapshot = null;
     this.saveState();
+    if (this.fsys.exists(copyFile(p.id))) this.fsys.remove(copyFile(p.id));
     if (base && this.volume.snapshots().some((s) => s.name === base)) await this.volume.deleteSnapshot(base, true);
-    this.log_.info({ pair: p.id, baseSet: p.initialCopy.baseSet }, 'initial copy complete');
+    this.log.info({ pair: p.id, baseSet: p.initialCopy.baseSet, kind: p.initialCopy.kind }, 'initial copy complete');
+    this.hooks.onInitialCopyDone(p);
+  }
+
+  returnAddress(): { host: string; port: number } {
+    return this.hooks.returnAddress();
+  }
+  onNewerGeneration(p: PairRecord, generation: number, code: string, message: string): void {
+    this.hooks.onNewerGeneration(p, generation, code, message);
+  }
+  onRecoveryMessage(p: PairRecord, m: ReplMessage, link: Link): void {
+    this.hooks.onRecoveryMessage(p, m, link);
+  }
+  onLinkDown(p: PairRecord): void {
+    this.hooks.onLinkDown(p);
+  }
+  onSessionUp(p: PairRecord): void {
+    this.hooks.onSessionUp(p);
   }
 
   /** The replica's own writes during a split: they travel in the next (catch-up) set. */
@@ -264,15 +317,15 @@ export class VolumeReplicator {
     for (const [s, c] of runs) if (s + c <= bits.bitsTotal) bits.setRange(s, c);
     this.savePending(p.id);
     this.poke();
-    this.log_.info({ pair: p.id, blocks: bits.count() }, 'replica was written during the split: those blocks travel again');
+    this.log.info({ pair: p.id, blocks: bits.count() }, 'replica was written during the split: those blocks travel again');
   }
 
   /** Next set this pair must be sent after `sent` (its chain), or null when none is cut yet. */
   nextSetFor(p: PairRecord, after: number): { set: number; from: number } | null {
     if (p.detached) return null; // waits for its catch-up set
-    if (p.catchUp && after < p.catchUp.set) return this.log.get(p.catchUp.set) ? { set: p.catchUp.set, from: p.catchUp.from } : null;
+    if (p.catchUp && after < p.catchUp.set) return this.outbound.get(p.catchUp.set) ? { set: p.catchUp.set, from: p.catchUp.from } : null;
     const s = after + 1;
-    return this.log.get(s) ? { set: s, from: after } : null;
+    return this.outbound.get(s) ? { set: s, from: after } : null;
   }
 
   /** First set a pair still needs from the log (Infinity when it needs none). */
@@ -284,10 +337,10 @@ export class VolumeReplicator {
 
   private releaseSets(): void {
     let hold = Infinity;
-    for (const p of this.state.pairs) hold = Math.min(hold, this.holdFrom(p));
-    const upTo = hold === Infinity ? this.log.lastSet : hold - 1;
-    if (this.log.sets.length > 0 && this.log.sets[0]!.set <= upTo) {
-      this.log.release(upTo);
+    for (const p of this.role.pairs) hold = Math.min(hold, this.holdFrom(p));
+    const upTo = hold === Infinity ? this.outbound.lastSet : hold - 1;
+    if (this.outbound.sets.length > 0 && this.outbound.sets[0]!.set <= upTo) {
+      this.outbound.release(upTo);
       this.outboundFull = false;
     }
   }
@@ -297,19 +350,19 @@ export class VolumeReplicator {
    * place up; what they miss goes to their pending bitmap (durable first).
    */
   private detachStalled(): boolean {
-    const oldest = this.log.sets[0]?.set;
+    const oldest = this.outbound.sets[0]?.set;
     if (oldest === undefined) return false;
     let any = false;
-    for (const p of this.state.pairs) {
+    for (const p of this.role.pairs) {
       if (this.holdFrom(p) !== oldest || this.senders.get(p.id)?.connected) continue;
       const bits = this.pending.get(p.id)!;
       const from = this.holdFrom(p);
-      for (const s of this.log.sets) if (s.set >= from) for (const [b, c] of this.log.setBlocks(s)) bits.setRange(b, c);
+      for (const s of this.outbound.sets) if (s.set >= from) for (const [b, c] of this.outbound.setBlocks(s)) bits.setRange(b, c);
       this.savePending(p.id);
       p.detached = true;
       p.catchUp = null;
       any = true;
-      this.log_.warn({ pair: p.id, pendingBlocks: bits.count() }, 'outbound save area full: stalled pair detached, it will catch up from its pending bitmap');
+      this.log.warn({ pair: p.id, pendingBlocks: bits.count() }, 'outbound save area full: stalled pair detached, it will catch up from its pending bitmap');
     }
     if (any) {
       this.saveState();
@@ -321,22 +374,23 @@ export class VolumeReplicator {
   // ================= cuts =================
 
   private tick(): void {
-    if (this.closed || this.building || this.state.pairs.length === 0) return;
+    if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
     const changed = this.volume.changedBlockCount();
-    const now = Date.now();
+    const now = this.platform.clock.now();
     if (changed > 0 && this.firstChangeMs === null) this.firstChangeMs = now;
-    const active = this.state.pairs.filter((p) => !p.operatorSuspended);
+    const pairs = this.role.pairs;
+    const active = pairs.filter((p) => !p.operatorSuspended);
     let interval = Infinity;
     let highWater = Infinity;
-    for (const p of active.length > 0 ? active : this.state.pairs) {
+    for (const p of active.length > 0 ? active : pairs) {
       interval = Math.min(interval, p.cutIntervalMs);
       highWater = Math.min(highWater, p.highWaterBytes);
     }
     // Nobody would take a set (every pair split, or detached and away): let the change log
     // accumulate; it is cut, in sets of at most setBytesMax, when a pair comes back.
-    const consumers = this.state.pairs.filter((p) => !p.operatorSuspended && (!p.detached || this.senders.get(p.id)?.connected));
+    const consumers = pairs.filter((p) => !p.operatorSuspended && (!p.detached || this.senders.get(p.id)?.connected));
     if (consumers.length === 0) return;
-    const catchUpWanted = this.state.pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
+    const catchUpWanted = pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
     const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted;
     if (!due) return;
     void this.cut({ reason: catchUpWanted ? 'catch-up' : 'trigger' }).then(
@@ -344,13 +398,13 @@ export class VolumeReplicator {
         // A backlog (more than a high-water mark waiting): cut again at once, not at the next tick.
         if (n !== null && this.volume.changedBlockCount() * this.volume.blockBytes >= highWater) this.poke();
       },
-      (e: Error) => this.log_.error({ err: e.message }, 'delta set not built'),
+      (e: Error) => this.log.error({ err: e.message }, 'delta set not built'),
     );
   }
 
   /** Asks for a cut soon (a catch-up is wanted, or space was freed). */
   poke(): void {
-    setImmediate(() => this.tick());
+    this.platform.clock.after(0, () => this.tick());
   }
 
   /**
@@ -383,7 +437,7 @@ export class VolumeReplicator {
    * carries only part of the changes before it.
    */
   private async cutRestartPoint(options: CutRequest): Promise<number> {
-    const deadline = Date.now() + L.restartPointCutMsMax;
+    const deadline = this.platform.clock.now() + L.restartPointCutMsMax;
     for (let round = 0; ; round++) {
       while (this.building) await this.building.catch(() => null);
       const p = this.cutOnce({ ...options, whole: true });
@@ -400,36 +454,47 @@ export class VolumeReplicator {
         const part = await this.cutSerial({ reason: 'backlog before a restart point' });
         if (part !== null) continue;
       }
-      if (Date.now() > deadline) {
+      if (this.platform.clock.now() > deadline) {
         throw new DeltavolError(
           'SAVE_AREA_FULL',
           `no snapshot taken: the outbound save area has no room for the ${this.volume.unshippedBlockCount()} changed blocks a restart point must carry (${round} rounds in ${L.restartPointCutMsMax / 1000} s); is the replica reachable?`,
         );
       }
-      await new Promise((r) => setTimeout(r, 100)); // acknowledgements free space
+      await sleep(this.platform.clock, 100); // acknowledgements free space
     }
+  }
+
+  /** Cuts until nothing changed is left uncut (a planned handover's last sets). Returns the last set. */
+  async cutEverything(reason: string): Promise<number> {
+    for (let i = 0; i < 1_000_000; i++) {
+      if (this.volume.unshippedBlockCount() === 0 && !this.building) return this.outbound.lastSet;
+      const n = await this.cutSerial({ reason });
+      if (n === null && this.volume.unshippedBlockCount() > 0) await sleep(this.platform.clock, 50);
+    }
+    throw new DeltavolError('DELTA_SET_BUSY', 'changes keep coming: the backlog does not drain');
   }
 
   private async cutOnce(options: CutRequest & { whole?: boolean }): Promise<number | null | 'not-whole'> {
     assert(!this.closed, 'replicator closed');
+    const now = this.platform.clock.now();
     // (Another pair may have been added meanwhile: then its sets are needed, cut normally.)
-    if (options.forget && this.state.pairs.length === 0) {
+    if (options.forget && this.role.pairs.length === 0) {
       assert(options.snapshotName !== undefined, 'forget only for a base snapshot');
-      await this.volume.snapshotAndForget(options.snapshotName, this.log.lastSet);
-      this.lastCutMs = Date.now();
+      await this.volume.snapshotAndForget(options.snapshotName, this.outbound.lastSet);
+      this.lastCutMs = now;
       this.firstChangeMs = null;
-      return this.log.lastSet;
+      return this.outbound.lastSet;
     }
     const bs = this.volume.blockBytes;
     const blocksTotal = this.volume.blocksTotal;
     const changed = this.volume.changedBlockCount();
     // Connected pairs with blocks to catch up on (after a detach or a split) get them in this set.
-    const catchUps = this.state.pairs.filter((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
+    const catchUps = this.role.pairs.filter((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
     if (changed === 0 && catchUps.length === 0 && !options.force) return null;
     const wanted = new PagedBitmap(blocksTotal);
     for (const p of catchUps) wanted.union(this.pending.get(p.id)!);
-    let fit = this.log.blocksThatFit(bs);
-    if (fit < wanted.count() + changed && this.detachStalled()) fit = this.log.blocksThatFit(bs);
+    let fit = this.outbound.blocksThatFit(bs);
+    if (fit < wanted.count() + changed && this.detachStalled()) fit = this.outbound.blocksThatFit(bs);
     const setBlocksMax = Math.max(1, Math.floor(L.setBytesMax / bs));
     const room = Math.min(fit, setBlocksMax);
     if (room < (changed > 0 ? 2 : 1)) {
@@ -443,23 +508,24 @@ export class VolumeReplicator {
     const blocksMax = room - extra.count();
     const partial = changed > blocksMax || extra.count() < wanted.count();
     if (partial && options.whole) return 'not-whole';
-    const n = this.log.lastSet + 1;
-    const writer = this.log.beginSet(n, this.state.generation, bs, blocksTotal, partial);
-    const before = Date.now();
+    const n = this.outbound.lastSet + 1;
+    const firstChange = this.firstChangeMs ?? now;
+    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial, now, firstChange);
     await this.volume.buildDeltaSet(n, writer, {
       ...(changed > blocksMax ? { blocksMax } : {}),
       ...(extra.count() > 0 ? { extra } : {}),
       ...(options.snapshotName !== undefined ? { snapshotName: options.snapshotName } : {}),
     });
     this.outboundFull = false;
-    this.lastCutMs = before;
-    this.firstChangeMs = this.volume.changedBlockCount() > 0 ? before : null;
+    this.lastCutMs = now;
+    // What a partial set left behind is as old as the first change it was cut from.
+    this.firstChangeMs = this.volume.changedBlockCount() > 0 ? (partial ? firstChange : now) : null;
     this.setsCut++;
     // Record first (a crash after it resends pending blocks: harmless), then shrink the
     // pending bitmaps of the pairs this set catches up, and grow those of detached pairs
     // that miss it (durable before the set can be released).
     const shrink: PairRecord[] = [];
-    for (const p of this.state.pairs) {
+    for (const p of this.role.pairs) {
       if (catchUps.includes(p)) {
         if (p.detached) p.catchUp = { set: n, from: p.ackedSet };
         p.detached = false;
@@ -467,15 +533,15 @@ export class VolumeReplicator {
       }
     }
     this.saveState();
-    for (const p of this.state.pairs) {
+    for (const p of this.role.pairs) {
       const bits = this.pending.get(p.id)!;
       if (shrink.includes(p)) bits.difference(writer.members);
       else if (p.detached) bits.union(writer.members);
       else continue;
       this.savePending(p.id);
     }
-    const s = this.log.get(n)!;
-    this.log_.debug({ set: n, blocks: s.blocks, bytes: s.dataBytes, partial, reason: options.reason, catchUps: catchUps.map((p) => p.id), ms: Date.now() - before }, 'delta set cut');
+    const s = this.outbound.get(n)!;
+    this.log.debug({ set: n, blocks: s.blocks, bytes: s.dataBytes, partial, reason: options.reason, catchUps: catchUps.map((p) => p.id), ms: this.platform.clock.now() - now }, 'delta set cut');
     for (const sender of this.senders.values()) sender.wake();
     this.releaseSets();
     return n;
@@ -485,13 +551,13 @@ export class VolumeReplicator {
 
   /** Age of the oldest change not yet played on pair p (the data it would lose now). */
   lagMs(p: PairRecord): number {
-    const now = Date.now();
+    const now = this.platform.clock.now();
     let oldest: number | null = null;
     if (p.detached) {
-      const first = this.log.sets.find((s) => s.set > p.ackedSet);
+      const first = this.outbound.sets.find((s) => s.set > p.ackedSet);
       oldest = first?.createdAtMs ?? this.lastCutMs;
     } else {
-      for (const s of this.log.sets) {
+      for (const s of this.outbound.sets) {
         // (A set at or below the acked chain head but skipped by a catch-up is not this pair's.)
         if (s.set > p.playedSet && (!p.catchUp || s.set > p.ackedSet)) {
           oldest = s.createdAtMs;
@@ -504,13 +570,38 @@ export class VolumeReplicator {
     return oldest === null ? 0 : Math.max(0, now - oldest);
   }
 
+  /**
+   * When the oldest write the replica of pair p does not hold durably was made (null:
+   * it holds everything): what a failover on that replica would lose now (its RPO).
+   */
+  atRiskSinceMs(p: PairRecord): number | null {
+    let since: number | null = null;
+    const consider = (t: number) => (since = since === null ? t : Math.min(since, t));
+    for (const s of this.outbound.sets) {
+      if (s.set <= p.ackedSet) continue;
+      if (p.catchUp && s.set < p.catchUp.set && s.set > p.catchUp.from) continue; // folded into the catch-up set
+      consider(s.firstChangeAtMs);
+      break;
+    }
+    if (p.detached || this.pending.get(p.id)!.count() > 0) consider(this.lastCutMs);
+    if (this.volume.unshippedBlockCount() > 0) consider(this.firstChangeMs ?? this.lastCutMs);
+    if (!p.initialCopy.done) consider(Date.parse(p.createdAt));
+    return since;
+  }
+
+  /** Stops shipping (fenced, handed over, closing): senders end, no more cuts. */
+  async stopSenders(): Promise<void> {
+    await Promise.all([...this.senders.values()].map((s) => s.stop()));
+    this.senders.clear();
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    clearInterval(this.timer);
-    await Promise.all([...this.senders.values()].map((s) => s.stop()));
+    this.stopTimer();
+    await this.stopSenders();
     while (this.building) await this.building.catch(() => null);
-    this.log.close();
+    this.outbound.close();
   }
 }
 
@@ -526,8 +617,4 @@ function firstBlocks(bits: PagedBitmap, max: number): PagedBitmap {
     if (left === 0) break;
   }
   return out;
-}
-
-function pendingFile(id: string): string {
-  return `pair-${id}.pending`;
 }

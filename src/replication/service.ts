@@ -1,26 +1,29 @@
-// Why: the daemon's replication, in one object: it listens for primaries on the
-// replication port, finds (or creates) the replica volume a hello names, keeps a
-// VolumeReplicator for every volume that has replicas and a ReplicaVolume for every
-// volume that is one, resumes them all after a restart, and answers the control API
-// (add, remove, suspend, resume, cut, status). It sees volumes only through the
-// registry and the ports of ports.ts.
+// Why: the node's replication, in one object: it listens for peers on the replication
+// port, finds (or creates) the replica volume a hello names, keeps a VolumeReplicator for
+// every volume that ships and a ReplicaVolume for every volume that is a replica, resumes
+// them all after a restart, answers the control API (add, remove, suspend, resume, cut,
+// status, and the recovery commands), and applies every role change to the volume's
+// write access. It sees volumes only through a VolumeHost and the world only through a
+// ReplicationPlatform; recovery (src/recovery) acts through the RecoveryContext it implements.
 
-import fs from 'node:fs';
-import net from 'node:net';
-import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
-import { nodeDurableFs } from '../util/durable-fs.js';
-import type { VolumeRegistry } from '../volume/registry.js';
-import type { Volume } from '../volume/volume.js';
+import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
+import { RoleRecord, type PairConfig, type PairRecord, type RoleState } from '../recovery/role-record.js';
+import type { RecoveryContext } from '../recovery/context.js';
+import * as failover from '../recovery/failover.js';
+import * as handover from '../recovery/handover.js';
+import * as resync from '../recovery/resync.js';
 import { Link } from './link.js';
 import type { Frame, ReplMessage } from './wire.js';
-import { REPLICATION_STATE_FILE, VolumeReplicator, type PairConfig, type PairRecord } from './replicator.js';
+import { VolumeReplicator, type ReplicatorHooks } from './replicator.js';
 import { ReplicaVolume } from './replica.js';
+import type { VolumeHost } from './ports.js';
+import type { ReplicationPlatform } from './platform.js';
+import type { Conn, Listener } from './transport.js';
 import * as L from './limits.js';
 
-const PRIMARY_DIR = 'replication';
 /** A connection must say hello within this time. */
 const helloTimeoutMs = 10_000;
 
@@ -29,6 +32,9 @@ type Hello = Extract<ReplMessage, { t: 'hello' }>;
 export interface ReplicationConfig {
   host: string;
   port: number;
+  /** The address peers should dial back (host '' = the address they see us at; port 0 = the bound port). */
+  advertiseHost: string;
+  advertisePort: number;
   outboundBytes: number;
   playbackDelayMs: number;
   inboundBytesMax: number;
@@ -43,76 +49,168 @@ export interface AddReplicaOptions {
   retriesBeforeSuspend?: number;
 }
 
-export class ReplicationService {
+export class ReplicationService implements RecoveryContext {
+  private readonly roles = new Map<string, RoleRecord>();
   private readonly replicators = new Map<string, VolumeReplicator>();
   private readonly replicas = new Map<string, ReplicaVolume>();
-  private readonly server: net.Server;
+  private listener: Listener | null = null;
   private readonly links = new Set<Link>();
-  private boundPort = 0;
+  private stopped = false;
 
   constructor(
-    private readonly registry: VolumeRegistry,
+    readonly host: VolumeHost,
+    readonly platform: ReplicationPlatform,
     private readonly config: ReplicationConfig,
-    private readonly log: Logger,
-  ) {
-    this.server = net.createServer((sock) => this.onConnection(sock));
-  }
+    readonly log: Logger,
+  ) {}
 
   get port(): number {
-    return this.boundPort;
+    return this.listener?.port ?? 0;
   }
 
-  /** Resumes every replication of the data directory (replicas play what they hold first). */
+  // ================= RecoveryContext =================
+
+  stateFs(volume: string): DurableFs {
+    return this.host.stateFs(volume);
+  }
+
+  /** The volume's role record (opened on first use; every change reaches the volume's write access). */
+  role(volume: string): RoleRecord {
+    let r = this.roles.get(volume);
+    if (r) return r;
+    const v = this.host.require(volume);
+    r = RoleRecord.open(this.host.stateFs(volume), this.log.child({ volume }), () => this.platform.clock.now());
+    const record = r;
+    record.onChange((s) => {
+      v.setWriteAccess(record.writeAccess);
+      this.onRoleChange(volume, s);
+    });
+    v.setWriteAccess(r.writeAccess);
+    this.roles.set(volume, r);
+    return r;
+  }
+
+  private onRoleChange(volume: string, s: Readonly<RoleState>): void {
+    // A fenced primary ships nothing more: its senders stop at their next turn.
+    if (s.fenced) for (const sender of this.replicators.get(volume)?.senders.values() ?? []) sender.wake();
+  }
+
+  replica(volume: string): ReplicaVolume | undefined {
+    return this.replicas.get(volume);
+  }
+
+  openedReplicator(volume: string): VolumeReplicator | undefined {
+    return this.replicators.get(volume);
+  }
+
+  replicator(volume: string): VolumeReplicator {
+    let r = this.replicators.get(volume);
+    if (r) return r;
+    const v = this.host.require(volume);
+    const role = this.role(volume);
+    if (role.role === 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}: it ships nothing`);
+    r = new VolumeReplicator(v, this.host.stateFs(volume), role, this.log.child({ volume }), this.platform, { outboundBytes: this.config.outboundBytes }, this.hooksFor(volume));
+    this.replicators.set(volume, r);
+    r.start();
+    return r;
+  }
+
+  private hooksFor(volume: string): ReplicatorHooks {
+    return {
+      returnAddress: () => this.returnAddress(),
+      onNewerGeneration: (p, generation, code, message) => handover.onNewerGeneration(this, volume, p, generation, code, message),
+      onRecoveryMessage: (p, m, link) => handover.onPrimaryMessage(this, volume, p, m, link),
+      onLinkDown: (p) => handover.onLinkDown(this, volume, p),
+      onSessionUp: (p) => handover.onSessionUp(this, volume, p),
+      onInitialCopyDone: (p) => void resync.onCopyDone(this, volume, p).catch((e: Error) => this.log.error({ volume, err: e.message }, 'closing the failover record failed')),
+    };
+  }
+
+  async openReplica(volume: string): Promise<ReplicaVolume> {
+    const existing = this.replicas.get(volume);
+    if (existing) return existing;
+    const rv = new ReplicaVolume(this.host.require(volume), this.host.stateFs(volume), this.role(volume), this.log.child({ replica: volume }), this.platform, {
+      playbackDelayMs: this.config.playbackDelayMs,
+      inboundBytesMax: this.config.inboundBytesMax,
+      onRecoveryMessage: (m, link) => handover.onReplicaMessage(this, volume, m, link),
+    });
+    this.replicas.set(volume, rv);
+    await rv.recover();
+    return rv;
+  }
+
+  async closeReplica(volume: string): Promise<void> {
+    const rv = this.replicas.get(volume);
+    if (!rv) return;
+    this.replicas.delete(volume);
+    await rv.close();
+    rv.dropInbound();
+  }
+
+  async closeReplicator(volume: string): Promise<void> {
+    const r = this.replicators.get(volume);
+    if (!r) return;
+    this.replicators.delete(volume);
+    await r.close();
+  }
+
+  returnAddress(): { host: string; port: number } {
+    return { host: this.config.advertiseHost, port: this.config.advertisePort || this.port };
+  }
+
+  // ================= start and stop =================
+
+  /** Resumes every replication of the node (replicas play what they hold first), then listens. */
   async start(): Promise<number> {
-    for (const v of this.registry.list()) {
+    for (const v of this.host.list()) {
       try {
-        if (fs.existsSync(path.join(v.dir, PRIMARY_DIR, REPLICATION_STATE_FILE))) this.openReplicator(v).start();
-        if (ReplicaVolume.exists(v.dir)) {
-          const rv = ReplicaVolume.open(v, v.dir, this.log.child({ replica: v.name }), this.replicaOptions());
-          this.replicas.set(v.name, rv);
-          await rv.recover();
+        const role = this.role(v.name);
+        if (role.role === 'primary') this.replicator(v.name);
+        if (role.role === 'replica') {
+          await this.openReplica(v.name);
+          if (role.upstream!.resync && !role.upstream!.resync.registered) resync.keepRegistering(this, v.name);
         }
+        if (role.state.handover) this.log.warn({ volume: v.name, handover: role.state.handover }, 'a planned handover was under way: writes stay held until the peer answers');
       } catch (e) {
         this.log.error({ volume: v.name, err: (e as Error).message }, 'replication not resumed for this volume');
       }
     }
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(this.config.port, this.config.host, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
-    this.boundPort = (this.server.address() as net.AddressInfo).port;
-    return this.boundPort;
+    this.listener = await this.platform.transport.listen(this.config.host, this.config.port, (c) => this.onConnection(c));
+    return this.listener.port;
   }
 
-  private replicaOptions() {
-    return { playbackDelayMs: this.config.playbackDelayMs, inboundBytesMax: this.config.inboundBytesMax };
+  async stop(): Promise<void> {
+    this.stopped = true;
+    const closing = this.listener?.close();
+    for (const l of this.links) l.close('daemon stopping');
+    await closing;
+    for (const r of this.replicators.values()) await r.close();
+    for (const rv of this.replicas.values()) await rv.close();
+    this.replicators.clear();
+    this.replicas.clear();
   }
 
-  private openReplicator(v: Volume): VolumeReplicator {
-    let r = this.replicators.get(v.name);
-    if (r) return r;
-    const dir = path.join(v.dir, PRIMARY_DIR);
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    r = new VolumeReplicator(v, nodeDurableFs(dir), this.log.child({ volume: v.name }), { outboundBytes: this.config.outboundBytes });
-    this.replicators.set(v.name, r);
-    return r;
-  }
-
-  private replicator(volume: string): VolumeReplicator {
-    this.registry.require(volume);
-    const r = this.replicators.get(volume);
-    if (!r || r.pairs.length === 0) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} has no replicas`);
-    return r;
+  get isStopped(): boolean {
+    return this.stopped;
   }
 
   // ================= control API =================
 
+  private shipper(volume: string): VolumeReplicator {
+    this.host.require(volume);
+    const role = this.role(volume);
+    if (role.pairs.length === 0) {
+      if (role.role === 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}, not a primary: run this on the primary's node (or \`deltavol failover ${volume}\` if the primary is gone)`);
+      throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} has no replicas`);
+    }
+    return this.replicator(volume);
+  }
+
   async addReplica(volume: string, o: AddReplicaOptions): Promise<PairRecord> {
-    const v = this.registry.require(volume);
-    if (this.replicas.has(volume)) throw new DeltavolError('VOLUME_READ_ONLY', `volume ${volume} is itself a replica`);
+    const v = this.host.require(volume);
+    const role = this.role(volume);
+    if (role.role === 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is itself a replica of ${role.upstream!.primaryVolume}: fail it over first to replicate it onwards`);
+    if (role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced (a newer primary exists at ${role.state.fenced.peer}): resync or unfence it first`);
     const config: PairConfig = {
       peerHost: o.peerHost,
       peerPort: o.peerPort,
@@ -124,33 +222,36 @@ export class ReplicationService {
     if (!(config.cutIntervalMs >= 10)) throw new DeltavolError('EINVAL_ARGUMENT', 'the cut interval must be at least 10 ms');
     if (!(config.highWaterBytes >= v.blockBytes)) throw new DeltavolError('EINVAL_ARGUMENT', `the high-water mark must be at least one tracking block (${v.blockBytes} bytes)`);
     if (!(Number.isInteger(config.retriesBeforeSuspend) && config.retriesBeforeSuspend >= 1)) throw new DeltavolError('EINVAL_ARGUMENT', 'retries must be a positive integer');
-    return this.openReplicator(v).addPair(config);
+    return this.replicator(volume).addPair(config);
   }
 
   async removeReplica(volume: string, pair: string): Promise<void> {
-    await this.replicator(volume).removePair(pair);
+    const r = this.shipper(volume);
+    await r.removePair(r.pair(pair).id);
+    if (this.role(volume).pairs.length === 0) await this.closeReplicator(volume);
   }
 
   private pairsOf(volume: string, pair?: string): PairRecord[] {
-    const r = this.replicator(volume);
+    const r = this.shipper(volume);
     return pair ? [r.pair(pair)] : [...r.pairs];
   }
 
   async suspend(volume: string, pair?: string): Promise<PairRecord[]> {
-    const r = this.replicator(volume);
+    const r = this.shipper(volume);
     const out: PairRecord[] = [];
     for (const p of this.pairsOf(volume, pair)) out.push(await r.suspend(p.id));
     return out;
   }
 
   resume(volume: string, pair?: string): PairRecord[] {
-    const r = this.replicator(volume);
+    const r = this.shipper(volume);
     return this.pairsOf(volume, pair).map((p) => r.resume(p.id));
   }
 
   /** Cuts a set now; with a snapshot name, also a snapshot stamped with that set. */
   async cut(volume: string, snapshotName?: string): Promise<{ set: number | null }> {
-    const r = this.replicator(volume);
+    const r = this.shipper(volume);
+    if (this.role(volume).state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced: it ships nothing`);
     const set = await r.cut({ reason: 'on demand', force: snapshotName !== undefined, ...(snapshotName !== undefined ? { snapshotName } : {}) });
     return { set };
   }
@@ -159,89 +260,137 @@ export class ReplicationService {
   createSnapshot(volume: string, name: string): Promise<SnapshotInfo> {
     const rv = this.replicas.get(volume);
     if (rv) return rv.createSnapshot(name);
-    return this.registry.require(volume).createSnapshot(name);
+    return this.host.require(volume).createSnapshot(name, 0);
   }
 
   /** A volume about to be deleted: its replication goes with it (refused while it has replicas unless force). */
   async forget(volume: string, force: boolean): Promise<void> {
-    const r = this.replicators.get(volume);
-    if (r && r.pairs.length > 0 && !force) {
-      throw new DeltavolError('VOLUME_BUSY', `volume ${volume} has ${r.pairs.length} replica(s): remove them first or use --force`);
+    const role = this.role(volume);
+    if (role.pairs.length > 0 && !force) {
+      throw new DeltavolError('VOLUME_BUSY', `volume ${volume} has ${role.pairs.length} replica(s): remove them first or use --force`);
     }
-    if (r) {
-      await r.close();
-      this.replicators.delete(volume);
-    }
+    await this.closeReplicator(volume);
     const rv = this.replicas.get(volume);
     if (rv) {
-      await rv.close();
       this.replicas.delete(volume);
+      await rv.close();
     }
+    this.roles.delete(volume);
   }
 
   /** Replicated volumes cannot be resized (both sides must agree on the geometry). */
   checkResizable(volume: string): void {
-    if ((this.replicators.get(volume)?.pairs.length ?? 0) > 0 || this.replicas.has(volume)) {
+    if (this.role(volume).role !== 'simplex') {
       throw new DeltavolError('VOLUME_BUSY', `volume ${volume} is replicated: it cannot be resized`);
     }
   }
 
+  /** `volume set --read-write` on a replica or a fenced primary: refused, pointing at the command that does it. */
+  checkMakeWritable(volume: string): void {
+    const role = this.role(volume);
+    if (role.role === 'replica') {
+      throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}: \`deltavol failover ${volume}\` makes it a writable primary (with --sync when the primary is reachable)`);
+    }
+    if (role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced: \`deltavol resync ${volume}\` or \`deltavol unfence ${volume}\``);
+  }
+
+  // ================= recovery =================
+
+  failover(volume: string, o: { now?: boolean; force?: boolean; sync?: boolean }) {
+    if (o.sync) return handover.takeOver(this, volume, 'failover --sync');
+    return failover.failover(this, volume, { now: o.now ?? false, force: o.force ?? false });
+  }
+
+  failback(volume: string) {
+    return handover.takeOver(this, volume, 'failback');
+  }
+
+  resync(volume: string, o: resync.ResyncOptions) {
+    return resync.resync(this, volume, o);
+  }
+
+  unfence(volume: string) {
+    return handover.unfence(this, volume);
+  }
+
+  // ================= status =================
+
   status(volume?: string) {
-    const names = volume ? [this.registry.require(volume).name] : this.registry.list().map((v) => v.name);
-    return names.map((name) => {
-      const rv = this.replicas.get(name);
-      if (rv) return { volume: name, ...rv.status() };
-      const r = this.replicators.get(name);
-      if (!r || r.pairs.length === 0) return { volume: name, role: 'simplex' as const, state: 'simplex' };
-      return { volume: name, role: 'primary' as const, ...this.primaryStatus(r) };
-    });
+    const names = volume ? [this.host.require(volume).name] : this.host.list().map((v) => v.name);
+    return names.map((name) => this.volumeStatus(name));
+  }
+
+  private volumeStatus(name: string) {
+    const role = this.role(name);
+    const s = role.state;
+    const common = {
+      volume: name,
+      generation: role.generation,
+      fenced: s.fenced,
+      handover: s.handover,
+      failover: s.failover,
+      history: s.history.slice(-8),
+    };
+    const rv = this.replicas.get(name);
+    if (role.role === 'replica') {
+      if (!rv) throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: its replica side is not running (see the daemon log)`);
+      return { ...common, ...rv.status(), state: rv.stateWord };
+    }
+    const r = this.replicators.get(name);
+    const state = s.fenced ? 'fenced' : s.handover ? 'handing-over' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
+    if (!r || role.pairs.length === 0) return { ...common, role: role.role, state, replicas: [] as ReturnType<ReplicationService['primaryStatus']>['replicas'] };
+    return { ...common, role: 'primary' as const, state, ...this.primaryStatus(r) };
+  }
+
+  private pairCopying(r: VolumeReplicator | undefined, id: string): boolean {
+    const p = r?.pairs.find((x) => x.id === id);
+    return p !== undefined && !p.initialCopy.done;
   }
 
   private primaryStatus(r: VolumeReplicator) {
-    const bs = r.volume.blockBytes;
     // Blocks of a set being built count as changed: they are not in any set yet.
     const changed = r.volume.unshippedBlockCount();
+    const now = this.platform.clock.now();
     return {
-      generation: r.generation,
-      currentSet: r.log.lastSet,
+      currentSet: r.outbound.lastSet,
       changedBlocksSinceCut: changed,
-      outbound: { capacityBytes: r.log.capacityBytes, usedBytes: r.log.usedBytes, full: r.outboundFull, sets: r.log.sets.length },
+      outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length },
       replicas: r.pairs.map((p) => {
-        const s = r.senders.get(p.id)!;
-        const inflight = new Set(s.inflightSets.map((i) => i.set));
+        const s = r.senders.get(p.id);
+        const inflight = new Set(s?.inflightSets.map((i) => i.set) ?? []);
         const pending = r.pendingOf(p.id).count();
-        let outstandingBytes = 0;
-        const sets = r.log.sets
+        const sets = r.outbound.sets
           .filter((x) => x.set > p.playedSet && !(p.catchUp && x.set < p.catchUp.set && x.set > p.ackedSet))
-          .map((x) => {
-            if (x.set > p.ackedSet) outstandingBytes += x.dataBytes;
-            return {
-              set: x.set,
-              createdAt: new Date(x.createdAtMs).toISOString(),
-              blocks: x.blocks,
-              bytes: x.dataBytes,
-              partial: x.partial,
-              state: x.set <= p.ackedSet ? 'acknowledged' : inflight.has(x.set) ? 'sent' : 'cut',
-            };
-          });
+          .map((x) => ({
+            set: x.set,
+            createdAt: new Date(x.createdAtMs).toISOString(),
+            blocks: x.blocks,
+            bytes: x.dataBytes,
+            partial: x.partial,
+            state: x.set <= p.ackedSet ? 'acknowledged' : inflight.has(x.set) ? 'sent' : 'cut',
+          }));
+        const atRisk = r.atRiskSinceMs(p);
         return {
           id: p.id,
           peer: `${p.peerHost}:${p.peerPort}`,
           remoteVolume: p.remoteVolume,
-          state: s.state,
-          connected: s.connected,
-          reason: s.state === 'failure-suspend' || !s.connected ? s.lastError : null,
+          state: s?.state ?? 'fenced',
+          connected: s?.connected ?? false,
+          reason: s && (s.state === 'failure-suspend' || !s.connected) ? s.lastError : null,
+          reasonCode: s && (s.state === 'failure-suspend' || !s.connected) ? s.lastErrorCode : null,
           generation: r.generation,
           ackedSet: p.ackedSet,
           playedSet: p.playedSet,
           sets,
           lagSeconds: r.lagMs(p) / 1000,
+          // What a failover of this replica would lose now (writes it does not hold durably).
+          rpo: { atRiskSinceMs: atRisk, seconds: atRisk === null ? 0 : Math.max(0, (now - atRisk) / 1000) },
           // Blocks not yet on the replica: changed since the cut, pending, and in unacked sets.
-          bytesDifferent: (changed + pending) * bs + outstandingBytes,
+          bytesDifferent: s?.bytesDifferent() ?? 0,
           pendingBlocks: pending,
-          ...s.rates(),
-          bytesSent: s.bytesSent,
-          initialCopy: s.initialCopyProgress(),
+          ...(s?.rates() ?? { currentBytesPerSec: 0, averageBytesPerSec: 0 }),
+          bytesSent: s?.bytesSent ?? 0,
+          initialCopy: s?.initialCopyProgress() ?? null,
           config: { cutIntervalMs: p.cutIntervalMs, highWaterBytes: p.highWaterBytes, retriesBeforeSuspend: p.retriesBeforeSuspend },
         };
       }),
@@ -250,22 +399,30 @@ export class ReplicationService {
 
   // ================= the replication port =================
 
-  private onConnection(sock: net.Socket): void {
+  private onConnection(conn: Conn): void {
     let target: ReplicaVolume | null = null;
+    let session: ((f: Frame) => void) | null = null;
     const early: Frame[] = [];
     let helloSeen = false;
-    const link = new Link(sock, (f) => {
+    const link = new Link(conn, this.platform.clock, (f) => {
       if (target) return target.onFrame(link, f);
-      if (!helloSeen && f.msg.t === 'hello') {
+      if (session) return session(f);
+      if (!helloSeen && (f.msg.t === 'hello' || f.msg.t === 'resyncHello')) {
         helloSeen = true;
-        clearTimeout(timer);
+        cancelTimer();
+        if (f.msg.t === 'resyncHello') {
+          session = resync.serveResync(this, link, f.msg);
+          return;
+        }
         this.onHello(link, f.msg)
           .then((rv) => {
             target = rv;
             if (rv) for (const e of early.splice(0)) rv.onFrame(link, e);
           })
           .catch((e: Error) => {
-            link.send({ t: 'refuse', code: (e as DeltavolError).code ?? 'ERROR', message: e.message });
+            const err = e as DeltavolError;
+            const wireCode = typeof err.details?.wireCode === 'string' ? err.details.wireCode : (err.code ?? 'ERROR');
+            link.send({ t: 'refuse', code: wireCode, message: e.message, generation: typeof err.details?.generation === 'number' ? err.details.generation : 0 });
             link.close(`hello refused: ${e.message}`);
           });
         return;
@@ -282,39 +439,48 @@ export class ReplicationService {
       this.links.delete(link);
       this.log.debug({ reason }, 'replication connection closed');
     });
-    const timer = setTimeout(() => link.close('no hello'), helloTimeoutMs);
-    timer.unref();
+    const cancelTimer = this.platform.clock.after(helloTimeoutMs, () => link.close('no hello'));
   }
 
   private async onHello(link: Link, hello: Hello): Promise<ReplicaVolume | null> {
     const name = hello.replicaVolume;
-    let rv = this.replicas.get(name);
-    if (!rv) {
-      if (this.replicators.get(name)?.pairs.length) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} is a primary on this node`);
-      let v = this.registry.get(name);
-      if (v && !ReplicaVolume.exists(v.dir)) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`);
-      if (!v) {
-        if (!hello.create) throw new DeltavolError('VOLUME_NOT_FOUND', `no replica volume ${name}`);
-        v = await this.registry.create({ name, sizeBytes: hello.sizeBytes, trackingBlockBytes: hello.blockBytes, readOnly: true, description: hello.description });
-        this.log.info({ volume: name, primary: hello.primaryVolume, pair: hello.pairId }, 'replica volume created');
+    let v = this.host.get(name);
+    if (v) {
+      const role = this.role(name);
+      if (role.role === 'primary' && !(await handover.completeOnHello(this, name, hello))) {
+        // A volume that is a primary here: the hello may come from the primary it replaced.
+        throw handover.refusalForOldPrimary(this, name, hello);
       }
-      rv = ReplicaVolume.exists(v.dir)
-        ? ReplicaVolume.open(v, v.dir, this.log.child({ replica: name }), this.replicaOptions())
-        : ReplicaVolume.create(v, v.dir, hello, this.log.child({ replica: name }), this.replicaOptions());
-      this.replicas.set(name, rv);
+      if (role.role === 'simplex') throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`);
+    } else {
+      if (!hello.create) throw new DeltavolError('VOLUME_NOT_FOUND', `no replica volume ${name}`);
+      v = await this.host.create({ name, sizeBytes: hello.sizeBytes, blockBytes: hello.blockBytes, description: hello.description });
+      const role = this.role(name);
+      role.transition(
+        {
+          t: 'replica-created',
+          generation: hello.generation,
+          upstream: {
+            pairId: hello.pairId,
+            primaryVolume: hello.primaryVolume,
+            playedSet: 0,
+            initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
+            consistent: false,
+            split: false,
+            createdAt: new Date(this.platform.clock.now()).toISOString(),
+            resync: null,
+            playedCutAtMs: null,
+            lastReport: null,
+          },
+        },
+        { primary: hello.primaryVolume, pair: hello.pairId },
+      );
+      this.log.info({ volume: name, primary: hello.primaryVolume, pair: hello.pairId }, 'replica volume created');
     }
-    if (rv.pairId !== hello.pairId) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} is the replica of another pair (${rv.pairId})`);
+    const role = this.role(name);
+    if (role.upstream!.pairId !== hello.pairId) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} is the replica of another pair`);
+    const rv = await this.openReplica(name);
     await rv.accept(link, hello);
     return link.closed ? null : rv;
-  }
-
-  async stop(): Promise<void> {
-    const closed = new Promise<void>((r) => this.server.close(() => r()));
-    for (const l of this.links) l.close('daemon stopping');
-    await closed;
-    for (const r of this.replicators.values()) await r.close();
-    for (const rv of this.replicas.values()) await rv.close();
-    this.replicators.clear();
-    this.replicas.clear();
   }
 }

@@ -30,7 +30,7 @@ export type Runs = [block: number, count: number][];
 export type ReplMessage =
   | {
       t: 'hello';
-      protocol: 1;
+      protocol: 2;
       pairId: string;
       primaryVolume: string;
       replicaVolume: string;
@@ -39,6 +39,9 @@ export type ReplMessage =
       blockBytes: number;
       create: boolean;
       description: string;
+      /** Where the sender's own replication port listens (host '' = the address the peer sees). */
+      returnHost: string;
+      returnPort: number;
     }
   | {
       t: 'welcome';
@@ -48,12 +51,15 @@ export type ReplMessage =
       initialCopy: { done: boolean; offsetBytes: number };
       splitWrites: Runs;
     }
-  | { t: 'refuse'; code: string; message: string }
+  /** generation: the refusing side's generation when it matters (a newer one fences the sender), else 0. */
+  | { t: 'refuse'; code: string; message: string; generation: number }
   /** Carries lengthBytes of data unless `zero`. */
   | { t: 'init'; generation: number; offsetBytes: number; lengthBytes: number; zero: boolean; crc: number }
   /** From the replica: everything below offsetBytes is durable. */
   | { t: 'initAck'; offsetBytes: number }
   | { t: 'initDone'; generation: number; baseSet: number }
+  /** Before a copy's first range: what it moves in all (for the replica's progress). */
+  | { t: 'initStart'; generation: number; kind: string; totalBytes: number; baseSet: number }
   /** Carries the runs' blocks concatenated as data. */
   | { t: 'chunk'; generation: number; set: number; chunk: number; runs: Runs; crc: number }
   | {
@@ -75,9 +81,47 @@ export type ReplMessage =
   | { t: 'split'; generation: number }
   | { t: 'nak'; set: number; chunk: number; reason: string }
   | { t: 'ping'; atMs: number }
-  | { t: 'pong'; atMs: number };
+  | { t: 'pong'; atMs: number }
+  /**
+   * Primary → replica, every heartbeat: the last set cut, and since when writes the
+   * replica does not hold durably were made (0: none), so the replica can say what a
+   * failover would lose even after the primary is gone.
+   */
+  | { t: 'progress'; generation: number; lastSet: number; atRiskSinceMs: number; bytesDifferent: number; atMs: number }
+  /** Replica → primary: a planned takeover (failover --sync, failback); baseSet: where the replica's own sets will start. */
+  | { t: 'takeover'; generation: number; baseSet: number }
+  /** Primary → replica: writes held, every set up to lastSet shipped; the replica may take over as `generation`. */
+  | { t: 'handover'; generation: number; lastSet: number; newPairId: string; returnHost: string; returnPort: number }
+  /** Replica → primary: the takeover is durable here; the old primary becomes the replica of newPairId. */
+  | { t: 'handoverCommit'; generation: number; newPairId: string }
+  | { t: 'handoverAbort'; reason: string }
+  /**
+   * Old primary → new primary (a connection of its own): make me your replica again. pairId
+   * is the old pair ('' when this node lost its history: a full copy).
+   */
+  | {
+      t: 'resyncHello';
+      protocol: 2;
+      pairId: string;
+      primaryVolume: string;
+      replicaVolume: string;
+      generation: number;
+      sizeBytes: number;
+      blockBytes: number;
+      returnHost: string;
+      returnPort: number;
+    }
+  /** New primary → old primary: the restart point and what this node already knows. */
+  | { t: 'resyncOffer'; generation: number; restartSet: number; knownUpTo: number; pairId: string; generationBefore: number; fromPairId: string }
+  /** Old primary → new primary: blocks it changed since the restart point (several frames). */
+  | { t: 'resyncBlocks'; runs: Runs }
+  | { t: 'resyncCommit'; pairId: string; full: boolean; reason: string; divergentBlocks: number }
+  | { t: 'resyncAccepted'; pairId: string; baseSet: number };
 
 export type ReplMessageType = ReplMessage['t'];
+
+/** A chunk's 'nak' with this chunk number asks for the whole set again. */
+export const WHOLE_SET = 0xffffffff;
 type Trailer = Extract<ReplMessage, { t: 'trailer' }>;
 
 export interface Frame {
@@ -107,12 +151,15 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
     blockBytes: 'uint',
     create: 'boolean',
     description: 'string',
+    returnHost: 'string',
+    returnPort: 'uint',
   },
   welcome: { generation: 'u32', ackedSet: 'uint', playedSet: 'uint', initialCopy: 'initialCopy', splitWrites: 'runs' },
-  refuse: { code: 'string', message: 'string' },
+  refuse: { code: 'string', message: 'string', generation: 'u32' },
   init: { generation: 'u32', offsetBytes: 'uint', lengthBytes: 'uint', zero: 'boolean', crc: 'u32' },
   initAck: { offsetBytes: 'uint' },
   initDone: { generation: 'u32', baseSet: 'uint' },
+  initStart: { generation: 'u32', kind: 'string', totalBytes: 'uint', baseSet: 'uint' },
   chunk: { generation: 'u32', set: 'uint', chunk: 'u32', runs: 'runs', crc: 'u32' },
   trailer: {
     generation: 'u32',
@@ -131,9 +178,30 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   nak: { set: 'uint', chunk: 'u32', reason: 'string' },
   ping: { atMs: 'uint' },
   pong: { atMs: 'uint' },
+  progress: { generation: 'u32', lastSet: 'uint', atRiskSinceMs: 'uint', bytesDifferent: 'uint', atMs: 'uint' },
+  takeover: { generation: 'u32', baseSet: 'uint' },
+  handover: { generation: 'u32', lastSet: 'uint', newPairId: 'string', returnHost: 'string', returnPort: 'uint' },
+  handoverCommit: { generation: 'u32', newPairId: 'string' },
+  handoverAbort: { reason: 'string' },
+  resyncHello: {
+    protocol: 'protocol',
+    pairId: 'string',
+    primaryVolume: 'string',
+    replicaVolume: 'string',
+    generation: 'u32',
+    sizeBytes: 'uint',
+    blockBytes: 'uint',
+    returnHost: 'string',
+    returnPort: 'uint',
+  },
+  resyncOffer: { generation: 'u32', restartSet: 'uint', knownUpTo: 'uint', pairId: 'string', generationBefore: 'u32', fromPairId: 'string' },
+  resyncBlocks: { runs: 'runs' },
+  resyncCommit: { pairId: 'string', full: 'boolean', reason: 'string', divergentBlocks: 'uint' },
+  resyncAccepted: { pairId: 'string', baseSet: 'uint' },
 };
 
-const PROTOCOL_VERSION = 1;
+/** Version 2: return addresses, progress reports, planned handover, resync. */
+export const PROTOCOL_VERSION = 2;
 
 function isUint(v: unknown): v is number {
   return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;

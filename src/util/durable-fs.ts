@@ -50,6 +50,8 @@ export interface DurableFs {
   writeAtomic(name: string, data: Uint8Array): void;
   /** The whole file, or null if it does not exist. */
   readAll(name: string): Buffer | null;
+  /** Names of the files present. */
+  list(): string[];
 }
 
 class NodeFile implements DurableFile {
@@ -117,5 +119,6 @@ export function nodeDurableFs(dir: string): DurableFs {
         throw e;
       }
     },
+    list: () => fs.readdirSync(dir, { withFileTypes: true }).filter((e) => e.isFile()).map((e) => e.name),
   };
 }

@@ -23,7 +23,17 @@ export type ErrorCode =
   | 'SNAPSHOTS_MAX'
   | 'SAVE_AREA_FULL'
   | 'DELTA_SET_BUSY'
-  | 'BAD_STREAM';
+  | 'BAD_STREAM'
+  /** The operation does not fit the volume's replication role (a replica written, a fenced primary shipping). */
+  | 'ROLE_CONFLICT'
+  /** The peer holds a newer generation of the volume: this side was replaced. */
+  | 'STALE_GENERATION'
+  /** Sizes or tracking blocks of the two volumes differ. */
+  | 'GEOMETRY'
+  /** The peer answered and said no (the reason is in the message and details). */
+  | 'PEER_REFUSED'
+  /** The peer could not be reached (connect failed, timed out, link lost). */
+  | 'PEER_UNREACHABLE';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';

@@ -36,6 +36,16 @@ export interface ReadOverlay {
   readBlock(b: number, inBlock: number, target: Buffer, offset: number, n: number): boolean;
 }
 
+/**
+ * What clients may do with the volume's data, decided outside the volume (by the
+ * replication role): write, wait (a planned handover holds writes for a moment), or get
+ * EPERM with a reason (a replica, a fenced old primary).
+ */
+export type WriteAccess = { mode: 'open' } | { mode: 'hold'; reason: string } | { mode: 'refuse'; code: string; reason: string };
+const OPEN: WriteAccess = { mode: 'open' };
+/** A held write fails with EIO after this long (the hold was never lifted). */
+export const writeHoldMsMax = 60_000;
+
 export interface VolumeIoOptions {
   syncIoBytesMax: number;
   /** Told about events an operator must see (a snapshot invalidated). */
@@ -50,6 +60,11 @@ export class Volume {
   private overlay: ReadOverlay | null = null;
   private readsInFlight = 0;
   private readonly readWaiters: (() => void)[] = [];
+  private access: WriteAccess = OPEN;
+  private readonly accessWaiters: (() => void)[] = [];
+  /** Client writes, trims and zeroings still running (asynchronous ones). */
+  private writesRunning = 0;
+  private readonly idleWaiters: (() => void)[] = [];
 
   private constructor(
     readonly dir: string,
@@ -100,8 +115,16 @@ export class Volume {
   get sizeBytes(): number {
     return this.meta.sizeBytes;
   }
+  /** Clients get a read-only export: set so by the operator, or refused by the role. */
   get readOnly(): boolean {
+    return this.meta.readOnly || this.access.mode === 'refuse';
+  }
+  /** The operator's own read-only setting (`volume set --read-only`). */
+  get readOnlySetting(): boolean {
     return this.meta.readOnly;
+  }
+  get writeAccess(): WriteAccess {
+    return this.access;
   }
   get description(): string {
     return this.meta.description;
@@ -136,9 +159,47 @@ export class Volume {
     }
   }
 
-  private checkWritable(): void {
+  /**
+   * Whether a client write may go now: undefined when it may, a promise to wait on when
+   * writes are held (then check again); throws EPERM when they are refused.
+   */
+  private checkWritable(): Promise<void> | undefined {
     if (this.meta.readOnly) throw systemError('EPERM', `volume ${this.name} is read-only`);
     if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
+    const a = this.access;
+    if (a === OPEN) return undefined;
+    if (a.mode === 'refuse') throw systemError('EPERM', `volume ${this.name} is read-only: ${a.reason}`);
+    if (a.mode === 'hold') {
+      return new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(systemError('EIO', `volume ${this.name}: write held for ${writeHoldMsMax / 1000} s (${a.reason})`)), writeHoldMsMax);
+        t.unref();
+        this.accessWaiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+    return undefined;
+  }
+
+  /** Sets what clients may do (the replication role decides). Held writes go on, or fail, at once. */
+  setWriteAccess(a: WriteAccess): void {
+    this.access = a.mode === 'open' ? OPEN : a;
+    for (const w of this.accessWaiters.splice(0)) w();
+  }
+
+  /** Resolves when no client write is running (held and refused ones do not count). */
+  writesIdle(): Promise<void> {
+    if (this.writesRunning === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private track(r: void | Promise<void>): void | Promise<void> {
+    if (!(r instanceof Promise)) return r;
+    this.writesRunning++;
+    return r.finally(() => {
+      if (--this.writesRunning === 0) for (const w of this.idleWaiters.splice(0)) w();
+    });
   }
 
   /**
@@ -183,14 +244,22 @@ export class Volume {
     return this.engine.write(offset, chunks);
   }
 
+  /** A resync's copy zeroing blocks its source holds no data in (through the engine, like any write). */
+  playbackZero(offset: number, length: number): void | Promise<void> {
+    if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
+    this.checkRange(offset, length);
+    return this.engine.zero(offset, length);
+  }
+
   write(offset: number, chunks: Buffer[], fua: boolean): void | Promise<void> {
-    this.checkWritable();
+    const wait = this.checkWritable();
+    if (wait) return wait.then(() => this.write(offset, chunks, fua));
     let length = 0;
     for (const c of chunks) length += c.length;
     this.checkRange(offset, length);
     const r = this.engine.write(offset, chunks);
-    if (!fua) return r;
-    return r ? r.then(() => this.engine.flush()) : this.engine.flush();
+    if (!fua) return this.track(r);
+    return this.track(r ? r.then(() => this.engine.flush()) : this.engine.flush());
   }
 
   /** Makes every completed write durable (data; the engine's own ordering covers its metadata). */
@@ -211,14 +280,15 @@ export class Volume {
    * when the only way is to write zeroes.
    */
   zero(offset: number, length: number, noHole: boolean, fastOnly: boolean, fua: boolean): void | Promise<void> {
-    this.checkWritable();
+    const wait = this.checkWritable();
+    if (wait) return wait.then(() => this.zero(offset, length, noHole, fastOnly, fua));
     this.checkRange(offset, length);
     if (fastOnly && !this.store.canPunch) {
       throw systemError('ENOTSUP', 'zeroing this range would not be faster than writing zeroes');
     }
     const r = this.engine.zero(offset, length, noHole);
-    if (!fua) return r;
-    return r ? r.then(() => this.engine.flush()) : this.engine.flush();
+    if (!fua) return this.track(r);
+    return this.track(r ? r.then(() => this.engine.flush()) : this.engine.flush());
   }
 
   prefetch(offset: number, length: number): void {
@@ -282,7 +352,7 @@ export class Volume {
    * Refused while clients are connected to the volume (their caches would be wrong) unless force.
    */
   restoreSnapshot(name: string, force: boolean): Promise<{ blocksWritten: number; blocksZeroed: number }> {
-    this.checkWritable();
+    if (this.checkWritable()) throw new DeltavolError('VOLUME_BUSY', `volume ${this.name}: writes are held (${(this.access as { reason: string }).reason})`);
     this.snapshot(name);
     // Readers of snapshot exports are unaffected (snapshots keep their content); only
     // clients of the volume itself would hold stale caches.
@@ -396,8 +466,9 @@ export class Volume {
     return this.engine.changeLog.pending();
   }
 
-  async setReadOnly(readOnly: boolean): Promise<void> {
-    if (this.meta.readOnly !== readOnly) await this.updateMeta({ readOnly });
+  /** Blocks to copy and to zero that turn a copy of snapshot `from` into snapshot `to`. */
+  differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap } {
+    return this.engine.differential(from, to);
   }
 
   /** Applies one run of a differential through the normal write path (the change log sees it). */

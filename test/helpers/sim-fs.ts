@@ -137,6 +137,9 @@ export class SimFs implements DurableFs {
     const st = this.files.get(name);
     return st ? Buffer.from(st.current) : null;
   }
+  list(): string[] {
+    return [...this.files.keys()];
+  }
 
   /** Everything synced stays; each unsynced write survives whole, torn, or not at all. */
   crash(rng: () => number): SimFs {

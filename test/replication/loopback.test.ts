@@ -91,7 +91,7 @@ describe('replication over loopback', () => {
     const pairId = (await replStatus(a, 'v1')).replicas[0]!.id;
     const msgs = await talk(b.replPort, {
       t: 'hello',
-      protocol: 1,
+      protocol: 2,
       pairId,
       primaryVolume: 'old',
       replicaVolume: 'v1',
@@ -100,10 +100,12 @@ describe('replication over loopback', () => {
       blockBytes: 4096,
       create: false,
       description: '',
+      returnHost: '',
+      returnPort: 0,
     });
     expect(msgs[0]).toMatchObject({ t: 'refuse', code: 'STALE_GENERATION' });
     // Another pair cannot take the replica over.
-    const other = await talk(b.replPort, { t: 'hello', protocol: 1, pairId: 'not-mine', primaryVolume: 'v9', replicaVolume: 'v1', generation: 1, sizeBytes: 64 * MiB, blockBytes: 4096, create: true, description: '' });
+    const other = await talk(b.replPort, { t: 'hello', protocol: 2, pairId: 'not-mine', primaryVolume: 'v9', replicaVolume: 'v1', generation: 1, sizeBytes: 64 * MiB, blockBytes: 4096, create: true, description: '', returnHost: '', returnPort: 0 });
     expect(other[0]).toMatchObject({ t: 'refuse', code: 'VOLUME_EXISTS' });
   });
 

@@ -60,7 +60,7 @@ describe('outbound log', () => {
         const blocks = new Set<number>();
         while (blocks.size < take) blocks.add(Math.floor(rnd() * BLOCKS));
         const order = [...blocks].sort((x, y) => (rnd() < 0.2 ? y - x : x - y));
-        const w = log.beginSet(set, 1, BS, BLOCKS, false);
+        const w = log.beginSet(set, 1, BS, BLOCKS, false, 0, 0);
         for (const b of order) w.put(b, blockData(set, b));
         const before = log.usedBytes;
         await w.commit();
@@ -100,7 +100,7 @@ describe('outbound log', () => {
       check(log);
       // A set being built when the process dies is not in the index: reopen drops it.
       const last = log.lastSet;
-      const partial = log.beginSet(last + 1, 1, BS, BLOCKS, false);
+      const partial = log.beginSet(last + 1, 1, BS, BLOCKS, false, 0, 0);
       for (let b = 0; b < 10; b++) partial.put(b, blockData(last + 1, b));
       log.close();
       log = OutboundLog.open(fsys, 4 * MiB);
@@ -121,7 +121,7 @@ describe('outbound log', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
     try {
       const log = OutboundLog.open(nodeDurableFs(dir), 4 * MiB);
-      const w = log.beginSet(1, 1, BS, BLOCKS, false);
+      const w = log.beginSet(1, 1, BS, BLOCKS, false, 0, 0);
       let err: unknown = null;
       try {
         for (let b = 0; b < BLOCKS; b++) w.put(b, blockData(1, b)); // 16 MiB into 4 MiB

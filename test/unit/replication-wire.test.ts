@@ -52,7 +52,7 @@ const EVERY_TYPE: Sample[] = [
   {
     msg: {
       t: 'hello',
-      protocol: 1,
+      protocol: 2,
       pairId: 'pair-1',
       primaryVolume: 'vol-a',
       replicaVolume: 'vol-b',
@@ -61,6 +61,8 @@ const EVERY_TYPE: Sample[] = [
       blockBytes: 4096,
       create: true,
       description: 'nightly — ünïcode',
+      returnHost: '',
+      returnPort: 10811,
     },
     data: [],
   },
@@ -78,7 +80,7 @@ const EVERY_TYPE: Sample[] = [
     },
     data: [],
   },
-  { msg: { t: 'refuse', code: 'VOLUME_BUSY', message: 'replica volume is exported read-write' }, data: [] },
+  { msg: { t: 'refuse', code: 'VOLUME_BUSY', message: 'replica volume is exported read-write', generation: 0 }, data: [] },
   {
     msg: { t: 'init', generation: 2, offsetBytes: 1 << 20, lengthBytes: 8192, zero: false, crc: crc32c(Buffer.alloc(8192, 5)) },
     data: [Buffer.alloc(4096, 5), Buffer.alloc(4096, 5)],
@@ -93,6 +95,29 @@ const EVERY_TYPE: Sample[] = [
   { msg: { t: 'trailer', ...TRAILER_FIELDS, trailerCrc: trailerChecksum(TRAILER_FIELDS) }, data: [] },
   { msg: { t: 'ack', set: 11, playedSet: 10 }, data: [] },
   { msg: { t: 'split', generation: 3 }, data: [] },
+  { msg: { t: 'initStart', generation: 3, kind: 'differential', totalBytes: 2 ** 34, baseSet: 7 }, data: [] },
+  { msg: { t: 'progress', generation: 3, lastSet: 12, atRiskSinceMs: 1_767_225_600_000, bytesDifferent: 2 ** 33, atMs: 1_767_225_601_000 }, data: [] },
+  { msg: { t: 'takeover', generation: 3, baseSet: 40 }, data: [] },
+  { msg: { t: 'handover', generation: 4, lastSet: 12, newPairId: '0123456789ab', returnHost: '10.0.0.1', returnPort: 10811 }, data: [] },
+  { msg: { t: 'handoverCommit', generation: 4, newPairId: '0123456789ab' }, data: [] },
+  { msg: { t: 'handoverAbort', reason: 'link down' }, data: [] },
+  {
+    msg: { t: 'resyncHello', protocol: 2, pairId: 'pair-1', primaryVolume: 'vol-b', replicaVolume: 'vol-a', generation: 2, sizeBytes: 2 ** 40, blockBytes: 4096, returnHost: '', returnPort: 10811 },
+    data: [],
+  },
+  { msg: { t: 'resyncOffer', generation: 3, restartSet: 9, knownUpTo: 11, pairId: 'ba9876543210', generationBefore: 2, fromPairId: 'pair-1' }, data: [] },
+  {
+    msg: {
+      t: 'resyncBlocks',
+      runs: [
+        [0, 4],
+        [2 ** 33, 1],
+      ],
+    },
+    data: [],
+  },
+  { msg: { t: 'resyncCommit', pairId: 'ba9876543210', full: false, reason: '5 blocks changed', divergentBlocks: 5 }, data: [] },
+  { msg: { t: 'resyncAccepted', pairId: 'ba9876543210', baseSet: 40 }, data: [] },
   { msg: { t: 'nak', set: 11, chunk: 4, reason: 'chunk checksum mismatch' }, data: [] },
   { msg: { t: 'ping', atMs: 1_767_225_600_000 }, data: [] },
   { msg: { t: 'pong', atMs: 0 }, data: [] },
@@ -154,7 +179,7 @@ const runs = (minLength: number): fc.Arbitrary<Runs> =>
 const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
   fc.record({
     t: fc.constant('hello' as const),
-    protocol: fc.constant(1 as const),
+    protocol: fc.constant(2 as const),
     pairId: str,
     primaryVolume: str,
     replicaVolume: str,
@@ -163,7 +188,12 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
     blockBytes: uint,
     create: fc.boolean(),
     description: str,
+    returnHost: str,
+    returnPort: uint,
   }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('progress' as const), generation: u32, lastSet: uint, atRiskSinceMs: uint, bytesDifferent: uint, atMs: uint }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('handover' as const), generation: u32, lastSet: uint, newPairId: str, returnHost: str, returnPort: uint }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('resyncBlocks' as const), runs: runs(0) }).map((msg) => ({ msg, data: [] })),
   fc.record({
     t: fc.constant('welcome' as const),
     generation: u32,
@@ -172,7 +202,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
     initialCopy: fc.record({ done: fc.boolean(), offsetBytes: uint }),
     splitWrites: runs(0),
   }).map((msg) => ({ msg, data: [] })),
-  fc.record({ t: fc.constant('refuse' as const), code: str, message: str }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('refuse' as const), code: str, message: str, generation: u32 }).map((msg) => ({ msg, data: [] })),
   fc
     .record({ generation: u32, offsetBytes: uint, zero: fc.boolean(), data: fc.uint8Array({ maxLength: 300 }) })
     .map(({ generation, offsetBytes, zero, data }) => {
@@ -210,7 +240,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
 describe('replication wire: round trips', () => {
   it('round-trips one message of every type', () => {
     const types = new Set(EVERY_TYPE.map((s) => s.msg.t));
-    expect(types.size).toBe(13);
+    expect(types.size).toBe(24);
     for (const s of EVERY_TYPE) expectSame(decodeAll([frameBytes(s)]), [s]);
     expectSame(decodeAll([Buffer.concat(EVERY_TYPE.map(frameBytes))]), EVERY_TYPE);
   });
@@ -395,7 +425,7 @@ describe('replication wire: limits and malformed messages', () => {
       ['unknown t', { t: 'pingg', atMs: 1 }],
       ['prototype t', { t: 'constructor' }],
       ['extra field', { t: 'ping', atMs: 1, extra: 1 }],
-      ['protocol 2', { ...good[0], protocol: 2 }],
+      ['protocol 1', { ...good[0], protocol: 1 }],
       ['initialCopy extra', { ...good[1], initialCopy: { done: true, offsetBytes: 0, x: 1 } }],
       ['initialCopy not object', { ...good[1], initialCopy: [true, 0] }],
       ['runs not array', { ...good[1], splitWrites: { 0: [1, 1] } }],

@@ -1,0 +1,187 @@
+// Why: the disaster-recovery words of the CLI — failover, resync, failback, unfence —
+// kept apart from main.ts and replication-commands.ts so each file stays one concern.
+// Like them it only turns words into control-API requests and answers into text: the
+// data-loss report after a failover, a progress bar while a resync copies.
+
+import type { Command } from 'commander';
+import cliProgress from 'cli-progress';
+import { DeltavolError } from '../util/errors.js';
+import { formatBytes, parseDurationMs, parseHostPort } from '../util/units.js';
+import type { ControlClient } from './control-client.js';
+
+type Helpers = {
+  client: (cmd: Command) => ControlClient;
+  print: (json: boolean, value: unknown, human: () => string) => void;
+};
+
+interface LossReport {
+  atRiskSinceMs: number | null;
+  lastContactMs: number | null;
+  seconds: number;
+  setsNotHere: number[];
+  setsDropped: number[];
+  bytesAtMost: number;
+  consistent: boolean;
+}
+
+interface FailoverAnswer {
+  volume: string;
+  generation: number;
+  previousGeneration: number;
+  rtoMs: number;
+  // unplanned
+  restartPoint?: { snapshot: string | null; set: number };
+  setsPlayed?: number[];
+  report?: LossReport;
+  warnings?: string[];
+  // planned
+  lastSet?: number;
+  how?: string;
+}
+
+interface ResyncAnswer {
+  volume: string;
+  generation: number;
+  peer: string;
+  full: boolean;
+  reason: string;
+  divergentBlocks: number;
+  beforeSnapshot: string | null;
+  restartSet: number;
+  registered: boolean;
+}
+
+interface ReplicaView {
+  role: string;
+  state: string;
+  initialCopy?: { done: boolean; offsetBytes: number };
+  copy?: { kind: string; totalBytes: number; receivedBytes: number } | null;
+  resync?: { registered: boolean; full: boolean } | null;
+  bytesReceived?: number;
+}
+
+const time = (ms: number | null) => (ms === null ? 'unknown' : new Date(ms).toISOString());
+
+function sets(list: number[]): string {
+  if (list.length === 0) return 'none';
+  return list.length <= 6 ? list.join(', ') : `${list[0]}–${list[list.length - 1]} (${list.length} sets)`;
+}
+
+/** The data-loss report of an unplanned failover (seed 002): what may be missing, and since when. */
+export function renderFailover(a: FailoverAnswer): string {
+  const lines = [`${a.volume} is now the primary (generation ${a.generation}, was ${a.previousGeneration}); writable after ${(a.rtoMs / 1000).toFixed(2)} s`];
+  if (a.how) {
+    lines.push(`${a.how}: every write of the old primary is here (sets up to ${a.lastSet} played); nothing lost`);
+    return lines.join('\n');
+  }
+  const r = a.report!;
+  if (a.restartPoint) lines.push(`restart point: ${a.restartPoint.snapshot ? `snapshot ${a.volume}@${a.restartPoint.snapshot}` : 'none'} = the old primary as of its set ${a.restartPoint.set}`);
+  if (a.setsPlayed && a.setsPlayed.length > 0) lines.push(`played before taking over: sets ${sets(a.setsPlayed)}`);
+  if (r.atRiskSinceMs === null && r.setsNotHere.length === 0 && r.setsDropped.length === 0) {
+    lines.push(r.lastContactMs === null ? 'data loss: unknown (the old primary was never heard from since this daemon started)' : `data loss: none known (the old primary reported nothing at risk at its last contact, ${time(r.lastContactMs)})`);
+  } else {
+    lines.push(
+      `DATA LOSS: writes the old primary made after ${time(r.atRiskSinceMs)} may be missing here: ${r.seconds.toFixed(1)} s of writes up to its last contact (${time(r.lastContactMs)}), at most ${formatBytes(r.bytesAtMost)}`,
+    );
+    if (r.setsNotHere.length > 0) lines.push(`  sets the old primary had cut that never completed here: ${sets(r.setsNotHere)}`);
+    if (r.setsDropped.length > 0) lines.push(`  sets received but not played (--now): ${sets(r.setsDropped)}`);
+    lines.push('  those writes are not destroyed: `deltavol resync` on the old primary keeps them in a snapshot there');
+  }
+  if (!r.consistent) lines.push('WARNING: the volume is between two points in time of the old primary (a partial set): check the file system');
+  for (const w of a.warnings ?? []) lines.push(`warning: ${w}`);
+  return lines.join('\n');
+}
+
+async function followResync(c: ControlClient, volume: string, timeoutMs: number): Promise<ReplicaView> {
+  const tty = process.stderr.isTTY;
+  const bar = tty ? new cliProgress.SingleBar({ format: 'resync [{bar}] {percentage}% | {done} of {total} | {what}', hideCursor: true, stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
+  let started = false;
+  let lastLine = 0;
+  const deadline = Date.now() + timeoutMs;
+  try {
+    for (;;) {
+      const r = await c.request<{ volumes: ReplicaView[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
+      const v = r.volumes[0]!;
+      if (v.role !== 'replica') throw new DeltavolError('ROLE_CONFLICT', `${volume} is no longer a replica (role ${v.role})`);
+      if (!v.resync && v.initialCopy?.done) {
+        if (bar && started) bar.update(bar.getTotal());
+        return v;
+      }
+      const copy = v.copy;
+      const what = !v.resync?.registered ? 'waiting for the new primary to record the pair' : copy ? `${copy.kind} copy` : `waiting for the new primary (${v.state})`;
+      const done = copy?.receivedBytes ?? 0;
+      const total = Math.max(1, copy?.totalBytes ?? 1);
+      if (bar) {
+        if (!started) {
+          bar.start(total, done, { done: formatBytes(done), total: formatBytes(total), what });
+          started = true;
+        } else {
+          bar.setTotal(total);
+          bar.update(done, { done: formatBytes(done), total: formatBytes(total), what });
+        }
+      } else if (Date.now() - lastLine >= 5000) {
+        lastLine = Date.now();
+        process.stderr.write(`resync: ${what}, ${formatBytes(done)} of ${formatBytes(copy?.totalBytes ?? 0)}\n`);
+      }
+      if (Date.now() > deadline) throw new DeltavolError('IO', `resync not done after ${timeoutMs / 1000} s (it goes on in the daemon; see \`deltavol status ${volume}\`)`);
+      await new Promise((r2) => setTimeout(r2, 250));
+    }
+  } finally {
+    bar?.stop();
+  }
+}
+
+export function registerRecoveryCommands(program: Command, h: Helpers): void {
+  program
+    .command('failover <volume>')
+    .description("on the replica's node: make the replica the primary. Without --sync the primary is gone: every complete set received is played, a restart-point snapshot is taken, and what may be lost is reported")
+    .option('--now', 'do not play the sets received but not yet played (fastest; they count as lost)')
+    .option('--sync', 'the primary is reachable: it holds writes and ships everything first, nothing is lost (a planned takeover)')
+    .option('--force', 'take over although the primary is still connected, the pair is split, or the initial copy is not done')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      if (opts.sync && opts.now) throw new DeltavolError('EINVAL_ARGUMENT', '--sync and --now contradict each other');
+      const a = await h.client(cmd).request<FailoverAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/failover`, { now: Boolean(opts.now), sync: Boolean(opts.sync), force: Boolean(opts.force) });
+      h.print(opts.json, a, () => renderFailover(a));
+    });
+
+  program
+    .command('failback <volume>')
+    .description("on the replica's node (the original primary after a resync): take the primary role back in a planned swap; nothing is lost and replication goes on the other way without a copy")
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const a = await h.client(cmd).request<FailoverAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/failback`);
+      h.print(opts.json, a, () => renderFailover(a));
+    });
+
+  program
+    .command('resync <volume>')
+    .description('on the old primary after a failover: become the new primary\'s replica, copying only the blocks that differ (a full copy only when this volume\'s history is gone); its own divergent writes are kept in a snapshot first')
+    .option('--peer <host:port>', "the new primary's replication address (default: this volume's pair)")
+    .option('--peer-volume <name>', "the volume's name on the new primary (default: the pair's remote volume)")
+    .option('--no-wait', 'return once the new primary recorded the resync, without following the copy')
+    .option('--timeout <duration>', 'give up following the copy after this long', '24h')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const c = h.client(cmd);
+      if (opts.peer) parseHostPort(opts.peer); // bad usage before anything happens
+      const a = await c.request<ResyncAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/resync`, { ...(opts.peer ? { peer: opts.peer } : {}), ...(opts.peerVolume ? { peerVolume: opts.peerVolume } : {}) });
+      if (!opts.json) {
+        process.stderr.write(`${volume} is now the replica of ${a.peer} (generation ${a.generation}); its own version is kept in ${volume}@${a.beforeSnapshot}\n`);
+        if (a.full) process.stderr.write(`WARNING: a full copy is needed: ${a.reason}\n`);
+        else process.stderr.write(`only what differs travels: ${a.divergentBlocks} block(s) changed here since the restart point (set ${a.restartSet}), plus what the new primary changed\n`);
+        if (!a.registered) process.stderr.write('the new primary has not recorded the resync yet: the daemon keeps trying\n');
+      }
+      const done = opts.wait ? await followResync(c, volume, parseDurationMs(opts.timeout)) : null;
+      h.print(opts.json, done ? { ...a, done: true } : a, () => (done ? `resync complete: ${volume} is a replica in state ${done.state}` : `resync started (see \`deltavol status ${volume}\`)`));
+    });
+
+  program
+    .command('unfence <volume>')
+    .description('let a fenced old primary take writes again although a newer primary exists (two primaries: their data diverges), or call off a stuck planned handover')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const a = await h.client(cmd).request<{ volume: string; was: string }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/unfence`);
+      h.print(opts.json, a, () => (a.was === 'fenced' ? `${volume} takes writes again (it was fenced: a newer primary exists; resync later to rejoin it)` : `${volume}: planned handover called off, writes resume`));
+    });
+}

@@ -1,0 +1,456 @@
+// Why: an old primary that comes back after a failover must become the new primary's
+// replica by moving only what differs (seed 001 FIG. 28–29, seed 000 claims 4, 11),
+// never by a full copy when its history is there, and never by destroying its own
+// acknowledged writes without a way back (what DRBD's discard-my-data and Ceph's resync
+// do). What differs since the restart point R (the last set the new primary played):
+//   - blocks the old primary changed after R: its sets after R still in its outbound
+//     save area, its change log, its pending bitmaps;
+//   - blocks of sets the new primary held but did not play (failover --now);
+//   - blocks the new primary changed since R (the differential R → base snapshot);
+// only those travel, with the new primary's content as of its base snapshot (blocks that
+// hold no data there are zeroed), then delta sets follow as for any pair. Before anything
+// is overwritten, the old primary keeps its own version in a local snapshot
+// (VOLUME@before-resync-gGEN). When its history is gone (no pair record, a gap in its
+// sets, another generation), every block is copied, with a warning and the reason.
+//
+// In messages, on a connection of its own from the old primary A to the new primary B:
+//   A → resyncHello {old pair, generation}     B: checks it took over from that pair
+//   B → resyncOffer {restartSet, knownUpTo}    A: computes its blocks, keeps its snapshot,
+//                                                 becomes B's replica (durable), then
+//   A → resyncBlocks… resyncCommit {pairId}    B: registers the pair A recorded (durable)
+//   B → resyncAccepted                         B's sender dials A and copies.
+// Every step is repeatable: A retries the registration until B has the pair (B answers
+// an id it already holds with the same acceptance), and both copy and sets resume after
+// a crash of either side.
+
+import { DeltavolError } from '../util/errors.js';
+import { sleep } from '../util/clock.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { Link } from '../replication/link.js';
+import { PROTOCOL_VERSION, type Frame, type ReplMessage, type Runs } from '../replication/wire.js';
+import * as L from '../replication/limits.js';
+import type { RecoveryContext } from './context.js';
+import type { PairRecord } from './role-record.js';
+import { UNPLAYED_FILE } from './failover.js';
+
+const DIVERGENT_FILE = 'resync-divergent.json';
+/** Runs per resyncBlocks frame (well under the message limit). */
+const runsPerFrame = 20_000;
+/** One registration exchange may take this long. */
+const sessionMsMax = 60_000;
+
+type Offer = Extract<ReplMessage, { t: 'resyncOffer' }>;
+type ResyncHello = Extract<ReplMessage, { t: 'resyncHello' }>;
+
+export interface ResyncOptions {
+  /** The new primary's replication address (default: the pair's peer). */
+  peerHost?: string;
+  peerPort?: number;
+  /** The volume's name on the new primary (default: the pair's remote volume, else the same name). */
+  peerVolume?: string;
+}
+
+export interface ResyncResult {
+  volume: string;
+  generation: number;
+  peer: string;
+  full: boolean;
+  reason: string;
+  /** Blocks this volume had changed since the restart point (kept in beforeSnapshot). */
+  divergentBlocks: number;
+  beforeSnapshot: string | null;
+  restartSet: number;
+  /** The new primary recorded the pair (it dials in and copies); false: retried in the background. */
+  registered: boolean;
+}
+
+export function beforeResyncSnapshotName(generation: number): string {
+  return `before-resync-g${generation}`;
+}
+
+// ================= a request/answer session on its own connection =================
+
+class Session {
+  private readonly frames: Frame[] = [];
+  private wake: (() => void) | null = null;
+  private constructor(readonly link: Link) {}
+
+  static async open(ctx: RecoveryContext, host: string, port: number): Promise<Session> {
+    let conn;
+    try {
+      conn = await ctx.platform.transport.connect(host, port, L.replicationConnectTimeoutMs);
+    } catch (e) {
+      throw new DeltavolError('PEER_UNREACHABLE', (e as Error).message);
+    }
+    let s: Session | null = null;
+    const link = new Link(conn, ctx.platform.clock, (f) => {
+      s!.frames.push(f);
+      s!.wake?.();
+    });
+    s = new Session(link);
+    link.onClose(() => s!.wake?.());
+    return s;
+  }
+
+  send(m: ReplMessage): void {
+    this.link.send(m);
+  }
+
+  /** The next message (a refusal or a closed link throws with its code). */
+  async next<T extends ReplMessage['t']>(ctx: RecoveryContext, t: T, timeoutMs: number): Promise<Extract<ReplMessage, { t: T }>> {
+    const deadline = ctx.platform.clock.now() + timeoutMs;
+    for (;;) {
+      const f = this.frames.shift();
+      if (f) {
+        const m = f.msg;
+        if (m.t === t) return m as Extract<ReplMessage, { t: T }>;
+        if (m.t === 'refuse') {
+          const code = m.code === 'GEOMETRY' || m.code === 'ROLE_CONFLICT' || m.code === 'VOLUME_NOT_FOUND' ? m.code : 'PEER_REFUSED';
+          throw new DeltavolError(code, `the new primary refused: ${m.code}: ${m.message}`, { refuseCode: m.code, generation: m.generation });
+        }
+        throw new DeltavolError('PEER_REFUSED', `unexpected ${m.t} (waiting for ${t})`);
+      }
+      if (this.link.closed) throw new DeltavolError('PEER_UNREACHABLE', `the link to the new primary went down: ${this.link.reason}`);
+      const left = deadline - ctx.platform.clock.now();
+      if (left <= 0) throw new DeltavolError('PEER_UNREACHABLE', `no ${t} from the new primary within ${timeoutMs / 1000} s`);
+      await new Promise<void>((r) => {
+        const cancel = ctx.platform.clock.after(left, () => r());
+        this.wake = () => {
+          cancel();
+          this.wake = null;
+          r();
+        };
+      });
+    }
+  }
+
+  close(reason: string): void {
+    this.link.close(reason);
+  }
+}
+
+// ================= the old primary's side =================
+
+/** `deltavol resync VOLUME` on the old primary: become the new primary's replica, moving only what differs. */
+export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOptions): Promise<ResyncResult> {
+  const role = ctx.role(volume);
+  const v = ctx.host.require(volume);
+  if (role.role === 'replica') {
+    const rs = role.upstream!.resync;
+    if (!rs) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is already a replica of ${role.upstream!.primaryVolume}: nothing to resync`);
+    // A resync that started but was not yet recorded by the new primary: try again now.
+    const registered = rs.registered || (await registerOnce(ctx, volume).then(() => true, () => false));
+    if (!registered) keepRegistering(ctx, volume);
+    return { volume, generation: role.generation, peer: `${rs.peerHost}:${rs.peerPort}`, full: rs.full, reason: rs.reason, divergentBlocks: rs.divergentBlocks, beforeSnapshot: rs.beforeSnapshot, restartSet: rs.restartSet, registered };
+  }
+  if (role.state.handover) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is in a planned handover`);
+  let pair: PairRecord | undefined;
+  if (o.peerHost !== undefined) pair = role.pairs.find((p) => p.peerHost === o.peerHost && p.peerPort === o.peerPort);
+  else if (role.pairs.length === 1) pair = role.pairs[0];
+  else if (role.pairs.length > 1) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} has ${role.pairs.length} pairs: give --peer HOST:PORT of the one that took over`);
+  const peerHost = o.peerHost ?? pair?.peerHost;
+  const peerPort = o.peerPort ?? pair?.peerPort;
+  if (peerHost === undefined || peerPort === undefined) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} has no pair: give --peer HOST:PORT of the primary to resync from`);
+  const peerVolume = o.peerVolume ?? pair?.remoteVolume ?? volume;
+  const back = ctx.returnAddress();
+
+  const s = await Session.open(ctx, peerHost, peerPort);
+  try {
+    s.send({
+      t: 'resyncHello',
+      protocol: PROTOCOL_VERSION,
+      pairId: pair?.id ?? '',
+      primaryVolume: peerVolume,
+      replicaVolume: volume,
+      generation: role.generation,
+      sizeBytes: v.sizeBytes,
+      blockBytes: v.blockBytes,
+      returnHost: back.host,
+      returnPort: back.port,
+    });
+    const offer = await s.next(ctx, 'resyncOffer', sessionMsMax);
+    if (offer.generation <= role.generation) {
+      throw new DeltavolError('PEER_REFUSED', `${peerVolume} at ${peerHost}:${peerPort} has generation ${offer.generation}, not newer than this volume's ${role.generation}: this volume is not the stale one`);
+    }
+    const { blocks, full, reason } = divergentSince(ctx, volume, pair, offer);
+    // Keep this side's version of everything that will be overwritten.
+    const before = beforeResyncSnapshotName(offer.generation);
+    if (v.snapshots().some((x) => x.name === before)) await v.deleteSnapshot(before, true); // a resync that crashed before its commit
+    await v.createSnapshot(before, 0);
+    const fsys = ctx.stateFs(volume);
+    fsys.writeAtomic(DIVERGENT_FILE, Buffer.from(JSON.stringify(full ? [] : blocks.runs())));
+    // Stop shipping: this volume's sets and pending blocks are in the list now.
+    const r = ctx.openedReplicator(volume);
+    if (r) {
+      await r.stopSenders();
+      r.outbound.releaseAll();
+    }
+    const divergentBlocks = full ? v.blocksTotal : blocks.count();
+    role.transition(
+      {
+        t: 'resync-started',
+        generation: offer.generation,
+        upstream: {
+          pairId: offer.pairId,
+          primaryVolume: peerVolume,
+          playedSet: 0,
+          initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
+          consistent: false,
+          split: false,
+          createdAt: new Date(ctx.platform.clock.now()).toISOString(),
+          resync: { peerHost, peerPort, fromPairId: pair?.id ?? '', registered: false, full, reason, divergentBlocks, beforeSnapshot: before, restartSet: offer.restartSet, startedAtMs: ctx.platform.clock.now() },
+          playedCutAtMs: null,
+          lastReport: null,
+        },
+      },
+      { peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks, beforeSnapshot: before },
+    );
+    if (full) ctx.log.warn({ volume, reason, peer: `${peerHost}:${peerPort}` }, `resync needs a FULL copy: ${reason}`);
+    await ctx.closeReplicator(volume);
+    for (const name of fsys.list()) if (/^pair-.*\.(pending|copy)$/.test(name)) fsys.remove(name);
+    await v.discardChanges();
+    await ctx.openReplica(volume);
+    let registered = true;
+    try {
+      await register(ctx, volume, s);
+    } catch (e) {
+      registered = false;
+      ctx.log.warn({ volume, err: (e as Error).message }, 'resync not yet recorded by the new primary: retrying in the background');
+      keepRegistering(ctx, volume);
+    }
+    return { volume, generation: role.generation, peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks, beforeSnapshot: before, restartSet: offer.restartSet, registered };
+  } finally {
+    s.close('resync session over');
+  }
+}
+
+/**
+ * Blocks this volume changed since the offer's restart point, and whether they can be
+ * known at all (else: every block, and why).
+ */
+function divergentSince(ctx: RecoveryContext, volume: string, pair: PairRecord | undefined, offer: Offer): { blocks: PagedBitmap; full: boolean; reason: string } {
+  const v = ctx.host.require(volume);
+  const role = ctx.role(volume);
+  const full = (reason: string) => ({ blocks: new PagedBitmap(v.blocksTotal), full: true, reason });
+  if (!pair) return full('this volume has no replication pair any more (its history is gone)');
+  if (offer.fromPairId === '') return full('the new primary has no usable restart point (its initial copy was not done, or the restart snapshot is gone)');
+  if (offer.fromPairId !== pair.id) return full(`the new primary took over from pair ${offer.fromPairId}, not from this volume's pair ${pair.id}`);
+  if (offer.generationBefore !== role.generation) return full(`the new primary took over from generation ${offer.generationBefore}; this volume is at ${role.generation}`);
+  const r = ctx.replicator(volume);
+  const restart = offer.restartSet;
+  if (r.outbound.lastSet < restart) return full(`this volume never cut set ${restart} (its outbound save area was replaced)`);
+  const blocks = v.changedBlocks();
+  for (const p of role.pairs) blocks.union(r.pendingOf(p.id));
+  for (const s of r.outbound.sets) {
+    if (s.set <= restart) continue;
+    for (const [b, c] of r.outbound.setBlocks(s)) if (b + c <= v.blocksTotal) blocks.setRange(b, c);
+  }
+  // Every set after the restart point must be known here or by the new primary.
+  const firstHeld = r.outbound.sets[0]?.set ?? r.outbound.lastSet + 1;
+  const from = Math.max(restart, offer.knownUpTo) + 1;
+  if (firstHeld - from > 1_000_000) return full(`sets ${from}..${firstHeld - 1} are gone from this volume's outbound save area`);
+  for (let s = from; s < firstHeld; s++) {
+    if (pair.detached && s > pair.ackedSet) continue; // their blocks are in the pending bitmap
+    const c = pair.catchUp;
+    if (c && s > c.from && s < c.set && (r.outbound.get(c.set) || c.set <= offer.knownUpTo)) continue; // folded into the catch-up set
+    return full(`set ${s} (after the restart point ${restart}) is gone from this volume's outbound save area and was never complete on the new primary`);
+  }
+  return { blocks, full: false, reason: `${blocks.count()} blocks changed here since set ${restart}` };
+}
+
+/** Sends the divergent list and the commit; resolves once the new primary recorded the pair. */
+async function register(ctx: RecoveryContext, volume: string, s: Session): Promise<void> {
+  const role = ctx.role(volume);
+  const up = role.upstream!;
+  const rs = up.resync!;
+  const raw = ctx.stateFs(volume).readAll(DIVERGENT_FILE);
+  if (!raw) throw new DeltavolError('METADATA_CORRUPT', `volume ${volume}: ${DIVERGENT_FILE} is missing (run the resync again)`);
+  const runs = JSON.parse(raw.toString('utf8')) as Runs;
+  for (let i = 0; i < runs.length; i += runsPerFrame) s.send({ t: 'resyncBlocks', runs: runs.slice(i, i + runsPerFrame) });
+  s.send({ t: 'resyncCommit', pairId: up.pairId, full: rs.full, reason: rs.reason, divergentBlocks: rs.divergentBlocks });
+  const ok = await s.next(ctx, 'resyncAccepted', sessionMsMax);
+  if (ok.pairId !== up.pairId) throw new DeltavolError('PEER_REFUSED', `the new primary accepted pair ${ok.pairId}, not ${up.pairId}`);
+  if (ctx.role(volume).upstream?.resync && !ctx.role(volume).upstream!.resync!.registered) role.transition({ t: 'resync-registered' }, { baseSet: ok.baseSet });
+}
+
+/** One more registration attempt (after a crash or a lost link between commit and acceptance). */
+async function registerOnce(ctx: RecoveryContext, volume: string): Promise<void> {
+  const role = ctx.role(volume);
+  const up = role.upstream!;
+  const rs = up.resync!;
+  const v = ctx.host.require(volume);
+  const back = ctx.returnAddress();
+  const s = await Session.open(ctx, rs.peerHost, rs.peerPort);
+  try {
+    s.send({
+      t: 'resyncHello',
+      protocol: PROTOCOL_VERSION,
+      pairId: rs.fromPairId,
+      primaryVolume: up.primaryVolume,
+      replicaVolume: volume,
+      generation: Math.max(1, role.generation - 1),
+      sizeBytes: v.sizeBytes,
+      blockBytes: v.blockBytes,
+      returnHost: back.host,
+      returnPort: back.port,
+    });
+    await s.next(ctx, 'resyncOffer', sessionMsMax);
+    await register(ctx, volume, s);
+  } finally {
+    s.close('resync registration over');
+  }
+}
+
+const registering = new Set<string>();
+
+/** Retries the registration in the background until the new primary has the pair. */
+export function keepRegistering(ctx: RecoveryContext, volume: string): void {
+  const key = `${ctx.returnAddress().port}/${volume}`;
+  if (registering.has(key)) return;
+  registering.add(key);
+  void (async () => {
+    let delay = 1000;
+    try {
+      for (let attempt = 0; attempt < 100_000; attempt++) {
+        const rs = ctx.role(volume).upstream?.resync;
+        if (!rs || rs.registered) return;
+        try {
+          await registerOnce(ctx, volume);
+          return;
+        } catch (e) {
+          ctx.log.info({ volume, err: (e as Error).message, attempt }, 'resync registration failed: retrying');
+        }
+        await sleep(ctx.platform.clock, delay);
+        delay = Math.min(delay * 2, 10_000);
+      }
+    } catch (e) {
+      ctx.log.error({ volume, err: (e as Error).message }, 'resync registration stopped');
+    } finally {
+      registering.delete(key);
+    }
+  })();
+}
+
+// ================= the new primary's side =================
+
+const serving = new Map<string, Promise<unknown>>();
+
+/** A resyncHello arrived on the replication port: the frame handler for the rest of that session. */
+export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello): (f: Frame) => void {
+  const blocks: Runs = [];
+  let offered: { restartOk: boolean; volume: string } | null = null;
+  const refuse = (e: Error) => {
+    const err = e as DeltavolError;
+    link.send({ t: 'refuse', code: err.code ?? 'ERROR', message: e.message, generation: 0 });
+    link.close(`resync refused: ${e.message}`);
+  };
+  try {
+    offered = offer(ctx, link, hello);
+  } catch (e) {
+    refuse(e as Error);
+  }
+  const stop = ctx.platform.clock.after(sessionMsMax, () => link.close('resync session too long'));
+  link.onClose(() => stop());
+  return (f) => {
+    if (!offered || link.closed) return;
+    const m = f.msg;
+    if (m.t === 'resyncBlocks') {
+      if (blocks.length + m.runs.length > 50_000_000) return refuse(new DeltavolError('EINVAL_ARGUMENT', 'too many divergent runs'));
+      for (const r of m.runs) blocks.push(r);
+      return;
+    }
+    if (m.t !== 'resyncCommit') return refuse(new DeltavolError('PEER_REFUSED', `unexpected ${m.t} in a resync session`));
+    const o = offered;
+    // One registration per volume at a time.
+    const prev = serving.get(o.volume) ?? Promise.resolve();
+    const next = prev
+      .catch(() => undefined)
+      .then(() => acceptResync(ctx, link, hello, o.volume, o.restartOk, m, blocks))
+      .then((ok) => link.send({ t: 'resyncAccepted', ...ok }), refuse);
+    serving.set(o.volume, next);
+  };
+}
+
+function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartOk: boolean; volume: string } {
+  const name = hello.primaryVolume;
+  const v = ctx.host.get(name);
+  if (!v) throw new DeltavolError('VOLUME_NOT_FOUND', `no volume ${name} on this node`);
+  const role = ctx.role(name);
+  if (role.role !== 'primary' || role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${name} is not an active primary on this node`);
+  if (hello.sizeBytes !== v.sizeBytes || hello.blockBytes !== v.blockBytes) {
+    throw new DeltavolError('GEOMETRY', `volume ${name} is ${v.sizeBytes} bytes in ${v.blockBytes}-byte blocks; the old primary is ${hello.sizeBytes} in ${hello.blockBytes}`);
+  }
+  const f = role.state.failover;
+  if (!f || f.kind !== 'unplanned') throw new DeltavolError('ROLE_CONFLICT', `volume ${name} did not fail over from another primary: nothing to resync`);
+  if (hello.generation >= role.generation) throw new DeltavolError('ROLE_CONFLICT', `the old primary's generation ${hello.generation} is not older than ${role.generation}`);
+  if (hello.returnPort === 0) throw new DeltavolError('EINVAL_ARGUMENT', 'the old primary gave no replication port to dial back');
+  const restartOk = f.restartSnapshot !== null && v.snapshots().some((s) => s.name === f.restartSnapshot && s.valid);
+  link.send({
+    t: 'resyncOffer',
+    generation: role.generation,
+    restartSet: f.restartSet,
+    knownUpTo: f.knownUpTo,
+    pairId: ctx.platform.newId(),
+    generationBefore: f.generationBefore,
+    fromPairId: restartOk ? f.fromPairId : '',
+  });
+  ctx.log.info({ volume: name, from: `${hello.replicaVolume}@${link.remoteAddress}`, restartSet: f.restartSet, restartOk }, 'resync requested by the old primary');
+  return { restartOk, volume: name };
+}
+
+async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello, volume: string, restartOk: boolean, commit: Extract<ReplMessage, { t: 'resyncCommit' }>, runs: Runs): Promise<{ pairId: string; baseSet: number }> {
+  const role = ctx.role(volume);
+  const existing = role.pairs.find((p) => p.id === commit.pairId);
+  if (existing) return { pairId: existing.id, baseSet: existing.initialCopy.baseSet };
+  if (!/^[0-9a-f]{12}$/.test(commit.pairId)) throw new DeltavolError('EINVAL_ARGUMENT', 'bad pair id');
+  const f = role.state.failover;
+  if (!f) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} has no failover to resync from`);
+  const v = ctx.host.require(volume);
+  const full = commit.full || !restartOk;
+  const r = ctx.replicator(volume);
+  const pair = await r.addPair(
+    {
+      peerHost: hello.returnHost || link.remoteAddress,
+      peerPort: hello.returnPort,
+      remoteVolume: hello.replicaVolume,
+      cutIntervalMs: L.cutIntervalMsDefault,
+      highWaterBytes: L.cutHighWaterBytesDefault,
+      retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+    },
+    {
+      id: commit.pairId,
+      copy: full
+        ? { kind: 'everything' }
+        : {
+            kind: 'differential',
+            blocks: (base) => {
+              // The old primary's blocks, what this node held unplayed, and what it changed since R.
+              const bits = new PagedBitmap(v.blocksTotal);
+              for (const [b, c] of runs) if (b + c <= v.blocksTotal) bits.setRange(b, c);
+              const raw = ctx.stateFs(volume).readAll(UNPLAYED_FILE);
+              if (raw) for (const [b, c] of JSON.parse(raw.toString('utf8')) as Runs) if (b + c <= v.blocksTotal) bits.setRange(b, c);
+              const d = v.differenceBlocks(f.restartSnapshot!, base);
+              bits.union(d.data);
+              bits.union(d.zero);
+              return bits;
+            },
+          },
+    },
+  );
+  role.transition({ t: 'failover-pair-set', pairId: pair.id }, { pair: pair.id, full, copyBytes: pair.initialCopy.totalBytes, divergentBlocks: commit.divergentBlocks });
+  ctx.log.info({ volume, pair: pair.id, peer: `${pair.peerHost}:${pair.peerPort}`, full, reason: commit.reason, copyBytes: pair.initialCopy.totalBytes }, full ? 'resync: the old primary gets a full copy' : 'resync: the old primary gets the blocks that differ');
+  return { pairId: pair.id, baseSet: pair.initialCopy.baseSet };
+}
+
+/** A pair's copy finished: if it was the resync of the primary this volume replaced, the failover is closed. */
+export async function onCopyDone(ctx: RecoveryContext, volume: string, p: PairRecord): Promise<void> {
+  const role = ctx.role(volume);
+  const f = role.state.failover;
+  if (!f || f.resyncPairId !== p.id || f.kind !== 'unplanned') return;
+  const v = ctx.host.require(volume);
+  if (f.restartSnapshot && v.snapshots().some((s) => s.name === f.restartSnapshot)) await v.deleteSnapshot(f.restartSnapshot, true);
+  const fsys = ctx.stateFs(volume);
+  if (fsys.exists(UNPLAYED_FILE)) fsys.remove(UNPLAYED_FILE);
+  role.transition({ t: 'failover-closed' }, { pair: p.id });
+  ctx.log.info({ volume, pair: p.id, oldPrimary: `${p.remoteVolume}@${p.peerHost}:${p.peerPort}` }, 'resync complete: the old primary is this volume\'s replica again');
+}

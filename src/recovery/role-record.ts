@@ -1,0 +1,466 @@
+// Why: what a volume is in a replication topology — simplex, primary or replica, at which
+// generation, fenced or not, taken over from whom — decides whether a byte may change
+// and which side's data wins. A split owner is how data gets lost (two files that
+// disagree about the generation, a read-only flag anyone can flip). So this file is the
+// one owner of that state per volume: one durable record (role.json, replaced atomically)
+// and one transition function that checks the move is legal, persists it and logs it.
+// Everything else — NBD write access, status, metrics, the replication link — reads it.
+//
+// Roles and states (DESIGN.md "Pair states", "Disaster recovery"):
+//   simplex  no pairs.
+//   primary  ships to `pairs`; `fenced` when it learned that a newer generation of its
+//            volume exists elsewhere (writes refused until an operator resyncs or
+//            unfences); `handover` while a planned swap is under way (writes held);
+//            `failover` while the old primary it replaced has not been resynced.
+//   replica  receives from `upstream` (read-only to clients, but during an operator split).
+// Generation: starts at 1, moves only forward: +1 at a failover or a planned takeover,
+// adopted from the peer when this node becomes its replica. Every change is appended to
+// `history` (the generation history, as DRBD keeps one).
+//
+// Progress (sets acknowledged and played, initial-copy offsets, the primary's last report)
+// lives in the same record but is not a role change: its owners (replicator, replica)
+// change those fields in place and call saveProgress(), which checks the invariants again.
+
+import { assert } from '../util/assert.js';
+import { DeltavolError } from '../util/errors.js';
+import type { DurableFs } from '../util/durable-fs.js';
+import type { Logger } from '../util/log.js';
+import type { WriteAccess } from '../volume/volume.js';
+
+export type { WriteAccess };
+
+export const ROLE_FILE = 'role.json';
+const HISTORY_MAX = 32;
+
+export type Role = 'simplex' | 'primary' | 'replica';
+
+export interface PairConfig {
+  peerHost: string;
+  peerPort: number;
+  remoteVolume: string;
+  cutIntervalMs: number;
+  highWaterBytes: number;
+  retriesBeforeSuspend: number;
+}
+
+export interface InitialCopyRecord {
+  done: boolean;
+  baseSet: number;
+  baseSnapshot: string | null;
+  /** Bytes the copy moves (valid blocks of the base, or the differential's blocks). */
+  totalBytes: number;
+  /**
+   * 'full': every valid block of the base (a fresh replica, all zeroes). 'differential':
+   * only the blocks of the pair's copy file (a resync), invalid ones sent as zeroes.
+   * 'everything': every block, invalid ones as zeroes (a full resync of a used volume).
+   */
+  kind: 'full' | 'differential' | 'everything';
+}
+
+/** One pair this primary ships to: identity, settings and progress. */
+export interface PairRecord extends PairConfig {
+  id: string;
+  createdAt: string;
+  /** Last set the replica holds durably (its chain head); the log keeps every later one. */
+  ackedSet: number;
+  playedSet: number;
+  initialCopy: InitialCopyRecord;
+  operatorSuspended: boolean;
+  /** Holds no log space: everything it misses is in its pending bitmap. */
+  detached: boolean;
+  catchUp: { set: number; from: number } | null;
+}
+
+/** The pair this replica receives from. */
+export interface UpstreamRecord {
+  pairId: string;
+  primaryVolume: string;
+  playedSet: number;
+  initialCopy: { done: boolean; offsetBytes: number; baseSet: number };
+  /** Equals the primary at a point in time (false during a copy and after a partial set). */
+  consistent: boolean;
+  /** Operator split (seed 003): writable, its own writes recorded for the next hello. */
+  split: boolean;
+  createdAt: string;
+  /** Set while this replica is a resynced old primary whose differential copy is not done. */
+  resync: ResyncRecord | null;
+  /** When the last set played was cut on the primary (writes after it are not here). */
+  playedCutAtMs: number | null;
+  /** The primary's last progress report (kept so a failover after a restart can still say what it loses). */
+  lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number } | null;
+}
+
+export interface ResyncRecord {
+  /** The new primary's replication address (where this node registers the resync). */
+  peerHost: string;
+  peerPort: number;
+  /** The pair this node shipped to before (the new primary took over from it; '' when forgotten). */
+  fromPairId: string;
+  /** The new primary accepted the registration (it now dials this node). */
+  registered: boolean;
+  /** Every block is copied (this node's history since the restart point is gone). */
+  full: boolean;
+  reason: string;
+  /** Blocks this node had changed since the restart point (kept in beforeSnapshot). */
+  divergentBlocks: number;
+  beforeSnapshot: string | null;
+  restartSet: number;
+  startedAtMs: number;
+}
+
+/** How this primary came to be one by taking over (kept until its old primary is resynced). */
+export interface FailoverRecord {
+  kind: 'unplanned' | 'planned';
+  /** The pair (and volume) this node was the replica of. */
+  fromPairId: string;
+  fromVolume: string;
+  generationBefore: number;
+  atMs: number;
+  /** Restart point: a snapshot equal to the old primary as of set `restartSet` (null: none). */
+  restartSnapshot: string | null;
+  restartSet: number;
+  /** Last set this node held whole (it acknowledged up to here). */
+  knownUpTo: number;
+  /** Blocks of sets held but not played (failover --now): they travel at resync. */
+  unplayedBlocks: number;
+  /** The pair made for the old primary when it resynced (null until then). */
+  resyncPairId: string | null;
+  /** What may have been lost (the data-loss report shown at failover). */
+  report: LossReport | null;
+}
+
+export interface LossReport {
+  /** Writes of the old primary made after this time may be missing here (null: none at risk). */
+  atRiskSinceMs: number | null;
+  /** Last time the old primary was heard from. */
+  lastContactMs: number | null;
+  /** atRisk window in seconds (lastContact - atRiskSince), 0 when nothing was at risk. */
+  seconds: number;
+  /** Sets the old primary had cut that never completed here. */
+  setsNotHere: number[];
+  /** Sets received whole but not played (failover --now). */
+  setsDropped: number[];
+  /** At most this many bytes differ from the old primary at its last report. */
+  bytesAtMost: number;
+  /** The volume equals the old primary at a point in time (no partial set in the middle). */
+  consistent: boolean;
+}
+
+export interface FenceRecord {
+  /** The newer generation this volume learned of, and where. */
+  generation: number;
+  peer: string;
+  reason: string;
+  atMs: number;
+}
+
+/** A planned swap under way on the primary (writes held until it commits or aborts). */
+export interface HandoverRecord {
+  pairId: string;
+  newPairId: string;
+  newGeneration: number;
+  /** The replica's set number its new pair starts from (it becomes this node's playedSet). */
+  peerBaseSet: number;
+  /** Last set shipped before the swap (the replica has played it when the swap commits). */
+  lastSet: number;
+  /** The replica was told it may take over: from here only its answer ends the handover. */
+  offered: boolean;
+  atMs: number;
+}
+
+export interface RoleHistoryEntry {
+  generation: number;
+  role: Role;
+  event: string;
+  atMs: number;
+}
+
+export interface RoleState {
+  version: 1;
+  role: Role;
+  generation: number;
+  history: RoleHistoryEntry[];
+  pairs: PairRecord[];
+  upstream: UpstreamRecord | null;
+  fenced: FenceRecord | null;
+  handover: HandoverRecord | null;
+  failover: FailoverRecord | null;
+}
+
+export type RoleEvent =
+  | { t: 'pair-added'; pair: PairRecord }
+  | { t: 'pair-removed'; pairId: string }
+  | { t: 'replica-created'; upstream: UpstreamRecord; generation: number }
+  | { t: 'generation-adopted'; generation: number }
+  | { t: 'split-started' }
+  | { t: 'split-ended' }
+  | { t: 'failed-over'; failover: FailoverRecord }
+  | { t: 'fenced'; fence: FenceRecord }
+  | { t: 'unfenced' }
+  | { t: 'resync-started'; upstream: UpstreamRecord; generation: number }
+  | { t: 'resync-registered' }
+  | { t: 'resync-finished' }
+  | { t: 'failover-pair-set'; pairId: string }
+  | { t: 'failover-closed' }
+  | { t: 'handover-prepared'; handover: HandoverRecord }
+  | { t: 'handover-aborted'; reason: string }
+  | { t: 'handed-over'; upstream: UpstreamRecord }
+  | { t: 'took-over'; pair: PairRecord; failover: FailoverRecord; generation: number };
+
+
+export function emptyRoleState(): RoleState {
+  return { version: 1, role: 'simplex', generation: 1, history: [], pairs: [], upstream: null, fenced: null, handover: null, failover: null };
+}
+
+function fail(message: string): never {
+  throw new DeltavolError('ROLE_CONFLICT', message);
+}
+
+/**
+ * The next record after `e`, or a ROLE_CONFLICT error when the move is not legal from
+ * `s`. Pure: persistence and logging are the caller's (RoleRecord.transition).
+ */
+export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
+  const n: RoleState = structuredClone(s);
+  switch (e.t) {
+    case 'pair-added':
+      if (s.role === 'replica') fail('a replica cannot have replicas of its own yet (cascades are not supported)');
+      if (s.fenced) fail('a fenced volume cannot get new replicas: resync it first');
+      if (s.handover) fail('a planned handover is under way');
+      assert(!s.pairs.some((p) => p.id === e.pair.id), 'pair ids are unique');
+      n.role = 'primary';
+      n.pairs.push(e.pair);
+      break;
+    case 'pair-removed':
+      assert(s.pairs.some((p) => p.id === e.pairId), `no pair ${e.pairId}`);
+      n.pairs = n.pairs.filter((p) => p.id !== e.pairId);
+      if (n.pairs.length === 0 && !n.failover && !n.fenced && s.role === 'primary') n.role = 'simplex';
+      break;
+    case 'replica-created':
+      if (s.role !== 'simplex' || s.pairs.length > 0) fail('only a volume without pairs can become a replica');
+      n.role = 'replica';
+      n.upstream = e.upstream;
+      n.generation = Math.max(s.generation, e.generation);
+      break;
+    case 'generation-adopted':
+      if (s.role !== 'replica') fail('only a replica adopts its primary\'s generation');
+      if (e.generation < s.generation) fail(`generation ${e.generation} is older than ${s.generation}`);
+      n.generation = e.generation;
+      break;
+    case 'split-started':
+    case 'split-ended':
+      if (s.role !== 'replica' || !s.upstream) fail('only a replica can be split');
+      n.upstream!.split = e.t === 'split-started';
+      break;
+    case 'failed-over':
+      if (s.role !== 'replica' || !s.upstream) fail('only a replica can fail over');
+      n.role = 'primary';
+      n.generation = s.generation + 1;
+      n.upstream = null;
+      n.failover = e.failover;
+      n.pairs = [];
+      break;
+    case 'fenced':
+      if (s.role !== 'primary') fail('only a primary is fenced');
+      if (e.fence.generation <= s.generation) fail(`generation ${e.fence.generation} is not newer than ${s.generation}`);
+      n.fenced = e.fence;
+      break;
+    case 'unfenced':
+      if (!s.fenced) fail('the volume is not fenced');
+      n.fenced = null;
+      break;
+    case 'resync-started':
+      if (s.role === 'replica') fail('the volume is already a replica');
+      if (e.generation <= s.generation) fail(`the new primary's generation ${e.generation} is not newer than this volume's ${s.generation}`);
+      n.role = 'replica';
+      n.generation = e.generation;
+      n.upstream = e.upstream;
+      n.pairs = [];
+      n.fenced = null;
+      n.failover = null;
+      n.handover = null;
+      break;
+    case 'resync-registered':
+      if (!s.upstream?.resync) fail('no resync under way');
+      n.upstream!.resync!.registered = true;
+      break;
+    case 'resync-finished':
+      if (!s.upstream?.resync) fail('no resync under way');
+      n.upstream!.resync = null;
+      break;
+    case 'failover-pair-set':
+      if (!s.failover) fail('this volume did not take over from another');
+      n.failover!.resyncPairId = e.pairId;
+      break;
+    case 'failover-closed':
+      if (!s.failover) fail('this volume did not take over from another');
+      n.failover = null;
+      if (n.pairs.length === 0) n.role = 'simplex';
+      break;
+    case 'handover-prepared':
+      if (s.role !== 'primary' || s.fenced) fail('only an unfenced primary can hand over');
+      if (s.handover) fail('a handover is already under way');
+      if (e.handover.newGeneration !== s.generation + 1) fail('a handover moves the generation by one');
+      n.handover = e.handover;
+      break;
+    case 'handover-aborted':
+      if (!s.handover) fail('no handover under way');
+      n.handover = null;
+      break;
+    case 'handed-over':
+      if (!s.handover) fail('no handover under way');
+      n.role = 'replica';
+      n.generation = s.handover.newGeneration;
+      n.upstream = e.upstream;
+      n.pairs = [];
+      n.handover = null;
+      n.failover = null;
+      break;
+    case 'took-over':
+      if (s.role !== 'replica' || !s.upstream) fail('only a replica can take over');
+      if (e.generation !== s.generation + 1) fail('a takeover moves the generation by one');
+      n.role = 'primary';
+      n.generation = e.generation;
+      n.upstream = null;
+      n.pairs = [e.pair];
+      n.failover = e.failover;
+      break;
+  }
+  if (n.role !== s.role || n.generation !== s.generation || e.t === 'fenced' || e.t === 'unfenced') {
+    n.history.push({ generation: n.generation, role: n.role, event: e.t, atMs: historyTime(e) });
+    if (n.history.length > HISTORY_MAX) n.history.splice(0, n.history.length - HISTORY_MAX);
+  }
+  roleInvariants(n);
+  return n;
+}
+
+function historyTime(e: RoleEvent): number {
+  switch (e.t) {
+    case 'failed-over':
+      return e.failover.atMs;
+    case 'fenced':
+      return e.fence.atMs;
+    case 'took-over':
+      return e.failover.atMs;
+    default:
+      return 0; // filled in by RoleRecord with its clock
+  }
+}
+
+export function roleInvariants(s: RoleState): void {
+  assert(s.version === 1, 'role record version');
+  assert(Number.isSafeInteger(s.generation) && s.generation >= 1, 'generation ≥ 1');
+  assert((s.role === 'replica') === (s.upstream !== null), 'a replica, and only a replica, has an upstream pair');
+  assert(s.role !== 'replica' || s.pairs.length === 0, 'a replica ships to nobody');
+  assert(s.role !== 'simplex' || (s.pairs.length === 0 && s.failover === null && s.fenced === null), 'a simplex volume has no pairs, failover or fence');
+  assert(s.fenced === null || s.role === 'primary', 'only a primary is fenced');
+  assert(s.handover === null || (s.role === 'primary' && s.pairs.some((p) => p.id === s.handover!.pairId)), 'a handover belongs to a pair of a primary');
+  assert(new Set(s.pairs.map((p) => p.id)).size === s.pairs.length, 'pair ids are unique');
+  for (let i = 1; i < s.history.length; i++) assert(s.history[i]!.generation >= s.history[i - 1]!.generation, 'generations only move forward');
+}
+
+/** Write access clients get, from the record alone. */
+export function writeAccessOf(s: RoleState): WriteAccess {
+  if (s.role === 'replica') {
+    if (s.upstream!.split) return { mode: 'open' };
+    return { mode: 'refuse', code: 'REPLICA', reason: `it is a replica of ${s.upstream!.primaryVolume} (generation ${s.generation}); \`deltavol failover\` makes it a primary` };
+  }
+  if (s.fenced) {
+    return {
+      mode: 'refuse',
+      code: 'FENCED',
+      reason: `it was replaced by a newer primary (generation ${s.fenced.generation} at ${s.fenced.peer}); \`deltavol resync\` makes it that primary's replica, \`deltavol unfence\` writes anyway`,
+    };
+  }
+  if (s.handover) return { mode: 'hold', reason: `a planned handover to generation ${s.handover.newGeneration} is under way` };
+  return { mode: 'open' };
+}
+
+/**
+ * The one owner of a volume's role record. Listeners (the volume's write access, the
+ * replication service) are told after every transition, once it is durable.
+ */
+export class RoleRecord {
+  private listeners: ((s: Readonly<RoleState>, e: RoleEvent | null) => void)[] = [];
+
+  private constructor(
+    private readonly fsys: DurableFs,
+    private s: RoleState,
+    private readonly log: Logger,
+    private readonly now: () => number,
+  ) {}
+
+  /** Opens the record (an empty simplex one when the volume never had one). */
+  static open(fsys: DurableFs, log: Logger, now: () => number): RoleRecord {
+    const raw = fsys.readAll(ROLE_FILE);
+    let s: RoleState;
+    if (raw === null) s = emptyRoleState();
+    else {
+      try {
+        s = JSON.parse(raw.toString('utf8')) as RoleState;
+      } catch (e) {
+        throw new DeltavolError('METADATA_CORRUPT', `${ROLE_FILE}: ${(e as Error).message}`);
+      }
+      if (s.version !== 1) throw new DeltavolError('METADATA_CORRUPT', `${ROLE_FILE}: unknown version ${String(s.version)}`);
+      roleInvariants(s);
+    }
+    return new RoleRecord(fsys, s, log, now);
+  }
+
+  get state(): Readonly<RoleState> {
+    return this.s;
+  }
+  get role(): Role {
+    return this.s.role;
+  }
+  get generation(): number {
+    return this.s.generation;
+  }
+  get writeAccess(): WriteAccess {
+    return writeAccessOf(this.s);
+  }
+  /** The pair records, to update progress in place (then saveProgress()). */
+  get pairs(): PairRecord[] {
+    return this.s.pairs;
+  }
+  get upstream(): UpstreamRecord | null {
+    return this.s.upstream;
+  }
+
+  onChange(fn: (s: Readonly<RoleState>, e: RoleEvent | null) => void): void {
+    this.listeners.push(fn);
+  }
+
+  /** The one way role, generation, fence, handover and failover change. */
+  transition(e: RoleEvent, fields: Record<string, unknown> = {}): Readonly<RoleState> {
+    const before = this.s;
+    const next = nextRoleState(before, e);
+    const last = next.history[next.history.length - 1];
+    if (last && last.atMs === 0) last.atMs = this.now();
+    // Senders hold their pair's record: a transition keeps each surviving record's identity.
+    next.pairs = next.pairs.map((p) => {
+      const held = before.pairs.find((x) => x.id === p.id);
+      return held ? Object.assign(held, p) : p;
+    });
+    if (next.upstream && before.upstream && next.upstream.pairId === before.upstream.pairId) next.upstream = Object.assign(before.upstream, next.upstream);
+    this.persist(next);
+    this.s = next;
+    const level = e.t === 'fenced' || e.t === 'failed-over' || e.t === 'handover-aborted' ? 'warn' : 'info';
+    this.log[level](
+      { event: e.t, role: next.role, generation: next.generation, ...(before.role !== next.role ? { from: before.role } : {}), ...(before.generation !== next.generation ? { fromGeneration: before.generation } : {}), ...fields },
+      `role: ${e.t}`,
+    );
+    for (const l of this.listeners) l(next, e);
+    return next;
+  }
+
+  /** Progress fields changed in place (acks, plays, copy offsets): make them durable. */
+  saveProgress(): void {
+    roleInvariants(this.s);
+    this.persist(this.s);
+  }
+
+  private persist(s: RoleState): void {
+    this.fsys.writeAtomic(ROLE_FILE, Buffer.from(JSON.stringify(s, null, 1)));
+  }
+}
