@@ -23,6 +23,7 @@
 // an id it already holds with the same acceptance), and both copy and sets resume after
 // a crash of either side.
 
+import crypto from 'node:crypto';
 import { DeltavolError } from '../util/errors.js';
 import { sleep } from '../util/clock.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
@@ -34,8 +35,12 @@ import type { PairRecord } from './role-record.js';
 import { UNPLAYED_FILE } from './failover.js';
 
 const DIVERGENT_FILE = 'resync-divergent.json';
-/** Runs per resyncBlocks frame (well under the message limit). */
+/** Runs per resyncBlocks frame (well under the message limit), and blocks (their digests are its data). */
 const runsPerFrame = 20_000;
+const blocksPerFrame = 262_144;
+const DIGEST_BYTES = 16;
+/** The old primary reads the blocks it hashes this much at a time. */
+const digestReadBytes = 1024 * 1024;
 /** One registration exchange may take this long. */
 const sessionMsMax = 60_000;
 
@@ -258,15 +263,50 @@ function divergentSince(ctx: RecoveryContext, volume: string, pair: PairRecord |
   return { blocks, full: false, reason: `${blocks.count()} blocks changed here since set ${restart}` };
 }
 
-/** Sends the divergent list and the commit; resolves once the new primary recorded the pair. */
+/** A block's digest for the resync compare: SHA-256 truncated to 128 bits (no accidental or crafted match). */
+export function blockDigest(block: Buffer): Buffer {
+  return crypto.hash('sha256', block, 'buffer').subarray(0, DIGEST_BYTES);
+}
+
+/**
+ * Sends the divergent blocks with a digest of each (this volume is not written until the
+ * new primary has the pair, so they are its content now), then the commit; resolves once
+ * the new primary recorded the pair.
+ */
 async function register(ctx: RecoveryContext, volume: string, s: Session): Promise<void> {
   const role = ctx.role(volume);
   const up = role.upstream!;
   const rs = up.resync!;
   const raw = ctx.stateFs(volume).readAll(DIVERGENT_FILE);
   if (!raw) throw new DeltavolError('METADATA_CORRUPT', `volume ${volume}: ${DIVERGENT_FILE} is missing (run the resync again)`);
-  const runs = JSON.parse(raw.toString('utf8')) as Runs;
-  for (let i = 0; i < runs.length; i += runsPerFrame) s.send({ t: 'resyncBlocks', runs: runs.slice(i, i + runsPerFrame) });
+  const v = ctx.host.require(volume);
+  const bs = v.blockBytes;
+  const buf = Buffer.alloc(Math.max(bs, Math.floor(digestReadBytes / bs) * bs));
+  let frameRuns: Runs = [];
+  let digests: Buffer[] = [];
+  let frameBlocks = 0;
+  const flush = async () => {
+    if (frameRuns.length === 0) return;
+    s.link.send({ t: 'resyncBlocks', runs: frameRuns, digestBytes: DIGEST_BYTES }, digests);
+    frameRuns = [];
+    digests = [];
+    frameBlocks = 0;
+    await s.link.drainBelow(L.socketQueueBytesMax);
+  };
+  for (const [start, count] of JSON.parse(raw.toString('utf8')) as Runs) {
+    for (let b = start; b < start + count; ) {
+      const n = Math.min(start + count - b, buf.length / bs, blocksPerFrame - frameBlocks);
+      const len = Math.min(n * bs, v.sizeBytes - b * bs);
+      buf.fill(0, 0, n * bs);
+      await v.read(b * bs, len, buf);
+      for (let i = 0; i < n; i++) digests.push(blockDigest(buf.subarray(i * bs, (i + 1) * bs)));
+      frameRuns.push([b, n]);
+      frameBlocks += n;
+      b += n;
+      if (frameBlocks >= blocksPerFrame || frameRuns.length >= runsPerFrame) await flush();
+    }
+  }
+  await flush();
   s.send({ t: 'resyncCommit', pairId: up.pairId, full: rs.full, reason: rs.reason, divergentBlocks: rs.divergentBlocks });
   const ok = await s.next(ctx, 'resyncAccepted', sessionMsMax);
   if (ok.pairId !== up.pairId) throw new DeltavolError('PEER_REFUSED', `the new primary accepted pair ${ok.pairId}, not ${up.pairId}`);
@@ -337,7 +377,8 @@ const serving = new Map<string, Promise<unknown>>();
 
 /** A resyncHello arrived on the replication port: the frame handler for the rest of that session. */
 export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello): (f: Frame) => void {
-  const blocks: Runs = [];
+  const blocks: { runs: Runs; digests: Buffer | null }[] = [];
+  let blockCount = 0;
   let offered: { restartOk: boolean; volume: string } | null = null;
   const refuse = (e: Error) => {
     const err = e as DeltavolError;
@@ -352,15 +393,17 @@ export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   const stop = ctx.platform.clock.after(sessionMsMax, () => link.close('resync session too long'));
   link.onClose(() => stop());
   return (f) => {
-    if (!offered || link.closed) return;
+    const o = offered;
+    if (!o || link.closed) return;
     const m = f.msg;
     if (m.t === 'resyncBlocks') {
-      if (blocks.length + m.runs.length > 50_000_000) return refuse(new DeltavolError('EINVAL_ARGUMENT', 'too many divergent runs'));
-      for (const r of m.runs) blocks.push(r);
+      for (const [, c] of m.runs) blockCount += c;
+      const v = ctx.host.get(o.volume);
+      if (!v || blockCount > v.blocksTotal) return refuse(new DeltavolError('EINVAL_ARGUMENT', 'more divergent blocks than the volume has'));
+      blocks.push({ runs: m.runs, digests: m.digestBytes > 0 ? f.data : null });
       return;
     }
     if (m.t !== 'resyncCommit') return refuse(new DeltavolError('PEER_REFUSED', `unexpected ${m.t} in a resync session`));
-    const o = offered;
     // One registration per volume at a time.
     const prev = serving.get(o.volume) ?? Promise.resolve();
     const next = prev
@@ -398,7 +441,38 @@ function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartO
   return { restartOk, volume: name };
 }
 
-async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello, volume: string, restartOk: boolean, commit: Extract<ReplMessage, { t: 'resyncCommit' }>, runs: Runs): Promise<{ pairId: string; baseSet: number }> {
+/**
+ * The old primary's blocks that differ from the restart point: those whose digest differs
+ * from the restart snapshot's block (or that came without a digest).
+ */
+async function differingFromRestart(ctx: RecoveryContext, volume: string, restart: string, sent: { runs: Runs; digests: Buffer | null }[]): Promise<{ bits: PagedBitmap; same: number }> {
+  const v = ctx.host.require(volume);
+  const bs = v.blockBytes;
+  const bits = new PagedBitmap(v.blocksTotal);
+  const block = Buffer.alloc(bs);
+  let same = 0;
+  let n = 0;
+  for (const { runs, digests } of sent) {
+    let at = 0;
+    for (const [start, count] of runs) {
+      for (let b = start; b < start + count && b < v.blocksTotal; b++, at += DIGEST_BYTES) {
+        if (digests) {
+          block.fill(0);
+          v.readSnapshot(restart, b * bs, Math.min(bs, v.sizeBytes - b * bs), block);
+          if (blockDigest(block).equals(digests.subarray(at, at + DIGEST_BYTES))) {
+            same++;
+            continue;
+          }
+        }
+        bits.set(b);
+        if (++n % 4096 === 0) await sleep(ctx.platform.clock, 0); // let other work run
+      }
+    }
+  }
+  return { bits, same };
+}
+
+async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello, volume: string, restartOk: boolean, commit: Extract<ReplMessage, { t: 'resyncCommit' }>, sent: { runs: Runs; digests: Buffer | null }[]): Promise<{ pairId: string; baseSet: number }> {
   const role = ctx.role(volume);
   const existing = role.pairs.find((p) => p.id === commit.pairId);
   if (existing) return { pairId: existing.id, baseSet: existing.initialCopy.baseSet };
@@ -407,6 +481,8 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   if (!f) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} has no failover to resync from`);
   const v = ctx.host.require(volume);
   const full = commit.full || !restartOk;
+  const differing = full ? null : await differingFromRestart(ctx, volume, f.restartSnapshot!, sent);
+  if (differing) ctx.log.info({ volume, sent: commit.divergentBlocks, differ: differing.bits.count(), sameAsRestartPoint: differing.same }, 'resync: blocks the old primary may have changed, compared with the restart point');
   const r = ctx.replicator(volume);
   const pair = await r.addPair(
     {
@@ -425,8 +501,7 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
             kind: 'differential',
             blocks: (base) => {
               // The old primary's blocks, what this node held unplayed, and what it changed since R.
-              const bits = new PagedBitmap(v.blocksTotal);
-              for (const [b, c] of runs) if (b + c <= v.blocksTotal) bits.setRange(b, c);
+              const bits = differing!.bits;
               const raw = ctx.stateFs(volume).readAll(UNPLAYED_FILE);
               if (raw) for (const [b, c] of JSON.parse(raw.toString('utf8')) as Runs) if (b + c <= v.blocksTotal) bits.setRange(b, c);
               const d = v.differenceBlocks(f.restartSnapshot!, base);

@@ -55,6 +55,8 @@ export interface ReplicaPort extends VolumeGeometry {
 
 /** A volume as replication and recovery see it. */
 export interface HostedVolume extends PrimaryPort, ReplicaPort {
+  /** Reads the volume as clients see it (a resync hashes the blocks it may have changed). */
+  read(offset: number, length: number, target: Buffer): void | Promise<void>;
   /** What clients may do (the role record decides; the volume enforces). */
   setWriteAccess(a: WriteAccess): void;
   /** Resolves when no client write is running (the ones held or refused do not count). */

@@ -113,8 +113,13 @@ export type ReplMessage =
     }
   /** New primary → old primary: the restart point and what this node already knows. */
   | { t: 'resyncOffer'; generation: number; restartSet: number; knownUpTo: number; pairId: string; generationBefore: number; fromPairId: string }
-  /** Old primary → new primary: blocks it changed since the restart point (several frames). */
-  | { t: 'resyncBlocks'; runs: Runs }
+  /**
+   * Old primary → new primary: blocks it may have changed since the restart point (several
+   * frames). With digestBytes 16, the data part holds a 16-byte digest of each block's
+   * content, in run order: blocks whose digest equals the restart point's need not travel
+   * (a crash marks whole extents as changed; most of them are not).
+   */
+  | { t: 'resyncBlocks'; runs: Runs; digestBytes: number }
   | { t: 'resyncCommit'; pairId: string; full: boolean; reason: string; divergentBlocks: number }
   | { t: 'resyncAccepted'; pairId: string; baseSet: number };
 
@@ -195,7 +200,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
     returnPort: 'uint',
   },
   resyncOffer: { generation: 'u32', restartSet: 'uint', knownUpTo: 'uint', pairId: 'string', generationBefore: 'u32', fromPairId: 'string' },
-  resyncBlocks: { runs: 'runs' },
+  resyncBlocks: { runs: 'runs', digestBytes: 'uint' },
   resyncCommit: { pairId: 'string', full: 'boolean', reason: 'string', divergentBlocks: 'uint' },
   resyncAccepted: { pairId: 'string', baseSet: 'uint' },
 };
@@ -274,6 +279,10 @@ function messageProblem(v: unknown, dataBytes: number): string | null {
     const blocks = runsBlocks(v.runs)!;
     if (blocks === 0) return 'chunk: no runs';
     if (dataBytes === 0 || dataBytes % blocks !== 0) return `chunk: ${dataBytes} data bytes for ${blocks} blocks`;
+  } else if (t === 'resyncBlocks') {
+    const want = (v.digestBytes as number) * runsBlocks(v.runs)!;
+    if (v.digestBytes !== 0 && v.digestBytes !== 16) return `resyncBlocks: digests of ${String(v.digestBytes)} bytes`;
+    if (dataBytes !== want) return `resyncBlocks: ${dataBytes} data bytes for ${want} bytes of digests`;
   } else if (dataBytes !== 0) {
     return `${t}: carries no data, got ${dataBytes} bytes`;
   }
