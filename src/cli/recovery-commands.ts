@@ -78,13 +78,18 @@ export function renderFailover(a: FailoverAnswer): string {
   if (a.restartPoint) lines.push(`restart point: ${a.restartPoint.snapshot ? `snapshot ${a.volume}@${a.restartPoint.snapshot}` : 'none'} = the old primary as of its set ${a.restartPoint.set}`);
   if (a.setsPlayed && a.setsPlayed.length > 0) lines.push(`played before taking over: sets ${sets(a.setsPlayed)}`);
   if (r.atRiskSinceMs === null && r.setsNotHere.length === 0 && r.setsDropped.length === 0) {
-    lines.push(r.lastContactMs === null ? 'data loss: unknown (the old primary was never heard from since this daemon started)' : `data loss: none known (the old primary reported nothing at risk at its last contact, ${time(r.lastContactMs)})`);
+    lines.push(
+      r.lastContactMs === null
+        ? 'data loss: unknown (the old primary never reported to this node)'
+        : `data loss: none known: at its last contact (${time(r.lastContactMs)}) the old primary had nothing this node lacked; writes it took after that, if any, are missing`,
+    );
   } else {
     lines.push(
       `DATA LOSS: writes the old primary made after ${time(r.atRiskSinceMs)} may be missing here: ${r.seconds.toFixed(1)} s of writes up to its last contact (${time(r.lastContactMs)}), at most ${formatBytes(r.bytesAtMost)}`,
     );
     if (r.setsNotHere.length > 0) lines.push(`  sets the old primary had cut that never completed here: ${sets(r.setsNotHere)}`);
     if (r.setsDropped.length > 0) lines.push(`  sets received but not played (--now): ${sets(r.setsDropped)}`);
+    if (r.lastContactMs !== null) lines.push(`  if the old primary went on taking writes after its last contact (${time(r.lastContactMs)}), those are missing too`);
     lines.push('  those writes are not destroyed: `deltavol resync` on the old primary keeps them in a snapshot there');
   }
   if (!r.consistent) lines.push('WARNING: the volume is between two points in time of the old primary (a partial set): check the file system');

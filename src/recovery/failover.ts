@@ -71,7 +71,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   rv.endSession('failover');
   const generationBefore = role.generation;
   const { played, dropped } = await rv.halt(o.now);
-  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, dropped[0]?.createdAtMs ?? null, ctx.platform.clock.now());
+  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, dropped[0]?.createdAtMs ?? null, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null);
   if (!up.consistent) warnings.push('the last set played was partial: the volume is between two points in time of the primary and may not be crash-consistent (run fsck)');
 
   // 2. The restart point and a fresh change log, at one consistent point.
@@ -123,9 +123,10 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
 /**
  * What a failover now loses, from the primary's last progress report: writes it made
  * since the oldest one this node does not hold (up to the last contact), the sets it had
- * cut that never completed here, and the sets dropped unplayed (--now).
+ * cut that never completed here, and the sets dropped unplayed (--now). What it did after
+ * the last contact is not known here: the report says so by its lastContactMs.
  */
-export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, firstDroppedCutMs: number | null, nowMs: number): LossReport {
+export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, firstDroppedCutMs: number | null, nowMs: number, splitAtMs: number | null = null): LossReport {
   const r = rv.lastReport;
   const lastContact = rv.lastContactMs;
   const head = rv.chainHeadSet;
@@ -137,6 +138,8 @@ export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: n
     const t = playedCutAtMs ?? firstDroppedCutMs;
     if (t !== null) since = since === null ? t : Math.min(since, t);
   }
+  // A split pair: every write of the primary since the split is not here.
+  if (splitAtMs !== null) since = since === null ? splitAtMs : Math.min(since, splitAtMs);
   const until = lastContact ?? nowMs;
   return {
     atRiskSinceMs: since,

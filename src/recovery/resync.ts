@@ -177,6 +177,12 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
     if (offer.generation <= role.generation) {
       throw new DeltavolError('PEER_REFUSED', `${peerVolume} at ${peerHost}:${peerPort} has generation ${offer.generation}, not newer than this volume's ${role.generation}: this volume is not the stale one`);
     }
+    // From here this volume must not change: fence it (if it did not learn of the new
+    // primary by itself) and let the writes already running finish.
+    if (role.role === 'primary' && !role.state.fenced) {
+      role.transition({ t: 'fenced', fence: { generation: offer.generation, peer: `${peerVolume}@${peerHost}:${peerPort}`, reason: 'resync requested by the operator', atMs: ctx.platform.clock.now() } });
+    }
+    await v.writesIdle();
     const { blocks, full, reason } = divergentSince(ctx, volume, pair, offer);
     // Keep this side's version of everything that will be overwritten.
     const before = beforeResyncSnapshotName(offer.generation);

@@ -81,6 +81,8 @@ export interface UpstreamRecord {
   consistent: boolean;
   /** Operator split (seed 003): writable, its own writes recorded for the next hello. */
   split: boolean;
+  /** When the current split began (the primary's writes since are not here). */
+  splitAtMs?: number | null;
   createdAt: string;
   /** Set while this replica is a resynced old primary whose differential copy is not done. */
   resync: ResyncRecord | null;
@@ -192,7 +194,7 @@ export type RoleEvent =
   | { t: 'pair-removed'; pairId: string }
   | { t: 'replica-created'; upstream: UpstreamRecord; generation: number }
   | { t: 'generation-adopted'; generation: number }
-  | { t: 'split-started' }
+  | { t: 'split-started'; atMs: number }
   | { t: 'split-ended' }
   | { t: 'failed-over'; failover: FailoverRecord }
   | { t: 'fenced'; fence: FenceRecord }
@@ -251,6 +253,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
     case 'split-ended':
       if (s.role !== 'replica' || !s.upstream) fail('only a replica can be split');
       n.upstream!.split = e.t === 'split-started';
+      n.upstream!.splitAtMs = e.t === 'split-started' ? e.atMs : null;
       break;
     case 'failed-over':
       if (s.role !== 'replica' || !s.upstream) fail('only a replica can fail over');

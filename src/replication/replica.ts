@@ -448,7 +448,7 @@ export class ReplicaVolume {
     if (this.state.split) return;
     await this.waitPlaybackIdle();
     await this.port.discardChanges();
-    this.role.transition({ t: 'split-started' }, { playedSet: this.state.playedSet });
+    this.role.transition({ t: 'split-started', atMs: this.platform.clock.now() }, { playedSet: this.state.playedSet });
   }
 
   /** A snapshot between two sets, stamped with the last set played. */

@@ -170,7 +170,9 @@ export class ReplicationService implements RecoveryContext {
           await this.openReplica(v.name);
           if (role.upstream!.resync && !role.upstream!.resync.registered) resync.keepRegistering(this, v.name);
         }
-        if (role.state.handover) this.log.warn({ volume: v.name, handover: role.state.handover }, 'a planned handover was under way: writes stay held until the peer answers');
+        const h = role.state.handover;
+        if (h && !h.offered) role.transition({ t: 'handover-aborted', reason: 'the daemon restarted before the replica was offered the handover' });
+        else if (h) this.log.warn({ volume: v.name, handover: h }, 'a planned handover was offered before the restart: writes stay held until the replica answers (it took over, or it welcomes this primary again)');
       } catch (e) {
         this.log.error({ volume: v.name, err: (e as Error).message }, 'replication not resumed for this volume');
       }

@@ -169,6 +169,8 @@ export interface NsDaemonOptions {
   extraArgs?: string[];
   /** Put the data directory on tmpfs (/dev/shm). */
   tmpfs?: boolean;
+  /** Start on this data directory (a restart after a crash) instead of a fresh one. */
+  dataDir?: string;
 }
 
 /**
@@ -195,15 +197,20 @@ export class NsDaemon {
   static async start(lab: NetLab, side: Side, opts: NsDaemonOptions = {}): Promise<NsDaemon> {
     if (!fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run \`npm run build\` first`);
     const base = opts.tmpfs ? '/dev/shm' : os.tmpdir();
-    const dataDir = fs.mkdtempSync(path.join(base, `deltavol-netns-${side}-`));
+    const fresh = opts.dataDir === undefined;
+    const dataDir = opts.dataDir ?? fs.mkdtempSync(path.join(base, `deltavol-netns-${side}-`));
+    fs.rmSync(path.join(dataDir, 'daemon.json'), { force: true });
     const logFile = path.join(os.tmpdir(), `deltavol-netns-${process.pid}-${side}-${Date.now()}.log`);
     const nbdSocket = path.join(dataDir, 'nbd.sock');
     const controlSocket = path.join(dataDir, 'control.sock');
     const controlPort = opts.controlPort ?? 10810;
     const replPort = opts.replPort ?? 10811;
-    lab.onDispose(() => {
-      fs.rmSync(dataDir, { recursive: true, force: true });
-    });
+    if (fresh) {
+      lab.onDispose(() => {
+        fs.rmSync(dataDir, { recursive: true, force: true });
+      });
+    }
+    fs.rmSync(controlSocket, { force: true });
     const proc = lab.spawn(
       side,
       process.execPath,
@@ -261,6 +268,18 @@ export class NsDaemon {
 
   get exited(): boolean {
     return this.proc.exitCode !== null || this.proc.signalCode !== null;
+  }
+
+  /** kill -9 (a crash: nothing is flushed or closed). */
+  async kill(): Promise<void> {
+    if (this.exited) return;
+    const done = new Promise<void>((r) => this.proc.once('exit', () => r()));
+    this.proc.kill('SIGKILL');
+    await done;
+    if (this.nbdBridge) {
+      this.nbdBridge.close();
+      this.nbdBridge = null;
+    }
   }
 
   /** The control API as JSON, from the root namespace. */
