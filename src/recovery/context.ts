@@ -31,4 +31,6 @@ export interface RecoveryContext {
   openReplica(volume: string): Promise<ReplicaVolume>;
   /** Where this node's replication port listens, for peers that must dial back. */
   returnAddress(): { host: string; port: number };
+  /** The node is shutting down: background recovery work ends. */
+  readonly isStopped: boolean;
 }

@@ -205,11 +205,17 @@ interface Waiting {
   resolve: (m: HandoverMsg) => void;
   reject: (e: Error) => void;
 }
-const waiting = new Map<string, Waiting>();
+/** Takeovers waiting for their primary's answer, per node (several nodes may share a process: the simulator). */
+const waitingByNode = new WeakMap<RecoveryContext, Map<string, Waiting>>();
+function waitingOf(ctx: RecoveryContext): Map<string, Waiting> {
+  let m = waitingByNode.get(ctx);
+  if (!m) waitingByNode.set(ctx, (m = new Map()));
+  return m;
+}
 
 /** A recovery message from the primary on a replica's link. */
-export function onReplicaMessage(_ctx: RecoveryContext, volume: string, m: ReplMessage, _link: Link): void {
-  const w = waiting.get(volume);
+export function onReplicaMessage(ctx: RecoveryContext, volume: string, m: ReplMessage, _link: Link): void {
+  const w = waitingOf(ctx).get(volume);
   if (!w) return;
   if (m.t === 'handover') w.resolve(m);
   else if (m.t === 'handoverAbort') w.reject(new DeltavolError('PEER_REFUSED', `the primary called the handover off: ${m.reason}`));
@@ -240,6 +246,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   const up = role.upstream!;
   if (!up.initialCopy.done) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} has not finished its ${up.resync ? 'resync' : 'initial copy'}`);
   if (up.split) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is split from its primary: resume the pair first`);
+  const waiting = waitingOf(ctx);
   if (waiting.has(volume)) throw new DeltavolError('ROLE_CONFLICT', `a takeover of ${volume} is already under way`);
   const generationBefore = role.generation;
   const baseSet = OutboundLog.lastSetIn(ctx.stateFs(volume));

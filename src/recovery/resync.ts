@@ -347,11 +347,14 @@ async function registerOnce(ctx: RecoveryContext, volume: string): Promise<void>
   }
 }
 
-const registering = new Set<string>();
+/** Volumes whose registration is being retried, per node (nodes may share a process: the simulator). */
+const registeringByNode = new WeakMap<RecoveryContext, Set<string>>();
 
 /** Retries the registration in the background until the new primary has the pair. */
 export function keepRegistering(ctx: RecoveryContext, volume: string): void {
-  const key = `${ctx.returnAddress().port}/${volume}`;
+  let registering = registeringByNode.get(ctx);
+  if (!registering) registeringByNode.set(ctx, (registering = new Set()));
+  const key = volume;
   if (registering.has(key)) return;
   registering.add(key);
   void (async () => {
@@ -359,7 +362,7 @@ export function keepRegistering(ctx: RecoveryContext, volume: string): void {
     try {
       for (let attempt = 0; attempt < 100_000; attempt++) {
         const rs = ctx.role(volume).upstream?.resync;
-        if (!rs || rs.registered) return;
+        if (!rs || rs.registered || ctx.isStopped) return;
         try {
           await registerOnce(ctx, volume);
           return;
@@ -372,14 +375,15 @@ export function keepRegistering(ctx: RecoveryContext, volume: string): void {
     } catch (e) {
       ctx.log.error({ volume, err: (e as Error).message }, 'resync registration stopped');
     } finally {
-      registering.delete(key);
+      registering!.delete(key);
     }
   })();
 }
 
 // ================= the new primary's side =================
 
-const serving = new Map<string, Promise<unknown>>();
+/** Resync registrations being served, per node and volume (one at a time per volume). */
+const servingByNode = new WeakMap<RecoveryContext, Map<string, Promise<unknown>>>();
 
 /** A resyncHello arrived on the replication port: the frame handler for the rest of that session. */
 export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello): (f: Frame) => void {
@@ -411,6 +415,8 @@ export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
     }
     if (m.t !== 'resyncCommit') return refuse(new DeltavolError('PEER_REFUSED', `unexpected ${m.t} in a resync session`));
     // One registration per volume at a time.
+    let serving = servingByNode.get(ctx);
+    if (!serving) servingByNode.set(ctx, (serving = new Map()));
     const prev = serving.get(o.volume) ?? Promise.resolve();
     const next = prev
       .catch(() => undefined)
