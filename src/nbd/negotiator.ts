@@ -3,7 +3,7 @@
 // what was negotiated, or a reason to close. Never touches a socket, so every byte
 // boundary, option and error path is testable with buffers alone.
 
-import { ByteQueue } from './byte-queue.js';
+import { ByteQueue } from '../util/byte-queue.js';
 import * as C from './constants.js';
 import type { ExportCatalog, NbdExport } from './export.js';
 import {

@@ -4,7 +4,7 @@
 // without buffering, so the stream stays in sync and the request gets an error
 // reply; only a bad magic (a broken frame) ends the connection.
 
-import { ByteQueue } from './byte-queue.js';
+import { ByteQueue } from '../util/byte-queue.js';
 import { CMD_WRITE, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js';
 
 export interface RequestHeader {

@@ -13,7 +13,7 @@
 
 import { crc32c } from '@node-rs/crc32';
 import { Packr } from 'msgpackr';
-import { ByteQueue } from '../nbd/byte-queue.js';
+import { ByteQueue } from '../util/byte-queue.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 

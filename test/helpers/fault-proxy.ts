@@ -6,7 +6,7 @@
 // PRNG. Server→client bytes pass through, optionally with seeded byte-level bit flips.
 
 import net from 'node:net';
-import { ByteQueue } from '../../src/nbd/byte-queue.js';
+import { ByteQueue } from '../../src/util/byte-queue.js';
 import { FRAME_MAGIC, framePrefixBytes, replicationDataBytesMax, replicationMsgBytesMax } from '../../src/replication/wire.js';
 import { prng } from './seed.js';
 

@@ -3,7 +3,7 @@
 // broken frame.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { ByteQueue } from '../../src/nbd/byte-queue.js';
+import { ByteQueue } from '../../src/util/byte-queue.js';
 import { RequestFramer, type RequestHeader } from '../../src/nbd/request-framer.js';
 import * as C from '../../src/nbd/constants.js';
 import { request } from '../helpers/wire.js';
