@@ -17,7 +17,7 @@ import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
 import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
-import { DiffDecoder, DiffEncoder, type DiffRun } from '../snapshot/diff-stream.js';
+import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
 import { ReplicationService } from '../replication/service.js';
 import { systemPlatform } from '../replication/platform.js';
 import { RegistryVolumeHost } from './volume-host.js';
@@ -64,8 +64,6 @@ export interface DaemonInfo {
 
 export const DAEMON_INFO_FILE = 'daemon.json';
 const PID_FILE = 'daemon.pid';
-/** A differential stream is written to the HTTP response in pieces of about this size. */
-const differentialBatchBytes = 1024 * 1024;
 
 export class Daemon {
   readonly registry: VolumeRegistry;
@@ -294,35 +292,14 @@ export class Daemon {
       const from = q.get('from');
       const to = q.get('to');
       if (!from || !to) throw new DeltavolError('EINVAL_ARGUMENT', 'give ?from=SNAPSHOT&to=SNAPSHOT');
-      const enc = new DiffEncoder();
-      const header = v.differentialHeader(from, to);
-      const runs = v.differential(from, to);
-      // Pull the first run before the status line: a bad pair of snapshots (M not newer
-      // than L) then fails as a JSON error, not as a truncated stream.
-      const first = runs.next();
+      // A bad pair of snapshots fails here, as a JSON error, before the status line.
+      const { first, rest } = encodeDifferential(v, from, to);
       res.writeHead(200, { 'content-type': 'application/octet-stream' });
-      // Runs are small (often one 4 KiB block): send them in batches of ~1 MiB, since
-      // every HTTP write becomes a chunk the client must parse.
-      let batch: Buffer[] = [enc.header(header)];
-      let batchBytes = 0;
-      let dataBytes = 0;
-      for (let it = first; !it.done; it = runs.next()) {
-        const run = it.value;
-        dataBytes += run.data?.length ?? 0;
-        for (const b of enc.run(run)) {
-          batch.push(b);
-          batchBytes += b.length;
-        }
-        if (batchBytes >= differentialBatchBytes) {
-          const ok = res.write(Buffer.concat(batch));
-          batch = [];
-          batchBytes = 0;
-          if (!ok) await new Promise((r) => res.once('drain', r));
-        }
-      }
-      batch.push(enc.trailer());
-      res.end(Buffer.concat(batch));
-      this.log.info({ volume: p.name, from, to, dataBytes }, 'differential sent');
+      res.write(first);
+      let it = rest.next();
+      for (; !it.done; it = rest.next()) if (!res.write(it.value)) await new Promise((r) => res.once('drain', r));
+      res.end();
+      this.log.info({ volume: p.name, from, to, dataBytes: it.value.dataBytes }, 'differential sent');
     });
     api.rawRoute('POST', '/v1/volumes/:name/differential', async (p, _q, req, res) => {
       const v = this.registry.require(p.name!);
@@ -333,38 +310,15 @@ export class Daemon {
       fs.mkdirSync(spoolDir, { recursive: true, mode: 0o700 });
       const spool = path.join(spoolDir, `differential-${process.pid}-${Date.now()}.bin`);
       try {
-        const check = new DiffDecoder(() => undefined);
         const out = fs.openSync(spool, 'w', 0o600);
+        let header;
         try {
-          for await (const chunk of req) {
-            check.push(chunk as Buffer);
-            fs.writeSync(out, chunk as Buffer);
-          }
+          header = await verifyDifferential(req as AsyncIterable<Buffer>, (chunk) => fs.writeSync(out, chunk));
         } finally {
           fs.closeSync(out);
         }
-        check.end();
-        const header = check.header!;
-        if (header.sizeBytes > v.sizeBytes) {
-          throw new DeltavolError('EINVAL_ARGUMENT', `differential is for a volume of ${header.sizeBytes} bytes; ${v.name} has ${v.sizeBytes}`);
-        }
-        let runs: DiffRun[] = [];
-        let bytesWritten = 0;
-        let bytesZeroed = 0;
-        const apply = new DiffDecoder((r) => runs.push(r));
-        for await (const chunk of fs.createReadStream(spool, { highWaterMark: 1024 * 1024 })) {
-          apply.push(chunk as Buffer);
-          const batch = runs;
-          runs = [];
-          for (const r of batch) {
-            await v.applyRun(r);
-            if (r.data) bytesWritten += r.lengthBytes;
-            else bytesZeroed += r.lengthBytes;
-          }
-        }
-        const totals = apply.end();
-        await v.flush();
-        const result = { volume: v.name, from: header.from, to: header.to, records: totals.records, bytesWritten, bytesZeroed, seconds: (Date.now() - started) / 1000 };
+        const totals = await applyDifferential(v, header, fs.createReadStream(spool, { highWaterMark: 1024 * 1024 }) as AsyncIterable<Buffer>);
+        const result = { volume: v.name, from: header.from, to: header.to, ...totals, seconds: (Date.now() - started) / 1000 };
         this.log.info(result, 'differential applied');
         const text = JSON.stringify(result);
         res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
