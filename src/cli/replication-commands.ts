@@ -35,7 +35,7 @@ export interface VolumeReplication {
   role: 'primary' | 'replica' | 'simplex';
   state?: string;
   generation?: number;
-  fenced?: { generation: number; peer: string; reason: string } | null;
+  fenced?: { generation: number; peer: string; reason: string; overridden?: boolean } | null;
   failover?: { kind: string; restartSnapshot: string | null; restartSet: number; resyncPairId: string | null } | null;
   handover?: { newGeneration: number } | null;
   rpo?: { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null };
@@ -67,7 +67,8 @@ export function renderReplication(vols: VolumeReplication[]): string {
   const rows: (string | number)[][] = [];
   const notes: string[] = [];
   for (const v of vols) {
-    if (v.fenced) notes.push(`${v.volume}: FENCED — a newer primary (generation ${v.fenced.generation}) exists at ${v.fenced.peer}; writes are refused. \`deltavol resync ${v.volume}\` makes it that primary's replica (only what differs travels).`);
+    if (v.fenced?.overridden) notes.push(`${v.volume}: DIVERGED — unfenced by the operator although a newer primary (generation ${v.fenced.generation}) exists at ${v.fenced.peer}: two primaries, nothing ships. \`deltavol resync ${v.volume}\` rejoins it (its writes are kept in a snapshot).`);
+    else if (v.fenced) notes.push(`${v.volume}: FENCED — a newer primary (generation ${v.fenced.generation}) exists at ${v.fenced.peer}; writes are refused. \`deltavol resync ${v.volume}\` makes it that primary's replica (only what differs travels).`);
     if (v.state === 'failed-over' && v.failover) notes.push(`${v.volume}: failed over (restart point ${v.failover.restartSnapshot ?? 'none'} = set ${v.failover.restartSet}); ${v.failover.resyncPairId ? 'the old primary is being resynced' : 'waiting for the old primary to resync'}`);
     if (v.handover) notes.push(`${v.volume}: planned handover to generation ${v.handover.newGeneration} under way: writes held`);
     if (v.resync) notes.push(`${v.volume}: resyncing from its new primary${v.resync.full ? ` (FULL copy: ${v.resync.reason})` : ''}${v.resync.registered ? '' : ' — waiting for the new primary to record it'}`);

@@ -12,7 +12,7 @@ type Pair = PrimaryStatus['replicas'][number];
 type ReplicaStatus = Extract<Status, { role: 'replica' }>;
 
 const PAIR_STATES = ['initial-copy', 'resyncing', 'duplex', 'duplex-pending', 'disconnected', 'suspending', 'suspend', 'failure-suspend', 'fenced', 'handing-over'] as const;
-const VOLUME_STATES = ['simplex', 'primary', 'failed-over', 'fenced', 'handing-over', 'initial-copy', 'resyncing', 'duplex', 'disconnected', 'suspend'] as const;
+const VOLUME_STATES = ['simplex', 'primary', 'failed-over', 'fenced', 'diverged', 'handing-over', 'initial-copy', 'resyncing', 'duplex', 'disconnected', 'suspend'] as const;
 
 function metric(out: string[], name: string, type: 'gauge' | 'counter', help: string, rows: [Record<string, string>, number][]): void {
   out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -32,7 +32,7 @@ export function renderReplicationMetrics(volumes: Status[]): string {
   }
   metric(out, 'deltavol_volume_state', 'gauge', 'Replication state of the volume (1 for the current state, with its role).', volumes.flatMap((v) => VOLUME_STATES.map((s): [Record<string, string>, number] => [{ volume: v.volume, role: v.role, state: s }, v.state === s ? 1 : 0])));
   metric(out, 'deltavol_volume_generation', 'gauge', 'Generation of the volume on this node (moves at every failover or takeover).', volumes.map((v) => [{ volume: v.volume }, v.generation]));
-  metric(out, 'deltavol_volume_fenced', 'gauge', '1 when a newer primary of this volume exists elsewhere (writes refused).', volumes.map((v) => [{ volume: v.volume }, v.fenced ? 1 : 0]));
+  metric(out, 'deltavol_volume_fenced', 'gauge', '1 when a newer primary of this volume exists elsewhere and writes are refused (0 once unfenced: see state diverged).', volumes.map((v) => [{ volume: v.volume }, v.fenced && !v.fenced.overridden ? 1 : 0]));
   metric(out, 'deltavol_replication_pair_state', 'gauge', 'Pair state (1 for the current state).', pairs.flatMap(([l, p]) => PAIR_STATES.map((s): [Record<string, string>, number] => [{ ...l, state: s }, p.state === s ? 1 : 0])));
   metric(out, 'deltavol_replication_lag_seconds', 'gauge', 'Age of the oldest change not yet played on the replica.', pairs.map(([l, p]) => [l, p.lagSeconds]));
   metric(out, 'deltavol_replication_rpo_seconds', 'gauge', 'Age of the oldest write the replica does not hold durably (what a failover would lose now).', pairs.map(([l, p]) => [l, p.rpo.seconds]));

@@ -52,7 +52,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   if (!rv) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume}: its replica side is not running`);
   const up = role.upstream!;
   const warnings: string[] = [];
-  if (rv.connected && !o.force) {
+  if (rv.primaryAlive && !o.force) {
     throw new DeltavolError(
       'ROLE_CONFLICT',
       `the primary ${up.primaryVolume} is connected: \`deltavol failover ${volume} --sync\` takes over without loss; --force takes over anyway (the old primary is fenced when it next reaches this node)`,
@@ -65,7 +65,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
     }
     warnings.push('the initial copy was not done: the volume is not a usable copy of the primary, and a resync of the old primary will copy everything');
   }
-  if (rv.connected) warnings.push('the primary was connected: it is fenced when it next reaches this node, and its writes since the restart point are kept aside at its resync');
+  if (rv.primaryAlive) warnings.push('the primary was connected: it is fenced when it next reaches this node, and its writes since the restart point are kept aside at its resync');
 
   // 1. No more session with the old primary; play what is complete (or not, with --now).
   rv.endSession('failover');

@@ -43,8 +43,7 @@ export function onNewerGeneration(ctx: RecoveryContext, volume: string, p: PairR
     void completeHandover(ctx, volume).catch((e: Error) => ctx.log.error({ volume, err: e.message }, 'completing the handover failed'));
     return;
   }
-  if (role.state.fenced && role.state.fenced.generation >= generation) return;
-  if (role.state.fenced) role.transition({ t: 'unfenced' });
+  if (role.state.fenced && role.state.fenced.generation >= generation) return; // known (or overridden by the operator)
   if (h) role.transition({ t: 'handover-aborted', reason: `the peer holds generation ${generation}` });
   role.transition(
     { t: 'fenced', fence: { generation, peer: `${p.remoteVolume}@${p.peerHost}:${p.peerPort}`, reason: `${code}: ${message}`, atMs: ctx.platform.clock.now() } },
@@ -60,7 +59,7 @@ export function unfence(ctx: RecoveryContext, volume: string): { volume: string;
     role.transition({ t: 'handover-aborted', reason: 'operator: unfence' });
     return { volume, generation: role.generation, was: 'handing-over' };
   }
-  if (!role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is neither fenced nor handing over`);
+  if (!role.state.fenced || role.state.fenced.overridden) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is neither fenced nor handing over`);
   const f = role.state.fenced;
   role.transition({ t: 'unfenced' }, { newerGeneration: f.generation, peer: f.peer });
   ctx.log.warn({ volume, newerGeneration: f.generation, peer: f.peer }, 'unfenced by the operator: this volume takes writes although a newer primary exists (two primaries now; it ships nothing to that peer)');

@@ -179,7 +179,7 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
     }
     // From here this volume must not change: fence it (if it did not learn of the new
     // primary by itself) and let the writes already running finish.
-    if (role.role === 'primary' && !role.state.fenced) {
+    if (role.role === 'primary' && (!role.state.fenced || role.state.fenced.overridden)) {
       role.transition({ t: 'fenced', fence: { generation: offer.generation, peer: `${peerVolume}@${peerHost}:${peerPort}`, reason: 'resync requested by the operator', atMs: ctx.platform.clock.now() } });
     }
     await v.writesIdle();

@@ -9,8 +9,9 @@
 // Roles and states (DESIGN.md "Pair states", "Disaster recovery"):
 //   simplex  no pairs.
 //   primary  ships to `pairs`; `fenced` when it learned that a newer generation of its
-//            volume exists elsewhere (writes refused until an operator resyncs or
-//            unfences); `handover` while a planned swap is under way (writes held);
+//            volume exists elsewhere (it ships nothing, and refuses writes until an operator
+//            resyncs it, or unfences it: `overridden`, two primaries that diverge);
+//            `handover` while a planned swap is under way (writes held);
 //            `failover` while the old primary it replaced has not been resynced.
 //   replica  receives from `upstream` (read-only to clients, but during an operator split).
 // Generation: starts at 1, moves only forward: +1 at a failover or a planned takeover,
@@ -154,6 +155,8 @@ export interface FenceRecord {
   peer: string;
   reason: string;
   atMs: number;
+  /** The operator unfenced it: it takes writes (two primaries now) but still ships nothing. */
+  overridden?: boolean;
 }
 
 /** A planned swap under way on the primary (writes held until it commits or aborts). */
@@ -269,8 +272,8 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       n.fenced = e.fence;
       break;
     case 'unfenced':
-      if (!s.fenced) fail('the volume is not fenced');
-      n.fenced = null;
+      if (!s.fenced || s.fenced.overridden) fail('the volume is not fenced');
+      n.fenced = { ...s.fenced, overridden: true };
       break;
     case 'resync-started':
       if (s.role === 'replica') fail('the volume is already a replica');
@@ -368,7 +371,7 @@ export function writeAccessOf(s: RoleState): WriteAccess {
     if (s.upstream!.split) return { mode: 'open' };
     return { mode: 'refuse', code: 'REPLICA', reason: `it is a replica of ${s.upstream!.primaryVolume} (generation ${s.generation}); \`deltavol failover\` makes it a primary` };
   }
-  if (s.fenced) {
+  if (s.fenced && !s.fenced.overridden) {
     return {
       mode: 'refuse',
       code: 'FENCED',

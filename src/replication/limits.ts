@@ -9,6 +9,8 @@ export const replicationPortDefault = 10811;
 export const replicationHeartbeatMs = 1000;
 /** A link that hears nothing for this long is declared dead. */
 export const replicationSilenceMs = 6000;
+/** A replica whose primary was silent this long may fail over without --force (it pings every heartbeat). */
+export const primaryAliveMs = 2500;
 /** Connect attempts time out after this long. */
 export const replicationConnectTimeoutMs = 5000;
 /** Reconnect back-off: first delay, doubled per failure up to the max. */
@@ -43,5 +45,6 @@ export const initAckEveryBytes = 64 * 1024 * 1024;
 
 assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
 assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
+assert(replicationHeartbeatMs * 2 <= primaryAliveMs && primaryAliveMs < replicationSilenceMs, 'a live primary is heard twice in the alive window');
 assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');
 assert(sendWindowBytes >= 2 * setBytesMax, 'the window holds several sets (the link stays busy while one is acknowledged)');

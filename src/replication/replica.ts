@@ -112,6 +112,13 @@ export class ReplicaVolume {
   get connected(): boolean {
     return this.link !== null && !this.link.closed;
   }
+  /**
+   * The primary is connected and was heard from lately (it pings every second): a link
+   * whose peer just died stays open until the heartbeat gives up, and must not read as alive.
+   */
+  get primaryAlive(): boolean {
+    return this.connected && this.platform.clock.now() - this.link!.lastHeardAtMs < L.primaryAliveMs;
+  }
   /** The primary's session link, if one is up. */
   get currentLink(): Link | null {
     return this.connected ? this.link : null;

@@ -293,7 +293,7 @@ export class ReplicationService implements RecoveryContext {
     if (role.role === 'replica') {
       throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}: \`deltavol failover ${volume}\` makes it a writable primary (with --sync when the primary is reachable)`);
     }
-    if (role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced: \`deltavol resync ${volume}\` or \`deltavol unfence ${volume}\``);
+    if (role.state.fenced && !role.state.fenced.overridden) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced: \`deltavol resync ${volume}\` or \`deltavol unfence ${volume}\``);
   }
 
   // ================= recovery =================
@@ -339,7 +339,7 @@ export class ReplicationService implements RecoveryContext {
       return { ...common, ...rv.status(), state: rv.stateWord };
     }
     const r = this.replicators.get(name);
-    const state = s.fenced ? 'fenced' : s.handover ? 'handing-over' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
+    const state = s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : s.handover ? 'handing-over' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
     if (!r || role.pairs.length === 0) return { ...common, role: role.role, state, replicas: [] as ReturnType<ReplicationService['primaryStatus']>['replicas'] };
     return { ...common, role: 'primary' as const, state, ...this.primaryStatus(r) };
   }

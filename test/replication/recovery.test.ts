@@ -144,6 +144,47 @@ describe('disaster recovery over loopback', () => {
     await wb.close().catch(() => undefined);
   }, 180_000);
 
+  it('refusals say what to do: a live primary, a replica made writable, a primary failed over, unfence', async () => {
+    const a = await daemon(await ports());
+    const b = await daemon(await ports());
+    cli(a, ['volume', 'create', 'r', '--size', '8M']);
+    cli(a, ['replica', 'add', 'r', '--peer', `127.0.0.1:${b.replPort}`]);
+    // The replica refuses to be made writable by the flag, pointing at failover.
+    const set = b.cli(['volume', 'set', 'r', '--read-write']);
+    expect(set.status).toBe(5);
+    expect(set.stderr).toMatch(/is a replica of r: `deltavol failover r` makes it a writable primary/);
+    const info = JSON.parse(cli(b, ['volume', 'info', 'r', '--json'])) as { readOnly: boolean; writes: string };
+    expect(info.readOnly).toBe(true);
+    expect(info.writes).toMatch(/^refused: it is a replica of r/);
+    // A failover while the primary is alive: refused without --force, with the way to do it.
+    const live = b.cli(['failover', 'r']);
+    expect(live.status).toBe(5);
+    expect(live.stderr).toMatch(/--sync/);
+    expect(a.cli(['failover', 'r']).status).toBe(5); // a primary has nothing to fail over
+    expect(a.cli(['failback', 'r']).stderr).toMatch(/run `deltavol failback` on its replica's node/);
+    // --force: the old primary is fenced as soon as its sender reaches the new primary again.
+    const forced = JSON.parse(cli(b, ['failover', 'r', '--force', '--json'])) as { generation: number; warnings: string[] };
+    expect(forced.generation).toBe(2);
+    expect(forced.warnings.join(' ')).toMatch(/fenced when it next reaches this node/);
+    await waitStatus(a, 'r', (s) => s.state === 'fenced', 20_000, 'old primary fenced');
+    const pair = (await replStatus(a, 'r')).replicas[0]!;
+    expect(pair.state).toBe('fenced');
+    const c = await MiniNbdClient.connect(a.nbdPort, 'r');
+    expect((await c.write(0, Buffer.alloc(BS, 1))).error).toBe(1);
+    await c.disconnect();
+    // unfence: writes again (two primaries, the operator's choice), still no shipping, and it
+    // is not fenced again by the same newer generation.
+    cli(a, ['unfence', 'r']);
+    const c2 = await MiniNbdClient.connect(a.nbdPort, 'r');
+    expect((await c2.write(0, Buffer.alloc(BS, 1))).error).toBe(0);
+    await c2.disconnect();
+    await new Promise((r) => setTimeout(r, 6000)); // several reconnect attempts of its old pair
+    expect((await replStatus(a, 'r')).state).toBe('diverged');
+    expect(a.cli(['resync', 'r', '--no-wait']).status).toBe(0); // and a resync fences it again first
+    await waitStatus(b, 'r', (s) => s.replicas.length === 1 && s.replicas[0]!.state === 'duplex', 30_000, 'resynced');
+    expect((await replStatus(a, 'r')).role).toBe('replica');
+  }, 90_000);
+
   it('planned failover --sync and failback under a running writer: zero loss, a short pause', async () => {
     const seed = testSeed('recovery-planned');
     const rnd = prng(seed);
