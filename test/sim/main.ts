@@ -1,0 +1,33 @@
+// Why: scripts/sim's program: parses `--seed N --count N --verbose --logs --wall S`, runs
+// the batch (run.ts) and exits non-zero on any failing seed. Bundled by scripts/sim so it
+// runs under plain node, without the test runner's start-up cost.
+
+import { randomInt } from 'node:crypto';
+import { runBatch } from './run.js';
+import { eventSites } from './time.js';
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+const seedArg = arg('--seed') ?? process.env.DELTAVOL_SEED;
+const firstSeed = seedArg !== undefined ? Number(seedArg) : randomInt(2 ** 31);
+const count = Number(arg('--count') ?? (seedArg !== undefined ? 1 : 1000));
+const wallS = Number(arg('--wall') ?? 3600);
+const verbose = process.argv.includes('--verbose');
+const logs = process.argv.includes('--logs');
+
+console.log(`[seed] sim: DELTAVOL_SEED=${firstSeed} (seeds ${firstSeed}..${firstSeed + count - 1})`);
+const r = await runBatch({ firstSeed, count, wallMsMax: wallS * 1000, verbose, logs, checkDeterminism: !process.argv.includes('--no-determinism-check'), print: (l) => console.log(l) });
+const t = r.totals;
+console.log(
+  `sim: ${r.runs} scenarios in ${(r.wallMs / 1000).toFixed(1)} s wall (${r.perSecond.toFixed(1)}/s, ${Math.round(r.perSecond * 60)}/min), ` +
+    `${r.failed.length} failed, deterministic ${r.deterministic ?? 'not checked'}; ` +
+    `virtual ${((t.virtualMs ?? 0) / 1000).toFixed(0)} s, events ${t.events ?? 0}, writes acked ${t.writesAcked ?? 0}, crashes ${t.crashes ?? 0}, ` +
+    `failovers ${t.failovers ?? 0}, takeovers ${t.takeovers ?? 0}, resyncs ${t.resyncs ?? 0} (full ${t.fullResyncs ?? 0}), converged ${t.convergedRuns ?? 0}`,
+);
+for (const [g, seeds] of r.gaps) console.log(`gap (${seeds.length} runs, e.g. seed ${seeds[0]}): ${g}`);
+if (r.failed.length > 0) console.log(`failing seeds: ${r.failed.map((f) => f.seed).join(' ')}`);
+if (process.env.SIM_DEBUG_STACKS) for (const [k, v] of [...eventSites].sort((a, b) => b[1] - a[1]).slice(0, 25)) console.log(v, k);
+process.exit(r.failed.length > 0 || r.deterministic === false ? 1 : 0);

@@ -1,0 +1,1030 @@
+// Why: one simulated run of two deltavol nodes (TigerBeetle's VOPR loop, for
+// replication and disaster recovery). Its seed picks the options (options.ts) and every
+// step, each chosen among those that make sense for the roles the nodes hold now: client
+// writes (sequential, acknowledged after write + flush), cuts, snapshots, link faults,
+// crashes at any instant and restarts, and the operator's recovery commands (failover,
+// --now, --force, --sync, failback, resync, unfence). Role changes are observed from the
+// durable role records and checked against models of acknowledged writes (model.ts):
+//   (a) a node that stays primary across its own crashes loses no acknowledged write;
+//   (b) after an unplanned failover the new primary equals the old one at a prefix of its
+//       writes, holding every write acknowledged before the report's atRiskSinceMs;
+//   (c) a planned takeover (failover --sync, failback) loses nothing;
+//   (d) a resync keeps the old primary's content in its before-resync snapshot;
+//   continuous: primaries equal their model, replicas show a state their primary had,
+//   snapshots keep their content; and
+//   (e) liveness: faults off, every node up, the pair converges (duplex, nothing
+//       outstanding) and both volumes equal the primary's model byte for byte.
+// A run's trace (steps, role changes, results) is hashed: same seed, same hash.
+
+import crypto from 'node:crypto';
+import type { RoleState } from '../../src/recovery/role-record.js';
+import type { ReplicationService } from '../../src/replication/service.js';
+import { prng } from '../helpers/seed.js';
+import { SimTime, simEpochMs, simSleep } from './time.js';
+import { SimNetwork } from './network.js';
+import { SimNode, replPort, type Incarnation } from './node.js';
+import type { CrashMode } from './disk.js';
+import { decode, diffSectors, GARBAGE, SECTOR, Timeline, writeData } from './model.js';
+import { BLOCK_BYTES, pickOptions, type ScenarioOptions, type StepWeights } from './options.js';
+
+/** Virtual time a setup or a command may take before the run is declared stuck (ms). */
+const setupMsMax = 120_000;
+/** Liveness: virtual time the pair has to converge once faults are off (ms). */
+const livenessMsMax = 900_000;
+/** Writes one run issues at most. */
+const writesMax = 20_000;
+/** Events one run fires at most (a runaway is a failure, not a hang). */
+const eventsMax = 3_000_000;
+/** A resync not registered this long after the fault-free phase began is retried by the operator (ms). */
+const reregisterAfterMs = 30_000;
+
+export interface RunFlags {
+  /** Production log lines in the trace (slow). */
+  logs?: boolean;
+}
+
+export interface ScenarioStats {
+  virtualMs: number;
+  events: number;
+  settleRounds: number;
+  writesIssued: number;
+  writesAcked: number;
+  writesRefused: number;
+  crashes: number;
+  failovers: number;
+  takeovers: number;
+  resyncs: number;
+  fullResyncs: number;
+  unfences: number;
+  checks: number;
+  flips: number;
+  converged: boolean;
+}
+
+export interface ScenarioResult {
+  seed: number;
+  ok: boolean;
+  failures: string[];
+  trace: string[];
+  traceHash: string;
+  options: ScenarioOptions;
+  stats: ScenarioStats;
+  /** Known simulator limits this run ran into (see the report), not failures. */
+  gaps: string[];
+}
+
+interface Op {
+  kind: string;
+  inc: Incarnation;
+  startedMs: number;
+}
+
+interface Inflight {
+  node: string;
+  id: number;
+  first: number;
+  count: number;
+  inc: Incarnation;
+  /** Sector values before the write was issued (null until it is). */
+  before: Int32Array | null;
+}
+
+interface ExpectedSnapshot {
+  vec: Int32Array;
+  what: string;
+}
+
+let runCounter = 0;
+
+class StopRun extends Error {}
+
+export class Scenario {
+  readonly o: ScenarioOptions;
+  readonly time = new SimTime();
+  readonly net: SimNetwork;
+  readonly nodes: SimNode[];
+  private readonly rStep: () => number;
+  private readonly rWrite: () => number;
+  private readonly prefix: string;
+  readonly trace: string[] = [];
+  readonly failures: string[] = [];
+  readonly gaps: string[] = [];
+  private readonly models = new Map<string, Timeline | null>();
+  private readonly roles = new Map<string, RoleState | null>();
+  private readonly dirty = new Set<string>();
+  private readonly expected = new Map<string, Map<string, ExpectedSnapshot>>();
+  private readonly replicaCursor = new Map<string, number>();
+  private readonly ops = new Map<string, Op>();
+  private readonly downUntil = new Map<string, number>();
+  private readonly starting = new Set<string>();
+  /** Nodes that died inside a takeover or a resync registration (module-level state of src/recovery leaks). */
+  private readonly poisonTakeover = new Set<string>();
+  private readonly poisonRegister = new Set<string>();
+  /** Per node: the in-flight write when it crashed (until it is up again and checked). */
+  private readonly crashInflight = new Map<string, Inflight | null>();
+  private readonly resyncIssuedMs = new Map<string, number>();
+  private inflight: Inflight | null = null;
+  private writeId = 0;
+  private writerStopped = false;
+  private writerDone: Promise<void> = Promise.resolve();
+  private snapCounter = 0;
+  private stopped = false;
+  private faultsOff = false;
+  readonly stats: ScenarioStats = {
+    virtualMs: 0,
+    events: 0,
+    settleRounds: 0,
+    writesIssued: 0,
+    writesAcked: 0,
+    writesRefused: 0,
+    crashes: 0,
+    failovers: 0,
+    takeovers: 0,
+    resyncs: 0,
+    fullResyncs: 0,
+    unfences: 0,
+    checks: 0,
+    flips: 0,
+    converged: false,
+  };
+
+  constructor(
+    seed: number,
+    flags: RunFlags = {},
+  ) {
+    this.o = pickOptions(seed);
+    const o = this.o;
+    this.rStep = prng((seed ^ 0x0005_7e95) >>> 0);
+    this.rWrite = prng((seed ^ 0x0077_1e55) >>> 0);
+    const rNet = prng((seed ^ 0x00ae_7000) >>> 0);
+    const rDisk = prng((seed ^ 0x00d1_5c00) >>> 0);
+    // Volume names differ per node and per run in this process (fixed width, so sizes on
+    // the wire do not depend on the counter): src/recovery keeps maps keyed by volume name
+    // at module level, shared by every node and run of one process.
+    this.prefix = `s${(seed >>> 0).toString(16).padStart(8, '0')}r${(runCounter++ & 0xfff).toString(16).padStart(3, '0')}`;
+    this.net = new SimNetwork(this.time, rNet, o.net, (l) => this.log(l));
+    const logSink = flags.logs ? (line: string) => this.trace.push(`      ${line}`) : null;
+    const env = {
+      time: this.time,
+      net: this.net,
+      rng: rDisk,
+      disk: o.disk,
+      tuning: o.tuning,
+      config: { outboundBytes: o.outboundBytes, playbackDelayMs: o.playbackDelayMs, inboundBytesMax: o.inboundBytesMax },
+      logSink,
+      hooks: (node: SimNode) => ({
+        onRoleWrite: () => this.dirty.add(node.name),
+        warn: (m: string, f: Record<string, unknown>) => this.log(`${node.name}: engine warning: ${m} ${JSON.stringify(f)}`),
+      }),
+    };
+    this.nodes = ['A', 'B'].map((n) => new SimNode(n, env));
+    for (const n of this.nodes) {
+      this.models.set(n.name, null);
+      this.roles.set(n.name, null);
+      this.expected.set(n.name, new Map());
+    }
+    this.time.afterEvent = () => this.observe();
+  }
+
+  // ================= plumbing =================
+
+  private get now(): number {
+    return this.time.nowMs;
+  }
+
+  private log(line: string): void {
+    // Volume names carry this process's run counter: the trace shows them as 'a' and 'b'.
+    this.trace.push(`${((this.time.nowMs - simEpochMs) / 1000).toFixed(3)} ${line.split(this.prefix).join('')}`);
+  }
+
+  private fail(message: string): void {
+    if (this.failures.length < 10) this.failures.push(`${((this.now - simEpochMs) / 1000).toFixed(3)}s ${message}`);
+    this.log(`FAILURE: ${message}`);
+    this.stopped = true;
+  }
+
+  private gap(message: string): void {
+    if (!this.gaps.includes(message)) this.gaps.push(message);
+    this.log(`gap: ${message}`);
+  }
+
+  vol(node: SimNode | string): string {
+    const name = typeof node === 'string' ? node : node.name;
+    return `${this.prefix}${name.toLowerCase()}`;
+  }
+
+  private node(name: string): SimNode {
+    return this.nodes.find((n) => n.name === name)!;
+  }
+
+  private other(n: SimNode): SimNode {
+    return this.nodes.find((x) => x !== n)!;
+  }
+
+  private get sizeBytes(): number {
+    return this.o.blocks * BLOCK_BYTES + this.o.tailSectors * SECTOR;
+  }
+
+  /** Advances virtual time by ms (events fire, role changes are observed). */
+  private async advance(ms: number): Promise<void> {
+    await this.quiesce();
+    await this.time.runUntil(this.now + ms, () => this.stopped);
+    this.guard();
+  }
+
+  /** Runs the world until cond() or maxMs passed; true if cond() held. */
+  private async until(cond: () => boolean, maxMs: number): Promise<boolean> {
+    const deadline = this.now + maxMs;
+    await this.quiesce();
+    while (!cond()) {
+      if (this.stopped) return false;
+      if (!(await this.time.step(deadline))) {
+        this.time.nowMs = Math.max(this.now, deadline);
+        return cond();
+      }
+      this.guard();
+    }
+    return true;
+  }
+
+  /** Lets what the simulator itself just started (a command, a boot) run to its first wait. */
+  private async quiesce(): Promise<void> {
+    await this.time.settle();
+    this.observe();
+    this.guard();
+  }
+
+  /** Runs the world until p settles (or maxMs); returns its value, or throws what it threw. */
+  private async settle<T>(p: Promise<T>, maxMs: number, what: string): Promise<T> {
+    let done = false;
+    let value: T | undefined;
+    let error: unknown = null;
+    p.then(
+      (v) => {
+        done = true;
+        value = v;
+      },
+      (e: unknown) => {
+        done = true;
+        error = e ?? new Error('rejected');
+      },
+    );
+    if (!(await this.until(() => done, maxMs))) {
+      if (!this.stopped) this.fail(`${what} did not finish within ${maxMs / 1000} virtual s`);
+      throw new StopRun(what);
+    }
+    if (error !== null) throw error;
+    return value as T;
+  }
+
+  private guard(): void {
+    if (this.time.errors.length > 0) {
+      const e = this.time.errors.splice(0)[0]!;
+      this.fail(`uncaught exception in a callback: ${e.stack ?? e.message}`);
+    }
+    if (this.time.eventsFired > eventsMax) this.fail(`more than ${eventsMax} events: runaway`);
+  }
+
+  /** Races a promise of an incarnation with its death (a dead node's promises may never settle). */
+  private alive<T>(inc: Incarnation, p: Promise<T>): Promise<{ dead: true } | { dead: false; value: T }> {
+    return Promise.race([p.then((value) => ({ dead: inc.dead, value }) as { dead: false; value: T }), inc.died.then(() => ({ dead: true }) as const)]).then((r) => (inc.dead ? { dead: true } : r));
+  }
+
+  // ================= roles =================
+
+  private readRole(n: SimNode): RoleState | null {
+    const inc = n.inc;
+    if (!inc || inc.dead) return this.roles.get(n.name) ?? null;
+    let raw: Buffer | null;
+    try {
+      raw = inc.host.stateFs(this.vol(n)).readAll('role.json');
+    } catch {
+      return null;
+    }
+    return raw ? (JSON.parse(raw.toString('utf8')) as RoleState) : null;
+  }
+
+  role(n: SimNode): RoleState | null {
+    return this.roles.get(n.name) ?? null;
+  }
+
+  /** After every event: role records that were replaced are compared with the last ones seen. */
+  private observe(): void {
+    if (this.dirty.size === 0) return;
+    const names = [...this.dirty];
+    this.dirty.clear();
+    for (const name of names) {
+      const n = this.node(name);
+      const next = this.readRole(n);
+      const prev = this.roles.get(name) ?? null;
+      this.roles.set(name, next);
+      if (!next) continue;
+      try {
+        this.onRole(n, prev, next);
+      } catch (e) {
+        if (!(e instanceof StopRun)) this.fail(`checker error: ${(e as Error).stack}`);
+      }
+    }
+  }
+
+  private roleWord(s: RoleState | null): string {
+    if (!s) return 'none';
+    const extra = [s.fenced ? 'fenced' : '', s.handover ? `handover${s.handover.offered ? '(offered)' : ''}` : '', s.failover ? `failover:${s.failover.kind}` : '', s.upstream?.resync ? `resync${s.upstream.resync.registered ? '' : '(unregistered)'}${s.upstream.resync.full ? '(full)' : ''}` : '']
+      .filter(Boolean)
+      .join(',');
+    return `${s.role}/g${s.generation}${extra ? `[${extra}]` : ''}`;
+  }
+
+  private onRole(n: SimNode, prev: RoleState | null, next: RoleState): void {
+    const moved = !prev || prev.role !== next.role || prev.generation !== next.generation || !!prev.fenced !== !!next.fenced || !!prev.handover !== !!next.handover || prev.handover?.offered !== next.handover?.offered || !!prev.failover !== !!next.failover || !!prev.upstream?.resync !== !!next.upstream?.resync || prev.upstream?.resync?.registered !== next.upstream?.resync?.registered;
+    if (!moved) return;
+    const last = next.history[next.history.length - 1];
+    this.log(`${n.name}: role ${this.roleWord(prev)} -> ${this.roleWord(next)}${last ? ` (${last.event})` : ''}`);
+    const o = this.other(n);
+    // Became a primary by taking over.
+    if (prev?.role === 'replica' && next.role === 'primary' && next.failover) {
+      if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, o, next);
+      else this.checkPlannedTakeover(n, o);
+      return;
+    }
+    // Became a replica.
+    if (next.role === 'replica' && prev?.role !== 'replica') {
+      if (next.upstream?.resync) this.checkResyncStart(n, next);
+      else if (prev && prev.role !== 'simplex') this.checkHandedOver(n);
+      this.models.set(n.name, null);
+      this.replicaCursor.delete(n.name);
+      return;
+    }
+    // A resync's copy finished: the old primary equals the new one's base.
+    if (prev?.upstream?.resync && next.role === 'replica' && !next.upstream?.resync && next.upstream?.initialCopy.done) {
+      this.checkReplicaState(n, o, 'resync copy done');
+    }
+    if (prev?.failover && !next.failover && prev.failover.restartSnapshot) this.expected.get(n.name)!.delete(prev.failover.restartSnapshot);
+  }
+
+  // ================= checks =================
+
+  private read(n: SimNode): Int32Array | null {
+    const v = n.inc && !n.inc.dead ? n.inc.volume(this.vol(n)) : undefined;
+    if (!v) return null;
+    const vec = decode(v.readAll());
+    this.stats.checks++;
+    const g = vec.indexOf(GARBAGE);
+    if (g >= 0) {
+      this.fail(`${n.name}: sector ${g} holds neither zeroes nor a well-formed write of that sector (corruption or a misplaced block)`);
+      throw new StopRun('garbage');
+    }
+    return vec;
+  }
+
+  private readSnapshot(n: SimNode, name: string): Int32Array | null {
+    const v = n.inc && !n.inc.dead ? n.inc.volume(this.vol(n)) : undefined;
+    if (!v) return null;
+    const vec = decode(v.readSnapshotAll(name));
+    const g = vec.indexOf(GARBAGE);
+    if (g >= 0) {
+      this.fail(`${n.name}: snapshot ${name}: sector ${g} is garbage`);
+      throw new StopRun('garbage');
+    }
+    return vec;
+  }
+
+  /** (b): the new primary holds the old one's state at a prefix of its writes, losing only what the report admits. */
+  private checkUnplannedFailover(n: SimNode, old: SimNode, s: RoleState): void {
+    this.stats.failovers++;
+    const f = s.failover!;
+    const v = this.read(n);
+    if (!v) return;
+    const t = this.models.get(old.name);
+    const r = f.report;
+    this.log(`${n.name}: failover report: atRiskSince ${r?.atRiskSinceMs === null || !r ? 'none' : ((r.atRiskSinceMs - simEpochMs) / 1000).toFixed(3)}, lastContact ${r?.lastContactMs ? ((r.lastContactMs - simEpochMs) / 1000).toFixed(3) : 'none'}, consistent ${r?.consistent}, setsNotHere ${r?.setsNotHere.length ?? 0}, dropped ${r?.setsDropped.length ?? 0}, restart ${f.restartSnapshot}@${f.restartSet}`);
+    if (!t) {
+      this.log(`${n.name}: no model of the old primary ${old.name} (it was not a primary in the model): loss not checked`);
+    } else if (f.restartSnapshot === null) {
+      this.log(`${n.name}: forced failover before the initial copy finished: loss not checked`);
+    } else {
+      const since = r ? r.atRiskSinceMs : null;
+      const required = t.ackedBefore(since);
+      const why = t.explain(v, required, r?.consistent ?? true);
+      if (why) {
+        const lastContact = r?.lastContactMs ?? null;
+        const afterContact = since === null && lastContact !== null && t.explain(v, t.ackedBefore(lastContact), r?.consistent ?? true) === null;
+        this.fail(
+          afterContact
+            ? `unplanned failover on ${n.name}: the report says nothing was at risk (atRiskSinceMs null), yet writes the old primary acknowledged after the last contact (${((lastContact - simEpochMs) / 1000).toFixed(3)}s) are missing: ${why}`
+            : `unplanned failover on ${n.name} lost more than its report admits (atRiskSinceMs ${since === null ? 'null' : ((since - simEpochMs) / 1000).toFixed(3)}): ${why}`,
+        );
+        return;
+      }
+      const acked = t.ackedBefore(null);
+      const lost = acked.filter((w) => t.explain(v, [w], r?.consistent ?? true) !== null).length;
+      this.log(`${n.name}: failover ok: ${acked.length - lost}/${acked.length} acknowledged writes of ${old.name} here, ${lost} lost within the report`);
+      const snap = this.readSnapshot(n, f.restartSnapshot);
+      if (snap && diffSectors(snap, v)) this.fail(`${n.name}: restart snapshot ${f.restartSnapshot} differs from the volume at the failover: ${diffSectors(snap, v)}`);
+      else if (snap) this.expected.get(n.name)!.set(f.restartSnapshot, { vec: v.slice(), what: 'restart point' });
+    }
+    this.models.set(n.name, new Timeline(`${n.name}/g${s.generation}`, v, this.now));
+  }
+
+  /** (c): a planned takeover loses nothing. */
+  private checkPlannedTakeover(n: SimNode, old: SimNode): void {
+    this.stats.takeovers++;
+    const v = this.read(n);
+    if (!v) return;
+    const t = this.models.get(old.name);
+    if (!t) {
+      this.log(`${n.name}: no model of the old primary ${old.name}: takeover not checked`);
+    } else if (diffSectors(v, t.current)) {
+      const acked = t.ackedBefore(null);
+      this.fail(`planned takeover on ${n.name} does not hold everything ${old.name} wrote (${acked.length} acknowledged): ${t.explain(v, acked, true) ?? 'differs from the last state'}: ${diffSectors(v, t.current)}`);
+      return;
+    }
+    const role = this.roles.get(n.name)!;
+    this.models.set(n.name, new Timeline(`${n.name}/g${role.generation}`, v, this.now));
+  }
+
+  /** A primary that handed over has not changed since (writes were held). */
+  private checkHandedOver(n: SimNode): void {
+    const t = this.models.get(n.name);
+    const v = this.read(n);
+    if (!t || !v) return;
+    if (diffSectors(v, t.current)) this.fail(`${n.name} handed over but its volume moved from its model: ${diffSectors(v, t.current)}`);
+  }
+
+  /** (d) first half: the old primary's content is kept in its before-resync snapshot. */
+  private checkResyncStart(n: SimNode, s: RoleState): void {
+    this.stats.resyncs++;
+    const rs = s.upstream!.resync!;
+    if (rs.full) this.stats.fullResyncs++;
+    this.log(`${n.name}: resync started: full ${rs.full} (${rs.reason}), divergent ${rs.divergentBlocks}, snapshot ${rs.beforeSnapshot}, restart set ${rs.restartSet}`);
+    const t = this.models.get(n.name);
+    if (!t || !rs.beforeSnapshot) return;
+    const snap = this.readSnapshot(n, rs.beforeSnapshot);
+    if (!snap) return;
+    const why = t.explain(snap, t.ackedBefore(null), true);
+    if (why) {
+      this.fail(`${n.name}: before-resync snapshot ${rs.beforeSnapshot} does not hold every write the volume acknowledged: ${why}`);
+      return;
+    }
+    this.expected.get(n.name)!.set(rs.beforeSnapshot, { vec: snap, what: 'before resync' });
+  }
+
+  /** A replica at a point in time shows a state its primary had, never going back. */
+  private checkReplicaState(n: SimNode, p: SimNode, why: string): void {
+    const s = this.roles.get(n.name);
+    const t = this.models.get(p.name);
+    if (!s || s.role !== 'replica' || !t) return;
+    const v = this.read(n);
+    if (!v) return;
+    const k = t.prefixIndex(v);
+    if (k < 0) {
+      this.fail(`${n.name} (replica, ${why}) shows a state its primary ${p.name} never had: ${t.describeDiff(v)}`);
+      return;
+    }
+    const before = this.replicaCursor.get(n.name) ?? -1;
+    if (k < before) this.fail(`${n.name} (replica, ${why}) went back from state ${before} to ${k} of ${p.name}`);
+    this.replicaCursor.set(n.name, k);
+  }
+
+  /** Continuous checks of every node that is up. */
+  private checkAll(what: string): void {
+    for (const n of this.nodes) {
+      if (n.state !== 'up' || this.stopped) continue;
+      const t = this.models.get(n.name);
+      const s = this.roles.get(n.name);
+      const v = n.inc!.volume(this.vol(n));
+      if (!v || !s) continue;
+      if (t) {
+        const got = this.read(n)!;
+        const w = this.inflight;
+        if (diffSectors(got, t.current)) {
+          // Only the write in flight may be missing (issued, its data not yet in the volume).
+          const ok = w && w.node === n.name && w.before !== null && got.every((x, i) => x === t.current[i] || (i >= w.first && i < w.first + w.count && x === w.before![i - w.first]));
+          if (!ok) this.fail(`${n.name} (primary) differs from its model (${what}): ${diffSectors(got, t.current)}`);
+        }
+      } else if (s.role === 'replica' && s.upstream && s.upstream.initialCopy.done && s.upstream.consistent && !s.upstream.resync && !s.upstream.split && !v.overlayActive) {
+        this.checkReplicaState(n, this.other(n), what);
+      }
+      for (const [name, e] of this.expected.get(n.name)!) {
+        if (!v.snapshots().some((x) => x.name === name)) {
+          this.fail(`${n.name}: snapshot ${name} (${e.what}) is gone`);
+          continue;
+        }
+        const got = this.readSnapshot(n, name);
+        if (got && diffSectors(got, e.vec)) this.fail(`${n.name}: snapshot ${name} (${e.what}) changed: ${diffSectors(got, e.vec)}`);
+      }
+    }
+  }
+
+  // ================= nodes =================
+
+  private startNode(n: SimNode): void {
+    if (n.state !== 'down' || this.starting.has(n.name)) return;
+    this.starting.add(n.name);
+    this.log(`${n.name}: booting (incarnation ${n.incarnations + 1})`);
+    const p = n.start();
+    p.then(
+      () => {
+        this.starting.delete(n.name);
+        if (n.state !== 'up') return;
+        this.dirty.add(n.name);
+        this.log(`${n.name}: up`);
+        this.afterRecovery(n);
+      },
+      (e: Error) => {
+        this.starting.delete(n.name);
+        if (n.inc && !n.inc.dead) this.fail(`${n.name}: start failed: ${e.stack ?? e.message}`);
+      },
+    );
+  }
+
+  /** (a): a primary that crashed holds every write it acknowledged; the write in flight may be there, torn or not. */
+  private afterRecovery(n: SimNode): void {
+    const t = this.models.get(n.name);
+    if (!this.crashInflight.has(n.name)) return;
+    const w = this.crashInflight.get(n.name) ?? null;
+    this.crashInflight.delete(n.name);
+    if (!t) return;
+    let v: Int32Array | null;
+    try {
+      v = this.read(n);
+    } catch {
+      return;
+    }
+    if (!v) return;
+    for (let s = 0; s < v.length; s++) {
+      if (v[s] === t.current[s]) continue;
+      if (w && w.before && s >= w.first && s < w.first + w.count && v[s] === w.before[s - w.first]) continue; // the unacknowledged write, lost or torn
+      const rec = t.byId.get(t.current[s]!);
+      this.fail(`${n.name} (primary) lost an acknowledged write in a crash: sector ${s} holds ${v[s]} instead of ${t.current[s]}${rec ? ` (acked at ${rec.ackedAtMs === null ? 'never' : ((rec.ackedAtMs - simEpochMs) / 1000).toFixed(3)})` : ''}`);
+      return;
+    }
+    if (diffSectors(v, t.current)) {
+      t.rebase(v);
+      this.log(`${n.name}: write ${w?.id} in flight at the crash is ${v.slice(w!.first, w!.first + w!.count).every((x, i) => x === w!.before![i]) ? 'lost' : 'torn'}`);
+    }
+  }
+
+  private crash(n: SimNode, mode: CrashMode): void {
+    this.stats.crashes++;
+    const op = this.ops.get(n.name);
+    if (op && (op.kind === 'failover-sync' || op.kind === 'failback')) this.poisonTakeover.add(n.name);
+    const s = this.roles.get(n.name);
+    if ((s?.upstream?.resync && !s.upstream.resync.registered) || op?.kind === 'resync') this.poisonRegister.add(n.name);
+    if (!this.crashInflight.has(n.name)) this.crashInflight.set(n.name, this.inflight?.node === n.name ? this.inflight : null);
+    this.log(`${n.name}: CRASH (${mode})${op ? ` during ${op.kind}` : ''}${this.inflight?.node === n.name ? ` with write ${this.inflight.id} in flight` : ''}`);
+    n.crash(mode);
+    this.ops.delete(n.name);
+    this.starting.delete(n.name);
+    this.downUntil.set(n.name, this.now + Math.floor(this.rStep() * this.o.downMsMax));
+  }
+
+  // ================= the client =================
+
+  private writable(n: SimNode): boolean {
+    const s = this.roles.get(n.name);
+    return n.state === 'up' && !!s && s.role !== 'replica' && !s.fenced;
+  }
+
+  private async writer(): Promise<void> {
+    const o = this.o;
+    const sectors = Math.floor(this.sizeBytes / SECTOR);
+    let burst = 0;
+    for (let i = 0; i < writesMax && !this.writerStopped && !this.stopped; i++) {
+      if (burst === 0 && this.rWrite() < o.burstProbability) burst = 1 + Math.floor(this.rWrite() * 8);
+      await simSleep(this.time, burst > 0 ? Math.floor(this.rWrite() * 3) : Math.floor(this.rWrite() * o.writeGapMsMax));
+      if (burst > 0) burst--;
+      if (this.writerStopped || this.stopped) return;
+      const ups = this.nodes.filter((n) => n.state === 'up');
+      const good = ups.filter((n) => this.writable(n));
+      const bad = ups.filter((n) => !this.writable(n));
+      const offTarget = bad.length > 0 && this.rWrite() < o.offTargetProbability;
+      const pool = offTarget ? bad : good;
+      if (pool.length === 0) continue;
+      const n = pool[Math.floor(this.rWrite() * pool.length)]!;
+      const inc = n.inc!;
+      const v = inc.volume(this.vol(n));
+      if (!v) continue;
+      let first: number;
+      let count: number;
+      if (this.rWrite() < o.alignedWriteProbability) {
+        const per = BLOCK_BYTES / SECTOR;
+        const b = Math.floor(this.rWrite() * o.blocks);
+        first = b * per;
+        count = per * Math.min(o.blocks - b, 1 + Math.floor(this.rWrite() * 2));
+      } else {
+        first = Math.floor(this.rWrite() * sectors);
+        count = Math.min(sectors - first, 1 + Math.floor(this.rWrite() * 16));
+      }
+      const id = ++this.writeId;
+      const w: Inflight = { node: n.name, id, first, count, inc, before: null };
+      this.inflight = w;
+      const write = v.clientWrite(first * SECTOR, writeData(id, first, count), () => {
+        const t = this.models.get(n.name);
+        const s = this.roles.get(n.name);
+        if (!t) {
+          this.fail(`${n.name} accepted client write ${id} although it is ${this.roleWord(s ?? null)} (the model has it as no writable primary)`);
+          return;
+        }
+        w.before = t.current.slice(first, first + count);
+        t.issue(id, first, count, this.now);
+        this.stats.writesIssued++;
+      });
+      const r = await this.alive(inc, write.then(() => v.flush()).then(() => 'ok' as const, (e: Error & { code?: string }) => e));
+      if (this.inflight === w) this.inflight = null;
+      if (r.dead) continue;
+      if (r.value === 'ok') {
+        const t = this.models.get(n.name);
+        const rec = t?.byId.get(id);
+        if (rec) {
+          rec.ackedAtMs = this.now;
+          this.stats.writesAcked++;
+        }
+        continue;
+      }
+      const e = r.value;
+      if (e.code === 'EPERM') {
+        this.stats.writesRefused++;
+        if (!offTarget && this.writable(n) && this.roles.get(n.name)?.role !== 'replica' && !this.roles.get(n.name)?.fenced) this.log(`${n.name}: write ${id} refused: ${e.message}`);
+      } else if (e.code === 'EIO' || e.code === 'ESHUTDOWN') {
+        this.log(`${n.name}: write ${id} failed: ${e.code}: ${e.message}`);
+      } else {
+        this.fail(`${n.name}: client write ${id} failed unexpectedly: ${e.stack ?? e.message}`);
+      }
+    }
+  }
+
+  // ================= operator commands =================
+
+  private startOp(n: SimNode, kind: string, run: (svc: ReplicationService) => Promise<unknown> | unknown, done?: (r: unknown) => void): void {
+    const svc = n.service;
+    const inc = n.inc;
+    if (!svc || !inc || this.ops.has(n.name)) return;
+    const op: Op = { kind, inc, startedMs: this.now };
+    this.ops.set(n.name, op);
+    this.log(`${n.name}: ${kind}`);
+    let p: Promise<unknown>;
+    try {
+      p = Promise.resolve(run(svc));
+    } catch (e) {
+      p = Promise.reject(e);
+    }
+    void this.alive(inc, p.then((v) => ({ ok: true as const, v }), (e: unknown) => ({ ok: false as const, e: e as Error & { code?: string } }))).then((r) => {
+      if (this.ops.get(n.name) === op) this.ops.delete(n.name);
+      if (r.dead) return;
+      const x = r.value;
+      if (x.ok) {
+        this.log(`${n.name}: ${kind} -> ${summarize(x.v)}`);
+        try {
+          done?.(x.v);
+        } catch (e) {
+          if (!(e instanceof StopRun)) this.fail(`checker error: ${(e as Error).stack}`);
+        }
+        return;
+      }
+      const e = x.e;
+      const code = e?.code ?? (e as Error)?.name;
+      this.log(`${n.name}: ${kind} failed: ${code}: ${e?.message}`);
+      if (e?.message?.includes('already under way') && kind !== 'failover' && this.poisonTakeover.has(n.name)) this.gap('a takeover after a crash in the middle of an earlier one is refused as "already under way" (handover.ts `waiting` map outlives the simulated process)');
+      else if (!(e && typeof e.code === 'string')) this.fail(`${n.name}: ${kind} threw ${e?.name}: ${e?.stack ?? e}`);
+    });
+  }
+
+  private snapshotName(): string {
+    return `sim-${++this.snapCounter}`;
+  }
+
+  /** A snapshot the sim took: its content now, checked against the model, kept for later. */
+  private expectSnapshot(n: SimNode, name: string, what: string, sinceMs: number): void {
+    if (n.state !== 'up') return;
+    const snap = this.readSnapshot(n, name);
+    if (!snap) return;
+    const t = this.models.get(n.name);
+    const s = this.roles.get(n.name);
+    if (t) {
+      const why = t.explain(snap, t.ackedBefore(sinceMs), true);
+      if (why) return this.fail(`${n.name}: snapshot ${name} (${what}) is not a state of the volume holding every write acknowledged before it was asked for: ${why}`);
+    } else if (s?.role === 'replica' && s.upstream?.consistent && s.upstream.initialCopy.done && !s.upstream.resync) {
+      const p = this.models.get(this.other(n).name);
+      if (p && p.prefixIndex(snap) < 0) return this.fail(`${n.name}: replica snapshot ${name} is no state of its primary: ${p.describeDiff(snap)}`);
+    }
+    this.expected.get(n.name)!.set(name, { vec: snap, what });
+  }
+
+  // ================= steps =================
+
+  private choose(): [string, () => void] | null {
+    const w: StepWeights = this.o.weights;
+    const options: [number, string, () => void][] = [];
+    const add = (weight: number, label: string, f: () => void) => {
+      if (weight > 0) options.push([weight, label, f]);
+    };
+    const r = this.rStep;
+    add(w.idle, 'idle', () => undefined);
+    add(w.check, 'check', () => this.checkAll('step'));
+    for (const n of this.nodes) {
+      const s = this.roles.get(n.name);
+      const up = n.state === 'up';
+      const svcFree = up && !this.ops.has(n.name);
+      const o = this.other(n);
+      const os = this.roles.get(o.name);
+      if (n.state !== 'down') add(w.crash, `crash ${n.name}`, () => this.crash(n, r() < this.o.powercutProbability ? 'powercut' : 'kill9'));
+      if (up && !this.ops.has(n.name)) add(w.cleanRestart, `restart ${n.name}`, () => this.cleanRestart(n));
+      if (!up || !s) continue;
+      if (svcFree && s.role === 'primary' && !s.fenced && s.pairs.length > 0) {
+        add(w.cut, `cut ${n.name}`, () => this.startOp(n, 'cut', (svc) => svc.cut(this.vol(n))));
+        add(w.cutSnapshot, `cut+snapshot ${n.name}`, () => {
+          const name = this.snapshotName();
+          const since = this.now;
+          this.startOp(n, `cut --snapshot ${name}`, (svc) => svc.cut(this.vol(n), name), () => this.expectSnapshot(n, name, 'cut snapshot', since));
+        });
+      }
+      if (svcFree) {
+        add(w.snapshot, `snapshot ${n.name}`, () => {
+          const name = this.snapshotName();
+          const since = this.now;
+          this.startOp(n, `snapshot ${name}`, (svc) => svc.createSnapshot(this.vol(n), name), () => this.expectSnapshot(n, name, 'snapshot', since));
+        });
+      }
+      if (svcFree && s.role === 'replica') {
+        const connected = n.service!.replica(this.vol(n))?.connected ?? false;
+        const force = connected && r() < this.o.failoverForceProbability;
+        const now = r() < this.o.failoverNowProbability;
+        // Mostly when the primary is gone or cut off (what failover is for).
+        const primaryAway = o.state !== 'up' || this.net.partitioned(n.name, o.name) || !connected;
+        add(w.failover * (primaryAway ? 1 : 0.15), `failover ${n.name}`, () => this.startOp(n, `failover${now ? ' --now' : ''}${force ? ' --force' : ''}`, (svc) => svc.failover(this.vol(n), { now, force })));
+        if (!this.poisonTakeover.has(n.name)) {
+          add(w.failoverSync, `failover --sync ${n.name}`, () => this.startOp(n, 'failover-sync', (svc) => svc.failover(this.vol(n), { sync: true })));
+          add(w.failback, `failback ${n.name}`, () => this.startOp(n, 'failback', (svc) => svc.failback(this.vol(n))));
+        }
+        if (s.upstream?.resync && !s.upstream.resync.registered) add(w.resync, `resync ${n.name} (register)`, () => this.resync(n));
+      }
+      if (svcFree && s.role !== 'replica') {
+        const stale = !!os && os.generation > s.generation;
+        add(w.resync * (stale || s.fenced ? 1 : 0.1), `resync ${n.name}`, () => this.resync(n));
+      }
+      if (svcFree && (s.fenced || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.startOp(n, 'unfence', (svc) => svc.unfence(this.vol(n))));
+    }
+    if (!this.faultsOff) {
+      const [a, b] = this.nodes.map((n) => n.name) as [string, string];
+      if (this.net.partitioned(a, b)) add(w.partition, 'heal', () => this.net.heal(a, b));
+      else
+        add(w.partition, 'partition', () => {
+          this.net.partition(a, b);
+          const ms = Math.floor(r() * this.o.partitionMsMax);
+          this.log(`net: partition A|B for ${ms} ms`);
+          this.time.schedule(ms, () => {
+            if (!this.net.partitioned(a, b)) return;
+            this.net.heal(a, b);
+            this.log('net: partition healed');
+          });
+        });
+      add(w.reset, 'reset', () => this.log(`net: reset ${this.net.reset(a, b)} connection(s)`));
+      add(w.spike, 'spike', () => {
+        const extra = 200 + Math.floor(r() * 9000);
+        const dur = 500 + Math.floor(r() * 15_000);
+        this.net.spike(a, b, extra, dur);
+        this.log(`net: delay +${extra} ms for ${dur} ms`);
+      });
+      add(w.flip, 'flip', () => {
+        const p = [0.01, 0.1, 0.5][Math.floor(r() * 3)]!;
+        const dur = 200 + Math.floor(r() * 5000);
+        this.net.flipProbability = p;
+        this.log(`net: bit flips p=${p} for ${dur} ms`);
+        this.time.schedule(dur, () => {
+          this.net.flipProbability = 0;
+        });
+      });
+    }
+    let total = 0;
+    for (const [weight] of options) total += weight;
+    let x = r() * total;
+    for (const [weight, label, f] of options) {
+      x -= weight;
+      if (x < 0) return [label, f];
+    }
+    return null;
+  }
+
+  private resync(n: SimNode): void {
+    const o = this.other(n);
+    this.resyncIssuedMs.set(n.name, this.now);
+    this.startOp(n, 'resync', (svc) => svc.resync(this.vol(n), { peerHost: o.name, peerPort: replPort, peerVolume: this.vol(o) }));
+  }
+
+  private cleanRestart(n: SimNode): void {
+    const inc = n.inc;
+    if (!inc) return;
+    this.log(`${n.name}: clean restart`);
+    if (!this.crashInflight.has(n.name)) this.crashInflight.set(n.name, this.inflight?.node === n.name ? this.inflight : null);
+    void this.alive(inc, n.stop()).then(
+      (r) => {
+        if (r.dead || n.state !== 'down') return;
+        this.downUntil.set(n.name, this.now);
+        this.startNode(n);
+      },
+      (e: Error) => this.fail(`${n.name}: clean stop failed: ${e.stack ?? e.message}`),
+    );
+  }
+
+  private async safetyStep(i: number): Promise<void> {
+    await this.advance(Math.floor(this.rStep() * this.o.stepGapMsMax));
+    if (this.stopped) return;
+    for (const n of this.nodes) if (n.state === 'down' && (this.downUntil.get(n.name) ?? 0) <= this.now) this.startNode(n);
+    const c = this.choose();
+    if (!c) return;
+    this.log(`step ${i}: ${c[0]}`);
+    c[1]();
+    await this.quiesce();
+  }
+
+  // ================= the run =================
+
+  private async setup(): Promise<void> {
+    const [a, b] = this.nodes as [SimNode, SimNode];
+    for (const n of this.nodes) {
+      this.startNode(n);
+    }
+    await this.until(() => a.state === 'up' && b.state === 'up', setupMsMax);
+    if (a.state !== 'up' || b.state !== 'up') return this.fail('nodes did not start');
+    const inc = a.inc!;
+    await this.settle(inc.host.create({ name: this.vol(a), sizeBytes: this.sizeBytes, blockBytes: BLOCK_BYTES, description: 'sim' }), setupMsMax, 'volume create');
+    this.models.set('A', new Timeline('A/g1', new Int32Array(Math.floor(this.sizeBytes / SECTOR)), this.now));
+    await this.settle(
+      a.service!.addReplica(this.vol(a), {
+        peerHost: b.name,
+        peerPort: replPort,
+        remoteVolume: this.vol(b),
+        cutIntervalMs: this.o.cutIntervalMs,
+        highWaterBytes: this.o.highWaterBytes,
+        retriesBeforeSuspend: this.o.retriesBeforeSuspend,
+      }),
+      setupMsMax,
+      'replica add',
+    );
+    this.log(`setup: ${this.vol(a)} on A (${this.sizeBytes} bytes) replicates to ${this.vol(b)} on B`);
+    this.writerDone = this.writer().catch((e: Error) => {
+      if (!(e instanceof StopRun)) this.fail(`writer: ${e.stack}`);
+    });
+  }
+
+  /** Faults off, every node up, the operator finishes what is pending: the pair must converge. */
+  private async liveness(): Promise<void> {
+    this.faultsOff = true;
+    this.log('liveness: faults off');
+    this.net.healAll();
+    this.writerStopped = true;
+    const deadline = this.now + livenessMsMax;
+    await this.until(() => this.inflight === null, 120_000);
+    const since = this.now;
+    let lastCut = 0;
+    let lastResync = -Infinity;
+    let handoverSeen = -1;
+    for (let round = 0; round < 10_000 && this.now < deadline && !this.stopped; round++) {
+      for (const n of this.nodes) if (n.state === 'down') this.startNode(n);
+      await this.advance(500);
+      if (this.stopped) return;
+      if (this.nodes.some((n) => n.state !== 'up') || this.ops.size > 0) continue;
+      const [a, b] = this.nodes as [SimNode, SimNode];
+      const ra = this.roles.get('A');
+      const rb = this.roles.get('B');
+      if (!ra || !rb) continue;
+      const both = [a, b] as const;
+      const primaries = both.filter((n) => this.roles.get(n.name)!.role !== 'replica');
+      if (primaries.length === 2) {
+        const [x, y] = primaries as [SimNode, SimNode];
+        const gx = this.roles.get(x.name)!.generation;
+        const gy = this.roles.get(y.name)!.generation;
+        if (gx === gy) return this.fail(`liveness: two primaries at generation ${gx} (${this.roleWord(ra)} / ${this.roleWord(rb)})`);
+        const stale = gx < gy ? x : y;
+        if (this.now - lastResync > 10_000) {
+          lastResync = this.now;
+          this.resync(stale);
+        }
+        continue;
+      }
+      if (primaries.length === 0) {
+        if (this.now - since > 60_000) return this.fail(`liveness: both nodes are replicas (${this.roleWord(ra)} / ${this.roleWord(rb)})`);
+        continue;
+      }
+      const p = primaries[0]!;
+      const r = this.other(p);
+      const ps = this.roles.get(p.name)!;
+      const rs = this.roles.get(r.name)!;
+      if (rs.upstream?.resync && !rs.upstream.resync.registered && this.now - since > reregisterAfterMs && this.now - lastResync > 10_000) {
+        if (this.poisonRegister.has(r.name)) this.gap('a resync registration interrupted by a crash is not retried in the background after the restart (resync.ts `registering` set outlives the simulated process): the operator runs resync again');
+        else this.log(`liveness: ${r.name}'s resync is still not registered after ${(this.now - since) / 1000} s: the operator runs it again`);
+        lastResync = this.now;
+        this.resync(r);
+        continue;
+      }
+      if (ps.handover) {
+        if (handoverSeen < 0) handoverSeen = this.now;
+        if (this.now - handoverSeen > 60_000) {
+          this.log(`liveness: ${p.name} stuck handing over for 60 s: the operator calls it off`);
+          this.startOp(p, 'unfence', (svc) => svc.unfence(this.vol(p)));
+          handoverSeen = -1;
+        }
+        continue;
+      }
+      if (ps.fenced) {
+        if (this.now - since > 60_000) {
+          this.log(`liveness: ${p.name} is fenced although its peer is its replica: the operator unfences it`);
+          this.startOp(p, 'unfence', (svc) => svc.unfence(this.vol(p)));
+        }
+        continue;
+      }
+      if (this.now - lastCut > 3000 && ps.pairs.length > 0) {
+        lastCut = this.now;
+        this.startOp(p, 'cut', (svc) => svc.cut(this.vol(p)));
+        continue;
+      }
+      if (this.converged(p, r)) {
+        this.stats.converged = true;
+        this.log(`liveness: converged after ${((this.now - since) / 1000).toFixed(1)} s: ${p.name} ${this.roleWord(ps)} -> ${r.name} ${this.roleWord(rs)}`);
+        this.finalCheck(p, r);
+        return;
+      }
+    }
+    if (!this.stopped) this.fail(`liveness: no convergence within ${livenessMsMax / 1000} virtual s: ${this.describe()}`);
+  }
+
+  private converged(p: SimNode, r: SimNode): boolean {
+    const ps = this.roles.get(p.name)!;
+    const rs = this.roles.get(r.name)!;
+    if (ps.role !== 'primary' || ps.fenced || ps.handover || ps.pairs.length !== 1) return false;
+    const pair = ps.pairs[0]!;
+    if (rs.role !== 'replica' || rs.upstream?.pairId !== pair.id || !rs.upstream.initialCopy.done || rs.upstream.resync) return false;
+    const st = p.service!.status(this.vol(p))[0] as unknown as {
+      currentSet: number;
+      changedBlocksSinceCut: number;
+      replicas: { state: string; connected: boolean; ackedSet: number; playedSet: number; bytesDifferent: number; pendingBlocks: number; initialCopy: unknown }[];
+    };
+    const x = st.replicas?.[0];
+    if (!x || x.state !== 'duplex' || !x.connected || st.changedBlocksSinceCut !== 0 || x.bytesDifferent !== 0 || x.pendingBlocks !== 0 || x.initialCopy !== null) return false;
+    if (x.ackedSet !== st.currentSet || x.playedSet !== st.currentSet) return false;
+    const rst = r.service!.status(this.vol(r))[0] as unknown as { playedSet: number; setsHeld: unknown[]; state: string };
+    return rst.playedSet === st.currentSet && rst.setsHeld.length === 0 && rst.state === 'duplex';
+  }
+
+  /** (e): both volumes equal the primary's model byte for byte; every snapshot kept its content. */
+  private finalCheck(p: SimNode, r: SimNode): void {
+    const t = this.models.get(p.name);
+    const vp = p.inc!.volume(this.vol(p))!.readAll();
+    const vr = r.inc!.volume(this.vol(r))!.readAll();
+    if (!t) return this.fail(`liveness: the primary ${p.name} has no model (the checker lost track of it)`);
+    const dp = this.read(p)!;
+    if (diffSectors(dp, t.current)) return this.fail(`liveness: primary ${p.name} differs from its model: ${t.explain(dp, t.ackedBefore(null), true)} / ${diffSectors(dp, t.current)}`);
+    if (!vp.equals(vr)) return this.fail(`liveness: replica ${r.name} differs from primary ${p.name}: ${diffSectors(decode(vr), dp)}`);
+    this.checkAll('final');
+    this.log(`final: ${t.writes.length} writes on ${t.label}, ${t.ackedBefore(null).length} acknowledged; volumes equal (${vp.length} bytes)`);
+  }
+
+  private describe(): string {
+    const parts: string[] = [];
+    for (const n of this.nodes) {
+      const s = this.roles.get(n.name) ?? null;
+      let st = '';
+      try {
+        st = n.service ? JSON.stringify(n.service.status(this.vol(n))[0]).slice(0, 1500) : n.state;
+      } catch (e) {
+        st = `status failed: ${(e as Error).message}`;
+      }
+      parts.push(`${n.name} ${n.state} ${this.roleWord(s)} ${st}`);
+    }
+    return parts.join(' || ');
+  }
+
+  async run(): Promise<ScenarioResult> {
+    const o = this.o;
+    this.log(`seed ${o.seed}: ${JSON.stringify({ ...o, seed: undefined })}`);
+    try {
+      await this.setup();
+      for (let i = 0; i < o.steps && !this.stopped; i++) await this.safetyStep(i);
+      if (!this.stopped) await this.liveness();
+    } catch (e) {
+      if (!(e instanceof StopRun)) this.fail(`simulator error: ${(e as Error).stack}`);
+    }
+    this.stopped = true;
+    this.writerStopped = true;
+    for (const n of this.nodes) if (n.state !== 'down') n.crash('kill9');
+    // (The writer may be asleep on a virtual timer that will never fire now: not awaited.)
+    void this.writerDone;
+    this.stats.virtualMs = this.now - simEpochMs;
+    this.stats.events = this.time.eventsFired;
+    this.stats.settleRounds = this.time.settleRounds;
+    this.stats.flips = this.net.stats.flips;
+    const traceHash = crypto.createHash('sha256').update(this.trace.filter((l) => !l.startsWith('      ')).join('\n')).digest('hex').slice(0, 16);
+    return { seed: o.seed, ok: this.failures.length === 0, failures: this.failures, trace: this.trace, traceHash, options: o, stats: this.stats, gaps: this.gaps };
+  }
+}
+
+function summarize(v: unknown): string {
+  if (v === undefined) return 'ok';
+  const s = JSON.stringify(v, (k, x: unknown) => (k === 'history' || k === 'warnings' ? undefined : x));
+  return s.length > 400 ? `${s.slice(0, 400)}…` : s;
+}
+
+export async function runScenario(seed: number, flags: RunFlags = {}): Promise<ScenarioResult> {
+  return new Scenario(seed, flags).run();
+}
