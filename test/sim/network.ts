@@ -81,7 +81,11 @@ export class SimNetwork {
     return this.partitions.has(pathKey(a, b));
   }
 
+  /** Largest delay spike so far (ms). */
+  maxSpikeMs = 0;
+
   spike(a: string, b: string, extraMs: number, durationMs: number): void {
+    this.maxSpikeMs = Math.max(this.maxSpikeMs, extraMs);
     this.spikes.set(pathKey(a, b), { untilMs: this.time.nowMs + durationMs, extraMs });
   }
 

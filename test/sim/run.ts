@@ -14,6 +14,8 @@ export interface BatchOptions {
   logs: boolean;
   /** Run the first seed twice and compare trace hashes. */
   checkDeterminism: boolean;
+  /** Failure classes tolerated (KNOWN_ISSUES keys): counted, not failing. */
+  known: ReadonlySet<string>;
   print: (line: string) => void;
 }
 
@@ -21,10 +23,14 @@ export interface BatchResult {
   runs: number;
   failed: ScenarioResult[];
   wallMs: number;
+  cpuMs: number;
   perSecond: number;
+  perCpuSecond: number;
   deterministic: boolean | null;
   totals: Record<string, number>;
   gaps: Map<string, number[]>;
+  /** Known failure classes hit: class → seeds. */
+  known: Map<string, number[]>;
 }
 
 const wallNow = () => Number(process.hrtime.bigint() / 1_000_000n);
@@ -42,9 +48,11 @@ export function formatFailure(r: ScenarioResult, withTrace: boolean): string {
 
 export async function runBatch(o: BatchOptions): Promise<BatchResult> {
   const started = wallNow();
+  const cpu0 = process.cpuUsage();
   const failed: ScenarioResult[] = [];
   const totals: Record<string, number> = {};
   const gaps = new Map<string, number[]>();
+  const known = new Map<string, number[]>();
   let runs = 0;
   let deterministic: boolean | null = null;
   let unhandled: Error | null = null;
@@ -57,7 +65,7 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
       if (i > 0 && wallNow() - started > o.wallMsMax) break;
       const seed = (o.firstSeed + i) >>> 0;
       const t0 = wallNow();
-      const r = await runScenario(seed, { logs: o.logs });
+      const r = await runScenario(seed, { logs: o.logs, known: o.known });
       // An unhandled rejection would have killed a real daemon.
       await new Promise((res) => setImmediate(res));
       if (unhandled) {
@@ -70,8 +78,9 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
       for (const [k, v] of Object.entries(r.stats)) if (typeof v === 'number') totals[k] = (totals[k] ?? 0) + v;
       totals.convergedRuns = (totals.convergedRuns ?? 0) + (r.stats.converged ? 1 : 0);
       for (const g of r.gaps) gaps.set(g, [...(gaps.get(g) ?? []), seed]);
+      for (const k of Object.keys(r.known)) known.set(k, [...(known.get(k) ?? []), seed]);
       if (i === 0 && o.checkDeterminism) {
-        const again = await runScenario(seed, { logs: false });
+        const again = await runScenario(seed, { logs: false, known: o.known });
         deterministic = again.traceHash === r.traceHash;
         if (!deterministic) o.print(`NONDETERMINISTIC: seed ${seed} gave trace ${r.traceHash} then ${again.traceHash}`);
       }
@@ -90,5 +99,7 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
     process.off('unhandledRejection', onUnhandled);
   }
   const wallMs = wallNow() - started;
-  return { runs, failed, wallMs, perSecond: (runs * 1000) / Math.max(1, wallMs), deterministic, totals, gaps };
+  const c = process.cpuUsage(cpu0);
+  const cpuMs = (c.user + c.system) / 1000;
+  return { runs, failed, wallMs, cpuMs, perSecond: (runs * 1000) / Math.max(1, wallMs), perCpuSecond: (runs * 1000) / Math.max(1, cpuMs), deterministic, totals, gaps, known };
 }

@@ -20,6 +20,7 @@ import crypto from 'node:crypto';
 import type { RoleState } from '../../src/recovery/role-record.js';
 import type { ReplicationService } from '../../src/replication/service.js';
 import { prng } from '../helpers/seed.js';
+import { replicationSilenceMs, replicatorTickMs } from '../../src/replication/limits.js';
 import { SimTime, simEpochMs, simSleep } from './time.js';
 import { SimNetwork } from './network.js';
 import { SimNode, replPort, type Incarnation } from './node.js';
@@ -41,7 +42,22 @@ const reregisterAfterMs = 30_000;
 export interface RunFlags {
   /** Production log lines in the trace (slow). */
   logs?: boolean;
+  /**
+   * Failure classes already reported (see KNOWN_ISSUES): counted and logged, but the run
+   * goes on instead of failing, so a soak keeps looking for new ones.
+   */
+  known?: ReadonlySet<string>;
 }
+
+/** Failure classes the simulator recognises, with what each one means (for the report). */
+export const KNOWN_ISSUES: Record<string, string> = {
+  'report-after-last-report':
+    'failover report: writes the old primary acknowledged after its last progress report are lost, but the report says nothing (or less) was at risk (failover.ts lossReport takes atRiskSinceMs from the last report as is)',
+  'report-restart':
+    'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart (replicator.ts: firstChangeMs = construction time)',
+  'report-tick':
+    'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
+};
 
 export interface ScenarioStats {
   virtualMs: number;
@@ -71,6 +87,8 @@ export interface ScenarioResult {
   stats: ScenarioStats;
   /** Known simulator limits this run ran into (see the report), not failures. */
   gaps: string[];
+  /** Known failure classes hit (tolerated or not). */
+  known: Record<string, number>;
 }
 
 interface Op {
@@ -123,6 +141,11 @@ export class Scenario {
   /** Per node: the in-flight write when it crashed (until it is up again and checked). */
   private readonly crashInflight = new Map<string, Inflight | null>();
   private readonly resyncIssuedMs = new Map<string, number>();
+  /** When each node's incarnations came up (a replicator's notion of time restarts there). */
+  private readonly boots = new Map<string, number[]>();
+  /** Known failure classes hit (class → occurrences). */
+  readonly knownHits = new Map<string, number>();
+  private readonly knownSet: ReadonlySet<string>;
   private inflight: Inflight | null = null;
   private writeId = 0;
   private writerStopped = false;
@@ -153,6 +176,7 @@ export class Scenario {
     flags: RunFlags = {},
   ) {
     this.o = pickOptions(seed);
+    this.knownSet = flags.known ?? new Set();
     const o = this.o;
     this.rStep = prng((seed ^ 0x0005_7e95) >>> 0);
     this.rWrite = prng((seed ^ 0x0077_1e55) >>> 0);
@@ -201,6 +225,13 @@ export class Scenario {
     if (this.failures.length < 10) this.failures.push(`${((this.now - simEpochMs) / 1000).toFixed(3)}s ${message}`);
     this.log(`FAILURE: ${message}`);
     this.stopped = true;
+  }
+
+  /** A failure of a known class: fails the run unless that class is tolerated. */
+  private issue(cls: string, message: string): void {
+    this.knownHits.set(cls, (this.knownHits.get(cls) ?? 0) + 1);
+    if (this.knownSet.has(cls)) this.log(`known issue [${cls}]: ${message}`);
+    else this.fail(`[${cls}] ${message}`);
   }
 
   private gap(message: string): void {
@@ -329,21 +360,21 @@ export class Scenario {
 
   private roleWord(s: RoleState | null): string {
     if (!s) return 'none';
-    const extra = [s.fenced ? 'fenced' : '', s.handover ? `handover${s.handover.offered ? '(offered)' : ''}` : '', s.failover ? `failover:${s.failover.kind}` : '', s.upstream?.resync ? `resync${s.upstream.resync.registered ? '' : '(unregistered)'}${s.upstream.resync.full ? '(full)' : ''}` : '']
+    const extra = [s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : '', s.handover ? `handover${s.handover.offered ? '(offered)' : ''}` : '', s.failover ? `failover:${s.failover.kind}` : '', s.upstream?.resync ? `resync${s.upstream.resync.registered ? '' : '(unregistered)'}${s.upstream.resync.full ? '(full)' : ''}` : '']
       .filter(Boolean)
       .join(',');
     return `${s.role}/g${s.generation}${extra ? `[${extra}]` : ''}`;
   }
 
   private onRole(n: SimNode, prev: RoleState | null, next: RoleState): void {
-    const moved = !prev || prev.role !== next.role || prev.generation !== next.generation || !!prev.fenced !== !!next.fenced || !!prev.handover !== !!next.handover || prev.handover?.offered !== next.handover?.offered || !!prev.failover !== !!next.failover || !!prev.upstream?.resync !== !!next.upstream?.resync || prev.upstream?.resync?.registered !== next.upstream?.resync?.registered;
+    const moved = !prev || prev.role !== next.role || prev.generation !== next.generation || !!prev.fenced !== !!next.fenced || !!prev.fenced?.overridden !== !!next.fenced?.overridden || !!prev.handover !== !!next.handover || prev.handover?.offered !== next.handover?.offered || !!prev.failover !== !!next.failover || !!prev.upstream?.resync !== !!next.upstream?.resync || prev.upstream?.resync?.registered !== next.upstream?.resync?.registered;
     if (!moved) return;
     const last = next.history[next.history.length - 1];
     this.log(`${n.name}: role ${this.roleWord(prev)} -> ${this.roleWord(next)}${last ? ` (${last.event})` : ''}`);
     const o = this.other(n);
     // Became a primary by taking over.
     if (prev?.role === 'replica' && next.role === 'primary' && next.failover) {
-      if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, o, next);
+      if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, o, next, prev);
       else this.checkPlannedTakeover(n, o);
       return;
     }
@@ -390,7 +421,7 @@ export class Scenario {
   }
 
   /** (b): the new primary holds the old one's state at a prefix of its writes, losing only what the report admits. */
-  private checkUnplannedFailover(n: SimNode, old: SimNode, s: RoleState): void {
+  private checkUnplannedFailover(n: SimNode, old: SimNode, s: RoleState, before: RoleState): void {
     this.stats.failovers++;
     const f = s.failover!;
     const v = this.read(n);
@@ -404,26 +435,38 @@ export class Scenario {
       this.log(`${n.name}: forced failover before the initial copy finished: loss not checked`);
     } else {
       const since = r ? r.atRiskSinceMs : null;
-      const required = t.ackedBefore(since);
-      const why = t.explain(v, required, r?.consistent ?? true);
-      if (why) {
-        const lastContact = r?.lastContactMs ?? null;
-        const afterContact = since === null && lastContact !== null && t.explain(v, t.ackedBefore(lastContact), r?.consistent ?? true) === null;
-        this.fail(
-          afterContact
-            ? `unplanned failover on ${n.name}: the report says nothing was at risk (atRiskSinceMs null), yet writes the old primary acknowledged after the last contact (${((lastContact - simEpochMs) / 1000).toFixed(3)}s) are missing: ${why}`
-            : `unplanned failover on ${n.name} lost more than its report admits (atRiskSinceMs ${since === null ? 'null' : ((since - simEpochMs) / 1000).toFixed(3)}): ${why}`,
-        );
-        return;
-      }
+      const consistent = r?.consistent ?? true;
+      const why = t.explain(v, t.ackedBefore(since), consistent);
+      if (why) this.classifyLoss(n, old, t, v, since, consistent, before, why);
+      if (this.stopped) return;
       const acked = t.ackedBefore(null);
-      const lost = acked.filter((w) => t.explain(v, [w], r?.consistent ?? true) !== null).length;
+      const lost = acked.filter((w) => t.explain(v, [w], consistent) !== null).length;
       this.log(`${n.name}: failover ok: ${acked.length - lost}/${acked.length} acknowledged writes of ${old.name} here, ${lost} lost within the report`);
       const snap = this.readSnapshot(n, f.restartSnapshot);
       if (snap && diffSectors(snap, v)) this.fail(`${n.name}: restart snapshot ${f.restartSnapshot} differs from the volume at the failover: ${diffSectors(snap, v)}`);
       else if (snap) this.expected.get(n.name)!.set(f.restartSnapshot, { vec: v.slice(), what: 'restart point' });
     }
     this.models.set(n.name, new Timeline(`${n.name}/g${s.generation}`, v, this.now));
+  }
+
+  /**
+   * A failover lost acknowledged writes its report did not admit. Sorted into the known
+   * causes (each a production bug, see KNOWN_ISSUES) by the oldest write lost; anything
+   * else is a new failure.
+   */
+  private classifyLoss(n: SimNode, old: SimNode, t: Timeline, v: Int32Array, since: number | null, consistent: boolean, before: RoleState, why: string): void {
+    const lost = t.ackedBefore(null).filter((w) => t.explain(v, [w], consistent) !== null);
+    const oldest = Math.min(...lost.map((w) => w.ackedAtMs!));
+    const at = (ms: number | null | undefined) => (ms === null || ms === undefined ? 'none' : ((ms - simEpochMs) / 1000).toFixed(3));
+    const report = before.upstream?.lastReport ?? null;
+    // A report is computed by the primary before the replica receives it: at most this much before.
+    const reportAgeMaxMs = replicationSilenceMs + this.o.net.latencyMs + this.o.net.jitterMs + this.net.maxSpikeMs + 2;
+    const what = `failover on ${n.name} lost ${lost.length} acknowledged write(s) of ${old.name}, the oldest acked at ${at(oldest)}; the report says at risk since ${at(since)} (last progress report received ${at(report?.atMs)}, last contact ${at(this.roles.get(n.name)?.failover?.report?.lastContactMs)}): ${why}`;
+    const boots = (this.boots.get(old.name) ?? []).filter((b) => b > oldest && (since === null || b <= since));
+    if (since !== null && oldest >= since - replicatorTickMs - 1) return this.issue('report-tick', what);
+    if (boots.length > 0 && since !== null) return this.issue('report-restart', `${what} (${old.name} restarted at ${boots.map(at).join(', ')})`);
+    if (report && oldest >= report.atMs - reportAgeMaxMs && (since === null || since > report.atMs - reportAgeMaxMs)) return this.issue('report-after-last-report', what);
+    this.fail(`unplanned ${what}`);
   }
 
   /** (c): a planned takeover loses nothing. */
@@ -528,6 +571,7 @@ export class Scenario {
         this.starting.delete(n.name);
         if (n.state !== 'up') return;
         this.dirty.add(n.name);
+        this.boots.set(n.name, [...(this.boots.get(n.name) ?? []), this.now]);
         this.log(`${n.name}: up`);
         this.afterRecovery(n);
       },
@@ -583,7 +627,7 @@ export class Scenario {
 
   private writable(n: SimNode): boolean {
     const s = this.roles.get(n.name);
-    return n.state === 'up' && !!s && s.role !== 'replica' && !s.fenced;
+    return n.state === 'up' && !!s && s.role !== 'replica' && (!s.fenced || !!s.fenced.overridden);
   }
 
   private async writer(): Promise<void> {
@@ -763,7 +807,7 @@ export class Scenario {
         const stale = !!os && os.generation > s.generation;
         add(w.resync * (stale || s.fenced ? 1 : 0.1), `resync ${n.name}`, () => this.resync(n));
       }
-      if (svcFree && (s.fenced || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.startOp(n, 'unfence', (svc) => svc.unfence(this.vol(n))));
+      if (svcFree && ((s.fenced && !s.fenced.overridden) || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.startOp(n, 'unfence', (svc) => svc.unfence(this.vol(n))));
     }
     if (!this.faultsOff) {
       const [a, b] = this.nodes.map((n) => n.name) as [string, string];
@@ -1015,7 +1059,7 @@ export class Scenario {
     this.stats.settleRounds = this.time.settleRounds;
     this.stats.flips = this.net.stats.flips;
     const traceHash = crypto.createHash('sha256').update(this.trace.filter((l) => !l.startsWith('      ')).join('\n')).digest('hex').slice(0, 16);
-    return { seed: o.seed, ok: this.failures.length === 0, failures: this.failures, trace: this.trace, traceHash, options: o, stats: this.stats, gaps: this.gaps };
+    return { seed: o.seed, ok: this.failures.length === 0, failures: this.failures, trace: this.trace, traceHash, options: o, stats: this.stats, gaps: this.gaps, known: Object.fromEntries(this.knownHits) };
   }
 }
 
