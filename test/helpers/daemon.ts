@@ -48,12 +48,16 @@ export class TestDaemon {
 
   /** The control API, as JSON (tests poll replication status with it). */
   async api<T>(method: string, urlPath: string, body?: unknown): Promise<T> {
-    const res = await fetch(`http://127.0.0.1:${this.controlPort}${urlPath}`, {
-      method,
-      headers: body === undefined ? {} : { 'content-type': 'application/json' },
-      body: body === undefined ? undefined : JSON.stringify(body),
-      signal: AbortSignal.timeout(60_000),
-    });
+    const send = () =>
+      fetch(`http://127.0.0.1:${this.controlPort}${urlPath}`, {
+        method,
+        headers: body === undefined ? {} : { 'content-type': 'application/json' },
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(60_000),
+      });
+    // A GET may meet a kept-alive connection the server closed at that instant (a loaded
+    // machine widens the race): ask again once.
+    const res = await send().catch((e: Error) => (method === 'GET' ? send() : Promise.reject(e)));
     const text = await res.text();
     if (!res.ok) throw new Error(`${method} ${urlPath}: ${res.status} ${text}`);
     return JSON.parse(text) as T;

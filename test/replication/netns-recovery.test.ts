@@ -48,7 +48,8 @@ const secs = (ms: number) => `${(ms / 1000).toFixed(2)} s`;
  */
 class HistoryWriter {
   readonly model: Buffer;
-  readonly history = new Map<number, { atMs: number; digest: string }[]>();
+  /** Per block: the versions written, acknowledged or not (a write the server died on may have reached the disk). */
+  readonly history = new Map<number, { atMs: number; digest: string; acked: boolean }[]>();
   writes = 0;
   refused = 0;
   private running = false;
@@ -70,17 +71,21 @@ class HistoryWriter {
     const data = Buffer.allocUnsafe(blocks * BS);
     for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((this.rnd() * 2 ** 32) >>> 0, i);
     const r = await this.client.write(first * BS, data, true); // FUA: acknowledged = durable
-    if (r.error !== 0) {
+    const at = Date.now();
+    const acked = r.error === 0;
+    // A refused write (EPERM) changed nothing; one the connection died on may have landed.
+    if (acked || r.error === -1) {
+      for (let i = 0; i < blocks; i++) {
+        const h = this.history.get(first + i) ?? [];
+        h.push({ atMs: at, digest: digest(data.subarray(i * BS, (i + 1) * BS)), acked });
+        this.history.set(first + i, h);
+      }
+    }
+    if (!acked) {
       this.refused++;
       return false;
     }
-    const at = Date.now();
     data.copy(this.model, first * BS);
-    for (let i = 0; i < blocks; i++) {
-      const h = this.history.get(first + i) ?? [];
-      h.push({ atMs: at, digest: digest(data.subarray(i * BS, (i + 1) * BS)) });
-      this.history.set(first + i, h);
-    }
     this.writes++;
     return true;
   }
@@ -111,13 +116,13 @@ class HistoryWriter {
 
   /**
    * Blocks of `image` that lost a write acknowledged before `beforeMs`: their content is
-   * neither that write's nor a later one's.
+   * neither that write's nor a later one's (acknowledged or not).
    */
   lostBefore(image: Buffer, beforeMs: number): number[] {
     const lost: number[] = [];
     for (const [b, h] of this.history) {
       let i = h.length - 1;
-      while (i >= 0 && h[i]!.atMs >= beforeMs) i--;
+      while (i >= 0 && (h[i]!.atMs >= beforeMs || !h[i]!.acked)) i--;
       if (i < 0) continue; // nothing acknowledged before: any content is allowed here
       const have = digest(image.subarray(b * BS, (b + 1) * BS));
       if (!h.slice(i).some((v) => v.digest === have)) lost.push(b);
