@@ -3,6 +3,8 @@
 // DELTAVOL_KERNEL_TEST_SERVER=nbdkit, an nbdkit stand-in used to debug the guest
 // and the harness without deltavol. Both offer the same small interface: start,
 // create volumes, put a file system image on a read-only volume, restart, stop.
+// The failover case (lib/failover.mjs) runs two more deltavol daemons through the
+// same class, each with its own log file and data directory, and kills one with -9.
 import { spawn, execFile } from 'node:child_process'
 import { createWriteStream } from 'node:fs'
 import { copyFile, mkdir, truncate, writeFile } from 'node:fs/promises'
@@ -82,7 +84,8 @@ class ProcessLog {
     }
   }
   mark(text) {
-    this.stream.write(`---- harness: ${text}\n`)
+    // the time in the unit of the daemon's pino "time" field, to line the two up
+    this.stream.write(`---- harness at ${Date.now()}: ${text}\n`)
   }
   lastLines(n) {
     return this.tail.slice(-n).join('\n')
@@ -93,10 +96,11 @@ class ProcessLog {
 }
 
 class BaseServer {
-  constructor({ logDir, workDir }) {
+  constructor({ logDir, workDir, name = 'server' }) {
     this.logDir = logDir
     this.workDir = workDir
-    this.log = new ProcessLog(path.join(logDir, 'server.log'))
+    this.name = name
+    this.log = new ProcessLog(path.join(logDir, `${name}.log`))
     /** @type {import('node:child_process').ChildProcess | null} */
     this.child = null
     this.port = 0
@@ -124,6 +128,17 @@ class BaseServer {
     this.child = null
     return { ...res, ms: Date.now() - t0, killed }
   }
+  /** kill -9, as a crash would; resolves once the process is gone (bounded). */
+  async kill() {
+    const child = this.child
+    if (!child) return { code: null, signal: null, ms: 0 }
+    const t0 = Date.now()
+    this.log.mark(`SIGKILL to pid ${child.pid}`)
+    child.kill('SIGKILL')
+    const res = (await waitExit(child, 5_000)) ?? { code: null, signal: 'still running 5 s after SIGKILL' }
+    this.child = null
+    return { ...res, ms: Date.now() - t0 }
+  }
   /** Stop (SIGTERM) and start again on the same ports and data. */
   async restart() {
     const stopped = await this.stop()
@@ -143,9 +158,10 @@ export class DeltavolServer extends BaseServer {
     super(opts)
     this.kind = 'deltavol'
     this.cli = path.join(opts.root, 'dist/cli/main.js')
-    this.dataDir = path.join(opts.workDir, 'data')
+    this.dataDir = path.join(opts.workDir, opts.name ? `data-${opts.name}` : 'data')
     this.defaultExport = opts.defaultExport
     this.controlPort = 0
+    this.replPort = 0
   }
 
   async start() {
@@ -153,6 +169,8 @@ export class DeltavolServer extends BaseServer {
     for (let attempt = 1; ; attempt++) {
       this.port = await freePort()
       this.controlPort = await freePort()
+      // explicit, not the default 10811: several daemons run at once (failover case)
+      this.replPort = await freePort()
       this.roPort = this.port
       try {
         return await this.#spawn()
@@ -171,7 +189,8 @@ export class DeltavolServer extends BaseServer {
       '--port', String(this.port),
       '--bind', '127.0.0.1',
       '--control-port', String(this.controlPort),
-      '--default-export', this.defaultExport,
+      '--repl-port', String(this.replPort),
+      ...(this.defaultExport ? ['--default-export', this.defaultExport] : []),
       '--log-level', process.env.DELTAVOL_KERNEL_TEST_LOG_LEVEL ?? 'info',
     ]
     this.log.mark(`start #${this.starts}: node ${args.join(' ')}`)
@@ -206,6 +225,25 @@ export class DeltavolServer extends BaseServer {
 
   async createVolume(name, size) {
     await this.cliRun('volume', 'create', name, '--size', size)
+  }
+
+  /** The volume's data file (DIR/volumes/NAME/data.img: the volume's current bytes). */
+  volumeFile(volume) {
+    return path.join(this.dataDir, 'volumes', volume, 'data.img')
+  }
+
+  /** GET a control-API path (what `deltavol status VOLUME --json` prints comes from /v1/replication). */
+  async api(pathname, timeoutMs = 5_000) {
+    const res = await fetch(`http://127.0.0.1:${this.controlPort}${pathname}`, { signal: AbortSignal.timeout(timeoutMs) })
+    const text = await res.text()
+    if (!res.ok) throw new Error(`GET ${pathname}: HTTP ${res.status} ${text}`)
+    return JSON.parse(text)
+  }
+
+  /** A volume's replication status, as `deltavol status VOLUME --json` prints it. */
+  async replication(volume) {
+    const r = await this.api(`/v1/replication?volume=${encodeURIComponent(volume)}`)
+    return r.volumes[0]
   }
 
   /** Take a snapshot of a volume now (exported read-only as VOLUME@NAME). */
