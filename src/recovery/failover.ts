@@ -13,7 +13,7 @@
 
 import { DeltavolError } from '../util/errors.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
-import { ReplicaVolume } from '../replication/replica.js';
+import { ReplicaVolume, reportedRiskSince } from '../replication/replica.js';
 import type { RecoveryContext } from './context.js';
 import type { FailoverRecord, LossReport } from './role-record.js';
 
@@ -132,7 +132,7 @@ export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: n
   const head = rv.chainHeadSet;
   const setsNotHere: number[] = [];
   if (r) for (let s = Math.max(head, ...dropped) + 1; s <= r.lastSet && setsNotHere.length < 1000; s++) setsNotHere.push(s);
-  let since = r?.atRiskSinceMs ?? null;
+  let since = r ? reportedRiskSince(r) : null;
   // Dropped sets hold writes made after the last played cut.
   if (dropped.length > 0) {
     const t = playedCutAtMs ?? firstDroppedCutMs;

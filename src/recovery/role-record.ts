@@ -90,7 +90,7 @@ export interface UpstreamRecord {
   /** When the last set played was cut on the primary (writes after it are not here). */
   playedCutAtMs: number | null;
   /** The primary's last progress report (kept so a failover after a restart can still say what it loses). */
-  lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number } | null;
+  lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number; primaryAtMs: number } | null;
 }
 
 export interface ResyncRecord {
@@ -133,7 +133,11 @@ export interface FailoverRecord {
 }
 
 export interface LossReport {
-  /** Writes of the old primary made after this time may be missing here (null: none at risk). */
+  /**
+   * Every write the old primary acknowledged before this time (its clock) is here; later
+   * ones may be missing. At the latest the time of its last progress report, since what it
+   * did after that is unknown here. Null: it never reported (nothing is known).
+   */
   atRiskSinceMs: number | null;
   /** Last time the old primary was heard from. */
   lastContactMs: number | null;

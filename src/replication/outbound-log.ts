@@ -63,6 +63,8 @@ interface IndexFile {
   releasedPos: number;
   /** Highest set number ever committed (sets are numbered without gaps). */
   lastSet: number;
+  /** When the last set was cut (so a restart knows the changes not yet cut came after it). */
+  lastCutAtMs?: number;
   sets: OutboundSet[];
 }
 
@@ -135,6 +137,10 @@ export class OutboundLog {
   get lastSet(): number {
     return this.index.lastSet;
   }
+  /** When the last set was cut (null: never, or a log of version 0.1). */
+  get lastCutAtMs(): number | null {
+    return this.index.lastCutAtMs ?? null;
+  }
 
   get(set: number): OutboundSet | undefined {
     const first = this.index.sets[0];
@@ -195,6 +201,7 @@ export class OutboundLog {
     assert(s.set === this.index.lastSet + 1, 'sets commit in order');
     this.index.sets.push(s);
     this.index.lastSet = s.set;
+    this.index.lastCutAtMs = s.createdAtMs;
     this.index.writePos = s.endPos;
     this.saveIndex();
   }
@@ -343,6 +350,11 @@ export class SetWriter implements DeltaSink {
     this.fill = 0;
     this.runs = [];
     this.data = Buffer.allocUnsafe(this.perChunk * this.blockBytes);
+  }
+
+  /** Blocks put so far. */
+  get blockCount(): number {
+    return this.blocks;
   }
 
   async commit(): Promise<void> {

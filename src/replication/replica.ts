@@ -45,8 +45,18 @@ export interface PrimaryReport {
   lastSet: number;
   atRiskSinceMs: number | null;
   bytesDifferent: number;
-  /** When it was received. */
+  /** When it was received (this node's clock). */
   atMs: number;
+  /** When the primary made it (its clock: the clock of the writes it reports on). */
+  primaryAtMs: number;
+}
+
+/**
+ * The oldest write a failover now may lose, from the primary's last report: the oldest it
+ * had not had acknowledged, or else the report's own time (what came after is unknown).
+ */
+export function reportedRiskSince(r: PrimaryReport): number {
+  return r.atRiskSinceMs === null ? r.primaryAtMs : Math.min(r.atRiskSinceMs, r.primaryAtMs);
 }
 
 export type ReplicaStateWord = 'initial-copy' | 'resyncing' | 'duplex' | 'disconnected' | 'suspend';
@@ -292,10 +302,11 @@ export class ReplicaVolume {
         link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
         return;
       case 'progress': {
-        const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now() };
+        const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now(), primaryAtMs: m.atMs };
         const old = this.state.lastReport;
         this.state.lastReport = r;
-        // Durable when what a failover would report changes (not at every heartbeat).
+        // Durable when what a failover would report changes, and every few seconds (the
+        // report's own time bounds the loss a failover after a restart would admit).
         if (!old || old.lastSet !== r.lastSet || old.atRiskSinceMs !== r.atRiskSinceMs || r.atMs - old.atMs > L.reportPersistMs) this.saveState();
         return;
       }
@@ -546,8 +557,9 @@ export class ReplicaVolume {
   rpo(): { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null; bytesAtMost: number } {
     const r = this.lastReport;
     const until = this.connected ? this.platform.clock.now() : (this.lastContactMs ?? this.platform.clock.now());
-    if (!r || r.atRiskSinceMs === null) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
-    return { atRiskSinceMs: r.atRiskSinceMs, seconds: Math.max(0, (until - r.atRiskSinceMs) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r.bytesDifferent };
+    if (!r) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
+    const since = reportedRiskSince(r);
+    return { atRiskSinceMs: since, seconds: Math.max(0, (until - since) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r.bytesDifferent };
   }
 
   status() {

@@ -87,8 +87,13 @@ export class VolumeReplicator implements PairHost {
   private readonly pending = new Map<string, PagedBitmap>();
   private building: Promise<unknown> | null = null;
   private lastCutMs: number;
-  /** When the oldest change not yet in a set was made (null: none). */
+  /**
+   * No later than the oldest change not yet in a set (null: none): what a failover of a
+   * replica would lose starts there, so it may be early, never late.
+   */
   private firstChangeMs: number | null = null;
+  /** The last time the change log was seen empty (a first change comes after it). */
+  private lastQuietMs: number;
   private readonly stopTimer: () => void;
   private closed = false;
   /** Reason the last cut could not happen (outbound full), for status. */
@@ -104,8 +109,11 @@ export class VolumeReplicator implements PairHost {
     options: ReplicatorOptions,
     private readonly hooks: ReplicatorHooks,
   ) {
-    this.lastCutMs = platform.clock.now();
     this.outbound = OutboundLog.open(fsys, options.outboundBytes);
+    // After a restart the changes not yet cut were made after the last cut (the log keeps
+    // its time): their risk starts there, not at this start.
+    this.lastCutMs = this.outbound.lastCutAtMs ?? platform.clock.now();
+    this.lastQuietMs = this.lastCutMs;
     for (const p of role.pairs) this.pending.set(p.id, readRuns(fsys, pendingFile(p.id), volume.blocksTotal) ?? new PagedBitmap(volume.blocksTotal));
     if (volume.changedBlockCount() > 0) this.firstChangeMs = this.lastCutMs;
     this.stopTimer = platform.clock.every(L.replicatorTickMs, () => this.tick());
@@ -377,7 +385,8 @@ export class VolumeReplicator implements PairHost {
     if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
     const changed = this.volume.changedBlockCount();
     const now = this.platform.clock.now();
-    if (changed > 0 && this.firstChangeMs === null) this.firstChangeMs = now;
+    if (changed === 0) this.lastQuietMs = now;
+    else if (this.firstChangeMs === null) this.firstChangeMs = this.lastQuietMs;
     const pairs = this.role.pairs;
     const active = pairs.filter((p) => !p.operatorSuspended);
     let interval = Infinity;
@@ -482,6 +491,7 @@ export class VolumeReplicator implements PairHost {
       assert(options.snapshotName !== undefined, 'forget only for a base snapshot');
       await this.volume.snapshotAndForget(options.snapshotName, this.outbound.lastSet);
       this.lastCutMs = now;
+      this.lastQuietMs = now;
       this.firstChangeMs = null;
       return this.outbound.lastSet;
     }
@@ -518,6 +528,7 @@ export class VolumeReplicator implements PairHost {
     });
     this.outboundFull = false;
     this.lastCutMs = now;
+    this.lastQuietMs = now;
     // What a partial set left behind is as old as the first change it was cut from.
     this.firstChangeMs = this.volume.changedBlockCount() > 0 ? (partial ? firstChange : now) : null;
     this.setsCut++;
@@ -540,8 +551,8 @@ export class VolumeReplicator implements PairHost {
       else continue;
       this.savePending(p.id);
     }
-    const s = this.outbound.get(n)!;
-    this.log.debug({ set: n, blocks: s.blocks, bytes: s.dataBytes, partial, reason: options.reason, catchUps: catchUps.map((p) => p.id), ms: this.platform.clock.now() - now }, 'delta set cut');
+    // (The set may be acknowledged and released already: the engine checkpoints after the commit.)
+    this.log.debug({ set: n, blocks: writer.blockCount, bytes: writer.blockCount * bs, partial, reason: options.reason, catchUps: catchUps.map((p) => p.id), ms: this.platform.clock.now() - now }, 'delta set cut');
     for (const sender of this.senders.values()) sender.wake();
     this.releaseSets();
     return n;
