@@ -87,9 +87,8 @@ export class FailoverPair {
    */
   async cutAndWaitPlayed(timeoutMs = 20_000) {
     const t0 = Date.now()
-    // One retry: a cut can fail after its set was built and even shipped (a deltavol race,
-    // see native-test/README.md, "Failover case"). The second cut, or its "nothing to cut",
-    // still comes after the guest's syncfs, so the guarantee holds; the failure is kept.
+    // A failed cut is recorded (the test asserts there was none) and tried once more so
+    // the rest of the case still runs; the second cut also comes after the guest's syncfs.
     let cut
     let firstError = null
     try {
