@@ -8,48 +8,17 @@ import cliProgress from 'cli-progress';
 import { DeltavolError } from '../util/errors.js';
 import { formatBytes, parseDurationMs, parseHostPort } from '../util/units.js';
 import type { ControlClient } from './control-client.js';
+import type { FailoverResult } from '../recovery/failover.js';
+import type { TakeoverResult } from '../recovery/handover.js';
+import type { ResyncResult } from '../recovery/resync.js';
 
 type Helpers = {
   client: (cmd: Command) => ControlClient;
   print: (json: boolean, value: unknown, human: () => string) => void;
 };
 
-interface LossReport {
-  atRiskSinceMs: number | null;
-  lastContactMs: number | null;
-  seconds: number;
-  setsNotHere: number[];
-  setsDropped: number[];
-  bytesAtMost: number;
-  consistent: boolean;
-}
-
-interface FailoverAnswer {
-  volume: string;
-  generation: number;
-  previousGeneration: number;
-  rtoMs: number;
-  // unplanned
-  restartPoint?: { snapshot: string | null; set: number };
-  setsPlayed?: number[];
-  report?: LossReport;
-  warnings?: string[];
-  // planned
-  lastSet?: number;
-  how?: string;
-}
-
-interface ResyncAnswer {
-  volume: string;
-  generation: number;
-  peer: string;
-  full: boolean;
-  reason: string;
-  divergentBlocks: number;
-  beforeSnapshot: string | null;
-  restartSet: number;
-  registered: boolean;
-}
+type FailoverAnswer = Partial<FailoverResult> & Partial<TakeoverResult> & { volume: string; generation: number; previousGeneration: number; rtoMs: number };
+type ResyncAnswer = ResyncResult;
 
 interface ReplicaView {
   role: string;
