@@ -55,6 +55,10 @@ export const KNOWN_ISSUES: Record<string, string> = {
     'failover report: writes the old primary acknowledged after its last progress report are lost, but the report says nothing (or less) was at risk (failover.ts lossReport takes atRiskSinceMs from the last report as is)',
   'report-restart':
     'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart (replicator.ts: firstChangeMs = construction time)',
+  'no-resync-after-planned':
+    'an old primary that diverged after a planned takeover (unfenced while its handover was offered and the replica had committed) can never be resynced: the new primary refuses "did not fail over from another primary" (resync.ts offer() accepts only an unplanned failover record)',
+  'activity-log-livelock':
+    'activity log livelock: concurrent writers that together need more extents than the hot set holds, each needing one hot and one cold extent, evict each other forever (activity-log.ts commitExtents evicts the hot half of every waiting writer)',
   'report-tick':
     'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
 };
@@ -232,6 +236,15 @@ export class Scenario {
     this.knownHits.set(cls, (this.knownHits.get(cls) ?? 0) + 1);
     if (this.knownSet.has(cls)) this.log(`known issue [${cls}]: ${message}`);
     else this.fail(`[${cls}] ${message}`);
+  }
+
+  /** A known issue after which the pair cannot converge: the run ends here. */
+  private blocking(cls: string, message: string): void {
+    this.issue(cls, message);
+    if (!this.stopped) {
+      this.log(`run ends: known issue ${cls} blocks convergence`);
+      this.stopped = true;
+    }
   }
 
   private gap(message: string): void {
@@ -465,7 +478,7 @@ export class Scenario {
     const boots = (this.boots.get(old.name) ?? []).filter((b) => b > oldest && (since === null || b <= since));
     if (since !== null && oldest >= since - replicatorTickMs - 1) return this.issue('report-tick', what);
     if (boots.length > 0 && since !== null) return this.issue('report-restart', `${what} (${old.name} restarted at ${boots.map(at).join(', ')})`);
-    if (report && oldest >= report.atMs - reportAgeMaxMs && (since === null || since > report.atMs - reportAgeMaxMs)) return this.issue('report-after-last-report', what);
+    if (!report || (oldest >= report.atMs - reportAgeMaxMs && (since === null || since > report.atMs - reportAgeMaxMs))) return this.issue('report-after-last-report', what);
     this.fail(`unplanned ${what}`);
   }
 
@@ -729,7 +742,10 @@ export class Scenario {
       const e = x.e;
       const code = e?.code ?? (e as Error)?.name;
       this.log(`${n.name}: ${kind} failed: ${code}: ${e?.message}`);
-      if (e?.message?.includes('already under way') && kind !== 'failover' && this.poisonTakeover.has(n.name)) this.gap('a takeover after a crash in the middle of an earlier one is refused as "already under way" (handover.ts `waiting` map outlives the simulated process)');
+      if (kind === 'resync' && e?.message?.includes('did not fail over from another primary')) {
+        const ps = this.roles.get(this.other(n).name);
+        this.blocking('no-resync-after-planned', `${n.name} (${this.roleWord(this.roles.get(n.name) ?? null)}) cannot be resynced from ${this.other(n).name} (${this.roleWord(ps ?? null)}): ${e.message}`);
+      } else if (e?.message?.includes('already under way') && kind !== 'failover' && this.poisonTakeover.has(n.name)) this.gap('a takeover after a crash in the middle of an earlier one is refused as "already under way" (handover.ts `waiting` map outlives the simulated process)');
       else if (!(e && typeof e.code === 'string')) this.fail(`${n.name}: ${kind} threw ${e?.name}: ${e?.stack ?? e}`);
     });
   }
@@ -924,10 +940,22 @@ export class Scenario {
     let lastCut = 0;
     let lastResync = -Infinity;
     let handoverSeen = -1;
+    const commits = new Map<string, { atMs: number; n: number; inc: number }>();
     for (let round = 0; round < 10_000 && this.now < deadline && !this.stopped; round++) {
       for (const n of this.nodes) if (n.state === 'down') this.startNode(n);
       await this.advance(500);
       if (this.stopped) return;
+      // Without client writes, an activity log that keeps committing is spinning.
+      for (const n of this.nodes) {
+        const e = n.state === 'up' ? n.inc!.volume(this.vol(n))?.engine : undefined;
+        if (!e) continue;
+        const c = commits.get(n.name);
+        if (!c || c.inc !== n.incarnations) commits.set(n.name, { atMs: this.now, n: e.activityCommits, inc: n.incarnations });
+        else if (this.now - c.atMs >= 20_000) {
+          if (e.activityCommits - c.n > 500) return this.blocking('activity-log-livelock', `${n.name}: ${e.activityCommits - c.n} activity-log records in ${(this.now - c.atMs) / 1000} s without client writes (hot max ${this.o.tuning.activityHotMax}, extent ${this.o.tuning.activityExtentBlocks} blocks): ${this.describe()}`);
+          commits.set(n.name, { atMs: this.now, n: e.activityCommits, inc: n.incarnations });
+        }
+      }
       if (this.nodes.some((n) => n.state !== 'up') || this.ops.size > 0) continue;
       const [a, b] = this.nodes as [SimNode, SimNode];
       const ra = this.roles.get('A');
