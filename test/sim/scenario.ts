@@ -52,7 +52,7 @@ export interface RunFlags {
 /** Failure classes the simulator recognises, with what each one means (for the report). */
 export const KNOWN_ISSUES: Record<string, string> = {
   'report-after-last-report':
-    'failover report: writes the old primary acknowledged after its last progress report are lost, but the report says nothing (or less) was at risk (failover.ts lossReport takes atRiskSinceMs from the last report as is)',
+    'failover report: writes the old primary acknowledged after its last progress report (or, since a86d714, with no report received at all: after a planned takeover, before the first heartbeat) are lost, but the report says nothing (or less) was at risk (failover.ts lossReport: no report → atRiskSinceMs null)',
   'report-restart':
     'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart (replicator.ts: firstChangeMs = construction time)',
   'no-resync-after-planned':

@@ -1,0 +1,31 @@
+// Why: bugs the simulator found, each reduced to a minimal deterministic reproduction
+// that does not depend on a simulator seed (seeds drift as the code changes). Each is
+// `it.fails` while the bug is there: when a fix lands, its test starts failing ("expected
+// to fail"), which is the signal to turn it into a plain `it` and drop its class from
+// KNOWN_ISSUES (scenario.ts).
+
+import { describe, expect, it } from 'vitest';
+import { VolumeEngine } from '../../src/volume/volume-engine.js';
+import { SimFs } from '../helpers/sim-fs.js';
+import { SimVolumeData } from '../helpers/sim-volume-data.js';
+
+const BS = 4096;
+/** setImmediate rounds the livelock is given to resolve itself (a healthy run needs a few dozen). */
+const roundsMax = 20_000;
+
+describe('simulator findings', () => {
+  // Activity-log livelock (simulator class 'activity-log-livelock', first seen with seed 20070:
+  // a replica's playback of one chunk never finished). Four concurrent writers, each needing
+  // a hot extent and a cold one, need eight extents; the log holds four. Each record makes
+  // the four cold ones hot by evicting the four hot ones, so no writer ever has both of its
+  // extents hot at once: records are written forever and no write completes.
+  it.fails('concurrent writes that need more extents than the activity log holds complete', async () => {
+    const data = new SimVolumeData(64 * BS);
+    const e = await VolumeEngine.create(new SimFs(), data, { blockBytes: BS, saveAreaBytesMax: 1 << 20, activityHotMax: 4, activityExtentBytes: BS });
+    for (const b of [21, 28, 31, 35]) await e.write(b * BS, [Buffer.alloc(BS, 1)]);
+    let done = 0;
+    for (const b of [21, 28, 31, 34]) void Promise.resolve(e.write(b * BS, [Buffer.alloc(2 * BS, 7)])).then(() => done++);
+    for (let i = 0; i < roundsMax && done < 4; i++) await new Promise((r) => setImmediate(r));
+    expect(done, `writes done after ${roundsMax} rounds (activity-log records written: ${e.activityCommits})`).toBe(4);
+  });
+});
