@@ -6,7 +6,7 @@
 
 import { describe, expect, it } from 'vitest';
 import { VolumeEngine } from '../../src/volume/volume-engine.js';
-import { SimFs } from '../helpers/sim-fs.js';
+import { PagedFs } from './paged-fs.js';
 import { SimVolumeData } from '../helpers/sim-volume-data.js';
 
 const BS = 4096;
@@ -21,7 +21,7 @@ describe('simulator findings', () => {
   // extents hot at once: records are written forever and no write completes.
   it.fails('concurrent writes that need more extents than the activity log holds complete', async () => {
     const data = new SimVolumeData(64 * BS);
-    const e = await VolumeEngine.create(new SimFs(), data, { blockBytes: BS, saveAreaBytesMax: 1 << 20, activityHotMax: 4, activityExtentBytes: BS });
+    const e = await VolumeEngine.create(new PagedFs(), data, { blockBytes: BS, saveAreaBytesMax: 1 << 20, activityHotMax: 4, activityExtentBytes: BS });
     for (const b of [21, 28, 31, 35]) await e.write(b * BS, [Buffer.alloc(BS, 1)]);
     let done = 0;
     for (const b of [21, 28, 31, 34]) void Promise.resolve(e.write(b * BS, [Buffer.alloc(2 * BS, 7)])).then(() => done++);

@@ -59,6 +59,8 @@ export const KNOWN_ISSUES: Record<string, string> = {
     'an old primary that diverged after a planned takeover (unfenced while its handover was offered and the replica had committed) can never be resynced: the new primary refuses "did not fail over from another primary" (resync.ts offer() accepts only an unplanned failover record)',
   'activity-log-livelock':
     'activity log livelock: concurrent writers that together need more extents than the hot set holds, each needing one hot and one cold extent, evict each other forever (activity-log.ts commitExtents evicts the hot half of every waiting writer)',
+  'inbound-pause-deadlock':
+    'replica flow-control deadlock: a replica holding complete sets it cannot play (the set before them is missing) above inboundBytesMax stops reading the link for good, so the missing set never arrives and its own heartbeat closes every session as "peer silent" (replica.ts onFrame pause/resume; only reachable when inboundBytesMax is below what the send window lets through)',
   'report-tick':
     'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
 };
@@ -890,6 +892,8 @@ export class Scenario {
   private async safetyStep(i: number): Promise<void> {
     await this.advance(Math.floor(this.rStep() * this.o.stepGapMsMax));
     if (this.stopped) return;
+    this.watchStuckWrite();
+    if (this.stopped) return;
     for (const n of this.nodes) if (n.state === 'down' && (this.downUntil.get(n.name) ?? 0) <= this.now) this.startNode(n);
     const c = this.choose();
     if (!c) return;
@@ -899,6 +903,23 @@ export class Scenario {
   }
 
   // ================= the run =================
+
+  private stuckWrite: { id: number; sinceMs: number; commits: number } | null = null;
+
+  /** The client's write has waited 30 s on an up node whose activity log keeps committing: the livelock. */
+  private watchStuckWrite(): void {
+    const w = this.inflight;
+    const n = w ? this.node(w.node) : null;
+    const e = n && n.state === 'up' && w!.before !== null ? n.inc!.host.get(this.vol(n))?.engine : undefined;
+    if (!w || !e) {
+      this.stuckWrite = null;
+      return;
+    }
+    if (!this.stuckWrite || this.stuckWrite.id !== w.id) this.stuckWrite = { id: w.id, sinceMs: this.now, commits: e.activityCommits };
+    else if (this.now - this.stuckWrite.sinceMs > 30_000 && e.activityCommits - this.stuckWrite.commits > 300) {
+      this.blocking('activity-log-livelock', `${w.node}: client write ${w.id} issued ${(this.now - this.stuckWrite.sinceMs) / 1000} s ago is not done; ${e.activityCommits - this.stuckWrite.commits} activity-log records since (hot max ${this.o.tuning.activityHotMax}, extent ${this.o.tuning.activityExtentBlocks} blocks)`);
+    }
+  }
 
   private async setup(): Promise<void> {
     const [a, b] = this.nodes as [SimNode, SimNode];
@@ -941,20 +962,35 @@ export class Scenario {
     let lastResync = -Infinity;
     let handoverSeen = -1;
     const commits = new Map<string, { atMs: number; n: number; inc: number }>();
+    let starvedSinceMs = -1;
     for (let round = 0; round < 10_000 && this.now < deadline && !this.stopped; round++) {
       for (const n of this.nodes) if (n.state === 'down') this.startNode(n);
       await this.advance(500);
       if (this.stopped) return;
       // Without client writes, an activity log that keeps committing is spinning.
       for (const n of this.nodes) {
-        const e = n.state === 'up' ? n.inc!.volume(this.vol(n))?.engine : undefined;
+        // (A node still starting counts: a replica plays what it holds before it listens.)
+        const e = n.inc && !n.inc.dead ? n.inc.host.get(this.vol(n))?.engine : undefined;
         if (!e) continue;
         const c = commits.get(n.name);
         if (!c || c.inc !== n.incarnations) commits.set(n.name, { atMs: this.now, n: e.activityCommits, inc: n.incarnations });
-        else if (this.now - c.atMs >= 20_000) {
-          if (e.activityCommits - c.n > 500) return this.blocking('activity-log-livelock', `${n.name}: ${e.activityCommits - c.n} activity-log records in ${(this.now - c.atMs) / 1000} s without client writes (hot max ${this.o.tuning.activityHotMax}, extent ${this.o.tuning.activityExtentBlocks} blocks): ${this.describe()}`);
+        else if (this.now - c.atMs >= 5000) {
+          if (e.activityCommits - c.n > 150) return this.blocking('activity-log-livelock', `${n.name}: ${e.activityCommits - c.n} activity-log records in ${(this.now - c.atMs) / 1000} s without client writes (hot max ${this.o.tuning.activityHotMax}, extent ${this.o.tuning.activityExtentBlocks} blocks): ${this.describe()}`);
           commits.set(n.name, { atMs: this.now, n: e.activityCommits, inc: n.incarnations });
         }
+      }
+      // A replica that holds more than it may but nothing it can play, for 60 s: starved.
+      const starving = this.nodes.find((n) => {
+        const rv = n.service?.replica(this.vol(n));
+        if (!rv) return false;
+        const st = rv.status();
+        return st.inboundBytes > this.o.inboundBytesMax && !st.setsHeld.some((x) => x.set === st.playedSet + 1);
+      });
+      if (!starving) starvedSinceMs = -1;
+      else if (starvedSinceMs < 0) starvedSinceMs = this.now;
+      else if (this.now - starvedSinceMs > 60_000) {
+        const st = starving.service!.replica(this.vol(starving))!.status();
+        return this.blocking('inbound-pause-deadlock', `${starving.name} holds sets ${st.setsHeld.map((x) => x.set).join(',')} (${st.inboundBytes} bytes > inboundBytesMax ${this.o.inboundBytesMax}) but has played only ${st.playedSet}, for ${(this.now - starvedSinceMs) / 1000} s`);
       }
       if (this.nodes.some((n) => n.state !== 'up') || this.ops.size > 0) continue;
       const [a, b] = this.nodes as [SimNode, SimNode];
