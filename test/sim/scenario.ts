@@ -61,6 +61,8 @@ export const KNOWN_ISSUES: Record<string, string> = {
     'activity log livelock: concurrent writers that together need more extents than the hot set holds, each needing one hot and one cold extent, evict each other forever (activity-log.ts commitExtents evicts the hot half of every waiting writer)',
   'inbound-pause-deadlock':
     'replica flow-control deadlock: a replica holding complete sets it cannot play (the set before them is missing) above inboundBytesMax stops reading the link for good, so the missing set never arrives and its own heartbeat closes every session as "peer silent" (replica.ts onFrame pause/resume; only reachable when inboundBytesMax is below what the send window lets through)',
+  'failover-halt-race':
+    'failover: ReplicaVolume.halt() races the background playback (startPlaying\'s finally kicks the next set while halt iterates): a set can be played twice at once, and one can still be playing when halt returns, so the restart snapshot is taken mid-set and playback writes land on the volume after it became the primary',
   'report-tick':
     'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
 };
@@ -458,7 +460,7 @@ export class Scenario {
       const lost = acked.filter((w) => t.explain(v, [w], consistent) !== null).length;
       this.log(`${n.name}: failover ok: ${acked.length - lost}/${acked.length} acknowledged writes of ${old.name} here, ${lost} lost within the report`);
       const snap = this.readSnapshot(n, f.restartSnapshot);
-      if (snap && diffSectors(snap, v)) this.fail(`${n.name}: restart snapshot ${f.restartSnapshot} differs from the volume at the failover: ${diffSectors(snap, v)}`);
+      if (snap && diffSectors(snap, v)) this.issue('failover-halt-race', `${n.name}: restart snapshot ${f.restartSnapshot} (stamped set ${f.restartSet}) differs from the volume at the failover: ${diffSectors(snap, v)}`);
       else if (snap) this.expected.get(n.name)!.set(f.restartSnapshot, { vec: v.slice(), what: 'restart point' });
     }
     this.models.set(n.name, new Timeline(`${n.name}/g${s.generation}`, v, this.now));
