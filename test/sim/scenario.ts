@@ -54,7 +54,7 @@ export const KNOWN_ISSUES: Record<string, string> = {
   'report-after-last-report':
     'failover report: writes the old primary acknowledged after its last progress report (or, since a86d714, with no report received at all: after a planned takeover, before the first heartbeat) are lost, but the report says nothing (or less) was at risk (failover.ts lossReport: no report → atRiskSinceMs null)',
   'report-restart':
-    'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart (replicator.ts: firstChangeMs = construction time)',
+    'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart. Since a86d714 only when no set was committed since the pair\'s base: the first pair\'s cut (cutOnce with forget: snapshotAndForget) sets lastCutMs in memory but not outbound.json\'s lastCutAtMs, so the restarted replicator dates the changes from its start (seeds 60052, 60492)',
   'no-resync-after-planned':
     'an old primary that diverged after a planned takeover (unfenced while its handover was offered and the replica had committed) can never be resynced: the new primary refuses "did not fail over from another primary" (resync.ts offer() accepts only an unplanned failover record)',
   'activity-log-livelock':
