@@ -12,7 +12,10 @@ export interface BatchOptions {
   wallMsMax: number;
   verbose: boolean;
   logs: boolean;
-  /** Run the first seed twice and compare trace hashes. */
+  /**
+   * Run the first seed again right away, and at the end the last seed and one from the
+   * middle (after many other runs in this process), comparing trace hashes.
+   */
   checkDeterminism: boolean;
   /** Failure classes tolerated (KNOWN_ISSUES keys): counted, not failing. */
   known: ReadonlySet<string>;
@@ -54,6 +57,7 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
   const gaps = new Map<string, number[]>();
   const known = new Map<string, number[]>();
   let runs = 0;
+  const hashes = new Map<number, string>();
   let deterministic: boolean | null = null;
   let unhandled: Error | null = null;
   const onUnhandled = (e: unknown) => {
@@ -75,6 +79,7 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
         unhandled = null;
       }
       runs++;
+      hashes.set(seed, r.traceHash);
       for (const [k, v] of Object.entries(r.stats)) if (typeof v === 'number') totals[k] = (totals[k] ?? 0) + v;
       totals.convergedRuns = (totals.convergedRuns ?? 0) + (r.stats.converged ? 1 : 0);
       for (const g of r.gaps) gaps.set(g, [...(gaps.get(g) ?? []), seed]);
@@ -97,6 +102,17 @@ export async function runBatch(o: BatchOptions): Promise<BatchResult> {
     }
   } finally {
     process.off('unhandledRejection', onUnhandled);
+  }
+  if (o.checkDeterminism && runs > 2) {
+    // Replays after other runs in the same process: state leaking between runs shows here.
+    for (const seed of [(o.firstSeed + runs - 1) >>> 0, (o.firstSeed + Math.floor(runs / 2)) >>> 0]) {
+      const a = hashes.get(seed);
+      const again = await runScenario(seed, { logs: false, known: o.known });
+      if (a !== undefined && again.traceHash !== a) {
+        deterministic = false;
+        o.print(`NONDETERMINISTIC: seed ${seed} gave trace ${a} in the batch and ${again.traceHash} when replayed at its end`);
+      }
+    }
   }
   const wallMs = wallNow() - started;
   const c = process.cpuUsage(cpu0);

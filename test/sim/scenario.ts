@@ -63,6 +63,8 @@ export const KNOWN_ISSUES: Record<string, string> = {
     'replica flow-control deadlock: a replica holding complete sets it cannot play (the set before them is missing) above inboundBytesMax stops reading the link for good, so the missing set never arrives and its own heartbeat closes every session as "peer silent" (replica.ts onFrame pause/resume; only reachable when inboundBytesMax is below what the send window lets through)',
   'failover-halt-race':
     'failover: ReplicaVolume.halt() races the background playback (startPlaying\'s finally kicks the next set while halt iterates): a set can be played twice at once, and one can still be playing when halt returns, so the restart snapshot is taken mid-set and playback writes land on the volume after it became the primary',
+  'unfence-offered-handover':
+    'unfence calls off a handover the primary had already offered: the primary takes writes again while the offer is still on its way, the replica commits the takeover later and becomes the primary without those writes, reporting lostWrites 0 (handover.ts unfence() on an offered handover; the old primary then cannot be resynced either, see no-resync-after-planned)',
   'report-tick':
     'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
 };
@@ -149,6 +151,8 @@ export class Scenario {
   /** Per node: the in-flight write when it crashed (until it is up again and checked). */
   private readonly crashInflight = new Map<string, Inflight | null>();
   private readonly resyncIssuedMs = new Map<string, number>();
+  /** Nodes whose offered handover the operator called off with unfence (time). */
+  private readonly unfencedOffered = new Map<string, number>();
   /** When each node's incarnations came up (a replicator's notion of time restarts there). */
   private readonly boots = new Map<string, number[]>();
   /** Known failure classes hit (class → occurrences). */
@@ -496,8 +500,11 @@ export class Scenario {
       this.log(`${n.name}: no model of the old primary ${old.name}: takeover not checked`);
     } else if (diffSectors(v, t.current)) {
       const acked = t.ackedBefore(null);
-      this.fail(`planned takeover on ${n.name} does not hold everything ${old.name} wrote (${acked.length} acknowledged): ${t.explain(v, acked, true) ?? 'differs from the last state'}: ${diffSectors(v, t.current)}`);
-      return;
+      const what = `planned takeover on ${n.name} does not hold everything ${old.name} wrote (${acked.length} acknowledged): ${t.explain(v, acked, true) ?? 'differs from the last state'}: ${diffSectors(v, t.current)}`;
+      const unfencedAt = this.unfencedOffered.get(old.name);
+      if (unfencedAt !== undefined) this.issue('unfence-offered-handover', `${what} (${old.name}'s offered handover was called off by unfence at ${((unfencedAt - simEpochMs) / 1000).toFixed(3)})`);
+      else this.fail(what);
+      if (this.stopped) return;
     }
     const role = this.roles.get(n.name)!;
     this.models.set(n.name, new Timeline(`${n.name}/g${role.generation}`, v, this.now));
@@ -827,7 +834,7 @@ export class Scenario {
         const stale = !!os && os.generation > s.generation;
         add(w.resync * (stale || s.fenced ? 1 : 0.1), `resync ${n.name}`, () => this.resync(n));
       }
-      if (svcFree && ((s.fenced && !s.fenced.overridden) || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.startOp(n, 'unfence', (svc) => svc.unfence(this.vol(n))));
+      if (svcFree && ((s.fenced && !s.fenced.overridden) || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.unfence(n));
     }
     if (!this.faultsOff) {
       const [a, b] = this.nodes.map((n) => n.name) as [string, string];
@@ -868,6 +875,13 @@ export class Scenario {
       if (x < 0) return [label, f];
     }
     return null;
+  }
+
+  private unfence(n: SimNode): void {
+    const offered = !!this.roles.get(n.name)?.handover?.offered;
+    this.startOp(n, 'unfence', (svc) => svc.unfence(this.vol(n)), () => {
+      if (offered) this.unfencedOffered.set(n.name, this.now);
+    });
   }
 
   private resync(n: SimNode): void {
@@ -1032,7 +1046,7 @@ export class Scenario {
         if (handoverSeen < 0) handoverSeen = this.now;
         if (this.now - handoverSeen > 60_000) {
           this.log(`liveness: ${p.name} stuck handing over for 60 s: the operator calls it off`);
-          this.startOp(p, 'unfence', (svc) => svc.unfence(this.vol(p)));
+          this.unfence(p);
           handoverSeen = -1;
         }
         continue;
@@ -1040,7 +1054,7 @@ export class Scenario {
       if (ps.fenced) {
         if (this.now - since > 60_000) {
           this.log(`liveness: ${p.name} is fenced although its peer is its replica: the operator unfences it`);
-          this.startOp(p, 'unfence', (svc) => svc.unfence(this.vol(p)));
+          this.unfence(p);
         }
         continue;
       }
@@ -1113,7 +1127,9 @@ export class Scenario {
       for (let i = 0; i < o.steps && !this.stopped; i++) await this.safetyStep(i);
       if (!this.stopped) await this.liveness();
     } catch (e) {
-      if (!(e instanceof StopRun)) this.fail(`simulator error: ${(e as Error).stack}`);
+      const spinning = this.nodes.find((n) => (n.inc && !n.inc.dead ? (n.inc.host.get(this.vol(n))?.engine.activityCommits ?? 0) : 0) > 20_000);
+      if ((e as Error).message?.startsWith('livelock') && spinning) this.blocking('activity-log-livelock', `${spinning.name}: ${(e as Error).message.slice(0, 80)}; ${spinning.inc!.host.get(this.vol(spinning))!.engine.activityCommits} activity-log records (zero disk latency: all at one instant)`);
+      else if (!(e instanceof StopRun)) this.fail(`simulator error: ${(e as Error).stack}`);
     }
     this.stopped = true;
     this.writerStopped = true;

@@ -18,7 +18,7 @@ const settleRoundsMax = 2000;
 /** Rounds without any I/O activity that end a settle. */
 const quietRoundsToStop = 2;
 /** Events at one virtual millisecond before the loop calls it a livelock. */
-const eventsPerInstantMax = 200_000;
+const eventsPerInstantMax = 30_000;
 
 export interface SimEvent {
   at: number;
