@@ -71,7 +71,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   rv.endSession('failover');
   const generationBefore = role.generation;
   const { played, dropped } = await rv.halt(o.now);
-  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, dropped[0]?.createdAtMs ?? null, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null);
+  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null);
   if (!up.consistent) warnings.push('the last set played was partial: the volume is between two points in time of the primary and may not be crash-consistent (run fsck)');
 
   // 2. The restart point and a fresh change log, at one consistent point.
@@ -121,25 +121,26 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
 }
 
 /**
- * What a failover now loses, from the primary's last progress report: writes it made
- * since the oldest one this node does not hold (up to the last contact), the sets it had
- * cut that never completed here, and the sets dropped unplayed (--now). What it did after
- * the last contact is not known here: the report says so by its lastContactMs.
+ * What a failover now loses: the writes the old primary acknowledged after atRiskSinceMs
+ * (every one before is here; at the latest its last report's time, since what it did
+ * after is unknown here; null: nothing is known), the sets it had cut that never
+ * completed here, and the sets dropped unplayed (--now).
  */
-export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, firstDroppedCutMs: number | null, nowMs: number, splitAtMs: number | null = null): LossReport {
+export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, nowMs: number, splitAtMs: number | null = null): LossReport {
   const r = rv.lastReport;
   const lastContact = rv.lastContactMs;
   const head = rv.chainHeadSet;
   const setsNotHere: number[] = [];
   if (r) for (let s = Math.max(head, ...dropped) + 1; s <= r.lastSet && setsNotHere.length < 1000; s++) setsNotHere.push(s);
-  let since = r ? reportedRiskSince(r) : null;
-  // Dropped sets hold writes made after the last played cut.
-  if (dropped.length > 0) {
-    const t = playedCutAtMs ?? firstDroppedCutMs;
-    if (t !== null) since = since === null ? t : Math.min(since, t);
-  }
+  // Times T such that every write the primary acknowledged before T is here; the latest
+  // one is the report's. The primary's last report (unless sets it counted as held were
+  // dropped), and the cut of the last set played (unless it was partial).
+  const bounds: number[] = [];
+  if (r && dropped.length === 0) bounds.push(reportedRiskSince(r));
+  if (rv.info.consistent && playedCutAtMs !== null) bounds.push(playedCutAtMs);
+  let since = bounds.length > 0 ? Math.max(...bounds) : null;
   // A split pair: every write of the primary since the split is not here.
-  if (splitAtMs !== null) since = since === null ? splitAtMs : Math.min(since, splitAtMs);
+  if (splitAtMs !== null && since !== null) since = Math.min(since, splitAtMs);
   const until = lastContact ?? nowMs;
   return {
     atRiskSinceMs: since,

@@ -97,7 +97,7 @@ export function onPrimaryMessage(ctx: RecoveryContext, volume: string, p: PairRe
   } else if (m.t === 'handoverCommit') {
     const h = ctx.role(volume).state.handover;
     if (h && h.offered && m.newPairId === h.newPairId && m.generation === h.newGeneration) {
-      void completeHandover(ctx, volume).catch((e: Error) => ctx.log.error({ volume, err: e.message }, 'completing the handover failed'));
+      void completeHandover(ctx, volume, m.atMs).catch((e: Error) => ctx.log.error({ volume, err: e.message }, 'completing the handover failed'));
     }
   } else if (m.t === 'handoverAbort') {
     const role = ctx.role(volume);
@@ -136,8 +136,12 @@ async function prepareHandover(ctx: RecoveryContext, volume: string, p: PairReco
   ctx.log.info({ volume, lastSet, newGeneration: h.newGeneration }, 'handover offered: every write is on the replica');
 }
 
-/** The replica committed (or the next contact said so): this side becomes its replica. */
-async function completeHandover(ctx: RecoveryContext, volume: string): Promise<void> {
+/**
+ * The replica committed (or the next contact said so): this side becomes its replica.
+ * takenOverAtMs: when the new primary took over (its clock), when it said so: every write
+ * it acknowledges comes after (else this node's own clock, which no later write of it precedes).
+ */
+async function completeHandover(ctx: RecoveryContext, volume: string, takenOverAtMs?: number): Promise<void> {
   const role = ctx.role(volume);
   const h = role.state.handover;
   if (!h) return;
@@ -151,7 +155,7 @@ async function completeHandover(ctx: RecoveryContext, volume: string): Promise<v
     split: false,
     createdAt: new Date(ctx.platform.clock.now()).toISOString(),
     resync: null,
-    playedCutAtMs: null,
+    playedCutAtMs: takenOverAtMs ?? h.atMs,
     lastReport: null,
   };
   const r = ctx.openedReplicator(volume);
@@ -266,11 +270,13 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   if (m.generation !== generationBefore + 1) throw new DeltavolError('PEER_REFUSED', `the primary offered generation ${m.generation}, expected ${generationBefore + 1}`);
   // Every set up to lastSet must be played here before this side may take writes.
   const { played } = await rv.halt(false);
+  let takenOverAtMs = 0;
   try {
     if (up.playedSet !== m.lastSet || !up.consistent) throw new DeltavolError('IO', `set ${m.lastSet} is not played here (played ${up.playedSet}): handover called off`);
     const v = ctx.host.require(volume);
     await v.discardChanges(); // the change log held the primary's playback; the new primary's starts empty
     const now = ctx.platform.clock.now();
+    takenOverAtMs = now;
     const pair: PairRecord = {
       id: m.newPairId,
       peerHost: m.returnHost || link.remoteAddress,
@@ -305,7 +311,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
     throw e;
   }
   const rtoMs = ctx.platform.clock.now() - started;
-  if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId });
+  if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId, atMs: takenOverAtMs });
   await ctx.closeReplica(volume);
   ctx.replicator(volume); // its sender dials the old primary as the new pair
   ctx.log.info({ volume, generation: role.generation, lastSet: m.lastSet, rtoMs, setsPlayed: played.length, how }, `${how}: this volume is now the primary, nothing lost`);

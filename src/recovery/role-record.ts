@@ -56,6 +56,8 @@ export interface InitialCopyRecord {
    * 'everything': every block, invalid ones as zeroes (a full resync of a used volume).
    */
   kind: 'full' | 'differential' | 'everything';
+  /** When the base was cut (this node's clock): the replica's writes are all here before it. */
+  baseCutAtMs?: number;
 }
 
 /** One pair this primary ships to: identity, settings and progress. */

@@ -206,6 +206,12 @@ export class OutboundLog {
     this.saveIndex();
   }
 
+  /** A cut that made no set (a first replica's base): its time is kept like a set's. */
+  noteCut(atMs: number): void {
+    this.index.lastCutAtMs = atMs;
+    this.saveIndex();
+  }
+
   /** Frees every set (the volume no longer ships: it became a replica). Numbering goes on. */
   releaseAll(): void {
     this.release(this.index.lastSet);

@@ -464,7 +464,7 @@ export class PairSender {
         b = end;
       }
     }
-    link.send({ t: 'initDone', generation: this.r.generation, baseSet: p.initialCopy.baseSet });
+    link.send({ t: 'initDone', generation: this.r.generation, baseSet: p.initialCopy.baseSet, baseCutAtMs: p.initialCopy.baseCutAtMs ?? 0 });
     this.initDoneSent = true;
   }
 

@@ -216,7 +216,7 @@ export class ReplicaVolume {
     if (link !== this.link) return;
     this.lastContactMs = link.lastHeardAtMs;
     this.queued++;
-    if (this.queued > 64 || this.inbound.bytesHeld > this.options.inboundBytesMax) link.pause();
+    if (this.queued > 64 || this.inboundFull()) link.pause();
     this.queue = this.queue
       .then(() => this.handle(link, f))
       .catch((e: Error) => {
@@ -226,8 +226,17 @@ export class ReplicaVolume {
       })
       .finally(() => {
         this.queued--;
-        if (this.queued <= 16 && this.inbound.bytesHeld <= this.options.inboundBytesMax) link.resume();
+        if (this.queued <= 16 && !this.inboundFull()) link.resume();
       });
+  }
+
+  /**
+   * Reading stops while the inbound area is over its bound and playback can make room. When
+   * nothing held can be played (the set before them is still missing), reading goes on, or
+   * the missing set would never arrive (the sender's window bounds what comes meanwhile).
+   */
+  private inboundFull(): boolean {
+    return this.inbound.bytesHeld > this.options.inboundBytesMax && this.nextToPlay() !== undefined;
   }
 
   private async handle(link: Link, f: Frame): Promise<void> {
@@ -254,6 +263,7 @@ export class ReplicaVolume {
         await this.port.flush();
         this.state.initialCopy = { done: true, offsetBytes: this.port.sizeBytes, baseSet: m.baseSet };
         this.state.playedSet = m.baseSet;
+        this.state.playedCutAtMs = m.baseCutAtMs > 0 ? m.baseCutAtMs : null;
         this.state.consistent = true;
         this.saveState();
         if (this.state.resync) this.role.transition({ t: 'resync-finished' }, { baseSet: m.baseSet, copiedBytes: this.copy?.receivedBytes ?? null });
@@ -452,7 +462,7 @@ export class ReplicaVolume {
     if (link && !link.closed) {
       link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
       // Reading stopped while the inbound area was full: playback made room.
-      if (this.queued <= 16 && this.inbound.bytesHeld <= this.options.inboundBytesMax) link.resume();
+      if (this.queued <= 16 && !this.inboundFull()) link.resume();
     }
   }
 
@@ -502,6 +512,9 @@ export class ReplicaVolume {
    */
   async halt(now: boolean): Promise<{ played: number[]; dropped: InboundSet[] }> {
     const played: number[] = [];
+    // First stop background playback from starting sets (a set ending kicks the next one),
+    // then play what is left here, one at a time.
+    this.halted = true;
     await this.waitPlaybackIdle();
     while (!now) {
       const next = this.nextToPlay();
@@ -510,7 +523,6 @@ export class ReplicaVolume {
       if (this.state.playedSet !== next.set) throw new DeltavolError('IO', `set ${next.set} could not be played: ${this.lastError ?? 'unknown error'}`);
       played.push(next.set);
     }
-    this.halted = true;
     await this.waitPlaybackIdle();
     const dropped = this.inbound.complete().filter((s) => s.set > this.state.playedSet && s.set <= this.ackedSet);
     return { played, dropped };
@@ -557,9 +569,13 @@ export class ReplicaVolume {
   rpo(): { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null; bytesAtMost: number } {
     const r = this.lastReport;
     const until = this.connected ? this.platform.clock.now() : (this.lastContactMs ?? this.platform.clock.now());
-    if (!r) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
-    const since = reportedRiskSince(r);
-    return { atRiskSinceMs: since, seconds: Math.max(0, (until - since) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r.bytesDifferent };
+    // The same bound a failover now would report (failover.ts lossReport).
+    const bounds: number[] = [];
+    if (r) bounds.push(reportedRiskSince(r));
+    if (this.state.consistent && this.state.playedCutAtMs !== null) bounds.push(this.state.playedCutAtMs);
+    if (bounds.length === 0) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
+    const since = Math.max(...bounds);
+    return { atRiskSinceMs: since, seconds: Math.max(0, (until - since) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r?.bytesDifferent ?? 0 };
   }
 
   status() {

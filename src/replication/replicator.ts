@@ -196,7 +196,8 @@ export class VolumeReplicator implements PairHost {
    * `first`: no other pair needs the changes so far, so the change log starts empty.
    */
   private async startCopy(id: string, plan: InitialCopyPlan, first: boolean, reason: string): Promise<InitialCopyRecord> {
-    const baseSnapshot = `repl-base-${id}-${this.platform.clock.now().toString(36)}`;
+    const baseCutAtMs = this.platform.clock.now();
+    const baseSnapshot = `repl-base-${id}-${baseCutAtMs.toString(36)}`;
     const set = await this.cut({ snapshotName: baseSnapshot, reason, force: true, forget: first });
     if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
     const bs = this.volume.blockBytes;
@@ -213,7 +214,7 @@ export class VolumeReplicator implements PairHost {
       if (this.fsys.exists(copyFile(id))) this.fsys.remove(copyFile(id));
       totalBytes = this.volume.snapshotValidBlocks(baseSnapshot).count() * bs;
     }
-    return { done: false, baseSet: set, baseSnapshot, totalBytes: Math.min(totalBytes, this.volume.sizeBytes), kind: plan.kind };
+    return { done: false, baseSet: set, baseSnapshot, totalBytes: Math.min(totalBytes, this.volume.sizeBytes), kind: plan.kind, baseCutAtMs };
   }
 
   /** The blocks a differential copy moves (null: the whole base). */
@@ -490,6 +491,7 @@ export class VolumeReplicator implements PairHost {
     if (options.forget && this.role.pairs.length === 0) {
       assert(options.snapshotName !== undefined, 'forget only for a base snapshot');
       await this.volume.snapshotAndForget(options.snapshotName, this.outbound.lastSet);
+      this.outbound.noteCut(now); // a restart dates later changes from here
       this.lastCutMs = now;
       this.lastQuietMs = now;
       this.firstChangeMs = null;

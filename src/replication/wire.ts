@@ -57,7 +57,8 @@ export type ReplMessage =
   | { t: 'init'; generation: number; offsetBytes: number; lengthBytes: number; zero: boolean; crc: number }
   /** From the replica: everything below offsetBytes is durable. */
   | { t: 'initAck'; offsetBytes: number }
-  | { t: 'initDone'; generation: number; baseSet: number }
+  /** baseCutAtMs: when the base was cut (the primary's clock; 0: unknown): every write acknowledged before is in the copy. */
+  | { t: 'initDone'; generation: number; baseSet: number; baseCutAtMs: number }
   /** Before a copy's first range: what it moves in all (for the replica's progress). */
   | { t: 'initStart'; generation: number; kind: string; totalBytes: number; baseSet: number }
   /** Carries the runs' blocks concatenated as data. */
@@ -92,8 +93,11 @@ export type ReplMessage =
   | { t: 'takeover'; generation: number; baseSet: number }
   /** Primary → replica: writes held, every set up to lastSet shipped; the replica may take over as `generation`. */
   | { t: 'handover'; generation: number; lastSet: number; newPairId: string; returnHost: string; returnPort: number }
-  /** Replica → primary: the takeover is durable here; the old primary becomes the replica of newPairId. */
-  | { t: 'handoverCommit'; generation: number; newPairId: string }
+  /**
+   * Replica → primary: the takeover is durable here (at atMs, its clock: its writes come
+   * after); the old primary becomes the replica of newPairId.
+   */
+  | { t: 'handoverCommit'; generation: number; newPairId: string; atMs: number }
   | { t: 'handoverAbort'; reason: string }
   /**
    * Old primary → new primary (a connection of its own): make me your replica again. pairId
@@ -163,7 +167,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   refuse: { code: 'string', message: 'string', generation: 'u32' },
   init: { generation: 'u32', offsetBytes: 'uint', lengthBytes: 'uint', zero: 'boolean', crc: 'u32' },
   initAck: { offsetBytes: 'uint' },
-  initDone: { generation: 'u32', baseSet: 'uint' },
+  initDone: { generation: 'u32', baseSet: 'uint', baseCutAtMs: 'uint' },
   initStart: { generation: 'u32', kind: 'string', totalBytes: 'uint', baseSet: 'uint' },
   chunk: { generation: 'u32', set: 'uint', chunk: 'u32', runs: 'runs', crc: 'u32' },
   trailer: {
@@ -186,7 +190,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   progress: { generation: 'u32', lastSet: 'uint', atRiskSinceMs: 'uint', bytesDifferent: 'uint', atMs: 'uint' },
   takeover: { generation: 'u32', baseSet: 'uint' },
   handover: { generation: 'u32', lastSet: 'uint', newPairId: 'string', returnHost: 'string', returnPort: 'uint' },
-  handoverCommit: { generation: 'u32', newPairId: 'string' },
+  handoverCommit: { generation: 'u32', newPairId: 'string', atMs: 'uint' },
   handoverAbort: { reason: 'string' },
   resyncHello: {
     protocol: 'protocol',

@@ -74,7 +74,7 @@ describe('disaster recovery over loopback', () => {
     await fl.disconnect();
     const aModel = Buffer.from(wa.model);
     // The replica knows, from the primary's reports, that writes are at risk.
-    const live = await waitStatus(b, 'v', (s) => ((s as unknown as { rpo: { seconds: number } }).rpo?.seconds ?? 0) > 0, 10_000, 'RPO shown on the replica');
+    const live = await waitStatus(b, 'v', (s) => ((s as unknown as { rpo: { bytesAtMost: number } }).rpo?.bytesAtMost ?? 0) > 0, 10_000, 'the unshipped writes reported to the replica');
     const liveRpo = (live as unknown as { rpo: { seconds: number; atRiskSinceMs: number } }).rpo;
     await wa.close();
     await a.kill(); // kill -9 of the primary

@@ -87,7 +87,7 @@ const EVERY_TYPE: Sample[] = [
   },
   { msg: { t: 'init', generation: 2, offsetBytes: 0, lengthBytes: 1 << 20, zero: true, crc: 0 }, data: [] },
   { msg: { t: 'initAck', offsetBytes: 1 << 30 }, data: [] },
-  { msg: { t: 'initDone', generation: 2, baseSet: 0 }, data: [] },
+  { msg: { t: 'initDone', generation: 2, baseSet: 0, baseCutAtMs: 1_767_225_600_000 }, data: [] },
   chunkSample(11, 0, [
     [5, 2],
     [100, 1],
@@ -99,7 +99,7 @@ const EVERY_TYPE: Sample[] = [
   { msg: { t: 'progress', generation: 3, lastSet: 12, atRiskSinceMs: 1_767_225_600_000, bytesDifferent: 2 ** 33, atMs: 1_767_225_601_000 }, data: [] },
   { msg: { t: 'takeover', generation: 3, baseSet: 40 }, data: [] },
   { msg: { t: 'handover', generation: 4, lastSet: 12, newPairId: '0123456789ab', returnHost: '10.0.0.1', returnPort: 10811 }, data: [] },
-  { msg: { t: 'handoverCommit', generation: 4, newPairId: '0123456789ab' }, data: [] },
+  { msg: { t: 'handoverCommit', generation: 4, newPairId: '0123456789ab', atMs: 1_767_225_602_000 }, data: [] },
   { msg: { t: 'handoverAbort', reason: 'link down' }, data: [] },
   {
     msg: { t: 'resyncHello', protocol: 2, pairId: 'pair-1', primaryVolume: 'vol-b', replicaVolume: 'vol-a', generation: 2, sizeBytes: 2 ** 40, blockBytes: 4096, returnHost: '', returnPort: 10811 },
@@ -215,7 +215,7 @@ const sampleArb: fc.Arbitrary<Sample> = fc.oneof(
       };
     }),
   fc.record({ t: fc.constant('initAck' as const), offsetBytes: uint }).map((msg) => ({ msg, data: [] })),
-  fc.record({ t: fc.constant('initDone' as const), generation: u32, baseSet: uint }).map((msg) => ({ msg, data: [] })),
+  fc.record({ t: fc.constant('initDone' as const), generation: u32, baseSet: uint, baseCutAtMs: uint }).map((msg) => ({ msg, data: [] })),
   fc
     .record({ set: uint, chunk: u32, runs: runs(1), blockBytes: fc.constantFrom(1, 16, 512) })
     .map(({ set, chunk, runs, blockBytes }) => chunkSample(set, chunk, runs, blockBytes)),
@@ -442,7 +442,7 @@ describe('replication wire: limits and malformed messages', () => {
       ['init data length', { t: 'init', generation: 1, offsetBytes: 0, lengthBytes: 4, zero: false, crc: 0 }, Buffer.alloc(3)],
       ['zero init with data', { t: 'init', generation: 1, offsetBytes: 0, lengthBytes: 4, zero: true, crc: 0 }, Buffer.alloc(4)],
       ['ping with data', { t: 'ping', atMs: 1 }, Buffer.alloc(1)],
-      ['u32 too large', { t: 'initDone', generation: 2 ** 32, baseSet: 0 }],
+      ['u32 too large', { t: 'initDone', generation: 2 ** 32, baseSet: 0, baseCutAtMs: 0 }],
       ['bigint', { t: 'ping', atMs: 2n ** 60n }],
       ['unsafe integer', { t: 'ping', atMs: 2 ** 53 }],
       ['NaN', { t: 'ping', atMs: NaN }],
