@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs, idempotently, every Debian package the test suite and benchmarks use:
+# the native addon's build tools (make, g++, python3 for node-gyp),
 # real NBD clients nobody here wrote (libnbd-bin, nbdsh from python3-libnbd, qemu-utils, fio, nbd-client),
 # nbdkit as the comparison peer, and the pieces the kernel tests boot in a QEMU guest.
 # Safe to run again: packages already present are skipped without touching apt.
 set -euo pipefail
 
 packages=(
+  # the native addon (src/native/fsx.c, built by node-gyp): a minimal Debian 12 has no compiler
+  make g++ python3
   # interop clients
   libnbd-bin python3-libnbd qemu-utils fio nbd-client
   # comparison server for scripts/bench
@@ -15,7 +18,7 @@ packages=(
   # two-node drills
   iproute2 iptables
   # misc tools the tests call
-  coreutils util-linux procps python3
+  coreutils util-linux procps
 )
 
 missing=()

@@ -7,12 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# NBD clients to try it with; make, g++ and python3 build the native addon (node-gyp),
+# and a minimal Debian 12 has none of them
 need=()
-for p in libnbd-bin nbd-client; do
+for p in libnbd-bin nbd-client make g++ python3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
-  echo "run-demo: installing NBD clients to try it with: ${need[*]}"
+  echo "run-demo: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
