@@ -53,20 +53,25 @@ export interface ActivityLogOptions {
   checkpoint: () => Promise<void>;
 }
 
+interface Waiter {
+  first: number;
+  last: number;
+  resolve: () => void;
+  reject: (e: unknown) => void;
+}
+
 export class ActivityLog {
   private readonly hot: PagedBitmap;
   private readonly referenced: PagedBitmap;
-  private readonly joining: PagedBitmap;
   private readonly hotList: Uint32Array;
   private hotCount = 0;
   private clockHand = 0;
   private seq: number;
   private slot: number;
   private readonly record = Buffer.alloc(activityRecordBytes);
-  private batch: number[] = [];
-  private batchDone: Promise<void> | null = null;
-  private resolveBatch: (() => void) | null = null;
-  private rejectBatch: ((e: unknown) => void) | null = null;
+  /** Writes waiting for their extents to be hot, in arrival order. */
+  private waiters: Waiter[] = [];
+  private scheduled = false;
   private committing = false;
   readonly hotMax: number;
   /** Records written (each one fsync): the cost this log adds to the write path. */
@@ -82,7 +87,6 @@ export class ActivityLog {
     assert(this.hotMax >= 1 && this.hotMax <= activityExtentsMax, 'hotMax within the record');
     this.hot = new PagedBitmap(options.extentsTotal);
     this.referenced = new PagedBitmap(options.extentsTotal);
-    this.joining = new PagedBitmap(options.extentsTotal);
     this.hotList = new Uint32Array(this.hotMax);
     this.seq = seq;
     this.slot = slot;
@@ -137,7 +141,6 @@ export class ActivityLog {
     this.options.extentsTotal = extentsTotal;
     this.hot.grow(extentsTotal);
     this.referenced.grow(extentsTotal);
-    this.joining.grow(extentsTotal);
   }
 
   get hotExtents(): number {
@@ -154,88 +157,92 @@ export class ActivityLog {
   /**
    * The write path: extents [first, last] will be written. Returns null when all are hot
    * (the common case: no I/O, no allocation), else a promise resolved once a record
-   * naming them all is durable.
+   * naming them all is durable (the caller checks again: anything may have moved since).
    */
   ensure(first: number, last: number): Promise<void> | null {
     let missing = false;
     for (let e = first; e <= last; e++) {
-      if (this.hot.test(e)) {
-        this.referenced.set(e);
-        continue;
-      }
-      missing = true;
-      if (this.joining.set(e)) this.batch.push(e);
+      if (this.hot.test(e)) this.referenced.set(e);
+      else missing = true;
     }
     if (!missing) return null;
     assert(last - first + 1 <= this.hotMax, 'one request spans more extents than the log holds');
-    return this.scheduleCommit();
-  }
-
-  private scheduleCommit(): Promise<void> {
-    if (!this.batchDone) {
-      this.batchDone = new Promise<void>((resolve, reject) => {
-        this.resolveBatch = resolve;
-        this.rejectBatch = reject;
-      });
+    return new Promise<void>((resolve, reject) => {
+      this.waiters.push({ first, last, resolve, reject });
       // A microtask later, so every write of this event-loop turn joins one record.
-      if (!this.committing) queueMicrotask(() => void this.commitLoop());
-    }
-    return this.batchDone;
+      if (!this.committing && !this.scheduled) {
+        this.scheduled = true;
+        queueMicrotask(() => {
+          this.scheduled = false;
+          void this.commitLoop();
+        });
+      }
+    });
   }
 
+  /**
+   * Rounds of records. Each round admits waiting writes in arrival order while the extents
+   * they need fit the log together, makes all of those hot in one record (evicting only
+   * extents none of them needs), and lets them pass before the next round may evict
+   * anything. Writes that need more extents between them than the log holds therefore
+   * take turns instead of evicting each other forever; the first waiting write always fits.
+   */
   private async commitLoop(): Promise<void> {
     if (this.committing) return;
     this.committing = true;
     try {
-      // Loop on the promise, not the batch: a write that found its extent joining in the
-      // record being written waits for the next round even if it added nothing to it.
-      while (this.batchDone !== null) {
-        const batch = this.batch;
-        const resolve = this.resolveBatch!;
-        const reject = this.rejectBatch!;
-        this.batch = [];
-        this.batchDone = null;
-        try {
-          for (let i = 0; i < batch.length; i += this.hotMax) await this.commitExtents(batch.slice(i, i + this.hotMax));
-          resolve();
-          // Let the writers just released pass their check before the next record can
-          // evict their extents again (otherwise a few writers on more extents than the
-          // log holds evict each other forever).
-          await new Promise<void>((r) => setImmediate(r));
-        } catch (err) {
-          for (const e of batch) this.joining.clear(e);
-          reject(err);
+      while (this.waiters.length > 0) {
+        const need = new Set<number>();
+        let admitted = 0;
+        for (const w of this.waiters) {
+          let extra = 0;
+          for (let e = w.first; e <= w.last; e++) if (!need.has(e)) extra++;
+          if (need.size + extra > this.hotMax) break;
+          for (let e = w.first; e <= w.last; e++) need.add(e);
+          admitted++;
         }
+        const round = this.waiters.splice(0, admitted);
+        try {
+          await this.commitExtents(need);
+        } catch (err) {
+          for (const w of round) w.reject(err);
+          continue;
+        }
+        for (const w of round) w.resolve();
+        // Let the writes just released pass their check before the next record can evict
+        // their extents again.
+        await new Promise<void>((r) => setImmediate(r));
       }
     } finally {
       this.committing = false;
     }
   }
 
-  private async commitExtents(joined: number[]): Promise<void> {
-    // An extent that joined while it was leaving is hot again if that eviction failed.
-    const batch = joined.filter((e) => !this.hot.test(e));
-    const overflow = this.hotCount + batch.length - this.hotMax;
-    if (overflow > 0) await this.evict(overflow);
+  private async commitExtents(need: Set<number>): Promise<void> {
+    const joining = [...need].filter((e) => !this.hot.test(e));
+    if (joining.length === 0) return; // an earlier round made them hot
+    const overflow = this.hotCount + joining.length - this.hotMax;
+    if (overflow > 0) await this.evict(overflow, need);
     const extents: number[] = [];
     for (let i = 0; i < this.hotCount; i++) extents.push(this.hotList[i]!);
-    for (const e of batch) extents.push(e);
+    for (const e of joining) extents.push(e);
     await this.writeRecord(extents);
-    for (const e of joined) this.joining.clear(e);
-    for (const e of batch) {
+    for (const e of joining) {
       this.hot.set(e);
       this.hotList[this.hotCount++] = e;
     }
   }
 
-  /** Second-chance clock: recently referenced extents survive one sweep. */
-  private async evict(count: number): Promise<void> {
-    assert(count <= this.hotCount, 'evict more than hot');
+  /** Second-chance clock: recently referenced extents survive one sweep; `keep` ones are not evicted. */
+  private async evict(count: number, keep: Set<number>): Promise<void> {
+    let candidates = 0;
+    for (let i = 0; i < this.hotCount; i++) if (!keep.has(this.hotList[i]!)) candidates++;
+    assert(count <= candidates, 'evict more than the extents no waiting write needs');
     const leaving: number[] = [];
     while (leaving.length < count) {
       if (this.clockHand >= this.hotCount) this.clockHand = 0;
       const e = this.hotList[this.clockHand]!;
-      if (this.referenced.clear(e)) {
+      if (keep.has(e) || this.referenced.clear(e)) {
         this.clockHand++;
         continue;
       }
@@ -284,7 +291,7 @@ export class ActivityLog {
   /** Clean shutdown: the caller has checkpointed every bitmap; nothing is hot any more. */
   async closeClean(): Promise<void> {
     // Writers held at the engine's gate may still have a record on its way: let it land.
-    while (this.committing || this.batchDone !== null) await new Promise<void>((r) => setImmediate(r));
+    while (this.committing || this.waiters.length > 0) await new Promise<void>((r) => setImmediate(r));
     await this.writeRecord([]);
     this.hot.clearAll();
     this.referenced.clearAll();
