@@ -32,6 +32,8 @@ export interface StepWeights {
 
 export interface ScenarioOptions {
   seed: number;
+  /** Nodes: A is the first primary, the others its replicas. */
+  nodes: 2 | 3;
   steps: number;
   /** Virtual time between two steps: up to this (ms). */
   stepGapMsMax: number;
@@ -96,6 +98,7 @@ export function pickOptions(seed: number): ScenarioOptions {
   const writesWanted = pick([20, 60, 150, 300]);
   return {
     seed,
+    nodes: r() < 0.25 ? 3 : 2,
     steps,
     stepGapMsMax,
     blocks,

@@ -138,6 +138,8 @@ export class Scenario {
   readonly failures: string[] = [];
   readonly gaps: string[] = [];
   private readonly models = new Map<string, Timeline | null>();
+  /** Pair id → the timeline of the primary that ships it. */
+  private readonly pairTimelines = new Map<string, Timeline>();
   private readonly roles = new Map<string, RoleState | null>();
   private readonly dirty = new Set<string>();
   private readonly expected = new Map<string, Map<string, ExpectedSnapshot>>();
@@ -151,6 +153,8 @@ export class Scenario {
   /** Per node: the in-flight write when it crashed (until it is up again and checked). */
   private readonly crashInflight = new Map<string, Inflight | null>();
   private readonly resyncIssuedMs = new Map<string, number>();
+  /** Nodes whose resync the newest primary refused: the operator deletes and re-adds them. */
+  private readonly unresyncable = new Set<string>();
   /** Nodes whose offered handover the operator called off with unfence (time). */
   private readonly unfencedOffered = new Map<string, number>();
   /** When each node's incarnations came up (a replicator's notion of time restarts there). */
@@ -213,7 +217,7 @@ export class Scenario {
         warn: (m: string, f: Record<string, unknown>) => this.log(`${node.name}: engine warning: ${m} ${JSON.stringify(f)}`),
       }),
     };
-    this.nodes = ['A', 'B'].map((n) => new SimNode(n, env));
+    this.nodes = ['A', 'B', 'C'].slice(0, o.nodes).map((n) => new SimNode(n, env));
     for (const n of this.nodes) {
       this.models.set(n.name, null);
       this.roles.set(n.name, null);
@@ -269,8 +273,34 @@ export class Scenario {
     return this.nodes.find((n) => n.name === name)!;
   }
 
-  private other(n: SimNode): SimNode {
-    return this.nodes.find((x) => x !== n)!;
+  /** The node holding volume `name` (each node's copy has its own name). */
+  private nodeOfVolume(name: string | undefined): SimNode | undefined {
+    return this.nodes.find((x) => this.vol(x) === name);
+  }
+
+  /** The primary a replica (as its role record says) receives from. */
+  private primaryOf(s: RoleState | null | undefined): SimNode | undefined {
+    return this.nodeOfVolume(s?.upstream?.primaryVolume);
+  }
+
+  /**
+   * The timeline a replica's pair ships (the primary's model when that pair was made; a
+   * replica left behind by a primary that moved on still follows that old timeline).
+   */
+  private timelineOf(s: RoleState | null | undefined): Timeline | undefined {
+    const id = s?.upstream?.pairId;
+    return id === undefined ? undefined : this.pairTimelines.get(id);
+  }
+
+  /** The primary (not a replica) of the highest generation other than n, if any. */
+  private newestPrimary(except?: SimNode): SimNode | undefined {
+    let best: SimNode | undefined;
+    for (const x of this.nodes) {
+      const s = this.roles.get(x.name);
+      if (x === except || !s || s.role === 'replica') continue;
+      if (!best || s.generation > this.roles.get(best.name)!.generation) best = x;
+    }
+    return best;
   }
 
   private get sizeBytes(): number {
@@ -376,6 +406,8 @@ export class Scenario {
       } catch (e) {
         if (!(e instanceof StopRun)) this.fail(`checker error: ${(e as Error).stack}`);
       }
+      const t = this.models.get(name);
+      if (t && next.role === 'primary') for (const pair of next.pairs) if (!this.pairTimelines.has(pair.id)) this.pairTimelines.set(pair.id, t);
     }
   }
 
@@ -392,11 +424,13 @@ export class Scenario {
     if (!moved) return;
     const last = next.history[next.history.length - 1];
     this.log(`${n.name}: role ${this.roleWord(prev)} -> ${this.roleWord(next)}${last ? ` (${last.event})` : ''}`);
-    const o = this.other(n);
     // Became a primary by taking over.
     if (prev?.role === 'replica' && next.role === 'primary' && next.failover) {
-      if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, o, next, prev);
-      else this.checkPlannedTakeover(n, o);
+      const old = this.primaryOf(prev);
+      const t = this.timelineOf(prev);
+      if (!old) this.log(`${n.name}: took over from ${prev.upstream?.primaryVolume}, which no node holds: not checked`);
+      else if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, old, t, next, prev);
+      else this.checkPlannedTakeover(n, old, t);
       return;
     }
     // Became a replica.
@@ -409,7 +443,7 @@ export class Scenario {
     }
     // A resync's copy finished: the old primary equals the new one's base.
     if (prev?.upstream?.resync && next.role === 'replica' && !next.upstream?.resync && next.upstream?.initialCopy.done) {
-      this.checkReplicaState(n, o, 'resync copy done');
+      this.checkReplicaState(n, 'resync copy done');
     }
     if (prev?.failover && !next.failover && prev.failover.restartSnapshot) this.expected.get(n.name)!.delete(prev.failover.restartSnapshot);
   }
@@ -442,12 +476,11 @@ export class Scenario {
   }
 
   /** (b): the new primary holds the old one's state at a prefix of its writes, losing only what the report admits. */
-  private checkUnplannedFailover(n: SimNode, old: SimNode, s: RoleState, before: RoleState): void {
+  private checkUnplannedFailover(n: SimNode, old: SimNode, t: Timeline | undefined, s: RoleState, before: RoleState): void {
     this.stats.failovers++;
     const f = s.failover!;
     const v = this.read(n);
     if (!v) return;
-    const t = this.models.get(old.name);
     const r = f.report;
     this.log(`${n.name}: failover report: atRiskSince ${r?.atRiskSinceMs === null || !r ? 'none' : ((r.atRiskSinceMs - simEpochMs) / 1000).toFixed(3)}, lastContact ${r?.lastContactMs ? ((r.lastContactMs - simEpochMs) / 1000).toFixed(3) : 'none'}, consistent ${r?.consistent}, setsNotHere ${r?.setsNotHere.length ?? 0}, dropped ${r?.setsDropped.length ?? 0}, restart ${f.restartSnapshot}@${f.restartSet}`);
     if (!t) {
@@ -491,11 +524,10 @@ export class Scenario {
   }
 
   /** (c): a planned takeover loses nothing. */
-  private checkPlannedTakeover(n: SimNode, old: SimNode): void {
+  private checkPlannedTakeover(n: SimNode, old: SimNode, t: Timeline | undefined): void {
     this.stats.takeovers++;
     const v = this.read(n);
     if (!v) return;
-    const t = this.models.get(old.name);
     if (!t) {
       this.log(`${n.name}: no model of the old primary ${old.name}: takeover not checked`);
     } else if (diffSectors(v, t.current)) {
@@ -537,10 +569,11 @@ export class Scenario {
   }
 
   /** A replica at a point in time shows a state its primary had, never going back. */
-  private checkReplicaState(n: SimNode, p: SimNode, why: string): void {
+  private checkReplicaState(n: SimNode, why: string): void {
     const s = this.roles.get(n.name);
-    const t = this.models.get(p.name);
+    const t = this.timelineOf(s);
     if (!s || s.role !== 'replica' || !t) return;
+    const p = { name: t.label };
     const v = this.read(n);
     if (!v) return;
     const k = t.prefixIndex(v);
@@ -570,7 +603,7 @@ export class Scenario {
           if (!ok) this.fail(`${n.name} (primary) differs from its model (${what}): ${diffSectors(got, t.current)}`);
         }
       } else if (s.role === 'replica' && s.upstream && s.upstream.initialCopy.done && s.upstream.consistent && !s.upstream.resync && !s.upstream.split && !v.overlayActive) {
-        this.checkReplicaState(n, this.other(n), what);
+        this.checkReplicaState(n, what);
       }
       for (const [name, e] of this.expected.get(n.name)!) {
         if (!v.snapshots().some((x) => x.name === name)) {
@@ -754,8 +787,10 @@ export class Scenario {
       const code = e?.code ?? (e as Error)?.name;
       this.log(`${n.name}: ${kind} failed: ${code}: ${e?.message}`);
       if (kind === 'resync' && e?.message?.includes('did not fail over from another primary')) {
-        const ps = this.roles.get(this.other(n).name);
-        this.blocking('no-resync-after-planned', `${n.name} (${this.roleWord(this.roles.get(n.name) ?? null)}) cannot be resynced from ${this.other(n).name} (${this.roleWord(ps ?? null)}): ${e.message}`);
+        const target = this.newestPrimary(n);
+        const ps = target ? this.roles.get(target.name) : null;
+        if (ps?.failover?.kind === 'planned') this.issue('no-resync-after-planned', `${n.name} (${this.roleWord(this.roles.get(n.name) ?? null)}) cannot be resynced from ${target!.name} (${this.roleWord(ps)}): ${e.message}`);
+        this.unresyncable.add(n.name);
       } else if (e?.message?.includes('already under way') && kind !== 'failover' && this.poisonTakeover.has(n.name)) this.gap('a takeover after a crash in the middle of an earlier one is refused as "already under way" (handover.ts `waiting` map outlives the simulated process)');
       else if (!(e && typeof e.code === 'string')) this.fail(`${n.name}: ${kind} threw ${e?.name}: ${e?.stack ?? e}`);
     });
@@ -776,7 +811,7 @@ export class Scenario {
       const why = t.explain(snap, t.ackedBefore(sinceMs), true);
       if (why) return this.fail(`${n.name}: snapshot ${name} (${what}) is not a state of the volume holding every write acknowledged before it was asked for: ${why}`);
     } else if (s?.role === 'replica' && s.upstream?.consistent && s.upstream.initialCopy.done && !s.upstream.resync) {
-      const p = this.models.get(this.other(n).name);
+      const p = this.timelineOf(s);
       if (p && p.prefixIndex(snap) < 0) return this.fail(`${n.name}: replica snapshot ${name} is no state of its primary: ${p.describeDiff(snap)}`);
     }
     this.expected.get(n.name)!.set(name, { vec: snap, what });
@@ -797,8 +832,8 @@ export class Scenario {
       const s = this.roles.get(n.name);
       const up = n.state === 'up';
       const svcFree = up && !this.ops.has(n.name);
-      const o = this.other(n);
-      const os = this.roles.get(o.name);
+      const newest = this.newestPrimary(n);
+      const os = newest ? this.roles.get(newest.name) : null;
       if (n.state !== 'down') add(w.crash, `crash ${n.name}`, () => this.crash(n, r() < this.o.powercutProbability ? 'powercut' : 'kill9'));
       if (up && !this.ops.has(n.name)) add(w.cleanRestart, `restart ${n.name}`, () => this.cleanRestart(n));
       if (!up || !s) continue;
@@ -822,7 +857,8 @@ export class Scenario {
         const force = connected && r() < this.o.failoverForceProbability;
         const now = r() < this.o.failoverNowProbability;
         // Mostly when the primary is gone or cut off (what failover is for).
-        const primaryAway = o.state !== 'up' || this.net.partitioned(n.name, o.name) || !connected;
+        const o = this.primaryOf(s);
+        const primaryAway = !o || o.state !== 'up' || this.net.partitioned(n.name, o.name) || !connected;
         add(w.failover * (primaryAway ? 1 : 0.15), `failover ${n.name}`, () => this.startOp(n, `failover${now ? ' --now' : ''}${force ? ' --force' : ''}`, (svc) => svc.failover(this.vol(n), { now, force })));
         if (!this.poisonTakeover.has(n.name)) {
           add(w.failoverSync, `failover --sync ${n.name}`, () => this.startOp(n, 'failover-sync', (svc) => svc.failover(this.vol(n), { sync: true })));
@@ -837,13 +873,15 @@ export class Scenario {
       if (svcFree && ((s.fenced && !s.fenced.overridden) || s.handover)) add(w.unfence, `unfence ${n.name}`, () => this.unfence(n));
     }
     if (!this.faultsOff) {
-      const [a, b] = this.nodes.map((n) => n.name) as [string, string];
+      const i = Math.floor(r() * this.nodes.length);
+      const a = this.nodes[i]!.name;
+      const b = this.nodes[(i + 1 + Math.floor(r() * (this.nodes.length - 1))) % this.nodes.length]!.name;
       if (this.net.partitioned(a, b)) add(w.partition, 'heal', () => this.net.heal(a, b));
       else
         add(w.partition, 'partition', () => {
           this.net.partition(a, b);
           const ms = Math.floor(r() * this.o.partitionMsMax);
-          this.log(`net: partition A|B for ${ms} ms`);
+          this.log(`net: partition ${a}|${b} for ${ms} ms`);
           this.time.schedule(ms, () => {
             if (!this.net.partitioned(a, b)) return;
             this.net.heal(a, b);
@@ -884,8 +922,11 @@ export class Scenario {
     });
   }
 
+  /** resync of n from the newest primary (a replica whose registration is pending: registers again). */
   private resync(n: SimNode): void {
-    const o = this.other(n);
+    const s = this.roles.get(n.name);
+    const o = s?.role === 'replica' ? this.primaryOf(s) : this.newestPrimary(n);
+    if (!o) return;
     this.resyncIssuedMs.set(n.name, this.now);
     this.startOp(n, 'resync', (svc) => svc.resync(this.vol(n), { peerHost: o.name, peerPort: replPort, peerVolume: this.vol(o) }));
   }
@@ -938,30 +979,46 @@ export class Scenario {
   }
 
   private async setup(): Promise<void> {
-    const [a, b] = this.nodes as [SimNode, SimNode];
-    for (const n of this.nodes) {
-      this.startNode(n);
-    }
-    await this.until(() => a.state === 'up' && b.state === 'up', setupMsMax);
-    if (a.state !== 'up' || b.state !== 'up') return this.fail('nodes did not start');
+    const a = this.nodes[0]!;
+    for (const n of this.nodes) this.startNode(n);
+    await this.until(() => this.nodes.every((n) => n.state === 'up'), setupMsMax);
+    if (!this.nodes.every((n) => n.state === 'up')) return this.fail('nodes did not start');
     const inc = a.inc!;
     await this.settle(inc.host.create({ name: this.vol(a), sizeBytes: this.sizeBytes, blockBytes: BLOCK_BYTES, description: 'sim' }), setupMsMax, 'volume create');
-    this.models.set('A', new Timeline('A/g1', new Int32Array(Math.floor(this.sizeBytes / SECTOR)), this.now));
-    await this.settle(
-      a.service!.addReplica(this.vol(a), {
-        peerHost: b.name,
-        peerPort: replPort,
-        remoteVolume: this.vol(b),
-        cutIntervalMs: this.o.cutIntervalMs,
-        highWaterBytes: this.o.highWaterBytes,
-        retriesBeforeSuspend: this.o.retriesBeforeSuspend,
-      }),
-      setupMsMax,
-      'replica add',
-    );
-    this.log(`setup: ${this.vol(a)} on A (${this.sizeBytes} bytes) replicates to ${this.vol(b)} on B`);
+    this.models.set(a.name, new Timeline(`${a.name}/g1`, new Int32Array(Math.floor(this.sizeBytes / SECTOR)), this.now));
+    for (const b of this.nodes.slice(1)) await this.settle(a.service!.addReplica(this.vol(a), this.pairOptions(b)), setupMsMax, 'replica add');
+    this.log(`setup: ${this.vol(a)} on ${a.name} (${this.sizeBytes} bytes) replicates to ${this.nodes.slice(1).map((b) => `${this.vol(b)} on ${b.name}`).join(', ')}`);
     this.writerDone = this.writer().catch((e: Error) => {
       if (!(e instanceof StopRun)) this.fail(`writer: ${e.stack}`);
+    });
+  }
+
+  private pairOptions(b: SimNode) {
+    return { peerHost: b.name, peerPort: replPort, remoteVolume: this.vol(b), cutIntervalMs: this.o.cutIntervalMs, highWaterBytes: this.o.highWaterBytes, retriesBeforeSuspend: this.o.retriesBeforeSuspend };
+  }
+
+  /**
+   * The operator's last resort for a node that cannot rejoin (a replica of a pair nobody
+   * ships any more, a diverged primary the newest one refuses to resync): delete its copy
+   * and add it again as a new replica of p (a full initial copy).
+   */
+  private reattach(x: SimNode, p: SimNode): void {
+    const pv = this.vol(p);
+    const xv = this.vol(x);
+    this.log(`${x.name}: the operator deletes ${xv} and adds it again as a replica of ${p.name}`);
+    this.startOp(x, 'delete volume', async (svc) => {
+      await svc.forget(xv, true);
+      x.inc!.host.deleteVolume(xv);
+    }, () => {
+      this.models.set(x.name, null);
+      this.roles.set(x.name, null);
+      this.expected.get(x.name)!.clear();
+      this.replicaCursor.delete(x.name);
+      this.unresyncable.delete(x.name);
+      this.startOp(p, 'replica add', async (svc) => {
+        for (const pair of this.roles.get(p.name)?.pairs ?? []) if (pair.remoteVolume === xv && pair.peerHost === x.name) await svc.removeReplica(pv, pair.id);
+        return svc.addReplica(pv, this.pairOptions(x));
+      });
     });
   }
 
@@ -975,7 +1032,8 @@ export class Scenario {
     await this.until(() => this.inflight === null, 120_000);
     const since = this.now;
     let lastCut = 0;
-    let lastResync = -Infinity;
+    const lastResyncAt = new Map<string, number>();
+    const orphanSince = new Map<string, number>();
     let handoverSeen = -1;
     const commits = new Map<string, { atMs: number; n: number; inc: number }>();
     let starvedSinceMs = -1;
@@ -1009,39 +1067,54 @@ export class Scenario {
         return this.blocking('inbound-pause-deadlock', `${starving.name} holds sets ${st.setsHeld.map((x) => x.set).join(',')} (${st.inboundBytes} bytes > inboundBytesMax ${this.o.inboundBytesMax}) but has played only ${st.playedSet}, for ${(this.now - starvedSinceMs) / 1000} s`);
       }
       if (this.nodes.some((n) => n.state !== 'up') || this.ops.size > 0) continue;
-      const [a, b] = this.nodes as [SimNode, SimNode];
-      const ra = this.roles.get('A');
-      const rb = this.roles.get('B');
-      if (!ra || !rb) continue;
-      const both = [a, b] as const;
-      const primaries = both.filter((n) => this.roles.get(n.name)!.role !== 'replica');
-      if (primaries.length === 2) {
-        const [x, y] = primaries as [SimNode, SimNode];
-        const gx = this.roles.get(x.name)!.generation;
-        const gy = this.roles.get(y.name)!.generation;
-        if (gx === gy) return this.fail(`liveness: two primaries at generation ${gx} (${this.roleWord(ra)} / ${this.roleWord(rb)})`);
-        const stale = gx < gy ? x : y;
-        if (this.now - lastResync > 10_000) {
-          lastResync = this.now;
-          this.resync(stale);
-        }
-        continue;
-      }
+      const primaries = this.nodes.filter((n) => this.roles.get(n.name) && this.roles.get(n.name)!.role !== 'replica');
       if (primaries.length === 0) {
-        if (this.now - since > 60_000) return this.fail(`liveness: both nodes are replicas (${this.roleWord(ra)} / ${this.roleWord(rb)})`);
+        if (this.now - since > 60_000) return this.fail(`liveness: every node is a replica (${this.nodes.map((n) => this.roleWord(this.roles.get(n.name) ?? null)).join(' / ')})`);
         continue;
       }
-      const p = primaries[0]!;
-      const r = this.other(p);
+      const p = this.newestPrimary()!;
       const ps = this.roles.get(p.name)!;
-      const rs = this.roles.get(r.name)!;
-      if (rs.upstream?.resync && !rs.upstream.resync.registered && this.now - since > reregisterAfterMs && this.now - lastResync > 10_000) {
-        if (this.poisonRegister.has(r.name)) this.gap('a resync registration interrupted by a crash is not retried in the background after the restart (resync.ts `registering` set outlives the simulated process): the operator runs resync again');
-        else this.log(`liveness: ${r.name}'s resync is still not registered after ${(this.now - since) / 1000} s: the operator runs it again`);
-        lastResync = this.now;
-        this.resync(r);
-        continue;
+      const ties = primaries.filter((x) => x !== p && this.roles.get(x.name)!.generation === ps.generation);
+      if (ties.length > 0 && this.nodes.length === 2) return this.fail(`liveness: two primaries at generation ${ps.generation} (${this.describe()})`);
+      let acted = false;
+      for (const x of this.nodes) {
+        if (x === p || acted) continue;
+        const xs = this.roles.get(x.name);
+        if (!xs) {
+          // No copy (deleted by the operator): its primary's hello creates it, once the pair exists.
+          if (!ps.pairs.some((pair) => pair.peerHost === x.name)) this.startOp(p, 'replica add', (svc) => svc.addReplica(this.vol(p), this.pairOptions(x)));
+          acted = true;
+          continue;
+        }
+        if (xs.role !== 'replica') {
+          // A stale primary: resync it; when the newest primary refuses (or the generations tie), replace its copy.
+          if (ties.includes(x)) this.gap('two replicas that failed over independently hold the same generation: neither can be resynced from the other (the operator deletes one copy and adds it again)');
+          if (ties.includes(x) || this.unresyncable.has(x.name)) this.reattach(x, p);
+          else if (this.now - (lastResyncAt.get(x.name) ?? -Infinity) > 10_000) {
+            lastResyncAt.set(x.name, this.now);
+            this.resync(x);
+          }
+          acted = true;
+          continue;
+        }
+        const mine = ps.pairs.some((pair) => pair.id === xs.upstream?.pairId);
+        if (xs.upstream?.resync && !xs.upstream.resync.registered && this.now - since > reregisterAfterMs && this.now - (lastResyncAt.get(x.name) ?? -Infinity) > 10_000) {
+          if (this.poisonRegister.has(x.name)) this.gap('a resync registration interrupted by a crash is not retried in the background after the restart (resync.ts `registering` set outlives the simulated process): the operator runs resync again');
+          else this.log(`liveness: ${x.name}'s resync is still not registered after ${(this.now - since) / 1000} s: the operator runs it again`);
+          lastResyncAt.set(x.name, this.now);
+          this.resync(x);
+          acted = true;
+        } else if (!mine && !xs.upstream?.resync) {
+          // The replica of a pair the newest primary does not have (its primary was replaced).
+          if (!orphanSince.has(x.name)) orphanSince.set(x.name, this.now);
+          if (this.now - orphanSince.get(x.name)! > 30_000) {
+            orphanSince.delete(x.name);
+            this.reattach(x, p);
+            acted = true;
+          }
+        } else orphanSince.delete(x.name);
       }
+      if (acted) continue;
       if (ps.handover) {
         if (handoverSeen < 0) handoverSeen = this.now;
         if (this.now - handoverSeen > 60_000) {
@@ -1051,11 +1124,21 @@ export class Scenario {
         }
         continue;
       }
-      if (ps.fenced) {
+      if (ps.fenced && !ps.fenced.overridden) {
         if (this.now - since > 60_000) {
-          this.log(`liveness: ${p.name} is fenced although its peer is its replica: the operator unfences it`);
+          this.log(`liveness: ${p.name} is fenced although it is the newest primary: the operator unfences it`);
           this.unfence(p);
         }
+        continue;
+      }
+      // Pairs to nodes that are not its replicas any more go (a replaced copy was added again).
+      const stale = ps.pairs.find((pair) => {
+        const x = this.nodes.find((n) => n.name === pair.peerHost);
+        return !x || this.roles.get(x.name)?.upstream?.pairId !== pair.id;
+      });
+      if (stale && this.now - since > 60_000) {
+        this.log(`liveness: ${p.name} still ships to pair ${stale.id} (${stale.peerHost}), which is nobody's upstream: the operator removes it`);
+        this.startOp(p, 'replica remove', (svc) => svc.removeReplica(this.vol(p), stale.id));
         continue;
       }
       if (this.now - lastCut > 3000 && ps.pairs.length > 0) {
@@ -1063,10 +1146,11 @@ export class Scenario {
         this.startOp(p, 'cut', (svc) => svc.cut(this.vol(p)));
         continue;
       }
-      if (this.converged(p, r)) {
+      const replicas = this.nodes.filter((x) => x !== p);
+      if (replicas.every((r) => this.converged(p, r))) {
         this.stats.converged = true;
-        this.log(`liveness: converged after ${((this.now - since) / 1000).toFixed(1)} s: ${p.name} ${this.roleWord(ps)} -> ${r.name} ${this.roleWord(rs)}`);
-        this.finalCheck(p, r);
+        this.log(`liveness: converged after ${((this.now - since) / 1000).toFixed(1)} s: ${p.name} ${this.roleWord(ps)} -> ${replicas.map((r) => `${r.name} ${this.roleWord(this.roles.get(r.name)!)}`).join(', ')}`);
+        this.finalCheck(p, replicas);
         return;
       }
     }
@@ -1075,16 +1159,16 @@ export class Scenario {
 
   private converged(p: SimNode, r: SimNode): boolean {
     const ps = this.roles.get(p.name)!;
-    const rs = this.roles.get(r.name)!;
-    if (ps.role !== 'primary' || ps.fenced || ps.handover || ps.pairs.length !== 1) return false;
-    const pair = ps.pairs[0]!;
-    if (rs.role !== 'replica' || rs.upstream?.pairId !== pair.id || !rs.upstream.initialCopy.done || rs.upstream.resync) return false;
+    const rs = this.roles.get(r.name);
+    if (!rs || ps.role !== 'primary' || ps.fenced || ps.handover || ps.pairs.length !== this.nodes.length - 1) return false;
+    const pair = ps.pairs.find((x) => x.id === rs.upstream?.pairId);
+    if (!pair || rs.role !== 'replica' || !rs.upstream!.initialCopy.done || rs.upstream!.resync) return false;
     const st = p.service!.status(this.vol(p))[0] as unknown as {
       currentSet: number;
       changedBlocksSinceCut: number;
-      replicas: { state: string; connected: boolean; ackedSet: number; playedSet: number; bytesDifferent: number; pendingBlocks: number; initialCopy: unknown }[];
+      replicas: { id: string; state: string; connected: boolean; ackedSet: number; playedSet: number; bytesDifferent: number; pendingBlocks: number; initialCopy: unknown }[];
     };
-    const x = st.replicas?.[0];
+    const x = st.replicas?.find((y) => y.id === pair.id);
     if (!x || x.state !== 'duplex' || !x.connected || st.changedBlocksSinceCut !== 0 || x.bytesDifferent !== 0 || x.pendingBlocks !== 0 || x.initialCopy !== null) return false;
     if (x.ackedSet !== st.currentSet || x.playedSet !== st.currentSet) return false;
     const rst = r.service!.status(this.vol(r))[0] as unknown as { playedSet: number; setsHeld: unknown[]; state: string };
@@ -1092,14 +1176,16 @@ export class Scenario {
   }
 
   /** (e): both volumes equal the primary's model byte for byte; every snapshot kept its content. */
-  private finalCheck(p: SimNode, r: SimNode): void {
+  private finalCheck(p: SimNode, replicas: SimNode[]): void {
     const t = this.models.get(p.name);
     const vp = p.inc!.volume(this.vol(p))!.readAll();
-    const vr = r.inc!.volume(this.vol(r))!.readAll();
     if (!t) return this.fail(`liveness: the primary ${p.name} has no model (the checker lost track of it)`);
     const dp = this.read(p)!;
     if (diffSectors(dp, t.current)) return this.fail(`liveness: primary ${p.name} differs from its model: ${t.explain(dp, t.ackedBefore(null), true)} / ${diffSectors(dp, t.current)}`);
-    if (!vp.equals(vr)) return this.fail(`liveness: replica ${r.name} differs from primary ${p.name}: ${diffSectors(decode(vr), dp)}`);
+    for (const r of replicas) {
+      const vr = r.inc!.volume(this.vol(r))!.readAll();
+      if (!vp.equals(vr)) return this.fail(`liveness: replica ${r.name} differs from primary ${p.name}: ${diffSectors(decode(vr), dp)}`);
+    }
     this.checkAll('final');
     this.log(`final: ${t.writes.length} writes on ${t.label}, ${t.ackedBefore(null).length} acknowledged; volumes equal (${vp.length} bytes)`);
   }

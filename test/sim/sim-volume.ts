@@ -289,6 +289,13 @@ export class SimHost implements VolumeHost {
     return v;
   }
 
+  /** The operator deletes a volume (after the service forgot it): gone from memory and disk. */
+  deleteVolume(name: string): void {
+    this.volumes.delete(name);
+    this.stateFss.delete(name);
+    if (!this.dead) this.store.volumes.delete(name);
+  }
+
   stateFs(volume: string): DurableFs {
     const f = this.stateFss.get(volume);
     if (!f) throw new DeltavolError('VOLUME_NOT_FOUND', `no volume named "${volume}"`);
