@@ -17,9 +17,7 @@ import { formatBytes, parseDurationMs, parseHostPort, parseSizeBytes } from '../
 import { registerReplicationCommands, renderReplication, type VolumeReplication } from './replication-commands.js';
 import { registerRecoveryCommands } from './recovery-commands.js';
 import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
-import { createLogger } from '../util/log.js';
 import { syncIoBytesMaxDefault } from '../util/limits.js';
-import { Daemon } from '../daemon/daemon.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -96,12 +94,16 @@ export function buildProgram(): Command {
     .action(async (opts, cmd: Command) => {
       const dataDir = (cmd.optsWithGlobals() as GlobalOpts).dataDir;
       if (!dataDir) throw new DeltavolError('EINVAL_ARGUMENT', 'serve needs --data-dir DIR (the directory holding volumes and state)');
+      const { createLogger } = await import('../util/log.js');
       const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === 'pretty' });
       const port = (text: string, what: string) => {
         const n = Number(text);
         if (!Number.isInteger(n) || n < 0 || n > 65535) throw new DeltavolError('EINVAL_ARGUMENT', `${what} "${text}" is not a port number`);
         return n;
       };
+      // Loaded here (with the logger): every other command only talks to a daemon and
+      // starts faster without them.
+      const { Daemon } = await import('../daemon/daemon.js');
       const daemon = new Daemon(
         {
           dataDir: path.resolve(dataDir),

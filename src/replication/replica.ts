@@ -28,6 +28,9 @@ import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 
 const SPLIT_WRITES_FILE = 'replica-split-writes.json';
+/** A copy's writes (and their bytes) in flight at most before the replica waits for them. */
+const copyWritesMax = 256;
+const copyWriteBytesMax = 16 * 1024 * 1024;
 
 type Hello = Extract<ReplMessage, { t: 'hello' }>;
 type TrailerMsg = Extract<ReplMessage, { t: 'trailer' }>;
@@ -76,6 +79,10 @@ export class ReplicaVolume {
   private closed = false;
   private sessionSawData = false;
   private initBytesSinceAck = 0;
+  /** Writes of the copy issued and not yet settled (see onInit). */
+  private copyWrites: Promise<void>[] = [];
+  private copyWriteBytes = 0;
+  private copyError: Error | null = null;
   private readonly stopTimer: () => void;
   /** When the primary was last heard from (ms since the epoch; after a restart, its last report's time). */
   lastContactMs: number | null;
@@ -181,6 +188,7 @@ export class ReplicaVolume {
     this.lastContactMs = this.platform.clock.now();
     await this.queue; // the old session's frames are done
     if (this.link !== link || this.halted) return;
+    await this.settleCopyWrites().catch(() => undefined); // a copy of the old session: its offset is what counts
     this.trailers.clear();
     this.inbound.dropIncomplete();
     this.sessionSawData = false;
@@ -260,6 +268,7 @@ export class ReplicaVolume {
       case 'init':
         return this.onInit(link, m, f.data);
       case 'initDone': {
+        await this.settleCopyWrites();
         await this.port.flush();
         this.state.initialCopy = { done: true, offsetBytes: this.port.sizeBytes, baseSet: m.baseSet };
         this.state.playedSet = m.baseSet;
@@ -333,26 +342,46 @@ export class ReplicaVolume {
   private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, data: Buffer | null): Promise<void> {
     if (this.state.initialCopy.done) return; // a late duplicate
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `init range ${m.offsetBytes}+${m.lengthBytes} past the end`);
+    // The ranges of a copy never overlap: their writes are issued without waiting for each
+    // other (the engine group-commits what they need) and settled every so often.
+    let w: void | Promise<void>;
     if (m.zero) {
-      await this.port.playbackZero(m.offsetBytes, m.lengthBytes);
+      w = this.port.playbackZero(m.offsetBytes, m.lengthBytes);
     } else {
       if (crc32c(data!) !== m.crc) {
         // A damaged range: drop the link; the primary resumes from the last durable offset.
         link.close('initial copy checksum mismatch');
         return;
       }
-      await this.port.playbackWrite(m.offsetBytes, [data!]);
+      w = this.port.playbackWrite(m.offsetBytes, [data!]);
       this.bytesReceived += m.lengthBytes;
       if (this.copy) this.copy.receivedBytes += m.lengthBytes;
     }
+    if (w) {
+      this.copyWrites.push(w.catch((e: unknown) => void (this.copyError ??= e as Error)));
+      if (!m.zero) this.copyWriteBytes += m.lengthBytes;
+    }
+    if (this.copyWrites.length >= copyWritesMax || this.copyWriteBytes >= copyWriteBytesMax) await this.settleCopyWrites();
     this.initBytesSinceAck += m.lengthBytes;
     if (this.initBytesSinceAck >= L.initAckEveryBytes) {
       this.initBytesSinceAck = 0;
+      await this.settleCopyWrites();
       await this.port.flush();
       this.state.initialCopy.offsetBytes = m.offsetBytes + m.lengthBytes;
       this.saveState();
       link.send({ t: 'initAck', offsetBytes: this.state.initialCopy.offsetBytes });
     }
+  }
+
+  /** Waits for the copy's writes issued so far; throws the first that failed. */
+  private async settleCopyWrites(): Promise<void> {
+    const ws = this.copyWrites;
+    this.copyWrites = [];
+    this.copyWriteBytes = 0;
+    await Promise.all(ws);
+    const e = this.copyError;
+    this.copyError = null;
+    if (e) throw e;
   }
 
   private async finish(link: Link, set: number): Promise<void> {
