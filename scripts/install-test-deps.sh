@@ -15,8 +15,9 @@ packages=(
   nbdkit
   # kernel tests (native-test/): a Debian kernel with nbd.ko booted under TCG
   qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs xfsprogs cpio lz4 kmod xz-utils
-  # two-node drills
-  iproute2 iptables
+  # two-node drills: network namespaces, and the Docker drill (docker/drill.sh builds its
+  # base image offline with debootstrap and starts its own dockerd)
+  iproute2 iptables docker.io docker-compose debootstrap
   # misc tools the tests call
   coreutils util-linux procps
 )

@@ -2,7 +2,8 @@
 # The README's test command (and exactly what .ci/run runs): installs everything the
 # tests need on a fresh Debian 12 machine as root, builds, runs the vitest suite (unit,
 # property, interop with real NBD clients, fuzz) and then the kernel tests in a QEMU
-# guest (native-test/, under tap). Ends with one line: "total: N passed, N failed".
+# guest (native-test/, under tap), then the disaster drill on two Docker containers
+# (docker/drill.sh). Ends with one line: "total: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .test-results
@@ -26,9 +27,22 @@ step "kernel tests: Linux nbd-client, mkfs, mount and fio in a QEMU guest"
 bash scripts/test-native.sh
 native_rc=$?
 
+step "disaster drill on two Docker containers (docker/drill.sh)"
+# One test: start, write, kill the primary, failover, fencing, resync, failback, verify.
+# It starts its own dockerd when none runs and builds its images offline the first time.
+if timeout 900 bash docker/drill.sh > .test-results/drill.log 2>&1; then
+  drill_rc=0
+  echo '{"passed":1,"failed":0}' > .test-results/drill.json
+else
+  drill_rc=1
+  echo '{"passed":0,"failed":1}' > .test-results/drill.json
+fi
+sed -n '/=== deltavol disaster drill: timeline/,$p' .test-results/drill.log | tail -40
+[ $drill_rc -eq 0 ] || { echo "docker drill FAILED (full log: .test-results/drill.log):"; tail -60 .test-results/drill.log; }
+
 step "summary"
-node scripts/test-summary.mjs .test-results/vitest.json .test-results/native.json
+node scripts/test-summary.mjs .test-results/vitest.json .test-results/native.json .test-results/drill.json
 summary_rc=$?
 
-if [ $vitest_rc -ne 0 ] || [ $native_rc -ne 0 ] || [ $summary_rc -ne 0 ]; then exit 1; fi
+if [ $vitest_rc -ne 0 ] || [ $native_rc -ne 0 ] || [ $drill_rc -ne 0 ] || [ $summary_rc -ne 0 ]; then exit 1; fi
 exit 0
