@@ -4,7 +4,7 @@
 
 import { randomInt } from 'node:crypto';
 import { runBatch } from './run.js';
-import { KNOWN_ISSUES } from './scenario.js';
+import { KNOWN_ISSUES, OPEN_ISSUES } from './scenario.js';
 import { eventSites } from './time.js';
 
 function arg(name: string): string | undefined {
@@ -20,7 +20,7 @@ const verbose = process.argv.includes('--verbose');
 const logs = process.argv.includes('--logs');
 // --known all | CLASS,CLASS: failure classes already reported, tolerated so a soak looks for new ones.
 const knownArg = arg('--known') ?? '';
-const known = new Set(knownArg === 'all' ? Object.keys(KNOWN_ISSUES) : knownArg.split(',').filter(Boolean));
+const known = new Set(knownArg === 'all' ? OPEN_ISSUES : knownArg.split(',').filter(Boolean));
 for (const k of known) if (!(k in KNOWN_ISSUES)) throw new Error(`--known: no class ${k} (classes: ${Object.keys(KNOWN_ISSUES).join(', ')})`);
 
 console.log(`[seed] sim: DELTAVOL_SEED=${firstSeed} (seeds ${firstSeed}..${firstSeed + count - 1})`);
@@ -32,7 +32,7 @@ console.log(
     `virtual ${((t.virtualMs ?? 0) / 1000).toFixed(0)} s, events ${t.events ?? 0}, writes acked ${t.writesAcked ?? 0}, crashes ${t.crashes ?? 0}, ` +
     `failovers ${t.failovers ?? 0}, takeovers ${t.takeovers ?? 0}, resyncs ${t.resyncs ?? 0} (full ${t.fullResyncs ?? 0}), converged ${t.convergedRuns ?? 0}`,
 );
-for (const [k, seeds] of r.known) console.log(`known issue ${k} (${known.has(k) ? 'tolerated' : 'failing'}) in ${seeds.length} runs, e.g. seeds ${seeds.slice(0, 5).join(' ')}: ${KNOWN_ISSUES[k]}`);
+for (const [k, seeds] of r.known) console.log(`known issue ${k} (${known.has(k) && !KNOWN_ISSUES[k]!.fixedIn ? 'tolerated' : 'failing'}) in ${seeds.length} runs, e.g. seeds ${seeds.slice(0, 5).join(' ')}: ${KNOWN_ISSUES[k]!.what}`);
 for (const [g, seeds] of r.gaps) console.log(`gap (${seeds.length} runs, e.g. seed ${seeds[0]}): ${g}`);
 if (r.failed.length > 0) console.log(`failing seeds: ${r.failed.map((f) => f.seed).join(' ')}`);
 if (process.env.SIM_DEBUG_STACKS) for (const [k, v] of [...eventSites].sort((a, b) => b[1] - a[1]).slice(0, 25)) console.log(v, k);

@@ -105,17 +105,17 @@ export function pickOptions(seed: number): ScenarioOptions {
     tailSectors: r() < 0.2 ? between(1, 7) : 0,
     tuning: {
       activityExtentBlocks: pick([1, 2, 4, 8, 16]),
-      // A small hot set reaches eviction paths (and the activity-log livelock, a known bug:
-      // kept rare so runs spend their time elsewhere); else the engine's default.
-      activityHotMax: r() < 0.3 ? between(2, 8) : 1000,
+      // A small hot set reaches the eviction paths (and found the activity-log livelock,
+      // fixed in 6cbaf41); else the engine's default.
+      activityHotMax: r() < 0.5 ? between(2, 8) : 1000,
       copyBlocksPerTurn: pick([1, 3, 8, 256]),
     },
     disk: { syncLatencyMs: pick([0, 1, 3]), syncJitterMs: pick([0, 1, 5]) },
     net: { latencyMs: pick([0, 1, 5, 20]), jitterMs: pick([0, 1, 10]), chunkProbability: pick([0, 0.1, 0.5]) },
     outboundBytes: 4 * 1024 * 1024,
     playbackDelayMs: pick([0, 0, 50, 500]),
-    // Below one set (64 KiB) reaches the replica's pause/resume (and a known deadlock): rare.
-    inboundBytesMax: r() < 0.1 ? 64 * 1024 : pick([512 * 1024, 64 * 1024 * 1024]),
+    // Below one set (64 KiB) reaches the replica's pause/resume (it found a deadlock, fixed in 687b92a).
+    inboundBytesMax: r() < 0.25 ? 64 * 1024 : pick([512 * 1024, 64 * 1024 * 1024]),
     cutIntervalMs: pick([10, 300, 1000, 2000, 5000]),
     highWaterBytes: BLOCK_BYTES * pick([1, 8, 32, blocks * 2]),
     retriesBeforeSuspend: between(1, 5),
