@@ -24,7 +24,7 @@ type Welcome = Extract<ReplMessage, { t: 'welcome' }>;
  * The states of a pair, as status shows them. One word each; a pair that is not
  * connected says so: 'disconnected' within its retry budget, 'failure-suspend' past it.
  */
-export type PairState = 'initial-copy' | 'resyncing' | 'duplex' | 'duplex-pending' | 'disconnected' | 'suspending' | 'suspend' | 'failure-suspend' | 'fenced' | 'handing-over';
+export type PairState = 'initial-copy' | 'resyncing' | 'duplex' | 'duplex-pending' | 'disconnected' | 'suspending' | 'suspend' | 'failure-suspend' | 'fenced';
 
 /** Refusal codes a reconnect cannot cure. */
 const PERMANENT_REFUSALS = new Set(['VOLUME_EXISTS', 'GEOMETRY', 'STALE_GENERATION', 'VOLUME_NOT_FOUND', 'FAILED_OVER', 'ROLE_CONFLICT']);
