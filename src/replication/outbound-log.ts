@@ -63,7 +63,11 @@ interface IndexFile {
   releasedPos: number;
   /** Highest set number ever committed (sets are numbered without gaps). */
   lastSet: number;
-  /** When the last set was cut (so a restart knows the changes not yet cut came after it). */
+  /**
+   * When the change log was last known to hold nothing uncut (the cut of the last whole
+   * set, or a cut that made no set): every change not yet in a set came after it, so a
+   * restart dates their risk from here.
+   */
   lastCutAtMs?: number;
   sets: OutboundSet[];
 }
@@ -201,7 +205,7 @@ export class OutboundLog {
     assert(s.set === this.index.lastSet + 1, 'sets commit in order');
     this.index.sets.push(s);
     this.index.lastSet = s.set;
-    this.index.lastCutAtMs = s.createdAtMs;
+    if (!s.partial) this.index.lastCutAtMs = s.createdAtMs; // a partial set leaves older changes behind
     this.index.writePos = s.endPos;
     this.saveIndex();
   }

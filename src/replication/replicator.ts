@@ -110,8 +110,13 @@ export class VolumeReplicator implements PairHost {
     private readonly hooks: ReplicatorHooks,
   ) {
     this.outbound = OutboundLog.open(fsys, options.outboundBytes);
-    // After a restart the changes not yet cut were made after the last cut (the log keeps
-    // its time): their risk starts there, not at this start.
+    // After a restart the changes not yet cut were made after the change log was last
+    // empty: at the last whole cut (the log keeps its time), or when this volume took over
+    // (its change log started empty then). Their risk starts there, not at this start.
+    // A takeover's time is written into the log's index at once: the failover record that
+    // holds it goes when the old primary has rejoined.
+    const tookOverAt = role.state.failover?.atMs;
+    if (tookOverAt !== undefined && (this.outbound.lastCutAtMs ?? -Infinity) < tookOverAt) this.outbound.noteCut(tookOverAt);
     this.lastCutMs = this.outbound.lastCutAtMs ?? platform.clock.now();
     this.lastQuietMs = this.lastCutMs;
     for (const p of role.pairs) this.pending.set(p.id, readRuns(fsys, pendingFile(p.id), volume.blocksTotal) ?? new PagedBitmap(volume.blocksTotal));
