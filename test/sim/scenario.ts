@@ -60,7 +60,7 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
   },
   'report-restart': {
     what: 'failover report: writes the old primary acknowledged before a restart of it and never shipped are lost, but the report puts the start of the risk at the restart. Since a86d714 only when no set was committed since the pair\'s base: the first pair\'s cut (cutOnce with forget: snapshotAndForget) sets lastCutMs in memory but not outbound.json\'s lastCutAtMs, so the restarted replicator dates the changes from its start (seeds 60052, 60492)',
-    fixedIn: '687b92a',
+    fixedIn: '4e2cac2',
   },
   'no-resync-after-planned': {
     what: 'an old primary that diverged after a planned takeover (unfenced while its handover was offered and the replica had committed) can never be resynced: the new primary refuses "did not fail over from another primary" (resync.ts offer() accepts only an unplanned failover record)',
@@ -738,6 +738,12 @@ export class Scenario {
       const write = v.clientWrite(first * SECTOR, writeData(id, first, count), () => {
         const t = this.models.get(n.name);
         const s = this.roles.get(n.name);
+        // What the role record says right now (the observed copy may lag by one event).
+        const live = inc.service?.role(this.vol(n)).state;
+        if (live && ((live.role === 'replica' && !live.upstream?.split) || (live.fenced && !live.fenced.overridden) || live.handover)) {
+          this.fail(`${n.name} issued client write ${id} although its role record says ${this.roleWord(live as RoleState)} (writes must be refused or held)`);
+          return;
+        }
         if (!t) {
           this.fail(`${n.name} accepted client write ${id} although it is ${this.roleWord(s ?? null)} (the model has it as no writable primary)`);
           return;
