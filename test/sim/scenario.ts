@@ -1116,13 +1116,14 @@ export class Scenario {
           continue;
         }
         const mine = ps.pairs.some((pair) => pair.id === xs.upstream?.pairId);
-        if (xs.upstream?.resync && !xs.upstream.resync.registered && this.now - since > reregisterAfterMs && this.now - (lastResyncAt.get(x.name) ?? -Infinity) > 10_000) {
+        const follows = this.primaryOf(xs) === p;
+        if (follows && xs.upstream?.resync && !xs.upstream.resync.registered && this.now - since > reregisterAfterMs && this.now - (lastResyncAt.get(x.name) ?? -Infinity) > 10_000) {
           this.log(`liveness: ${x.name}'s resync is still not registered after ${(this.now - since) / 1000} s: the operator runs it again`);
           lastResyncAt.set(x.name, this.now);
           this.resync(x);
           acted = true;
-        } else if (!mine && !xs.upstream?.resync) {
-          // The replica of a pair the newest primary does not have (its primary was replaced).
+        } else if (!follows || (!mine && !xs.upstream?.resync)) {
+          // The replica of another node, or of a pair the newest primary does not have (its primary was replaced).
           if (!orphanSince.has(x.name)) orphanSince.set(x.name, this.now);
           if (this.now - orphanSince.get(x.name)! > 30_000) {
             orphanSince.delete(x.name);
