@@ -92,7 +92,8 @@ export function pickOptions(seed: number): ScenarioOptions {
     unfence: on(0.3, 0.5),
     check: 2,
   };
-  const steps = between(8, 60);
+  // Mostly short runs (more seeds per minute), some long ones (deeper histories).
+  const steps = r() < 0.7 ? between(6, 20) : between(20, 60);
   const stepGapMsMax = pick([200, 1000, 3000, 8000]);
   // About this many writes in the safety phase (the client's pace follows from it).
   const writesWanted = pick([20, 60, 150, 300]);
