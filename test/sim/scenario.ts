@@ -35,7 +35,7 @@ const livenessMsMax = 900_000;
 /** Writes one run issues at most. */
 const writesMax = 20_000;
 /** Events one run fires at most (a runaway is a failure, not a hang). */
-const eventsMax = 3_000_000;
+const eventsMax = 600_000;
 /** A resync not registered this long after the fault-free phase began is retried by the operator (ms). */
 const reregisterAfterMs = 30_000;
 
