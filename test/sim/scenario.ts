@@ -80,6 +80,9 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
   'unfence-offered-handover': {
     what: 'unfence calls off a handover the primary had already offered: the primary takes writes again while the offer is still on its way, the replica commits the takeover later and becomes the primary without those writes, reporting lostWrites 0 (handover.ts unfence() on an offered handover; the old primary then cannot be resynced either, see no-resync-after-planned)',
   },
+  'frame-length-stall': {
+    what: 'a flipped bit in a frame\'s length field stalls the link: the prefix checksum is checked only once msgBytes (up to 1 MiB) or dataBytes (up to 16 MiB) bytes arrived (wire.ts FrameDecoder), and the heartbeat counts raw bytes as life (link.ts), so the peer\'s pings keep the dead stream "alive" while nothing is decoded, acknowledged or played for many minutes (seed 201761: msgBytes 262168)',
+  },
   'report-tick': {
     what: 'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
     fixedIn: 'a86d714',
@@ -1055,6 +1058,7 @@ export class Scenario {
     let handoverSeen = -1;
     const commits = new Map<string, { atMs: number; n: number; inc: number }>();
     let starvedSinceMs = -1;
+    const midFrame = new Map<object, { key: string; sinceMs: number }>();
     for (let round = 0; round < 10_000 && this.now < deadline && !this.stopped; round++) {
       for (const n of this.nodes) if (n.state === 'down') this.startNode(n);
       await this.advance(500);
@@ -1069,6 +1073,24 @@ export class Scenario {
         else if (this.now - c.atMs >= 5000) {
           if (e.activityCommits - c.n > 150) return this.blocking('activity-log-livelock', `${n.name}: ${e.activityCommits - c.n} activity-log records in ${(this.now - c.atMs) / 1000} s without client writes (hot max ${this.o.tuning.activityHotMax}, extent ${this.o.tuning.activityExtentBlocks} blocks): ${this.describe()}`);
           commits.set(n.name, { atMs: this.now, n: e.activityCommits, inc: n.incarnations });
+        }
+      }
+      // A link whose decoder sits in one frame for 30 s while bytes keep coming: a bogus length.
+      for (const n of this.nodes) {
+        const svc = n.service as unknown as { links?: Set<{ closed: boolean; decoder: { state: string; msgBytes: number; dataBytes: number; pendingBytes: number } }>; replicators?: Map<string, { senders: Map<string, { link: unknown }> }> } | null;
+        if (!svc) continue;
+        const links = [...(svc.links ?? [])];
+        for (const r of svc.replicators?.values() ?? []) for (const snd of r.senders.values()) if (snd.link) links.push(snd.link as (typeof links)[number]);
+        for (const l of links) {
+          const d = l.decoder;
+          if (l.closed || d.state === 'prefix') {
+            midFrame.delete(l);
+            continue;
+          }
+          const key = `${d.state}/${d.msgBytes}/${d.dataBytes}`;
+          const m = midFrame.get(l);
+          if (!m || m.key !== key) midFrame.set(l, { key, sinceMs: this.now });
+          else if (this.now - m.sinceMs > 30_000) return this.blocking('frame-length-stall', `${n.name}: a link decoder has waited ${(this.now - m.sinceMs) / 1000} s inside one frame (${key}, ${d.pendingBytes} bytes held) while the link counts as alive`);
         }
       }
       // A replica that holds more than it may but nothing it can play, for 60 s: starved.
