@@ -83,6 +83,9 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
   'frame-length-stall': {
     what: 'a flipped bit in a frame\'s length field stalls the link: the prefix checksum is checked only once msgBytes (up to 1 MiB) or dataBytes (up to 16 MiB) bytes arrived (wire.ts FrameDecoder), and the heartbeat counts raw bytes as life (link.ts), so the peer\'s pings keep the dead stream "alive" while nothing is decoded, acknowledged or played for many minutes (seed 201761: msgBytes 262168)',
   },
+  'equal-generation-split': {
+    what: 'two replicas of one primary that fail over independently (three nodes) both become generation g+1: neither is newer, so neither fences the other and resync refuses both ways ("not newer"); only deleting one copy and adding it again (a full copy) reunites them (generations carry no tiebreaker)',
+  },
   'report-tick': {
     what: 'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
     fixedIn: 'a86d714',
@@ -1128,7 +1131,7 @@ export class Scenario {
         }
         if (xs.role !== 'replica') {
           // A stale primary: resync it; when the newest primary refuses (or the generations tie), replace its copy.
-          if (ties.includes(x)) this.gap('two replicas that failed over independently hold the same generation: neither can be resynced from the other (the operator deletes one copy and adds it again)');
+          if (ties.includes(x)) this.issue('equal-generation-split', `${p.name} and ${x.name} are both primaries of generation ${ps.generation}: the operator deletes ${x.name}'s copy and adds it again`);
           if (ties.includes(x) || this.unresyncable.has(x.name)) this.reattach(x, p);
           else if (this.now - (lastResyncAt.get(x.name) ?? -Infinity) > 10_000) {
             lastResyncAt.set(x.name, this.now);
