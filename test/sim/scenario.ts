@@ -283,10 +283,6 @@ export class Scenario {
     }
   }
 
-  private gap(message: string): void {
-    if (!this.gaps.includes(message)) this.gaps.push(message);
-    this.log(`gap: ${message}`);
-  }
 
   vol(node: SimNode | string): string {
     const name = typeof node === 'string' ? node : node.name;
