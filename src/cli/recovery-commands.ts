@@ -153,9 +153,10 @@ export function registerRecoveryCommands(program: Command, h: Helpers): void {
   program
     .command('unfence <volume>')
     .description('let a fenced old primary take writes again although a newer primary exists (two primaries: their data diverges), or call off a stuck planned handover')
+    .option('--force', 'also call off a handover already offered to the replica (when the replica is gone for good)')
     .option('--json', 'print JSON')
     .action(async (volume: string, opts, cmd: Command) => {
-      const a = await h.client(cmd).request<{ volume: string; was: string }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/unfence`);
+      const a = await h.client(cmd).request<{ volume: string; was: string }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/unfence`, { force: Boolean(opts.force) });
       h.print(opts.json, a, () => (a.was === 'fenced' ? `${volume} takes writes again (it was fenced: a newer primary exists; resync later to rejoin it)` : `${volume}: planned handover called off, writes resume`));
     });
 }

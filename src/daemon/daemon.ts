@@ -358,7 +358,7 @@ export class Daemon {
       const at = peer ? parseHostPort(peer) : undefined;
       return this.replication.resync(p.name!, { ...(at ? { peerHost: at.host, peerPort: at.port } : {}), ...(str(body, 'peerVolume') ? { peerVolume: str(body, 'peerVolume') } : {}) });
     });
-    api.route('POST', '/v1/volumes/:name/unfence', async (p) => this.replication.unfence(p.name!));
+    api.route('POST', '/v1/volumes/:name/unfence', async (p, body) => this.replication.unfence(p.name!, bool(body, 'force') ?? false));
     api.route('POST', '/v1/default-export', (_p, body) => {
       const name = str(body, 'name');
       if (name !== undefined && name !== '') this.registry.require(name);

@@ -52,11 +52,22 @@ export function onNewerGeneration(ctx: RecoveryContext, volume: string, p: PairR
   ctx.log.warn({ volume, generation, peer: `${p.peerHost}:${p.peerPort}` }, `fenced: ${volume} was replaced by a newer primary; writes are refused until \`deltavol resync ${volume}\` (or \`deltavol unfence ${volume}\`)`);
 }
 
-/** Operator override: writes again although a newer primary exists (or a stuck swap is called off). */
-export function unfence(ctx: RecoveryContext, volume: string): { volume: string; generation: number; was: string } {
+/**
+ * Operator override: writes again although a newer primary exists, or a stuck swap is
+ * called off. A swap already offered to the replica ends only by the replica's answer (it
+ * may have taken over): calling it off then needs `force`, for a replica gone for good.
+ */
+export function unfence(ctx: RecoveryContext, volume: string, force = false): { volume: string; generation: number; was: string } {
   const role = ctx.role(volume);
-  if (role.state.handover) {
-    role.transition({ t: 'handover-aborted', reason: 'operator: unfence' });
+  const h = role.state.handover;
+  if (h) {
+    if (h.offered && !force) {
+      throw new DeltavolError(
+        'ROLE_CONFLICT',
+        `volume ${volume} offered its replica the handover (generation ${h.newGeneration}): only the replica's answer ends it — it took over, or it welcomes this primary again when they meet. If the replica is gone for good, \`deltavol unfence ${volume} --force\` (if it did take over, the two diverge)`,
+      );
+    }
+    role.transition({ t: 'handover-aborted', reason: force ? 'operator: unfence --force' : 'operator: unfence' });
     return { volume, generation: role.generation, was: 'handing-over' };
   }
   if (!role.state.fenced || role.state.fenced.overridden) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is neither fenced nor handing over`);
@@ -117,17 +128,21 @@ async function prepareHandover(ctx: RecoveryContext, volume: string, p: PairReco
   const deadline = clock.now() + handoverMsMax;
   const handover: HandoverRecord = { pairId: p.id, newPairId: ctx.platform.newId(), newGeneration: role.generation + 1, peerBaseSet, lastSet: 0, offered: false, atMs: clock.now() };
   role.transition({ t: 'handover-prepared', handover }, { pair: p.id, newPairId: handover.newPairId });
+  /** The handover now (an abort may end it while this waits). */
+  const live = (): HandoverRecord | null => role.state.handover;
   // Writes are held from here (those already running finish first): ship everything written before.
   await ctx.host.require(volume).writesIdle();
   const lastSet = await r.cutEverything('planned handover');
   while (p.playedSet < lastSet || p.ackedSet < lastSet) {
+    if (live()?.newPairId !== handover.newPairId) throw new DeltavolError('PEER_REFUSED', 'the handover was called off meanwhile');
     if (link.closed) throw new DeltavolError('PEER_UNREACHABLE', `the link to the replica went down before it played set ${lastSet}`);
     if (clock.now() > deadline) throw new DeltavolError('PEER_UNREACHABLE', `the replica did not play set ${lastSet} within ${handoverMsMax / 1000} s`);
     r.senders.get(p.id)?.wake();
     await sleep(clock, 20);
   }
+  const h = live();
+  if (h?.newPairId !== handover.newPairId) throw new DeltavolError('PEER_REFUSED', 'the handover was called off meanwhile');
   if (r.volume.unshippedBlockCount() > 0) throw new DeltavolError('DELTA_SET_BUSY', 'changes arrived while writes were held (a bug)');
-  const h = role.state.handover!;
   h.lastSet = lastSet;
   h.offered = true;
   role.saveProgress(); // durable before the offer: from now on only the replica's answer ends it

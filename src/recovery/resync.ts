@@ -174,8 +174,8 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
       returnPort: back.port,
     });
     const offer = await s.next(ctx, 'resyncOffer', sessionMsMax);
-    if (offer.generation <= role.generation) {
-      throw new DeltavolError('PEER_REFUSED', `${peerVolume} at ${peerHost}:${peerPort} has generation ${offer.generation}, not newer than this volume's ${role.generation}: this volume is not the stale one`);
+    if (offer.generation < role.generation) {
+      throw new DeltavolError('PEER_REFUSED', `${peerVolume} at ${peerHost}:${peerPort} has generation ${offer.generation}, older than this volume's ${role.generation}: resync it from this volume instead`);
     }
     // From here this volume must not change: fence it (if it did not learn of the new
     // primary by itself) and let the writes already running finish.
@@ -435,21 +435,23 @@ function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartO
   if (hello.sizeBytes !== v.sizeBytes || hello.blockBytes !== v.blockBytes) {
     throw new DeltavolError('GEOMETRY', `volume ${name} is ${v.sizeBytes} bytes in ${v.blockBytes}-byte blocks; the old primary is ${hello.sizeBytes} in ${hello.blockBytes}`);
   }
+  // Any older copy of this volume may rejoin (one of the same generation too: two sides
+  // that failed over independently; the operator chose this one as the survivor). Without
+  // a restart point of the unplanned failover it came from, everything is copied.
   const f = role.state.failover;
-  if (!f || f.kind !== 'unplanned') throw new DeltavolError('ROLE_CONFLICT', `volume ${name} did not fail over from another primary: nothing to resync`);
-  if (hello.generation >= role.generation) throw new DeltavolError('ROLE_CONFLICT', `the old primary's generation ${hello.generation} is not older than ${role.generation}`);
+  if (hello.generation > role.generation) throw new DeltavolError('ROLE_CONFLICT', `the requester's generation ${hello.generation} is newer than ${role.generation} here: resync this volume from it instead`);
   if (hello.returnPort === 0) throw new DeltavolError('EINVAL_ARGUMENT', 'the old primary gave no replication port to dial back');
-  const restartOk = f.restartSnapshot !== null && v.snapshots().some((s) => s.name === f.restartSnapshot && s.valid);
+  const restartOk = f !== null && f.kind === 'unplanned' && f.restartSnapshot !== null && v.snapshots().some((s) => s.name === f.restartSnapshot && s.valid);
   link.send({
     t: 'resyncOffer',
     generation: role.generation,
-    restartSet: f.restartSet,
-    knownUpTo: f.knownUpTo,
+    restartSet: f?.restartSet ?? 0,
+    knownUpTo: f?.knownUpTo ?? 0,
     pairId: ctx.platform.newId(),
-    generationBefore: f.generationBefore,
+    generationBefore: f?.generationBefore ?? 0,
     fromPairId: restartOk ? f.fromPairId : '',
   });
-  ctx.log.info({ volume: name, from: `${hello.replicaVolume}@${link.remoteAddress}`, restartSet: f.restartSet, restartOk }, 'resync requested by the old primary');
+  ctx.log.info({ volume: name, from: `${hello.replicaVolume}@${link.remoteAddress}`, restartSet: f?.restartSet ?? null, restartOk }, 'resync requested by an older copy');
   return { restartOk, volume: name };
 }
 
@@ -490,9 +492,9 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   if (existing) return { pairId: existing.id, baseSet: existing.initialCopy.baseSet };
   if (!/^[0-9a-f]{12}$/.test(commit.pairId)) throw new DeltavolError('EINVAL_ARGUMENT', 'bad pair id');
   const f = role.state.failover;
-  if (!f) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} has no failover to resync from`);
+  if (role.role !== 'primary' || role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is no longer an active primary here`);
   const v = ctx.host.require(volume);
-  const full = commit.full || !restartOk;
+  const full = commit.full || !restartOk || f === null;
   const differing = full ? null : await differingFromRestart(ctx, volume, f.restartSnapshot!, sent);
   if (differing) ctx.log.info({ volume, sent: commit.divergentBlocks, differ: differing.bits.count(), sameAsRestartPoint: differing.same }, 'resync: blocks the old primary may have changed, compared with the restart point');
   const r = ctx.replicator(volume);
@@ -516,7 +518,7 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
               const bits = differing!.bits;
               const raw = ctx.stateFs(volume).readAll(UNPLAYED_FILE);
               if (raw) for (const [b, c] of JSON.parse(raw.toString('utf8')) as Runs) if (b + c <= v.blocksTotal) bits.setRange(b, c);
-              const d = v.differenceBlocks(f.restartSnapshot!, base);
+              const d = v.differenceBlocks(f!.restartSnapshot!, base);
               bits.union(d.data);
               bits.union(d.zero);
               return bits;
@@ -524,7 +526,7 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
           },
     },
   );
-  role.transition({ t: 'failover-pair-set', pairId: pair.id }, { pair: pair.id, full, copyBytes: pair.initialCopy.totalBytes, divergentBlocks: commit.divergentBlocks });
+  if (f && f.kind === 'unplanned') role.transition({ t: 'failover-pair-set', pairId: pair.id }, { pair: pair.id, full, copyBytes: pair.initialCopy.totalBytes, divergentBlocks: commit.divergentBlocks });
   ctx.log.info({ volume, pair: pair.id, peer: `${pair.peerHost}:${pair.peerPort}`, full, reason: commit.reason, copyBytes: pair.initialCopy.totalBytes }, full ? 'resync: the old primary gets a full copy' : 'resync: the old primary gets the blocks that differ');
   return { pairId: pair.id, baseSet: pair.initialCopy.baseSet };
 }

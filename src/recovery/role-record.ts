@@ -283,7 +283,8 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       break;
     case 'resync-started':
       if (s.role === 'replica') fail('the volume is already a replica');
-      if (e.generation <= s.generation) fail(`the new primary's generation ${e.generation} is not newer than this volume's ${s.generation}`);
+      // (Equal: two copies that failed over independently; the operator chose the survivor.)
+      if (e.generation < s.generation) fail(`the new primary's generation ${e.generation} is older than this volume's ${s.generation}`);
       n.role = 'replica';
       n.generation = e.generation;
       n.upstream = e.upstream;

@@ -310,7 +310,8 @@ function decodeOne(frame: Buffer): ReplMessage {
 /** Collects a set's blocks into chunk records (DeltaSink for VolumeEngine.buildDeltaSet). */
 export class SetWriter implements DeltaSink {
   private readonly perChunk: number;
-  private data: Buffer;
+  /** The chunk being filled (allocated at its first block: a set of few blocks costs little). */
+  private data: Buffer | null = null;
   private fill = 0;
   private runs: Runs = [];
   private readonly chunks: ChunkPos[] = [];
@@ -331,13 +332,13 @@ export class SetWriter implements DeltaSink {
     private readonly firstChangeAtMs: number,
   ) {
     this.perChunk = Math.max(1, Math.floor(chunkDataBytesMax / blockBytes));
-    // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
-    this.data = Buffer.allocUnsafe(this.perChunk * blockBytes);
     this.pos = startPos;
   }
 
   put(block: number, data: Buffer): void {
     assert(data.length === this.blockBytes, 'whole tracking blocks');
+    // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
+    this.data ??= Buffer.allocUnsafe(this.perChunk * this.blockBytes);
     data.copy(this.data, this.fill * this.blockBytes);
     this.fill++;
     this.blocks++;
@@ -349,7 +350,7 @@ export class SetWriter implements DeltaSink {
   }
 
   private flushChunk(): void {
-    if (this.fill === 0) return;
+    if (this.fill === 0 || this.data === null) return;
     const data = this.data.subarray(0, this.fill * this.blockBytes);
     const chunk = this.chunks.length;
     const crc = chunkChecksum(data, this.set, chunk, this.runs);
@@ -359,7 +360,7 @@ export class SetWriter implements DeltaSink {
     this.pos = at.end;
     this.fill = 0;
     this.runs = [];
-    this.data = Buffer.allocUnsafe(this.perChunk * this.blockBytes);
+    this.data = null;
   }
 
   /** Blocks put so far. */

@@ -51,6 +51,8 @@ export interface ReplicaPort extends VolumeGeometry {
   discardChanges(): Promise<void>;
   /** Blocks written since the last cut or discardChanges (a split's writes, a fenced primary's backlog). */
   changedBlocks(): PagedBitmap;
+  /** Whether any block may hold data (false for a volume never written). */
+  hasData(): boolean;
 }
 
 /** A volume as replication and recovery see it. */

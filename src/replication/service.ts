@@ -24,6 +24,9 @@ import type { ReplicationPlatform } from './platform.js';
 import type { Conn, Listener } from './transport.js';
 import * as L from './limits.js';
 
+/** The description of a replica volume this node creates (also how a half-made one is recognised). */
+const replicaDescription = (primaryVolume: string) => `replica of ${primaryVolume}`;
+
 /** A connection must say hello within this time. */
 const helloTimeoutMs = 10_000;
 
@@ -254,6 +257,7 @@ export class ReplicationService implements RecoveryContext {
   async cut(volume: string, snapshotName?: string): Promise<{ set: number | null }> {
     const r = this.shipper(volume);
     if (this.role(volume).state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced: it ships nothing`);
+    if (this.role(volume).state.handover) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is handing over: its last set is cut already`);
     const set = await r.cut({ reason: 'on demand', force: snapshotName !== undefined, ...(snapshotName !== undefined ? { snapshotName } : {}) });
     return { set };
   }
@@ -311,8 +315,8 @@ export class ReplicationService implements RecoveryContext {
     return resync.resync(this, volume, o);
   }
 
-  unfence(volume: string) {
-    return handover.unfence(this, volume);
+  unfence(volume: string, force = false) {
+    return handover.unfence(this, volume, force);
   }
 
   // ================= status =================
@@ -453,30 +457,15 @@ export class ReplicationService implements RecoveryContext {
         // A volume that is a primary here: the hello may come from the primary it replaced.
         throw handover.refusalForOldPrimary(this, name, hello);
       }
-      if (role.role === 'simplex') throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`);
+      // A replica volume created for this very pair by a daemon killed before it wrote the
+      // role record: it holds nothing, so it becomes the replica now.
+      const halfMade = role.role === 'simplex' && role.state.history.length === 0 && v.description === replicaDescription(hello.primaryVolume) && !v.hasData() && v.snapshots().length === 0;
+      if (halfMade) this.makeReplica(name, hello);
+      else if (role.role === 'simplex') throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`);
     } else {
       if (!hello.create) throw new DeltavolError('VOLUME_NOT_FOUND', `no replica volume ${name}`);
-      v = await this.host.create({ name, sizeBytes: hello.sizeBytes, blockBytes: hello.blockBytes, description: hello.description });
-      const role = this.role(name);
-      role.transition(
-        {
-          t: 'replica-created',
-          generation: hello.generation,
-          upstream: {
-            pairId: hello.pairId,
-            primaryVolume: hello.primaryVolume,
-            playedSet: 0,
-            initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
-            consistent: false,
-            split: false,
-            createdAt: new Date(this.platform.clock.now()).toISOString(),
-            resync: null,
-            playedCutAtMs: null,
-            lastReport: null,
-          },
-        },
-        { primary: hello.primaryVolume, pair: hello.pairId },
-      );
+      v = await this.host.create({ name, sizeBytes: hello.sizeBytes, blockBytes: hello.blockBytes, description: replicaDescription(hello.primaryVolume) });
+      this.makeReplica(name, hello);
       this.log.info({ volume: name, primary: hello.primaryVolume, pair: hello.pairId }, 'replica volume created');
     }
     const role = this.role(name);
@@ -485,4 +474,21 @@ export class ReplicationService implements RecoveryContext {
     await rv.accept(link, hello);
     return link.closed ? null : rv;
   }
+
+  private makeReplica(name: string, hello: Hello): void {
+    const upstream = {
+      pairId: hello.pairId,
+      primaryVolume: hello.primaryVolume,
+      playedSet: 0,
+      initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
+      consistent: false,
+      split: false,
+      createdAt: new Date(this.platform.clock.now()).toISOString(),
+      resync: null,
+      playedCutAtMs: null,
+      lastReport: null,
+    };
+    this.role(name).transition({ t: 'replica-created', generation: hello.generation, upstream }, { primary: hello.primaryVolume, pair: hello.pairId });
+  }
+
 }

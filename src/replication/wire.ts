@@ -2,12 +2,17 @@
 // (handshake, initial copy, delta-set chunks, acks) must arrive whole, intact and
 // unambiguous, or not at all. This file is the framing only: pure, no sockets, testable
 // with bytes alone. Format (all integers big-endian):
-//   prefix: u32 magic 'DVR1' | u32 msgBytes | u32 dataBytes | u32 crc32c(prefix[0..12] ++ msg)
+//   prefix: u32 magic 'DVR2' | u32 msgBytes | u32 dataBytes | u32 crc32c(prefix[0..12])
+//           | u32 crc32c(msg)
 //   msg:    msgBytes of msgpack (one plain object with a string `t`)
 //   data:   dataBytes of raw block data, outside the msgpack so it is never copied into it
-// The frame checksum covers the prefix and the message but not the data: block data is
-// covered end to end by chunkChecksum / the init crc (computed where the data is read and
-// checked where it is written), which also catches a block landing at the wrong address.
+// The prefix is checked on its own as soon as it arrives: a damaged length is refused at
+// once instead of waiting for megabytes that never belonged to the frame (the peer's pings
+// would fill them for many minutes). The frame checksums cover the prefix and the message
+// but not the data: block data is covered end to end by chunkChecksum / the init crc
+// (computed where the data is read and checked where it is written), which also catches a
+// block landing at the wrong address. Frames of version 0.1 ('DVR1': a 16-byte prefix whose
+// one checksum covers prefix and message) are still read: an outbound log may hold them.
 // Any broken frame (bad magic, over a limit, checksum mismatch, malformed message) throws
 // BAD_STREAM and the link is closed; there is no resynchronising inside a stream.
 
@@ -17,8 +22,11 @@ import { ByteQueue } from '../util/byte-queue.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 
-export const FRAME_MAGIC = 0x44565231; // 'DVR1'
-export const framePrefixBytes = 16;
+export const FRAME_MAGIC = 0x44565232; // 'DVR2'
+export const framePrefixBytes = 20;
+/** 0.1's frames: read, never written. */
+export const FRAME_MAGIC_V1 = 0x44565231; // 'DVR1'
+const framePrefixBytesV1 = 16;
 /** Largest msgpack part of one frame (runs of a chunk are the biggest message). */
 export const replicationMsgBytesMax = 1024 * 1024;
 /** Largest data part of one frame (one delta-set chunk or one initial-copy piece). */
@@ -313,15 +321,16 @@ export function encodeFrame(msg: ReplMessage, data: Buffer[] = []): Buffer[] {
   head.writeUInt32BE(FRAME_MAGIC, 0);
   head.writeUInt32BE(body.length, 4);
   head.writeUInt32BE(dataBytes, 8);
+  head.writeUInt32BE(crc32c(head.subarray(0, 12)) >>> 0, 12);
   body.copy(head, framePrefixBytes);
-  head.writeUInt32BE(crc32c(head.subarray(framePrefixBytes), crc32c(head.subarray(0, 12))) >>> 0, 12);
+  head.writeUInt32BE(crc32c(head.subarray(framePrefixBytes)) >>> 0, 16);
   return [head, ...data];
 }
 
 // ---------------------------------------------------------------------------------------
 // Decoding
 
-type DecoderState = 'prefix' | 'msg' | 'data';
+type DecoderState = 'prefix' | 'msgCrc' | 'msg' | 'data';
 
 /**
  * Push parser: feed socket chunks of any size, whole frames come out through onFrame.
@@ -342,9 +351,11 @@ export class FrameDecoder {
 
   constructor(private readonly onFrame: (f: Frame) => void) {}
 
+  private prefixBytes = framePrefixBytes;
+
   /** Bytes buffered that are not yet a whole frame. */
   get pendingBytes(): number {
-    const held = this.state === 'msg' ? framePrefixBytes : this.state === 'data' ? framePrefixBytes + this.msgBytes : 0;
+    const held = this.state === 'msgCrc' ? framePrefixBytesV1 : this.state === 'msg' ? this.prefixBytes : this.state === 'data' ? this.prefixBytes + this.msgBytes : 0;
     return held + this.queue.length;
   }
 
@@ -382,10 +393,13 @@ export class FrameDecoder {
     for (;;) {
       switch (this.state) {
         case 'prefix': {
-          if (q.length < framePrefixBytes) return;
-          const p = q.take(framePrefixBytes);
+          // The first 16 bytes are laid out alike in both versions.
+          if (q.length < framePrefixBytesV1) return;
+          const p = q.take(framePrefixBytesV1);
           const magic = p.readUInt32BE(0);
-          if (magic !== FRAME_MAGIC) this.fail(`bad frame magic 0x${magic.toString(16).padStart(8, '0')}`, { magic });
+          const v1 = magic === FRAME_MAGIC_V1;
+          if (magic !== FRAME_MAGIC && !v1) this.fail(`bad frame magic 0x${magic.toString(16).padStart(8, '0')}`, { magic });
+          if (!v1 && crc32c(p.subarray(0, 12)) >>> 0 !== p.readUInt32BE(12)) this.fail('frame prefix checksum mismatch');
           this.msgBytes = p.readUInt32BE(4);
           this.dataBytes = p.readUInt32BE(8);
           if (this.msgBytes === 0 || this.msgBytes > replicationMsgBytesMax) {
@@ -394,8 +408,21 @@ export class FrameDecoder {
           if (this.dataBytes > replicationDataBytesMax) {
             this.fail(`data of ${this.dataBytes} bytes > ${replicationDataBytesMax}`, { dataBytes: this.dataBytes });
           }
-          this.crcWanted = p.readUInt32BE(12);
-          this.crcPrefix = crc32c(p.subarray(0, 12));
+          if (v1) {
+            this.prefixBytes = framePrefixBytesV1;
+            this.crcWanted = p.readUInt32BE(12);
+            this.crcPrefix = crc32c(p.subarray(0, 12));
+            this.state = 'msg';
+          } else {
+            this.prefixBytes = framePrefixBytes;
+            this.crcPrefix = 0;
+            this.state = 'msgCrc';
+          }
+          break;
+        }
+        case 'msgCrc': {
+          if (q.length < 4) return;
+          this.crcWanted = q.take(4).readUInt32BE(0);
           this.state = 'msg';
           break;
         }

@@ -754,6 +754,11 @@ export class VolumeEngine {
     return this.validity.bytesUsed() + this.changeLog.pending().bytesUsed();
   }
 
+  /** Blocks that may hold data (0: nothing was ever written, or all of it was zeroed). */
+  validBlockCount(): number {
+    return this.validity.count();
+  }
+
   /** The validity bitmap (tests, status). */
   validBlocks(): PagedBitmap {
     return this.validity.clone();

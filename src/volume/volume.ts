@@ -466,6 +466,11 @@ export class Volume {
     return this.engine.changeLog.pending();
   }
 
+  /** Whether any block may hold data (a volume never written holds none). */
+  hasData(): boolean {
+    return this.engine.validBlockCount() > 0;
+  }
+
   /** Blocks to copy and to zero that turn a copy of snapshot `from` into snapshot `to`. */
   differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap } {
     return this.engine.differential(from, to);

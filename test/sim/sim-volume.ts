@@ -193,6 +193,10 @@ export class SimVolume implements HostedVolume {
     return this.engine.changeLog.pending();
   }
 
+  hasData(): boolean {
+    return this.engine.validBlockCount() > 0;
+  }
+
   /** The whole snapshot as an export of it reads. */
   readSnapshotAll(name: string): Buffer {
     const s = this.snapshot(name);

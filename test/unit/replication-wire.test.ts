@@ -10,6 +10,7 @@ import {
   chunkChecksum,
   encodeFrame,
   FRAME_MAGIC,
+  FRAME_MAGIC_V1,
   FrameDecoder,
   framePrefixBytes,
   replicationDataBytesMax,
@@ -157,14 +158,28 @@ function expectSame(got: Frame[], want: Sample[]): void {
   }
 }
 
-// A frame built by hand, bypassing encodeFrame's checks, with a valid checksum.
+// A frame built by hand, bypassing encodeFrame's checks, with valid checksums.
 const rawPackr = new Packr({ useRecords: false });
-function rawFrame(msg: unknown, data: Buffer = Buffer.alloc(0), over: { msgBytes?: number; dataBytes?: number } = {}): Buffer {
-  const body = Buffer.from(rawPackr.pack(msg));
+function rawPrefix(body: Buffer, dataBytes: number, over: { msgBytes?: number; dataBytes?: number } = {}): Buffer {
   const p = Buffer.alloc(framePrefixBytes);
   p.writeUInt32BE(FRAME_MAGIC, 0);
   p.writeUInt32BE(over.msgBytes ?? body.length, 4);
-  p.writeUInt32BE(over.dataBytes ?? data.length, 8);
+  p.writeUInt32BE(over.dataBytes ?? dataBytes, 8);
+  p.writeUInt32BE(crc32c(p.subarray(0, 12)), 12);
+  p.writeUInt32BE(crc32c(body), 16);
+  return p;
+}
+function rawFrame(msg: unknown, data: Buffer = Buffer.alloc(0), over: { msgBytes?: number; dataBytes?: number } = {}): Buffer {
+  const body = Buffer.from(rawPackr.pack(msg));
+  return Buffer.concat([rawPrefix(body, data.length, over), body, data]);
+}
+/** A frame as version 0.1 wrote it ('DVR1', one checksum over the 16-byte prefix and the message). */
+function v1Frame(msg: unknown, data: Buffer = Buffer.alloc(0)): Buffer {
+  const body = Buffer.from(rawPackr.pack(msg));
+  const p = Buffer.alloc(16);
+  p.writeUInt32BE(FRAME_MAGIC_V1, 0);
+  p.writeUInt32BE(body.length, 4);
+  p.writeUInt32BE(data.length, 8);
   p.writeUInt32BE(crc32c(body, crc32c(p.subarray(0, 12))), 12);
   return Buffer.concat([p, body, data]);
 }
@@ -380,6 +395,25 @@ describe('replication wire: damage', () => {
 });
 
 describe('replication wire: limits and malformed messages', () => {
+  it('reads frames of version 0.1 (an outbound log may hold them), and refuses them damaged', () => {
+    const s = chunkSample(9, 1, [[3, 2]], 512);
+    const old = v1Frame(s.msg, Buffer.concat(s.data));
+    expectSame(decodeAll([old]), [s]);
+    const bad = Buffer.from(old);
+    bad[20]! ^= 0x10; // in the message
+    expectBadStream(() => decodeAll([bad]));
+  });
+
+  it('a damaged length is refused as soon as the prefix arrives, not after the bogus length', () => {
+    const frame = frameBytes(EVERY_TYPE.find((x) => x.msg.t === 'ping')!);
+    for (const byte of [4, 5, 6, 7, 8, 9, 10, 11]) {
+      const bad = Buffer.from(frame);
+      bad[byte]! ^= 0x04;
+      const d = new FrameDecoder(() => {});
+      expectBadStream(() => d.push(bad.subarray(0, 16)));
+    }
+  });
+
   it('refuses oversize lengths as soon as the prefix arrives', () => {
     const ping = { t: 'ping', atMs: 1 };
     for (const over of [{ msgBytes: replicationMsgBytesMax + 1 }, { dataBytes: replicationDataBytesMax + 1 }, { msgBytes: 0 }, { msgBytes: 0xffffffff }]) {
@@ -473,11 +507,7 @@ describe('replication wire: limits and malformed messages', () => {
     // The message must be exactly one msgpack value.
     const ping = rawPackr.pack({ t: 'ping', atMs: 1 });
     for (const body of [Buffer.concat([ping, Buffer.from([0xc0])]), ping.subarray(0, ping.length - 1), Buffer.from([0xc1])]) {
-      const p = Buffer.alloc(framePrefixBytes);
-      p.writeUInt32BE(FRAME_MAGIC, 0);
-      p.writeUInt32BE(body.length, 4);
-      p.writeUInt32BE(crc32c(body, crc32c(p.subarray(0, 12))), 12);
-      expectBadStream(() => decodeAll([p, body]));
+      expectBadStream(() => decodeAll([rawPrefix(body, 0), body]));
     }
   });
 
