@@ -64,7 +64,7 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
   },
   'no-resync-after-planned': {
     what: 'an old primary that diverged after a planned takeover (unfenced while its handover was offered and the replica had committed) can never be resynced: the new primary refuses "did not fail over from another primary" (resync.ts offer() accepts only an unplanned failover record)',
-    fixedIn: 'HEAD',
+    fixedIn: '5c77102',
   },
   'activity-log-livelock': {
     what: 'activity log livelock: concurrent writers that together need more extents than the hot set holds, each needing one hot and one cold extent, evict each other forever (activity-log.ts commitExtents evicts the hot half of every waiting writer)',
@@ -80,11 +80,11 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
   },
   'unfence-offered-handover': {
     what: 'unfence calls off a handover the primary had already offered: the primary takes writes again while the offer is still on its way, the replica commits the takeover later and becomes the primary without those writes, reporting lostWrites 0 (handover.ts unfence() on an offered handover; the old primary then cannot be resynced either, see no-resync-after-planned)',
-    fixedIn: 'HEAD',
+    fixedIn: '5c77102',
   },
   'frame-length-stall': {
     what: 'a flipped bit in a frame\'s length field stalls the link: the prefix checksum is checked only once msgBytes (up to 1 MiB) or dataBytes (up to 16 MiB) bytes arrived (wire.ts FrameDecoder), and the heartbeat counts raw bytes as life (link.ts), so the peer\'s pings keep the dead stream "alive" while nothing is decoded, acknowledged or played for many minutes (seed 201761: msgBytes 262168)',
-    fixedIn: 'HEAD',
+    fixedIn: '5c77102',
   },
   'equal-generation-split': {
     what: 'two replicas of one primary that fail over independently (three nodes) both become generation g+1: neither is newer, so neither fences the other and resync refuses both ways ("not newer"); only deleting one copy and adding it again (a full copy) reunites them (generations carry no tiebreaker)',
