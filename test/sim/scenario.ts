@@ -87,7 +87,7 @@ export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = 
     fixedIn: '5c77102',
   },
   'equal-generation-split': {
-    what: 'two replicas of one primary that fail over independently (three nodes) both become generation g+1: neither is newer, so neither fences the other and resync refuses both ways ("not newer"); only deleting one copy and adding it again (a full copy) reunites them (generations carry no tiebreaker)',
+    what: 'two replicas of one primary that fail over independently (three nodes) both become generation g+1: neither is newer and they share no pair, so neither fences the other (generations carry no tiebreaker; since 5c77102 the operator can resync one from the other, by a full copy, instead of deleting it)',
   },
   'report-tick': {
     what: 'failover report: the oldest unshipped write is up to one replicator tick (100 ms) older than the reported atRiskSinceMs (replicator.ts tick() notes the first change when it sees it)',
