@@ -18,6 +18,7 @@ import { fileStoreData } from './file-store-data.js';
 import { validateVolumeName, type VolumeMeta } from './volume-meta.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { DiffHeader, DiffRun } from '../snapshot/diff-stream.js';
+import { WriteGate, type WriteAccess } from './write-gate.js';
 
 export const META_FILE = 'volume.json';
 export const DATA_FILE = 'data.img';
@@ -36,15 +37,7 @@ export interface ReadOverlay {
   readBlock(b: number, inBlock: number, target: Buffer, offset: number, n: number): boolean;
 }
 
-/**
- * What clients may do with the volume's data, decided outside the volume (by the
- * replication role): write, wait (a planned handover holds writes for a moment), or get
- * EPERM with a reason (a replica, a fenced old primary).
- */
-export type WriteAccess = { mode: 'open' } | { mode: 'hold'; reason: string } | { mode: 'refuse'; code: string; reason: string };
-const OPEN: WriteAccess = { mode: 'open' };
-/** A held write fails with EIO after this long (the hold was never lifted). */
-export const writeHoldMsMax = 60_000;
+export type { WriteAccess } from './write-gate.js';
 
 export interface VolumeIoOptions {
   syncIoBytesMax: number;
@@ -60,11 +53,8 @@ export class Volume {
   private overlay: ReadOverlay | null = null;
   private readsInFlight = 0;
   private readonly readWaiters: (() => void)[] = [];
-  private access: WriteAccess = OPEN;
-  private readonly accessWaiters: (() => void)[] = [];
-  /** Client writes, trims and zeroings still running (asynchronous ones). */
-  private writesRunning = 0;
-  private readonly idleWaiters: (() => void)[] = [];
+  /** Who may write (the replication role decides), and which client writes still run. */
+  private readonly gate: WriteGate;
 
   private constructor(
     readonly dir: string,
@@ -75,6 +65,7 @@ export class Volume {
     readonly engine: VolumeEngine,
   ) {
     assert(store.sizeBytes === meta.sizeBytes, `data file size ${store.sizeBytes} ≠ metadata size ${meta.sizeBytes}`);
+    this.gate = new WriteGate(meta.name);
   }
 
   /**
@@ -117,14 +108,14 @@ export class Volume {
   }
   /** Clients get a read-only export: set so by the operator, or refused by the role. */
   get readOnly(): boolean {
-    return this.meta.readOnly || this.access.mode === 'refuse';
+    return this.meta.readOnly || this.gate.refusing;
   }
   /** The operator's own read-only setting (`volume set --read-only`). */
   get readOnlySetting(): boolean {
     return this.meta.readOnly;
   }
   get writeAccess(): WriteAccess {
-    return this.access;
+    return this.gate.current;
   }
   get description(): string {
     return this.meta.description;
@@ -166,41 +157,23 @@ export class Volume {
   private checkWritable(): Promise<void> | undefined {
     if (this.meta.readOnly) throw systemError('EPERM', `volume ${this.name} is read-only`);
     if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
-    const a = this.access;
-    if (a === OPEN) return undefined;
-    if (a.mode === 'refuse') throw systemError('EPERM', `volume ${this.name} is read-only: ${a.reason}`);
-    if (a.mode === 'hold') {
-      return new Promise<void>((resolve, reject) => {
-        const t = setTimeout(() => reject(systemError('EIO', `volume ${this.name}: write held for ${writeHoldMsMax / 1000} s (${a.reason})`)), writeHoldMsMax);
-        t.unref();
-        this.accessWaiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
-    return undefined;
+    return this.gate.check();
   }
 
   /** Sets what clients may do (the replication role decides). Held writes go on, or fail, at once. */
   setWriteAccess(a: WriteAccess): void {
-    this.access = a.mode === 'open' ? OPEN : a;
-    for (const w of this.accessWaiters.splice(0)) w();
+    this.gate.set(a);
   }
 
   /** Resolves when no client write is running (held and refused ones do not count). */
   writesIdle(): Promise<void> {
-    if (this.writesRunning === 0) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.gate.idle();
   }
 
   private track(r: void | Promise<void>): void | Promise<void> {
-    if (!(r instanceof Promise)) return r;
-    this.writesRunning++;
-    return r.finally(() => {
-      if (--this.writesRunning === 0) for (const w of this.idleWaiters.splice(0)) w();
-    });
+    return this.gate.track(r);
   }
+
 
   /**
    * Reads go straight to the file: the engine changes what is written, not how it is read.
@@ -352,7 +325,7 @@ export class Volume {
    * Refused while clients are connected to the volume (their caches would be wrong) unless force.
    */
   restoreSnapshot(name: string, force: boolean): Promise<{ blocksWritten: number; blocksZeroed: number }> {
-    if (this.checkWritable()) throw new DeltavolError('VOLUME_BUSY', `volume ${this.name}: writes are held (${(this.access as { reason: string }).reason})`);
+    if (this.checkWritable()) throw new DeltavolError('VOLUME_BUSY', `volume ${this.name}: writes are held (${(this.gate.current as { reason: string }).reason})`);
     this.snapshot(name);
     // Readers of snapshot exports are unaffected (snapshots keep their content); only
     // clients of the volume itself would hold stale caches.

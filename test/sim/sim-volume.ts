@@ -2,16 +2,17 @@
 // (src/replication/ports.ts). In production those are Volume objects over a real file
 // and the daemon's registry; the simulator needs the same behaviour over simulated
 // disks and virtual time. SimVolume runs the real VolumeEngine on LatentFs/LatentData and
-// mirrors Volume's semantics where Volume cannot be used as it is (it opens real files
-// and its write-hold timeout is a real setTimeout): write access open / hold (writes
-// wait, EIO after writeHoldMsMax) / refuse (EPERM), the read overlay of a replica's
-// playback, writesIdle. SimHost is one node incarnation's volumes; it dies with it.
+// the real WriteGate (write access open / hold / refuse, writesIdle) on the node's virtual
+// clock, and mirrors what Volume adds where Volume cannot be used as it is (it opens real
+// files): the read overlay of a replica's playback. SimHost is one node incarnation's
+// volumes; it dies with it.
 
 import { forEachBlockSlice } from '../../src/util/block-slices.js';
 import { DeltavolError, systemError } from '../../src/util/errors.js';
 import type { DurableFs } from '../../src/util/durable-fs.js';
 import { VolumeEngine, type BuildOptions, type DeltaSink } from '../../src/volume/volume-engine.js';
-import { writeHoldMsMax, type ReadOverlay, type WriteAccess } from '../../src/volume/volume.js';
+import type { ReadOverlay } from '../../src/volume/volume.js';
+import { WriteGate, type WriteAccess } from '../../src/volume/write-gate.js';
 import { validateVolumeName } from '../../src/volume/volume-meta.js';
 import type { SnapshotInfo } from '../../src/snapshot/snapshot-queue.js';
 import type { PagedBitmap } from '../../src/bitmap/paged-bitmap.js';
@@ -22,8 +23,6 @@ import { PagedFs } from './paged-fs.js';
 import { LatentData, LatentFs, type DiskOptions, type NodeStore, type VolumeDisks } from './disk.js';
 import type { SimTime } from './time.js';
 
-const OPEN: WriteAccess = { mode: 'open' };
-
 /** Engine settings the seed picks (small extents and turns reach more of the engine's paths). */
 export interface EngineTuning {
   activityExtentBlocks: number;
@@ -33,11 +32,8 @@ export interface EngineTuning {
 
 export class SimVolume implements HostedVolume {
   private overlay: ReadOverlay | null = null;
-  private access: WriteAccess = OPEN;
-  private readonly accessWaiters: (() => void)[] = [];
-  private writesRunning = 0;
-  private readonly idleWaiters: (() => void)[] = [];
-  /** Client writes refused (EPERM) and held so far, for the trace. */
+  private readonly gate: WriteGate;
+  /** Client writes refused (EPERM) so far, for the trace. */
   refused = 0;
 
   constructor(
@@ -47,7 +43,9 @@ export class SimVolume implements HostedVolume {
     readonly engine: VolumeEngine,
     private readonly data: LatentData,
     private readonly clock: Clock,
-  ) {}
+  ) {
+    this.gate = new WriteGate(name, (ms, fn) => clock.after(ms, fn));
+  }
 
   get blockBytes(): number {
     return this.engine.blockBytes;
@@ -56,7 +54,7 @@ export class SimVolume implements HostedVolume {
     return this.engine.blocksTotal;
   }
   get writeAccess(): WriteAccess {
-    return this.access;
+    return this.gate.current;
   }
   get overlayActive(): boolean {
     return this.overlay !== null;
@@ -70,38 +68,25 @@ export class SimVolume implements HostedVolume {
 
   /** A client write, as Volume.write does it; `onIssue` runs when its data goes to the engine. */
   clientWrite(offset: number, data: Buffer, onIssue: () => void): Promise<void> {
-    const a = this.access;
-    if (a.mode === 'refuse') {
+    let wait: Promise<void> | undefined;
+    try {
+      wait = this.gate.check();
+    } catch (e) {
       this.refused++;
-      return Promise.reject(systemError('EPERM', `volume ${this.name} is read-only: ${a.reason}`));
+      return Promise.reject(e as Error);
     }
-    if (a.mode === 'hold') {
-      return new Promise<void>((resolve, reject) => {
-        const cancel = this.clock.after(writeHoldMsMax, () => reject(systemError('EIO', `volume ${this.name}: write held for ${writeHoldMsMax / 1000} s (${a.reason})`)));
-        this.accessWaiters.push(() => {
-          cancel();
-          resolve();
-        });
-      }).then(() => this.clientWrite(offset, data, onIssue));
-    }
+    if (wait) return wait.then(() => this.clientWrite(offset, data, onIssue));
     this.checkRange(offset, data.length);
     onIssue();
-    const r = this.engine.write(offset, [data]);
-    if (!(r instanceof Promise)) return Promise.resolve();
-    this.writesRunning++;
-    return r.finally(() => {
-      if (--this.writesRunning === 0) for (const w of this.idleWaiters.splice(0)) w();
-    });
+    return Promise.resolve(this.gate.track(this.engine.write(offset, [data])));
   }
 
   setWriteAccess(a: WriteAccess): void {
-    this.access = a.mode === 'open' ? OPEN : a;
-    for (const w of this.accessWaiters.splice(0)) w();
+    this.gate.set(a);
   }
 
   writesIdle(): Promise<void> {
-    if (this.writesRunning === 0) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.gate.idle();
   }
 
   read(offset: number, length: number, target: Buffer): void {
