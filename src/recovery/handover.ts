@@ -159,7 +159,23 @@ async function prepareHandover(ctx: RecoveryContext, volume: string, p: PairReco
 async function completeHandover(ctx: RecoveryContext, volume: string, takenOverAtMs?: number): Promise<void> {
   const role = ctx.role(volume);
   const h = role.state.handover;
+  // (The commit and the new primary's hello may both say so: the first one does it, the
+  // second waits for it.)
+  let busy = completing.get(ctx);
+  if (!busy) completing.set(ctx, (busy = new Map()));
+  const running = busy.get(volume);
+  if (running) return running;
   if (!h) return;
+  const p = completeHandoverOnce(ctx, volume, h, takenOverAtMs).finally(() => busy.delete(volume));
+  busy.set(volume, p);
+  return p;
+}
+
+/** Handovers being completed, per node and volume. */
+const completing = new WeakMap<RecoveryContext, Map<string, Promise<void>>>();
+
+async function completeHandoverOnce(ctx: RecoveryContext, volume: string, h: HandoverRecord, takenOverAtMs: number | undefined): Promise<void> {
+  const role = ctx.role(volume);
   const pair = role.pairs.find((x) => x.id === h.pairId)!;
   const upstream: UpstreamRecord = {
     pairId: h.newPairId,
