@@ -13,9 +13,10 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+import { root, kit, liveChildren, log, die, cleanups, cleanupAll, run, sleep, tail, snapshotBuild as snapshotLibBuild } from './bench-lib.mjs';
+
+kit.name = 'bench';
 // Set by snapshotBuild(): the daemon runs from a private copy of dist/, so a rebuild by
 // someone else in this shared tree cannot mix two builds into one run.
 let cliMain = path.join(root, 'dist/cli/main.js');
@@ -123,65 +124,7 @@ function parseSize(s) {
   return Number(m[1]) * mult;
 }
 
-// ---- process bookkeeping: everything started is stopped on every exit path ---------------
-
-const cleanups = []; // LIFO
-let cleaningUp = false;
-
-async function cleanupAll() {
-  if (cleaningUp) return;
-  cleaningUp = true;
-  while (cleanups.length) {
-    const fn = cleanups.pop();
-    try { await fn(); } catch (e) { log(`cleanup: ${e.message}`); }
-  }
-}
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
-  process.on(sig, () => {
-    log(`${sig}: stopping servers and removing work files`);
-    cleanupAll().finally(() => process.exit(130));
-  });
-}
-process.on('exit', () => {
-  // Last resort if something threw past main(): kill whatever is still registered.
-  for (const p of liveChildren) try { p.kill('SIGKILL'); } catch {}
-});
-const liveChildren = new Set();
-
-function log(msg) {
-  process.stderr.write(`bench: ${msg}\n`);
-}
-function die(msg) {
-  log(`ERROR: ${msg}`);
-  process.exit(2);
-}
-
-/** Runs a command to completion; rejects on non-zero exit or timeout. */
-function run(cmd, args, { timeoutMs = 120_000, stdio = ['ignore', 'pipe', 'pipe'] } = {}) {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { stdio });
-    liveChildren.add(p);
-    let out = '';
-    let err = '';
-    p.stdout?.on('data', (d) => (out += d));
-    p.stderr?.on('data', (d) => (err += d));
-    const timer = setTimeout(() => {
-      log(`${cmd} took longer than ${timeoutMs / 1000} s; killing it`);
-      p.kill('SIGKILL');
-    }, timeoutMs);
-    p.on('error', (e) => { clearTimeout(timer); liveChildren.delete(p); reject(e); });
-    p.on('close', (code, signal) => {
-      clearTimeout(timer);
-      liveChildren.delete(p);
-      if (code === 0) resolve({ out, err });
-      else reject(new Error(`${cmd} ${args.join(' ')} failed (${signal ?? code}): ${(err || out).trim().slice(-2000)}`));
-    });
-  });
-}
-
-function sleep(ms) {
-  return new Promise((r) => setTimeout(r, ms));
-}
+// ---- process bookkeeping: scripts/bench-lib.mjs stops everything started on every exit path
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -224,9 +167,6 @@ async function waitFor(what, fn, timeoutMs, server) {
   }
 }
 
-function tail(file, n = 20) {
-  try { return fs.readFileSync(file, 'utf8').trim().split('\n').slice(-n).join('\n'); } catch { return ''; }
-}
 
 // ---- /proc readings ------------------------------------------------------------------------
 
@@ -270,22 +210,11 @@ function rssSampler(pid) {
 
 // ---- the build under test -------------------------------------------------------------
 
-/**
- * Copies dist/, package.json and the native addon to <repo>/.bench/build-XXXX/ (inside the repo so
- * node_modules and package.json's "type": "module" still resolve) and points cliMain
- * there. native.ts finds the addon at ../../build/Release/ from dist/storage/.
- */
+/** Runs the daemon from bench-lib's private copy of dist/ and notes when that build was made. */
 function snapshotBuild() {
-  const dir = fs.mkdtempSync(path.join(root, '.bench', 'build-'));
-  cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
-  fs.cpSync(path.join(root, 'dist'), path.join(dir, 'dist'), { recursive: true });
-  fs.copyFileSync(path.join(root, 'package.json'), path.join(dir, 'package.json')); // the CLI reads its version
-  fs.mkdirSync(path.join(dir, 'build/Release'), { recursive: true });
-  for (const f of fs.readdirSync(path.join(root, 'build/Release')).filter((n) => n.endsWith('.node'))) {
-    fs.copyFileSync(path.join(root, 'build/Release', f), path.join(dir, 'build/Release', f));
-  }
-  cliMain = path.join(dir, 'dist/cli/main.js');
-  return { dir, builtAt: fs.statSync(path.join(root, 'dist/cli/main.js')).mtime.toISOString() };
+  const builtAt = fs.statSync(path.join(root, 'dist/cli/main.js')).mtime.toISOString();
+  cliMain = snapshotLibBuild();
+  return { builtAt };
 }
 
 // ---- servers -------------------------------------------------------------------------------
