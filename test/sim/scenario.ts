@@ -110,6 +110,8 @@ export interface ScenarioStats {
   takeovers: number;
   resyncs: number;
   fullResyncs: number;
+  /** `cut --snapshot` refused (e.g. SAVE_AREA_FULL): each checked to leave no snapshot. */
+  cutSnapshotsRefused: number;
   unfences: number;
   checks: number;
   flips: number;
@@ -207,6 +209,7 @@ export class Scenario {
     takeovers: 0,
     resyncs: 0,
     fullResyncs: 0,
+    cutSnapshotsRefused: 0,
     unfences: 0,
     checks: 0,
     flips: 0,
@@ -783,7 +786,13 @@ export class Scenario {
 
   // ================= operator commands =================
 
-  private startOp(n: SimNode, kind: string, run: (svc: ReplicationService) => Promise<unknown> | unknown, done?: (r: unknown) => void): void {
+  private startOp(
+    n: SimNode,
+    kind: string,
+    run: (svc: ReplicationService) => Promise<unknown> | unknown,
+    done?: (r: unknown) => void,
+    failed?: (code: string) => void,
+  ): void {
     const svc = n.service;
     const inc = n.inc;
     if (!svc || !inc || this.ops.has(n.name)) return;
@@ -812,6 +821,7 @@ export class Scenario {
       const e = x.e;
       const code = e?.code ?? (e as Error)?.name;
       this.log(`${n.name}: ${kind} failed: ${code}: ${e?.message}`);
+      if (failed && e && typeof e.code === 'string') failed(e.code);
       if (kind === 'resync' && e?.message?.includes('did not fail over from another primary')) {
         const target = this.newestPrimary(n);
         const ps = target ? this.roles.get(target.name) : null;
@@ -867,7 +877,19 @@ export class Scenario {
         add(w.cutSnapshot, `cut+snapshot ${n.name}`, () => {
           const name = this.snapshotName();
           const since = this.now;
-          this.startOp(n, `cut --snapshot ${name}`, (svc) => svc.cut(this.vol(n), name), () => this.expectSnapshot(n, name, 'cut snapshot', since));
+          this.startOp(
+            n,
+            `cut --snapshot ${name}`,
+            (svc) => svc.cut(this.vol(n), name),
+            () => this.expectSnapshot(n, name, 'cut snapshot', since),
+            // The operator asked for a restart point: a refusal must not leave one behind
+            // (a snapshot stamped with a set that does not carry everything before it).
+            (code) => {
+              this.stats.cutSnapshotsRefused++;
+              const v = n.inc && !n.inc.dead ? n.inc.volume(this.vol(n)) : undefined;
+              if (v?.snapshots().some((x) => x.name === name)) this.fail(`${n.name}: cut --snapshot ${name} failed (${code}) yet left the snapshot behind`);
+            },
+          );
         });
       }
       if (svcFree) {
