@@ -13,6 +13,8 @@ packages=(
   libnbd-bin python3-libnbd qemu-utils fio nbd-client
   # comparison server for scripts/bench
   nbdkit
+  # TLS keys and certificates for the NBD and replication TLS tests (psktool, certtool)
+  gnutls-bin
   # kernel tests (native-test/): a Debian kernel with nbd.ko booted under TCG
   qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs xfsprogs cpio lz4 kmod xz-utils
   # two-node drills: network namespaces, and the Docker drill (docker/drill.sh builds its
