@@ -62,7 +62,7 @@ export function upgradeToTls(raw: Socket, cfg: TlsServerConfig): Promise<TlsPeer
         client = pskIdentity;
       } else if (cfg.verifyPeer) {
         const cert = socket.getPeerX509Certificate();
-        if (!cert) return refuse(socket, 'the client sent no certificate (--tls-verify-peer)');
+        if (!cert) return refuse(socket, 'the client sent no certificate (--tls-verify-peer; clients send one only if a CA in --tls-ca signed it)');
         if (!socket.authorized) return refuse(socket, `client certificate "${subjectDn(cert)}" refused: ${String(socket.authorizationError)}`);
         client = subjectDn(cert);
         if (cfg.authz.length > 0 && authorizedName(cert, cfg.authz) === null) {
