@@ -134,6 +134,7 @@ export function loadTlsConfig(s: TlsSettings): TlsServerConfig | null {
     if (bytes.length > pskFileBytesMax) fail(`--tls-psk ${s.pskFile} is larger than ${pskFileBytesMax} bytes`);
     const keys = parsePskFile(bytes.toString('utf8'), s.pskFile);
     if (othersCanRead(s.pskFile)) warnings.push(`--tls-psk ${s.pskFile} is readable by group or others (chmod 600 it)`);
+    if (s.mode === 'on') warnings.push('--tls on: keys are checked only for clients that start TLS; plain clients are served without one (use --tls require)');
     return {
       mode: s.mode,
       credentials: 'psk',
@@ -161,6 +162,7 @@ export function loadTlsConfig(s: TlsSettings): TlsServerConfig | null {
   const key = readFile(s.keyFile, '--tls-key');
   const ca = s.caFile ? readFile(s.caFile, '--tls-ca') : undefined;
   if (othersCanRead(s.keyFile)) warnings.push(`--tls-key ${s.keyFile} is readable by group or others (chmod 600 it)`);
+  if (verifyPeer && s.mode === 'on') warnings.push('--tls on: client certificates are checked only for clients that start TLS; plain clients skip the check (use --tls require)');
   const options: tls.TlsOptions = {
     ...base,
     cert,
