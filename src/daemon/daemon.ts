@@ -400,7 +400,7 @@ export class Daemon {
       daemon: this.info,
       uptimeSeconds: Math.round((Date.now() - this.startedMs) / 1000),
       defaultExport: this.defaultExport ?? null,
-      connections: [...this.nbd.connections].map((c) => ({ export: c.exportName, inflight: c.inflight, tls: c.tlsActive, ...c.stats })),
+      connections: [...this.nbd.connections].map((c) => ({ export: c.exportName, inflight: c.inflight, tls: c.tlsActive, tlsClient: c.tlsClient, ...c.stats })),
       volumes: this.registry.list().map((v) => this.volumeJson(v)),
     };
   }

@@ -214,6 +214,9 @@ describe('NBD TLS with X.509 (--tls require --tls-verify-peer --tls-authz alice)
     try {
       secure.write(RawNbd.option(OPT.GO, RawNbd.goData('vol')));
       expect((await secure.goReplies()).size).toBe(BigInt(16 * MiB));
+      // status names the connection's TLS client
+      const st = await x509.api<{ connections: { export: string | null; tls: boolean; tlsClient: string | null }[] }>('GET', '/v1/status');
+      expect(st.connections).toContainEqual(expect.objectContaining({ export: 'vol', tls: true, tlsClient: 'CN=alice,O=deltavol test,C=GB' }));
     } finally {
       secure.destroy();
       plain.destroy();
