@@ -155,8 +155,6 @@ export class Connection {
     const raw = this.socket;
     const tlsConfig = this.tls!;
     raw.pause();
-    const last = out.length - 1;
-    out.forEach((b, i) => (i === last ? raw.write(b, () => upgrade()) : raw.write(b)));
     const upgrade = () => {
       if (this.state !== 'handshake' || raw.destroyed) return;
       this.detach(raw);
@@ -180,6 +178,9 @@ export class Connection {
         },
       );
     };
+    // The upgrade waits until the ACK has been handed to the kernel, in the clear.
+    const last = out.length - 1;
+    out.forEach((b, i) => (i === last ? raw.write(b, () => upgrade()) : raw.write(b)));
   }
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
