@@ -88,6 +88,13 @@ export function buildProgram(): Command {
     .option('--repl-advertise <host:port>', 'replication address peers dial back after a resync or a handover (default: the address they see, on --repl-port)')
     .option('--outbound-size <size>', 'outbound save area per replicated volume (delta sets waiting for their replicas)', String(outboundBytesDefault))
     .option('--playback-delay <duration>', 'a replica plays a complete delta set after this delay', '0ms')
+    .addOption(new Option('--tls <mode>', 'NBD TLS (NBD_OPT_STARTTLS): off; on (clients may upgrade); require (every option but STARTTLS refused before TLS)').choices(['off', 'on', 'require']).default('off'))
+    .option('--tls-cert <file>', 'NBD TLS: server certificate (PEM; may hold the chain)')
+    .option('--tls-key <file>', 'NBD TLS: private key of --tls-cert (PEM)')
+    .option('--tls-ca <file>', 'NBD TLS: CA certificate(s) that sign client certificates (PEM)')
+    .option('--tls-verify-peer', 'NBD TLS: require a client certificate signed by --tls-ca')
+    .option('--tls-authz <names>', 'NBD TLS: allowed client certificates, comma-separated subject CNs; a value with "=" is one whole subject DN (CN=a,O=b); repeatable; implies --tls-verify-peer', (v: string, prev: string[] = []) => [...prev, ...(v.includes('=') ? [v] : v.split(','))])
+    .option('--tls-psk <file>', 'NBD TLS: pre-shared keys, one IDENTITY:HEXKEY a line (psktool format), instead of certificates')
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
@@ -120,6 +127,15 @@ export function buildProgram(): Command {
           replPort: port(opts.replPort, '--repl-port'),
           outboundBytes: size(opts.outboundSize),
           playbackDelayMs: parseDurationMs(opts.playbackDelay),
+          nbdTls: {
+            mode: opts.tls,
+            certFile: opts.tlsCert,
+            keyFile: opts.tlsKey,
+            caFile: opts.tlsCa,
+            verifyPeer: Boolean(opts.tlsVerifyPeer),
+            authz: opts.tlsAuthz ?? [],
+            pskFile: opts.tlsPsk,
+          },
           ...(opts.replAdvertise ? { replAdvertiseHost: parseHostPort(opts.replAdvertise).host, replAdvertisePort: parseHostPort(opts.replAdvertise).port } : {}),
         },
         log,
@@ -352,7 +368,7 @@ export function buildProgram(): Command {
         return;
       }
       type Status = {
-        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number; replHost: string; replPort: number };
+        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number; replHost: string; replPort: number; nbdTls?: { mode: string; credentials: string | null; verifyPeer: boolean; authz: string[] } };
         uptimeSeconds: number;
         defaultExport: string | null;
         connections: { export: string | null; inflight: number; requests: number }[];
@@ -365,6 +381,7 @@ export function buildProgram(): Command {
         const lines = [
           `deltavol ${d.version}, pid ${d.pid}, up ${s.uptimeSeconds} s`,
           `NBD: nbd://${d.nbdHost}:${d.nbdPort}/${d.socketPath ? `  unix: ${d.socketPath}` : ''}   control: port ${d.controlPort}   replication: ${d.replHost}:${d.replPort}`,
+          `NBD TLS: ${nbdTlsLine(d.nbdTls)}`,
           `default export: ${s.defaultExport ?? '(none)'}`,
           `connections: ${s.connections.length}`,
           '',
@@ -382,6 +399,12 @@ export function buildProgram(): Command {
     });
 
   return program;
+}
+
+function nbdTlsLine(t: { mode: string; credentials: string | null; verifyPeer: boolean; authz: string[] } | undefined): string {
+  if (!t || t.mode === 'off') return 'off';
+  const who = t.credentials === 'psk' ? 'PSK' : t.verifyPeer ? `X.509, client certificates verified${t.authz.length ? `, allowed: ${t.authz.join('; ')}` : ''}` : 'X.509';
+  return `${t.mode} (${who})`;
 }
 
 function exitCodeFor(e: unknown): number {

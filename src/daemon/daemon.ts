@@ -12,6 +12,7 @@ import { shutdownDrainMs } from '../util/limits.js';
 import { VolumeRegistry } from '../volume/registry.js';
 import type { Volume } from '../volume/volume.js';
 import { NbdServer } from '../server/nbd-server.js';
+import { isLoopbackHost, loadTlsConfig, tlsSummary, type TlsServerConfig, type TlsSettings, type TlsSummary } from '../server/tls-config.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
@@ -46,6 +47,8 @@ export interface DaemonConfig {
   /** The replication address peers dial back (a resync, a handover); default: as they see us, on the bound port. */
   replAdvertiseHost?: string;
   replAdvertisePort?: number;
+  /** NBD TLS (NBD_OPT_STARTTLS); absent: off. */
+  nbdTls?: TlsSettings;
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -57,6 +60,8 @@ export interface DaemonInfo {
   socketPath: string | null;
   controlHost: string;
   controlPort: number;
+  /** NBD TLS mode and how clients authenticate. */
+  nbdTls: TlsSummary;
   replHost: string;
   replPort: number;
   startedAt: string;
@@ -75,6 +80,7 @@ export class Daemon {
   private defaultExport: string | undefined;
   private readonly startedMs = Date.now();
   private lockFd: number | null = null;
+  private readonly nbdTls: TlsServerConfig | null;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -90,9 +96,12 @@ export class Daemon {
       volumesLog,
     );
     this.defaultExport = config.defaultExport;
+    // Bad TLS files stop the daemon here, before anything listens.
+    this.nbdTls = loadTlsConfig(config.nbdTls ?? { mode: 'off' });
     this.nbd = new NbdServer(
       new VolumeCatalog(this.registry, () => this.defaultExport),
       log.child({ part: 'nbd' }),
+      this.nbdTls,
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     this.replication = new ReplicationService(
@@ -138,6 +147,7 @@ export class Daemon {
       socketPath: this.config.socketPath ?? null,
       controlHost: this.config.controlHost,
       controlPort,
+      nbdTls: tlsSummary(this.config.nbdTls?.mode ?? 'off', this.nbdTls),
       replHost: this.config.replHost,
       replPort,
       startedAt: new Date().toISOString(),
@@ -145,7 +155,24 @@ export class Daemon {
     writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
     const { pid: _pid, ...fields } = this.info; // pino already logs the pid
     this.log.info({ ...fields, defaultExport: this.defaultExport ?? null }, 'listening');
+    this.warnNbdTls();
     return this.info;
+  }
+
+  /** Start-up warnings about NBD exposure and credential files. */
+  private warnNbdTls(): void {
+    for (const w of this.nbdTls?.warnings ?? []) this.log.warn({ part: 'nbd' }, w);
+    const host = this.config.nbdHost;
+    if (isLoopbackHost(host)) return;
+    const mode = this.config.nbdTls?.mode ?? 'off';
+    if (mode === 'off') {
+      this.log.warn(
+        { nbdHost: host, tls: mode },
+        'NBD is served without TLS on a non-loopback address: anyone who can reach it can read and write every volume, in the clear (use --tls require)',
+      );
+    } else if (mode === 'on') {
+      this.log.warn({ nbdHost: host, tls: mode }, 'NBD on a non-loopback address with --tls on also serves clients that skip TLS (use --tls require)');
+    }
   }
 
   stop(): Promise<void> {
@@ -373,7 +400,7 @@ export class Daemon {
       daemon: this.info,
       uptimeSeconds: Math.round((Date.now() - this.startedMs) / 1000),
       defaultExport: this.defaultExport ?? null,
-      connections: [...this.nbd.connections].map((c) => ({ export: c.exportName, inflight: c.inflight, ...c.stats })),
+      connections: [...this.nbd.connections].map((c) => ({ export: c.exportName, inflight: c.inflight, tls: c.tlsActive, tlsClient: c.tlsClient, ...c.stats })),
       volumes: this.registry.list().map((v) => this.volumeJson(v)),
     };
   }

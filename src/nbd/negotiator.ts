@@ -1,7 +1,9 @@
 // Why: the fixed-newstyle handshake (doc/proto.md "Option haggling") as a pure state
 // machine: client bytes in, server bytes out, and finally either an opened export with
 // what was negotiated, or a reason to close. Never touches a socket, so every byte
-// boundary, option and error path is testable with buffers alone.
+// boundary, option and error path is testable with buffers alone. TLS (doc/proto.md "TLS
+// support") is a policy here too: the machine answers NBD_OPT_STARTTLS and says
+// `starttls`; the caller upgrades the socket and calls tlsStarted().
 
 import { ByteQueue } from '../util/byte-queue.js';
 import * as C from './constants.js';
@@ -24,14 +26,26 @@ export interface Negotiated {
   blockSizeAgreed: boolean;
   /** Transmission flags sent to the client. */
   transmissionFlags: number;
+  /** The session was upgraded with NBD_OPT_STARTTLS before transmission. */
+  tls: boolean;
 }
+
+/**
+ * The server's TLS policy, in the spec's words: `off` is NOTLS (STARTTLS answered
+ * NBD_REP_ERR_POLICY); `on` is SELECTIVETLS with no TLS-only export (a client may upgrade,
+ * plain clients are served); `require` is FORCEDTLS (every option but STARTTLS and ABORT
+ * answered NBD_REP_ERR_TLS_REQD until TLS is up, EXPORT_NAME closes the connection).
+ */
+export type TlsMode = 'off' | 'on' | 'require';
 
 export type NegotiationResult =
   | { kind: 'pending' }
   | { kind: 'done'; negotiated: Negotiated }
-  | { kind: 'close'; reason: string };
+  | { kind: 'close'; reason: string }
+  /** The STARTTLS ACK is in the output: send it, run the TLS handshake, then call tlsStarted(). */
+  | { kind: 'starttls' };
 
-type State = 'client-flags' | 'option-header' | 'option-data' | 'option-discard' | 'finished';
+type State = 'client-flags' | 'option-header' | 'option-data' | 'option-discard' | 'tls-wait' | 'finished';
 
 const ZEROES_124 = Buffer.alloc(124);
 
@@ -63,8 +77,35 @@ export class Negotiator {
   private discardLeft = 0;
   /** The last SET_META_CONTEXT: the export it named and the contexts it selected. */
   private selection: { exportName: string; contexts: string[] } | null = null;
+  /** TLS is up (the STARTTLS handshake finished). */
+  private tls = false;
 
-  constructor(private readonly catalog: ExportCatalog) {}
+  constructor(
+    private readonly catalog: ExportCatalog,
+    private readonly tlsMode: TlsMode = 'off',
+  ) {}
+
+  /** Whether TLS was started on this session. */
+  get tlsActive(): boolean {
+    return this.tls;
+  }
+
+  /**
+   * The caller finished the TLS handshake after a `starttls` result: option haggling goes
+   * on over TLS, and nothing negotiated before it survives (doc/proto.md NBD_OPT_STARTTLS).
+   */
+  tlsStarted(): void {
+    if (this.state !== 'tls-wait') throw new Error(`tlsStarted() in state ${this.state}`);
+    this.tls = true;
+    this.structured = false;
+    this.selection = null;
+    this.state = 'option-header';
+  }
+
+  /** Before TLS in FORCEDTLS mode: every option but STARTTLS and ABORT is refused. */
+  private get tlsRequired(): boolean {
+    return this.tlsMode === 'require' && !this.tls;
+  }
 
   /** The server's opening bytes. */
   greeting(): Buffer {
@@ -91,6 +132,11 @@ export class Negotiator {
     for (;;) {
       switch (this.state) {
         case 'finished':
+          return { kind: 'pending' };
+        case 'tls-wait':
+          // A client waits for the ACK before its TLS hello, and the caller stops reading
+          // until the upgrade; plaintext here would be read as if it came over TLS.
+          if (q.length > 0) return this.close('plaintext bytes after NBD_OPT_STARTTLS');
           return { kind: 'pending' };
         case 'client-flags': {
           if (q.length < 4) return { kind: 'pending' };
@@ -126,7 +172,8 @@ export class Negotiator {
         case 'option-discard': {
           this.discardLeft -= q.skip(this.discardLeft);
           if (this.discardLeft > 0) return { kind: 'pending' };
-          this.reply(this.option, C.REP_ERR_TOO_BIG, Buffer.from('option data too large'));
+          if (this.tlsRequired) this.error(this.option, C.REP_ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first');
+          else this.reply(this.option, C.REP_ERR_TOO_BIG, Buffer.from('option data too large'));
           this.state = 'option-header';
           break;
         }
@@ -135,6 +182,11 @@ export class Negotiator {
           const data = q.take(this.optionLength);
           this.state = 'option-header';
           const result = this.handleOption(this.option, data);
+          if (result?.kind === 'starttls' && q.length > 0) {
+            // Bytes pipelined behind STARTTLS were sent in the clear: never treat them as
+            // if they had come over TLS (the STARTTLS command-injection attack).
+            return this.close('plaintext bytes after NBD_OPT_STARTTLS');
+          }
           if (result) return result;
           break;
         }
@@ -165,7 +217,15 @@ export class Negotiator {
     if (!this.fixedNewstyle && option !== C.OPT_EXPORT_NAME) {
       return this.close(`option ${option} from a client without fixed newstyle`);
     }
+    if (this.tlsRequired && option !== C.OPT_STARTTLS && option !== C.OPT_ABORT) {
+      // EXPORT_NAME cannot be answered with an error, so it ends the session.
+      if (option === C.OPT_EXPORT_NAME) return this.close('NBD_OPT_EXPORT_NAME before TLS (TLS is required)');
+      this.error(option, C.REP_ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first');
+      return null;
+    }
     switch (option) {
+      case C.OPT_STARTTLS:
+        return this.startTls(data);
       case C.OPT_EXPORT_NAME:
         return this.exportName(data);
       case C.OPT_ABORT:
@@ -208,6 +268,25 @@ export class Negotiator {
     }
   }
 
+  private startTls(data: Buffer): NegotiationResult | null {
+    const option = C.OPT_STARTTLS;
+    if (this.tlsMode === 'off') {
+      this.error(option, C.REP_ERR_POLICY, 'TLS is not enabled on this server');
+      return null;
+    }
+    if (this.tls) {
+      this.error(option, C.REP_ERR_INVALID, 'TLS is already active');
+      return null;
+    }
+    if (data.length !== 0) {
+      this.error(option, C.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+      return null;
+    }
+    this.reply(option, C.REP_ACK);
+    this.state = 'tls-wait';
+    return { kind: 'starttls' };
+  }
+
   private exportName(data: Buffer): NegotiationResult {
     if (data.length > nbdStringBytesMax) return this.close('export name too long');
     const name = data.toString('utf8');
@@ -234,6 +313,7 @@ export class Negotiator {
         metaContexts: this.structured ? contexts : [],
         blockSizeAgreed,
         transmissionFlags: flags,
+        tls: this.tls,
       },
     };
   }

@@ -2,12 +2,15 @@
 // then to the request framer, hands requests to the Transmission, and owns the socket
 // concerns the protocol code must not: corking replies into one write per batch,
 // backpressure (stop reading at the in-flight caps or when the client does not read its
-// replies), timeouts, DISC, and draining on shutdown.
+// replies), timeouts, DISC, and draining on shutdown. After an NBD_OPT_STARTTLS ACK it
+// swaps its socket for the TLS one (tls-upgrade.ts) and goes on with the handshake there.
 
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import { Negotiator } from '../nbd/negotiator.js';
+import type { TlsServerConfig } from './tls-config.js';
+import { upgradeToTls } from './tls-upgrade.js';
 import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission } from '../nbd/transmission.js';
 import { CMD_DISC, COMMAND_NAMES } from '../nbd/constants.js';
@@ -39,30 +42,49 @@ export class Connection {
   private drainWaiters: (() => void)[] = [];
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
+  /** The authenticated TLS client (PSK identity or certificate DN), once TLS is up. */
+  tlsClient: string | null = null;
+  private readonly listeners = {
+    data: (chunk: Buffer) => this.onData(chunk),
+    drain: () => this.maybeResume(),
+    error: (err: Error) => this.log.debug({ err: err.message }, 'socket error'),
+    close: () => this.onSocketClose(),
+    end: () => {
+      // The client half-closed; finish what is in flight, then close our side.
+      if (this.state === 'transmission') this.beginDrain('client closed its side');
+      else this.socket.end();
+    },
+  };
 
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     catalog: ExportCatalog,
     private readonly log: Logger,
     private readonly onClosed: (c: Connection) => void,
+    private readonly tls: TlsServerConfig | null = null,
   ) {
-    this.negotiator = new Negotiator(catalog);
+    this.negotiator = new Negotiator(catalog, tls?.mode ?? 'off');
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('drain', () => this.maybeResume());
-    socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
-    socket.on('close', () => this.onSocketClose());
-    socket.on('end', () => {
-      // The client half-closed; finish what is in flight, then close our side.
-      if (this.state === 'transmission') this.beginDrain('client closed its side');
-      else socket.end();
-    });
+    this.attach(socket);
     this.handshakeTimer = setTimeout(() => {
       this.log.info('handshake timed out');
       this.socket.destroy();
     }, handshakeTimeoutMs);
     this.handshakeTimer.unref();
     socket.write(this.negotiator.greeting());
+  }
+
+  private attach(socket: Socket): void {
+    for (const [event, fn] of Object.entries(this.listeners)) socket.on(event, fn as (...a: unknown[]) => void);
+  }
+
+  private detach(socket: Socket): void {
+    for (const [event, fn] of Object.entries(this.listeners)) socket.off(event, fn as (...a: unknown[]) => void);
+  }
+
+  /** TLS is up on this connection (after NBD_OPT_STARTTLS). */
+  get tlsActive(): boolean {
+    return this.negotiator.tlsActive;
   }
 
   get inflight(): number {
@@ -88,7 +110,12 @@ export class Connection {
 
   private handshakeData(chunk: Buffer): void {
     const result = this.negotiator.push(chunk);
-    for (const b of this.negotiator.drainOutput()) this.socket.write(b);
+    const out = this.negotiator.drainOutput();
+    if (result.kind === 'starttls') {
+      this.startTls(out);
+      return;
+    }
+    for (const b of out) this.socket.write(b);
     if (result.kind === 'close') {
       this.log.info({ reason: result.reason }, 'handshake ended without a connection');
       this.socket.end();
@@ -101,7 +128,7 @@ export class Connection {
     const n = result.negotiated;
     this.exportName = n.export.name;
     this.log.info(
-      { export: n.export.name, structured: n.structuredReplies, contexts: n.metaContexts, flags: n.transmissionFlags },
+      { export: n.export.name, structured: n.structuredReplies, contexts: n.metaContexts, flags: n.transmissionFlags, tls: n.tls },
       'client connected to export',
     );
     this.tx = new Transmission(n.export, n, {
@@ -117,6 +144,43 @@ export class Connection {
     );
     const err = this.framer.parse();
     if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+  }
+
+  /**
+   * Sends the STARTTLS ACK in the clear, then hands the socket to TLS. Reading stops at
+   * once: the client's TLS hello stays in the kernel (or the paused stream, which the TLS
+   * socket takes over) until the TLS socket reads it.
+   */
+  private startTls(out: Buffer[]): void {
+    const raw = this.socket;
+    const tlsConfig = this.tls!;
+    raw.pause();
+    const upgrade = () => {
+      if (this.state !== 'handshake' || raw.destroyed) return;
+      this.detach(raw);
+      upgradeToTls(raw, tlsConfig).then(
+        (peer) => {
+          this.socket = peer.socket;
+          this.attach(peer.socket);
+          if (this.state !== 'handshake') {
+            peer.socket.destroy(); // shut down meanwhile; its 'close' ends the connection
+            return;
+          }
+          this.tlsClient = peer.client;
+          this.negotiator.tlsStarted();
+          this.log.info({ protocol: peer.protocol, cipher: peer.cipher, client: peer.client }, 'TLS started');
+        },
+        (e: Error) => {
+          this.log.info({ reason: e.message }, 'TLS refused: closing connection');
+          this.state = 'closed';
+          // The raw socket's listeners are gone; account for the close here.
+          this.onSocketClose();
+        },
+      );
+    };
+    // The upgrade waits until the ACK has been handed to the kernel, in the clear.
+    const last = out.length - 1;
+    out.forEach((b, i) => (i === last ? raw.write(b, () => upgrade()) : raw.write(b)));
   }
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {

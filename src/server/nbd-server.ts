@@ -1,12 +1,14 @@
 // Why: the listeners (TCP with TCP_NODELAY, Unix sockets) and the set of live
 // connections, with a cap on how many, and a shutdown that stops accepting, drains
-// in-flight requests and closes every socket.
+// in-flight requests and closes every socket. TLS, when configured, is started per
+// connection by NBD_OPT_STARTTLS (connection.ts), not by the listener.
 
 import net from 'node:net';
 import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import { Connection } from './connection.js';
+import type { TlsServerConfig } from './tls-config.js';
 import { connectionsMax } from '../util/limits.js';
 
 export class NbdServer {
@@ -18,6 +20,7 @@ export class NbdServer {
   constructor(
     private readonly catalog: ExportCatalog,
     private readonly log: Logger,
+    private readonly tls: TlsServerConfig | null = null,
   ) {}
 
   private accept(socket: net.Socket): void {
@@ -28,7 +31,7 @@ export class NbdServer {
     }
     const id = this.nextId++;
     const log = this.log.child({ conn: id, peer: socket.remoteAddress ?? 'unix' });
-    const c = new Connection(socket, this.catalog, log, (closed) => this.connections.delete(closed));
+    const c = new Connection(socket, this.catalog, log, (closed) => this.connections.delete(closed), this.tls);
     this.connections.add(c);
   }
 

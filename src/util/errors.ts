@@ -33,7 +33,9 @@ export type ErrorCode =
   /** The peer answered and said no (the reason is in the message and details). */
   | 'PEER_REFUSED'
   /** The peer could not be reached (connect failed, timed out, link lost). */
-  | 'PEER_UNREACHABLE';
+  | 'PEER_UNREACHABLE'
+  /** NBD TLS settings that cannot work (a missing or unreadable key, a bad PSK file, flags that contradict). */
+  | 'TLS_CONFIG';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';

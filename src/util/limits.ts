@@ -48,6 +48,11 @@ export const connectionsMax = 1024;
 /** Clean shutdown waits this long for in-flight requests before closing sockets. */
 export const shutdownDrainMs = 10_000;
 
+/** NBD TLS: the largest --tls-psk file read (a line is ~100 bytes; this is thousands of identities). */
+export const pskFileBytesMax = 1024 * 1024;
+/** NBD TLS: shortest pre-shared key accepted (128 bits; psktool makes 256). */
+export const pskKeyBytesMin = 16;
+
 /** Volume names: what may appear in an export name and a directory name. */
 export const volumeNameBytesMax = 128;
 

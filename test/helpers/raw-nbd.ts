@@ -12,13 +12,15 @@ export const REQUEST_MAGIC = 0x25609513;
 export const SIMPLE_REPLY_MAGIC = 0x67446698;
 export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 
-export const OPT = { EXPORT_NAME: 1, ABORT: 2, LIST: 3, INFO: 6, GO: 7, STRUCTURED_REPLY: 8 } as const;
+export const OPT = { EXPORT_NAME: 1, ABORT: 2, LIST: 3, STARTTLS: 5, INFO: 6, GO: 7, STRUCTURED_REPLY: 8 } as const;
 export const REP = {
   ACK: 1,
   SERVER: 2,
   INFO: 3,
   ERR_UNSUP: 2 ** 31 + 1,
+  ERR_POLICY: 2 ** 31 + 2,
   ERR_INVALID: 2 ** 31 + 3,
+  ERR_TLS_REQD: 2 ** 31 + 5,
   ERR_UNKNOWN: 2 ** 31 + 6,
 } as const;
 export const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, CACHE: 5, WRITE_ZEROES: 6, BLOCK_STATUS: 7 } as const;
@@ -69,6 +71,11 @@ export class RawNbd {
       this.ended = true;
       this.wake?.();
     });
+  }
+
+  /** Speaks over an already connected socket (a TLS socket after NBD_OPT_STARTTLS). */
+  static over(socket: net.Socket): RawNbd {
+    return new RawNbd(socket);
   }
 
   static connect(target: { port: number } | { path: string }): Promise<RawNbd> {

@@ -113,10 +113,10 @@ describe('Negotiator', () => {
     expect(parseOptionReplies(r2.out)[0]!.type).toBe(C.REP_ERR_INVALID);
   });
 
-  it('unknown options get ERR_UNSUP, STARTTLS too (no TLS)', () => {
+  it('unknown options get ERR_UNSUP; STARTTLS without TLS configured gets ERR_POLICY', () => {
     const { n } = setup();
     const { out, result } = feed(n, FLAGS, option(99, Buffer.from('abc')), option(C.OPT_STARTTLS));
-    expect(parseOptionReplies(out).map((r) => r.type)).toEqual([C.REP_ERR_UNSUP, C.REP_ERR_UNSUP]);
+    expect(parseOptionReplies(out).map((r) => r.type)).toEqual([C.REP_ERR_UNSUP, C.REP_ERR_POLICY]);
     expect(result.kind).toBe('pending');
   });
 

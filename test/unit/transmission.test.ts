@@ -40,6 +40,7 @@ function setup(opts: { structured?: boolean; agreed?: boolean; readOnly?: boolea
     metaContexts: opts.contexts ?? (opts.structured ? [C.CONTEXT_BASE_ALLOCATION] : []),
     blockSizeAgreed: opts.agreed ?? true,
     transmissionFlags: 0,
+    tls: false,
   };
   const tx = new Transmission(exp, neg, { send: (b) => sent.push(Buffer.concat(b)), completed: () => completed++, warn: () => undefined });
   const req = (type: number, o: Partial<RequestHeader> = {}, payload: Buffer[] = []) =>
