@@ -1,33 +1,50 @@
 // Why: the CLI's only way into the daemon. Finds the daemon (flag, environment, the data
-// directory's daemon.json, or the default port), sends JSON, and turns HTTP failures
-// into DeltavolErrors with the daemon's own code and message.
+// directory's daemon.json, or the default port) and its bearer token (control-token.ts),
+// sends JSON, and turns HTTP failures into DeltavolErrors with the daemon's own code and
+// message; a refused token becomes a message that says how to find the right one.
 
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeltavolError, type ErrorCode } from '../util/errors.js';
 import { parseHostPort } from '../util/units.js';
+import { findToken } from '../daemon/control-token.js';
 
 export const CONTROL_PORT_DEFAULT = 10810;
 
 export interface ControlTarget {
   host: string;
   port: number;
+  /** The bearer token, or null when none was found (the request then fails with a hint). */
+  token?: string | null;
+  /** Where the token came from, or where the search looked. */
+  tokenSource?: string;
+  tokenTried?: string[];
 }
 
-export function resolveControlTarget(opts: { control?: string; dataDir?: string }): ControlTarget {
+function resolveAddress(opts: { control?: string; dataDir?: string }): { host: string; port: number } {
   const fromFlag = opts.control ?? process.env.DELTAVOL_CONTROL;
   if (fromFlag) return parseHostPort(fromFlag);
   if (opts.dataDir) {
     const file = path.join(opts.dataDir, 'daemon.json');
     try {
       const info = JSON.parse(fs.readFileSync(file, 'utf8')) as { controlHost: string; controlPort: number };
-      return { host: info.controlHost === '0.0.0.0' ? '127.0.0.1' : info.controlHost, port: info.controlPort };
+      const host = info.controlHost === '0.0.0.0' ? '127.0.0.1' : info.controlHost === '::' ? '::1' : info.controlHost;
+      return { host, port: info.controlPort };
     } catch {
       throw new DeltavolError('DAEMON_UNREACHABLE', `no running daemon found for data directory ${opts.dataDir} (${file} missing)`);
     }
   }
   return { host: '127.0.0.1', port: CONTROL_PORT_DEFAULT };
 }
+
+export function resolveControlTarget(opts: { control?: string; dataDir?: string; tokenFile?: string }): ControlTarget {
+  const at = resolveAddress(opts);
+  const found = findToken({ tokenFile: opts.tokenFile, dataDir: opts.dataDir, port: at.port });
+  return found.token !== null ? { ...at, token: found.token, tokenSource: found.source } : { ...at, token: null, tokenTried: found.tried };
+}
+
+const HOW_TO_FIND =
+  'run the CLI as the user the daemon runs as, or give --data-dir DIR (the daemon\'s data directory: reads DIR/control.token), --token-file FILE, DELTAVOL_TOKEN_FILE=FILE or DELTAVOL_TOKEN=TOKEN';
 
 export class ControlClient {
   constructor(private readonly target: ControlTarget) {}
@@ -40,10 +57,14 @@ export class ControlClient {
     return `http://${this.target.host.includes(':') ? `[${this.target.host}]` : this.target.host}:${this.target.port}${urlPath}`;
   }
 
+  private headers(extra: Record<string, string>): Record<string, string> {
+    return this.target.token ? { ...extra, authorization: `Bearer ${this.target.token}` } : extra;
+  }
+
   async request<T>(method: string, urlPath: string, body?: unknown): Promise<T> {
     const res = await this.send(urlPath, {
       method,
-      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      headers: this.headers(body === undefined ? {} : { 'content-type': 'application/json' }),
       body: body === undefined ? undefined : JSON.stringify(body),
       signal: AbortSignal.timeout(60_000),
     });
@@ -52,14 +73,14 @@ export class ControlClient {
 
   /** GET of a binary stream (a differential); HTTP errors become DeltavolErrors. */
   async download(urlPath: string): Promise<ReadableStream<Uint8Array>> {
-    const res = await this.send(urlPath, { method: 'GET' });
+    const res = await this.send(urlPath, { method: 'GET', headers: this.headers({}) });
     if (!res.ok || !res.body) await this.json(res);
     return res.body!;
   }
 
   /** POST of a binary stream; the answer is JSON. */
   async upload<T>(urlPath: string, body: ReadableStream<Uint8Array>): Promise<T> {
-    const init = { method: 'POST', body, duplex: 'half', headers: { 'content-type': 'application/octet-stream' } };
+    const init = { method: 'POST', body, duplex: 'half', headers: this.headers({ 'content-type': 'application/octet-stream' }) };
     return this.json<T>(await this.send(urlPath, init as RequestInit));
   }
 
@@ -85,6 +106,18 @@ export class ControlClient {
     }
     if (!res.ok) {
       const err = (json as { error?: { code?: string; message?: string } }).error;
+      if (res.status === 401) {
+        const t = this.target;
+        throw new DeltavolError(
+          'UNAUTHORIZED',
+          t.token
+            ? `the daemon at ${this.address} refused the control token from ${t.tokenSource} (it belongs to another daemon, or was replaced): ${HOW_TO_FIND}`
+            : `the daemon at ${this.address} needs its control token and none was found (looked at ${(t.tokenTried ?? []).join('; ') || 'nothing'}): ${HOW_TO_FIND}`,
+        );
+      }
+      if (res.status === 403 && err?.code === 'FORBIDDEN') {
+        throw new DeltavolError('FORBIDDEN', `the daemon at ${this.address} refused the request: ${err.message ?? 'forbidden'} (give --control the address it is bound to, as an IP address)`);
+      }
       throw new DeltavolError((err?.code as ErrorCode) ?? 'CONTROL_API', err?.message ?? `HTTP ${res.status}`);
     }
     return json as T;

@@ -33,7 +33,15 @@ export type ErrorCode =
   /** The peer answered and said no (the reason is in the message and details). */
   | 'PEER_REFUSED'
   /** The peer could not be reached (connect failed, timed out, link lost). */
-  | 'PEER_UNREACHABLE';
+  | 'PEER_UNREACHABLE'
+  /** Control API: no bearer token, or not the daemon's. */
+  | 'UNAUTHORIZED'
+  /** Control API: a request a browser sent (Origin), or for another host name (DNS rebinding). */
+  | 'FORBIDDEN'
+  /** Control API: a body that is not the content type the route takes. */
+  | 'UNSUPPORTED_MEDIA_TYPE'
+  /** Control API: a request body over the limit. */
+  | 'BODY_TOO_LARGE';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';
