@@ -79,8 +79,11 @@ export function isLoopbackAddress(host: string): boolean {
 
 /**
  * Which Host headers name this listener: the bound address and the loopback names, with
- * the port; when bound to a wildcard, any IP literal with the port and this machine's
- * host name too. A DNS-rebinding page can only send a name it controls, never these.
+ * the port (and this machine's host name when not bound to loopback). Bound to a wildcard,
+ * any IP literal is accepted too, with any port: a port mapping (docker -p 20810:10810)
+ * changes the port, and a page can only make a browser send an IP literal as Host by being
+ * served from that address, which is then not a rebinding. A DNS-rebinding page sends a
+ * name it controls, never one of these.
  */
 export function hostMatcher(boundHost: string, port: number): (hostHeader: string | undefined) => boolean {
   const names = new Set<string>();
@@ -94,7 +97,7 @@ export function hostMatcher(boundHost: string, port: number): (hostHeader: strin
     if (names.has(h)) return true;
     if (!wildcard) return false;
     const m = /^(?:\[([0-9a-f:.]+)\]|(\d+\.\d+\.\d+\.\d+)):(\d+)$/.exec(h);
-    return m !== null && Number(m[3]) === port && net.isIP(m[1] ?? m[2]!) !== 0;
+    return m !== null && Number(m[3]) > 0 && Number(m[3]) <= 65535 && net.isIP(m[1] ?? m[2]!) !== 0;
   };
 }
 
