@@ -4,7 +4,9 @@
 // message; a refused token becomes a message that says how to find the right one.
 
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import { DeltavolError, type ErrorCode } from '../util/errors.js';
 import { parseHostPort } from '../util/units.js';
 import { findToken } from '../daemon/control-token.js';
@@ -14,6 +16,8 @@ export const CONTROL_PORT_DEFAULT = 10810;
 export interface ControlTarget {
   host: string;
   port: number;
+  /** The daemon's control socket: used instead of host:port, and no token is needed there. */
+  socketPath?: string;
   /** The bearer token, or null when none was found (the request then fails with a hint). */
   token?: string | null;
   /** Where the token came from, or where the search looked. */
@@ -37,7 +41,9 @@ function resolveAddress(opts: { control?: string; dataDir?: string }): { host: s
   return { host: '127.0.0.1', port: CONTROL_PORT_DEFAULT };
 }
 
-export function resolveControlTarget(opts: { control?: string; dataDir?: string; tokenFile?: string }): ControlTarget {
+export function resolveControlTarget(opts: { control?: string; controlSocket?: string; dataDir?: string; tokenFile?: string }): ControlTarget {
+  const socketPath = opts.controlSocket ?? process.env.DELTAVOL_CONTROL_SOCKET;
+  if (socketPath && !opts.control) return { host: 'localhost', port: 0, socketPath, token: null };
   const at = resolveAddress(opts);
   const found = findToken({ tokenFile: opts.tokenFile, dataDir: opts.dataDir, port: at.port });
   return found.token !== null ? { ...at, token: found.token, tokenSource: found.source } : { ...at, token: null, tokenTried: found.tried };
@@ -50,7 +56,7 @@ export class ControlClient {
   constructor(private readonly target: ControlTarget) {}
 
   get address(): string {
-    return `${this.target.host}:${this.target.port}`;
+    return this.target.socketPath ? `unix:${this.target.socketPath}` : `${this.target.host}:${this.target.port}`;
   }
 
   private url(urlPath: string): string {
@@ -86,9 +92,12 @@ export class ControlClient {
 
   private async send(urlPath: string, init: RequestInit): Promise<Response> {
     try {
-      return await fetch(this.url(urlPath), init);
+      return this.target.socketPath ? await sendUnix(this.target.socketPath, urlPath, init) : await fetch(this.url(urlPath), init);
     } catch (e) {
-      const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message;
+      const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as { code?: string }).code ?? (e as Error).message;
+      if (cause === 'EACCES' && this.target.socketPath) {
+        throw new DeltavolError('UNAUTHORIZED', `no permission to use the control socket ${this.target.socketPath}: run the CLI as the user the daemon runs as`);
+      }
       throw new DeltavolError(
         'DAEMON_UNREACHABLE',
         `cannot reach the deltavol daemon at ${this.address} (${cause}). Is \`deltavol serve\` running? Use --control HOST:PORT or DELTAVOL_CONTROL to point at it.`,
@@ -122,4 +131,21 @@ export class ControlClient {
     }
     return json as T;
   }
+}
+
+/** One request over a Unix socket (fetch cannot), answered as a fetch Response so the rest is shared. */
+function sendUnix(socketPath: string, urlPath: string, init: RequestInit): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ socketPath, path: urlPath, method: init.method ?? 'GET', headers: (init.headers ?? {}) as Record<string, string> }, (res) => {
+      const headers = new Headers();
+      for (const [k, v] of Object.entries(res.headers)) if (v !== undefined) headers.set(k, Array.isArray(v) ? v.join(', ') : v);
+      resolve(new Response(Readable.toWeb(res) as ReadableStream<Uint8Array>, { status: res.statusCode ?? 500, headers }));
+    });
+    req.on('error', reject);
+    init.signal?.addEventListener('abort', () => req.destroy(new Error('timed out')), { once: true });
+    const body = init.body;
+    if (body === undefined || body === null) req.end();
+    else if (typeof body === 'string') req.end(body);
+    else Readable.fromWeb(body as import('node:stream/web').ReadableStream).pipe(req);
+  });
 }

@@ -30,6 +30,7 @@ const VERSION = (JSON.parse(fs.readFileSync(path.resolve(here, '../../package.js
 
 interface GlobalOpts {
   control?: string;
+  controlSocket?: string;
   dataDir?: string;
   tokenFile?: string;
 }
@@ -48,7 +49,7 @@ interface VolumeJson {
 
 function client(cmd: Command): ControlClient {
   const g = cmd.optsWithGlobals() as GlobalOpts;
-  return new ControlClient(resolveControlTarget({ control: g.control, dataDir: g.dataDir, tokenFile: g.tokenFile }));
+  return new ControlClient(resolveControlTarget({ control: g.control, controlSocket: g.controlSocket, dataDir: g.dataDir, tokenFile: g.tokenFile }));
 }
 
 function size(text: string): number {
@@ -72,6 +73,7 @@ export function buildProgram(): Command {
     .version(VERSION)
     .option('--control <host:port>', `control API of the daemon to talk to (env DELTAVOL_CONTROL; default 127.0.0.1:${CONTROL_PORT_DEFAULT})`)
     .option('--data-dir <dir>', 'find the daemon and its control token through its data directory (reads DIR/daemon.json and DIR/control.token)')
+    .option('--control-socket <path>', "the daemon's control socket (its `serve --control-socket`; env DELTAVOL_CONTROL_SOCKET): no token needed, the socket's permission decides")
     .option('--token-file <file>', 'the control token (default: env DELTAVOL_TOKEN or DELTAVOL_TOKEN_FILE, DIR/control.token with --data-dir, else the copy the daemon left for its port in /run/deltavol or $XDG_RUNTIME_DIR/deltavol)')
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
@@ -84,6 +86,7 @@ export function buildProgram(): Command {
     .option('--socket <path>', 'also listen on this Unix socket')
     .option('--control-port <n>', 'control API port on --control-bind (0 = any free port)', String(CONTROL_PORT_DEFAULT))
     .option('--control-bind <addr>', 'control API listen address (anything but loopback prints a warning; the token is always required)', '127.0.0.1')
+    .option('--control-socket <path>', 'also serve the control API on this Unix socket, mode 0600 (its permission is the check: no token needed there)')
     .option('--default-export <name>', 'volume served to clients that ask for the empty export name')
     .option('--demo-volume <size>', 'create a volume "demo" of this size if missing and make it the default export')
     .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
@@ -97,6 +100,7 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
     .action(async (opts, cmd: Command) => {
       const dataDir = (cmd.optsWithGlobals() as GlobalOpts).dataDir;
+      const controlSocket = (opts.controlSocket as string | undefined) ?? (cmd.optsWithGlobals() as GlobalOpts).controlSocket;
       if (!dataDir) throw new DeltavolError('EINVAL_ARGUMENT', 'serve needs --data-dir DIR (the directory holding volumes and state)');
       const { createLogger } = await import('../util/log.js');
       const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === 'pretty' });
@@ -116,6 +120,8 @@ export function buildProgram(): Command {
           socketPath: opts.socket ? path.resolve(opts.socket) : undefined,
           controlHost: opts.controlBind,
           controlPort: port(opts.controlPort, '--control-port'),
+          // The program-wide --control-socket (the CLI's) takes the flag when given after `serve` too.
+          ...(controlSocket ? { controlSocketPath: path.resolve(controlSocket) } : {}),
           defaultExport: opts.defaultExport,
           demoVolumeBytes: opts.demoVolume ? size(opts.demoVolume) : undefined,
           syncIoBytesMax: size(opts.syncIoMax),

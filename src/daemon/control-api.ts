@@ -10,13 +10,14 @@
 // own name), the bearer token (constant-time compare), and a Content-Type that is the one
 // the route takes when there is a body. Every refusal closes the connection.
 
+import fs from 'node:fs';
 import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import os from 'node:os';
 import { controlBodyBytesMax } from '../util/limits.js';
 import { tokensEqual } from './control-token.js';
 import type { Logger } from '../util/log.js';
-import { DeltavolError, isDeltavolError, type ErrorCode } from '../util/errors.js';
+import { DeltavolError, errnoCode, isDeltavolError, type ErrorCode } from '../util/errors.js';
 
 export type RouteHandler = (params: Record<string, string>, body: unknown, query: URLSearchParams) => unknown | Promise<unknown>;
 /** A route that reads the request and writes the response itself (binary streams). */
@@ -103,7 +104,8 @@ export function hostMatcher(boundHost: string, port: number): (hostHeader: strin
 
 export class ControlApi {
   private readonly routes: Route[] = [];
-  private server: http.Server | null = null;
+  private readonly servers: http.Server[] = [];
+  private socketPath: string | null = null;
   private textRoutes = new Map<string, () => string>();
   private hostAllowed: (hostHeader: string | undefined) => boolean = () => false;
   /** What every request must carry as `Authorization: Bearer TOKEN` (set by listen). */
@@ -140,8 +142,8 @@ export class ControlApi {
 
   listen(port: number, host: string, token: string): Promise<number> {
     this.token = token;
-    const server = http.createServer((req, res) => void this.handle(req, res));
-    this.server = server;
+    const server = http.createServer((req, res) => void this.handle(req, res, 'tcp'));
+    this.servers.push(server);
     return new Promise((resolve, reject) => {
       server.once('error', reject);
       server.listen({ port, host }, () => {
@@ -153,24 +155,61 @@ export class ControlApi {
     });
   }
 
-  close(): Promise<void> {
-    const s = this.server;
-    if (!s) return Promise.resolve();
-    return new Promise((r) => {
-      s.close(() => r());
-      s.closeAllConnections();
+  /**
+   * Also serve on a Unix socket, mode 0600: there the file permission is the proof of
+   * ownership (only the daemon's user and root can connect), so no token is asked; Origin
+   * and Content-Type are still checked. A stale socket is replaced; any other file is not.
+   */
+  listenUnix(socketPath: string): Promise<void> {
+    try {
+      if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
+      else throw new DeltavolError('EINVAL_ARGUMENT', `--control-socket ${socketPath} exists and is not a socket`);
+    } catch (e) {
+      if (isDeltavolError(e) || errnoCode(e) !== 'ENOENT') throw e;
+    }
+    const server = http.createServer((req, res) => void this.handle(req, res, 'unix'));
+    this.servers.push(server);
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      // bind() runs synchronously inside listen(): the umask makes the socket 0600 from its first instant.
+      const umask = process.umask(0o177);
+      try {
+        server.listen(socketPath, () => {
+          server.off('error', reject);
+          fs.chmodSync(socketPath, 0o600);
+          this.socketPath = socketPath;
+          resolve();
+        });
+      } finally {
+        process.umask(umask);
+      }
     });
   }
 
+  async close(): Promise<void> {
+    await Promise.all(
+      this.servers.map(
+        (s) =>
+          new Promise<void>((r) => {
+            s.close(() => r());
+            s.closeAllConnections();
+          }),
+      ),
+    );
+    if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
+  }
+
   /** The checks every request passes before routing and before its body is read; a refusal, or null. */
-  private admit(req: http.IncomingMessage): DeltavolError | null {
+  private admit(req: http.IncomingMessage, via: 'tcp' | 'unix'): DeltavolError | null {
     // Browsers send Origin on cross-origin requests and on every POST; our clients never do.
     if (req.headers.origin !== undefined) return new DeltavolError('FORBIDDEN', 'requests from web pages (with an Origin header) are refused');
     const site = req.headers['sec-fetch-site'];
     if (site !== undefined && site !== 'none') return new DeltavolError('FORBIDDEN', 'requests from web pages (Sec-Fetch-Site) are refused');
-    if (!this.hostAllowed(req.headers.host)) return new DeltavolError('FORBIDDEN', 'the Host header does not name this control API');
-    const auth = /^Bearer[ ]+([^\s]+)\s*$/i.exec(req.headers.authorization ?? '');
-    if (!auth || this.token === null || !tokensEqual(auth[1]!, this.token)) return new DeltavolError('UNAUTHORIZED', 'a valid bearer token is required');
+    if (via === 'tcp') {
+      if (!this.hostAllowed(req.headers.host)) return new DeltavolError('FORBIDDEN', 'the Host header does not name this control API');
+      const auth = /^Bearer[ ]+([^\s]+)\s*$/i.exec(req.headers.authorization ?? '');
+      if (!auth || this.token === null || !tokensEqual(auth[1]!, this.token)) return new DeltavolError('UNAUTHORIZED', 'a valid bearer token is required');
+    }
     if (hasBody(req)) {
       const type = mediaType(req.headers['content-type']);
       if (type !== JSON_TYPE && type !== BINARY_TYPE) return new DeltavolError('UNSUPPORTED_MEDIA_TYPE', `request bodies must be ${JSON_TYPE} (or ${BINARY_TYPE} for differential uploads), got "${type}"`);
@@ -180,7 +219,7 @@ export class ControlApi {
     return null;
   }
 
-  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse, via: 'tcp' | 'unix'): Promise<void> {
     const send = (status: number, body: unknown, close = false) => {
       const text = JSON.stringify(body);
       const headers: http.OutgoingHttpHeaders = { 'content-type': JSON_TYPE, 'content-length': Buffer.byteLength(text) };
@@ -193,7 +232,7 @@ export class ControlApi {
     const errorJson = (e: DeltavolError) => ({ error: { code: e.code, message: e.message, ...(e.details ? { details: e.details } : {}) } });
     let pathname = '';
     try {
-      const refusal = this.admit(req);
+      const refusal = this.admit(req, via);
       if (refusal) {
         this.log.warn({ code: refusal.code, reason: refusal.message, method: req.method, remote: req.socket.remoteAddress ?? 'unix' }, 'control request refused');
         send(STATUS_FOR[refusal.code]!, errorJson(refusal), true);

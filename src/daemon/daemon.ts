@@ -33,6 +33,8 @@ export interface DaemonConfig {
   socketPath?: string;
   controlHost: string;
   controlPort: number;
+  /** Also serve the control API on this Unix socket (0600; no token asked there). */
+  controlSocketPath?: string;
   defaultExport?: string;
   /** Create a volume named "demo" of this size if it does not exist. */
   demoVolumeBytes?: number;
@@ -62,6 +64,7 @@ export interface DaemonInfo {
   /** The control API's bearer token (DATA_DIR/control.token) and its per-port copy for the CLI (null: none written). */
   controlTokenFile: string;
   controlRuntimeTokenFile: string | null;
+  controlSocket: string | null;
   replHost: string;
   replPort: number;
   startedAt: string;
@@ -143,6 +146,7 @@ export class Daemon {
     if (this.config.socketPath) await this.nbd.listenUnix(this.config.socketPath);
     const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost, this.controlToken);
     this.runtimeTokenFile = writeRuntimeToken(controlPort, this.controlToken, tokenWarn);
+    if (this.config.controlSocketPath) await this.api.listenUnix(this.config.controlSocketPath);
     if (!isLoopbackAddress(this.config.controlHost)) {
       const msg = `WARNING: the control API listens on ${this.config.controlHost}:${controlPort}, not on loopback: anyone who can reach it and holds the token (${path.join(dir, CONTROL_TOKEN_FILE)}) can delete volumes, and the token travels unencrypted. Prefer --control-bind 127.0.0.1 and ssh.`;
       this.log.warn({ controlHost: this.config.controlHost, controlPort }, msg);
@@ -158,6 +162,7 @@ export class Daemon {
       controlPort,
       controlTokenFile: path.join(dir, CONTROL_TOKEN_FILE),
       controlRuntimeTokenFile: this.runtimeTokenFile,
+      controlSocket: this.config.controlSocketPath ?? null,
       replHost: this.config.replHost,
       replPort,
       startedAt: new Date().toISOString(),

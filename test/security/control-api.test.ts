@@ -449,3 +449,45 @@ describe('control API bound to a non-loopback address', () => {
     expect(d.log()).not.toMatch(/WARNING: the control API listens/);
   });
 });
+
+describe('control API on a Unix socket (--control-socket)', () => {
+  it('is mode 0600, needs no token, refuses Origin, is closed to other users, and goes away at a clean stop', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dvctl-sock-'));
+    const sock = path.join(dir, 'control.sock');
+    const s = await startDaemon({ extraArgs: ['--control-socket', sock] });
+    try {
+      const st = fs.lstatSync(sock);
+      expect(st.isSocket()).toBe(true);
+      expect(st.mode & 0o777).toBe(0o600);
+      // No token anywhere the CLI could find one: the socket's permission is the check.
+      const env = { DELTAVOL_TOKEN: '', DELTAVOL_TOKEN_FILE: '' };
+      const created = cliAs(['--control-socket', sock, 'volume', 'create', 'onsock', '--size', '1M'], env);
+      expect(created.status, created.stderr).toBe(0);
+      const listed = cliAs(['volume', 'list', '--json'], { ...env, DELTAVOL_CONTROL_SOCKET: sock });
+      expect(listed.status, listed.stderr).toBe(0);
+      expect((JSON.parse(listed.stdout) as { name: string }[]).map((v) => v.name)).toEqual(['onsock']);
+      const viaBrowser = await new Promise<number>((resolve, reject) => {
+        const req = http.request({ socketPath: sock, path: '/v1/volumes/onsock', method: 'DELETE', headers: { origin: 'http://attacker.example' } }, (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        });
+        req.on('error', reject);
+        req.end();
+      });
+      expect(viaBrowser).toBe(403);
+      if (have('setpriv') && process.getuid?.() === 0) {
+        // Let nobody reach the socket's directory: only the socket's own 0600 stands in the way.
+        fs.chmodSync(dir, 0o755);
+        const r = run('setpriv', ['--reuid=nobody', '--regid=nogroup', '--clear-groups', '--', process.execPath, CLI, '--control-socket', sock, 'volume', 'delete', 'onsock'], { allowFail: true, timeoutMs: 30_000 });
+        expect(r.status).toBe(7);
+        expect(r.stderr).toMatch(/no permission to use the control socket/);
+      }
+      expect((await s.api<{ volumes: { name: string }[] }>('GET', '/v1/volumes')).volumes.map((v) => v.name)).toEqual(['onsock']);
+      expect(await s.stop()).toBe(0);
+      expect(fs.existsSync(sock)).toBe(false);
+    } finally {
+      await s.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
