@@ -337,7 +337,7 @@ export function buildProgram(): Command {
         `/v1/volumes/${encodeURIComponent(vol)}/differential`,
         Readable.toWeb(input) as ReadableStream<Uint8Array>,
       );
-      process.stdout.write(`applied ${r.from}→${r.to} to ${vol}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
+      process.stdout.write(`applied ${escapeText(r.from)}→${escapeText(r.to)} to ${vol}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
     });
 
   program
@@ -345,7 +345,7 @@ export function buildProgram(): Command {
     .description('set the volume served for the empty export name (no name: unset)')
     .action(async (name: string | undefined, _opts, cmd: Command) => {
       const r = await client(cmd).request<{ defaultExport: string | null }>('POST', '/v1/default-export', { name: name ?? '' });
-      process.stdout.write(`default export: ${r.defaultExport ?? '(none)'}\n`);
+      process.stdout.write(`default export: ${r.defaultExport !== null ? escapeText(r.defaultExport) : '(none)'}\n`);
     });
 
   registerReplicationCommands(program, { client, print });
