@@ -111,6 +111,10 @@ export function writeRuntimeToken(port: number, token: string, warn: (msg: strin
   const dir = runtimeDir();
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    // Our own directory with loose bits (made by hand, or by a umask): tighten it. A symlink or
+    // a directory of someone else is never touched.
+    const st = fs.lstatSync(dir);
+    if (st.isDirectory() && (myUid() < 0 || st.uid === myUid()) && (st.mode & 0o077) !== 0) fs.chmodSync(dir, 0o700);
     if (!privateDir(dir)) {
       warn(`runtime directory ${dir} is not a private directory of this user: no token copy written there (the CLI needs --data-dir or --token-file)`);
       return null;
