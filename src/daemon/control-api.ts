@@ -199,6 +199,26 @@ export class ControlApi {
     if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
   }
 
+  /** Refusals are logged at most once a second (with how many were not), so a flood cannot fill the log. */
+  private refusalsUnlogged = 0;
+  private refusalLoggedMs = 0;
+  refusedRequests = 0;
+
+  private logRefusal(refusal: DeltavolError, req: http.IncomingMessage): void {
+    this.refusedRequests++;
+    const now = Date.now();
+    if (now - this.refusalLoggedMs < 1000) {
+      this.refusalsUnlogged++;
+      return;
+    }
+    this.log.warn(
+      { code: refusal.code, reason: refusal.message, method: req.method, remote: req.socket.remoteAddress ?? 'unix', refusedUnlogged: this.refusalsUnlogged, refusedTotal: this.refusedRequests },
+      'control request refused',
+    );
+    this.refusalLoggedMs = now;
+    this.refusalsUnlogged = 0;
+  }
+
   /** The checks every request passes before routing and before its body is read; a refusal, or null. */
   private admit(req: http.IncomingMessage, via: 'tcp' | 'unix'): DeltavolError | null {
     // Browsers send Origin on cross-origin requests and on every POST; our clients never do.
@@ -234,7 +254,7 @@ export class ControlApi {
     try {
       const refusal = this.admit(req, via);
       if (refusal) {
-        this.log.warn({ code: refusal.code, reason: refusal.message, method: req.method, remote: req.socket.remoteAddress ?? 'unix' }, 'control request refused');
+        this.logRefusal(refusal, req);
         send(STATUS_FOR[refusal.code]!, errorJson(refusal), true);
         return;
       }

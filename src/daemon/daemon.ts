@@ -397,7 +397,15 @@ export class Daemon {
       this.defaultExport = name || undefined;
       return { defaultExport: this.defaultExport ?? null };
     });
-    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()));
+    api.text(
+      '/metrics',
+      () =>
+        renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) +
+        renderReplicationMetrics(this.replication.status()) +
+        '# HELP deltavol_control_refused_requests_total Control API requests refused before routing (Origin, Host, token, content type).\n' +
+        '# TYPE deltavol_control_refused_requests_total counter\n' +
+        `deltavol_control_refused_requests_total ${this.api.refusedRequests}\n`,
+    );
   }
 
   status() {

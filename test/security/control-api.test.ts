@@ -136,11 +136,16 @@ describe('control API: the owner\'s token', () => {
     expect((await replicationOf('victim')).role).toBe('simplex');
   });
 
-  it('the right token is accepted, /metrics included', async () => {
+  it('the right token is accepted, /metrics included; refusals are counted there and logged at most once a second', async () => {
     expect((await raw(d.controlPort, 'GET', '/v1/volumes', { headers: auth() })).status).toBe(200);
     const m = await raw(d.controlPort, 'GET', '/metrics', { headers: auth() });
     expect(m.status).toBe(200);
-    expect(m.text).toMatch(/deltavol_/);
+    const refused = Number(/^deltavol_control_refused_requests_total (\d+)$/m.exec(m.text)?.[1]);
+    expect(refused).toBeGreaterThanOrEqual(55); // the 11 × 5 refusals of the test before
+    await new Promise((r) => setTimeout(r, 300)); // pino writes asynchronously
+    const logged = d.log().split('\n').filter((l) => l.includes('"msg":"control request refused"')).length;
+    expect(logged).toBeGreaterThanOrEqual(1);
+    expect(logged).toBeLessThan(refused); // 55 refusals in well under 55 s
   });
 });
 
