@@ -148,10 +148,12 @@ dv() {
 # st NODE VOLUME EXPR: EXPR (JavaScript; s = the volume's replication status, p = its
 # first pair or null) evaluated on the node, from its control API (what `status VOLUME
 # --json` shows), through `docker exec` (a node in its container starts in ~0.5 s, the
-# CLI in ~1.5 s, so waits poll this way). st_ok: EXPR's field ok is true.
+# CLI in ~1.5 s, so waits poll this way). st_ok: EXPR's field ok is true. The control API
+# wants the node's bearer token (its data directory's control.token).
 st() {
   timeout 20 docker exec "${CID[$1]}" node -e "
-fetch('http://127.0.0.1:10810/v1/replication?volume=' + encodeURIComponent(process.argv[1]))
+const token = require('node:fs').readFileSync('/var/lib/deltavol/control.token', 'utf8').trim();
+fetch('http://127.0.0.1:10810/v1/replication?volume=' + encodeURIComponent(process.argv[1]), { headers: { authorization: 'Bearer ' + token } })
   .then((r) => r.json())
   .then((j) => { const s = j.volumes[0]; const p = (s.replicas || [])[0] || null; process.stdout.write(JSON.stringify($3)); })
   .catch((e) => { process.stdout.write('unreachable: ' + e.message); process.exit(1); })" "$2" 2>/dev/null

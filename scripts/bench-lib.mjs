@@ -162,6 +162,8 @@ async function startDaemon(cli, name, workDir, opts = {}) {
     } catch { return null; }
   }, 20_000, 50);
   Object.assign(d, { nbdPort: info.nbdPort, controlPort: info.controlPort, replPort: info.replPort });
+  // The control API's bearer token, made by the daemon at its first start.
+  d.token = fs.readFileSync(path.join(dataDir, 'control.token'), 'utf8').trim();
   d.peerAddr = `127.0.0.1:${info.replPort}`;
   d.uri = (vol) => `nbd://127.0.0.1:${info.nbdPort}/${vol}`;
   return d;
@@ -171,7 +173,7 @@ async function api(d, method, urlPath, body, timeoutMs = 120_000) {
   if (d.isExited()) throw new Error(`daemon ${d.name} is gone:\n${tail(d.logFile)}`);
   const res = await fetch(`http://127.0.0.1:${d.controlPort}${urlPath}`, {
     method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    headers: { authorization: `Bearer ${d.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
     body: body === undefined ? undefined : JSON.stringify(body),
     signal: AbortSignal.timeout(timeoutMs),
   });

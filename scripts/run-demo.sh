@@ -34,6 +34,8 @@ deltavol: serving ${data_dir} on nbd://${DELTAVOL_BIND:-127.0.0.1}:${port}
   mount: nbd-client 127.0.0.1 ${port} /dev/nbd0 -N demo && mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt
          (needs a kernel with the nbd module: modprobe nbd)
   manage from another shell: node dist/cli/main.js volume list
+         (as the same user: the CLI finds the control token; others need
+          --data-dir ${data_dir}, where control.token lives, and the right to read it)
 TXT
 exec node dist/cli/main.js serve --data-dir "$data_dir" --bind "${DELTAVOL_BIND:-127.0.0.1}" --port "$port" \
   --demo-volume "${DELTAVOL_DEMO_SIZE:-1G}" --log-format pretty

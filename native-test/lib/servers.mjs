@@ -6,7 +6,7 @@
 // The failover case (lib/failover.mjs) runs two more deltavol daemons through the
 // same class, each with its own log file and data directory, and kills one with -9.
 import { spawn, execFile } from 'node:child_process'
-import { createWriteStream } from 'node:fs'
+import { createWriteStream, readFileSync } from 'node:fs'
 import { copyFile, mkdir, truncate, writeFile } from 'node:fs/promises'
 import net from 'node:net'
 import path from 'node:path'
@@ -220,7 +220,7 @@ export class DeltavolServer extends BaseServer {
   }
 
   async cliRun(...args) {
-    return run(process.execPath, [this.cli, ...args, '--control', `127.0.0.1:${this.controlPort}`], { timeoutMs: 30_000 })
+    return run(process.execPath, [this.cli, ...args, '--control', `127.0.0.1:${this.controlPort}`, '--token-file', this.tokenFile], { timeoutMs: 30_000 })
   }
 
   async createVolume(name, size) {
@@ -232,9 +232,15 @@ export class DeltavolServer extends BaseServer {
     return path.join(this.dataDir, 'volumes', volume, 'data.img')
   }
 
+  /** The control API's bearer token file (the daemon makes it at its first start). */
+  get tokenFile() {
+    return path.join(this.dataDir, 'control.token')
+  }
+
   /** GET a control-API path (what `deltavol status VOLUME --json` prints comes from /v1/replication). */
   async api(pathname, timeoutMs = 5_000) {
-    const res = await fetch(`http://127.0.0.1:${this.controlPort}${pathname}`, { signal: AbortSignal.timeout(timeoutMs) })
+    const token = readFileSync(this.tokenFile, 'utf8').trim()
+    const res = await fetch(`http://127.0.0.1:${this.controlPort}${pathname}`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(timeoutMs) })
     const text = await res.text()
     if (!res.ok) throw new Error(`GET ${pathname}: HTTP ${res.status} ${text}`)
     return JSON.parse(text)

@@ -7,6 +7,7 @@
 //   0 success · 1 the operation failed · 2 bad usage · 3 daemon unreachable
 //   4 no such volume or snapshot · 5 conflict (already exists, busy, wrong role, stale
 //   generation, refused by the peer) · 6 the replication peer is unreachable
+//   7 the daemon refused the caller (no or wrong control token, foreign Host)
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -19,17 +20,19 @@ import { registerRecoveryCommands } from './recovery-commands.js';
 import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
 import { syncIoBytesMaxDefault } from '../util/limits.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
-import { table } from './format.js';
+import { escapeOutput, escapeText, table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 
-export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5, peerUnreachable: 6 } as const;
+export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5, peerUnreachable: 6, denied: 7 } as const;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const VERSION = (JSON.parse(fs.readFileSync(path.resolve(here, '../../package.json'), 'utf8')) as { version: string }).version;
 
 interface GlobalOpts {
   control?: string;
+  controlSocket?: string;
   dataDir?: string;
+  tokenFile?: string;
 }
 
 interface VolumeJson {
@@ -46,7 +49,7 @@ interface VolumeJson {
 
 function client(cmd: Command): ControlClient {
   const g = cmd.optsWithGlobals() as GlobalOpts;
-  return new ControlClient(resolveControlTarget({ control: g.control, dataDir: g.dataDir }));
+  return new ControlClient(resolveControlTarget({ control: g.control, controlSocket: g.controlSocket, dataDir: g.dataDir, tokenFile: g.tokenFile }));
 }
 
 function size(text: string): number {
@@ -54,11 +57,12 @@ function size(text: string): number {
 }
 
 function print(json: boolean, value: unknown, human: () => string): void {
-  process.stdout.write((json ? JSON.stringify(value, null, 2) : human()) + '\n');
+  // Human text may hold names and reasons from other users and peers: no raw control characters.
+  process.stdout.write((json ? JSON.stringify(value, null, 2) : escapeOutput(human())) + '\n');
 }
 
 function volumeLine(v: VolumeJson): string {
-  return `${v.name}: ${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes), ${v.readOnly ? 'read-only' : 'read-write'}, ${formatBytes(v.allocatedBytes)} allocated, ${v.connections} connection(s)`;
+  return `${escapeText(v.name)}: ${v.description ? `"${escapeText(v.description)}", ` : ''}${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes), ${v.readOnly ? 'read-only' : 'read-write'}, ${formatBytes(v.allocatedBytes)} allocated, ${v.connections} connection(s)`;
 }
 
 export function buildProgram(): Command {
@@ -68,7 +72,9 @@ export function buildProgram(): Command {
     .description('Replicated block-volume server: NBD exports of file-backed volumes.')
     .version(VERSION)
     .option('--control <host:port>', `control API of the daemon to talk to (env DELTAVOL_CONTROL; default 127.0.0.1:${CONTROL_PORT_DEFAULT})`)
-    .option('--data-dir <dir>', 'find the daemon through its data directory (reads DIR/daemon.json)')
+    .option('--data-dir <dir>', 'find the daemon and its control token through its data directory (reads DIR/daemon.json and DIR/control.token)')
+    .option('--control-socket <path>', "the daemon's control socket (its `serve --control-socket`; env DELTAVOL_CONTROL_SOCKET): no token needed, the socket's permission decides")
+    .option('--token-file <file>', 'the control token (default: env DELTAVOL_TOKEN or DELTAVOL_TOKEN_FILE, DIR/control.token with --data-dir, else the copy the daemon left for its port in /run/deltavol or $XDG_RUNTIME_DIR/deltavol)')
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
 
@@ -79,7 +85,8 @@ export function buildProgram(): Command {
     .option('--bind <addr>', 'NBD listen address (0.0.0.0 to accept remote clients)', '127.0.0.1')
     .option('--socket <path>', 'also listen on this Unix socket')
     .option('--control-port <n>', 'control API port on --control-bind (0 = any free port)', String(CONTROL_PORT_DEFAULT))
-    .option('--control-bind <addr>', 'control API listen address', '127.0.0.1')
+    .option('--control-bind <addr>', 'control API listen address (anything but loopback prints a warning; the token is always required)', '127.0.0.1')
+    .option('--control-socket <path>', 'also serve the control API on this Unix socket, mode 0600 (its permission is the check: no token needed there)')
     .option('--default-export <name>', 'volume served to clients that ask for the empty export name')
     .option('--demo-volume <size>', 'create a volume "demo" of this size if missing and make it the default export')
     .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
@@ -100,6 +107,7 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
     .action(async (opts, cmd: Command) => {
       const dataDir = (cmd.optsWithGlobals() as GlobalOpts).dataDir;
+      const controlSocket = (opts.controlSocket as string | undefined) ?? (cmd.optsWithGlobals() as GlobalOpts).controlSocket;
       if (!dataDir) throw new DeltavolError('EINVAL_ARGUMENT', 'serve needs --data-dir DIR (the directory holding volumes and state)');
       const { createLogger } = await import('../util/log.js');
       const log = createLogger({ level: opts.logLevel, pretty: opts.logFormat === 'pretty' });
@@ -119,6 +127,8 @@ export function buildProgram(): Command {
           socketPath: opts.socket ? path.resolve(opts.socket) : undefined,
           controlHost: opts.controlBind,
           controlPort: port(opts.controlPort, '--control-port'),
+          // The program-wide --control-socket (the CLI's) takes the flag when given after `serve` too.
+          ...(controlSocket ? { controlSocketPath: path.resolve(controlSocket) } : {}),
           defaultExport: opts.defaultExport,
           demoVolumeBytes: opts.demoVolume ? size(opts.demoVolume) : undefined,
           syncIoBytesMax: size(opts.syncIoMax),
@@ -167,7 +177,7 @@ export function buildProgram(): Command {
     .description('create a sparse volume; it is exported at once under its name')
     .requiredOption('--size <size>', 'size, e.g. 1G, 512MiB, 10737418240 (a multiple of 512 bytes)')
     .option('--read-only', 'export it read-only')
-    .option('--description <text>', 'shown to NBD clients that list exports')
+    .option('--description <text>', 'shown to NBD clients that list exports (printable text, no control characters)')
     .option('--tracking-block <size>', 'change-tracking block size, power of two 4K-1M', '4K')
     .option('--snapshot-space <size>', 'most space one snapshot may use for before-images; past it that snapshot becomes invalid (default: the volume size)')
     .option('--json', 'print JSON')
@@ -343,7 +353,7 @@ export function buildProgram(): Command {
         `/v1/volumes/${encodeURIComponent(vol)}/differential`,
         Readable.toWeb(input) as ReadableStream<Uint8Array>,
       );
-      process.stdout.write(`applied ${r.from}→${r.to} to ${vol}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
+      process.stdout.write(`applied ${escapeText(r.from)}→${escapeText(r.to)} to ${vol}: ${r.records} runs, ${formatBytes(r.bytesWritten)} written, ${formatBytes(r.bytesZeroed)} zeroed, ${r.seconds.toFixed(2)} s\n`);
     });
 
   program
@@ -351,7 +361,7 @@ export function buildProgram(): Command {
     .description('set the volume served for the empty export name (no name: unset)')
     .action(async (name: string | undefined, _opts, cmd: Command) => {
       const r = await client(cmd).request<{ defaultExport: string | null }>('POST', '/v1/default-export', { name: name ?? '' });
-      process.stdout.write(`default export: ${r.defaultExport ?? '(none)'}\n`);
+      process.stdout.write(`default export: ${r.defaultExport !== null ? escapeText(r.defaultExport) : '(none)'}\n`);
     });
 
   registerReplicationCommands(program, { client, print });
@@ -426,6 +436,9 @@ function exitCodeFor(e: unknown): number {
         return EXIT.conflict;
       case 'PEER_UNREACHABLE':
         return EXIT.peerUnreachable;
+      case 'UNAUTHORIZED':
+      case 'FORBIDDEN':
+        return EXIT.denied;
       case 'BAD_SIZE':
       case 'BAD_NAME':
       case 'EINVAL_ARGUMENT':
@@ -447,7 +460,7 @@ export async function main(argv: string[]): Promise<number> {
       // help and --version exit 0; usage errors were already printed by commander.
       return e.exitCode === 0 ? EXIT.ok : EXIT.usage;
     }
-    process.stderr.write(`deltavol: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.stderr.write(`deltavol: ${escapeOutput(e instanceof Error ? e.message : String(e))}\n`);
     return exitCodeFor(e);
   }
 }

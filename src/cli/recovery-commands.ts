@@ -8,6 +8,7 @@ import cliProgress from 'cli-progress';
 import { DeltavolError } from '../util/errors.js';
 import { formatBytes, parseDurationMs, parseHostPort } from '../util/units.js';
 import type { ControlClient } from './control-client.js';
+import { escapeText } from './format.js';
 import type { FailoverResult } from '../recovery/failover.js';
 import type { TakeoverResult } from '../recovery/handover.js';
 import type { ResyncResult } from '../recovery/resync.js';
@@ -141,8 +142,8 @@ export function registerRecoveryCommands(program: Command, h: Helpers): void {
       if (opts.peer) parseHostPort(opts.peer); // bad usage before anything happens
       const a = await c.request<ResyncAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/resync`, { ...(opts.peer ? { peer: opts.peer } : {}), ...(opts.peerVolume ? { peerVolume: opts.peerVolume } : {}) });
       if (!opts.json) {
-        process.stderr.write(`${volume} is now the replica of ${a.peer} (generation ${a.generation}); its own version is kept in ${volume}@${a.beforeSnapshot}\n`);
-        if (a.full) process.stderr.write(`WARNING: a full copy is needed: ${a.reason}\n`);
+        process.stderr.write(`${volume} is now the replica of ${escapeText(a.peer)} (generation ${a.generation}); its own version is kept in ${volume}@${escapeText(String(a.beforeSnapshot))}\n`);
+        if (a.full) process.stderr.write(`WARNING: a full copy is needed: ${escapeText(a.reason)}\n`);
         else process.stderr.write(`only what differs travels: ${a.divergentBlocks} block(s) changed here since the restart point (set ${a.restartSet}), plus what the new primary changed\n`);
         if (!a.registered) process.stderr.write('the new primary has not recorded the resync yet: the daemon keeps trying\n');
       }

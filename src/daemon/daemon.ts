@@ -1,7 +1,8 @@
 // Why: the composition root. It turns a configuration into running parts: the data
 // directory (locked against a second daemon), the volume registry, the NBD server
 // exporting the volumes, and the control API; and it takes them down in the right order
-// (stop accepting, drain requests, flush volumes, close) on SIGTERM/SIGINT.
+// (stop accepting, drain requests, flush volumes, close) on SIGTERM/SIGINT. The control
+// API's bearer token is made (or read) here, next to the data it guards.
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -14,7 +15,8 @@ import type { Volume } from '../volume/volume.js';
 import { NbdServer } from '../server/nbd-server.js';
 import { isLoopbackHost, loadTlsConfig, tlsSummary, type TlsServerConfig, type TlsSettings, type TlsSummary } from '../server/tls-config.js';
 import { VolumeCatalog } from './volume-exports.js';
-import { ControlApi } from './control-api.js';
+import { ControlApi, isLoopbackAddress } from './control-api.js';
+import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
 import { renderMetrics } from './metrics.js';
 import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
@@ -32,6 +34,8 @@ export interface DaemonConfig {
   socketPath?: string;
   controlHost: string;
   controlPort: number;
+  /** Also serve the control API on this Unix socket (0600; no token asked there). */
+  controlSocketPath?: string;
   defaultExport?: string;
   /** Create a volume named "demo" of this size if it does not exist. */
   demoVolumeBytes?: number;
@@ -62,6 +66,10 @@ export interface DaemonInfo {
   controlPort: number;
   /** NBD TLS mode and how clients authenticate. */
   nbdTls: TlsSummary;
+  /** The control API's bearer token (DATA_DIR/control.token) and its per-port copy for the CLI (null: none written). */
+  controlTokenFile: string;
+  controlRuntimeTokenFile: string | null;
+  controlSocket: string | null;
   replHost: string;
   replPort: number;
   startedAt: string;
@@ -69,6 +77,9 @@ export interface DaemonInfo {
 
 export const DAEMON_INFO_FILE = 'daemon.json';
 const PID_FILE = 'daemon.pid';
+/** Node timers hold at most 2^31-1 ms; a longer one fires at once. */
+const TIMER_MS_MAX = 2 ** 31 - 1;
+const RETRIES_MAX = 1_000_000;
 
 export class Daemon {
   readonly registry: VolumeRegistry;
@@ -81,6 +92,8 @@ export class Daemon {
   private readonly startedMs = Date.now();
   private lockFd: number | null = null;
   private readonly nbdTls: TlsServerConfig | null;
+  private controlToken = '';
+  private runtimeTokenFile: string | null = null;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -129,6 +142,8 @@ export class Daemon {
       throw new DeltavolError('DATA_DIR', `cannot create data directory ${dir}: ${(e as Error).message}`);
     }
     this.lockDataDir();
+    const tokenWarn = (msg: string) => this.log.warn(msg);
+    this.controlToken = loadOrCreateToken(dir, tokenWarn);
     await this.registry.load();
     if (this.config.demoVolumeBytes && !this.registry.get('demo')) {
       await this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
@@ -138,7 +153,14 @@ export class Daemon {
     const replPort = await this.replication.start();
     const nbdPort = await this.nbd.listenTcp(this.config.nbdPort, this.config.nbdHost);
     if (this.config.socketPath) await this.nbd.listenUnix(this.config.socketPath);
-    const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost);
+    const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost, this.controlToken);
+    this.runtimeTokenFile = writeRuntimeToken(controlPort, this.controlToken, tokenWarn);
+    if (this.config.controlSocketPath) await this.api.listenUnix(this.config.controlSocketPath);
+    if (!isLoopbackAddress(this.config.controlHost)) {
+      const msg = `WARNING: the control API listens on ${this.config.controlHost}:${controlPort}, not on loopback: anyone who can reach it and holds the token (${path.join(dir, CONTROL_TOKEN_FILE)}) can delete volumes, and the token travels unencrypted. Prefer --control-bind 127.0.0.1 and ssh.`;
+      this.log.warn({ controlHost: this.config.controlHost, controlPort }, msg);
+      process.stderr.write(`deltavol: ${msg}\n`);
+    }
     this.info = {
       pid: process.pid,
       version: this.config.version,
@@ -148,6 +170,9 @@ export class Daemon {
       controlHost: this.config.controlHost,
       controlPort,
       nbdTls: tlsSummary(this.config.nbdTls?.mode ?? 'off', this.nbdTls),
+      controlTokenFile: path.join(dir, CONTROL_TOKEN_FILE),
+      controlRuntimeTokenFile: this.runtimeTokenFile,
+      controlSocket: this.config.controlSocketPath ?? null,
       replHost: this.config.replHost,
       replPort,
       startedAt: new Date().toISOString(),
@@ -183,6 +208,8 @@ export class Daemon {
   private async doStop(): Promise<void> {
     this.log.info({ connections: this.nbd.connections.size }, 'shutting down: draining connections');
     await this.nbd.close(shutdownDrainMs);
+    // While the port is still ours no other daemon can have written its own copy there.
+    if (this.runtimeTokenFile) removeRuntimeToken(this.runtimeTokenFile, this.controlToken);
     await this.api.close();
     await this.replication.stop();
     await this.registry.closeAll();
@@ -231,20 +258,25 @@ export class Daemon {
 
   private registerRoutes(): void {
     const api = this.api;
+    // Bodies are JSON objects (the API checks); each field is checked for its type here, so
+    // a wrong type is a 400 with the field's name, never a TypeError (500) further in.
+    const field = (body: unknown, key: string): unknown => (Object.prototype.hasOwnProperty.call(body, key) ? (body as Record<string, unknown>)[key] : undefined);
     const str = (body: unknown, key: string): string | undefined => {
-      const v = (body as Record<string, unknown>)[key];
+      const v = field(body, key);
       if (v === undefined) return undefined;
       if (typeof v !== 'string') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be a string`);
       return v;
     };
-    const num = (body: unknown, key: string): number | undefined => {
-      const v = (body as Record<string, unknown>)[key];
+    /** Every number of the API is a count, a size or a duration: a non-negative safe integer, at most max. */
+    const num = (body: unknown, key: string, max = Number.MAX_SAFE_INTEGER): number | undefined => {
+      const v = field(body, key);
       if (v === undefined) return undefined;
-      if (typeof v !== 'number') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be a number`);
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be a whole number from 0 to ${max}`);
+      if (v > max) throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be at most ${max}`);
       return v;
     };
     const bool = (body: unknown, key: string): boolean | undefined => {
-      const v = (body as Record<string, unknown>)[key];
+      const v = field(body, key);
       if (v === undefined) return undefined;
       if (typeof v !== 'boolean') throw new DeltavolError('EINVAL_ARGUMENT', `"${key}" must be true or false`);
       return v;
@@ -364,9 +396,9 @@ export class Daemon {
         peerHost: host,
         peerPort: port,
         remoteVolume: str(body, 'as'),
-        cutIntervalMs: num(body, 'cutIntervalMs'),
+        cutIntervalMs: num(body, 'cutIntervalMs', TIMER_MS_MAX),
         highWaterBytes: num(body, 'highWaterBytes'),
-        retriesBeforeSuspend: num(body, 'retries'),
+        retriesBeforeSuspend: num(body, 'retries', RETRIES_MAX),
       });
       return pair;
     });
@@ -392,7 +424,15 @@ export class Daemon {
       this.defaultExport = name || undefined;
       return { defaultExport: this.defaultExport ?? null };
     });
-    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()));
+    api.text(
+      '/metrics',
+      () =>
+        renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) +
+        renderReplicationMetrics(this.replication.status()) +
+        '# HELP deltavol_control_refused_requests_total Control API requests refused before routing (Origin, Host, token, content type).\n' +
+        '# TYPE deltavol_control_refused_requests_total counter\n' +
+        `deltavol_control_refused_requests_total ${this.api.refusedRequests}\n`,
+    );
   }
 
   status() {

@@ -5,8 +5,10 @@
 // Holes are punched and found with the fsx addon where the file system allows.
 
 import fs from 'node:fs';
+import nodePath from 'node:path';
 import { promisify } from 'node:util';
 import { assert } from '../util/assert.js';
+import { DeltavolError, errnoCode } from '../util/errors.js';
 import { loadFsx, type Fsx } from './native.js';
 import { zeroBufferBytes } from '../util/limits.js';
 
@@ -47,7 +49,7 @@ export class FileStore {
   static create(path: string, sizeBytes: number): void {
     const fd = fs.openSync(path, 'wx', 0o600);
     try {
-      fs.ftruncateSync(fd, sizeBytes);
+      truncateOrBadSize(fd, sizeBytes, nodePath.dirname(path));
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
@@ -245,7 +247,7 @@ export class FileStore {
   /** Grows the file (never shrinks: callers check). */
   resize(sizeBytes: number): void {
     assert(sizeBytes >= this.sizeBytes, 'FileStore.resize only grows');
-    fs.ftruncateSync(this.fd, sizeBytes);
+    truncateOrBadSize(this.fd, sizeBytes, nodePath.dirname(this.path));
     fs.fsyncSync(this.fd);
     this.sizeBytes = sizeBytes;
   }
@@ -263,5 +265,49 @@ export class FileStore {
     if (this.closed) return;
     this.closed = true;
     fs.closeSync(this.fd);
+  }
+}
+
+/** ftruncate, with EFBIG (larger than the file system allows) reported as BAD_SIZE with the limit. */
+function truncateOrBadSize(fd: number, sizeBytes: number, dir: string): void {
+  try {
+    fs.ftruncateSync(fd, sizeBytes);
+  } catch (e) {
+    if (errnoCode(e) !== 'EFBIG' && errnoCode(e) !== 'EINVAL') throw e;
+    const max = fileSizeBytesMax(dir);
+    if (max === null || sizeBytes <= max) throw e;
+    throw new DeltavolError('BAD_SIZE', `volume size ${sizeBytes} is larger than the file system at ${dir} allows (at most ${max} bytes)`, { sizeBytesMax: max });
+  }
+}
+
+/**
+ * The largest file the file system holding dir allows, found by truncating a scratch file
+ * (sparse: no blocks are written) in a binary search; null if no scratch file can be made.
+ * Only called after an EFBIG, so its ~53 truncates cost nothing in the normal path.
+ */
+export function fileSizeBytesMax(dir: string): number | null {
+  const scratch = nodePath.join(dir, `.size-probe-${process.pid}`);
+  let fd: number;
+  try {
+    fd = fs.openSync(scratch, 'w', 0o600);
+  } catch {
+    return null;
+  }
+  try {
+    let lo = 0; // known to work
+    let hi = Number.MAX_SAFE_INTEGER + 1; // treated as failing
+    while (hi - lo > 1) {
+      const mid = lo + Math.floor((hi - lo) / 2);
+      try {
+        fs.ftruncateSync(fd, mid);
+        lo = mid;
+      } catch {
+        hi = mid;
+      }
+    }
+    return lo;
+  } finally {
+    fs.closeSync(fd);
+    fs.rmSync(scratch, { force: true });
   }
 }

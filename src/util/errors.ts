@@ -35,7 +35,15 @@ export type ErrorCode =
   /** The peer could not be reached (connect failed, timed out, link lost). */
   | 'PEER_UNREACHABLE'
   /** NBD TLS settings that cannot work (a missing or unreadable key, a bad PSK file, flags that contradict). */
-  | 'TLS_CONFIG';
+  | 'TLS_CONFIG'
+  /** Control API: no bearer token, or not the daemon's. */
+  | 'UNAUTHORIZED'
+  /** Control API: a request a browser sent (Origin), or for another host name (DNS rebinding). */
+  | 'FORBIDDEN'
+  /** Control API: a body that is not the content type the route takes. */
+  | 'UNSUPPORTED_MEDIA_TYPE'
+  /** Control API: a request body over the limit. */
+  | 'BODY_TOO_LARGE';
 
 export class DeltavolError extends Error {
   override readonly name = 'DeltavolError';

@@ -55,6 +55,13 @@ export const pskKeyBytesMin = 16;
 
 /** Volume names: what may appear in an export name and a directory name. */
 export const volumeNameBytesMax = 128;
+/** Volume descriptions (sent to NBD clients in NBD_INFO_DESCRIPTION, a 4 KiB NBD string). */
+export const volumeDescriptionBytesMax = 4096;
+
+/** Control API: random bytes in the bearer token (base64url in DATA_DIR/control.token). */
+export const controlTokenBytes = 32;
+/** Control API: largest JSON request body (binary differential uploads are streamed, not bounded by this). */
+export const controlBodyBytesMax = 1024 * 1024;
 
 assert(blockSizeMinBytes <= blockSizePreferredBytes, 'min block ≤ preferred block');
 assert(blockSizePreferredBytes <= requestPayloadBytesMax, 'preferred block ≤ max payload');

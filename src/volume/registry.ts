@@ -17,6 +17,7 @@ import {
   validateTrackingBlock,
   validateVolumeName,
   validateVolumeSize,
+  validateDescription,
   VOLUME_FORMAT_VERSION,
   type VolumeMeta,
 } from './volume-meta.js';
@@ -87,6 +88,7 @@ export class VolumeRegistry {
   async create(options: CreateVolumeOptions): Promise<Volume> {
     validateVolumeName(options.name);
     validateVolumeSize(options.sizeBytes);
+    if (options.description !== undefined) validateDescription(options.description);
     const trackingBlockBytes = options.trackingBlockBytes ?? TRACKING_BLOCK_BYTES_DEFAULT;
     validateTrackingBlock(trackingBlockBytes);
     if (options.snapshotSpaceBytes !== undefined && !(Number.isSafeInteger(options.snapshotSpaceBytes) && options.snapshotSpaceBytes >= trackingBlockBytes)) {
@@ -133,6 +135,7 @@ export class VolumeRegistry {
 
   async update(name: string, patch: { readOnly?: boolean; description?: string }): Promise<Volume> {
     const v = this.require(name);
+    if (patch.description !== undefined) validateDescription(patch.description);
     await v.updateMeta(patch);
     this.log.info({ volume: name, ...patch }, 'volume updated');
     return v;

@@ -2,7 +2,7 @@
 // data file. Parsing validates every field so a damaged file is reported, not trusted.
 
 import { DeltavolError } from '../util/errors.js';
-import { volumeNameBytesMax } from '../util/limits.js';
+import { volumeDescriptionBytesMax, volumeNameBytesMax } from '../util/limits.js';
 
 export const VOLUME_FORMAT_VERSION = 1;
 /** Volume sizes are multiples of this (the minimum NBD block size we advertise). */
@@ -33,6 +33,22 @@ export function validateVolumeName(name: string): void {
       'BAD_NAME',
       `invalid volume name "${name}": use 1-${volumeNameBytesMax} letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
+  }
+}
+
+// C0 controls, DEL and C1 controls: a description is shown on terminals (`volume list`) and
+// to NBD clients, where an escape sequence could rewrite what the reader sees.
+// eslint-disable-next-line no-control-regex
+const CONTROL_CHAR_RE = /[\u0000-\u001f\u007f-\u009f]/;
+
+/** New descriptions: printable text of at most volumeDescriptionBytesMax bytes (old ones load as they are; the CLI escapes them). */
+export function validateDescription(description: string): void {
+  if (typeof description !== 'string') throw new DeltavolError('EINVAL_ARGUMENT', 'a description must be a string');
+  if (Buffer.byteLength(description) > volumeDescriptionBytesMax) {
+    throw new DeltavolError('EINVAL_ARGUMENT', `a description may be at most ${volumeDescriptionBytesMax} bytes, got ${Buffer.byteLength(description)}`);
+  }
+  if (CONTROL_CHAR_RE.test(description)) {
+    throw new DeltavolError('EINVAL_ARGUMENT', 'a description may not contain control characters (escape sequences, newlines, tabs)');
   }
 }
 

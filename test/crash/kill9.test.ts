@@ -248,7 +248,7 @@ describe('kill -9 under load', () => {
 
     const verifySnapshots = async (d: TestDaemon) => {
       // The control API directly (the CLI's list is the same call; node start-up costs ~250 ms).
-      const res = await fetch(`http://127.0.0.1:${d.controlPort}/v1/volumes/${VOL}/snapshots`);
+      const res = await d.fetch(`/v1/volumes/${VOL}/snapshots`);
       if (!res.ok) fail(`snapshot list failed: ${res.status} ${await res.text()}`);
       const { snapshots } = (await res.json()) as { snapshots: { name: string; valid: boolean }[] };
       const infos = new Map(snapshots.map((s) => [s.name, s]));

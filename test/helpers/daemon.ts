@@ -46,14 +46,34 @@ export class TestDaemon {
     readonly replPort: number,
   ) {}
 
+  /** The control API's bearer token (DATA_DIR/control.token, made by the daemon at its first start). */
+  get token(): string {
+    return fs.readFileSync(path.join(this.dataDir, 'control.token'), 'utf8').trim();
+  }
+
+  /** A raw request to the control API with the token (tests of other routes, /metrics). */
+  fetch(urlPath: string, init: RequestInit = {}): Promise<Response> {
+    return fetch(`http://127.0.0.1:${this.controlPort}${urlPath}`, {
+      signal: AbortSignal.timeout(60_000),
+      ...init,
+      headers: { authorization: `Bearer ${this.token}`, ...(init.headers as Record<string, string> | undefined) },
+    });
+  }
+
+  /** The Prometheus text of /metrics. */
+  async metrics(): Promise<string> {
+    const res = await this.fetch('/metrics');
+    if (!res.ok) throw new Error(`GET /metrics: ${res.status} ${await res.text()}`);
+    return res.text();
+  }
+
   /** The control API, as JSON (tests poll replication status with it). */
   async api<T>(method: string, urlPath: string, body?: unknown): Promise<T> {
     const send = () =>
-      fetch(`http://127.0.0.1:${this.controlPort}${urlPath}`, {
+      this.fetch(urlPath, {
         method,
         headers: body === undefined ? {} : { 'content-type': 'application/json' },
         body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(60_000),
       });
     // A GET may meet a kept-alive connection the server closed at that instant (a loaded
     // machine widens the race): ask again once.

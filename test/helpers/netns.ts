@@ -287,7 +287,18 @@ export class NsDaemon {
     return new Promise((resolve, reject) => {
       const payload = body === undefined ? undefined : JSON.stringify(body);
       const req = http.request(
-        { socketPath: this.controlSocket, path: urlPath, method, headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}, timeout: timeoutMs },
+        {
+          socketPath: this.controlSocket,
+          path: urlPath,
+          method,
+          // The forwarder leads to 127.0.0.1:PORT inside the namespace: that is the Host the daemon accepts.
+          headers: {
+            host: `127.0.0.1:${this.controlPort}`,
+            authorization: `Bearer ${this.token}`,
+            ...(payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
+          },
+          timeout: timeoutMs,
+        },
         (res) => {
           let text = '';
           res.setEncoding('utf8');
@@ -310,9 +321,18 @@ export class NsDaemon {
     });
   }
 
-  /** The CLI, run inside the namespace against this daemon's control port. */
+  /** The control API's bearer token (DATA_DIR/control.token). */
+  get token(): string {
+    return fs.readFileSync(path.join(this.dataDir, 'control.token'), 'utf8').trim();
+  }
+
+  /**
+   * The CLI, run inside the namespace against this daemon's control port. Both namespaces'
+   * daemons use the same port, so the per-port token copy in /run/deltavol (one file system)
+   * belongs to whichever started last: the token comes from the data directory instead.
+   */
   cli(args: string[], timeoutMs = 60_000): CliResult {
-    return this.lab.exec(this.side, process.execPath, [CLI, '--control', `127.0.0.1:${this.controlPort}`, ...args], { allowFail: true, timeoutMs });
+    return this.lab.exec(this.side, process.execPath, [CLI, '--control', `127.0.0.1:${this.controlPort}`, '--token-file', path.join(this.dataDir, 'control.token'), ...args], { allowFail: true, timeoutMs });
   }
 
   /** A TCP port on 127.0.0.1 in the root namespace that leads to this daemon's NBD socket. */

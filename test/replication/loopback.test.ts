@@ -153,10 +153,10 @@ describe('replication over loopback', () => {
     // The same numbers for people and for Prometheus.
     const table = cli(a, ['status', 'v2']);
     expect(table).toMatch(/v2\s+primary\s+v2-one@127\.0\.0\.1:\d+\s+duplex\s+1\s/);
-    const metrics = await (await fetch(`http://127.0.0.1:${a.controlPort}/metrics`)).text();
+    const metrics = await a.metrics();
     expect(metrics).toMatch(/deltavol_replication_pair_state\{volume="v2",pair="[0-9a-f]+",peer="[^"]+",remote_volume="v2-one",state="duplex"\} 1/);
     expect(metrics).toMatch(/deltavol_replication_lag_seconds\{volume="v2",[^}]*remote_volume="v2-one"\} 0\n/);
-    const rmetrics = await (await fetch(`http://127.0.0.1:${b.controlPort}/metrics`)).text();
+    const rmetrics = await b.metrics();
     expect(rmetrics).toMatch(/deltavol_replica_played_set\{volume="v2-one",primary_volume="v2"\} \d+/);
     expect(sha256File(b.volumePath('v2-one'))).toBe(sha256File(a.volumePath('v2')));
     // The replica volume is deleted on the peer: the pair notices at its next hello and

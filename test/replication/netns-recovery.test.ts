@@ -467,7 +467,7 @@ describe.skipIf(!support.ok)('disaster recovery between two network namespaces',
     const victim2 = rnd() < 0.5 ? 'a' : 'b';
     const at2 = Math.floor(rnd() * 400);
     const cliRun = new Promise<{ status: number; out: string }>((resolve) => {
-      const p = r.lab.spawn('a', process.execPath, [path.resolve('dist/cli/main.js'), '--control', `127.0.0.1:${r.a.controlPort}`, 'failback', V, '--json']);
+      const p = r.lab.spawn('a', process.execPath, [path.resolve('dist/cli/main.js'), '--control', `127.0.0.1:${r.a.controlPort}`, '--token-file', path.join(r.a.dataDir, 'control.token'), 'failback', V, '--json']);
       let out = '';
       p.stdout?.on('data', (d: Buffer) => (out += d.toString()));
       p.once('exit', (code) => resolve({ status: code ?? -1, out }));

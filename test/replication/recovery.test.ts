@@ -105,7 +105,7 @@ describe('disaster recovery over loopback', () => {
     expect((await ca.write(0, Buffer.alloc(BS, 9))).error).toBe(1); // EPERM
     await ca.disconnect();
     await expectVolumeEquals(a.nbdPort, 'v', aModel, 'the fenced old primary still holds all its acknowledged writes');
-    const metrics = await (await fetch(`http://127.0.0.1:${a.controlPort}/metrics`)).text();
+    const metrics = await a.metrics();
     expect(metrics).toMatch(/deltavol_volume_fenced\{volume="v"\} 1/);
     expect(a.cli(['volume', 'set', 'v', '--read-write']).status).toBe(5);
 
