@@ -17,7 +17,14 @@ import { formatBytes, parseDurationMs, parseHostPort, parseSizeBytes } from '../
 import { registerReplicationCommands, renderReplication, type VolumeReplication } from './replication-commands.js';
 import { registerRecoveryCommands } from './recovery-commands.js';
 import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
-import { syncIoBytesMaxDefault } from '../util/limits.js';
+import {
+  connectionsMax,
+  connectionsPerAddressMaxDefault,
+  handshakeConnectionsMaxDefault,
+  nbdBufferBytesMaxDefault,
+  nbdStallTimeoutMsDefault,
+  syncIoBytesMaxDefault,
+} from '../util/limits.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -88,6 +95,11 @@ export function buildProgram(): Command {
     .option('--repl-advertise <host:port>', 'replication address peers dial back after a resync or a handover (default: the address they see, on --repl-port)')
     .option('--outbound-size <size>', 'outbound save area per replicated volume (delta sets waiting for their replicas)', String(outboundBytesDefault))
     .option('--playback-delay <duration>', 'a replica plays a complete delta set after this delay', '0ms')
+    .option('--connections-max <n>', 'NBD connections (handshake and transmission); when full, a client from an address holding fewer evicts the longest-idle connection of the address holding the most', String(connectionsMax))
+    .option('--handshake-connections-max <n>', 'NBD connections still in the handshake (each has 30 s to finish)', String(handshakeConnectionsMaxDefault))
+    .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
+    .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', String(nbdBufferBytesMaxDefault))
+    .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault}ms`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
@@ -120,6 +132,13 @@ export function buildProgram(): Command {
           replPort: port(opts.replPort, '--repl-port'),
           outboundBytes: size(opts.outboundSize),
           playbackDelayMs: parseDurationMs(opts.playbackDelay),
+          nbdLimits: {
+            connectionsMax: Number(opts.connectionsMax),
+            handshakeConnectionsMax: Number(opts.handshakeConnectionsMax),
+            connectionsPerAddressMax: Number(opts.connectionsPerAddressMax),
+            bufferBytesMax: size(opts.nbdBufferBytesMax),
+            stallTimeoutMs: parseDurationMs(opts.nbdStallTimeout),
+          },
           ...(opts.replAdvertise ? { replAdvertiseHost: parseHostPort(opts.replAdvertise).host, replAdvertisePort: parseHostPort(opts.replAdvertise).port } : {}),
         },
         log,

@@ -11,10 +11,10 @@ import { writeFileAtomicSync } from '../util/atomic-file.js';
 import { shutdownDrainMs } from '../util/limits.js';
 import { VolumeRegistry } from '../volume/registry.js';
 import type { Volume } from '../volume/volume.js';
-import { NbdServer } from '../server/nbd-server.js';
+import { NbdServer, type NbdLimits } from '../server/nbd-server.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
-import { renderMetrics } from './metrics.js';
+import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
 import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
@@ -46,6 +46,8 @@ export interface DaemonConfig {
   /** The replication address peers dial back (a resync, a handover); default: as they see us, on the bound port. */
   replAdvertiseHost?: string;
   replAdvertisePort?: number;
+  /** NBD limits under abuse (defaults in src/util/limits.ts). */
+  nbdLimits?: Partial<NbdLimits>;
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -93,6 +95,7 @@ export class Daemon {
     this.nbd = new NbdServer(
       new VolumeCatalog(this.registry, () => this.defaultExport),
       log.child({ part: 'nbd' }),
+      config.nbdLimits,
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     this.replication = new ReplicationService(
@@ -365,7 +368,7 @@ export class Daemon {
       this.defaultExport = name || undefined;
       return { defaultExport: this.defaultExport ?? null };
     });
-    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()));
+    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderNbdLimitMetrics(this.nbd.limitsSnapshot()) + renderReplicationMetrics(this.replication.status()));
   }
 
   status() {

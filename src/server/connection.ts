@@ -2,7 +2,10 @@
 // then to the request framer, hands requests to the Transmission, and owns the socket
 // concerns the protocol code must not: corking replies into one write per batch,
 // backpressure (stop reading at the in-flight caps or when the client does not read its
-// replies), timeouts, DISC, and draining on shutdown.
+// replies), timeouts, DISC, and draining on shutdown. It also keeps this connection's
+// share of the daemon-wide memory budget (memory-budget.ts): a request's buffer is
+// reserved before the request is parsed, reply bytes count until the socket has taken
+// them, and a connection refused memory stops being read until some is released.
 
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
@@ -10,7 +13,8 @@ import type { ExportCatalog } from '../nbd/export.js';
 import { Negotiator } from '../nbd/negotiator.js';
 import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission } from '../nbd/transmission.js';
-import { CMD_DISC, COMMAND_NAMES } from '../nbd/constants.js';
+import { CMD_DISC, CMD_READ, CMD_WRITE, COMMAND_NAMES } from '../nbd/constants.js';
+import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -27,6 +31,18 @@ export interface ConnectionStats {
   bytesWritten: number;
 }
 
+/** What the server gives each connection for the daemon-wide limits. */
+export interface ConnectionLimits {
+  budget: MemoryBudget;
+  /** The handshake is over: the connection moves to the transmission pool. */
+  enteredTransmission(c: Connection): void;
+}
+
+/** Bytes a request holds while in flight: its READ buffer or WRITE payload (0 when rejected for size). */
+function heldBytesFor(payloadBytes: number): number {
+  return payloadBytes <= requestPayloadBytesMax ? payloadBytes : 0;
+}
+
 export class Connection {
   private state: State = 'handshake';
   private readonly negotiator: Negotiator;
@@ -39,13 +55,29 @@ export class Connection {
   private drainWaiters: (() => void)[] = [];
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
+  // ---- limits (memory budget, admission, stall detection) ----
+  private readonly account: MemoryAccount;
+  /** Reply bytes handed to the socket and not yet written by it. */
+  private queuedBytes = 0;
+  private socketGone = false;
+  /** Bumped on every sign of life: bytes received, a reply written, a request completed. */
+  private progress = 0;
+  private stallProgress = -1;
+  private stallQueueBytes = -1;
+  private stallSinceMs = 0;
+  readonly acceptedMs = Date.now();
+  lastActiveMs = this.acceptedMs;
 
   constructor(
     private readonly socket: Socket,
     catalog: ExportCatalog,
-    private readonly log: Logger,
+    readonly log: Logger,
     private readonly onClosed: (c: Connection) => void,
+    private readonly limits: ConnectionLimits,
+    /** Normalized remote address (null for Unix sockets), for the per-address caps. */
+    readonly address: string | null = null,
   ) {
+    this.account = new MemoryAccount(() => this.maybeResume());
     this.negotiator = new Negotiator(catalog);
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -69,8 +101,40 @@ export class Connection {
     return this.tx?.inflight ?? 0;
   }
 
+  /** Bytes this connection holds in the memory budget. */
+  get heldBytes(): number {
+    return this.account.heldBytes;
+  }
+
+  /** Requests in flight or replies not yet written: closing it would cut work short. */
+  get busy(): boolean {
+    return this.inflight > 0 || this.queuedBytes > 0;
+  }
+
+  /**
+   * How long this connection has held memory the client is not moving: replies it does
+   * not read, or a WRITE payload it stopped sending. 0 when it is not doing that. Called
+   * by the server's periodic check while other connections wait for memory.
+   */
+  stalledMs(nowMs: number): number {
+    if (this.state === 'closed' || !(this.queuedBytes > 0 || this.framer?.awaitingPayload)) {
+      this.stallSinceMs = 0;
+      return 0;
+    }
+    // libuv's queue shrinks as a large reply is written piecewise; the write callback only fires at its end.
+    const q = (this.socket as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0;
+    if (this.stallSinceMs === 0 || this.progress !== this.stallProgress || q !== this.stallQueueBytes) {
+      this.stallProgress = this.progress;
+      this.stallQueueBytes = q;
+      this.stallSinceMs = nowMs;
+      return 0;
+    }
+    return nowMs - this.stallSinceMs;
+  }
+
   private onData(chunk: Buffer): void {
     this.stats.bytesRead += chunk.length;
+    this.progress++;
     this.inDataEvent = true;
     this.socket.cork();
     try {
@@ -104,15 +168,16 @@ export class Connection {
       { export: n.export.name, structured: n.structuredReplies, contexts: n.metaContexts, flags: n.transmissionFlags },
       'client connected to export',
     );
+    this.limits.enteredTransmission(this);
     this.tx = new Transmission(n.export, n, {
-      send: (buffers) => this.send(buffers),
-      completed: () => this.requestCompleted(),
+      send: (buffers, sent) => this.send(buffers, sent),
+      completed: (payloadBytes) => this.requestCompleted(payloadBytes),
       warn: (msg, fields) => this.log.warn(fields, msg),
     });
     this.state = 'transmission';
     this.framer = new RequestFramer(
       this.negotiator.leftover(),
-      { request: (h, p) => this.onRequest(h, p), accepting: () => this.accepting() },
+      { request: (h, p) => this.onRequest(h, p), accepting: (type, length) => this.accepting(type, length) },
       requestPayloadBytesMax,
     );
     const err = this.framer.parse();
@@ -121,7 +186,11 @@ export class Connection {
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
     this.stats.requests++;
-    if (this.state !== 'transmission') return;
+    if (this.state !== 'transmission') {
+      this.releaseHeld(heldBytesFor(h.type === CMD_DISC ? 0 : h.length));
+      return;
+    }
+    this.lastActiveMs = Date.now();
     if (h.type === CMD_DISC) {
       this.beginDrain('client sent DISC');
       return;
@@ -132,14 +201,16 @@ export class Connection {
     this.tx!.handle(h, payload);
   }
 
-  /** Whether another request may be parsed now (backpressure). */
-  private accepting(): boolean {
+  /** Whether another request may be parsed now (backpressure), with its buffer reserved in the budget. */
+  private accepting(type: number, length: number): boolean {
     const tx = this.tx;
     if (this.state !== 'transmission' || !tx) return false;
+    const need = type === CMD_READ || type === CMD_WRITE ? heldBytesFor(length) : 0;
     const ok =
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
-      this.socket.writableLength < socketQueuedBytesMax;
+      this.socket.writableLength < socketQueuedBytesMax &&
+      (need === 0 || this.limits.budget.tryTake(this.account, need));
     if (!ok && !this.paused) {
       this.paused = true;
       this.socket.pause();
@@ -180,16 +251,33 @@ export class Connection {
       });
     }
     const last = buffers.length - 1;
-    for (let i = 0; i <= last; i++) {
-      const b = buffers[i]!;
-      this.stats.bytesWritten += b.length;
-      // Writes complete in order, so the last one's callback means all were taken.
-      if (i === last && sent) this.socket.write(b, () => sent());
-      else this.socket.write(b);
-    }
+    let bytes = 0;
+    for (let i = 0; i < last; i++) bytes += buffers[i]!.length;
+    bytes += buffers[last]!.length;
+    this.stats.bytesWritten += bytes;
+    this.queuedBytes += bytes;
+    this.limits.budget.add(this.account, bytes);
+    for (let i = 0; i < last; i++) this.socket.write(buffers[i]!);
+    // Writes complete in order, so the last one's callback means all were taken.
+    this.socket.write(buffers[last]!, () => this.replyWritten(bytes, sent));
   }
 
-  private requestCompleted(): void {
+  private replyWritten(bytes: number, sent: (() => void) | undefined): void {
+    this.progress++;
+    if (!this.socketGone) {
+      this.queuedBytes -= bytes;
+      this.limits.budget.release(this.account, bytes);
+    }
+    sent?.();
+  }
+
+  private releaseHeld(bytes: number): void {
+    if (bytes > 0) this.limits.budget.release(this.account, bytes);
+  }
+
+  private requestCompleted(payloadBytes: number): void {
+    this.progress++;
+    this.releaseHeld(heldBytesFor(payloadBytes));
     if (this.paused) this.maybeResume();
     if (this.tx && this.tx.inflight === 0) {
       const waiters = this.drainWaiters.splice(0);
@@ -251,6 +339,11 @@ export class Connection {
   private onSocketClose(): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.state = 'closed';
+    // Unwritten replies are dropped with the socket; requests in flight release theirs as they complete.
+    this.socketGone = true;
+    this.releaseHeld(this.queuedBytes);
+    this.queuedBytes = 0;
+    this.limits.budget.close(this.account);
     const tx = this.tx;
     if (tx) {
       tx.closed = true;

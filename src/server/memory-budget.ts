@@ -1,0 +1,135 @@
+// Why: per-connection caps bound what one client can make the daemon hold, not what 32
+// or 1024 of them can (32 clients pipelining 32 MiB reads and never reading the replies
+// took the daemon to 2.1 GiB and an OOM kill). This is the daemon-wide account of the
+// bytes the NBD server holds for requests and replies — READ buffers in flight, WRITE
+// payloads held, reply bytes queued on sockets — with a hard ceiling.
+//
+// The budget has two parts. Every connection may hold up to `reserveBytesPerConnection`
+// without asking anyone (set aside for connectionsMax connections), so small I/O is never
+// starved by hogs. Above its reserve a connection draws on the shared part; the last
+// `hogHeadroomBytes` of it only go to connections that hold no more than their reserve, so
+// clients that already sit on shared memory (typically: do not read their replies) are
+// paused first and a well-behaved client can still get a full-size (32 MiB) request
+// through. A connection refused memory waits (the server stops reading from it) and is
+// woken, least-holding first, as memory is released. Taking and releasing are a few
+// integer operations: this runs on every request.
+
+import { assert } from '../util/assert.js';
+
+/** One connection's share of the budget. */
+export class MemoryAccount {
+  /** Bytes this connection holds (in flight and queued). */
+  heldBytes = 0;
+  waiting = false;
+  constructor(
+    /** Called (at most once per wake pass) when memory was released and the account waits for some. */
+    readonly wake: () => void,
+  ) {}
+}
+
+export interface MemoryBudgetOptions {
+  budgetBytesMax: number;
+  reserveBytesPerConnection: number;
+  connectionsMax: number;
+  hogHeadroomBytes: number;
+}
+
+export class MemoryBudget {
+  /** Bytes held by all connections. */
+  totalBytes = 0;
+  /** Bytes held above the connections' reserves. */
+  sharedBytes = 0;
+  readonly sharedBytesMax: number;
+  readonly reserveBytes: number;
+  readonly budgetBytesMax: number;
+  private readonly hogHeadroomBytes: number;
+  readonly waiters = new Set<MemoryAccount>();
+  /** Times a connection was refused memory and had to wait (a counter). */
+  waitsTotal = 0;
+  /** Highest totalBytes seen. */
+  peakBytes = 0;
+  private wakeScheduled = false;
+  /** Told when the first connection starts waiting (true) and when none waits any more (false). */
+  onPressure: (exhausted: boolean, waiting: number) => void = () => {};
+
+  constructor(o: MemoryBudgetOptions) {
+    this.budgetBytesMax = o.budgetBytesMax;
+    this.reserveBytes = o.reserveBytesPerConnection;
+    this.sharedBytesMax = o.budgetBytesMax - o.connectionsMax * o.reserveBytesPerConnection;
+    this.hogHeadroomBytes = Math.min(o.hogHeadroomBytes, Math.max(0, this.sharedBytesMax));
+    assert(this.sharedBytesMax >= 0, 'the budget must hold every connection reserve');
+  }
+
+  /** Bytes of `held` above the reserve: what it takes from the shared part. */
+  private over(held: number): number {
+    return held > this.reserveBytes ? held - this.reserveBytes : 0;
+  }
+
+  /** Takes n bytes for a (new) request, or registers the account as waiting and returns false. */
+  tryTake(a: MemoryAccount, n: number): boolean {
+    const h = a.heldBytes;
+    const extra = this.over(h + n) - this.over(h);
+    if (extra > 0) {
+      const limit = h > this.reserveBytes ? this.sharedBytesMax - this.hogHeadroomBytes : this.sharedBytesMax;
+      // A request larger than the whole shared part can only ever run alone.
+      if (this.sharedBytes + extra > limit && !(this.sharedBytes === 0 && extra > limit)) {
+        if (!a.waiting) {
+          a.waiting = true;
+          this.waiters.add(a);
+          this.waitsTotal++;
+          if (this.waiters.size === 1) this.onPressure(true, 1);
+        }
+        return false;
+      }
+      this.sharedBytes += extra;
+    }
+    a.heldBytes = h + n;
+    this.totalBytes += n;
+    if (this.totalBytes > this.peakBytes) this.peakBytes = this.totalBytes;
+    if (a.waiting) this.unwait(a);
+    return true;
+  }
+
+  /** Adds bytes that already exist and cannot be refused (a reply being queued). */
+  add(a: MemoryAccount, n: number): void {
+    const h = a.heldBytes;
+    this.sharedBytes += this.over(h + n) - this.over(h);
+    a.heldBytes = h + n;
+    this.totalBytes += n;
+    if (this.totalBytes > this.peakBytes) this.peakBytes = this.totalBytes;
+  }
+
+  release(a: MemoryAccount, n: number): void {
+    const h = a.heldBytes;
+    assert(n <= h, 'released more than held');
+    this.sharedBytes -= this.over(h) - this.over(h - n);
+    a.heldBytes = h - n;
+    this.totalBytes -= n;
+    if (this.waiters.size > 0 && !this.wakeScheduled) {
+      // Batch: many releases in one loop turn make one pass over the waiters.
+      this.wakeScheduled = true;
+      setImmediate(() => this.wakeWaiters());
+    }
+  }
+
+  /** The connection is gone: it no longer waits (what it holds is released by the caller). */
+  close(a: MemoryAccount): void {
+    if (a.waiting) this.unwait(a);
+  }
+
+  private unwait(a: MemoryAccount): void {
+    a.waiting = false;
+    this.waiters.delete(a);
+    if (this.waiters.size === 0) this.onPressure(false, 0);
+  }
+
+  private wakeWaiters(): void {
+    this.wakeScheduled = false;
+    // Least-holding first: connections that sit on memory are served last.
+    const order = [...this.waiters].sort((x, y) => x.heldBytes - y.heldBytes);
+    for (const a of order) {
+      if (!a.waiting) continue;
+      a.wake();
+    }
+  }
+}
