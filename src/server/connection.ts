@@ -13,7 +13,7 @@ import type { ExportCatalog } from '../nbd/export.js';
 import { Negotiator } from '../nbd/negotiator.js';
 import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission } from '../nbd/transmission.js';
-import { CMD_DISC, CMD_READ, CMD_WRITE, COMMAND_NAMES } from '../nbd/constants.js';
+import { CMD_DISC, CMD_READ, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
 import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
 import {
   handshakeTimeoutMs,
@@ -210,12 +210,18 @@ export class Connection {
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
       this.socket.writableLength < socketQueuedBytesMax &&
-      (need === 0 || this.limits.budget.tryTake(this.account, need));
+      (need === 0 || this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
     if (!ok && !this.paused) {
       this.paused = true;
       this.socket.pause();
     }
     return ok;
+  }
+
+  /** Whether another request header is already queued behind the one being admitted (and its WRITE payload). */
+  private pipelinedBehind(type: number, length: number): boolean {
+    const queued = this.framer ? this.framer.queue.length : 0;
+    return queued - (type === CMD_WRITE ? length : 0) >= REQUEST_HEADER_BYTES;
   }
 
   private maybeResume(): void {

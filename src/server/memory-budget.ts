@@ -7,11 +7,12 @@
 // The budget has two parts. Every connection may hold up to `reserveBytesPerConnection`
 // without asking anyone (set aside for connectionsMax connections), so small I/O is never
 // starved by hogs. Above its reserve a connection draws on the shared part; the last
-// `hogHeadroomBytes` of it only go to connections that hold no more than their reserve, so
-// clients that already sit on shared memory (typically: do not read their replies) are
-// paused first and a well-behaved client can still get a full-size (32 MiB) request
+// `hogHeadroomBytes` of it only go to "light" connections: those that hold no more than
+// their reserve and have no further request queued behind the one asking. So clients that
+// sit on shared memory (typically: do not read their replies) or pipeline deeply are
+// paused first, and a well-behaved client can still get a full-size (32 MiB) request
 // through. A connection refused memory waits (the server stops reading from it) and is
-// woken, least-holding first, as memory is released. Taking and releasing are a few
+// woken, smallest holding-plus-wanted first, as memory is released. Taking and releasing are a few
 // integer operations: this runs on every request.
 
 import { assert } from '../util/assert.js';
@@ -20,6 +21,8 @@ import { assert } from '../util/assert.js';
 export class MemoryAccount {
   /** Bytes this connection holds (in flight and queued). */
   heldBytes = 0;
+  /** What it asked for when it was last refused (orders the wake-ups). */
+  wantBytes = 0;
   waiting = false;
   constructor(
     /** Called (at most once per wake pass) when memory was released and the account waits for some. */
@@ -65,14 +68,19 @@ export class MemoryBudget {
     return held > this.reserveBytes ? held - this.reserveBytes : 0;
   }
 
-  /** Takes n bytes for a (new) request, or registers the account as waiting and returns false. */
-  tryTake(a: MemoryAccount, n: number): boolean {
+  /**
+   * Takes n bytes for a (new) request, or registers the account as waiting and returns
+   * false. `pipelined`: more requests from this connection are already queued behind it.
+   */
+  tryTake(a: MemoryAccount, n: number, pipelined: boolean): boolean {
     const h = a.heldBytes;
     const extra = this.over(h + n) - this.over(h);
     if (extra > 0) {
-      const limit = h > this.reserveBytes ? this.sharedBytesMax - this.hogHeadroomBytes : this.sharedBytesMax;
+      const light = h <= this.reserveBytes && !pipelined;
+      const limit = light ? this.sharedBytesMax : this.sharedBytesMax - this.hogHeadroomBytes;
       // A request larger than the whole shared part can only ever run alone.
       if (this.sharedBytes + extra > limit && !(this.sharedBytes === 0 && extra > limit)) {
+        a.wantBytes = n;
         if (!a.waiting) {
           a.waiting = true;
           this.waiters.add(a);
@@ -125,8 +133,8 @@ export class MemoryBudget {
 
   private wakeWaiters(): void {
     this.wakeScheduled = false;
-    // Least-holding first: connections that sit on memory are served last.
-    const order = [...this.waiters].sort((x, y) => x.heldBytes - y.heldBytes);
+    // Smallest first: connections that sit on memory, or want much, are served last.
+    const order = [...this.waiters].sort((x, y) => x.heldBytes + x.wantBytes - (y.heldBytes + y.wantBytes));
     for (const a of order) {
       if (!a.waiting) continue;
       a.wake();
