@@ -33,8 +33,15 @@ async function daemon(volumeSize: string, extraArgs: string[]): Promise<TestDaem
   return d;
 }
 
+/** The process's resident set (0 once it is gone: a killed daemon fails the test elsewhere). */
 function rssMiB(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  let status = '';
+  try {
+    status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return 0;
+  }
+  const m = /VmRSS:\s+(\d+) kB/.exec(status);
   return m ? Number(m[1]) / 1024 : 0;
 }
 
