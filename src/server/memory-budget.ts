@@ -52,6 +52,12 @@ export class MemoryBudget {
   /** Highest totalBytes seen. */
   peakBytes = 0;
   private wakeScheduled = false;
+  /** Above this, a later fall below lowWaterBytes calls onShrunk (memory to give back). */
+  private readonly highWaterBytes: number;
+  private readonly lowWaterBytes: number;
+  private wasHigh = false;
+  /** Told when the buffers fell below a sixteenth of the budget after holding more than a quarter. */
+  onShrunk: () => void = () => {};
   /** Told when the first connection starts waiting (true) and when none waits any more (false). */
   onPressure: (exhausted: boolean, waiting: number) => void = () => {};
 
@@ -60,6 +66,8 @@ export class MemoryBudget {
     this.reserveBytes = o.reserveBytesPerConnection;
     this.sharedBytesMax = o.budgetBytesMax - o.connectionsMax * o.reserveBytesPerConnection;
     this.hogHeadroomBytes = Math.min(o.hogHeadroomBytes, Math.max(0, this.sharedBytesMax));
+    this.highWaterBytes = o.budgetBytesMax / 4;
+    this.lowWaterBytes = o.budgetBytesMax / 16;
     assert(this.sharedBytesMax >= 0, 'the budget must hold every connection reserve');
   }
 
@@ -94,6 +102,7 @@ export class MemoryBudget {
     a.heldBytes = h + n;
     this.totalBytes += n;
     if (this.totalBytes > this.peakBytes) this.peakBytes = this.totalBytes;
+    if (this.totalBytes > this.highWaterBytes) this.wasHigh = true;
     if (a.waiting) this.unwait(a);
     return true;
   }
@@ -105,6 +114,7 @@ export class MemoryBudget {
     a.heldBytes = h + n;
     this.totalBytes += n;
     if (this.totalBytes > this.peakBytes) this.peakBytes = this.totalBytes;
+    if (this.totalBytes > this.highWaterBytes) this.wasHigh = true;
   }
 
   release(a: MemoryAccount, n: number): void {
@@ -113,6 +123,10 @@ export class MemoryBudget {
     this.sharedBytes -= this.over(h) - this.over(h - n);
     a.heldBytes = h - n;
     this.totalBytes -= n;
+    if (this.wasHigh && this.totalBytes < this.lowWaterBytes) {
+      this.wasHigh = false;
+      this.onShrunk();
+    }
     if (this.waiters.size > 0 && !this.wakeScheduled) {
       // Batch: many releases in one loop turn make one pass over the waiters.
       this.wakeScheduled = true;

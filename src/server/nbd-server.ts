@@ -14,6 +14,7 @@ import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
 import { formatBytes } from '../util/units.js';
+import { collectGarbage } from '../util/gc.js';
 import {
   connectionsMax,
   connectionsPerAddressMaxDefault,
@@ -59,6 +60,10 @@ export function checkNbdLimits(l: NbdLimits): void {
   }
 }
 
+/** A collection after a burst waits this long (requests finishing together release together)… */
+const GC_DELAY_MS = 200;
+/** …and runs at most this often. */
+const GC_INTERVAL_MS = 5000;
 /** How often connections are checked for stalls while some wait for memory. */
 const STALL_CHECK_INTERVAL_MS = 250;
 
@@ -72,6 +77,8 @@ export class NbdServer {
   readonly admission: Admission<Connection>;
   private readonly connLimits: ConnectionLimits;
   private stallTimer: NodeJS.Timeout | null = null;
+  private gcTimer: NodeJS.Timeout | null = null;
+  private lastGcMs = 0;
   /** Connections closed because they held memory without reading while others waited. */
   stalledClosedTotal = 0;
 
@@ -89,6 +96,7 @@ export class NbdServer {
       hogHeadroomBytes: requestPayloadBytesMax + 4096,
     });
     this.budget.onPressure = (exhausted) => this.onMemoryPressure(exhausted);
+    this.budget.onShrunk = () => this.giveMemoryBack();
     this.admission = new Admission<Connection>({
       connectionsMax: this.limits.connectionsMax,
       handshakeMax: this.limits.handshakeConnectionsMax,
@@ -135,6 +143,24 @@ export class NbdServer {
     );
     this.connections.add(c);
     this.admission.add(c);
+  }
+
+  /**
+   * The buffers shrank after a burst: collect the dead ones now (see util/gc.ts), off the
+   * request path and at most every GC_INTERVAL_MS.
+   */
+  private giveMemoryBack(): void {
+    if (this.gcTimer) return;
+    const wait = Math.max(GC_DELAY_MS, this.lastGcMs + GC_INTERVAL_MS - Date.now());
+    this.gcTimer = setTimeout(() => {
+      this.gcTimer = null;
+      this.lastGcMs = Date.now();
+      const before = process.memoryUsage.rss();
+      if (!collectGarbage()) return;
+      const after = process.memoryUsage.rss();
+      this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');
+    }, wait);
+    this.gcTimer.unref();
   }
 
   private onMemoryPressure(exhausted: boolean): void {
@@ -226,6 +252,8 @@ export class NbdServer {
     this.closing = true;
     if (this.stallTimer) clearInterval(this.stallTimer);
     this.stallTimer = null;
+    if (this.gcTimer) clearTimeout(this.gcTimer);
+    this.gcTimer = null;
     const closed = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
     await Promise.all([...this.connections].map((c) => c.shutdown(drainMs)));
     // Sockets were ended after their last reply; a client that never closes its side

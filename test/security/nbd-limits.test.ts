@@ -161,7 +161,7 @@ async function timed<T>(lat: number[], f: () => Promise<T>): Promise<T> {
 async function hogsAndAWellBehavedClient(
   d: TestDaemon,
   name: string,
-): Promise<{ peakOverBaselineMiB: number; small: number[]; large: number[]; mid: Map<string, number>; end: Map<string, number> }> {
+): Promise<{ baselineMiB: number; peakOverBaselineMiB: number; small: number[]; large: number[]; mid: Map<string, number>; end: Map<string, number> }> {
   const seed = testSeed(name);
   const rand = prng(seed);
   const pid = d.proc.pid!;
@@ -205,7 +205,7 @@ async function hogsAndAWellBehavedClient(
       `[${name}] RSS baseline ${baseline.toFixed(0)} MiB, peak ${peak.toFixed(0)} MiB; budget peak ${(m.get('deltavol_nbd_buffer_peak_bytes')! / MiB).toFixed(0)} MiB; ` +
         `stalled closed ${m.get('deltavol_nbd_stalled_connections_closed_total')}; 4k ops ${fmt(small)}; 1M/32M ops ${fmt(large)}`,
     );
-    return { peakOverBaselineMiB: peak - baseline, small, large, mid, end: m };
+    return { baselineMiB: baseline, peakOverBaselineMiB: peak - baseline, small, large, mid, end: m };
   } finally {
     clearInterval(sampler);
   }
@@ -233,6 +233,14 @@ describe('NBD memory budget', () => {
       held = (await metrics(d)).get('deltavol_nbd_buffer_bytes')!;
     }
     expect(held).toBe(0);
+    // And the memory itself is given back to the system (the buffer pool keeps at most 16 MiB).
+    let after = rssMiB(d.proc.pid!);
+    for (let i = 0; i < 100 && after > r.baselineMiB + 48; i++) {
+      await new Promise((res) => setTimeout(res, 100));
+      after = rssMiB(d.proc.pid!);
+    }
+    console.log(`[nbd-limits-rss] RSS after the clients left: ${after.toFixed(0)} MiB (baseline ${r.baselineMiB.toFixed(0)} MiB)`);
+    expect(after).toBeLessThan(r.baselineMiB + 48);
     expect(d.log()).toContain('NBD buffer budget exhausted');
   });
 
