@@ -270,6 +270,7 @@ export class Connection {
 
   private replyWritten(bytes: number, sent: (() => void) | undefined): void {
     this.progress++;
+    this.account.proven = true;
     if (!this.socketGone) {
       this.queuedBytes -= bytes;
       this.limits.budget.release(this.account, bytes);

@@ -7,11 +7,11 @@
 // The budget has two parts. Every connection may hold up to `reserveBytesPerConnection`
 // without asking anyone (set aside for connectionsMax connections), so small I/O is never
 // starved by hogs. Above its reserve a connection draws on the shared part; the last
-// `hogHeadroomBytes` of it only go to "light" connections: those that hold no more than
-// their reserve and have no further request queued behind the one asking. So clients that
-// sit on shared memory (typically: do not read their replies) or pipeline deeply are
-// paused first, and a well-behaved client can still get a full-size (32 MiB) request
-// through. A connection refused memory waits (the server stops reading from it) and is
+// `hogHeadroomBytes` of it only go to "light" connections: those that have shown they read
+// (a reply of theirs was written out), hold no more than their reserve, and have no further
+// request queued behind the one asking. So clients that sit on shared memory (typically: do
+// not read their replies), pipeline deeply, or never read at all are paused first, and a
+// well-behaved client can still get a full-size (32 MiB) request through. A connection refused memory waits (the server stops reading from it) and is
 // woken, smallest holding-plus-wanted first, as memory is released. Taking and releasing are a few
 // integer operations: this runs on every request.
 
@@ -21,6 +21,8 @@ import { assert } from '../util/assert.js';
 export class MemoryAccount {
   /** Bytes this connection holds (in flight and queued). */
   heldBytes = 0;
+  /** Set once a reply of this connection was written out: it reads what it is sent. */
+  proven = false;
   /** What it asked for when it was last refused (orders the wake-ups). */
   wantBytes = 0;
   waiting = false;
@@ -84,7 +86,7 @@ export class MemoryBudget {
     const h = a.heldBytes;
     const extra = this.over(h + n) - this.over(h);
     if (extra > 0) {
-      const light = h <= this.reserveBytes && !pipelined;
+      const light = a.proven && h <= this.reserveBytes && !pipelined;
       const limit = light ? this.sharedBytesMax : this.sharedBytesMax - this.hogHeadroomBytes;
       // A request larger than the whole shared part can only ever run alone.
       if (this.sharedBytes + extra > limit && !(this.sharedBytes === 0 && extra > limit)) {

@@ -30,18 +30,21 @@ describe('MemoryBudget', () => {
     expect(b.sharedBytes).toBe(32 * MiB - RESERVE);
   });
 
-  it('hogs and deep pipeliners are paused first; a light client still gets a full-size request', () => {
+  it('hogs, deep pipeliners and clients never seen reading are paused first; a light client still gets a full-size request', () => {
     const b = budget();
     const hog = new MemoryAccount(() => {});
     const pipeliner = new MemoryAccount(() => {});
     const light = new MemoryAccount(() => {});
+    const unproven = new MemoryAccount(() => {});
+    for (const a of [hog, pipeliner, light]) a.proven = true;
     expect(b.tryTake(hog, 32 * MiB, false)).toBe(true);
     expect(b.tryTake(hog, 1 * MiB, false)).toBe(false); // holds shared memory: no headroom for it
     expect(b.tryTake(pipeliner, 32 * MiB, true)).toBe(false); // more requests queued behind: no headroom
+    expect(b.tryTake(unproven, 32 * MiB, false)).toBe(false); // no reply of it was ever written out
     expect(b.tryTake(light, 32 * MiB, false)).toBe(true);
     expect(b.sharedBytes).toBeLessThanOrEqual(b.sharedBytesMax);
-    expect(b.waiters.size).toBe(2);
-    expect(b.waitsTotal).toBe(2);
+    expect(b.waiters.size).toBe(3);
+    expect(b.waitsTotal).toBe(3);
   });
 
   it('releases wake the waiters smallest holding-plus-wanted first', async () => {
@@ -50,6 +53,7 @@ describe('MemoryBudget', () => {
     const hog = new MemoryAccount(() => woken.push('hog'));
     const pipeliner = new MemoryAccount(() => woken.push('pipeliner'));
     const light = new MemoryAccount(() => woken.push('light'));
+    for (const a of [hog, pipeliner, light]) a.proven = true;
     expect(b.tryTake(hog, 32 * MiB, false)).toBe(true);
     expect(b.tryTake(hog, 1 * MiB, false)).toBe(false);
     expect(b.tryTake(pipeliner, 32 * MiB, true)).toBe(false);
@@ -72,7 +76,7 @@ describe('MemoryBudget', () => {
     const seed = testSeed('memory-budget-random');
     const rand = prng(seed);
     const b = budget();
-    const accounts = Array.from({ length: 4 }, () => new MemoryAccount(() => {}));
+    const accounts = Array.from({ length: 4 }, (_, i) => Object.assign(new MemoryAccount(() => {}), { proven: i % 2 === 0 }));
     const held: number[][] = accounts.map(() => []);
     for (let step = 0; step < 20_000; step++) {
       const i = Math.floor(rand() * accounts.length);
