@@ -49,6 +49,11 @@ export class RequestFramer {
     return this.pending !== null;
   }
 
+  /** Length of the WRITE whose payload is being received (0 when none, or when it is discarded). */
+  get pendingWriteBytes(): number {
+    return this.pending && !this.pending.payloadDiscarded ? this.pending.length : 0;
+  }
+
   /** Adds bytes and parses what is complete. Returns an error when the stream is broken. */
   push(chunk: Buffer): FramerError | null {
     this.queue.push(chunk);

@@ -346,9 +346,10 @@ export class Connection {
   private onSocketClose(): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.state = 'closed';
-    // Unwritten replies are dropped with the socket; requests in flight release theirs as they complete.
+    // Unwritten replies and a half-received WRITE are dropped with the socket; requests in
+    // flight release theirs as they complete.
     this.socketGone = true;
-    this.releaseHeld(this.queuedBytes);
+    this.releaseHeld(this.queuedBytes + (this.framer ? this.framer.pendingWriteBytes : 0));
     this.queuedBytes = 0;
     this.limits.budget.close(this.account);
     const tx = this.tx;

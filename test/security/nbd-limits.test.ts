@@ -273,6 +273,34 @@ describe('NBD memory budget', () => {
   });
 });
 
+describe('NBD memory budget: a client that stops sending', () => {
+  it('a WRITE payload left half-sent while others wait for memory: closed after the stall timeout, its reservation given back', async () => {
+    // 8 connections × 128 KiB reserve; 39 MiB shared.
+    const d = await daemon('64M', ['--connections-max', '8', '--nbd-buffer-bytes-max', '40M', '--nbd-stall-timeout', '1s']);
+    const w = await Client.open(d);
+    await w.write(0, Buffer.alloc(4096, 7), 10_000); // w has been seen reading
+    const stuck = await connect(d);
+    await stuck.handshake('v');
+    stuck.write(Buffer.concat([RawNbd.request(CMD.WRITE, { cookie: 1n, offset: 0, length: 32 * MiB }), Buffer.alloc(MiB)]));
+    await new Promise((r) => setTimeout(r, 300));
+    expect((await metrics(d)).get('deltavol_nbd_buffer_bytes')).toBeGreaterThanOrEqual(32 * MiB);
+    // 8 MiB more does not fit while the half-sent WRITE holds its 32 MiB.
+    const t0 = Date.now();
+    const data = Buffer.alloc(8 * MiB, 9);
+    await w.write(16 * MiB, data, 20_000);
+    const waitedMs = Date.now() - t0;
+    expect((await w.read(16 * MiB, 8 * MiB, 20_000)).equals(data)).toBe(true);
+    expect(await stuck.closedWithin(3000)).toBe(true);
+    console.log(`[nbd-limits-stuck-write] the 8 MiB write waited ${waitedMs} ms for the stalled WRITE to be closed`);
+    expect(waitedMs).toBeGreaterThanOrEqual(900);
+    expect(waitedMs).toBeLessThan(10_000);
+    const m = await metrics(d);
+    expect(m.get('deltavol_nbd_stalled_connections_closed_total')).toBe(1);
+    expect(m.get('deltavol_nbd_buffer_bytes')).toBe(0);
+    expect(d.log()).toContain('closing NBD connection: it holds memory it does not read (or send)');
+  });
+});
+
 describe('NBD connection caps', () => {
   it('refuses the (cap+1)th connection from one address while another address still connects', async () => {
     const d = await daemon('16M', ['--connections-per-address-max', '4']);
