@@ -43,6 +43,11 @@ function heldBytesFor(payloadBytes: number): number {
   return payloadBytes <= requestPayloadBytesMax ? payloadBytes : 0;
 }
 
+/** What accepting() reserves for a request header. */
+function needFor(type: number, length: number): number {
+  return type === CMD_READ || type === CMD_WRITE ? heldBytesFor(length) : 0;
+}
+
 export class Connection {
   private state: State = 'handshake';
   private readonly negotiator: Negotiator;
@@ -187,7 +192,7 @@ export class Connection {
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
     this.stats.requests++;
     if (this.state !== 'transmission') {
-      this.releaseHeld(heldBytesFor(h.type === CMD_DISC ? 0 : h.length));
+      this.releaseHeld(needFor(h.type, h.length));
       return;
     }
     this.lastActiveMs = Date.now();
@@ -205,7 +210,7 @@ export class Connection {
   private accepting(type: number, length: number): boolean {
     const tx = this.tx;
     if (this.state !== 'transmission' || !tx) return false;
-    const need = type === CMD_READ || type === CMD_WRITE ? heldBytesFor(length) : 0;
+    const need = needFor(type, length);
     const ok =
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
