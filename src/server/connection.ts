@@ -215,7 +215,7 @@ export class Connection {
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
       this.socket.writableLength < socketQueuedBytesMax &&
-      (need === 0 || this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
+      (need === 0 ? this.limits.budget.mayGrow(this.account) : this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
     if (!ok && !this.paused) {
       this.paused = true;
       this.socket.pause();

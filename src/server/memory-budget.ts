@@ -109,6 +109,27 @@ export class MemoryBudget {
     return true;
   }
 
+  /**
+   * For a request that needs no buffer up front but will queue a reply of unknown size
+   * (BLOCK_STATUS, FLUSH, ...): refused, like a hog's take, when the connection already holds
+   * more than its reserve and the shared part is at the hogs' limit. So a client that
+   * pipelines such requests without reading overshoots by at most one reply.
+   */
+  mayGrow(a: MemoryAccount): boolean {
+    if (a.heldBytes <= this.reserveBytes || this.sharedBytes < this.sharedBytesMax - this.hogHeadroomBytes) {
+      if (a.waiting) this.unwait(a);
+      return true;
+    }
+    a.wantBytes = 0;
+    if (!a.waiting) {
+      a.waiting = true;
+      this.waiters.add(a);
+      this.waitsTotal++;
+      if (this.waiters.size === 1) this.onPressure(true, 1);
+    }
+    return false;
+  }
+
   /** Adds bytes that already exist and cannot be refused (a reply being queued). */
   add(a: MemoryAccount, n: number): void {
     const h = a.heldBytes;

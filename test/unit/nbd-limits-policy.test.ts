@@ -47,6 +47,19 @@ describe('MemoryBudget', () => {
     expect(b.waitsTotal).toBe(3);
   });
 
+  it('requests without a buffer (BLOCK_STATUS, FLUSH) wait too once their connection holds shared memory and the hogs limit is reached', () => {
+    const b = budget();
+    const hog = new MemoryAccount(() => {});
+    const other = new MemoryAccount(() => {});
+    expect(b.mayGrow(hog)).toBe(true);
+    b.add(hog, 33 * MiB); // replies it does not read
+    expect(b.mayGrow(hog)).toBe(false);
+    expect(b.mayGrow(other)).toBe(true); // within its reserve
+    b.release(hog, 33 * MiB);
+    expect(b.mayGrow(hog)).toBe(true);
+    expect(b.waiters.size).toBe(0);
+  });
+
   it('releases wake the waiters smallest holding-plus-wanted first', async () => {
     const b = budget();
     const woken: string[] = [];
