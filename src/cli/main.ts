@@ -18,7 +18,14 @@ import { formatBytes, parseDurationMs, parseHostPort, parseSizeBytes } from '../
 import { registerReplicationCommands, renderReplication, type VolumeReplication } from './replication-commands.js';
 import { registerRecoveryCommands } from './recovery-commands.js';
 import { replicationPortDefault, outboundBytesDefault } from '../replication/limits.js';
-import { syncIoBytesMaxDefault } from '../util/limits.js';
+import {
+  connectionsMax,
+  connectionsPerAddressMaxDefault,
+  handshakeConnectionsMaxDefault,
+  nbdBufferBytesMaxDefault,
+  nbdStallTimeoutMsDefault,
+  syncIoBytesMaxDefault,
+} from '../util/limits.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { escapeOutput, escapeText, table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -102,6 +109,11 @@ export function buildProgram(): Command {
     .option('--tls-verify-peer', 'NBD TLS: require a client certificate signed by --tls-ca')
     .option('--tls-authz <names>', 'NBD TLS: allowed client certificates, comma-separated subject CNs; a value with "=" is one whole subject DN (CN=a,O=b); repeatable; implies --tls-verify-peer', (v: string, prev: string[] = []) => [...prev, ...(v.includes('=') ? [v] : v.split(','))])
     .option('--tls-psk <file>', 'NBD TLS: pre-shared keys, one IDENTITY:HEXKEY a line (psktool format), instead of certificates')
+    .option('--connections-max <n>', 'NBD connections (handshake and transmission); when full, a client from an address holding fewer evicts the longest-idle connection of the address holding the most', String(connectionsMax))
+    .option('--handshake-connections-max <n>', 'NBD connections still in the handshake (each has 30 s to finish)', String(handshakeConnectionsMaxDefault))
+    .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
+    .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
+    .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
     .addHelpText('after', '\nRequires --data-dir DIR: the directory holding volumes and state (created if missing).')
@@ -145,6 +157,13 @@ export function buildProgram(): Command {
             verifyPeer: Boolean(opts.tlsVerifyPeer),
             authz: opts.tlsAuthz ?? [],
             pskFile: opts.tlsPsk,
+          },
+          nbdLimits: {
+            connectionsMax: Number(opts.connectionsMax),
+            handshakeConnectionsMax: Number(opts.handshakeConnectionsMax),
+            connectionsPerAddressMax: Number(opts.connectionsPerAddressMax),
+            bufferBytesMax: size(opts.nbdBufferBytesMax),
+            stallTimeoutMs: parseDurationMs(opts.nbdStallTimeout),
           },
           ...(opts.replAdvertise ? { replAdvertiseHost: parseHostPort(opts.replAdvertise).host, replAdvertisePort: parseHostPort(opts.replAdvertise).port } : {}),
         },

@@ -12,12 +12,12 @@ import { writeFileAtomicSync } from '../util/atomic-file.js';
 import { shutdownDrainMs } from '../util/limits.js';
 import { VolumeRegistry } from '../volume/registry.js';
 import type { Volume } from '../volume/volume.js';
-import { NbdServer } from '../server/nbd-server.js';
+import { NbdServer, type NbdLimits } from '../server/nbd-server.js';
 import { isLoopbackHost, loadTlsConfig, tlsSummary, type TlsServerConfig, type TlsSettings, type TlsSummary } from '../server/tls-config.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi, isLoopbackAddress } from './control-api.js';
 import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
-import { renderMetrics } from './metrics.js';
+import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
 import { renderReplicationMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
@@ -53,6 +53,8 @@ export interface DaemonConfig {
   replAdvertisePort?: number;
   /** NBD TLS (NBD_OPT_STARTTLS); absent: off. */
   nbdTls?: TlsSettings;
+  /** NBD limits under abuse (defaults in src/util/limits.ts). */
+  nbdLimits?: Partial<NbdLimits>;
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -115,6 +117,7 @@ export class Daemon {
       new VolumeCatalog(this.registry, () => this.defaultExport),
       log.child({ part: 'nbd' }),
       this.nbdTls,
+      config.nbdLimits,
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     this.replication = new ReplicationService(
@@ -428,6 +431,7 @@ export class Daemon {
       '/metrics',
       () =>
         renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) +
+        renderNbdLimitMetrics(this.nbd.limitsSnapshot()) +
         renderReplicationMetrics(this.replication.status()) +
         '# HELP deltavol_control_refused_requests_total Control API requests refused before routing (Origin, Host, token, content type).\n' +
         '# TYPE deltavol_control_refused_requests_total counter\n' +

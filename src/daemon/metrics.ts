@@ -3,6 +3,7 @@
 
 import type { Volume } from '../volume/volume.js';
 import type { Connection } from '../server/connection.js';
+import type { NbdLimitsSnapshot } from '../server/nbd-server.js';
 
 /** One sample line of the Prometheus text format (label values escaped). */
 export function line(name: string, labels: Record<string, string>, value: number): string {
@@ -38,5 +39,37 @@ export function renderMetrics(volumes: Volume[], connections: Connection[], star
   out.push('# HELP deltavol_nbd_open_connection_requests Requests received on currently open connections.');
   out.push('# TYPE deltavol_nbd_open_connection_requests gauge');
   out.push(line('deltavol_nbd_open_connection_requests', {}, totals.requests));
+  return out.join('\n') + '\n';
+}
+
+/** The NBD server's limits under abuse (README "Limits under abuse"). */
+export function renderNbdLimitMetrics(s: NbdLimitsSnapshot): string {
+  const out: string[] = [];
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, v] of samples) out.push(line(name, labels, v));
+  };
+  metric('deltavol_nbd_buffer_bytes', 'gauge', 'Bytes the NBD server holds for requests and unsent replies (READ buffers, WRITE payloads, queued replies).', [[{}, s.bufferBytes]]);
+  metric('deltavol_nbd_buffer_bytes_max', 'gauge', 'The NBD buffer budget (--nbd-buffer-bytes-max).', [[{}, s.limits.bufferBytesMax]]);
+  metric('deltavol_nbd_buffer_shared_bytes', 'gauge', 'Part of the NBD buffers held above the per-connection reserves.', [[{}, s.bufferSharedBytes]]);
+  metric('deltavol_nbd_buffer_peak_bytes', 'gauge', 'Highest NBD buffer bytes held since start.', [[{}, s.bufferPeakBytes]]);
+  metric('deltavol_nbd_connections_waiting_for_memory', 'gauge', 'NBD connections not read from because the buffer budget is exhausted.', [[{}, s.waitingForMemory]]);
+  metric('deltavol_nbd_memory_waits_total', 'counter', 'Times an NBD connection had to wait for buffer memory.', [[{}, s.memoryWaitsTotal]]);
+  metric('deltavol_nbd_stalled_connections_closed_total', 'counter', 'NBD connections closed for holding memory they did not read while others waited.', [[{}, s.stalledClosedTotal]]);
+  metric('deltavol_nbd_handshake_connections', 'gauge', 'NBD connections still in the handshake.', [[{}, s.handshakeConnections]]);
+  metric('deltavol_nbd_connections_max', 'gauge', 'Cap on NBD connections (--connections-max).', [[{}, s.limits.connectionsMax]]);
+  metric('deltavol_nbd_connections_per_address_max', 'gauge', 'Cap on NBD connections from one address (--connections-per-address-max).', [[{}, s.limits.connectionsPerAddressMax]]);
+  metric(
+    'deltavol_nbd_connections_refused_total',
+    'counter',
+    'NBD connections refused, by the cap that refused them.',
+    Object.entries(s.refusedTotal).map(([reason, v]) => [{ reason }, v]),
+  );
+  metric(
+    'deltavol_nbd_connections_evicted_total',
+    'counter',
+    'NBD connections closed to admit one from an address holding fewer, by pool.',
+    Object.entries(s.evictedTotal).map(([pool, v]) => [{ pool }, v]),
+  );
   return out.join('\n') + '\n';
 }

@@ -23,8 +23,12 @@ export interface RequestHeader {
 export interface FramerSink {
   /** A complete request. `payload` holds the WRITE data (views), empty for other commands. */
   request(header: RequestHeader, payload: Buffer[]): void;
-  /** Asked before each request is parsed: false stops parsing until `resume` (backpressure). */
-  accepting(): boolean;
+  /**
+   * Asked before each request is handled, with its command and length (so the host can
+   * reserve the memory it will hold): false stops parsing until `parse` is called again
+   * (backpressure); the header is kept and asked about again then.
+   */
+  accepting(type: number, length: number): boolean;
 }
 
 export type FramerError = { kind: 'bad-magic'; magic: number };
@@ -32,11 +36,23 @@ export type FramerError = { kind: 'bad-magic'; magic: number };
 export class RequestFramer {
   private pending: RequestHeader | null = null;
   private discardLeft = 0;
+  /** A header taken from the queue that the sink did not accept yet. */
+  private held: Buffer | null = null;
   constructor(
     readonly queue: ByteQueue,
     private readonly sink: FramerSink,
     private readonly payloadBytesMax: number,
   ) {}
+
+  /** True while a WRITE's payload is being received (or discarded). */
+  get awaitingPayload(): boolean {
+    return this.pending !== null;
+  }
+
+  /** Length of the WRITE whose payload is being received (0 when none, or when it is discarded). */
+  get pendingWriteBytes(): number {
+    return this.pending && !this.pending.payloadDiscarded ? this.pending.length : 0;
+  }
 
   /** Adds bytes and parses what is complete. Returns an error when the stream is broken. */
   push(chunk: Buffer): FramerError | null {
@@ -63,11 +79,18 @@ export class RequestFramer {
         this.sink.request(h, q.takeViews(h.length));
         continue;
       }
-      if (q.length < REQUEST_HEADER_BYTES) return null;
-      if (!this.sink.accepting()) return null;
-      const b = q.take(REQUEST_HEADER_BYTES);
-      const magic = b.readUInt32BE(0);
-      if (magic !== REQUEST_MAGIC) return { kind: 'bad-magic', magic };
+      let b = this.held;
+      if (!b) {
+        if (q.length < REQUEST_HEADER_BYTES) return null;
+        b = q.take(REQUEST_HEADER_BYTES);
+        const magic = b.readUInt32BE(0);
+        if (magic !== REQUEST_MAGIC) return { kind: 'bad-magic', magic };
+      }
+      if (!this.sink.accepting(b.readUInt16BE(6), b.readUInt32BE(24))) {
+        this.held = b;
+        return null;
+      }
+      this.held = null;
       const h: RequestHeader = {
         flags: b.readUInt16BE(4),
         type: b.readUInt16BE(6),

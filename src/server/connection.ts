@@ -3,7 +3,10 @@
 // concerns the protocol code must not: corking replies into one write per batch,
 // backpressure (stop reading at the in-flight caps or when the client does not read its
 // replies), timeouts, DISC, and draining on shutdown. After an NBD_OPT_STARTTLS ACK it
-// swaps its socket for the TLS one (tls-upgrade.ts) and goes on with the handshake there.
+// swaps its socket for the TLS one (tls-upgrade.ts) and goes on with the handshake there. It also keeps this connection's
+// share of the daemon-wide memory budget (memory-budget.ts): a request's buffer is
+// reserved before the request is parsed, reply bytes count until the socket has taken
+// them, and a connection refused memory stops being read until some is released.
 
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
@@ -13,7 +16,8 @@ import type { TlsServerConfig } from './tls-config.js';
 import { upgradeToTls } from './tls-upgrade.js';
 import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission } from '../nbd/transmission.js';
-import { CMD_DISC, COMMAND_NAMES } from '../nbd/constants.js';
+import { CMD_DISC, CMD_READ, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
+import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -28,6 +32,23 @@ export interface ConnectionStats {
   requests: number;
   bytesRead: number;
   bytesWritten: number;
+}
+
+/** What the server gives each connection for the daemon-wide limits. */
+export interface ConnectionLimits {
+  budget: MemoryBudget;
+  /** The handshake is over: the connection moves to the transmission pool. */
+  enteredTransmission(c: Connection): void;
+}
+
+/** Bytes a request holds while in flight: its READ buffer or WRITE payload (0 when rejected for size). */
+function heldBytesFor(payloadBytes: number): number {
+  return payloadBytes <= requestPayloadBytesMax ? payloadBytes : 0;
+}
+
+/** What accepting() reserves for a request header. */
+function needFor(type: number, length: number): number {
+  return type === CMD_READ || type === CMD_WRITE ? heldBytesFor(length) : 0;
 }
 
 export class Connection {
@@ -55,14 +76,30 @@ export class Connection {
       else this.socket.end();
     },
   };
+  // ---- limits (memory budget, admission, stall detection) ----
+  private readonly account: MemoryAccount;
+  /** Reply bytes handed to the socket and not yet written by it. */
+  private queuedBytes = 0;
+  private socketGone = false;
+  /** Bumped on every sign of life: bytes received, a reply written, a request completed. */
+  private progress = 0;
+  private stallProgress = -1;
+  private stallQueueBytes = -1;
+  private stallSinceMs = 0;
+  readonly acceptedMs = Date.now();
+  lastActiveMs = this.acceptedMs;
 
   constructor(
     private socket: Socket,
     catalog: ExportCatalog,
-    private readonly log: Logger,
+    readonly log: Logger,
     private readonly onClosed: (c: Connection) => void,
+    private readonly limits: ConnectionLimits,
+    /** Normalized remote address (null for Unix sockets), for the per-address caps. */
+    readonly address: string | null = null,
     private readonly tls: TlsServerConfig | null = null,
   ) {
+    this.account = new MemoryAccount(() => this.maybeResume());
     this.negotiator = new Negotiator(catalog, tls?.mode ?? 'off');
     socket.setNoDelay(true);
     this.attach(socket);
@@ -91,8 +128,40 @@ export class Connection {
     return this.tx?.inflight ?? 0;
   }
 
+  /** Bytes this connection holds in the memory budget. */
+  get heldBytes(): number {
+    return this.account.heldBytes;
+  }
+
+  /** Requests in flight or replies not yet written: closing it would cut work short. */
+  get busy(): boolean {
+    return this.inflight > 0 || this.queuedBytes > 0;
+  }
+
+  /**
+   * How long this connection has held memory the client is not moving: replies it does
+   * not read, or a WRITE payload it stopped sending. 0 when it is not doing that. Called
+   * by the server's periodic check while other connections wait for memory.
+   */
+  stalledMs(nowMs: number): number {
+    if (this.state === 'closed' || !(this.queuedBytes > 0 || this.framer?.awaitingPayload)) {
+      this.stallSinceMs = 0;
+      return 0;
+    }
+    // libuv's queue shrinks as a large reply is written piecewise; the write callback only fires at its end.
+    const q = (this.socket as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0;
+    if (this.stallSinceMs === 0 || this.progress !== this.stallProgress || q !== this.stallQueueBytes) {
+      this.stallProgress = this.progress;
+      this.stallQueueBytes = q;
+      this.stallSinceMs = nowMs;
+      return 0;
+    }
+    return nowMs - this.stallSinceMs;
+  }
+
   private onData(chunk: Buffer): void {
     this.stats.bytesRead += chunk.length;
+    this.progress++;
     this.inDataEvent = true;
     this.socket.cork();
     try {
@@ -131,15 +200,16 @@ export class Connection {
       { export: n.export.name, structured: n.structuredReplies, contexts: n.metaContexts, flags: n.transmissionFlags, tls: n.tls },
       'client connected to export',
     );
+    this.limits.enteredTransmission(this);
     this.tx = new Transmission(n.export, n, {
-      send: (buffers) => this.send(buffers),
-      completed: () => this.requestCompleted(),
+      send: (buffers, sent) => this.send(buffers, sent),
+      completed: (payloadBytes) => this.requestCompleted(payloadBytes),
       warn: (msg, fields) => this.log.warn(fields, msg),
     });
     this.state = 'transmission';
     this.framer = new RequestFramer(
       this.negotiator.leftover(),
-      { request: (h, p) => this.onRequest(h, p), accepting: () => this.accepting() },
+      { request: (h, p) => this.onRequest(h, p), accepting: (type, length) => this.accepting(type, length) },
       requestPayloadBytesMax,
     );
     const err = this.framer.parse();
@@ -185,7 +255,11 @@ export class Connection {
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
     this.stats.requests++;
-    if (this.state !== 'transmission') return;
+    if (this.state !== 'transmission') {
+      this.releaseHeld(needFor(h.type, h.length));
+      return;
+    }
+    this.lastActiveMs = Date.now();
     if (h.type === CMD_DISC) {
       this.beginDrain('client sent DISC');
       return;
@@ -196,19 +270,27 @@ export class Connection {
     this.tx!.handle(h, payload);
   }
 
-  /** Whether another request may be parsed now (backpressure). */
-  private accepting(): boolean {
+  /** Whether another request may be parsed now (backpressure), with its buffer reserved in the budget. */
+  private accepting(type: number, length: number): boolean {
     const tx = this.tx;
     if (this.state !== 'transmission' || !tx) return false;
+    const need = needFor(type, length);
     const ok =
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
-      this.socket.writableLength < socketQueuedBytesMax;
+      this.socket.writableLength < socketQueuedBytesMax &&
+      (need === 0 ? this.limits.budget.mayGrow(this.account) : this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
     if (!ok && !this.paused) {
       this.paused = true;
       this.socket.pause();
     }
     return ok;
+  }
+
+  /** Whether another request header is already queued behind the one being admitted (and its WRITE payload). */
+  private pipelinedBehind(type: number, length: number): boolean {
+    const queued = this.framer ? this.framer.queue.length : 0;
+    return queued - (type === CMD_WRITE ? length : 0) >= REQUEST_HEADER_BYTES;
   }
 
   private maybeResume(): void {
@@ -244,16 +326,34 @@ export class Connection {
       });
     }
     const last = buffers.length - 1;
-    for (let i = 0; i <= last; i++) {
-      const b = buffers[i]!;
-      this.stats.bytesWritten += b.length;
-      // Writes complete in order, so the last one's callback means all were taken.
-      if (i === last && sent) this.socket.write(b, () => sent());
-      else this.socket.write(b);
-    }
+    let bytes = 0;
+    for (let i = 0; i < last; i++) bytes += buffers[i]!.length;
+    bytes += buffers[last]!.length;
+    this.stats.bytesWritten += bytes;
+    this.queuedBytes += bytes;
+    this.limits.budget.add(this.account, bytes);
+    for (let i = 0; i < last; i++) this.socket.write(buffers[i]!);
+    // Writes complete in order, so the last one's callback means all were taken.
+    this.socket.write(buffers[last]!, () => this.replyWritten(bytes, sent));
   }
 
-  private requestCompleted(): void {
+  private replyWritten(bytes: number, sent: (() => void) | undefined): void {
+    this.progress++;
+    this.account.proven = true;
+    if (!this.socketGone) {
+      this.queuedBytes -= bytes;
+      this.limits.budget.release(this.account, bytes);
+    }
+    sent?.();
+  }
+
+  private releaseHeld(bytes: number): void {
+    if (bytes > 0) this.limits.budget.release(this.account, bytes);
+  }
+
+  private requestCompleted(payloadBytes: number): void {
+    this.progress++;
+    this.releaseHeld(heldBytesFor(payloadBytes));
     if (this.paused) this.maybeResume();
     if (this.tx && this.tx.inflight === 0) {
       const waiters = this.drainWaiters.splice(0);
@@ -315,6 +415,12 @@ export class Connection {
   private onSocketClose(): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.state = 'closed';
+    // Unwritten replies and a half-received WRITE are dropped with the socket; requests in
+    // flight release theirs as they complete.
+    this.socketGone = true;
+    this.releaseHeld(this.queuedBytes + (this.framer ? this.framer.pendingWriteBytes : 0));
+    this.queuedBytes = 0;
+    this.limits.budget.close(this.account);
     const tx = this.tx;
     if (tx) {
       tx.closed = true;

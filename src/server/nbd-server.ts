@@ -1,38 +1,223 @@
 // Why: the listeners (TCP with TCP_NODELAY, Unix sockets) and the set of live
-// connections, with a cap on how many, and a shutdown that stops accepting, drains
-// in-flight requests and closes every socket. TLS, when configured, is started per
+// connections, with the limits that keep one client from starving the rest (admission:
+// total, handshake and per-address caps with eviction of the longest-idle connection of
+// the address holding the most; the daemon-wide memory budget and the closing of
+// connections that sit on it without reading), and a shutdown that stops accepting,
+// drains in-flight requests and closes every socket. TLS, when configured, is started per
 // connection by NBD_OPT_STARTTLS (connection.ts), not by the listener.
 
 import net from 'node:net';
 import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
-import { Connection } from './connection.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { connectionsMax } from '../util/limits.js';
+import { Connection, type ConnectionLimits } from './connection.js';
+import { Admission, normalizeAddress } from './admission.js';
+import { MemoryBudget } from './memory-budget.js';
+import { DeltavolError } from '../util/errors.js';
+import { formatBytes } from '../util/units.js';
+import { collectGarbage } from '../util/gc.js';
+import {
+  connectionsMax,
+  connectionsPerAddressMaxDefault,
+  handshakeConnectionsMaxDefault,
+  nbdBufferBytesMaxDefault,
+  nbdBufferReserveBytesPerConnection,
+  nbdStallTimeoutMsDefault,
+  requestPayloadBytesMax,
+} from '../util/limits.js';
+
+/** The NBD server's limits under abuse (`deltavol serve` flags; README "Limits under abuse"). */
+export interface NbdLimits {
+  connectionsMax: number;
+  handshakeConnectionsMax: number;
+  connectionsPerAddressMax: number;
+  bufferBytesMax: number;
+  stallTimeoutMs: number;
+}
+
+export const nbdLimitsDefault: NbdLimits = {
+  connectionsMax,
+  handshakeConnectionsMax: handshakeConnectionsMaxDefault,
+  connectionsPerAddressMax: connectionsPerAddressMaxDefault,
+  bufferBytesMax: nbdBufferBytesMaxDefault,
+  stallTimeoutMs: nbdStallTimeoutMsDefault,
+};
+
+/** Checks a set of limits against each other; throws EINVAL_ARGUMENT naming the flag. */
+export function checkNbdLimits(l: NbdLimits): void {
+  const positive = (n: number, flag: string) => {
+    if (!Number.isSafeInteger(n) || n < 1) throw new DeltavolError('EINVAL_ARGUMENT', `${flag} must be a positive integer`);
+  };
+  positive(l.connectionsMax, '--connections-max');
+  positive(l.handshakeConnectionsMax, '--handshake-connections-max');
+  positive(l.connectionsPerAddressMax, '--connections-per-address-max');
+  positive(l.stallTimeoutMs, '--nbd-stall-timeout');
+  const bufferMin = l.connectionsMax * nbdBufferReserveBytesPerConnection + requestPayloadBytesMax + 4096;
+  if (!(l.bufferBytesMax >= bufferMin)) {
+    throw new DeltavolError(
+      'EINVAL_ARGUMENT',
+      `--nbd-buffer-bytes-max must be at least ${formatBytes(bufferMin)} (${formatBytes(nbdBufferReserveBytesPerConnection)} for each of --connections-max ${l.connectionsMax}, plus one ${formatBytes(requestPayloadBytesMax)} request)`,
+    );
+  }
+}
+
+/** A collection after a burst waits this long (requests finishing together release together)… */
+const GC_DELAY_MS = 200;
+/** …and runs at most this often. */
+const GC_INTERVAL_MS = 5000;
+/** How often connections are checked for stalls while some wait for memory. */
+const STALL_CHECK_INTERVAL_MS = 250;
 
 export class NbdServer {
   private readonly servers: net.Server[] = [];
   readonly connections = new Set<Connection>();
   private nextId = 1;
   private closing = false;
+  readonly limits: NbdLimits;
+  readonly budget: MemoryBudget;
+  readonly admission: Admission<Connection>;
+  private readonly connLimits: ConnectionLimits;
+  private stallTimer: NodeJS.Timeout | null = null;
+  private gcTimer: NodeJS.Timeout | null = null;
+  private lastGcMs = 0;
+  /** Connections closed because they held memory without reading while others waited. */
+  stalledClosedTotal = 0;
 
   constructor(
     private readonly catalog: ExportCatalog,
     private readonly log: Logger,
     private readonly tls: TlsServerConfig | null = null,
-  ) {}
+    limits: Partial<NbdLimits> = {},
+  ) {
+    this.limits = { ...nbdLimitsDefault, ...limits };
+    checkNbdLimits(this.limits);
+    this.budget = new MemoryBudget({
+      budgetBytesMax: this.limits.bufferBytesMax,
+      reserveBytesPerConnection: nbdBufferReserveBytesPerConnection,
+      connectionsMax: this.limits.connectionsMax,
+      hogHeadroomBytes: requestPayloadBytesMax + 4096,
+    });
+    this.budget.onPressure = (exhausted) => this.onMemoryPressure(exhausted);
+    this.budget.onShrunk = () => this.giveMemoryBack();
+    this.admission = new Admission<Connection>({
+      connectionsMax: this.limits.connectionsMax,
+      handshakeMax: this.limits.handshakeConnectionsMax,
+      perAddressMax: this.limits.connectionsPerAddressMax,
+    });
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c) };
+  }
 
   private accept(socket: net.Socket): void {
-    if (this.closing || this.connections.size >= connectionsMax) {
-      this.log.warn({ connections: this.connections.size }, 'refusing connection');
+    if (this.closing) {
       socket.destroy();
       return;
     }
+    const address = normalizeAddress(socket.remoteAddress);
+    const peer = address ?? 'unix';
+    const decision = this.admission.decide(address);
+    if (decision.kind === 'refuse') {
+      const caps = { 'per-address': this.limits.connectionsPerAddressMax, handshakes: this.limits.handshakeConnectionsMax, connections: this.limits.connectionsMax };
+      this.log.warn({ peer, reason: decision.reason, count: decision.count, cap: caps[decision.reason] }, `refusing NBD connection: ${decision.reason} cap reached`);
+      socket.destroy();
+      return;
+    }
+    if (decision.kind === 'evict') {
+      const v = decision.victim;
+      this.log.warn(
+        { peer, victimPeer: v.address, victimPool: decision.pool, victimIdleMs: Date.now() - v.lastActiveMs, victimBusy: v.busy },
+        `evicting the longest-idle ${decision.pool} connection of the address holding the most, for a connection from an address holding fewer`,
+      );
+      this.admission.remove(v);
+      v.destroy();
+    }
     const id = this.nextId++;
-    const log = this.log.child({ conn: id, peer: socket.remoteAddress ?? 'unix' });
-    const c = new Connection(socket, this.catalog, log, (closed) => this.connections.delete(closed), this.tls);
+    const log = this.log.child({ conn: id, peer });
+    const c = new Connection(
+      socket,
+      this.catalog,
+      log,
+      (closed) => {
+        this.connections.delete(closed);
+        this.admission.remove(closed);
+      },
+      this.connLimits,
+      address,
+      this.tls,
+    );
     this.connections.add(c);
+    this.admission.add(c);
+  }
+
+  /**
+   * The buffers shrank after a burst: collect the dead ones now (see util/gc.ts), off the
+   * request path and at most every GC_INTERVAL_MS.
+   */
+  private giveMemoryBack(): void {
+    if (this.gcTimer) return;
+    const wait = Math.max(GC_DELAY_MS, this.lastGcMs + GC_INTERVAL_MS - Date.now());
+    this.gcTimer = setTimeout(() => {
+      this.gcTimer = null;
+      this.lastGcMs = Date.now();
+      const before = process.memoryUsage.rss();
+      if (!collectGarbage()) return;
+      const after = process.memoryUsage.rss();
+      this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');
+    }, wait);
+    this.gcTimer.unref();
+  }
+
+  private onMemoryPressure(exhausted: boolean): void {
+    const b = this.budget;
+    const fields = { heldBytes: b.totalBytes, sharedBytes: b.sharedBytes, budgetBytes: b.budgetBytesMax, waiting: b.waiters.size };
+    if (exhausted) {
+      this.log.warn(fields, 'NBD buffer budget exhausted: pausing reads from connections that need more memory (those holding the most wait longest)');
+      if (!this.stallTimer) {
+        this.stallTimer = setInterval(() => this.closeStalled(), STALL_CHECK_INTERVAL_MS);
+        this.stallTimer.unref();
+      }
+    } else {
+      this.log.info(fields, 'NBD buffer budget available again: no connection waits for memory');
+      if (this.stallTimer) clearInterval(this.stallTimer);
+      this.stallTimer = null;
+    }
+  }
+
+  /**
+   * While connections wait for memory, one that holds memory above its reserve and has
+   * not moved it (unread replies, an unfinished WRITE payload) for the stall timeout is
+   * closed: pausing it alone would keep its memory from everyone else for good.
+   */
+  private closeStalled(): void {
+    if (this.budget.waiters.size === 0) return;
+    const now = Date.now();
+    for (const c of this.connections) {
+      const stalled = c.stalledMs(now);
+      if (stalled < this.limits.stallTimeoutMs || c.heldBytes <= this.budget.reserveBytes) continue;
+      this.stalledClosedTotal++;
+      c.log.warn(
+        { heldBytes: c.heldBytes, stalledMs: stalled, waiting: this.budget.waiters.size },
+        'closing NBD connection: it holds memory it does not read (or send) while other connections wait for memory',
+      );
+      c.destroy();
+    }
+  }
+
+  /** Numbers for /metrics. */
+  limitsSnapshot(): NbdLimitsSnapshot {
+    const b = this.budget;
+    return {
+      limits: this.limits,
+      bufferBytes: b.totalBytes,
+      bufferSharedBytes: b.sharedBytes,
+      bufferPeakBytes: b.peakBytes,
+      waitingForMemory: b.waiters.size,
+      memoryWaitsTotal: b.waitsTotal,
+      stalledClosedTotal: this.stalledClosedTotal,
+      handshakeConnections: this.admission.handshakes,
+      refusedTotal: { ...this.admission.refused },
+      evictedTotal: { ...this.admission.evicted },
+    };
   }
 
   listenTcp(port: number, host: string): Promise<number> {
@@ -69,6 +254,10 @@ export class NbdServer {
 
   async close(drainMs: number): Promise<void> {
     this.closing = true;
+    if (this.stallTimer) clearInterval(this.stallTimer);
+    this.stallTimer = null;
+    if (this.gcTimer) clearTimeout(this.gcTimer);
+    this.gcTimer = null;
     const closed = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
     await Promise.all([...this.connections].map((c) => c.shutdown(drainMs)));
     // Sockets were ended after their last reply; a client that never closes its side
@@ -79,4 +268,17 @@ export class NbdServer {
     }
     await Promise.all(closed);
   }
+}
+
+export interface NbdLimitsSnapshot {
+  limits: NbdLimits;
+  bufferBytes: number;
+  bufferSharedBytes: number;
+  bufferPeakBytes: number;
+  waitingForMemory: number;
+  memoryWaitsTotal: number;
+  stalledClosedTotal: number;
+  handshakeConnections: number;
+  refusedTotal: Record<'per-address' | 'handshakes' | 'connections', number>;
+  evictedTotal: Record<'handshake' | 'transmission', number>;
 }

@@ -43,8 +43,26 @@ export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */
 export const zeroBufferBytes = 1024 * 1024;
 
-/** Concurrent connections per daemon. */
+/** Concurrent NBD connections per daemon, in handshake or transmission (`--connections-max`). */
 export const connectionsMax = 1024;
+/** NBD connections still in the handshake (each has handshakeTimeoutMs to finish; `--handshake-connections-max`). */
+export const handshakeConnectionsMaxDefault = 128;
+/** NBD connections from one remote address (`--connections-per-address-max`; Unix sockets are exempt). */
+export const connectionsPerAddressMaxDefault = 64;
+/**
+ * Memory the NBD server may hold for requests and replies across all connections: READ
+ * buffers in flight, WRITE payloads held, reply bytes queued on sockets (`--nbd-buffer-bytes-max`).
+ * Sized with the read-buffer pool and the baseline so the daemon stays under ~400 MiB RSS.
+ */
+export const nbdBufferBytesMaxDefault = 256 * 1024 * 1024;
+/**
+ * Every connection may hold this much without asking the shared part of the budget, so
+ * small I/O (the kernel client's 4–128 KiB requests) never waits behind clients that hog it.
+ * connectionsMax × this is set aside from nbdBufferBytesMax.
+ */
+export const nbdBufferReserveBytesPerConnection = 128 * 1024;
+/** A connection holding replies the client does not read (or a WRITE payload it stopped sending) for this long, while others wait for memory, is closed (`--nbd-stall-timeout`). */
+export const nbdStallTimeoutMsDefault = 10_000;
 /** Clean shutdown waits this long for in-flight requests before closing sockets. */
 export const shutdownDrainMs = 10_000;
 
@@ -67,4 +85,9 @@ assert(blockSizeMinBytes <= blockSizePreferredBytes, 'min block ≤ preferred bl
 assert(blockSizePreferredBytes <= requestPayloadBytesMax, 'preferred block ≤ max payload');
 assert(requestPayloadBytesMax >= 2 ** 20, 'the spec asks for a max payload of at least 1 MiB');
 assert(inflightPayloadBytesMax >= requestPayloadBytesMax, 'a full-size write must fit the inflight budget');
+assert(
+  nbdBufferBytesMaxDefault >= connectionsMax * nbdBufferReserveBytesPerConnection + 2 * (requestPayloadBytesMax + 4096),
+  'the default NBD buffer budget holds every connection reserve and two full-size requests',
+);
+assert(handshakeConnectionsMaxDefault <= connectionsMax, 'handshake connections are part of all connections');
 assert(sparseReadBytesMin >= blockSizePreferredBytes, 'sparse reads only pay off above a block');

@@ -78,9 +78,10 @@ export class RawNbd {
     return new RawNbd(socket);
   }
 
-  static connect(target: { port: number } | { path: string }): Promise<RawNbd> {
+  /** `localAddress` picks the source address (127.0.0.2 on loopback looks like a second host). */
+  static connect(target: { port: number; localAddress?: string } | { path: string }): Promise<RawNbd> {
     return new Promise((resolve, reject) => {
-      const s = 'port' in target ? net.connect(target.port, '127.0.0.1') : net.connect(target.path);
+      const s = 'port' in target ? net.connect({ port: target.port, host: '127.0.0.1', localAddress: target.localAddress }) : net.connect(target.path);
       s.once('connect', () => resolve(new RawNbd(s)));
       s.once('error', reject);
     });
