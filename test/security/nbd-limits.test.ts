@@ -46,7 +46,7 @@ function rssMiB(pid: number): number {
 }
 
 async function metrics(d: TestDaemon): Promise<Map<string, number>> {
-  const text = await (await fetch(`http://127.0.0.1:${d.controlPort}/metrics`)).text();
+  const text = await d.metrics();
   const out = new Map<string, number>();
   for (const l of text.split('\n')) {
     const m = /^(\S+) (\S+)$/.exec(l);
