@@ -15,11 +15,12 @@ import { NbdServer } from '../server/nbd-server.js';
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
 import { renderMetrics } from './metrics.js';
-import { renderReplicationMetrics } from './replication-metrics.js';
+import { renderReplicationMetrics, renderReplicationSecurityMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
-import { ReplicationService } from '../replication/service.js';
-import { systemPlatform } from '../replication/platform.js';
+import { ReplicationService, type ReplicationSecurity } from '../replication/service.js';
+import { systemPlatform, type ReplicationPlatform } from '../replication/platform.js';
+import { loadReplTls, type ReplTlsOptions } from '../replication/tls-transport.js';
 import { RegistryVolumeHost } from './volume-host.js';
 import { inboundBytesMaxDefault } from '../replication/limits.js';
 import { parseHostPort } from '../util/units.js';
@@ -46,6 +47,37 @@ export interface DaemonConfig {
   /** The replication address peers dial back (a resync, a handover); default: as they see us, on the bound port. */
   replAdvertiseHost?: string;
   replAdvertisePort?: number;
+  /** Replication credentials (README "Replication security"); none: plain TCP. */
+  replTls?: ReplTlsOptions;
+  /** Plain TCP replication on a non-loopback address, knowingly. */
+  replInsecure?: boolean;
+}
+
+/** Loopback addresses: the only ones where replication may run without credentials unasked. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./.test(host);
+}
+
+/**
+ * The replication transport and what status says about it. Plain TCP on anything but
+ * loopback is refused without --insecure: whoever reaches that port could create volumes
+ * and overwrite replicas.
+ */
+function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatform; security: ReplicationSecurity } {
+  const t = config.replTls;
+  const given = t && (t.pskFile !== undefined || t.certFile !== undefined || t.keyFile !== undefined || t.caFile !== undefined);
+  if (given) {
+    const tls = loadReplTls(t);
+    return { platform: { ...systemPlatform, transport: tls.transport }, security: { mode: tls.mode, identity: tls.identity, fingerprint: tls.fingerprint, allow: tls.allow, insecure: false } };
+  }
+  if (t?.allow && t.allow.length > 0) throw new DeltavolError('EINVAL_ARGUMENT', '--repl-allow needs TLS credentials (--repl-tls-psk, or --repl-tls-cert/--repl-tls-key/--repl-tls-ca): without TLS peers have no identity');
+  if (!isLoopback(config.replHost) && !config.replInsecure) {
+    throw new DeltavolError(
+      'EINVAL_ARGUMENT',
+      `replication would listen on ${config.replHost} without credentials: anyone who reaches it could create volumes and overwrite replicas. Give --repl-tls-psk FILE (or --repl-tls-cert/--repl-tls-key/--repl-tls-ca), or --insecure to run it unauthenticated anyway`,
+    );
+  }
+  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopback(config.replHost) } };
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -59,6 +91,8 @@ export interface DaemonInfo {
   controlPort: number;
   replHost: string;
   replPort: number;
+  /** How the replication port is protected: tls mode (none, psk, x509) and our identity. */
+  replTls: { mode: string; identity: string | null; fingerprint: string | null; allow: string[] | null; insecure: boolean };
   startedAt: string;
 }
 
@@ -75,6 +109,7 @@ export class Daemon {
   private defaultExport: string | undefined;
   private readonly startedMs = Date.now();
   private lockFd: number | null = null;
+  private readonly replSecurity: ReplicationSecurity;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -95,9 +130,11 @@ export class Daemon {
       log.child({ part: 'nbd' }),
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
+    const { platform, security } = replicationSecurity(config);
+    this.replSecurity = security;
     this.replication = new ReplicationService(
       new RegistryVolumeHost(this.registry, log.child({ part: 'replication' })),
-      systemPlatform,
+      platform,
       {
         host: config.replHost,
         port: config.replPort,
@@ -106,6 +143,7 @@ export class Daemon {
         outboundBytes: config.outboundBytes,
         playbackDelayMs: config.playbackDelayMs,
         inboundBytesMax: inboundBytesMaxDefault,
+        security,
       },
       log.child({ part: 'replication' }),
     );
@@ -140,11 +178,21 @@ export class Daemon {
       controlPort,
       replHost: this.config.replHost,
       replPort,
+      replTls: this.replSecurity,
       startedAt: new Date().toISOString(),
     };
     writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
     const { pid: _pid, ...fields } = this.info; // pino already logs the pid
     this.log.info({ ...fields, defaultExport: this.defaultExport ?? null }, 'listening');
+    const sec = this.replSecurity;
+    if (sec.mode !== 'none') this.log.info({ replTls: sec.mode, identity: sec.identity, fingerprint: sec.fingerprint, allow: sec.allow }, `replication: TLS (${sec.mode}), this node is ${sec.identity}`);
+    else if (sec.insecure) {
+      this.log.warn(
+        { replHost: this.config.replHost, replPort },
+        `INSECURE: replication listens on ${this.config.replHost}:${replPort} WITHOUT authentication or encryption (--insecure): anyone who reaches it can create volumes and overwrite replicas`,
+      );
+      process.stderr.write(`\n*** WARNING: replication on ${this.config.replHost}:${replPort} runs WITHOUT authentication or encryption (--insecure). ***\n*** Anyone who can reach this port can create volumes and overwrite replicas. ***\n\n`);
+    } else this.log.info({ replTls: 'none' }, 'replication: plain TCP on loopback (no credentials)');
     return this.info;
   }
 
@@ -328,7 +376,7 @@ export class Daemon {
       }
     });
     // ---- replication ----
-    api.route('GET', '/v1/replication', (_p, _b, q) => ({ volumes: this.replication.status(q.get('volume') ?? undefined) }));
+    api.route('GET', '/v1/replication', (_p, _b, q) => ({ volumes: this.replication.status(q.get('volume') ?? undefined), security: this.replication.securityStatus() }));
     api.route('POST', '/v1/volumes/:name/replicas', async (p, body) => {
       const peer = str(body, 'peer');
       if (!peer) throw new DeltavolError('EINVAL_ARGUMENT', '"peer" (HOST:PORT of the peer\'s replication port) is required');
@@ -365,7 +413,7 @@ export class Daemon {
       this.defaultExport = name || undefined;
       return { defaultExport: this.defaultExport ?? null };
     });
-    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()));
+    api.text('/metrics', () => renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) + renderReplicationMetrics(this.replication.status()) + renderReplicationSecurityMetrics(this.replication.securityStatus()));
   }
 
   status() {

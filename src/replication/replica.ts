@@ -621,6 +621,8 @@ export class ReplicaVolume {
       role: 'replica' as const,
       pairId: this.state.pairId,
       primaryVolume: this.state.primaryVolume,
+      /** The primary's identity bound to the pair (null: made without TLS). */
+      peerIdentity: this.state.peerIdentity ?? null,
       state: this.stateWord,
       connected: this.connected,
       generation: this.role.generation,

@@ -398,6 +398,7 @@ export class ReplicationService implements RecoveryContext {
           id: p.id,
           peer: `${p.peerHost}:${p.peerPort}`,
           remoteVolume: p.remoteVolume,
+          peerIdentity: p.peerIdentity ?? null,
           state: s?.state ?? 'fenced',
           connected: s?.connected ?? false,
           reason: s && (s.state === 'failure-suspend' || !s.connected) ? s.lastError : null,
