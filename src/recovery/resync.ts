@@ -341,6 +341,11 @@ async function registerOnce(ctx: RecoveryContext, volume: string): Promise<void>
   const back = ctx.returnAddress();
   const s = await Session.open(ctx, rs.peerHost, rs.peerPort);
   try {
+    // The block digests go only to the new primary this resync is bound to.
+    const bound = up.peerIdentity ?? null;
+    if (s.peerIdentity !== null && bound !== null && s.peerIdentity !== bound) {
+      throw new DeltavolError('PEER_REFUSED', `${rs.peerHost}:${rs.peerPort} is ${s.peerIdentity}, but this resync is bound to ${bound}`);
+    }
     s.send({
       t: 'resyncHello',
       protocol: PROTOCOL_VERSION,

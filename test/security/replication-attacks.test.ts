@@ -324,6 +324,35 @@ describe('replication over TLS with pre-shared keys (loopback)', () => {
     await expectPairUntouched(a, b, 'v1');
   }, 60_000);
 
+  it('a planned takeover keeps the binding: the old primary takes hellos only from the new one, a resync is served only to the bound identity', async () => {
+    const t0 = Date.now();
+    const sw = b.cli(['failover', 'v1', '--sync', '--json']);
+    expect(sw.status, sw.stderr).toBe(0);
+    await waitInSync(b, 'v1', 30_000);
+    const r = await replicaStatus(a, 'v1');
+    expect(r).toMatchObject({ role: 'replica', generation: 2, peerIdentity: 'psk:beta' });
+    expect((await replStatus(b, 'v1')).replicas[0]).toMatchObject({ peerIdentity: 'psk:alpha' });
+    // Another verified node with the new pair id, at the current and at a higher generation.
+    for (const generation of [2, 3]) {
+      const g = await RawPeer.open(a.replPort, creds('gamma'));
+      g.send(helloFor({ pairId: r.pairId, primaryVolume: 'v1', replicaVolume: 'v1', generation, sizeBytes: SIZE }));
+      expect(await g.answer(), `hello at generation ${generation}`).toMatchObject({ t: 'refuse', code: 'PEER_REFUSED' });
+      g.destroy();
+    }
+    // A resync (the whole volume copied to the asker) only for the identity bound to the volume.
+    const resyncHello = (): ReplMessage => ({ t: 'resyncHello', protocol: 2, pairId: '', primaryVolume: 'v1', replicaVolume: 'v1', generation: 1, sizeBytes: SIZE, blockBytes: BS, returnHost: '127.0.0.1', returnPort: 1 });
+    const g = await RawPeer.open(b.replPort, creds('gamma'));
+    g.send(resyncHello());
+    expect(await g.answer()).toMatchObject({ t: 'refuse', code: 'PEER_REFUSED' });
+    g.destroy();
+    const al = await RawPeer.open(b.replPort, creds('alpha'));
+    al.send(resyncHello());
+    expect(await al.answer()).toMatchObject({ t: 'resyncOffer' });
+    al.destroy();
+    await expectPairUntouched(b, a, 'v1', 2);
+    console.log(`[repl-attacks] takeover over TLS-PSK, bindings moved with it, foreign hellos and resync refused (${Date.now() - t0} ms)`);
+  }, 90_000);
+
   it('--repl-allow keeps other verified identities out at the handshake', async () => {
     const c = await startDaemon({ tmpfs: true, extraArgs: ['--repl-tls-psk', path.join(dir, 'repl.psk'), '--repl-allow', 'alpha'] });
     try {
