@@ -63,12 +63,12 @@ export function isLoopback(host: string): boolean {
  * loopback is refused without --insecure: whoever reaches that port could create volumes
  * and overwrite replicas.
  */
-function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatform; security: ReplicationSecurity } {
+function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatform; security: ReplicationSecurity; warnings: string[] } {
   const t = config.replTls;
   const given = t && (t.pskFile !== undefined || t.certFile !== undefined || t.keyFile !== undefined || t.caFile !== undefined);
   if (given) {
     const tls = loadReplTls(t);
-    return { platform: { ...systemPlatform, transport: tls.transport }, security: { mode: tls.mode, identity: tls.identity, fingerprint: tls.fingerprint, allow: tls.allow, insecure: false } };
+    return { platform: { ...systemPlatform, transport: tls.transport }, security: { mode: tls.mode, identity: tls.identity, fingerprint: tls.fingerprint, allow: tls.allow, insecure: false }, warnings: tls.warnings };
   }
   if (t?.allow && t.allow.length > 0) throw new DeltavolError('EINVAL_ARGUMENT', '--repl-allow needs TLS credentials (--repl-tls-psk, or --repl-tls-cert/--repl-tls-key/--repl-tls-ca): without TLS peers have no identity');
   if (!isLoopback(config.replHost) && !config.replInsecure) {
@@ -77,7 +77,7 @@ function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatf
       `replication would listen on ${config.replHost} without credentials: anyone who reaches it could create volumes and overwrite replicas. Give --repl-tls-psk FILE (or --repl-tls-cert/--repl-tls-key/--repl-tls-ca), or --insecure to run it unauthenticated anyway`,
     );
   }
-  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopback(config.replHost) } };
+  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopback(config.replHost) }, warnings: [] };
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -110,6 +110,7 @@ export class Daemon {
   private readonly startedMs = Date.now();
   private lockFd: number | null = null;
   private readonly replSecurity: ReplicationSecurity;
+  private readonly replWarnings: string[];
 
   constructor(
     private readonly config: DaemonConfig,
@@ -130,8 +131,9 @@ export class Daemon {
       log.child({ part: 'nbd' }),
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
-    const { platform, security } = replicationSecurity(config);
+    const { platform, security, warnings } = replicationSecurity(config);
     this.replSecurity = security;
+    this.replWarnings = warnings;
     this.replication = new ReplicationService(
       new RegistryVolumeHost(this.registry, log.child({ part: 'replication' })),
       platform,
@@ -185,6 +187,7 @@ export class Daemon {
     const { pid: _pid, ...fields } = this.info; // pino already logs the pid
     this.log.info({ ...fields, defaultExport: this.defaultExport ?? null }, 'listening');
     const sec = this.replSecurity;
+    for (const w of this.replWarnings) this.log.warn({}, `replication: ${w}`);
     if (sec.mode !== 'none') this.log.info({ replTls: sec.mode, identity: sec.identity, fingerprint: sec.fingerprint, allow: sec.allow }, `replication: TLS (${sec.mode}), this node is ${sec.identity}`);
     else if (sec.insecure) {
       this.log.warn(

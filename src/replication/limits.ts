@@ -48,7 +48,7 @@ export const initAckEveryBytes = 64 * 1024 * 1024;
  * most this many per daemon and per remote address; the rest are closed at once.
  */
 export const unauthConnectionsMax = 64;
-export const unauthConnectionsPerAddressMax = 16;
+export const unauthConnectionsPerAddressMax = 32;
 /** A connection may buffer at most this much of a frame before its hello is accepted (a hello is ~200 bytes). */
 export const helloFrameBytesMax = 64 * 1024;
 /** A TLS handshake on the replication port must finish within this time. */

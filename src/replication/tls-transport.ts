@@ -41,6 +41,18 @@ export interface ReplTls {
   fingerprint: string | null;
   allow: string[] | null;
   transport: Transport;
+  /** Things the operator should fix (a key file others can read), for the start log. */
+  warnings: string[];
+}
+
+/** A secret file readable by group or others is worth a warning (the key is the identity). */
+function secretFileWarnings(file: string, what: string): string[] {
+  try {
+    const mode = fs.statSync(file).mode & 0o777;
+    return mode & 0o077 ? [`${what} ${file} is readable by others (mode ${mode.toString(8)}): chmod 600 it`] : [];
+  } catch {
+    return [];
+  }
 }
 
 /** TLS 1.2 PSK suites with an ephemeral key exchange first (forward secrecy), all AEAD. */
@@ -90,7 +102,7 @@ export function loadReplTls(o: ReplTlsOptions): ReplTls {
     const name = o.pskIdentity ?? [...keys.keys()][0]!;
     const ours = keys.get(name);
     if (!ours) throw new DeltavolError('EINVAL_ARGUMENT', `${o.pskFile} has no key for identity ${name}`);
-    return { mode: 'psk', identity: `psk:${name}`, fingerprint: null, allow, transport: pskTransport(name, ours, keys, allow) };
+    return { mode: 'psk', identity: `psk:${name}`, fingerprint: null, allow, transport: pskTransport(name, ours, keys, allow), warnings: secretFileWarnings(o.pskFile, 'PSK file') };
   }
   if (x509) {
     if (o.certFile === undefined || o.keyFile === undefined || o.caFile === undefined) throw new DeltavolError('EINVAL_ARGUMENT', 'X.509 needs all of --repl-tls-cert, --repl-tls-key and --repl-tls-ca (peers are verified both ways)');
@@ -111,7 +123,7 @@ export function loadReplTls(o: ReplTlsOptions): ReplTls {
     if (caCert.subject === caCert.issuer && !x.checkIssued(caCert)) {
       throw new DeltavolError('EINVAL_ARGUMENT', `${o.certFile} is not issued by ${o.caFile}: peers would refuse it`);
     }
-    return { mode: 'x509', identity: `x509:${cn}`, fingerprint: x.fingerprint256, allow, transport: x509Transport(context, allow) };
+    return { mode: 'x509', identity: `x509:${cn}`, fingerprint: x.fingerprint256, allow, transport: x509Transport(context, allow), warnings: secretFileWarnings(o.keyFile, 'private key') };
   }
   throw new DeltavolError('EINVAL_ARGUMENT', 'no replication credentials given');
 }

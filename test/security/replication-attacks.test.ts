@@ -290,6 +290,24 @@ describe('replication over TLS with pre-shared keys (loopback)', () => {
     expect(await metric(b, 'deltavol_replication_connections_refused_total', 'reason="handshake_failed"')).toBeGreaterThanOrEqual(1);
   }, 60_000);
 
+  it('a connection that never finishes its TLS handshake is cut after 10 s, counted and logged', async () => {
+    const before = await metric(b, 'deltavol_replication_connections_refused_total', 'reason="handshake_timeout"');
+    const t0 = Date.now();
+    const s = net.connect(b.replPort, '127.0.0.1');
+    s.on('error', () => undefined);
+    const closed = await new Promise<boolean>((r) => {
+      s.once('close', () => r(true));
+      setTimeout(() => r(false), 15_000).unref();
+    });
+    const ms = Date.now() - t0;
+    s.destroy();
+    expect(closed).toBe(true);
+    expect(ms).toBeGreaterThanOrEqual(9_000);
+    expect(await metric(b, 'deltavol_replication_connections_refused_total', 'reason="handshake_timeout"')).toBe(before + 1);
+    expect(b.log()).toMatch(/replication TLS handshake timed out/);
+    console.log(`[repl-attacks] silent connection cut after ${ms} ms`);
+  }, 30_000);
+
   it('a wrong key and an unknown identity are refused at the handshake', async () => {
     const failedBefore = await metric(b, 'deltavol_replication_connections_refused_total', 'reason="handshake_failed"');
     const wrong = await RawPeer.open(b.replPort, creds('alpha', crypto.randomBytes(32)));
