@@ -162,17 +162,20 @@ function connectTls(host: string, port: number, timeoutMs: number, signal: Abort
     const t = setTimeout(() => fail(`connect to ${host}:${port} timed out (TCP or TLS handshake)`), timeoutMs);
     if (signal?.aborted) return onAbort();
     signal?.addEventListener('abort', onAbort, { once: true });
+    const onError = (e: Error) => fail(`cannot reach ${host}:${port} over TLS: ${e.message}`);
+    // A server that closes during the handshake (wrong key, not allowed) sends no error here.
+    const onClose = () => fail(`${host}:${port} closed the connection during the TLS handshake (wrong key or certificate, or not allowed there)`);
     sock.once('secureConnect', () => {
       const id = identityOf(sock);
       if (!id) return fail(`${host}:${port}: the peer presented no identity`);
       clearTimeout(t);
       signal?.removeEventListener('abort', onAbort);
-      sock.removeAllListeners('error');
+      sock.off('error', onError);
+      sock.off('close', onClose);
       resolve(new TlsConn(sock, id, null));
     });
-    sock.once('error', (e) => fail(`cannot reach ${host}:${port} over TLS: ${e.message}`));
-    // A server that closes during the handshake (wrong key, not allowed) sends no error here.
-    sock.once('close', () => fail(`${host}:${port} closed the connection during the TLS handshake (wrong key or certificate, or not allowed there)`));
+    sock.once('error', onError);
+    sock.once('close', onClose);
   });
 }
 
@@ -200,16 +203,18 @@ function tlsListen(makeSocket: (raw: net.Socket, identity: { value: string | nul
         raw.destroy();
       };
       const timer = setTimeout(() => failed(`TLS handshake not finished within ${guard.handshakeTimeoutMs} ms`, true), guard.handshakeTimeoutMs);
-      sock.on('error', (e) => failed(`TLS handshake failed: ${e.message}`, false));
-      sock.once('close', () => failed('closed during the TLS handshake', false));
+      const onError = (e: Error) => failed(`TLS handshake failed: ${e.message}`, false);
+      const onClose = () => failed('closed during the TLS handshake', false);
+      sock.on('error', onError);
+      sock.once('close', onClose);
       sock.once('secure', () => {
         const id = identityAfter(sock, identity);
         if (!id) return failed('the peer presented no verified identity', false);
         if (!allowed(allow, id)) return failed(`peer ${id} is not on --repl-allow`, false);
         done = true;
         clearTimeout(timer);
-        sock.removeAllListeners('error');
-        sock.removeAllListeners('close');
+        sock.off('error', onError);
+        sock.off('close', onClose);
         onConn(new TlsConn(sock, id, raw), admission);
       });
     });

@@ -1,6 +1,7 @@
 // Why: the replication link is a byte stream between two daemons. Production runs it on
-// TCP; the seeded simulator runs it on an in-memory network that delays, cuts,
-// partitions and corrupts (TigerBeetle's packet_simulator). Link, sender, replica and
+// TCP, or on TLS (tls-transport.ts: the same Conn, with the peer's proven identity); the
+// seeded simulator runs it on an in-memory network that delays, cuts, partitions and
+// corrupts (TigerBeetle's packet_simulator). Link, sender, replica and
 // recovery only see these two interfaces, so the same code runs in both.
 
 import net from 'node:net';
