@@ -445,30 +445,14 @@ export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   };
 }
 
-/**
- * Over TLS, a resync (which gets the whole volume copied to the requester) is served only
- * to an identity bound to this volume: the old primary it took over from, or one of its
- * replicas. A volume with no bound identity (its pairs predate TLS) serves any verified peer.
- */
-function resyncAllowedFrom(ctx: RecoveryContext, volume: string, peerIdentity: string | null): boolean {
-  if (peerIdentity === null) return true; // no TLS: no identity to check (README: Replication security)
-  const role = ctx.role(volume);
-  const bound = [role.state.failover?.fromIdentity, ...role.pairs.map((p) => p.peerIdentity)].filter((x): x is string => typeof x === 'string' && x !== '');
-  if (bound.length === 0) {
-    ctx.log.warn({ volume, peer: peerIdentity }, 'resync requested by a verified peer; this volume has no bound identity to check it against');
-    return true;
-  }
-  return bound.includes(peerIdentity);
-}
-
 function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartOk: boolean; volume: string } {
   const name = hello.primaryVolume;
   const v = ctx.host.get(name);
   if (!v) throw new DeltavolError('VOLUME_NOT_FOUND', `no volume ${name} on this node`);
-  if (!resyncAllowedFrom(ctx, name, link.conn.peerIdentity)) {
-    ctx.log.warn({ volume: name, peer: link.conn.peerIdentity, from: link.remoteAddress }, 'resync refused: the peer is not the identity bound to this volume');
-    throw new DeltavolError('PEER_REFUSED', `resync refused: ${link.conn.peerIdentity} is not bound to volume ${name}`);
-  }
+  // Serving a resync makes a new pair here and changes nothing else (no role, no generation):
+  // like a replica add, any verified peer (and --repl-allow) may ask. Any older copy may rejoin,
+  // also one that was never paired with this node (another replica of the old primary). The
+  // requester checks that this node is the identity its pair was bound to (resync()).
   const role = ctx.role(name);
   if (role.role !== 'primary' || role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${name} is not an active primary on this node`);
   if (hello.sizeBytes !== v.sizeBytes || hello.blockBytes !== v.blockBytes) {
