@@ -237,6 +237,8 @@ function keyOf(line: string): Buffer {
 describe('replication over TLS with pre-shared keys (loopback)', () => {
   let a: TestDaemon;
   let b: TestDaemon;
+  /** b's first incarnation (owns the data directory) when b was restarted. */
+  let bFirst: TestDaemon | undefined;
   let dir = '';
   let pairId = '';
   const lines: Record<string, string> = {};
@@ -255,6 +257,7 @@ describe('replication over TLS with pre-shared keys (loopback)', () => {
   }, 60_000);
   afterAll(async () => {
     await Promise.all([a?.dispose(), b?.dispose()]);
+    await bFirst?.dispose();
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -342,6 +345,41 @@ describe('replication over TLS with pre-shared keys (loopback)', () => {
     await expectPairUntouched(a, b, 'v1');
   }, 60_000);
 
+  it('another verified node at the replica\'s address gets no session and no resync from the primary', async () => {
+    const t0 = Date.now();
+    const port = b.replPort;
+    const keys = path.join(dir, 'repl.psk');
+    await b.stop();
+    // gamma takes the replica's address (a reused IP, a hijacked DNS name).
+    const c = await startDaemon({ tmpfs: true, extraArgs: ['--repl-tls-psk', keys, '--repl-tls-psk-identity', 'gamma', '--repl-port', String(port)] });
+    try {
+      // The primary's sender reconnects meanwhile, meets gamma and refuses it.
+      let p = (await replStatus(a, 'v1')).replicas[0]!;
+      for (let i = 0; i < 100 && !/psk:gamma/.test(String(p.reason)); i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        p = (await replStatus(a, 'v1')).replicas[0]!;
+      }
+      expect(p.connected, 'the primary does not ship to gamma').toBe(false);
+      expect(p).toMatchObject({ peerIdentity: 'psk:beta' });
+      expect(String(p.reason), JSON.stringify(p)).toMatch(/is psk:gamma, but this pair is bound to psk:beta: not replicating to it/);
+      expect(volumeNames(c)).not.toContain('v1');
+      const rs = a.cli(['resync', 'v1']);
+      expect(rs.status).not.toBe(0);
+      expect(rs.stderr).toMatch(/is psk:gamma, but the pair of v1 is bound to psk:beta: not resyncing from it/);
+      const st = (await replStatus(a, 'v1')) as unknown as { role: string; fenced: unknown };
+      expect(st.role).toBe('primary');
+      expect(st.fenced).toBeNull();
+    } finally {
+      await c.dispose();
+    }
+    // The real replica comes back at its address: the pair resumes.
+    bFirst = b;
+    b = await startDaemon({ dataDir: b.dataDir, extraArgs: ['--repl-tls-psk', keys, '--repl-port', String(port)] });
+    await waitInSync(a, 'v1', 30_000);
+    await expectPairUntouched(a, b, 'v1');
+    console.log(`[repl-attacks] gamma at the replica's address: no session, no resync; the real replica resumed (${Date.now() - t0} ms)`);
+  }, 90_000);
+
   it('a planned takeover keeps the binding: the old primary takes hellos only from the new one; a resync is asked for only with credentials', async () => {
     const t0 = Date.now();
     const sw = b.cli(['failover', 'v1', '--sync', '--json']);
@@ -368,7 +406,7 @@ describe('replication over TLS with pre-shared keys (loopback)', () => {
     expect(await al.answer()).toMatchObject({ t: 'resyncOffer' });
     al.destroy();
     await expectPairUntouched(b, a, 'v1', 2);
-    console.log(`[repl-attacks] takeover over TLS-PSK, bindings moved with it, foreign hellos and resync refused (${Date.now() - t0} ms)`);
+    console.log(`[repl-attacks] takeover over TLS-PSK, bindings moved with it, foreign hellos refused, no resync without credentials (${Date.now() - t0} ms)`);
   }, 90_000);
 
   it('--repl-allow keeps other verified identities out at the handshake', async () => {
