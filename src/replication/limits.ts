@@ -51,6 +51,8 @@ export const unauthConnectionsMax = 64;
 export const unauthConnectionsPerAddressMax = 32;
 /** A connection may buffer at most this much of a frame before its hello is accepted (a hello is ~200 bytes). */
 export const helloFrameBytesMax = 64 * 1024;
+/** Frames that arrive behind a hello before it is accepted are held up to this many bytes. */
+export const earlyFrameBytesMax = 4 * 1024 * 1024;
 /** A TLS handshake on the replication port must finish within this time. */
 export const tlsHandshakeTimeoutMs = 10_000;
 /** A connection must say hello within this time (after its TLS handshake). */

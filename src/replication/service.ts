@@ -434,6 +434,7 @@ export class ReplicationService implements RecoveryContext {
     let target: ReplicaVolume | null = null;
     let session: ((f: Frame) => void) | null = null;
     const early: Frame[] = [];
+    let earlyBytes = 0;
     let helloSeen = false;
     const peer = conn.peerIdentity;
     /** The peer is past the caps on unauthenticated connections: its hello was accepted. */
@@ -475,7 +476,9 @@ export class ReplicationService implements RecoveryContext {
         link.close(`expected hello, got ${f.msg.t}`);
         return;
       }
-      if (early.length > 1024) link.close('too many frames before the session started');
+      // Frames sent right behind the hello wait for it to be accepted (bounded: the peer is not yet).
+      earlyBytes += f.data?.length ?? 0;
+      if (early.length > 1024 || earlyBytes > L.earlyFrameBytesMax) link.close('too many frames before the session started');
       else early.push(f);
     });
     link.frameBytesMax = L.helloFrameBytesMax;
