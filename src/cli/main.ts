@@ -100,6 +100,13 @@ export function buildProgram(): Command {
     .option('--repl-port <n>', 'replication port: peers connect here to replicate into this node (0 = any free port)', String(replicationPortDefault))
     .option('--repl-bind <addr>', 'replication listen address (0.0.0.0 to accept remote primaries)', '127.0.0.1')
     .option('--repl-advertise <host:port>', 'replication address peers dial back after a resync or a handover (default: the address they see, on --repl-port)')
+    .option('--repl-tls-psk <file>', 'replication over TLS with pre-shared keys: a psktool file of identity:hexkey lines (peers must be in it)')
+    .option('--repl-tls-psk-identity <name>', 'the PSK identity this node presents (default: the first line of --repl-tls-psk)')
+    .option('--repl-tls-cert <file>', 'replication over TLS with X.509: this node\'s certificate (PEM; its subject CN is its identity)')
+    .option('--repl-tls-key <file>', 'private key of --repl-tls-cert (PEM)')
+    .option('--repl-tls-ca <file>', 'CA that signed the peers\' certificates (PEM): peers are verified both ways')
+    .option('--repl-allow <ids>', 'only these peer identities may connect (comma-separated PSK identities or certificate CNs)')
+    .option('--insecure', 'allow replication without credentials on a non-loopback --repl-bind (anyone reaching the port can write replicas)')
     .option('--outbound-size <size>', 'outbound save area per replicated volume (delta sets waiting for their replicas)', String(outboundBytesDefault))
     .option('--playback-delay <duration>', 'a replica plays a complete delta set after this delay', '0ms')
     .addOption(new Option('--tls <mode>', 'NBD TLS (NBD_OPT_STARTTLS): off; on (clients may upgrade); require (every option but STARTTLS refused before TLS)').choices(['off', 'on', 'require']).default('off'))
@@ -165,6 +172,15 @@ export function buildProgram(): Command {
             bufferBytesMax: size(opts.nbdBufferBytesMax),
             stallTimeoutMs: parseDurationMs(opts.nbdStallTimeout),
           },
+          replTls: {
+            ...(opts.replTlsPsk ? { pskFile: path.resolve(opts.replTlsPsk) } : {}),
+            ...(opts.replTlsPskIdentity ? { pskIdentity: opts.replTlsPskIdentity } : {}),
+            ...(opts.replTlsCert ? { certFile: path.resolve(opts.replTlsCert) } : {}),
+            ...(opts.replTlsKey ? { keyFile: path.resolve(opts.replTlsKey) } : {}),
+            ...(opts.replTlsCa ? { caFile: path.resolve(opts.replTlsCa) } : {}),
+            ...(opts.replAllow ? { allow: String(opts.replAllow).split(',').map((x: string) => x.trim()).filter((x: string) => x !== '') } : {}),
+          },
+          replInsecure: opts.insecure === true,
           ...(opts.replAdvertise ? { replAdvertiseHost: parseHostPort(opts.replAdvertise).host, replAdvertisePort: parseHostPort(opts.replAdvertise).port } : {}),
         },
         log,
@@ -397,7 +413,7 @@ export function buildProgram(): Command {
         return;
       }
       type Status = {
-        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number; replHost: string; replPort: number; nbdTls?: { mode: string; credentials: string | null; verifyPeer: boolean; authz: string[] } };
+        daemon: { pid: number; version: string; nbdHost: string; nbdPort: number; socketPath: string | null; controlPort: number; replHost: string; replPort: number; nbdTls?: { mode: string; credentials: string | null; verifyPeer: boolean; authz: string[] }; replTls?: { mode: string; identity: string | null; insecure: boolean } };
         uptimeSeconds: number;
         defaultExport: string | null;
         connections: { export: string | null; inflight: number; requests: number }[];
@@ -411,6 +427,7 @@ export function buildProgram(): Command {
           `deltavol ${d.version}, pid ${d.pid}, up ${s.uptimeSeconds} s`,
           `NBD: nbd://${d.nbdHost}:${d.nbdPort}/${d.socketPath ? `  unix: ${d.socketPath}` : ''}   control: port ${d.controlPort}   replication: ${d.replHost}:${d.replPort}`,
           `NBD TLS: ${nbdTlsLine(d.nbdTls)}`,
+          `replication security: ${!d.replTls ? 'unknown' : d.replTls.mode === 'none' ? (d.replTls.insecure ? 'NONE (--insecure: unauthenticated, unencrypted)' : 'none (loopback only)') : `TLS ${d.replTls.mode}, this node is ${d.replTls.identity}`}`,
           `default export: ${s.defaultExport ?? '(none)'}`,
           `connections: ${s.connections.length}`,
           '',

@@ -18,11 +18,12 @@ import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi, isLoopbackAddress } from './control-api.js';
 import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
 import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
-import { renderReplicationMetrics } from './replication-metrics.js';
+import { renderReplicationMetrics, renderReplicationSecurityMetrics } from './replication-metrics.js';
 import { loadFsx } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
-import { ReplicationService } from '../replication/service.js';
-import { systemPlatform } from '../replication/platform.js';
+import { ReplicationService, type ReplicationSecurity } from '../replication/service.js';
+import { systemPlatform, type ReplicationPlatform } from '../replication/platform.js';
+import { loadReplTls, type ReplTlsOptions } from '../replication/tls-transport.js';
 import { RegistryVolumeHost } from './volume-host.js';
 import { inboundBytesMaxDefault } from '../replication/limits.js';
 import { parseHostPort } from '../util/units.js';
@@ -55,6 +56,37 @@ export interface DaemonConfig {
   nbdTls?: TlsSettings;
   /** NBD limits under abuse (defaults in src/util/limits.ts). */
   nbdLimits?: Partial<NbdLimits>;
+  /** Replication credentials (README "Replication security"); none: plain TCP. */
+  replTls?: ReplTlsOptions;
+  /** Plain TCP replication on a non-loopback address, knowingly. */
+  replInsecure?: boolean;
+}
+
+/** Loopback addresses: the only ones where replication may run without credentials unasked. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./.test(host);
+}
+
+/**
+ * The replication transport and what status says about it. Plain TCP on anything but
+ * loopback is refused without --insecure: whoever reaches that port could create volumes
+ * and overwrite replicas.
+ */
+function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatform; security: ReplicationSecurity; warnings: string[] } {
+  const t = config.replTls;
+  const given = t && (t.pskFile !== undefined || t.certFile !== undefined || t.keyFile !== undefined || t.caFile !== undefined);
+  if (given) {
+    const tls = loadReplTls(t);
+    return { platform: { ...systemPlatform, transport: tls.transport }, security: { mode: tls.mode, identity: tls.identity, fingerprint: tls.fingerprint, allow: tls.allow, insecure: false }, warnings: tls.warnings };
+  }
+  if (t?.allow && t.allow.length > 0) throw new DeltavolError('EINVAL_ARGUMENT', '--repl-allow needs TLS credentials (--repl-tls-psk, or --repl-tls-cert/--repl-tls-key/--repl-tls-ca): without TLS peers have no identity');
+  if (!isLoopback(config.replHost) && !config.replInsecure) {
+    throw new DeltavolError(
+      'EINVAL_ARGUMENT',
+      `replication would listen on ${config.replHost} without credentials: anyone who reaches it could create volumes and overwrite replicas. Give --repl-tls-psk FILE (or --repl-tls-cert/--repl-tls-key/--repl-tls-ca), or --insecure to run it unauthenticated anyway`,
+    );
+  }
+  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopback(config.replHost) }, warnings: [] };
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -74,6 +106,8 @@ export interface DaemonInfo {
   controlSocket: string | null;
   replHost: string;
   replPort: number;
+  /** How the replication port is protected: tls mode (none, psk, x509) and our identity. */
+  replTls: { mode: string; identity: string | null; fingerprint: string | null; allow: string[] | null; insecure: boolean };
   startedAt: string;
 }
 
@@ -96,6 +130,8 @@ export class Daemon {
   private readonly nbdTls: TlsServerConfig | null;
   private controlToken = '';
   private runtimeTokenFile: string | null = null;
+  private readonly replSecurity: ReplicationSecurity;
+  private readonly replWarnings: string[];
 
   constructor(
     private readonly config: DaemonConfig,
@@ -120,9 +156,12 @@ export class Daemon {
       config.nbdLimits,
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
+    const { platform, security, warnings } = replicationSecurity(config);
+    this.replSecurity = security;
+    this.replWarnings = warnings;
     this.replication = new ReplicationService(
       new RegistryVolumeHost(this.registry, log.child({ part: 'replication' })),
-      systemPlatform,
+      platform,
       {
         host: config.replHost,
         port: config.replPort,
@@ -131,6 +170,7 @@ export class Daemon {
         outboundBytes: config.outboundBytes,
         playbackDelayMs: config.playbackDelayMs,
         inboundBytesMax: inboundBytesMaxDefault,
+        security,
       },
       log.child({ part: 'replication' }),
     );
@@ -178,12 +218,23 @@ export class Daemon {
       controlSocket: this.config.controlSocketPath ?? null,
       replHost: this.config.replHost,
       replPort,
+      replTls: this.replSecurity,
       startedAt: new Date().toISOString(),
     };
     writeFileAtomicSync(path.join(dir, DAEMON_INFO_FILE), JSON.stringify(this.info, null, 2) + '\n');
     const { pid: _pid, ...fields } = this.info; // pino already logs the pid
     this.log.info({ ...fields, defaultExport: this.defaultExport ?? null }, 'listening');
     this.warnNbdTls();
+    const sec = this.replSecurity;
+    for (const w of this.replWarnings) this.log.warn({}, `replication: ${w}`);
+    if (sec.mode !== 'none') this.log.info({ replTls: sec.mode, identity: sec.identity, fingerprint: sec.fingerprint, allow: sec.allow }, `replication: TLS (${sec.mode}), this node is ${sec.identity}`);
+    else if (sec.insecure) {
+      this.log.warn(
+        { replHost: this.config.replHost, replPort },
+        `INSECURE: replication listens on ${this.config.replHost}:${replPort} WITHOUT authentication or encryption (--insecure): anyone who reaches it can create volumes and overwrite replicas`,
+      );
+      process.stderr.write(`\n*** WARNING: replication on ${this.config.replHost}:${replPort} runs WITHOUT authentication or encryption (--insecure). ***\n*** Anyone who can reach this port can create volumes and overwrite replicas. ***\n\n`);
+    } else this.log.info({ replTls: 'none' }, 'replication: plain TCP on loopback (no credentials)');
     return this.info;
   }
 
@@ -390,7 +441,7 @@ export class Daemon {
       }
     });
     // ---- replication ----
-    api.route('GET', '/v1/replication', (_p, _b, q) => ({ volumes: this.replication.status(q.get('volume') ?? undefined) }));
+    api.route('GET', '/v1/replication', (_p, _b, q) => ({ volumes: this.replication.status(q.get('volume') ?? undefined), security: this.replication.securityStatus() }));
     api.route('POST', '/v1/volumes/:name/replicas', async (p, body) => {
       const peer = str(body, 'peer');
       if (!peer) throw new DeltavolError('EINVAL_ARGUMENT', '"peer" (HOST:PORT of the peer\'s replication port) is required');
@@ -433,6 +484,7 @@ export class Daemon {
         renderMetrics(this.registry.list(), [...this.nbd.connections], this.startedMs) +
         renderNbdLimitMetrics(this.nbd.limitsSnapshot()) +
         renderReplicationMetrics(this.replication.status()) +
+        renderReplicationSecurityMetrics(this.replication.securityStatus()) +
         '# HELP deltavol_control_refused_requests_total Control API requests refused before routing (Origin, Host, token, content type).\n' +
         '# TYPE deltavol_control_refused_requests_total counter\n' +
         `deltavol_control_refused_requests_total ${this.api.refusedRequests}\n`,

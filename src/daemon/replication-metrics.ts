@@ -19,6 +19,24 @@ function metric(out: string[], name: string, type: 'gauge' | 'counter', help: st
   for (const [labels, value] of rows) out.push(line(name, labels, value));
 }
 
+/** The replication port's protection and the caps on unauthenticated connections. */
+export function renderReplicationSecurityMetrics(s: ReturnType<ReplicationService['securityStatus']>): string {
+  const out: string[] = [];
+  metric(out, 'deltavol_replication_tls', 'gauge', 'How the replication port is protected (1 for the current mode).', (['none', 'psk', 'x509'] as const).map((m) => [{ mode: m }, s.mode === m ? 1 : 0]));
+  metric(out, 'deltavol_replication_unauthenticated_connections', 'gauge', 'Replication connections without an accepted hello (TLS handshake or hello pending).', [[{}, s.unauthenticatedConnections]]);
+  const refused: [Record<string, string>, number][] = [
+    [{ reason: 'daemon_cap' }, s.refusedDaemonCap],
+    [{ reason: 'address_cap' }, s.refusedAddressCap],
+    [{ reason: 'handshake_failed' }, s.handshakeFailures],
+    [{ reason: 'handshake_timeout' }, s.handshakeTimeouts],
+    [{ reason: 'oversize_before_hello' }, s.oversizeBeforeHello],
+    [{ reason: 'hello_timeout' }, s.helloTimeouts],
+    [{ reason: 'hello_refused' }, s.hellosRefused],
+  ];
+  metric(out, 'deltavol_replication_connections_refused_total', 'counter', 'Replication connections refused or closed before their session started, by reason.', refused);
+  return out.join('\n') + '\n';
+}
+
 export function renderReplicationMetrics(volumes: Status[]): string {
   const out: string[] = [];
   const pairs: [Record<string, string>, Pair, PrimaryStatus][] = [];

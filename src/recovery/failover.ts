@@ -92,6 +92,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
     kind: 'unplanned',
     fromPairId: up.pairId,
     fromVolume: up.primaryVolume,
+    fromIdentity: up.peerIdentity ?? null,
     generationBefore,
     atMs: ctx.platform.clock.now(),
     restartSnapshot: restart,

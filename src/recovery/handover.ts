@@ -82,11 +82,13 @@ export function unfence(ctx: RecoveryContext, volume: string, force = false): { 
  * replaced. The refusal carries this side's generation so the sender fences itself (or
  * completes its half of a planned swap).
  */
-export function refusalForOldPrimary(ctx: RecoveryContext, volume: string, hello: Hello): DeltavolError {
+export function refusalForOldPrimary(ctx: RecoveryContext, volume: string, hello: Hello, peerIdentity: string | null): DeltavolError {
   const role = ctx.role(volume);
   const f = role.state.failover;
   const generation = role.generation;
-  if (f && hello.pairId === f.fromPairId && hello.generation < generation) {
+  // Over TLS, only the old primary itself (the identity bound to the pair) is told.
+  const fromOldPrimary = peerIdentity === null || !f?.fromIdentity || f.fromIdentity === peerIdentity;
+  if (f && fromOldPrimary && hello.pairId === f.fromPairId && hello.generation < generation) {
     const code = f.kind === 'planned' ? 'HANDED_OVER' : 'FAILED_OVER';
     const why = f.kind === 'planned' ? `took over from it in a planned handover (generation ${generation})` : `failed over (generation ${generation}, restart point set ${f.restartSet})`;
     return new DeltavolError('STALE_GENERATION', `volume ${volume} ${why}: the sender is stale`, { generation, refuseCode: code, wireCode: code });
@@ -179,6 +181,8 @@ async function completeHandoverOnce(ctx: RecoveryContext, volume: string, h: Han
   const pair = role.pairs.find((x) => x.id === h.pairId)!;
   const upstream: UpstreamRecord = {
     pairId: h.newPairId,
+    // The new primary is the replica this pair was bound to.
+    peerIdentity: pair.peerIdentity ?? null,
     primaryVolume: pair.remoteVolume,
     playedSet: h.peerBaseSet,
     initialCopy: { done: true, offsetBytes: ctx.host.require(volume).sizeBytes, baseSet: h.peerBaseSet },
@@ -226,9 +230,15 @@ export function onSessionUp(ctx: RecoveryContext, volume: string, p: PairRecord)
  * names: the replica committed and dials in as the new primary. Returns true when this
  * side completed its half (the volume is a replica now and may accept the hello).
  */
-export async function completeOnHello(ctx: RecoveryContext, volume: string, hello: Hello): Promise<boolean> {
+export async function completeOnHello(ctx: RecoveryContext, volume: string, hello: Hello, peerIdentity: string | null): Promise<boolean> {
   const h = ctx.role(volume).state.handover;
   if (!h || !h.offered || hello.pairId !== h.newPairId || hello.generation !== h.newGeneration) return false;
+  // Only the replica the swap was offered to may complete it (TLS: the identity bound to its pair).
+  const bound = ctx.role(volume).pairs.find((p) => p.id === h.pairId)?.peerIdentity ?? null;
+  if (peerIdentity !== null && bound !== null && peerIdentity !== bound) {
+    ctx.log.warn({ volume, peer: peerIdentity, bound }, 'a hello completing the planned handover came from another identity than the replica it was offered to: refused');
+    return false;
+  }
   await completeHandover(ctx, volume);
   return true;
 }
@@ -316,6 +326,8 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
       cutIntervalMs: L.cutIntervalMsDefault,
       highWaterBytes: L.cutHighWaterBytesDefault,
       retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+      // The old primary becomes this pair's replica: the identity it proved stays bound.
+      peerIdentity: up.peerIdentity ?? null,
       createdAt: new Date(now).toISOString(),
       ackedSet: baseSet,
       playedSet: baseSet,
@@ -330,7 +342,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
         t: 'took-over',
         generation: generationBefore + 1,
         pair,
-        failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report },
+        failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, fromIdentity: up.peerIdentity ?? null, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report },
       },
       { how, lastSet: m.lastSet, newPair: m.newPairId },
     );

@@ -27,6 +27,7 @@ import crypto from 'node:crypto';
 import { DeltavolError } from '../util/errors.js';
 import { sleep } from '../util/clock.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { publicRefusal } from '../replication/refusal.js';
 import { Link } from '../replication/link.js';
 import { PROTOCOL_VERSION, type Frame, type ReplMessage, type Runs } from '../replication/wire.js';
 import * as L from '../replication/limits.js';
@@ -101,6 +102,11 @@ class Session {
     this.link.send(m);
   }
 
+  /** Who the new primary proved to be (null without TLS). */
+  get peerIdentity(): string | null {
+    return this.link.conn.peerIdentity;
+  }
+
   /** The next message (a refusal or a closed link throws with its code). */
   async next<T extends ReplMessage['t']>(ctx: RecoveryContext, t: T, timeoutMs: number): Promise<Extract<ReplMessage, { t: T }>> {
     const deadline = ctx.platform.clock.now() + timeoutMs;
@@ -161,6 +167,12 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
 
   const s = await Session.open(ctx, peerHost, peerPort);
   try {
+    // The volume is about to give up its changes to whoever answers: over TLS, when the
+    // pair is bound to an identity, the new primary must be that very replica.
+    const peerIdentity = s.peerIdentity;
+    if (peerIdentity !== null && pair?.peerIdentity && pair.peerIdentity !== peerIdentity) {
+      throw new DeltavolError('PEER_REFUSED', `${peerHost}:${peerPort} is ${peerIdentity}, but the pair of ${volume} is bound to ${pair.peerIdentity}: not resyncing from it`);
+    }
     s.send({
       t: 'resyncHello',
       protocol: PROTOCOL_VERSION,
@@ -203,6 +215,7 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
         generation: offer.generation,
         upstream: {
           pairId: offer.pairId,
+          peerIdentity,
           primaryVolume: peerVolume,
           playedSet: 0,
           initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
@@ -328,6 +341,11 @@ async function registerOnce(ctx: RecoveryContext, volume: string): Promise<void>
   const back = ctx.returnAddress();
   const s = await Session.open(ctx, rs.peerHost, rs.peerPort);
   try {
+    // The block digests go only to the new primary this resync is bound to.
+    const bound = up.peerIdentity ?? null;
+    if (s.peerIdentity !== null && bound !== null && s.peerIdentity !== bound) {
+      throw new DeltavolError('PEER_REFUSED', `${rs.peerHost}:${rs.peerPort} is ${s.peerIdentity}, but this resync is bound to ${bound}`);
+    }
     s.send({
       t: 'resyncHello',
       protocol: PROTOCOL_VERSION,
@@ -392,7 +410,8 @@ export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   let offered: { restartOk: boolean; volume: string } | null = null;
   const refuse = (e: Error) => {
     const err = e as DeltavolError;
-    link.send({ t: 'refuse', code: err.code ?? 'ERROR', message: e.message, generation: 0 });
+    ctx.log.warn({ from: link.remoteAddress, peer: link.conn.peerIdentity, code: err.code, err: e.message }, 'resync request refused');
+    link.send({ t: 'refuse', code: err.code ?? 'ERROR', message: publicRefusal(link.conn.peerIdentity, err.code ?? 'ERROR', e), generation: 0 });
     link.close(`resync refused: ${e.message}`);
   };
   try {
@@ -430,6 +449,10 @@ function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartO
   const name = hello.primaryVolume;
   const v = ctx.host.get(name);
   if (!v) throw new DeltavolError('VOLUME_NOT_FOUND', `no volume ${name} on this node`);
+  // Serving a resync makes a new pair here and changes nothing else (no role, no generation):
+  // like a replica add, any verified peer (and --repl-allow) may ask. Any older copy may rejoin,
+  // also one that was never paired with this node (another replica of the old primary). The
+  // requester checks that this node is the identity its pair was bound to (resync()).
   const role = ctx.role(name);
   if (role.role !== 'primary' || role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${name} is not an active primary on this node`);
   if (hello.sizeBytes !== v.sizeBytes || hello.blockBytes !== v.blockBytes) {
@@ -506,6 +529,7 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
       cutIntervalMs: L.cutIntervalMsDefault,
       highWaterBytes: L.cutHighWaterBytesDefault,
       retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+      peerIdentity: link.conn.peerIdentity,
     },
     {
       id: commit.pairId,

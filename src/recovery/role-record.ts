@@ -42,6 +42,12 @@ export interface PairConfig {
   cutIntervalMs: number;
   highWaterBytes: number;
   retriesBeforeSuspend: number;
+  /**
+   * The replica's proven identity (TLS: `psk:NAME` or `x509:CN`), bound to the pair at
+   * its first session (or at its creation by a resync or a takeover); later sessions and
+   * the recovery messages of the pair must come from it. Absent/null: never seen over TLS.
+   */
+  peerIdentity?: string | null;
 }
 
 export interface InitialCopyRecord {
@@ -77,6 +83,12 @@ export interface PairRecord extends PairConfig {
 /** The pair this replica receives from. */
 export interface UpstreamRecord {
   pairId: string;
+  /**
+   * The primary's proven identity, bound when the pair was created here: later hellos of
+   * the pair are accepted only from it (absent/null: created without TLS, bound at the
+   * first authenticated session).
+   */
+  peerIdentity?: string | null;
   primaryVolume: string;
   playedSet: number;
   initialCopy: { done: boolean; offsetBytes: number; baseSet: number };
@@ -119,6 +131,8 @@ export interface FailoverRecord {
   /** The pair (and volume) this node was the replica of. */
   fromPairId: string;
   fromVolume: string;
+  /** The old primary's proven identity (its resync is accepted only from it; absent/null: unknown). */
+  fromIdentity?: string | null;
   generationBefore: number;
   atMs: number;
   /** Restart point: a snapshot equal to the old primary as of set `restartSet` (null: none). */

@@ -43,6 +43,23 @@ export const inboundBytesMaxDefault = 1024 * 1024 * 1024;
 export const initRunBytesMax = 1024 * 1024;
 export const initAckEveryBytes = 64 * 1024 * 1024;
 
+/**
+ * Unauthenticated connections (TLS handshake not finished, or no hello accepted yet): at
+ * most this many per daemon and per remote address; the rest are closed at once.
+ */
+export const unauthConnectionsMax = 64;
+export const unauthConnectionsPerAddressMax = 32;
+/** A connection may buffer at most this much of a frame before its hello is accepted (a hello is ~200 bytes). */
+export const helloFrameBytesMax = 64 * 1024;
+/** Frames that arrive behind a hello before it is accepted are held up to this many bytes. */
+export const earlyFrameBytesMax = 4 * 1024 * 1024;
+/** A TLS handshake on the replication port must finish within this time. */
+export const tlsHandshakeTimeoutMs = 10_000;
+/** A connection must say hello within this time (after its TLS handshake). */
+export const helloTimeoutMs = 10_000;
+
+assert(unauthConnectionsPerAddressMax <= unauthConnectionsMax, 'the per-address cap fits the daemon cap');
+assert(helloFrameBytesMax * unauthConnectionsMax <= 16 * 1024 * 1024, 'unauthenticated peers hold at most 16 MiB of frame buffers');
 assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
 assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
 assert(replicationHeartbeatMs * 2 <= primaryAliveMs && primaryAliveMs < replicationSilenceMs, 'a live primary is heard twice in the alive window');

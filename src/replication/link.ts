@@ -17,6 +17,13 @@ export class Link {
   private readonly closeHandlers: ((reason: string) => void)[] = [];
   bytesSent = 0;
   bytesReceived = 0;
+  /**
+   * Bytes of an unfinished frame this link may buffer (the owner lowers it until the
+   * peer's hello is accepted: limits.ts helloFrameBytesMax); over it the link closes.
+   */
+  frameBytesMax = Infinity;
+  /** The link closed because a frame grew past frameBytesMax. */
+  oversize = false;
 
   constructor(
     readonly conn: Conn,
@@ -42,6 +49,11 @@ export class Link {
         this.decoder.push(chunk);
       } catch (e) {
         this.close(`bad frame from peer: ${(e as Error).message}`);
+        return;
+      }
+      if (this.decoder.pendingBytes > this.frameBytesMax && this.closedReason === null) {
+        this.oversize = true;
+        this.close(`a frame of more than ${this.frameBytesMax} bytes before the session started`);
       }
     });
     conn.onClose((reason) => this.close(reason === 'connection closed' ? 'connection closed by peer' : reason));

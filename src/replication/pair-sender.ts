@@ -39,6 +39,8 @@ export interface PairHost {
   /** False once the volume must not ship (fenced, handed over, closing): the sender stops. */
   readonly shipping: boolean;
   pendingOf(id: string): PagedBitmap;
+  /** Makes the pair records durable (after a change in place). */
+  saveState(): void;
   onAck(p: PairRecord, set: number, played: number): void;
   restartInitialCopy(p: PairRecord): Promise<void>;
   initialCopyDone(p: PairRecord): Promise<void>;
@@ -248,6 +250,13 @@ export class PairSender {
       conn.destroy();
       return;
     }
+    // Over TLS the replica must be the identity bound to the pair (a node that took over
+    // its address, or holds another key of the group, gets nothing and can fence nothing).
+    const bound = p.peerIdentity ?? null;
+    if (conn.peerIdentity !== null && bound !== null && conn.peerIdentity !== bound) {
+      conn.destroy();
+      throw new DeltavolError('PEER_REFUSED', `${p.peerHost}:${p.peerPort} is ${conn.peerIdentity}, but this pair is bound to ${bound}: not replicating to it`);
+    }
     let welcome: ((w: Welcome) => void) | null = null;
     let refused: ((e: Error) => void) | null = null;
     const link = new Link(conn, this.platform.clock, (f) => this.onFrame(f, (w) => welcome?.(w), (e) => refused?.(e)));
@@ -274,6 +283,11 @@ export class PairSender {
       returnPort: back.port,
     });
     const w = await Promise.race([welcomed, ended]);
+    if (conn.peerIdentity !== null && bound === null) {
+      p.peerIdentity = conn.peerIdentity;
+      this.r.saveState();
+      this.log.info({ peer: conn.peerIdentity }, 'pair bound to the replica\'s identity');
+    }
     if (w.generation > this.r.generation) {
       const message = `the replica has generation ${w.generation}, newer than this volume's ${this.r.generation}: this primary was replaced`;
       this.r.onNewerGeneration(p, w.generation, 'STALE_GENERATION', message);

@@ -24,6 +24,7 @@ import { InboundArea, type InboundSet } from './inbound-area.js';
 import type { Link } from './link.js';
 import { chunkChecksum, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import type { ReplicaPort } from './ports.js';
+import { refuseOn } from './refusal.js';
 import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 
@@ -169,18 +170,20 @@ export class ReplicaVolume {
   async accept(link: Link, hello: Hello): Promise<void> {
     const generation = this.role.generation;
     if (this.halted) {
-      link.send({ t: 'refuse', code: 'ROLE_CONFLICT', message: `replica ${this.port.name} is taking over: no session now`, generation: 0 });
-      link.close('replica taking over');
+      refuseOn(link, 'ROLE_CONFLICT', `replica ${this.port.name} is taking over: no session now`, 0, 'replica taking over');
       return;
     }
     if (hello.generation < generation) {
-      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${hello.generation} is older than this replica's ${generation}`, generation });
-      link.close('stale generation');
+      refuseOn(link, 'STALE_GENERATION', `generation ${hello.generation} is older than this replica's ${generation}`, generation, 'stale generation');
+      return;
+    }
+    if (hello.generation > generation) {
+      // A newer generation comes only by a resync or a handover (their own messages), never by a hello.
+      refuseOn(link, 'ROLE_CONFLICT', `generation ${hello.generation} is newer than this replica's ${generation}: only a resync or a handover moves it`, 0, 'newer generation in a hello');
       return;
     }
     if (hello.sizeBytes !== this.port.sizeBytes || hello.blockBytes !== this.port.blockBytes) {
-      link.send({ t: 'refuse', code: 'GEOMETRY', message: `replica ${this.port.name} is ${this.port.sizeBytes} bytes in ${this.port.blockBytes}-byte blocks; primary is ${hello.sizeBytes} in ${hello.blockBytes}`, generation: 0 });
-      link.close('geometry mismatch');
+      refuseOn(link, 'GEOMETRY', `replica ${this.port.name} is ${this.port.sizeBytes} bytes in ${this.port.blockBytes}-byte blocks; primary is ${hello.sizeBytes} in ${hello.blockBytes}`, 0, 'geometry mismatch');
       return;
     }
     this.link?.close('replaced by a new session');
@@ -192,7 +195,6 @@ export class ReplicaVolume {
     this.trailers.clear();
     this.inbound.dropIncomplete();
     this.sessionSawData = false;
-    if (hello.generation > this.role.generation) this.role.transition({ t: 'generation-adopted', generation: hello.generation }, { primary: hello.primaryVolume });
     // A resyncing old primary: the new primary dialling in means it recorded the resync.
     if (this.state.resync && !this.state.resync.registered) this.role.transition({ t: 'resync-registered' });
     let splitWrites: Runs = [];
@@ -250,6 +252,12 @@ export class ReplicaVolume {
   private async handle(link: Link, f: Frame): Promise<void> {
     const m = f.msg;
     if (link.closed || this.halted) return;
+    const bound = this.state.peerIdentity ?? null;
+    if (link.conn.peerIdentity !== null && bound !== null && link.conn.peerIdentity !== bound) {
+      // (The hello was checked already; a session's frames, a split among them, come only from the bound primary.)
+      refuseOn(link, 'PEER_REFUSED', `${m.t} from ${link.conn.peerIdentity}, but this pair is bound to ${bound}`, 0, 'not the bound primary');
+      return;
+    }
     if (!this.sessionSawData && m.t !== 'split' && m.t !== 'progress') {
       // Anything the primary sends after our welcome means it recorded our split writes.
       this.sessionSawData = true;
@@ -257,8 +265,7 @@ export class ReplicaVolume {
     }
     if ('generation' in m && m.t !== 'handover' && m.generation < this.role.generation) {
       const generation = this.role.generation;
-      link.send({ t: 'refuse', code: 'STALE_GENERATION', message: `generation ${m.generation} is older than ${generation}`, generation });
-      link.close('stale generation');
+      refuseOn(link, 'STALE_GENERATION', `generation ${m.generation} is older than ${generation}`, generation, 'stale generation');
       return;
     }
     switch (m.t) {
@@ -292,8 +299,7 @@ export class ReplicaVolume {
         }
         for (const [b, c] of m.runs) {
           if (b + c > Math.ceil(this.port.sizeBytes / this.port.blockBytes)) {
-            link.send({ t: 'refuse', code: 'BAD_CHUNK', message: `set ${m.set} chunk ${m.chunk}: blocks past the end of the volume`, generation: 0 });
-            link.close('chunk past the end');
+            refuseOn(link, 'BAD_CHUNK', `set ${m.set} chunk ${m.chunk}: blocks past the end of the volume`, 0, 'chunk past the end');
             return;
           }
         }
@@ -615,6 +621,8 @@ export class ReplicaVolume {
       role: 'replica' as const,
       pairId: this.state.pairId,
       primaryVolume: this.state.primaryVolume,
+      /** The primary's identity bound to the pair (null: made without TLS). */
+      peerIdentity: this.state.peerIdentity ?? null,
       state: this.stateWord,
       connected: this.connected,
       generation: this.role.generation,

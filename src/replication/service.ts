@@ -21,14 +21,13 @@ import { VolumeReplicator, type ReplicatorHooks } from './replicator.js';
 import { ReplicaVolume } from './replica.js';
 import type { VolumeHost } from './ports.js';
 import type { ReplicationPlatform } from './platform.js';
-import type { Conn, Listener } from './transport.js';
+import type { Admission, Conn, Listener } from './transport.js';
+import { AdmissionGate } from './admission.js';
+import { publicRefusal } from './refusal.js';
 import * as L from './limits.js';
 
 /** The description of a replica volume this node creates (also how a half-made one is recognised). */
 const replicaDescription = (primaryVolume: string) => `replica of ${primaryVolume}`;
-
-/** A connection must say hello within this time. */
-const helloTimeoutMs = 10_000;
 
 type Hello = Extract<ReplMessage, { t: 'hello' }>;
 
@@ -41,6 +40,18 @@ export interface ReplicationConfig {
   outboundBytes: number;
   playbackDelayMs: number;
   inboundBytesMax: number;
+  /** What protects the port (shown by status; the transport in the platform enforces it). */
+  security?: ReplicationSecurity;
+}
+
+export interface ReplicationSecurity {
+  /** 'none': plain TCP, peers unauthenticated (loopback, or --insecure). */
+  mode: 'none' | 'psk' | 'x509';
+  /** Ours, as peers see it (`psk:NAME`, `x509:CN`). */
+  identity: string | null;
+  fingerprint: string | null;
+  allow: string[] | null;
+  insecure: boolean;
 }
 
 export interface AddReplicaOptions {
@@ -59,13 +70,20 @@ export class ReplicationService implements RecoveryContext {
   private listener: Listener | null = null;
   private readonly links = new Set<Link>();
   private stopped = false;
+  private readonly gate: AdmissionGate;
 
   constructor(
     readonly host: VolumeHost,
     readonly platform: ReplicationPlatform,
     private readonly config: ReplicationConfig,
     readonly log: Logger,
-  ) {}
+  ) {
+    this.gate = new AdmissionGate(
+      { connectionsMax: L.unauthConnectionsMax, connectionsPerAddressMax: L.unauthConnectionsPerAddressMax, handshakeTimeoutMs: L.tlsHandshakeTimeoutMs },
+      log.child({ part: 'replication-port' }),
+      () => platform.clock.now(),
+    );
+  }
 
   get port(): number {
     return this.listener?.port ?? 0;
@@ -180,7 +198,7 @@ export class ReplicationService implements RecoveryContext {
         this.log.error({ volume: v.name, err: (e as Error).message }, 'replication not resumed for this volume');
       }
     }
-    this.listener = await this.platform.transport.listen(this.config.host, this.config.port, (c) => this.onConnection(c));
+    this.listener = await this.platform.transport.listen(this.config.host, this.config.port, (c, a) => this.onConnection(c, a), this.gate);
     return this.listener.port;
   }
 
@@ -380,6 +398,7 @@ export class ReplicationService implements RecoveryContext {
           id: p.id,
           peer: `${p.peerHost}:${p.peerPort}`,
           remoteVolume: p.remoteVolume,
+          peerIdentity: p.peerIdentity ?? null,
           state: s?.state ?? 'fenced',
           connected: s?.connected ?? false,
           reason: s && (s.state === 'failure-suspend' || !s.connected) ? s.lastError : null,
@@ -405,11 +424,32 @@ export class ReplicationService implements RecoveryContext {
 
   // ================= the replication port =================
 
-  private onConnection(conn: Conn): void {
+  /** Security settings and the counters of the caps on unauthenticated connections (status, metrics). */
+  securityStatus() {
+    const sec = this.config.security ?? { mode: 'none' as const, identity: null, allow: null, insecure: false, fingerprint: null };
+    return { ...sec, unauthenticatedConnections: this.gate.unauthenticated, ...this.gate.counters };
+  }
+
+  private onConnection(conn: Conn, admission: Admission): void {
     let target: ReplicaVolume | null = null;
     let session: ((f: Frame) => void) | null = null;
     const early: Frame[] = [];
+    let earlyBytes = 0;
     let helloSeen = false;
+    const peer = conn.peerIdentity;
+    /** The peer is past the caps on unauthenticated connections: its hello was accepted. */
+    const accepted = () => {
+      admission.release();
+      link.frameBytesMax = Infinity;
+    };
+    const refuse = (e: Error) => {
+      const err = e as DeltavolError;
+      const wireCode = typeof err.details?.wireCode === 'string' ? err.details.wireCode : (err.code ?? 'ERROR');
+      this.gate.counters.hellosRefused++;
+      this.gate.note('hello-refused', 'warn', { from: conn.remoteAddress, peer, code: wireCode, why: e.message }, 'replication hello refused');
+      link.send({ t: 'refuse', code: wireCode, message: publicRefusal(peer, wireCode, e), generation: typeof err.details?.generation === 'number' ? err.details.generation : 0 });
+      link.close(`hello refused: ${e.message}`);
+    };
     const link = new Link(conn, this.platform.clock, (f) => {
       if (target) return target.onFrame(link, f);
       if (session) return session(f);
@@ -418,66 +458,106 @@ export class ReplicationService implements RecoveryContext {
         cancelTimer();
         if (f.msg.t === 'resyncHello') {
           session = resync.serveResync(this, link, f.msg);
+          if (!link.closed) accepted();
           return;
         }
         this.onHello(link, f.msg)
           .then((rv) => {
             target = rv;
-            if (rv) for (const e of early.splice(0)) rv.onFrame(link, e);
+            if (rv) {
+              accepted();
+              for (const e of early.splice(0)) rv.onFrame(link, e);
+            }
           })
-          .catch((e: Error) => {
-            const err = e as DeltavolError;
-            const wireCode = typeof err.details?.wireCode === 'string' ? err.details.wireCode : (err.code ?? 'ERROR');
-            link.send({ t: 'refuse', code: wireCode, message: e.message, generation: typeof err.details?.generation === 'number' ? err.details.generation : 0 });
-            link.close(`hello refused: ${e.message}`);
-          });
+          .catch(refuse);
         return;
       }
       if (!helloSeen) {
         link.close(`expected hello, got ${f.msg.t}`);
         return;
       }
-      if (early.length > 1024) link.close('too many frames before the session started');
+      // Frames sent right behind the hello wait for it to be accepted (bounded: the peer is not yet).
+      earlyBytes += f.data?.length ?? 0;
+      if (early.length > 1024 || earlyBytes > L.earlyFrameBytesMax) link.close('too many frames before the session started');
       else early.push(f);
     });
+    link.frameBytesMax = L.helloFrameBytesMax;
     this.links.add(link);
     link.onClose((reason) => {
       this.links.delete(link);
+      admission.release();
+      if (link.oversize) {
+        this.gate.counters.oversizeBeforeHello++;
+        this.gate.note('oversize', 'warn', { from: conn.remoteAddress, peer, maxBytes: L.helloFrameBytesMax }, 'replication connection closed: a frame larger than a hello before the session started');
+      }
       this.log.debug({ reason }, 'replication connection closed');
     });
-    const cancelTimer = this.platform.clock.after(helloTimeoutMs, () => link.close('no hello'));
+    const cancelTimer = this.platform.clock.after(L.helloTimeoutMs, () => {
+      this.gate.counters.helloTimeouts++;
+      this.gate.note('hello-timeout', 'info', { from: conn.remoteAddress, peer }, 'replication connection closed: no hello in time');
+      link.close('no hello');
+    });
   }
 
+  /**
+   * A hello: the replica it names is found (or created, for a new pair), checked against
+   * the pair bound to it, and its session handed the link. Rules (README "Replication
+   * security"): over TLS a pair is bound to the identity that created it and only that
+   * identity may open its sessions; a hello never raises a replica's generation (only a
+   * resync or a handover do, through their own messages).
+   */
   private async onHello(link: Link, hello: Hello): Promise<ReplicaVolume | null> {
     const name = hello.replicaVolume;
+    const peer = link.conn.peerIdentity;
+    const sec = this.config.security;
+    // No TLS: no identity; allowed only on loopback or with --insecure (daemon.ts). With TLS
+    // the transport let only verified peers (and those on --repl-allow) this far.
+    if (peer === null && sec && sec.mode !== 'none') throw new DeltavolError('PEER_REFUSED', 'unauthenticated peer');
     let v = this.host.get(name);
     if (v) {
       const role = this.role(name);
-      if (role.role === 'primary' && !(await handover.completeOnHello(this, name, hello))) {
+      if (role.role === 'primary' && !(await handover.completeOnHello(this, name, hello, peer))) {
         // A volume that is a primary here: the hello may come from the primary it replaced.
-        throw handover.refusalForOldPrimary(this, name, hello);
+        throw handover.refusalForOldPrimary(this, name, hello, peer);
       }
       // A replica volume created for this very pair by a daemon killed before it wrote the
       // role record: it holds nothing, so it becomes the replica now.
       const halfMade = role.role === 'simplex' && role.state.history.length === 0 && v.description === replicaDescription(hello.primaryVolume) && !v.hasData() && v.snapshots().length === 0;
-      if (halfMade) this.makeReplica(name, hello);
-      else if (role.role === 'simplex') throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`);
+      if (halfMade) this.makeReplica(name, hello, peer);
+      else if (role.role === 'simplex') throw new DeltavolError('VOLUME_EXISTS', `volume ${name} exists on this node and is not a replica`, { publicMessage: `volume ${name} exists on this node and is not a replica` });
     } else {
-      if (!hello.create) throw new DeltavolError('VOLUME_NOT_FOUND', `no replica volume ${name}`);
+      if (!hello.create) throw new DeltavolError('VOLUME_NOT_FOUND', `no replica volume ${name}`, { publicMessage: `no replica volume ${name}` });
       v = await this.host.create({ name, sizeBytes: hello.sizeBytes, blockBytes: hello.blockBytes, description: replicaDescription(hello.primaryVolume) });
-      this.makeReplica(name, hello);
-      this.log.info({ volume: name, primary: hello.primaryVolume, pair: hello.pairId }, 'replica volume created');
+      this.makeReplica(name, hello, peer);
+      this.log.info({ volume: name, primary: hello.primaryVolume, pair: hello.pairId, peer }, 'replica volume created');
     }
     const role = this.role(name);
-    if (role.upstream!.pairId !== hello.pairId) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} is the replica of another pair`);
+    const up = role.upstream!;
+    if (up.pairId !== hello.pairId) throw new DeltavolError('VOLUME_EXISTS', `volume ${name} is the replica of another pair`);
+    if (peer !== null) {
+      const bound = up.peerIdentity ?? null;
+      if (bound === null) {
+        // A pair made without TLS: the first verified primary binds it (logged: check it is the right one).
+        up.peerIdentity = peer;
+        role.saveProgress();
+        this.log.warn({ volume: name, peer }, 'pair had no bound identity (made without TLS): bound to this peer now');
+      } else if (bound !== peer) {
+        throw new DeltavolError('PEER_REFUSED', `volume ${name}: its pair is bound to ${bound}, the hello came from ${peer}`);
+      }
+    }
+    if (hello.generation > role.generation) {
+      // Only a resync or a handover raise a replica's generation, through their own messages.
+      throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover`);
+    }
     const rv = await this.openReplica(name);
     await rv.accept(link, hello);
     return link.closed ? null : rv;
   }
 
-  private makeReplica(name: string, hello: Hello): void {
+  private makeReplica(name: string, hello: Hello, peerIdentity: string | null): void {
     const upstream = {
       pairId: hello.pairId,
+      peerIdentity,
       primaryVolume: hello.primaryVolume,
       playedSet: 0,
       initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
@@ -488,7 +568,6 @@ export class ReplicationService implements RecoveryContext {
       playedCutAtMs: null,
       lastReport: null,
     };
-    this.role(name).transition({ t: 'replica-created', generation: hello.generation, upstream }, { primary: hello.primaryVolume, pair: hello.pairId });
+    this.role(name).transition({ t: 'replica-created', generation: hello.generation, upstream }, { primary: hello.primaryVolume, pair: hello.pairId, peer: peerIdentity });
   }
-
 }

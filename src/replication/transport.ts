@@ -1,6 +1,7 @@
 // Why: the replication link is a byte stream between two daemons. Production runs it on
-// TCP; the seeded simulator runs it on an in-memory network that delays, cuts,
-// partitions and corrupts (TigerBeetle's packet_simulator). Link, sender, replica and
+// TCP, or on TLS (tls-transport.ts: the same Conn, with the peer's proven identity); the
+// seeded simulator runs it on an in-memory network that delays, cuts, partitions and
+// corrupts (TigerBeetle's packet_simulator). Link, sender, replica and
 // recovery only see these two interfaces, so the same code runs in both.
 
 import net from 'node:net';
@@ -10,6 +11,11 @@ import { DeltavolError } from '../util/errors.js';
 export interface Conn {
   /** The peer's address as this side sees it (for a return address). */
   readonly remoteAddress: string;
+  /**
+   * Who the peer proved to be (tls-transport.ts: `psk:NAME` or `x509:CN`), or null on a
+   * link without credentials: such a peer is unauthenticated, whatever it says in a hello.
+   */
+  readonly peerIdentity: string | null;
   /** Bytes written but not yet taken by the network. */
   readonly writableLength: number;
   write(b: Buffer): void;
@@ -32,17 +38,51 @@ export interface Listener {
   close(): Promise<void>;
 }
 
+/** A place in the listener's budget for not-yet-authenticated connections (release is idempotent). */
+export interface Admission {
+  release(): void;
+}
+
+/**
+ * What a listener asks before it spends anything on a new connection: `admit` returns null
+ * when the caps on unauthenticated connections are reached (the socket is closed at once).
+ * The admission is released when the connection closes, or earlier by its owner (a hello
+ * was accepted: the peer is no longer unauthenticated).
+ */
+export interface ListenGuard {
+  admit(remoteAddress: string): Admission | null;
+  /** TLS handshakes taking longer are cut (plain TCP has none). */
+  handshakeTimeoutMs: number;
+  /** A TLS handshake failed or timed out (counted and logged by the owner). */
+  onHandshakeFailed(remoteAddress: string, reason: string, timedOut: boolean): void;
+}
+
+export const openGuard: ListenGuard = {
+  admit: () => ({ release: () => undefined }),
+  handshakeTimeoutMs: 10_000,
+  onHandshakeFailed: () => undefined,
+};
+
+/** The address of a socket as logs and caps use it (IPv4-mapped IPv6 shown as IPv4). */
+export function socketAddress(sock: net.Socket): string {
+  return (sock.remoteAddress ?? '').replace(/^::ffff:/, '');
+}
+
 export interface Transport {
   /** Resolves with an open connection or rejects with DAEMON_UNREACHABLE (also when aborted). */
   connect(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<Conn>;
-  listen(host: string, port: number, onConn: (c: Conn) => void): Promise<Listener>;
+  /** `onConn` gets the connection's admission (release it once the peer is authenticated). */
+  listen(host: string, port: number, onConn: (c: Conn, admission: Admission) => void, guard?: ListenGuard): Promise<Listener>;
 }
 
-class TcpConn implements Conn {
+export class TcpConn implements Conn {
   private closed = false;
   private readonly closers: ((reason: string) => void)[] = [];
 
-  constructor(private readonly sock: net.Socket) {
+  constructor(
+    private readonly sock: net.Socket,
+    readonly peerIdentity: string | null = null,
+  ) {
     sock.setNoDelay(true);
     const end = (reason: string) => {
       if (this.closed) return;
@@ -54,7 +94,7 @@ class TcpConn implements Conn {
     sock.on('close', () => end('connection closed'));
   }
   get remoteAddress(): string {
-    return (this.sock.remoteAddress ?? '').replace(/^::ffff:/, '');
+    return socketAddress(this.sock);
   }
   get writableLength(): number {
     return this.sock.writableLength;
@@ -115,17 +155,27 @@ export const tcpTransport: Transport = {
       sock.once('error', (e) => fail(`cannot reach ${host}:${port}: ${e.message}`));
     });
   },
-  listen(host, port, onConn) {
-    const server = net.createServer((sock) => onConn(new TcpConn(sock)));
-    return new Promise((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => {
-        server.off('error', reject);
-        resolve({
-          port: (server.address() as net.AddressInfo).port,
-          close: () => new Promise<void>((r) => server.close(() => r())),
-        });
-      });
+  listen(host, port, onConn, guard = openGuard) {
+    const server = net.createServer((sock) => {
+      const admission = guard.admit(socketAddress(sock));
+      if (!admission) return void sock.destroy();
+      sock.once('close', () => admission.release());
+      onConn(new TcpConn(sock), admission);
     });
+    return listenOn(server, host, port);
   },
 };
+
+/** Listens and resolves with the bound port (shared with the TLS transport). */
+export function listenOn(server: net.Server, host: string, port: number): Promise<Listener> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve({
+        port: (server.address() as net.AddressInfo).port,
+        close: () => new Promise<void>((r) => server.close(() => r())),
+      });
+    });
+  });
+}

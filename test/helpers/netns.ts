@@ -7,6 +7,7 @@
 // the NBD export through Unix sockets, which are not namespaced — and always tears it
 // all down: the processes it started, by pid, then the namespaces (which take the veth).
 
+import { randomBytes } from 'node:crypto';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -54,19 +55,24 @@ export class NetLab {
   private readonly procs = new Set<ChildProcess>();
   private readonly cleanups: (() => void | Promise<void>)[] = [];
   private disposed = false;
+  private psk: string | null = null;
 
-  private constructor(readonly subnet: number) {
+  private constructor(
+    readonly subnet: number,
+    prefix = 'dv-',
+  ) {
     const n = NetLab.counter++;
     const id = n === 0 ? `${process.pid}` : `${process.pid}-${n}`;
-    this.ns = { a: `dv-a-${id}`, b: `dv-b-${id}` };
+    this.ns = { a: `${prefix}a-${id}`, b: `${prefix}b-${id}` };
     // Interface names are at most 15 bytes.
     const short = `${process.pid.toString(36)}${n.toString(36)}`.slice(-10);
     this.veth = { a: `dva${short}`, b: `dvb${short}` };
     this.addr = { a: `10.77.${subnet}.1`, b: `10.77.${subnet}.2` };
   }
 
-  static create(): NetLab {
-    const lab = new NetLab(1 + (process.pid % 250));
+  /** `prefix` starts the namespace names (tests running in parallel use their own). */
+  static create(opts: { prefix?: string } = {}): NetLab {
+    const lab = new NetLab(1 + (process.pid % 250), opts.prefix);
     liveLabs.add(lab);
     try {
       for (const s of ['a', 'b'] as const) sh('ip', ['netns', 'add', lab.ns[s]]);
@@ -103,6 +109,21 @@ export class NetLab {
     this.procs.add(p);
     p.once('exit', () => this.procs.delete(p));
     return p;
+  }
+
+  /**
+   * The lab's replication keys (psktool format, identities node-a and node-b), made on
+   * first use in a 0700 temp directory removed at dispose. Daemons of the lab replicate
+   * over TLS-PSK with it: replication on 0.0.0.0 needs credentials (or --insecure).
+   */
+  pskFile(): string {
+    if (this.psk) return this.psk;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'deltavol-netns-psk-'));
+    const file = path.join(dir, 'repl.psk');
+    fs.writeFileSync(file, `node-a:${randomBytes(32).toString('hex')}\nnode-b:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    this.onDispose(() => fs.rmSync(dir, { recursive: true, force: true }));
+    this.psk = file;
+    return file;
   }
 
   /** Runs at dispose, before the namespaces go (latest first). */
@@ -171,6 +192,19 @@ export interface NsDaemonOptions {
   tmpfs?: boolean;
   /** Start on this data directory (a restart after a crash) instead of a fresh one. */
   dataDir?: string;
+  /**
+   * How replication is protected: 'psk' (default: the lab's key file, identity node-SIDE),
+   * X.509 files, 'insecure' (plain TCP, --insecure), or 'none' (no flag: the daemon must refuse to start).
+   */
+  replSecurity?: 'psk' | 'insecure' | 'none' | { certFile: string; keyFile: string; caFile: string };
+}
+
+/** The serve flags for `replSecurity`. */
+export function replSecurityArgs(lab: NetLab, side: Side, s: NsDaemonOptions['replSecurity'] = 'psk'): string[] {
+  if (s === 'psk') return ['--repl-tls-psk', lab.pskFile(), '--repl-tls-psk-identity', `node-${side}`];
+  if (s === 'insecure') return ['--insecure'];
+  if (s === 'none') return [];
+  return ['--repl-tls-cert', s.certFile, '--repl-tls-key', s.keyFile, '--repl-tls-ca', s.caFile];
 }
 
 /**
@@ -235,6 +269,7 @@ export class NsDaemon {
         String(replPort),
         '--log-level',
         opts.logLevel ?? 'info',
+        ...replSecurityArgs(lab, side, opts.replSecurity),
         ...(opts.extraArgs ?? []),
       ],
       { logFile },

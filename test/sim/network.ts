@@ -8,7 +8,7 @@
 // A crashed node's connections die with it and its listener disappears. Each node
 // incarnation reaches the network through a NodeTransport, the Transport src/ takes.
 
-import type { Conn, Listener, Transport } from '../../src/replication/transport.js';
+import type { Admission, Conn, Listener, Transport } from '../../src/replication/transport.js';
 import { DeltavolError } from '../../src/util/errors.js';
 import type { NodeClock, SimEvent, SimTime } from './time.js';
 
@@ -47,7 +47,7 @@ type PathKey = string;
 const pathKey = (a: string, b: string): PathKey => (a < b ? `${a}|${b}` : `${b}|${a}`);
 
 export class SimNetwork {
-  private readonly listeners = new Map<string, { node: string; onConn: (c: Conn) => void }>();
+  private readonly listeners = new Map<string, { node: string; onConn: (c: Conn, a: Admission) => void }>();
   private readonly partitions = new Set<PathKey>();
   private readonly spikes = new Map<PathKey, { untilMs: number; extraMs: number }>();
   /** Probability that a delivered segment gets one bit flipped (0: off). */
@@ -150,7 +150,7 @@ export class SimNetwork {
     return d;
   }
 
-  listen(node: string, host: string, port: number, onConn: (c: Conn) => void): Listener {
+  listen(node: string, host: string, port: number, onConn: (c: Conn, a: Admission) => void): Listener {
     const key = `${host}:${port}`;
     if (this.listeners.has(key)) throw Object.assign(new Error(`listen EADDRINUSE ${key}`), { code: 'EADDRINUSE' });
     const entry = { node, onConn };
@@ -204,7 +204,7 @@ export class SimNetwork {
         this.conns.add(client);
         this.conns.add(server);
         try {
-          l.onConn(server);
+          l.onConn(server, { release: () => undefined });
         } catch (e) {
           this.time.errors.push(e as Error);
         }
@@ -259,6 +259,11 @@ export class SimConn implements Conn {
     readonly isClient: boolean,
     readonly remoteAddress: string,
   ) {}
+
+  /** Simulated links are authenticated: the peer is the node it is (hosts are node names). */
+  get peerIdentity(): string {
+    return `sim:${this.remoteAddress}`;
+  }
 
   get writableLength(): number {
     return this.out.queuedBytes;
@@ -437,7 +442,7 @@ export class NodeTransport implements Transport {
     return this.net.connect(this, host, port, timeoutMs, signal);
   }
 
-  listen(host: string, port: number, onConn: (c: Conn) => void): Promise<Listener> {
+  listen(host: string, port: number, onConn: (c: Conn, a: Admission) => void): Promise<Listener> {
     if (this.dead) return new Promise<Listener>(() => undefined);
     if (host !== this.node) return Promise.reject(new Error(`listen: ${host} is not this node (${this.node})`));
     const l = this.net.listen(this.node, host, port, onConn);
