@@ -336,9 +336,12 @@ describe('control API: malformed requests get a coded 4xx, never a 500', () => {
 
   it('a body over 1 MiB is 413 BODY_TOO_LARGE, announced (Content-Length) or streamed (chunked); the daemon goes on', async () => {
     const big = JSON.stringify({ name: 'x', sizeBytes: MiB, description: 'a'.repeat(2 * MiB) });
-    const announced = await raw(d.controlPort, 'POST', '/v1/volumes', json(big));
-    expect(announced.status).toBe(413);
-    expect(announced.json.error?.code).toBe('BODY_TOO_LARGE');
+    // The server may answer 413 and close before our 2 MiB are written (EPIPE on a loaded machine).
+    const announced = await raw(d.controlPort, 'POST', '/v1/volumes', json(big)).catch((e: Error) => e);
+    if (!(announced instanceof Error)) {
+      expect(announced.status).toBe(413);
+      expect(announced.json.error?.code).toBe('BODY_TOO_LARGE');
+    } else expect(announced.message).toMatch(/EPIPE|ECONNRESET|socket hang up/);
     const chunks = Array.from({ length: 24 }, () => Buffer.alloc(128 * 1024, 0x20));
     chunks.unshift(Buffer.from('{"name":"x","sizeBytes":1048576,"pad":"'));
     const streamed = await raw(d.controlPort, 'POST', '/v1/volumes', json(chunks)).catch((e: Error) => e);

@@ -75,8 +75,7 @@ function volumeNames(d: TestDaemon): string[] {
 }
 
 async function metric(d: TestDaemon, name: string, labels: string): Promise<number> {
-  const res = await fetch(`http://127.0.0.1:${d.controlPort}/metrics`, { signal: AbortSignal.timeout(10_000) });
-  const text = await res.text();
+  const text = await d.metrics();
   const line = text.split('\n').find((l) => l.startsWith(`${name}{${labels}}`) || (labels === '' && l.startsWith(`${name} `)));
   return line ? Number(line.split(' ').pop()) : NaN;
 }
