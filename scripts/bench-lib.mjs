@@ -4,6 +4,7 @@
 // prefix, extra node/serve arguments, CPU pinning).
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -275,5 +276,17 @@ function cpuMeter(daemons) {
 }
 const fmtCores = (c) => (c ? `${c.A} / ${c.B} / ${c.other}` : '–');
 
-export { liveChildren, log, die, cleanups, cleanupAll, sleep, now, run, waitFor, tail, procCpu, rssMiB, snapshotBuild, startDaemon, api, createVolume, deleteVolume, replStatus, addReplica, inSync, waitDuplex, removeReplica, fio, median, percentile, f0, f1, f2, fk, flag, machineBusy, cpuMeter, fmtCores };
+/** A TCP port free on loopback right now (a daemon or peer is then started on it). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export { freePort, liveChildren, log, die, cleanups, cleanupAll, sleep, now, run, waitFor, tail, procCpu, rssMiB, snapshotBuild, startDaemon, api, createVolume, deleteVolume, replStatus, addReplica, inSync, waitDuplex, removeReplica, fio, median, percentile, f0, f1, f2, fk, flag, machineBusy, cpuMeter, fmtCores };
 export const isInterrupted = () => interrupted;

@@ -17,9 +17,8 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import net from 'node:net';
 import {
-  kit, log, die, cleanups, cleanupAll, waitFor, snapshotBuild, startDaemon, api, createVolume, replStatus, run, median, f0, f1, f2, root,
+  kit, freePort, log, die, cleanups, cleanupAll, waitFor, snapshotBuild, startDaemon, api, createVolume, replStatus, run, median, f0, f1, f2, root,
 } from './bench-lib.mjs';
 
 const MiB = 1024 ** 2;
@@ -58,17 +57,6 @@ Object.assign(kit, { name: 'bench-recovery' });
 
 const V = 'vol';
 const cliPath = { value: '' };
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** The CLI against daemon d; returns parsed JSON and the wall time of the command. */
 async function cli(d, args) {

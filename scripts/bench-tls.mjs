@@ -14,11 +14,10 @@
 
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import { kit, liveChildren, log, die, cleanups, cleanupAll, run, sleep, waitFor, tail, procCpu, snapshotBuild, startDaemon, f1, f2, fk, median } from './bench-lib.mjs';
+import { kit, freePort, liveChildren, log, die, cleanups, cleanupAll, run, sleep, waitFor, tail, procCpu, snapshotBuild, startDaemon, f1, f2, fk, median } from './bench-lib.mjs';
 
 kit.name = 'bench-tls';
 
@@ -66,16 +65,6 @@ function have(cmd) {
   return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
 }
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 // ---- credentials -------------------------------------------------------------------------
 

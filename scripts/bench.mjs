@@ -10,11 +10,10 @@
 
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import { root, kit, liveChildren, log, die, cleanups, cleanupAll, run, sleep, tail, snapshotBuild as snapshotLibBuild } from './bench-lib.mjs';
+import { root, kit, freePort, liveChildren, log, die, cleanups, cleanupAll, run, sleep, tail, snapshotBuild as snapshotLibBuild } from './bench-lib.mjs';
 
 kit.name = 'bench';
 // Set by snapshotBuild(): the daemon runs from a private copy of dist/, so a rebuild by
@@ -126,16 +125,6 @@ function parseSize(s) {
 
 // ---- process bookkeeping: scripts/bench-lib.mjs stops everything started on every exit path
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** Starts a long-lived server; `stop()` sends SIGTERM, then SIGKILL after 10 s. */
 function startDaemon(cmd, args, logFile) {

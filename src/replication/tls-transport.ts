@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { DeltavolError } from '../util/errors.js';
-import { listenOn, socketAddress, openGuard, TcpConn, type Conn, type Transport } from './transport.js';
+import { dial, listenOn, socketAddress, openGuard, TcpConn, type Conn, type Transport } from './transport.js';
 
 export type ReplTlsMode = 'psk' | 'x509';
 
@@ -148,35 +148,27 @@ function x509Identity(sock: tls.TLSSocket): string | null {
   return typeof cn === 'string' && cn !== '' ? `x509:${cn}` : null;
 }
 
-/** Shared by both modes: dial with a deadline, then wait for the handshake. */
+/** Shared by both modes: dial with a deadline, then wait for the handshake and the peer's identity. */
 function connectTls(host: string, port: number, timeoutMs: number, signal: AbortSignal | undefined, options: tls.ConnectionOptions, identityOf: (s: tls.TLSSocket) => string | null): Promise<Conn> {
-  return new Promise((resolve, reject) => {
-    const sock = tls.connect({ host, port, ...options, checkServerIdentity: () => undefined });
-    const fail = (why: string) => {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', onAbort);
-      sock.destroy();
-      reject(new DeltavolError('DAEMON_UNREACHABLE', why));
-    };
-    const onAbort = () => fail(`connect to ${host}:${port} aborted`);
-    const t = setTimeout(() => fail(`connect to ${host}:${port} timed out (TCP or TLS handshake)`), timeoutMs);
-    if (signal?.aborted) return onAbort();
-    signal?.addEventListener('abort', onAbort, { once: true });
-    const onError = (e: Error) => fail(`cannot reach ${host}:${port} over TLS: ${e.message}`);
-    // A server that closes during the handshake (wrong key, not allowed) sends no error here.
-    const onClose = () => fail(`${host}:${port} closed the connection during the TLS handshake (wrong key or certificate, or not allowed there)`);
-    sock.once('secureConnect', () => {
-      const id = identityOf(sock);
-      if (!id) return fail(`${host}:${port}: the peer presented no identity`);
-      clearTimeout(t);
-      signal?.removeEventListener('abort', onAbort);
-      sock.off('error', onError);
-      sock.off('close', onClose);
-      resolve(new TlsConn(sock, id, null));
-    });
-    sock.once('error', onError);
-    sock.once('close', onClose);
-  });
+  const sock = tls.connect({ host, port, ...options, checkServerIdentity: () => undefined });
+  return dial(
+    sock,
+    {
+      host,
+      port,
+      timeoutMs,
+      signal,
+      readyEvent: 'secureConnect',
+      timeoutDetail: ' (TCP or TLS handshake)',
+      errorDetail: ' over TLS',
+      // A server that closes during the handshake (wrong key, not allowed) sends no error here.
+      closeWhy: `${host}:${port} closed the connection during the TLS handshake (wrong key or certificate, or not allowed there)`,
+    },
+    (s) => {
+      const id = identityOf(s);
+      return id ? new TlsConn(s, id, null) : `${host}:${port}: the peer presented no identity`;
+    },
+  );
 }
 
 /**

@@ -132,28 +132,60 @@ export class TcpConn implements Conn {
   }
 }
 
+/** How a dial is described in its errors, and what counts as ready. */
+export interface DialOptions {
+  host: string;
+  port: number;
+  timeoutMs: number;
+  signal?: AbortSignal;
+  /** 'connect' for TCP, 'secureConnect' once a TLS handshake is done. */
+  readyEvent: 'connect' | 'secureConnect';
+  /** Added to the timeout and error messages (" over TLS", " (TCP or TLS handshake)"). */
+  timeoutDetail?: string;
+  errorDetail?: string;
+  /** The message when the peer closes before ready without an error (a TLS refusal). */
+  closeWhy?: string;
+}
+
+/**
+ * Waits, within a deadline and an abort signal, for a dialling socket to become ready;
+ * `ready` turns it into a Conn or returns why it is not acceptable. Every failure
+ * destroys the socket and rejects with DAEMON_UNREACHABLE.
+ */
+export function dial<S extends net.Socket>(sock: S, d: DialOptions, ready: (sock: S) => Conn | string): Promise<Conn> {
+  return new Promise((resolve, reject) => {
+    const where = `${d.host}:${d.port}`;
+    const cleanup = () => {
+      clearTimeout(t);
+      d.signal?.removeEventListener('abort', onAbort);
+      sock.off('error', onError);
+      sock.off('close', onClose);
+    };
+    const fail = (why: string) => {
+      cleanup();
+      sock.destroy();
+      reject(new DeltavolError('DAEMON_UNREACHABLE', why));
+    };
+    const onAbort = () => fail(`connect to ${where} aborted`);
+    const onError = (e: Error) => fail(`cannot reach ${where}${d.errorDetail ?? ''}: ${e.message}`);
+    const onClose = () => fail(d.closeWhy ?? `${where} closed the connection`);
+    const t = setTimeout(() => fail(`connect to ${where} timed out${d.timeoutDetail ?? ''}`), d.timeoutMs);
+    if (d.signal?.aborted) return onAbort();
+    d.signal?.addEventListener('abort', onAbort, { once: true });
+    sock.once(d.readyEvent, () => {
+      const conn = ready(sock);
+      if (typeof conn === 'string') return fail(conn);
+      cleanup();
+      resolve(conn);
+    });
+    sock.once('error', onError);
+    sock.once('close', onClose);
+  });
+}
+
 export const tcpTransport: Transport = {
   connect(host, port, timeoutMs, signal) {
-    return new Promise((resolve, reject) => {
-      const sock = net.connect({ host, port });
-      const fail = (why: string) => {
-        clearTimeout(t);
-        signal?.removeEventListener('abort', onAbort);
-        sock.destroy();
-        reject(new DeltavolError('DAEMON_UNREACHABLE', why));
-      };
-      const onAbort = () => fail(`connect to ${host}:${port} aborted`);
-      const t = setTimeout(() => fail(`connect to ${host}:${port} timed out`), timeoutMs);
-      if (signal?.aborted) return onAbort();
-      signal?.addEventListener('abort', onAbort, { once: true });
-      sock.once('connect', () => {
-        clearTimeout(t);
-        signal?.removeEventListener('abort', onAbort);
-        sock.removeAllListeners('error');
-        resolve(new TcpConn(sock));
-      });
-      sock.once('error', (e) => fail(`cannot reach ${host}:${port}: ${e.message}`));
-    });
+    return dial(net.connect({ host, port }), { host, port, timeoutMs, signal, readyEvent: 'connect' }, (sock) => new TcpConn(sock));
   },
   listen(host, port, onConn, guard = openGuard) {
     const server = net.createServer((sock) => {
