@@ -90,13 +90,7 @@ export class MemoryBudget {
       const limit = light ? this.sharedBytesMax : this.sharedBytesMax - this.hogHeadroomBytes;
       // A request larger than the whole shared part can only ever run alone.
       if (this.sharedBytes + extra > limit && !(this.sharedBytes === 0 && extra > limit)) {
-        a.wantBytes = n;
-        if (!a.waiting) {
-          a.waiting = true;
-          this.waiters.add(a);
-          this.waitsTotal++;
-          if (this.waiters.size === 1) this.onPressure(true, 1);
-        }
+        this.wait(a, n);
         return false;
       }
       this.sharedBytes += extra;
@@ -120,14 +114,18 @@ export class MemoryBudget {
       if (a.waiting) this.unwait(a);
       return true;
     }
-    a.wantBytes = 0;
-    if (!a.waiting) {
-      a.waiting = true;
-      this.waiters.add(a);
-      this.waitsTotal++;
-      if (this.waiters.size === 1) this.onPressure(true, 1);
-    }
+    this.wait(a, 0);
     return false;
+  }
+
+  /** The connection is refused memory: it waits (and stops being read) until woken. */
+  private wait(a: MemoryAccount, wantBytes: number): void {
+    a.wantBytes = wantBytes;
+    if (a.waiting) return;
+    a.waiting = true;
+    this.waiters.add(a);
+    this.waitsTotal++;
+    if (this.waiters.size === 1) this.onPressure(true, 1);
   }
 
   /** Adds bytes that already exist and cannot be refused (a reply being queued). */
