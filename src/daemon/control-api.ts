@@ -18,6 +18,7 @@ import { controlBodyBytesMax } from '../util/limits.js';
 import { tokensEqual } from './control-token.js';
 import type { Logger } from '../util/log.js';
 import { DeltavolError, errnoCode, isDeltavolError, type ErrorCode } from '../util/errors.js';
+import { isLoopbackHost } from '../util/loopback.js';
 
 export type RouteHandler = (params: Record<string, string>, body: unknown, query: URLSearchParams) => unknown | Promise<unknown>;
 /** A route that reads the request and writes the response itself (binary streams). */
@@ -71,12 +72,6 @@ function hasBody(req: http.IncomingMessage): boolean {
   return req.headers['transfer-encoding'] !== undefined || Number(req.headers['content-length'] ?? '0') > 0;
 }
 
-const isLoopbackHost = (h: string) => h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h) || /^::ffff:127\./i.test(h);
-
-/** Whether an address is loopback (the control API warns when bound anywhere else). */
-export function isLoopbackAddress(host: string): boolean {
-  return isLoopbackHost(host.toLowerCase());
-}
 
 /**
  * Which Host headers name this listener: the bound address and the loopback names, with
@@ -91,7 +86,7 @@ export function hostMatcher(boundHost: string, port: number): (hostHeader: strin
   const add = (h: string) => names.add(`${net.isIPv6(h) ? `[${h}]` : h}:${port}`.toLowerCase());
   for (const h of ['localhost', '127.0.0.1', '::1', boundHost]) add(h);
   const wildcard = boundHost === '0.0.0.0' || boundHost === '::' || boundHost === '';
-  if (!isLoopbackAddress(boundHost)) add(os.hostname());
+  if (!isLoopbackHost(boundHost)) add(os.hostname());
   return (hostHeader) => {
     if (!hostHeader) return false;
     const h = hostHeader.toLowerCase();

@@ -15,7 +15,7 @@ import type { Volume } from '../volume/volume.js';
 import { NbdServer, type NbdLimits } from '../server/nbd-server.js';
 import { isLoopbackHost, loadTlsConfig, tlsSummary, type TlsServerConfig, type TlsSettings, type TlsSummary } from '../server/tls-config.js';
 import { VolumeCatalog } from './volume-exports.js';
-import { ControlApi, isLoopbackAddress } from './control-api.js';
+import { ControlApi } from './control-api.js';
 import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
 import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
 import { renderReplicationMetrics, renderReplicationSecurityMetrics } from './replication-metrics.js';
@@ -62,11 +62,6 @@ export interface DaemonConfig {
   replInsecure?: boolean;
 }
 
-/** Loopback addresses: the only ones where replication may run without credentials unasked. */
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./.test(host);
-}
-
 /**
  * The replication transport and what status says about it. Plain TCP on anything but
  * loopback is refused without --insecure: whoever reaches that port could create volumes
@@ -80,13 +75,13 @@ function replicationSecurity(config: DaemonConfig): { platform: ReplicationPlatf
     return { platform: { ...systemPlatform, transport: tls.transport }, security: { mode: tls.mode, identity: tls.identity, fingerprint: tls.fingerprint, allow: tls.allow, insecure: false }, warnings: tls.warnings };
   }
   if (t?.allow && t.allow.length > 0) throw new DeltavolError('EINVAL_ARGUMENT', '--repl-allow needs TLS credentials (--repl-tls-psk, or --repl-tls-cert/--repl-tls-key/--repl-tls-ca): without TLS peers have no identity');
-  if (!isLoopback(config.replHost) && !config.replInsecure) {
+  if (!isLoopbackHost(config.replHost) && !config.replInsecure) {
     throw new DeltavolError(
       'EINVAL_ARGUMENT',
       `replication would listen on ${config.replHost} without credentials: anyone who reaches it could create volumes and overwrite replicas. Give --repl-tls-psk FILE (or --repl-tls-cert/--repl-tls-key/--repl-tls-ca), or --insecure to run it unauthenticated anyway`,
     );
   }
-  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopback(config.replHost) }, warnings: [] };
+  return { platform: systemPlatform, security: { mode: 'none', identity: null, fingerprint: null, allow: null, insecure: !isLoopbackHost(config.replHost) }, warnings: [] };
 }
 
 /** Written to DATA_DIR/daemon.json once listening, so tools can find a daemon by its data directory. */
@@ -199,7 +194,7 @@ export class Daemon {
     const controlPort = await this.api.listen(this.config.controlPort, this.config.controlHost, this.controlToken);
     this.runtimeTokenFile = writeRuntimeToken(controlPort, this.controlToken, tokenWarn);
     if (this.config.controlSocketPath) await this.api.listenUnix(this.config.controlSocketPath);
-    if (!isLoopbackAddress(this.config.controlHost)) {
+    if (!isLoopbackHost(this.config.controlHost)) {
       const msg = `WARNING: the control API listens on ${this.config.controlHost}:${controlPort}, not on loopback: anyone who can reach it and holds the token (${path.join(dir, CONTROL_TOKEN_FILE)}) can delete volumes, and the token travels unencrypted. Prefer --control-bind 127.0.0.1 and ssh.`;
       this.log.warn({ controlHost: this.config.controlHost, controlPort }, msg);
       process.stderr.write(`deltavol: ${msg}\n`);

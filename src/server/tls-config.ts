@@ -214,8 +214,4 @@ export function authorizedName(cert: X509Certificate, authz: readonly string[]):
   return null;
 }
 
-/** Whether a listen address only accepts local connections. */
-export function isLoopbackHost(host: string): boolean {
-  const h = host.trim().toLowerCase().replace(/^\[|\]$/g, '');
-  return h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h) || /^::ffff:127\.\d+\.\d+\.\d+$/.test(h);
-}
+export { isLoopbackHost } from '../util/loopback.js';

@@ -7,7 +7,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { escapeOutput, escapeText, table } from '../../src/cli/format.js';
-import { hostMatcher, isLoopbackAddress } from '../../src/daemon/control-api.js';
+import { hostMatcher } from '../../src/daemon/control-api.js';
+import { isLoopbackHost as isLoopbackAddress } from '../../src/util/loopback.js';
 import { findToken, generateToken, isWellFormedToken, loadOrCreateToken, tokensEqual } from '../../src/daemon/control-token.js';
 
 const dirs: string[] = [];
