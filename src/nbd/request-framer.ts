@@ -2,7 +2,9 @@
 // A WRITE's payload is handed over as views of the received chunks (never joined).
 // A WRITE whose payload is larger than we accept is still consumed, streaming and
 // without buffering, so the stream stays in sync and the request gets an error
-// reply; only a bad magic (a broken frame) ends the connection.
+// reply; only a bad magic (a broken frame) ends the connection. A WRITE larger than
+// one buffer may instead be streamed: its payload is handed over in pieces, each asked
+// for before it is received (so the host can reserve it and stop reading between them).
 
 import { ByteQueue } from '../util/byte-queue.js';
 import { CMD_WRITE, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js';
@@ -29,6 +31,15 @@ export interface FramerSink {
    * (backpressure); the header is kept and asked about again then.
    */
   accepting(type: number, length: number): boolean;
+  /**
+   * A WRITE longer than payloadBytesMax: true to take its payload in pieces (writePiece),
+   * false (or absent) to have it discarded and then passed to `request` with payloadDiscarded.
+   */
+  streamWrite?(header: RequestHeader): boolean;
+  /** Asked before each piece of a streamed WRITE is received, with its length: false stops parsing like accepting(). */
+  pieceAccepting?(length: number): boolean;
+  /** The next piece of a streamed WRITE's payload (views), in order; `last` on the final one. */
+  writePiece?(header: RequestHeader, payload: Buffer[], last: boolean): void;
 }
 
 export type FramerError = { kind: 'bad-magic'; magic: number };
@@ -38,19 +49,24 @@ export class RequestFramer {
   private discardLeft = 0;
   /** A header taken from the queue that the sink did not accept yet. */
   private held: Buffer | null = null;
+  /** A WRITE being streamed: bytes still to come, and the length of the piece accepted and not yet delivered. */
+  private stream: { h: RequestHeader; leftBytes: number; pieceBytes: number } | null = null;
   constructor(
     readonly queue: ByteQueue,
     private readonly sink: FramerSink,
     private readonly payloadBytesMax: number,
+    /** Piece length for streamed WRITEs. */
+    private readonly pieceBytesMax: number = payloadBytesMax,
   ) {}
 
   /** True while a WRITE's payload is being received (or discarded). */
   get awaitingPayload(): boolean {
-    return this.pending !== null;
+    return this.pending !== null || this.stream !== null;
   }
 
-  /** Length of the WRITE whose payload is being received (0 when none, or when it is discarded). */
+  /** Bytes accepted for a WRITE payload and not yet handed over (0 when none, or when it is discarded). */
   get pendingWriteBytes(): number {
+    if (this.stream) return this.stream.pieceBytes;
     return this.pending && !this.pending.payloadDiscarded ? this.pending.length : 0;
   }
 
@@ -64,6 +80,22 @@ export class RequestFramer {
   parse(): FramerError | null {
     const q = this.queue;
     for (;;) {
+      const s = this.stream;
+      if (s) {
+        if (s.pieceBytes === 0) {
+          const n = Math.min(this.pieceBytesMax, s.leftBytes);
+          if (!this.sink.pieceAccepting!(n)) return null;
+          s.pieceBytes = n;
+        }
+        if (q.length < s.pieceBytes) return null;
+        const views = q.takeViews(s.pieceBytes);
+        s.leftBytes -= s.pieceBytes;
+        s.pieceBytes = 0;
+        const last = s.leftBytes === 0;
+        if (last) this.stream = null;
+        this.sink.writePiece!(s.h, views, last);
+        continue;
+      }
       if (this.discardLeft > 0) {
         this.discardLeft -= q.skip(this.discardLeft);
         if (this.discardLeft > 0) return null;
@@ -103,6 +135,10 @@ export class RequestFramer {
       if (h.type !== CMD_WRITE || h.length === 0) {
         this.sink.request(h, []);
       } else if (h.length > this.payloadBytesMax) {
+        if (this.sink.streamWrite?.(h)) {
+          this.stream = { h, leftBytes: h.length, pieceBytes: 0 };
+          continue;
+        }
         h.payloadDiscarded = true;
         this.pending = h;
         this.discardLeft = h.length;

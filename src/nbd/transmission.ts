@@ -2,7 +2,9 @@
 // flags, range, alignment, read-only) and make exactly one call into the export,
 // then encode the reply (simple for clients like the Linux kernel, structured when
 // negotiated). Requests run concurrently and reply out of order by cookie. Knows the
-// wire, not the storage: everything below is behind NbdExport.
+// wire, not the storage: everything below is behind NbdExport. READ and WRITE larger
+// than one buffer (only from clients that did not agree to block sizes) are streamed in
+// pieces, so their memory is bounded by the piece size and not by their length.
 
 import * as C from './constants.js';
 import type { Extent, MaybePromise, NbdExport } from './export.js';
@@ -15,10 +17,13 @@ import {
   blockStatusExtentsMax,
   pooledReadBufferBytesMin,
   pooledReadBuffersBytesMax,
+  requestEffectBytesMax,
   requestPayloadBytesMax,
   sparseReadBytesMin,
+  streamPieceBytes,
 } from '../util/limits.js';
 import { BufferPool } from '../util/buffer-pool.js';
+import { assert } from '../util/assert.js';
 
 /** Read buffers shared by every connection of the process (see buffer-pool.ts). */
 const readBuffers = new BufferPool(pooledReadBufferBytesMin, pooledReadBuffersBytesMax);
@@ -33,6 +38,21 @@ export interface TransmissionHost {
   completed(payloadBytes: number): void;
   /** An export call failed in a way the client should hear about; for logs. */
   warn(message: string, fields: Record<string, unknown>): void;
+  /** A piece of a streamed WRITE is written (or dropped): its bytes are no longer held. */
+  released?(bytes: number): void;
+  /** The stream can no longer be kept in sync (a simple READ reply failed after its data began): close it. */
+  fatal?(reason: string): void;
+}
+
+/**
+ * Bytes a request holds while in flight, reserved by the host before it is parsed: a READ
+ * its buffer (one piece when streamed), a WRITE its payload (streamed WRITEs reserve each
+ * piece as it comes, through pieceAccepting).
+ */
+export function heldBytesFor(type: number, length: number): number {
+  if (type === C.CMD_READ) return length <= requestPayloadBytesMax ? length : streamPieceBytes;
+  if (type === C.CMD_WRITE) return length <= requestPayloadBytesMax ? length : 0;
+  return 0;
 }
 
 const FLAGS_ALLOWED: Record<number, number> = {
@@ -67,6 +87,8 @@ export class Transmission {
   private readonly contexts: string[];
   private readonly alignBytes: number;
   private readonly sparseReads: boolean;
+  /** READ / WRITE length accepted: the advertised maximum for clients that agreed to it, else unlimited. */
+  private readonly payloadBytesMax: number;
 
   constructor(
     readonly exp: NbdExport,
@@ -78,12 +100,13 @@ export class Transmission {
     this.sizeBytes = exp.sizeBytes;
     this.alignBytes = negotiated.blockSizeAgreed ? blockSizeMinBytes : 1;
     this.sparseReads = this.structured;
+    this.payloadBytesMax = negotiated.blockSizeAgreed ? requestPayloadBytesMax : requestEffectBytesMax;
   }
 
   /** Handles one request (not DISC, which the connection handles). */
   handle(h: RequestHeader, payload: Buffer[]): void {
     this.inflight++;
-    const payloadBytes = (h.type === C.CMD_WRITE && !h.payloadDiscarded) || h.type === C.CMD_READ ? h.length : 0;
+    const payloadBytes = h.payloadDiscarded ? 0 : heldBytesFor(h.type, h.length);
     this.inflightPayloadBytes += payloadBytes;
     const rejection = this.validate(h);
     if (rejection) {
@@ -135,10 +158,12 @@ export class Transmission {
         return null;
       case C.CMD_READ:
         if (h.flags & C.CMDFLAG_DF && !this.structured) return { error: C.NBD_EINVAL, message: 'DF needs structured replies' };
-        if (h.length > requestPayloadBytesMax) return { error: C.NBD_EINVAL, message: `READ of ${h.length} bytes exceeds the maximum ${requestPayloadBytesMax}` };
+        if (h.length > this.payloadBytesMax) return { error: C.NBD_EINVAL, message: `READ of ${h.length} bytes exceeds the maximum ${this.payloadBytesMax}` };
+        // A streamed read is sent in several chunks; DF asks for one (the spec allows EOVERFLOW).
+        if (h.flags & C.CMDFLAG_DF && h.length > requestPayloadBytesMax) return { error: C.NBD_EOVERFLOW, message: `READ of ${h.length} bytes cannot be sent unfragmented` };
         break;
       case C.CMD_WRITE:
-        if (h.payloadDiscarded) return { error: C.NBD_EINVAL, message: `WRITE of ${h.length} bytes exceeds the maximum ${requestPayloadBytesMax}` };
+        if (h.length > this.payloadBytesMax) return { error: C.NBD_EINVAL, message: `WRITE of ${h.length} bytes exceeds the maximum ${this.payloadBytesMax}` };
         break;
       case C.CMD_TRIM:
         if (!f.trim) return { error: C.NBD_EINVAL, message: 'TRIM not supported' };
@@ -164,6 +189,8 @@ export class Transmission {
     if (this.alignBytes > 1 && (h.offset % this.alignBytes !== 0 || h.length % this.alignBytes !== 0)) {
       return { error: C.NBD_EINVAL, message: `offset and length must be multiples of ${this.alignBytes}` };
     }
+    // Only a WRITE that could not be streamed is discarded; this is a host that does not stream.
+    if (h.payloadDiscarded) return { error: C.NBD_EINVAL, message: `WRITE of ${h.length} bytes exceeds the maximum ${requestPayloadBytesMax}` };
     return null;
   }
 
@@ -197,6 +224,11 @@ export class Transmission {
   }
 
   private finish(buffers: Buffer[], payloadBytes: number, pooled?: Buffer): void {
+    if (this.simpleStreamActive && !this.closed) {
+      // A streamed simple READ reply is on the wire: nothing may come between its pieces.
+      this.deferred.push(() => this.finish(buffers, payloadBytes, pooled));
+      return;
+    }
     this.inflight--;
     this.inflightPayloadBytes -= payloadBytes;
     if (this.closed) {
@@ -212,6 +244,10 @@ export class Transmission {
       // Nothing to read; an OFFSET_DATA chunk must carry at least one byte (doc/proto.md),
       // so a structured reply is just the final NONE chunk.
       this.replyOk(h, 0);
+      return;
+    }
+    if (h.length > requestPayloadBytesMax) {
+      this.streamRead(h);
       return;
     }
     const headerBytes = R.readHeaderBytes(this.structured);
@@ -253,20 +289,20 @@ export class Transmission {
   }
 
   /** OFFSET_DATA for data extents (views into one buffer), OFFSET_HOLE for zero extents. */
-  private sparseChunks(h: RequestHeader, data: Buffer, extents: Extent[]): Buffer[] {
+  private sparseChunks(h: RequestHeader, data: Buffer, extents: Extent[], dataOffset = h.offset, final = true): Buffer[] {
     const out: Buffer[] = [];
     let pos = 0;
     for (const e of extents) {
       if (e.flags & C.STATE_ZERO) {
-        out.push(R.offsetHoleChunk(false, h.cookieHi, h.cookieLo, h.offset + pos, e.lengthBytes));
+        out.push(R.offsetHoleChunk(false, h.cookieHi, h.cookieLo, dataOffset + pos, e.lengthBytes));
       } else {
         const hdr = Buffer.allocUnsafe(28);
-        R.writeOffsetDataHeader(hdr, 0, false, h.cookieHi, h.cookieLo, h.offset + pos, e.lengthBytes);
+        R.writeOffsetDataHeader(hdr, 0, false, h.cookieHi, h.cookieLo, dataOffset + pos, e.lengthBytes);
         out.push(hdr, data.subarray(pos, pos + e.lengthBytes));
       }
       pos += e.lengthBytes;
     }
-    out.push(R.noneChunk(h.cookieHi, h.cookieLo));
+    if (final) out.push(R.noneChunk(h.cookieHi, h.cookieLo));
     return out;
   }
 
@@ -299,6 +335,272 @@ export class Transmission {
       }
     });
   }
+
+  // ---- requests larger than one buffer, streamed in pieces ----
+  // Only clients that did not agree to block sizes may send them (the spec lets them
+  // assume an unlimited maximum). Memory per request stays at two pieces: one being
+  // received or read, one being written to storage or to the socket.
+
+  /** A simple READ reply is being streamed: every other reply waits behind it (deferred). */
+  private simpleStreamActive = false;
+  private readonly deferred: (() => void)[] = [];
+  /** Simple streamed READs waiting for the one on the wire to end. */
+  private readonly streamsWaiting: (() => void)[] = [];
+  /** Wakes each streamed READ in progress (to notice the connection is gone). */
+  private readonly activeReads = new Set<() => void>();
+  private streamedWrite: StreamedWrite | null = null;
+
+  /** The connection is gone: late completions are dropped, streams end without replies. */
+  close(): void {
+    this.closed = true;
+    this.abandonPartialRequest();
+    for (const poke of [...this.activeReads]) poke();
+    this.endSimpleStream();
+  }
+
+  /**
+   * No more bytes will be read from the client (it half-closed, or the server drains): a
+   * WRITE whose payload is only partly received can never be answered; end it silently.
+   */
+  abandonPartialRequest(): void {
+    const w = this.streamedWrite;
+    if (!w || w.lastReceived) return;
+    w.abandoned = true;
+    this.streamedWrite = null;
+    this.pumpWrite(w);
+  }
+
+  /** A WRITE longer than requestPayloadBytesMax arrived: true to take it in pieces, false to have it discarded (and rejected). */
+  streamWrite(h: RequestHeader): boolean {
+    if (this.closed || this.streamedWrite || this.validate(h)) return false;
+    this.inflight++;
+    this.streamedWrite = { h, receivedBytes: 0, heldPieces: 0, queue: [], writing: false, lastReceived: false, abandoned: false, finished: false, error: null };
+    return true;
+  }
+
+  /** Before a piece of the streamed WRITE is received: at most two held at once; `reserve` takes its memory. */
+  acceptPiece(reserve: () => boolean): boolean {
+    const w = this.streamedWrite;
+    if (!w || w.heldPieces >= 2 || !reserve()) return false;
+    w.heldPieces++;
+    return true;
+  }
+
+  /** The next piece of the streamed WRITE, in order. */
+  writePiece(h: RequestHeader, payload: Buffer[], last: boolean): void {
+    const w = this.streamedWrite;
+    assert(w !== null && w.h === h, 'a WRITE piece without its stream');
+    let bytes = 0;
+    for (const v of payload) bytes += v.length;
+    w.queue.push({ atBytes: w.receivedBytes, bytes, payload });
+    w.receivedBytes += bytes;
+    if (last) {
+      w.lastReceived = true;
+      this.streamedWrite = null;
+    }
+    this.pumpWrite(w);
+  }
+
+  /** Writes queued pieces one at a time, in order; replies once all are written (and flushed for FUA). */
+  private pumpWrite(w: StreamedWrite): void {
+    while (!w.writing && w.queue.length > 0) {
+      const p = w.queue.shift()!;
+      if (w.error !== null || w.abandoned || this.closed) {
+        this.pieceDone(w, p.bytes); // consumed, not written: an error reply follows
+        continue;
+      }
+      w.writing = true;
+      let r: MaybePromise<void>;
+      try {
+        r = this.exp.write(w.h.offset + p.atBytes, p.payload, false);
+      } catch (e) {
+        r = Promise.reject(e);
+      }
+      const done = (e: unknown) => {
+        w.writing = false;
+        if (e !== undefined && w.error === null) w.error = e ?? new Error('write failed');
+        this.pieceDone(w, p.bytes);
+      };
+      if (isPromise(r)) {
+        r.then(
+          () => {
+            done(undefined);
+            this.pumpWrite(w);
+          },
+          (e) => {
+            done(e);
+            this.pumpWrite(w);
+          },
+        );
+        return;
+      }
+      done(undefined);
+    }
+    if (w.writing || w.queue.length > 0 || w.finished || !(w.lastReceived || w.abandoned)) return;
+    w.finished = true;
+    const h = w.h;
+    if (w.abandoned) this.finishWithoutReply(0);
+    else if (w.error !== null) this.failed(h, w.error, 0);
+    else if (h.flags & C.CMDFLAG_FUA) {
+      // Pieces were written without FUA; one flush makes the whole request durable before the reply.
+      try {
+        this.settle(h, this.exp.flush(), 0);
+      } catch (e) {
+        this.failed(h, e, 0);
+      }
+    } else this.replyOk(h, 0);
+  }
+
+  private pieceDone(w: StreamedWrite, bytes: number): void {
+    w.heldPieces--;
+    this.host.released?.(bytes);
+  }
+
+  private finishWithoutReply(payloadBytes: number): void {
+    this.inflight--;
+    this.inflightPayloadBytes -= payloadBytes;
+    this.host.completed(payloadBytes);
+  }
+
+  /**
+   * A READ longer than requestPayloadBytesMax: read and sent a piece at a time. A simple
+   * reply is one header and then the data, so it holds the wire until its last piece
+   * (other replies wait); a structured one is a series of OFFSET_DATA / OFFSET_HOLE
+   * chunks that other replies may come between, and can end with an error chunk.
+   */
+  private streamRead(h: RequestHeader): void {
+    const simple = !this.structured;
+    if (simple && this.simpleStreamActive) {
+      this.streamsWaiting.push(() => this.streamRead(h));
+      return;
+    }
+    if (simple) this.simpleStreamActive = true;
+    const heldBytes = streamPieceBytes;
+    let nextBytes = 0; // offset (in the request) of the next piece to read
+    let reading = false;
+    let ready: { buf: Buffer; atBytes: number } | null = null;
+    let onSocket = 0;
+    let headerSent = false;
+    let ended = false;
+    const end = () => {
+      ended = true;
+      this.activeReads.delete(pump);
+      if (ready) readBuffers.release(ready.buf);
+      ready = null;
+      if (simple) this.endSimpleStream();
+    };
+    const fail = (e: unknown) => {
+      if (ended) return;
+      end();
+      if (this.closed) this.finishWithoutReply(heldBytes);
+      else if (simple && headerSent) {
+        // The header already promised success: the only honest way out is to close.
+        this.host.warn('request failed', { command: 'READ', offset: h.offset, length: h.length, error: e instanceof Error ? e.message : String(e) });
+        this.host.fatal?.(`READ of ${h.length} bytes failed after its reply began`);
+        this.finishWithoutReply(heldBytes);
+      } else this.failed(h, e, heldBytes);
+    };
+    const send = (buf: Buffer, atBytes: number) => {
+      const sent = () => {
+        onSocket--;
+        readBuffers.release(buf);
+        pump();
+      };
+      onSocket++;
+      const offset = h.offset + atBytes;
+      if (simple) {
+        headerSent = true;
+        this.host.send(atBytes === 0 ? [R.simpleReply(0, h.cookieHi, h.cookieLo), buf] : [buf], sent);
+        return;
+      }
+      const runs = this.sparseReads ? zeroRuns(buf) : null;
+      if (runs && runs.length === 1 && runs[0]!.flags & C.STATE_ZERO) {
+        this.host.send([R.offsetHoleChunk(false, h.cookieHi, h.cookieLo, offset, buf.length)], sent);
+      } else if (runs && runs.length > 1) {
+        this.host.send(this.sparseChunks(h, buf, runs, offset, false), sent);
+      } else {
+        const hdr = Buffer.allocUnsafe(R.readHeaderBytes(true));
+        R.writeOffsetDataHeader(hdr, 0, false, h.cookieHi, h.cookieLo, offset, buf.length);
+        this.host.send([hdr, buf], sent);
+      }
+    };
+    const pump = (): void => {
+      if (ended) return;
+      if (this.closed) {
+        end();
+        this.finishWithoutReply(heldBytes);
+        return;
+      }
+      if (ready && onSocket === 0) {
+        const r = ready;
+        ready = null;
+        send(r.buf, r.atBytes);
+        if (ended) return;
+      }
+      if (!reading && !ready && nextBytes < h.length) {
+        const atBytes = nextBytes;
+        const n = Math.min(streamPieceBytes, h.length - atBytes);
+        nextBytes += n;
+        reading = true;
+        const buf = readBuffers.acquire(n);
+        const ok = () => {
+          reading = false;
+          if (ended) {
+            readBuffers.release(buf);
+            return;
+          }
+          ready = { buf, atBytes };
+          pump();
+        };
+        const bad = (e: unknown) => {
+          reading = false;
+          readBuffers.release(buf);
+          fail(e);
+        };
+        let r: MaybePromise<void>;
+        try {
+          r = this.exp.read(h.offset + atBytes, n, buf);
+        } catch (e) {
+          bad(e);
+          return;
+        }
+        if (isPromise(r)) r.then(ok, bad);
+        else ok();
+        return;
+      }
+      if (!reading && !ready && nextBytes >= h.length) {
+        // Every piece is queued on the socket, in order: the request is answered.
+        end();
+        if (simple) this.finishWithoutReply(heldBytes);
+        else this.finish([R.noneChunk(h.cookieHi, h.cookieLo)], heldBytes);
+      }
+    };
+    this.activeReads.add(pump);
+    pump();
+  }
+
+  /** The streamed simple READ reply left the wire: deferred replies go out, then the next waiting stream. */
+  private endSimpleStream(): void {
+    if (!this.simpleStreamActive) return;
+    this.simpleStreamActive = false;
+    for (const f of this.deferred.splice(0)) f();
+    const next = this.streamsWaiting.shift();
+    if (next) next();
+    if (this.closed) for (const f of this.streamsWaiting.splice(0)) f();
+  }
+}
+
+interface StreamedWrite {
+  h: RequestHeader;
+  receivedBytes: number;
+  /** Pieces reserved and not yet written (or dropped): at most two. */
+  heldPieces: number;
+  queue: { atBytes: number; bytes: number; payload: Buffer[] }[];
+  writing: boolean;
+  lastReceived: boolean;
+  abandoned: boolean;
+  finished: boolean;
+  error: unknown;
 }
 
 const ZERO_BLOCK_BYTES = 4096;

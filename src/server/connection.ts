@@ -15,8 +15,8 @@ import { Negotiator } from '../nbd/negotiator.js';
 import type { TlsServerConfig } from './tls-config.js';
 import { upgradeToTls } from './tls-upgrade.js';
 import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
-import { Transmission } from '../nbd/transmission.js';
-import { CMD_DISC, CMD_READ, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
+import { Transmission, heldBytesFor } from '../nbd/transmission.js';
+import { CMD_DISC, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
 import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
 import {
   handshakeTimeoutMs,
@@ -24,6 +24,7 @@ import {
   inflightRequestsMax,
   requestPayloadBytesMax,
   socketQueuedBytesMax,
+  streamPieceBytes,
 } from '../util/limits.js';
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
@@ -41,14 +42,9 @@ export interface ConnectionLimits {
   enteredTransmission(c: Connection): void;
 }
 
-/** Bytes a request holds while in flight: its READ buffer or WRITE payload (0 when rejected for size). */
-function heldBytesFor(payloadBytes: number): number {
-  return payloadBytes <= requestPayloadBytesMax ? payloadBytes : 0;
-}
-
-/** What accepting() reserves for a request header. */
+/** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
 function needFor(type: number, length: number): number {
-  return type === CMD_READ || type === CMD_WRITE ? heldBytesFor(length) : 0;
+  return heldBytesFor(type, length);
 }
 
 export class Connection {
@@ -205,12 +201,21 @@ export class Connection {
       send: (buffers, sent) => this.send(buffers, sent),
       completed: (payloadBytes) => this.requestCompleted(payloadBytes),
       warn: (msg, fields) => this.log.warn(fields, msg),
+      released: (bytes) => this.requestCompleted(bytes),
+      fatal: (reason) => this.protocolError(reason),
     });
     this.state = 'transmission';
     this.framer = new RequestFramer(
       this.negotiator.leftover(),
-      { request: (h, p) => this.onRequest(h, p), accepting: (type, length) => this.accepting(type, length) },
+      {
+        request: (h, p) => this.onRequest(h, p),
+        accepting: (type, length) => this.accepting(type, length),
+        streamWrite: (h) => this.state === 'transmission' && this.tx!.streamWrite(h),
+        pieceAccepting: (length) => this.pieceAccepting(length),
+        writePiece: (h, p, last) => this.tx!.writePiece(h, p, last),
+      },
       requestPayloadBytesMax,
+      streamPieceBytes,
     );
     const err = this.framer.parse();
     if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
@@ -287,6 +292,17 @@ export class Connection {
     return ok;
   }
 
+  /** Whether the next piece of a streamed WRITE may be received now, with its bytes reserved in the budget. */
+  private pieceAccepting(length: number): boolean {
+    const tx = this.tx;
+    const ok = this.state === 'transmission' && tx !== null && tx.acceptPiece(() => this.limits.budget.tryTake(this.account, length, false));
+    if (!ok && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    return ok;
+  }
+
   /** Whether another request header is already queued behind the one being admitted (and its WRITE payload). */
   private pipelinedBehind(type: number, length: number): boolean {
     const queued = this.framer ? this.framer.queue.length : 0;
@@ -353,7 +369,7 @@ export class Connection {
 
   private requestCompleted(payloadBytes: number): void {
     this.progress++;
-    this.releaseHeld(heldBytesFor(payloadBytes));
+    this.releaseHeld(payloadBytes);
     if (this.paused) this.maybeResume();
     if (this.tx && this.tx.inflight === 0) {
       const waiters = this.drainWaiters.splice(0);
@@ -374,6 +390,7 @@ export class Connection {
     if (this.state !== 'transmission') return;
     this.log.debug({ reason, inflight: this.inflight }, 'draining connection');
     this.state = 'draining';
+    this.tx?.abandonPartialRequest();
     this.socket.pause();
     if (this.inflight === 0) this.finishDrain();
   }
@@ -423,7 +440,7 @@ export class Connection {
     this.limits.budget.close(this.account);
     const tx = this.tx;
     if (tx) {
-      tx.closed = true;
+      tx.close();
       // Requests still running finish against the export; release it after them.
       if (tx.inflight === 0) tx.exp.close();
       else this.drainWaiters.push(() => tx.exp.close());

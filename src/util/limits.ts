@@ -14,12 +14,23 @@ export const handshakeTimeoutMs = 30_000;
 /** NBD strings (export names, context names) may be at most 4 KiB. */
 export const nbdStringBytesMax = 4096;
 
-/** Minimum block size advertised to clients that ask for NBD_INFO_BLOCK_SIZE. */
-export const blockSizeMinBytes = 512;
+/**
+ * Minimum block size advertised in NBD_INFO_BLOCK_SIZE: 1, as nbdkit, qemu-nbd and
+ * nbd-server do. The volume engine copies whole tracking blocks on any partial write,
+ * so byte-granular requests are correct; advertising 512 only made libnbd refuse them.
+ */
+export const blockSizeMinBytes = 1;
 /** Preferred block size advertised (page size: no read-modify-write below it). */
 export const blockSizePreferredBytes = 4096;
-/** Largest READ / WRITE payload accepted (NBD_INFO_BLOCK_SIZE maximum). */
+/**
+ * Largest READ / WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum) and held in one
+ * piece. Clients that asked for block sizes are held to it (EINVAL above); clients that
+ * did not (NBD_OPT_EXPORT_NAME, GO without NBD_INFO_BLOCK_SIZE) may send any length, as
+ * the spec asks, and are served in pieces of streamPieceBytes.
+ */
 export const requestPayloadBytesMax = 32 * 1024 * 1024;
+/** Larger READ / WRITE requests are moved in pieces of this size: one being filled, one on its way (memory per request is 2 pieces, not its length). */
+export const streamPieceBytes = 4 * 1024 * 1024;
 /** Largest effect length of TRIM / WRITE_ZEROES / CACHE / BLOCK_STATUS in one request (no payload, so larger is fine). */
 export const requestEffectBytesMax = 2 ** 32 - 1;
 
@@ -84,6 +95,8 @@ export const controlBodyBytesMax = 1024 * 1024;
 assert(blockSizeMinBytes <= blockSizePreferredBytes, 'min block ≤ preferred block');
 assert(blockSizePreferredBytes <= requestPayloadBytesMax, 'preferred block ≤ max payload');
 assert(requestPayloadBytesMax >= 2 ** 20, 'the spec asks for a max payload of at least 1 MiB');
+assert(streamPieceBytes <= requestPayloadBytesMax, 'a streamed piece is no larger than an ordinary request');
+assert(streamPieceBytes % blockSizePreferredBytes === 0, 'streamed pieces keep preferred-block alignment');
 assert(inflightPayloadBytesMax >= requestPayloadBytesMax, 'a full-size write must fit the inflight budget');
 assert(
   nbdBufferBytesMaxDefault >= connectionsMax * nbdBufferReserveBytesPerConnection + 2 * (requestPayloadBytesMax + 4096),

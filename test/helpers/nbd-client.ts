@@ -29,7 +29,7 @@ export class MiniNbdClient {
 
   /**
    * blockSize false: do not ask for NBD_INFO_BLOCK_SIZE, so the server does not hold this
-   * client to its 512-byte minimum (unaligned requests are allowed).
+   * client to its advertised sizes (its minimum is 1 anyway; the 32 MiB maximum then does not apply).
    */
   static async connect(port: number, exportName: string, host = '127.0.0.1', opts: { blockSize?: boolean } = {}): Promise<MiniNbdClient> {
     const sock = net.connect({ port, host });

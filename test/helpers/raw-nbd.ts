@@ -45,7 +45,9 @@ export interface StructuredChunk {
 }
 
 export class RawNbd {
-  private buf: Buffer = Buffer.alloc(0);
+  /** Received bytes not yet read, as the chunks they came in (joining on every chunk is quadratic for 100 MiB replies). */
+  private chunks: Buffer[] = [];
+  private bufBytes = 0;
   private ended = false;
   private wake: (() => void) | null = null;
   private readonly closedPromise: Promise<void>;
@@ -53,7 +55,8 @@ export class RawNbd {
   private constructor(readonly socket: net.Socket) {
     socket.setNoDelay(true);
     socket.on('data', (b: Buffer) => {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, b]) : b;
+      this.chunks.push(b);
+      this.bufBytes += b.length;
       this.wake?.();
     });
     this.closedPromise = new Promise((resolve) => {
@@ -90,10 +93,10 @@ export class RawNbd {
   /** Exactly n bytes; rejects on EOF or after timeoutMs. */
   async read(n: number, timeoutMs = 5000): Promise<Buffer> {
     const deadline = Date.now() + timeoutMs;
-    while (this.buf.length < n) {
-      if (this.ended) throw new Error(`EOF after ${this.buf.length} of ${n} bytes`);
+    while (this.bufBytes < n) {
+      if (this.ended) throw new Error(`EOF after ${this.bufBytes} of ${n} bytes`);
       const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.buf.length})`);
+      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.bufBytes})`);
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, left);
         this.wake = () => {
@@ -103,9 +106,18 @@ export class RawNbd {
       });
       this.wake = null;
     }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return Buffer.from(out);
+    const out = Buffer.allocUnsafe(n);
+    let filled = 0;
+    while (filled < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, n - filled);
+      c.copy(out, filled, 0, k);
+      filled += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    this.bufBytes -= n;
+    return out;
   }
 
   /** Resolves true if the server closes the connection within timeoutMs (bytes it sent first are dropped). */
@@ -122,7 +134,7 @@ export class RawNbd {
 
   /** Bytes received and not yet read. */
   get buffered(): number {
-    return this.buf.length;
+    return this.bufBytes;
   }
 
   write(b: Buffer): void {
@@ -246,12 +258,13 @@ export class RawNbd {
   }
 
   /** A structured-reply READ: assembles OFFSET_DATA / OFFSET_HOLE chunks up to DONE (throws on an error chunk). */
-  async readStructured(offset: number, length: number, cookie = 79n): Promise<Buffer> {
+  async readStructured(offset: number, length: number, cookie = 79n, timeoutMs = 5000, onChunk?: (type: number) => void): Promise<Buffer> {
     this.write(RawNbd.request(CMD.READ, { cookie, offset, length }));
     const out = Buffer.alloc(length, 0xee);
     let covered = 0;
     for (;;) {
-      const ch = await this.structuredChunk();
+      const ch = await this.structuredChunk(timeoutMs);
+      onChunk?.(ch.type);
       if (ch.cookie !== cookie) throw new Error(`chunk for cookie ${ch.cookie}, expected ${cookie}`);
       if (ch.type === REPLY_TYPE.OFFSET_DATA) {
         const at = Number(ch.data.readBigUInt64BE(0)) - offset;

@@ -52,7 +52,7 @@ describe('Negotiator', () => {
     expect(flags & C.TFLAG_READ_ONLY).toBe(0);
     expect(flags & C.TFLAG_SEND_DF).toBe(0); // no structured replies negotiated
     const bs = replies.find((r) => r.type === C.REP_INFO && r.data.readUInt16BE(0) === C.INFO_BLOCK_SIZE)!.data;
-    expect([bs.readUInt32BE(2), bs.readUInt32BE(6), bs.readUInt32BE(10)]).toEqual([512, 4096, 32 * 1024 * 1024]);
+    expect([bs.readUInt32BE(2), bs.readUInt32BE(6), bs.readUInt32BE(10)]).toEqual([1, 4096, 32 * 1024 * 1024]);
     const desc = replies.find((r) => r.type === C.REP_INFO && r.data.readUInt16BE(0) === C.INFO_DESCRIPTION)!.data;
     expect(desc.subarray(2).toString()).toBe('the disk');
     expect(result.kind).toBe('done');
