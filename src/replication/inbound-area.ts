@@ -60,7 +60,7 @@ const jsonName = (set: number) => `inbound-set-${set}.json`;
 export class InboundArea {
   private readonly receiving = new Map<number, Receiving>();
   /** Chunk data by set and chunk number, so playback need not read it back. */
-  private readonly memory = new Map<number, Map<number, Buffer>>();
+  private readonly memory = new Map<number, Map<number, readonly Buffer[]>>();
   private memoryBytes = 0;
   private readonly completeSets = new Map<number, InboundSet>();
   private readonly files = new Map<number, DurableFile>();
@@ -116,8 +116,15 @@ export class InboundArea {
     for (const set of [...this.receiving.keys()]) this.dropSet(set);
   }
 
-  /** Stores a verified chunk (its checksum was checked by the caller). Duplicates are ignored. */
-  storeChunk(msg: ChunkMsg, data: Buffer): void {
+  /**
+   * Stores a verified chunk (its checksum was checked by the caller). Duplicates are
+   * ignored. `data` may be the socket's buffers as received: written from them, and kept
+   * (not copied) for playback.
+   */
+  storeChunk(msg: ChunkMsg, data: Buffer | readonly Buffer[]): void {
+    const parts = Buffer.isBuffer(data) ? [data] : data;
+    let bytes = 0;
+    for (const p of parts) bytes += p.length;
     assert(!this.completeSets.has(msg.set), 'chunk of a complete set');
     let r = this.receiving.get(msg.set);
     if (!r) {
@@ -126,14 +133,15 @@ export class InboundArea {
       this.receiving.set(msg.set, r);
     }
     if (r.chunks.has(msg.chunk)) return;
-    r.file.write(r.sizeBytes, data, 0, data.length);
-    r.chunks.set(msg.chunk, { chunk: msg.chunk, runs: msg.runs, crc: msg.crc, pos: r.sizeBytes, bytes: data.length });
-    r.sizeBytes += data.length;
-    if (this.memoryBytes + data.length <= inboundMemoryBytesMax) {
+    if (r.file.writev) r.file.writev(r.sizeBytes, parts);
+    else for (let at = r.sizeBytes, i = 0; i < parts.length; at += parts[i]!.length, i++) r.file.write(at, parts[i]!, 0, parts[i]!.length);
+    r.chunks.set(msg.chunk, { chunk: msg.chunk, runs: msg.runs, crc: msg.crc, pos: r.sizeBytes, bytes });
+    r.sizeBytes += bytes;
+    if (this.memoryBytes + bytes <= inboundMemoryBytesMax) {
       let m = this.memory.get(msg.set);
       if (!m) this.memory.set(msg.set, (m = new Map()));
-      m.set(msg.chunk, data);
-      this.memoryBytes += data.length;
+      m.set(msg.chunk, parts);
+      this.memoryBytes += bytes;
     }
   }
 
@@ -201,18 +209,18 @@ export class InboundArea {
   }
 
   /** A complete set's chunk data (from memory when still there, else from its file). */
-  chunkData(set: number, c: InboundChunk): Buffer {
+  chunkData(set: number, c: InboundChunk): readonly Buffer[] {
     const m = this.memory.get(set)?.get(c.chunk);
     if (m) return m;
     const data = Buffer.allocUnsafe(c.bytes);
     this.read(set, c.pos, data, 0, c.bytes);
-    return data;
+    return [data];
   }
 
   private forget(set: number): void {
     const m = this.memory.get(set);
     if (!m) return;
-    for (const b of m.values()) this.memoryBytes -= b.length;
+    for (const parts of m.values()) for (const b of parts) this.memoryBytes -= b.length;
     this.memory.delete(set);
   }
 

@@ -337,15 +337,26 @@ export class SetWriter implements DeltaSink {
 
   put(block: number, data: Buffer): void {
     assert(data.length === this.blockBytes, 'whole tracking blocks');
+    const r = this.room(1);
+    data.copy(r.buffer, r.offset);
+    this.filled(block, 1);
+  }
+
+  /** Room in the chunk being filled: the engine reads blocks straight into it (no copy). */
+  room(blocks: number): { buffer: Buffer; offset: number; blocks: number } {
     // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
     this.data ??= Buffer.allocUnsafe(this.perChunk * this.blockBytes);
-    data.copy(this.data, this.fill * this.blockBytes);
-    this.fill++;
-    this.blocks++;
-    this.members.set(block);
+    return { buffer: this.data, offset: this.fill * this.blockBytes, blocks: Math.min(blocks, this.perChunk - this.fill) };
+  }
+
+  filled(block: number, count: number): void {
+    assert(this.data !== null && count >= 1 && this.fill + count <= this.perChunk, 'filled within room');
+    this.fill += count;
+    this.blocks += count;
+    this.members.setRange(block, count);
     const last = this.runs[this.runs.length - 1];
-    if (last && last[0] + last[1] === block) last[1]++;
-    else this.runs.push([block, 1]);
+    if (last && last[0] + last[1] === block) last[1] += count;
+    else this.runs.push([block, count]);
     if (this.fill === this.perChunk) this.flushChunk();
   }
 

@@ -17,6 +17,7 @@
 import { crc32c } from '@node-rs/crc32';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
+import { assert } from '../util/assert.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { RoleRecord, UpstreamRecord } from '../recovery/role-record.js';
@@ -273,7 +274,7 @@ export class ReplicaVolume {
         if (!this.state.initialCopy.done) this.copy = { kind: m.kind, totalBytes: m.totalBytes, receivedBytes: 0, startedAtMs: this.platform.clock.now() };
         return;
       case 'init':
-        return this.onInit(link, m, f.data);
+        return this.onInit(link, m, f.parts);
       case 'initDone': {
         await this.settleCopyWrites();
         await this.port.flush();
@@ -291,9 +292,12 @@ export class ReplicaVolume {
       }
       case 'chunk': {
         if (m.set <= this.ackedSet || this.inbound.get(m.set)) return; // a duplicate of something held
-        const data = f.data!;
+        // The data stays in the socket's buffers (views): checked, stored and played from them.
+        const data = f.parts;
+        let dataBytes = 0;
+        for (const d of data) dataBytes += d.length;
         const blocks = m.runs.reduce((n, [, c]) => n + c, 0);
-        if (data.length !== blocks * this.port.blockBytes || chunkChecksum(data, m.set, m.chunk, m.runs) !== m.crc) {
+        if (dataBytes !== blocks * this.port.blockBytes || chunkChecksum(data, m.set, m.chunk, m.runs) !== m.crc) {
           link.send({ t: 'nak', set: m.set, chunk: m.chunk, reason: 'chunk checksum mismatch' });
           return;
         }
@@ -303,7 +307,7 @@ export class ReplicaVolume {
             return;
           }
         }
-        this.bytesReceived += data.length;
+        this.bytesReceived += dataBytes;
         this.inbound.storeChunk(m, data);
         if (this.trailers.has(m.set)) await this.finish(link, m.set);
         return;
@@ -345,7 +349,7 @@ export class ReplicaVolume {
     }
   }
 
-  private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, data: Buffer | null): Promise<void> {
+  private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, data: readonly Buffer[]): Promise<void> {
     if (this.state.initialCopy.done) return; // a late duplicate
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `init range ${m.offsetBytes}+${m.lengthBytes} past the end`);
     // The ranges of a copy never overlap: their writes are issued without waiting for each
@@ -354,12 +358,14 @@ export class ReplicaVolume {
     if (m.zero) {
       w = this.port.playbackZero(m.offsetBytes, m.lengthBytes);
     } else {
-      if (crc32c(data!) !== m.crc) {
+      let crc = 0;
+      for (const d of data) crc = crc32c(d, crc);
+      if (crc >>> 0 !== m.crc >>> 0) {
         // A damaged range: drop the link; the primary resumes from the last durable offset.
         link.close('initial copy checksum mismatch');
         return;
       }
-      w = this.port.playbackWrite(m.offsetBytes, [data!]);
+      w = this.port.playbackWrite(m.offsetBytes, data as Buffer[]); // the socket's buffers, not joined
       this.bytesReceived += m.lengthBytes;
       if (this.copy) this.copy.receivedBytes += m.lengthBytes;
     }
@@ -470,15 +476,16 @@ export class ReplicaVolume {
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
       for (const c of s.chunks) {
-        const data = inbound.chunkData(s.set, c);
-        let at = 0;
+        // The chunk's data as received (socket buffers) or as read back: each run is
+        // written from slices of it, never joined first.
+        const cursor = new PartsCursor(inbound.chunkData(s.set, c));
         const waits: Promise<void>[] = [];
         for (const [b, n] of c.runs) {
           const off = b * bs;
           const len = Math.min(n * bs, size - off);
-          const r = this.port.playbackWrite(off, [data.subarray(at, at + len)]);
+          const r = this.port.playbackWrite(off, cursor.take(len));
+          cursor.skip(n * bs - len);
           if (r) waits.push(r);
-          at += n * bs;
         }
         await Promise.all(waits);
       }
@@ -651,5 +658,44 @@ export class ReplicaVolume {
     await this.queue.catch(() => undefined);
     await this.waitPlaybackIdle();
     this.inbound.close();
+  }
+}
+
+/** Consecutive byte ranges of a list of buffers, as views (a chunk's runs, in order). */
+export class PartsCursor {
+  private i = 0;
+  private at = 0;
+  constructor(private readonly parts: readonly Buffer[]) {}
+
+  /** The next `n` bytes as views of the parts (at least one view, possibly empty). */
+  take(n: number): Buffer[] {
+    const out: Buffer[] = [];
+    while (n > 0) {
+      assert(this.i < this.parts.length, 'PartsCursor: past the end');
+      const p = this.parts[this.i]!;
+      const k = Math.min(n, p.length - this.at);
+      out.push(p.subarray(this.at, this.at + k));
+      this.advance(k);
+      n -= k;
+    }
+    if (out.length === 0) out.push(Buffer.alloc(0));
+    return out;
+  }
+
+  skip(n: number): void {
+    while (n > 0) {
+      assert(this.i < this.parts.length, 'PartsCursor: past the end');
+      const k = Math.min(n, this.parts[this.i]!.length - this.at);
+      this.advance(k);
+      n -= k;
+    }
+  }
+
+  private advance(k: number): void {
+    this.at += k;
+    if (this.at === this.parts[this.i]!.length) {
+      this.i++;
+      this.at = 0;
+    }
   }
 }

@@ -35,6 +35,8 @@ export interface DurableFile {
   /** Reads up to length bytes at position; returns the count (short only at end of file). */
   read(position: number, target: Uint8Array, offset: number, length: number): number;
   write(position: number, source: Uint8Array, offset: number, length: number): void;
+  /** Writes the sources back to back from position, in one system call where it can (optional: else write each). */
+  writev?(position: number, sources: readonly Uint8Array[]): void;
   truncate(sizeBytes: number): void;
   /** Every write that returned before this call is durable when the promise resolves. */
   sync(): Promise<void>;
@@ -74,6 +76,24 @@ class NodeFile implements DurableFile {
   write(position: number, source: Uint8Array, offset: number, length: number): void {
     let done = 0;
     while (done < length) done += fs.writeSync(this.fd, source, offset + done, length - done, position + done);
+  }
+  writev(position: number, sources: readonly Uint8Array[]): void {
+    let total = 0;
+    for (const s of sources) total += s.length;
+    const done = fs.writevSync(this.fd, sources as Uint8Array[], position);
+    if (done === total) return;
+    // A short writev (rare): the rest one source at a time.
+    let skip = done;
+    let at = position + done;
+    for (const s of sources) {
+      if (skip >= s.length) {
+        skip -= s.length;
+        continue;
+      }
+      this.write(at, s, skip, s.length - skip);
+      at += s.length - skip;
+      skip = 0;
+    }
   }
   truncate(sizeBytes: number): void {
     fs.ftruncateSync(this.fd, sizeBytes);
