@@ -5,12 +5,15 @@
 //      whole volume, --norandommap), the same for the first writes after a snapshot,
 //      daemon RSS, bytes of the engine's files on disk, and restart time after a clean
 //      stop and after kill -9 under writes;
-//   2. export count sweep: time of `nbdinfo --list` and `qemu-nbd --list` for N exports.
+//   2. export count sweep: time of `nbdinfo --list` and `qemu-nbd --list` for N exports;
+//   3. snapshot count sweep on a 1 GiB volume: CPU per 4 KiB write with N snapshots
+//      present, and the time to delete the newest snapshot (which saved 256 MiB of
+//      before-images) and a middle one.
 // Each size runs in a fresh daemon on tmpfs. CPU comes from /proc (utime+stime), so it is
 // less sensitive to a busy machine than throughput; the growth column compares each size
 // with the first one of the same run.
 // Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--exports 1,40,100]
-//        [--dir /dev/shm] [--out FILE]
+//        [--snapshots 1,10,100] [--dir /dev/shm] [--out FILE]
 // Markdown to stdout, then one JSON line; progress to stderr.
 import fs from 'node:fs';
 import path from 'node:path';
@@ -20,15 +23,16 @@ import {
 
 const KiB = 1024;
 const MiB = 1024 ** 2;
-const GOALS = { cpuGrowth: 1.5, restartSeconds: 1 };
+const GOALS = { cpuGrowth: 1.5, restartSeconds: 1, snapshotDeleteSeconds: 0.2 };
 
 const HELP = `Usage: scripts/bench scale [options]
 
-  --sizes LIST     volume sizes to sweep (default 1G,1T,4T,16T; K/M/G/T suffixes)
+  --sizes LIST     volume sizes to sweep (default 1G,1T,4T,16T; K/M/G/T suffixes; 0 = skip)
   --writes SIZE    bytes of scattered 4 KiB writes per size (default 64M), and half as much
                    again after a snapshot
   --exports LIST   export counts to list with nbdinfo and qemu-nbd (default 1,40,100; 0 = skip).
                    libnbd 1.14 costs ~0.2 s per export on any server (MSG_MORE on its last send)
+  --snapshots LIST snapshot counts to sweep on a 1 GiB volume (default 1,10,100; 0 = skip)
   --dir DIR        base directory of the daemon's data dir (default /dev/shm)
   --out FILE       also write the JSON result to FILE
   -h, --help       this help
@@ -46,14 +50,15 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], dir: '/dev/shm', out: null };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], dir: '/dev/shm', out: null };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
   switch (a) {
-    case '--sizes': opt.sizes = need().split(',').map(parseSize); break;
+    case '--sizes': opt.sizes = need().split(',').map(parseSize).filter((n) => n > 0); break;
     case '--writes': opt.writesBytes = parseSize(need()); break;
     case '--exports': opt.exports = need().split(',').map(Number).filter((n) => n > 0); break;
+    case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--dir': opt.dir = need(); break;
     case '--out': opt.out = path.resolve(need()); break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
@@ -144,23 +149,59 @@ if (opt.exports.length > 0) {
   await d.stop();
 }
 
+const snapRows = [];
+for (const n of opt.snapshots) {
+  log(`snapshots: ${n}`);
+  const dataDir = path.join(work, `snaps-${n}`);
+  const d = await startDaemon(cli, 'A', work, { dataDir });
+  await createVolume(d, 'vol', 1024 * MiB);
+  await fio('fill', d.uri('vol'), ['--rw=write', '--bs=1M', '--iodepth=8', '--size=1G'], 300_000);
+  for (let i = 0; i < n; i++) {
+    await api(d, 'POST', '/v1/volumes/vol/snapshots', { name: `s${i}` });
+    if (i < n - 1) await fio('between', d.uri('vol'), ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--io_size=1M', '--norandommap', '--randrepeat=0'], 120_000);
+  }
+  // The newest saves the before-images of 256 MiB of scattered writes.
+  const w = await scatteredWrites(d, 256 * MiB, 'after-snapshots');
+  const timeDelete = async (name) => {
+    const t0 = now();
+    await api(d, 'DELETE', `/v1/volumes/vol/snapshots/${name}`);
+    return (now() - t0) / 1000;
+  };
+  const newestS = await timeDelete(`s${n - 1}`);
+  const middleS = n >= 3 ? await timeDelete(`s${Math.floor(n / 2)}`) : null;
+  const rss = rssMiB(d.pid);
+  await d.stop();
+  fs.rmSync(dataDir, { recursive: true, force: true });
+  snapRows.push({ snapshots: n, writeCpuUs: w.cpuUsPerWrite, writeIops: w.iops, deleteNewestS: newestS, deleteMiddleS: middleS, rssMiB: rss });
+}
+
 const first = sizeRows[0];
 const lines = [];
-lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs)`, '');
-lines.push('| volume | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
-lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
-for (const r of sizeRows) {
-  const g = r.writeCpuUs / first.writeCpuUs;
-  const gs = r.snapWriteCpuUs / first.snapWriteCpuUs;
-  lines.push(`| ${fmtSize(r.sizeBytes)} | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
+if (sizeRows.length > 0) {
+  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs)`, '');
+  lines.push('| volume | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
+  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of sizeRows) {
+    const g = r.writeCpuUs / first.writeCpuUs;
+    const gs = r.snapWriteCpuUs / first.snapWriteCpuUs;
+    lines.push(`| ${fmtSize(r.sizeBytes)} | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
+  }
+  lines.push('', `Goals: CPU growth ≤ ${GOALS.cpuGrowth}× the smallest size; restart ≤ ${GOALS.restartSeconds} s plus time proportional to the data written.`);
 }
-lines.push('', `Goals: CPU growth ≤ ${GOALS.cpuGrowth}× the smallest size; restart ≤ ${GOALS.restartSeconds} s plus time proportional to the data written.`);
 if (exportRows.length > 0) {
   lines.push('', '### Export count (listing on one connection)', '', '| exports | nbdinfo --list s | s / export | qemu-nbd --list s | all listed |', '| ---: | ---: | ---: | ---: | --- |');
   for (const r of exportRows) lines.push(`| ${r.exports} | ${f2(r.nbdinfoS)} | ${f2(r.nbdinfoS / r.exports)} | ${f2(r.qemuS)} | ${r.nbdinfoOk && r.qemuOk ? 'yes' : `no (nbdinfo ${r.nbdinfoOk}, qemu-nbd ${r.qemuOk})`} |`);
 }
+if (snapRows.length > 0) {
+  lines.push('', '### Snapshot count (1 GiB volume, 256 MiB of scattered 4 KiB writes after the last snapshot)', '', '| snapshots | CPU µs / write | IOPS | delete newest s | delete a middle one s | RSS MiB |', '| ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of snapRows) {
+    const slow = (x) => (x != null && x > GOALS.snapshotDeleteSeconds ? ' ⚠' : '');
+    lines.push(`| ${r.snapshots} | ${f1(r.writeCpuUs)} | ${Math.round(r.writeIops)} | ${f2(r.deleteNewestS)}${slow(r.deleteNewestS)} | ${f2(r.deleteMiddleS)}${slow(r.deleteMiddleS)} | ${f1(r.rssMiB)} |`);
+  }
+  lines.push('', `Goal: deleting any snapshot ≤ ${GOALS.snapshotDeleteSeconds} s.`);
+}
 console.log(lines.join('\n'));
-const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows };
+const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows, snapshots: snapRows };
 console.log(JSON.stringify(result));
 if (opt.out) fs.writeFileSync(opt.out, JSON.stringify(result, null, 2));
 await cleanupAll();
