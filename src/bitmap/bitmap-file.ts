@@ -39,6 +39,8 @@ const HEADER_BYTES = 4096;
 const bitmapRecordTrailerBytes = 32;
 const RECORD_BYTES = BITMAP_PAGE_BYTES + bitmapRecordTrailerBytes;
 const NO_SLOT = 2;
+/** Pages whose two slots open() reads in one call (128 pages: ~1 MiB). */
+const PAGES_PER_READ = 128;
 assert(BITMAP_PAGE_BYTES % 512 === 0, 'bitmap pages are whole sectors');
 
 function checksum(record: Buffer): number {
@@ -115,32 +117,43 @@ export class BitmapFile {
     const bf = new BitmapFile(file, bitsTotal, slots, 1);
     let generationMax = 0;
     const size = file.sizeBytes();
-    const rec = [Buffer.alloc(RECORD_BYTES), Buffer.alloc(RECORD_BYTES)];
-    for (let p = 0; p < bitmap.pageTotal; p++) {
-      const pos = HEADER_BYTES + 2 * p * RECORD_BYTES;
-      if (pos >= size) break; // the rest was never written
-      let best = NO_SLOT;
-      let bestGen = -1;
-      for (let s = 0; s < 2; s++) {
-        const r = rec[s]!;
-        if (file.read(pos + s * RECORD_BYTES, r, 0, RECORD_BYTES) < RECORD_BYTES) continue;
-        const t = BITMAP_PAGE_BYTES;
-        const good = r.readUInt32LE(t) === PAGE_MAGIC && r.readUInt32LE(t + 4) === p && r.readUInt32LE(t + 16) === checksum(r);
-        if (!good) {
-          if (r.some((byte) => byte !== 0)) bf.garbage.push(pos + s * RECORD_BYTES);
-          continue;
+    // Both slots of PAGES_PER_READ pages per read (~1 MiB): a restart reads the file in big
+    // sequential reads, not two small ones per page slot; holes compare with zeroes natively.
+    const chunk = Buffer.alloc(PAGES_PER_READ * 2 * RECORD_BYTES);
+    const zero = Buffer.alloc(RECORD_BYTES);
+    for (let p0 = 0; p0 < bitmap.pageTotal; p0 += PAGES_PER_READ) {
+      const chunkPos = HEADER_BYTES + 2 * p0 * RECORD_BYTES;
+      if (chunkPos >= size) break; // the rest was never written
+      const got = file.read(chunkPos, chunk, 0, Math.min(chunk.length, size - chunkPos));
+      const pagesHere = Math.min(PAGES_PER_READ, bitmap.pageTotal - p0);
+      for (let i = 0; i < pagesHere; i++) {
+        const p = p0 + i;
+        let best = NO_SLOT;
+        let bestGen = -1;
+        let bestRecord: Buffer | null = null;
+        for (let s = 0; s < 2; s++) {
+          const at = (2 * i + s) * RECORD_BYTES;
+          if (at + RECORD_BYTES > got) continue; // past the end: never written
+          const r = chunk.subarray(at, at + RECORD_BYTES);
+          const t = BITMAP_PAGE_BYTES;
+          const good = r.readUInt32LE(t) === PAGE_MAGIC && r.readUInt32LE(t + 4) === p && r.readUInt32LE(t + 16) === checksum(r);
+          if (!good) {
+            if (!r.equals(zero)) bf.garbage.push(chunkPos + at);
+            continue;
+          }
+          const gen = r.readUInt32LE(t + 8) + r.readUInt32LE(t + 12) * 2 ** 32;
+          if (gen > bestGen) {
+            best = s;
+            bestGen = gen;
+            bestRecord = r;
+          }
         }
-        const gen = r.readUInt32LE(t + 8) + r.readUInt32LE(t + 12) * 2 ** 32;
-        if (gen > bestGen) {
-          best = s;
-          bestGen = gen;
-        }
+        if (best === NO_SLOT) continue;
+        slots[p] = best;
+        generationMax = Math.max(generationMax, bestGen);
+        const r = bestRecord!;
+        bitmap.loadPage(p, new Uint32Array(r.buffer.slice(r.byteOffset, r.byteOffset + BITMAP_PAGE_BYTES)));
       }
-      if (best === NO_SLOT) continue;
-      slots[p] = best;
-      generationMax = Math.max(generationMax, bestGen);
-      const r = rec[best]!;
-      bitmap.loadPage(p, new Uint32Array(r.buffer.slice(r.byteOffset, r.byteOffset + BITMAP_PAGE_BYTES)));
     }
     bitmap.takeDirtyPages();
     bf.generation = generationMax + 1;

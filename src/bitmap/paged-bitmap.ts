@@ -7,6 +7,10 @@
 // States, per bit: 0 (clear) or 1 (set). Per page (BITMAP_PAGE_BITS bits):
 //   absent  - page table entry is null; every bit of the page reads 0; no memory.
 //   present - a Uint32Array of BITMAP_PAGE_WORDS words holding at least one set bit.
+// The page table has two levels: a directory of groups of GROUP_PAGES pages, each group
+// made when a page in it first gets a bit. So making a bitmap, clearing it and every
+// whole-bitmap scan cost in proportion to the groups holding bits, not to the volume's
+// size (a flat table of a 16 TiB volume was 131072 entries, allocated at every checkpoint).
 // Rules (checked by invariants()):
 //   - a page is present ⇔ its count of set bits is > 0 (a page whose last bit is
 //     cleared is released at once, so "cleared" regions cost nothing either);
@@ -33,6 +37,25 @@ const WORD_MASK_IN_PAGE = BITMAP_PAGE_WORDS - 1;
 export const BITMAP_BITS_MAX = 2 ** 32;
 /** Released pages kept for reuse, so a bitmap that fills and empties does not churn the GC. */
 const FREE_PAGES_KEPT_MAX = 8;
+/** Pages per group of the page table's second level (2 MiB of bitmap, 64 GiB of volume at 4 KiB blocks). */
+const GROUP_SHIFT = 9;
+export const BITMAP_GROUP_PAGES = 1 << GROUP_SHIFT;
+const GROUP_PAGES = BITMAP_GROUP_PAGES;
+const GROUP_MASK = GROUP_PAGES - 1;
+
+/** One group of the page table: pages, their counts, and (lazily) their sharing flags. */
+interface PageGroup {
+  readonly pages: (Uint32Array | null)[];
+  readonly counts: Uint32Array;
+  /** Per page: 1 when the page array may also be referenced by another bitmap. */
+  shared: Uint8Array | null;
+  /** Present pages in this group. */
+  present: number;
+}
+
+function newGroup(): PageGroup {
+  return { pages: new Array<Uint32Array | null>(GROUP_PAGES).fill(null), counts: new Uint32Array(GROUP_PAGES), shared: null, present: 0 };
+}
 
 assert(1 << PAGE_SHIFT === BITMAP_PAGE_BITS, 'page shift matches page size');
 
@@ -67,15 +90,15 @@ export interface ReadonlyBitmap {
 export class PagedBitmap implements ReadonlyBitmap {
   private bits: number;
   private pageCount: number;
-  private readonly pages: (Uint32Array | null)[];
-  private pageCounts: Uint32Array;
+  /** First level of the page table: null where no page of the group was ever set. */
+  private readonly groups: (PageGroup | null)[];
   private setCount = 0;
   private pagesPresent = 0;
+  /** Pages that may be shared with another bitmap (0: skip every sharing check). */
+  private sharedPages = 0;
   private readonly freePages: Uint32Array[] = [];
   /** Dirty tracking (persistence): a flag per page and the list of flagged pages. */
   private dirtyFlags: Uint8Array | null;
-  /** Per page: 1 when the page array may also be referenced by another bitmap. */
-  private shared: Uint8Array | null = null;
   private dirtyList: Uint32Array | null;
   private dirtyCount = 0;
 
@@ -83,8 +106,8 @@ export class PagedBitmap implements ReadonlyBitmap {
     assert(Number.isInteger(bitsTotal) && bitsTotal >= 0 && bitsTotal <= BITMAP_BITS_MAX, `bitmap size ${bitsTotal} out of range`);
     this.bits = bitsTotal;
     this.pageCount = Math.ceil(bitsTotal / BITMAP_PAGE_BITS);
-    this.pages = new Array<Uint32Array | null>(this.pageTotal).fill(null);
-    this.pageCounts = new Uint32Array(this.pageTotal);
+    this.groups = new Array<PageGroup | null>(Math.ceil(this.pageCount / GROUP_PAGES)).fill(null);
+    // Persistent bitmaps only (made once per open): one byte per page.
     this.dirtyFlags = options.trackDirty ? new Uint8Array(this.pageTotal) : null;
     this.dirtyList = options.trackDirty ? new Uint32Array(Math.min(this.pageTotal, 64)) : null;
   }
@@ -102,19 +125,12 @@ export class PagedBitmap implements ReadonlyBitmap {
     assert(Number.isInteger(bitsTotal) && bitsTotal >= this.bits && bitsTotal <= BITMAP_BITS_MAX, `cannot grow a bitmap of ${this.bits} to ${bitsTotal}`);
     const pages = Math.ceil(bitsTotal / BITMAP_PAGE_BITS);
     if (pages > this.pageCount) {
-      for (let p = this.pageCount; p < pages; p++) this.pages.push(null);
-      const counts = new Uint32Array(pages);
-      counts.set(this.pageCounts);
-      this.pageCounts = counts;
+      const groups = Math.ceil(pages / GROUP_PAGES);
+      while (this.groups.length < groups) this.groups.push(null);
       if (this.dirtyFlags !== null) {
         const flags = new Uint8Array(pages);
         flags.set(this.dirtyFlags);
         this.dirtyFlags = flags;
-      }
-      if (this.shared !== null) {
-        const flags = new Uint8Array(pages);
-        flags.set(this.shared);
-        this.shared = flags;
       }
       this.pageCount = pages;
     }
@@ -124,8 +140,11 @@ export class PagedBitmap implements ReadonlyBitmap {
   // ---- single bits (the write path) ----
 
   test(bit: number): boolean {
-    const page = this.pages[bit >>> PAGE_SHIFT];
-    if (page === null || page === undefined) return false;
+    const p = bit >>> PAGE_SHIFT;
+    const g = this.groups[p >>> GROUP_SHIFT];
+    if (g === null || g === undefined) return false;
+    const page = g.pages[p & GROUP_MASK]!;
+    if (page === null) return false;
     return (page[(bit >>> 5) & WORD_MASK_IN_PAGE]! & (1 << (bit & 31))) !== 0;
   }
 
@@ -133,15 +152,17 @@ export class PagedBitmap implements ReadonlyBitmap {
   set(bit: number): boolean {
     if (!(bit >= 0 && bit < this.bitsTotal)) throw new AssertionError(`bit ${bit} outside bitmap of ${this.bitsTotal}`);
     const p = bit >>> PAGE_SHIFT;
-    let page = this.pages[p]!;
-    if (page === null) page = this.allocPage(p);
+    const g = this.groups[p >>> GROUP_SHIFT] ?? this.allocGroup(p);
+    const i = p & GROUP_MASK;
+    let page = g.pages[i]!;
+    if (page === null) page = this.allocPage(g, p);
     const w = (bit >>> 5) & WORD_MASK_IN_PAGE;
     const mask = 1 << (bit & 31);
     const old = page[w]!;
     if ((old & mask) !== 0) return false;
-    if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
+    if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) page = this.own(g, i);
     page[w] = old | mask;
-    this.pageCounts[p]!++;
+    g.counts[i]!++;
     this.setCount++;
     if (this.dirtyFlags !== null) this.markDirty(p);
     return true;
@@ -151,17 +172,20 @@ export class PagedBitmap implements ReadonlyBitmap {
   clear(bit: number): boolean {
     if (!(bit >= 0 && bit < this.bitsTotal)) throw new AssertionError(`bit ${bit} outside bitmap of ${this.bitsTotal}`);
     const p = bit >>> PAGE_SHIFT;
-    let page = this.pages[p]!;
+    const g = this.groups[p >>> GROUP_SHIFT];
+    if (g === null || g === undefined) return false;
+    const i = p & GROUP_MASK;
+    let page = g.pages[i]!;
     if (page === null) return false;
     const w = (bit >>> 5) & WORD_MASK_IN_PAGE;
     const mask = 1 << (bit & 31);
     const old = page[w]!;
     if ((old & mask) === 0) return false;
-    if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
+    if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) page = this.own(g, i);
     page[w] = old & ~mask;
     this.setCount--;
     if (this.dirtyFlags !== null) this.markDirty(p);
-    if (--this.pageCounts[p]! === 0) this.releasePage(p);
+    if (--g.counts[i]! === 0) this.releasePage(g, p);
     return true;
   }
 
@@ -170,14 +194,16 @@ export class PagedBitmap implements ReadonlyBitmap {
   setRange(start: number, count: number): void {
     this.checkRange(start, count);
     this.forWordSpans(start, count, (p, w, mask) => {
-      let page = this.pages[p]!;
-      if (page === null) page = this.allocPage(p);
+      const g = this.groups[p >>> GROUP_SHIFT] ?? this.allocGroup(p);
+      const i = p & GROUP_MASK;
+      let page = g.pages[i]!;
+      if (page === null) page = this.allocPage(g, p);
       const old = page[w]!;
       const added = popcount32(mask & ~old);
       if (added === 0) return;
-      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
+      if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) page = this.own(g, i);
       page[w] = (old | mask) >>> 0;
-      this.pageCounts[p]! += added;
+      g.counts[i]! += added;
       this.setCount += added;
       if (this.dirtyFlags !== null) this.markDirty(p);
     });
@@ -186,17 +212,20 @@ export class PagedBitmap implements ReadonlyBitmap {
   clearRange(start: number, count: number): void {
     this.checkRange(start, count);
     this.forWordSpans(start, count, (p, w, mask) => {
-      let page = this.pages[p]!;
+      const g = this.groups[p >>> GROUP_SHIFT];
+      if (g === null || g === undefined) return;
+      const i = p & GROUP_MASK;
+      let page = g.pages[i]!;
       if (page === null) return;
       const old = page[w]!;
       const removed = popcount32(mask & old);
       if (removed === 0) return;
-      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
+      if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) page = this.own(g, i);
       page[w] = (old & ~mask) >>> 0;
       this.setCount -= removed;
       if (this.dirtyFlags !== null) this.markDirty(p);
-      this.pageCounts[p]! -= removed;
-      if (this.pageCounts[p] === 0) this.releasePage(p);
+      g.counts[i]! -= removed;
+      if (g.counts[i] === 0) this.releasePage(g, p);
     });
   }
 
@@ -205,7 +234,7 @@ export class PagedBitmap implements ReadonlyBitmap {
     this.checkRange(start, count);
     let n = 0;
     this.forWordSpans(start, count, (p, w, mask) => {
-      const page = this.pages[p]!;
+      const page = this.pageOrNull(p);
       if (page !== null) n += popcount32(page[w]! & mask);
     });
     return n;
@@ -230,29 +259,46 @@ export class PagedBitmap implements ReadonlyBitmap {
     }
   }
 
+  private pageOrNull(p: number): Uint32Array | null {
+    const g = this.groups[p >>> GROUP_SHIFT];
+    if (g === null || g === undefined) return null;
+    return g.pages[p & GROUP_MASK]!;
+  }
+
   // ---- scanning, in block order ----
 
   count(): number {
     return this.setCount;
   }
 
-  /** The first set bit at or after `from`, or -1. Skips absent pages whole. */
+  /** The first set bit at or after `from`, or -1. Skips absent groups and pages whole. */
   nextSet(from: number): number {
     if (from < 0) from = 0;
     if (from >= this.bitsTotal) return -1;
     let p = from >>> PAGE_SHIFT;
     let w = (from >>> 5) & WORD_MASK_IN_PAGE;
     let skipMask = ~(((1 << (from & 31)) - 1) >>> 0); // bits below `from` in its word are ignored
-    for (; p < this.pageTotal; p++, w = 0, skipMask = -1) {
-      const page = this.pages[p]!;
-      if (page === null) continue;
-      for (; w < BITMAP_PAGE_WORDS; w++, skipMask = -1) {
-        const word = page[w]! & skipMask;
-        if (word !== 0) {
-          const bit = p * BITMAP_PAGE_BITS + w * 32 + lowestBit(word);
-          return bit < this.bitsTotal ? bit : -1;
+    while (p < this.pageTotal) {
+      const g = this.groups[p >>> GROUP_SHIFT]!;
+      if (g === null || g.present === 0) {
+        p = ((p >>> GROUP_SHIFT) + 1) << GROUP_SHIFT;
+        w = 0;
+        skipMask = -1;
+        continue;
+      }
+      const page = g.pages[p & GROUP_MASK]!;
+      if (page !== null) {
+        for (; w < BITMAP_PAGE_WORDS; w++, skipMask = -1) {
+          const word = page[w]! & skipMask;
+          if (word !== 0) {
+            const bit = p * BITMAP_PAGE_BITS + w * 32 + lowestBit(word);
+            return bit < this.bitsTotal ? bit : -1;
+          }
         }
       }
+      p++;
+      w = 0;
+      skipMask = -1;
     }
     return -1;
   }
@@ -265,7 +311,7 @@ export class PagedBitmap implements ReadonlyBitmap {
     let w = (from >>> 5) & WORD_MASK_IN_PAGE;
     let forceMask = ((1 << (from & 31)) - 1) >>> 0; // bits below `from` count as set
     for (; p < this.pageTotal; p++, w = 0, forceMask = 0) {
-      const page = this.pages[p]!;
+      const page = this.pageOrNull(p);
       if (page === null) return Math.max(from, p * BITMAP_PAGE_BITS);
       for (; w < BITMAP_PAGE_WORDS; w++, forceMask = 0) {
         const word = ~(page[w]! | forceMask);
@@ -292,27 +338,47 @@ export class PagedBitmap implements ReadonlyBitmap {
     return out;
   }
 
+  /** Visits every present page in order; O(groups + present pages), not O(volume size). */
+  forEachPage(visit: (p: number, page: Readonly<Uint32Array>) => void): void {
+    for (let gi = 0; gi < this.groups.length; gi++) {
+      const g = this.groups[gi]!;
+      if (g === null || g.present === 0) continue;
+      const base = gi << GROUP_SHIFT;
+      for (let i = 0; i < GROUP_PAGES; i++) {
+        const page = g.pages[i]!;
+        if (page !== null) visit(base + i, page);
+      }
+    }
+  }
+
+  /** Indexes of the present pages, in order. */
+  presentPages(): number[] {
+    const out: number[] = [];
+    this.forEachPage((p) => out.push(p));
+    return out;
+  }
+
   // ---- whole-bitmap operations (cuts, merges, snapshots) ----
 
   /** this |= other. Sizes may differ: bits past this bitmap's end must be clear in other. */
   union(other: PagedBitmap): void {
-    const pagesN = Math.min(this.pageTotal, other.pageTotal);
-    for (let p = 0; p < other.pageTotal; p++) {
-      const src = other.pages[p]!;
-      if (src === null) continue;
-      assert(p < pagesN, 'union: other has bits past this bitmap');
-      let dst = this.pages[p]!;
+    other.forEachPage((p, src) => {
+      assert(p < this.pageTotal, 'union: other has bits past this bitmap');
+      const g = this.groups[p >>> GROUP_SHIFT] ?? this.allocGroup(p);
+      const i = p & GROUP_MASK;
+      let dst = g.pages[i]!;
+      const srcCount = other.groups[p >>> GROUP_SHIFT]!.counts[i]!;
       if (dst === null) {
-        dst = this.allocPage(p);
+        dst = this.allocPage(g, p);
         dst.set(src);
-        this.pageCounts[p] = other.pageCounts[p]!;
-        this.setCount += other.pageCounts[p]!;
+        g.counts[i] = srcCount;
+        this.setCount += srcCount;
         if (this.dirtyFlags !== null) this.markDirty(p);
-        continue;
+        return;
       }
       let n = 0;
       let changed = false;
-      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
+      if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) dst = this.own(g, i);
       for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
         const v = (dst[w]! | src[w]!) >>> 0;
         if (v !== dst[w]) {
@@ -322,21 +388,23 @@ export class PagedBitmap implements ReadonlyBitmap {
         n += popcount32(v);
       }
       if (changed) {
-        this.setCount += n - this.pageCounts[p]!;
-        this.pageCounts[p] = n;
+        this.setCount += n - g.counts[i]!;
+        g.counts[i] = n;
         if (this.dirtyFlags !== null) this.markDirty(p);
       }
-    }
+    });
   }
 
   /** this &= ~other. */
   difference(other: PagedBitmap): void {
-    const pagesN = Math.min(this.pageTotal, other.pageTotal);
-    for (let p = 0; p < pagesN; p++) {
-      const src = other.pages[p]!;
-      let dst = this.pages[p]!;
-      if (src === null || dst === null) continue;
-      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
+    other.forEachPage((p, src) => {
+      if (p >= this.pageTotal) return;
+      const g = this.groups[p >>> GROUP_SHIFT]!;
+      if (g === null) return;
+      const i = p & GROUP_MASK;
+      let dst = g.pages[i]!;
+      if (dst === null) return;
+      if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) dst = this.own(g, i);
       let n = 0;
       let changed = false;
       for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
@@ -347,21 +415,22 @@ export class PagedBitmap implements ReadonlyBitmap {
         }
         n += popcount32(v);
       }
-      if (!changed) continue;
-      this.setCount += n - this.pageCounts[p]!;
-      this.pageCounts[p] = n;
+      if (!changed) return;
+      this.setCount += n - g.counts[i]!;
+      g.counts[i] = n;
       if (this.dirtyFlags !== null) this.markDirty(p);
-      if (n === 0) this.releasePage(p);
-    }
+      if (n === 0) this.releasePage(g, p);
+    });
   }
 
   /** this &= other. */
   intersect(other: PagedBitmap): void {
-    for (let p = 0; p < this.pageTotal; p++) {
-      let dst = this.pages[p]!;
-      if (dst === null) continue;
-      if (this.shared !== null && this.shared[p] !== 0) dst = this.own(p);
-      const src = p < other.pageTotal ? other.pages[p]! : null;
+    for (const p of this.presentPages()) {
+      const g = this.groups[p >>> GROUP_SHIFT]!;
+      const i = p & GROUP_MASK;
+      let dst = g.pages[i]!;
+      if (this.sharedPages !== 0 && g.shared !== null && g.shared[i] !== 0) dst = this.own(g, i);
+      const src = p < other.pageTotal ? other.pageOrNull(p) : null;
       let n = 0;
       if (src !== null) {
         for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
@@ -370,24 +439,25 @@ export class PagedBitmap implements ReadonlyBitmap {
           n += popcount32(v);
         }
       }
-      if (n === this.pageCounts[p]) continue;
-      this.setCount += n - this.pageCounts[p]!;
-      this.pageCounts[p] = n;
+      if (n === g.counts[i]) continue;
+      this.setCount += n - g.counts[i]!;
+      g.counts[i] = n;
       if (this.dirtyFlags !== null) this.markDirty(p);
-      if (n === 0) this.releasePage(p);
+      if (n === 0) this.releasePage(g, p);
     }
   }
 
   clone(options: { trackDirty?: boolean } = {}): PagedBitmap {
     const c = new PagedBitmap(this.bitsTotal, options);
-    for (let p = 0; p < this.pageTotal; p++) {
-      const src = this.pages[p]!;
-      if (src === null) continue;
-      c.pages[p] = src.slice();
-      c.pageCounts[p] = this.pageCounts[p]!;
+    this.forEachPage((p, src) => {
+      const g = c.groups[p >>> GROUP_SHIFT] ?? c.allocGroup(p);
+      const i = p & GROUP_MASK;
+      g.pages[i] = src.slice();
+      g.counts[i] = this.groups[p >>> GROUP_SHIFT]!.counts[i]!;
+      g.present++;
       c.pagesPresent++;
       if (c.dirtyFlags !== null) c.markDirty(p);
-    }
+    });
     c.setCount = this.setCount;
     return c;
   }
@@ -399,54 +469,67 @@ export class PagedBitmap implements ReadonlyBitmap {
    */
   shareClone(options: { trackDirty?: boolean } = {}): PagedBitmap {
     const c = new PagedBitmap(this.bitsTotal, options);
-    if (this.shared === null) this.shared = new Uint8Array(this.pageCount);
-    c.shared = new Uint8Array(this.pageCount);
-    for (let p = 0; p < this.pageCount; p++) {
-      const page = this.pages[p]!;
-      if (page === null) continue;
-      c.pages[p] = page;
-      c.pageCounts[p] = this.pageCounts[p]!;
+    this.forEachPage((p, page) => {
+      const mine = this.groups[p >>> GROUP_SHIFT]!;
+      const theirs = c.groups[p >>> GROUP_SHIFT] ?? c.allocGroup(p);
+      const i = p & GROUP_MASK;
+      theirs.pages[i] = page as Uint32Array;
+      theirs.counts[i] = mine.counts[i]!;
+      theirs.present++;
       c.pagesPresent++;
-      this.shared[p] = 1;
-      c.shared[p] = 1;
+      mine.shared ??= new Uint8Array(GROUP_PAGES);
+      theirs.shared ??= new Uint8Array(GROUP_PAGES);
+      if (mine.shared[i] === 0) this.sharedPages++;
+      mine.shared[i] = 1;
+      theirs.shared[i] = 1;
+      c.sharedPages++;
       if (c.dirtyFlags !== null) c.markDirty(p);
-    }
+    });
     c.setCount = this.setCount;
     return c;
   }
 
-  /** Makes page p this bitmap's own (copying it if it may be shared) before a change. */
-  private own(p: number): Uint32Array {
-    const page = this.pages[p]!;
-    this.shared![p] = 0;
+  /** Makes page i of group g this bitmap's own (copying it, as it may be shared) before a change. */
+  private own(g: PageGroup, i: number): Uint32Array {
+    const page = g.pages[i]!;
+    g.shared![i] = 0;
+    this.sharedPages--;
     const copy = this.freePages.pop() ?? new Uint32Array(BITMAP_PAGE_WORDS);
     copy.set(page);
-    this.pages[p] = copy;
+    g.pages[i] = copy;
     return copy;
   }
 
   clearAll(): void {
-    for (let p = 0; p < this.pageTotal; p++) {
-      if (this.pages[p] === null) continue;
+    for (const p of this.presentPages()) {
+      const g = this.groups[p >>> GROUP_SHIFT]!;
       if (this.dirtyFlags !== null) this.markDirty(p);
-      this.pageCounts[p] = 0;
-      this.releasePage(p);
+      g.counts[p & GROUP_MASK] = 0;
+      this.releasePage(g, p);
     }
+    // Groups go too, unless a dirty flag still points into them (they are cheap to keep).
+    if (this.dirtyFlags === null) this.groups.fill(null);
     this.setCount = 0;
   }
 
   equals(other: PagedBitmap): boolean {
-    if (this.bitsTotal !== other.bitsTotal || this.setCount !== other.setCount) return false;
-    for (let p = 0; p < this.pageTotal; p++) {
-      const a = this.pages[p]!;
-      const b = other.pages[p]!;
-      if (a === null || b === null) {
-        if (a !== b) return false;
-        continue;
+    if (this.bitsTotal !== other.bitsTotal || this.setCount !== other.setCount || this.pagesPresent !== other.pagesPresent) return false;
+    let same = true;
+    this.forEachPage((p, a) => {
+      if (!same) return;
+      const b = other.pageOrNull(p);
+      if (b === null) {
+        same = false;
+        return;
       }
-      for (let w = 0; w < BITMAP_PAGE_WORDS; w++) if (a[w] !== b[w]) return false;
-    }
-    return true;
+      for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
+        if (a[w] !== b[w]) {
+          same = false;
+          return;
+        }
+      }
+    });
+    return same;
   }
 
   // ---- memory ----
@@ -460,22 +543,22 @@ export class PagedBitmap implements ReadonlyBitmap {
    * (a page shared with another bitmap counts in each; see ownBytesUsed()).
    */
   bytesUsed(): number {
-    const tableBytes = this.pageTotal * (8 + 4) + (this.dirtyFlags ? this.pageTotal + this.dirtyList!.byteLength : 0);
+    let groupsMade = 0;
+    for (const g of this.groups) if (g !== null) groupsMade++;
+    const tableBytes = this.groups.length * 8 + groupsMade * GROUP_PAGES * (8 + 4 + 1) + (this.dirtyFlags ? this.pageTotal + this.dirtyList!.byteLength : 0);
     return (this.pagesPresent + this.freePages.length) * BITMAP_PAGE_BYTES + tableBytes;
   }
 
   /** Like bytesUsed(), but pages shared with another bitmap are not counted. */
   ownBytesUsed(): number {
-    let shared = 0;
-    if (this.shared !== null) for (let p = 0; p < this.pageCount; p++) shared += this.shared[p]!;
-    return this.bytesUsed() - shared * BITMAP_PAGE_BYTES;
+    return this.bytesUsed() - this.sharedPages * BITMAP_PAGE_BYTES;
   }
 
   // ---- pages, for persistence ----
 
   /** The live page (do not modify), or null when absent. */
   page(p: number): Readonly<Uint32Array> | null {
-    return this.pages[p]!;
+    return this.pageOrNull(p);
   }
 
   /** Replaces page p with `words` (all-zero words make it absent). Used when loading. */
@@ -487,17 +570,19 @@ export class PagedBitmap implements ReadonlyBitmap {
       const lastBit = this.bitsTotal - p * BITMAP_PAGE_BITS; // bits past the end must be clear
       for (let b = lastBit; b < BITMAP_PAGE_BITS; b++) assert((words[b >>> 5]! & (1 << (b & 31))) === 0, 'loadPage: bit past end');
     }
-    const old = this.pageCounts[p]!;
+    const g = this.groups[p >>> GROUP_SHIFT] ?? (n === 0 ? null : this.allocGroup(p));
+    const i = p & GROUP_MASK;
+    const old = g === null ? 0 : g.counts[i]!;
     if (n === 0) {
-      if (this.pages[p] !== null) {
-        this.pageCounts[p] = 0;
-        this.releasePage(p);
+      if (g !== null && g.pages[i] !== null) {
+        g.counts[i] = 0;
+        this.releasePage(g, p);
       }
     } else {
-      let page = this.pages[p] ?? this.allocPage(p);
-      if (this.shared !== null && this.shared[p] !== 0) page = this.own(p);
+      let page = g!.pages[i] ?? this.allocPage(g!, p);
+      if (g!.shared !== null && g!.shared[i] !== 0) page = this.own(g!, i);
       page.set(words);
-      this.pageCounts[p] = n;
+      g!.counts[i] = n;
     }
     this.setCount += n - old;
     if (this.dirtyFlags !== null) this.markDirty(p);
@@ -529,19 +614,29 @@ export class PagedBitmap implements ReadonlyBitmap {
     this.dirtyList![this.dirtyCount++] = p;
   }
 
-  private allocPage(p: number): Uint32Array {
+  private allocGroup(p: number): PageGroup {
+    const g = newGroup();
+    this.groups[p >>> GROUP_SHIFT] = g;
+    return g;
+  }
+
+  private allocPage(g: PageGroup, p: number): Uint32Array {
     const page = this.freePages.pop() ?? new Uint32Array(BITMAP_PAGE_WORDS);
-    this.pages[p] = page;
+    g.pages[p & GROUP_MASK] = page;
+    g.present++;
     this.pagesPresent++;
     return page;
   }
 
-  private releasePage(p: number): void {
-    const page = this.pages[p]!;
-    this.pages[p] = null;
+  private releasePage(g: PageGroup, p: number): void {
+    const i = p & GROUP_MASK;
+    const page = g.pages[i]!;
+    g.pages[i] = null;
+    g.present--;
     this.pagesPresent--;
-    if (this.shared !== null && this.shared[p] !== 0) {
-      this.shared[p] = 0; // another bitmap still reads it: never recycle
+    if (g.shared !== null && g.shared[i] !== 0) {
+      g.shared[i] = 0; // another bitmap still reads it: never recycle
+      this.sharedPages--;
       return;
     }
     if (this.freePages.length < FREE_PAGES_KEPT_MAX) {
@@ -550,27 +645,43 @@ export class PagedBitmap implements ReadonlyBitmap {
     }
   }
 
-  /** Checks every rule in the header comment; O(present pages). Tests call it after each step. */
+  /** Checks every rule in the header comment; O(groups + present pages). Tests call it after each step. */
   invariants(): void {
     let total = 0;
     let present = 0;
-    for (let p = 0; p < this.pageTotal; p++) {
-      const page = this.pages[p]!;
-      if (page === null) {
-        assert(this.pageCounts[p] === 0, `absent page ${p} has count ${this.pageCounts[p]}`);
-        continue;
+    let shared = 0;
+    assert(this.groups.length === Math.ceil(this.pageTotal / GROUP_PAGES), 'group count matches page count');
+    for (let gi = 0; gi < this.groups.length; gi++) {
+      const g = this.groups[gi]!;
+      if (g === null) continue;
+      let inGroup = 0;
+      for (let i = 0; i < GROUP_PAGES; i++) {
+        const p = (gi << GROUP_SHIFT) + i;
+        const page = g.pages[i]!;
+        if (g.shared !== null && g.shared[i] !== 0) {
+          assert(page !== null, `absent page ${p} flagged shared`);
+          shared++;
+        }
+        if (page === null) {
+          assert(g.counts[i] === 0, `absent page ${p} has count ${g.counts[i]}`);
+          continue;
+        }
+        assert(p < this.pageTotal, `page ${p} past the end`);
+        inGroup++;
+        let n = 0;
+        for (let w = 0; w < BITMAP_PAGE_WORDS; w++) n += popcount32(page[w]!);
+        assert(n > 0, `present page ${p} is empty`);
+        assert(n === g.counts[i], `page ${p} count ${g.counts[i]} ≠ popcount ${n}`);
+        total += n;
       }
-      present++;
-      let n = 0;
-      for (let w = 0; w < BITMAP_PAGE_WORDS; w++) n += popcount32(page[w]!);
-      assert(n > 0, `present page ${p} is empty`);
-      assert(n === this.pageCounts[p], `page ${p} count ${this.pageCounts[p]} ≠ popcount ${n}`);
-      total += n;
+      assert(inGroup === g.present, `group ${gi} present count`);
+      present += inGroup;
     }
     assert(present === this.pagesPresent, 'present page count');
+    assert(shared === this.sharedPages, `shared page count ${this.sharedPages} ≠ ${shared}`);
     assert(total === this.setCount, `set count ${this.setCount} ≠ ${total}`);
     if (this.pageTotal > 0) {
-      const last = this.pages[this.pageTotal - 1];
+      const last = this.pageOrNull(this.pageTotal - 1);
       if (last) {
         for (let b = this.bitsTotal - (this.pageTotal - 1) * BITMAP_PAGE_BITS; b < BITMAP_PAGE_BITS; b++) {
           assert((last[b >>> 5]! & (1 << (b & 31))) === 0, 'bit set past the end');

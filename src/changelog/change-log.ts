@@ -143,7 +143,7 @@ export class ChangeLog {
   discardAll(): void {
     assert(this.frozenMap === null, 'discard while building a delta set');
     const old = this.activeMap;
-    for (let p = 0; p < old.pageTotal; p++) if (old.page(p) !== null) this.extraDirty.set(p);
+    old.forEachPage((p) => this.extraDirty.set(p));
     this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
   }
 
@@ -152,7 +152,7 @@ export class ChangeLog {
     assert(this.frozenMap !== null && this.uncopiedMap !== null, 'complete while idle');
     assert(this.uncopiedMap.count() === 0, 'complete before every block was copied');
     const frozen = this.frozenMap;
-    for (let p = 0; p < frozen.pageTotal; p++) if (frozen.page(p) !== null) this.extraDirty.set(p);
+    frozen.forEachPage((p) => this.extraDirty.set(p));
     for (const p of frozen.takeDirtyPages()) this.extraDirty.set(p);
     this.frozenMap = null;
     this.uncopiedMap = null;

@@ -300,6 +300,8 @@ export class Daemon {
       readOnlySetting: v.readOnlySetting,
       writes: access.mode === 'open' ? 'open' : access.mode === 'hold' ? `held: ${access.reason}` : `refused: ${access.reason}`,
       allocatedBytes: v.allocatedBytes(),
+      // Deleting a snapshot moves no data: one that older snapshots read through stays, hidden, until they go.
+      deletedSnapshotsKept: v.deletedSnapshotsKept(),
       connections: v.users,
       isDefaultExport: v.name === this.defaultExport,
     };

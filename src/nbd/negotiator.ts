@@ -13,6 +13,7 @@ import {
   blockSizePreferredBytes,
   handshakeOptionBytesMax,
   handshakeOptionsMax,
+  handshakeOptionsPerExportMax,
   nbdStringBytesMax,
   requestPayloadBytesMax,
 } from '../util/limits.js';
@@ -72,6 +73,8 @@ export class Negotiator {
   private noZeroes = false;
   private structured = false;
   private optionsSeen = 0;
+  /** Options allowed on this connection; grows with the catalog (see handshakeOptionsPerExportMax). */
+  private optionsAllowed = handshakeOptionsMax;
   private option = 0;
   private optionLength = 0;
   private discardLeft = 0;
@@ -84,6 +87,11 @@ export class Negotiator {
     private readonly catalog: ExportCatalog,
     private readonly tlsMode: TlsMode = 'off',
   ) {}
+
+  /** Options received so far (the connection restarts its handshake timer when this grows). */
+  get optionsReceived(): number {
+    return this.optionsSeen;
+  }
 
   /** Whether TLS was started on this session. */
   get tlsActive(): boolean {
@@ -155,8 +163,12 @@ export class Negotiator {
           if (h.readBigUInt64BE(0) !== C.IHAVEOPT) return this.close('bad option magic');
           this.option = h.readUInt32BE(8);
           this.optionLength = h.readUInt32BE(12);
-          if (++this.optionsSeen > handshakeOptionsMax) {
-            return this.close(`more than ${handshakeOptionsMax} options`);
+          if (++this.optionsSeen > this.optionsAllowed) {
+            // Sized lazily: only a client past the base cap pays for counting the catalog.
+            this.optionsAllowed = handshakeOptionsMax + handshakeOptionsPerExportMax * this.catalog.list().length;
+            if (this.optionsSeen > this.optionsAllowed) {
+              return this.close(`more than ${this.optionsAllowed} options (${handshakeOptionsMax} + ${handshakeOptionsPerExportMax} per export)`);
+            }
           }
           if (this.optionLength > handshakeOptionBytesMax) {
             if (!this.fixedNewstyle || this.option === C.OPT_EXPORT_NAME) {

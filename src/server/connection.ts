@@ -174,8 +174,11 @@ export class Connection {
   }
 
   private handshakeData(chunk: Buffer): void {
+    const optionsBefore = this.negotiator.optionsReceived;
     const result = this.negotiator.push(chunk);
     const out = this.negotiator.drainOutput();
+    // Progress restarts the handshake timer: a listing of many exports may take minutes.
+    if (this.negotiator.optionsReceived !== optionsBefore) this.handshakeTimer?.refresh();
     if (result.kind === 'starttls') {
       this.startTls(out);
       return;

@@ -12,9 +12,15 @@
 //   Only the tail is written: a write (or trim) of b with meta_T[b] ∧ ¬saved_T[b] saves b
 //   into T first (FIG. 41). Older snapshots never need a copy: if ¬saved_N[b] and
 //   meta_N[b], b did not change between N and N+1, so N reads b as N+1 does (FIG. 27).
-// Deleting N (or N becoming invalid when its save area fills) moves to its older
-// neighbour P every before-image P still needs (meta_P[b] ∧ ¬saved_P[b]); then N leaves
-// the chain. An invalid snapshot stays listed (status) but is skipped by every read.
+// N becoming invalid when its save area fills moves to its older neighbour P every
+// before-image P still needs (meta_P[b] ∧ ¬saved_P[b]); then N leaves the chain. An
+// invalid snapshot stays listed (status) but is skipped by every read.
+// Deleting N costs no copy: N is hidden (not listed, not found by name, its name free
+// again) but stays in the chain, so every older snapshot reads through it exactly as
+// before, and as the tail it goes on receiving before-images. A hidden snapshot leaves
+// for good once no visible valid snapshot is older than it (nothing reads through it
+// then), or is merged into its older neighbour as above when the queue is full. So
+// deleting any snapshot, the newest included, is one manifest write, whatever it saved.
 //
 // Files, per volume directory: snapshots.json (the queue, replaced atomically: a snapshot
 // exists once listed there), snap-ID.meta (its meta bitmap, bitmap-file.ts format),
@@ -54,6 +60,8 @@ interface ManifestEntry {
   sizeBytes: number;
   deltaSetNumber: number;
   valid: boolean;
+  /** Deleted by the user but still read through by older snapshots (absent = false). */
+  hidden?: boolean;
 }
 
 export interface Snapshot {
@@ -63,6 +71,8 @@ export interface Snapshot {
   readonly sizeBytes: number;
   deltaSetNumber: number;
   valid: boolean;
+  /** Deleted: kept only because older snapshots read through its save area. */
+  hidden: boolean;
   meta: PagedBitmap;
   area: SaveArea | null;
 }
@@ -115,9 +125,10 @@ export class SnapshotQueue {
         area = await SaveArea.open(fsys, saveFileName(e.id), e.id, blockBytes, blocksTotal, saveAreaBytesMax);
       }
       if (!Number.isSafeInteger(e.sizeBytes)) throw new DeltavolError('METADATA_CORRUPT', `${MANIFEST}: snapshot ${e.name} has no size`);
-      q.queue.push({ id: e.id, name: e.name, createdAt: e.createdAt, sizeBytes: e.sizeBytes, deltaSetNumber: e.deltaSetNumber, valid: e.valid, meta, area });
+      q.queue.push({ id: e.id, name: e.name, createdAt: e.createdAt, sizeBytes: e.sizeBytes, deltaSetNumber: e.deltaSetNumber, valid: e.valid, hidden: e.hidden === true, meta, area });
     }
     q.refreshTail();
+    q.commit(); // drops hidden snapshots nothing reads through (none, unless an older version left them)
     return q;
   }
 
@@ -135,7 +146,7 @@ export class SnapshotQueue {
     const m = {
       formatVersion: FORMAT_VERSION,
       nextId: this.nextId,
-      snapshots: this.queue.map((s) => ({ id: s.id, name: s.name, createdAt: s.createdAt, sizeBytes: s.sizeBytes, deltaSetNumber: s.deltaSetNumber, valid: s.valid })),
+      snapshots: this.queue.map((s) => ({ id: s.id, name: s.name, createdAt: s.createdAt, sizeBytes: s.sizeBytes, deltaSetNumber: s.deltaSetNumber, valid: s.valid, ...(s.hidden ? { hidden: true } : {}) })),
     };
     this.fsys.writeAtomic(MANIFEST, Buffer.from(JSON.stringify(m, null, 2) + '\n'));
   }
@@ -149,8 +160,9 @@ export class SnapshotQueue {
     this.blocksTotal = blocksTotal;
   }
 
+  /** The snapshots users see (hidden ones left out), oldest first. */
   list(): SnapshotInfo[] {
-    return this.queue.map((s) => ({
+    return this.queue.filter((s) => !s.hidden).map((s) => ({
       id: s.id,
       name: s.name,
       createdAt: s.createdAt,
@@ -162,16 +174,30 @@ export class SnapshotQueue {
     }));
   }
 
+  /** Snapshots users see. */
   get length(): number {
-    return this.queue.length;
+    return this.queue.reduce((n, s) => n + (s.hidden ? 0 : 1), 0);
+  }
+
+  /** Deleted snapshots still kept for older ones to read through, and the save-area bytes they hold. */
+  hiddenUsage(): { count: number; saveAreaBytes: number } {
+    let count = 0;
+    let saveAreaBytes = 0;
+    for (const s of this.queue) {
+      if (!s.hidden) continue;
+      count++;
+      saveAreaBytes += s.area?.bytesOnDisk ?? 0;
+    }
+    return { count, saveAreaBytes };
   }
 
   get tail(): Snapshot | null {
     return this.tailSnap;
   }
 
+  /** Queue index of the visible snapshot of this name. */
   indexOf(name: string): number {
-    const i = this.queue.findIndex((s) => s.name === name);
+    const i = this.queue.findIndex((s) => s.name === name && !s.hidden);
     if (i < 0) throw new DeltavolError('SNAPSHOT_NOT_FOUND', `no snapshot named "${name}"`);
     return i;
   }
@@ -210,7 +236,8 @@ export class SnapshotQueue {
    */
   async create(name: string, validity: PagedBitmap, sizeBytes: number, deltaSetNumber = 0, now = new Date()): Promise<SnapshotInfo> {
     if (!NAME_RE.test(name)) throw new DeltavolError('BAD_NAME', `invalid snapshot name "${name}"`);
-    if (this.queue.some((s) => s.name === name)) throw new DeltavolError('SNAPSHOT_EXISTS', `snapshot "${name}" already exists`);
+    if (this.queue.some((s) => s.name === name && !s.hidden)) throw new DeltavolError('SNAPSHOT_EXISTS', `snapshot "${name}" already exists`);
+    if (this.queue.length >= snapshotsMax) await this.retireOldestHidden();
     if (this.queue.length >= snapshotsMax) throw new DeltavolError('SNAPSHOTS_MAX', `a volume has at most ${snapshotsMax} snapshots`);
     const id = this.nextId++;
     // Shares the validity bitmap's pages: a snapshot costs memory only where the volume's
@@ -219,15 +246,15 @@ export class SnapshotQueue {
     // Files first, the manifest last: a crash before it leaves files no manifest names
     // (removed at the next create of that id: ids are never reused, so they are inert).
     const mf = await BitmapFile.create(this.fsys, metaFileName(id), this.blocksTotal);
-    for (let p = 0; p < meta.pageTotal; p++) if (meta.page(p) !== null) mf.writePage(p, meta.page(p));
+    meta.forEachPage((p, page) => mf.writePage(p, page));
     await mf.sync();
     mf.close();
     const area = await SaveArea.create(this.fsys, saveFileName(id), id, this.blockBytes, this.blocksTotal, this.saveAreaBytesMax);
-    const snap: Snapshot = { id, name, createdAt: now.toISOString(), sizeBytes, deltaSetNumber, valid: true, meta, area };
+    const snap: Snapshot = { id, name, createdAt: now.toISOString(), sizeBytes, deltaSetNumber, valid: true, hidden: false, meta, area };
     this.queue.push(snap);
     this.writeManifest();
     this.refreshTail();
-    return this.list()[this.queue.length - 1]!;
+    return this.list().at(-1)!;
   }
 
   setDeltaSetNumber(name: string, deltaSetNumber: number): void {
@@ -235,15 +262,65 @@ export class SnapshotQueue {
     this.writeManifest();
   }
 
-  /** Removes a snapshot; every other snapshot reads exactly as before. */
+  /**
+   * Removes a snapshot from view; every other snapshot reads exactly as before. No data
+   * moves: a valid snapshot that older ones may read through is hidden (see the header),
+   * anything else leaves at once, with the hidden ones nothing reads through any more.
+   */
   async delete(name: string): Promise<void> {
-    const i = this.indexOf(name);
-    const snap = this.queue[i]!;
-    if (snap.valid) await this.mergeIntoOlder(i);
-    this.queue.splice(i, 1);
+    this.queue[this.indexOf(name)]!.hidden = true;
+    this.commit();
+  }
+
+  /**
+   * Ends every change of the queue: drops the hidden snapshots nothing reads through,
+   * writes the manifest, finds the tail, then removes the dropped snapshots' files (a
+   * crash before that leaves files no manifest names: inert, as ids are never reused).
+   */
+  private commit(): void {
+    const gone = this.pruneHidden();
     this.writeManifest();
     this.refreshTail();
+    for (const s of gone) this.removeFiles(s);
+  }
+
+  /**
+   * Takes out of the queue every hidden snapshot that no visible valid snapshot is older
+   * than (nothing reads through it), and every hidden invalid one (it has no area).
+   * Only at the end of a top-level change: it shifts queue indexes.
+   */
+  private pruneHidden(): Snapshot[] {
+    const gone: Snapshot[] = [];
+    for (let i = 0; i < this.queue.length; ) {
+      const s = this.queue[i]!;
+      if (!s.hidden) {
+        if (s.valid) break; // it may read through every later one
+        i++;
+        continue;
+      }
+      this.queue.splice(i, 1);
+      gone.push(s);
+    }
+    // An invalid snapshot a user deleted has no area: nothing reads through it anywhere.
+    for (let i = 0; i < this.queue.length; ) {
+      const s = this.queue[i]!;
+      if (s.hidden && !s.valid) {
+        this.queue.splice(i, 1);
+        gone.push(s);
+      } else i++;
+    }
+    return gone;
+  }
+
+  /** The queue is full: the oldest hidden snapshot hands its older neighbour what it needs, then leaves. */
+  private async retireOldestHidden(): Promise<void> {
+    const i = this.queue.findIndex((s) => s.hidden && s.valid);
+    if (i < 0) return;
+    const snap = this.queue[i]!;
+    await this.mergeIntoOlder(i);
+    this.queue.splice(i, 1);
     this.removeFiles(snap);
+    this.commit();
   }
 
   /**
@@ -255,7 +332,9 @@ export class SnapshotQueue {
   async invalidateTail(): Promise<string[]> {
     const snap = this.tailSnap;
     assert(snap !== null, 'invalidate without a tail');
-    return this.invalidate(this.queue.indexOf(snap));
+    const names = await this.invalidate(this.queue.indexOf(snap));
+    this.commit();
+    return names;
   }
 
   private async invalidate(i: number): Promise<string[]> {
@@ -268,7 +347,8 @@ export class SnapshotQueue {
     this.removeFiles(snap);
     snap.area = null;
     snap.meta = new PagedBitmap(this.blocksTotal);
-    return [...names, snap.name];
+    // A deleted snapshot going invalid is nobody's news: commit() drops it.
+    return snap.hidden ? names : [...names, snap.name];
   }
 
   private olderValid(i: number): number {

@@ -5,11 +5,21 @@
 
 import { assert } from './assert.js';
 
-/** Handshake: options a client may send before it must choose an export. */
+/** Handshake: options a client may send before it must choose an export, besides the per-export allowance. */
 export const handshakeOptionsMax = 64;
+/**
+ * Handshake: more options allowed per export in the catalog. A listing client (nbdinfo
+ * --list, qemu-img, nbdsh) sends NBD_OPT_LIST and then INFO and SET/LIST_META_CONTEXT for
+ * each export on one connection, so a fixed cap broke listings of 32 exports or more.
+ */
+export const handshakeOptionsPerExportMax = 4;
 /** Handshake: bytes of one option's data (names are ≤ 4 KiB by the spec; lists of queries more). */
 export const handshakeOptionBytesMax = 64 * 1024;
-/** Handshake: a client must reach transmission (or abort) within this time. */
+/**
+ * Handshake: a client must finish its next option (or reach transmission) within this
+ * time; each answered option restarts it, so a long listing that makes progress is never
+ * cut, while the option cap above still bounds the whole handshake.
+ */
 export const handshakeTimeoutMs = 30_000;
 /** NBD strings (export names, context names) may be at most 4 KiB. */
 export const nbdStringBytesMax = 4096;

@@ -590,6 +590,11 @@ export class VolumeEngine {
     return this.snapshots.list();
   }
 
+  /** Deleted snapshots kept because older ones read through them, and their save-area bytes. */
+  deletedSnapshotsKept(): { count: number; saveAreaBytes: number } {
+    return this.snapshots.hiddenUsage();
+  }
+
   /** Reads [offset, offset+length) of a snapshot into target. */
   readSnapshot(name: string, offset: number, length: number, target: Buffer): void {
     this.checkRange(offset, length);

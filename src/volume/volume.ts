@@ -297,6 +297,11 @@ export class Volume {
     return this.engine.listSnapshots();
   }
 
+  /** Deleted snapshots whose save areas older snapshots still read through (freed when those go). */
+  deletedSnapshotsKept(): { count: number; saveAreaBytes: number } {
+    return this.engine.deletedSnapshotsKept();
+  }
+
   snapshot(name: string): SnapshotInfo {
     const s = this.engine.listSnapshots().find((x) => x.name === name);
     if (!s) throw new DeltavolError('SNAPSHOT_NOT_FOUND', `volume ${this.name} has no snapshot named "${name}"`);

@@ -463,6 +463,23 @@ describe('a queue of snapshots', () => {
     snapOk(['restore', 'queue', 's3']);
     expect(exportSha(uri)).toBe(sha(models.s3!));
     expect(exportSha(d.uri('queue@s1'))).toBe(sha(models.s1!));
+
+    // Deleting moves no data: s2 and now the newest, s3, stay hidden while s1 reads
+    // through them (the volume's status says so), and leave with s1.
+    qemuIo(uri, m.randomOps(rnd, 24)); // s3, the tail, saves more before-images
+    snapOk(['delete', 'queue', 's3']);
+    const kept = async () => (await d.api<{ deletedSnapshotsKept: { count: number; saveAreaBytes: number } }>('GET', '/v1/volumes/queue')).deletedSnapshotsKept;
+    return (async () => {
+      expect(await kept()).toMatchObject({ count: 2 });
+      expect((await kept()).saveAreaBytes).toBeGreaterThan(0);
+      expect(exportSha(d.uri('queue@s1'))).toBe(sha(models.s1!));
+      expect(readSums('s1')).toEqual(ranges.map(([o, l]) => sha(models.s1!.subarray(o, o + l))));
+      snapOk(['delete', 'queue', 's1']);
+      expect(await kept()).toEqual({ count: 0, saveAreaBytes: 0 });
+      const files = fs.readdirSync(path.join(d.dataDir, 'volumes', 'queue'), { recursive: true }) as string[];
+      expect(files.some((f) => path.basename(f) === 'snapshots.json')).toBe(true);
+      expect(files.filter((f) => path.basename(f).startsWith('snap-'))).toEqual([]);
+    })();
   });
 
   it('restore is refused (exit 5) while a client is connected to the volume, and done with --force', async () => {

@@ -6,7 +6,7 @@ import { Negotiator, type NegotiationResult } from '../../src/nbd/negotiator.js'
 import * as C from '../../src/nbd/constants.js';
 import { MemoryCatalog, MemoryExport } from '../helpers/memory-export.js';
 import { goData, metaData, option, parseOptionReplies } from '../helpers/wire.js';
-import { handshakeOptionsMax } from '../../src/util/limits.js';
+import { handshakeOptionsMax, handshakeOptionsPerExportMax } from '../../src/util/limits.js';
 
 const FLAGS = Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]);
 
@@ -127,12 +127,34 @@ describe('Negotiator', () => {
     expect(result.kind).toBe('close');
   });
 
-  it(`closes after ${handshakeOptionsMax} options`, () => {
-    const { n } = setup();
+  it(`closes after ${handshakeOptionsMax} + ${handshakeOptionsPerExportMax} per export options`, () => {
+    const { n } = setup(); // two exports
+    const allowed = handshakeOptionsMax + handshakeOptionsPerExportMax * 2;
     n.push(FLAGS);
     let result: NegotiationResult = { kind: 'pending' };
-    for (let i = 0; i <= handshakeOptionsMax && result.kind === 'pending'; i++) result = n.push(option(C.OPT_STRUCTURED_REPLY));
+    let answered = 0;
+    for (let i = 0; i < allowed + 5 && result.kind === 'pending'; i++) {
+      result = n.push(option(C.OPT_STRUCTURED_REPLY));
+      if (result.kind === 'pending') answered++;
+    }
+    expect(answered).toBe(allowed);
     expect(result.kind).toBe('close');
+    if (result.kind === 'close') expect(result.reason).toContain(`more than ${allowed} options`);
+  });
+
+  it('lets a client list 1000 exports the way libnbd does (LIST, then INFO and SET_META_CONTEXT for each, then GO)', () => {
+    const exports = Array.from({ length: 1000 }, (_, i) => new MemoryExport(`vol${i}`, 1 << 16));
+    const n = new Negotiator(new MemoryCatalog(exports));
+    let r = feed(n, FLAGS, option(C.OPT_STRUCTURED_REPLY), option(C.OPT_LIST));
+    const listed = parseOptionReplies(r.out).filter((x) => x.type === C.REP_SERVER);
+    expect(listed).toHaveLength(1000);
+    for (let i = 0; i < 1000; i++) {
+      r = feed(n, option(C.OPT_SET_META_CONTEXT, metaData(`vol${i}`, ['base:allocation'])), option(C.OPT_INFO, goData(`vol${i}`, [C.INFO_NAME])));
+      expect(r.result.kind).toBe('pending');
+      expect(parseOptionReplies(r.out).at(-1)!.type).toBe(C.REP_ACK);
+    }
+    r = feed(n, option(C.OPT_GO, goData('vol999', [])));
+    expect(r.result.kind).toBe('done');
   });
 
   it('meta contexts need structured replies; LIST and SET base:allocation', () => {

@@ -1,7 +1,8 @@
 // Why: the snapshot facility's two merges, shown on small hand-built cases: a full save
 // area invalidates its snapshot after handing its older neighbour the before-images that
 // neighbour read through it (so the neighbour reads as before); deleting a middle
-// snapshot keeps both neighbours intact.
+// snapshot keeps both neighbours intact; deleting any snapshot moves no data (it is
+// hidden while older ones read through it, and leaves when nothing does).
 import { describe, expect, it } from 'vitest';
 import { VolumeEngine, type EngineOptions } from '../../../src/volume/volume-engine.js';
 import { SimFs } from '../../helpers/sim-fs.js';
@@ -72,6 +73,75 @@ describe('snapshot queue merges', () => {
     const { data, zero } = engine.differential('s1', 's3');
     expect(data.runs()).toEqual([[0, 4]]);
     expect(zero.count()).toBe(0);
+    engine.invariants();
+  });
+
+  it('deleting the newest snapshot copies nothing: it is hidden while an older one reads through it, then leaves', async () => {
+    const { engine, fsys } = await engineWith(1000);
+    await fill(engine, 0, 8, 1);
+    await engine.createSnapshot('s1');
+    await fill(engine, 0, 2, 2);
+    await engine.createSnapshot('s2');
+    await fill(engine, 2, 4, 3); // s2 saves 2-5, which s1 reads through s2
+    const savedBefore = engine.listSnapshots().map((x) => x.savedBlocks);
+    expect(savedBefore).toEqual([2, 4]);
+    await engine.deleteSnapshot('s2');
+    // Nothing moved into s1: the merge copied 4 blocks here before.
+    expect(engine.listSnapshots().map((x) => [x.name, x.savedBlocks])).toEqual([['s1', 2]]);
+    expect(blockValues(engine, 's1', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
+    // The hidden snapshot is still the tail: a later overwrite is saved there, for s1.
+    await fill(engine, 6, 1, 4);
+    expect(blockValues(engine, 's1', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
+    // Its name is free again, and the new one reads the volume as it is now.
+    await engine.createSnapshot('s2');
+    await fill(engine, 0, 8, 5);
+    expect(blockValues(engine, 's2', 0, 8)).toEqual([2, 2, 3, 3, 3, 3, 4, 1]);
+    expect(blockValues(engine, 's1', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
+    const { data } = engine.differential('s1', 's2');
+    expect(data.runs()).toEqual([[0, 7]]);
+    engine.invariants();
+    // Deleting s1 leaves nothing reading through the hidden one: both go, files too.
+    const snapFiles = () => fsys.list().filter((n) => n.startsWith('snap-')).sort();
+    expect(snapFiles()).toEqual(['snap-1.meta', 'snap-1.save', 'snap-2.meta', 'snap-2.save', 'snap-3.meta', 'snap-3.save']);
+    await engine.deleteSnapshot('s1');
+    expect(engine.listSnapshots().map((x) => x.name)).toEqual(['s2']);
+    expect(snapFiles()).toEqual(['snap-3.meta', 'snap-3.save']);
+    expect(blockValues(engine, 's2', 0, 8)).toEqual([2, 2, 3, 3, 3, 3, 4, 1]);
+    engine.invariants();
+  });
+
+  it('a hidden snapshot survives a restart, and the older one still reads through it', async () => {
+    const { engine, fsys, data, options } = await engineWith(1000);
+    await fill(engine, 0, 4, 1);
+    await engine.createSnapshot('old');
+    await engine.createSnapshot('gone');
+    await fill(engine, 0, 4, 2); // 'gone' saves 0-3; 'old' reads them through it
+    await engine.deleteSnapshot('gone');
+    await engine.close();
+    const reopened = await VolumeEngine.open(fsys, data, options);
+    expect(reopened.listSnapshots().map((x) => x.name)).toEqual(['old']);
+    expect(blockValues(reopened, 'old', 0, 4)).toEqual([1, 1, 1, 1]);
+    await expect(reopened.deleteSnapshot('gone')).rejects.toMatchObject({ code: 'SNAPSHOT_NOT_FOUND' });
+    reopened.invariants();
+    await reopened.close();
+  });
+
+  it('a queue full of hidden snapshots makes room by merging the oldest hidden one into its older neighbour', async () => {
+    const { engine } = await engineWith(100_000);
+    await fill(engine, 0, 8, 1);
+    await engine.createSnapshot('base');
+    // 255 deleted snapshots that 'base' reads through (each saved the block written after it).
+    for (let i = 0; i < 255; i++) {
+      await engine.createSnapshot(`t${i}`);
+      await fill(engine, i % 8, 1, 10 + (i % 200));
+      await engine.deleteSnapshot(`t${i}`);
+    }
+    expect(engine.listSnapshots().map((x) => x.name)).toEqual(['base']);
+    expect(engine.listSnapshots()[0]!.savedBlocks).toBe(0); // no copy so far
+    await engine.createSnapshot('one-more'); // 256 in the queue: the oldest hidden one is merged
+    const base = engine.listSnapshots().find((x) => x.name === 'base')!;
+    expect(base.savedBlocks).toBe(1);
+    expect(blockValues(engine, 'base', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
     engine.invariants();
   });
 });

@@ -1,0 +1,207 @@
+#!/usr/bin/env node
+// Why: issue 12 asks that costs grow with the data written, not with a volume's size or
+// the number of exports. This measures both against a real daemon through NBD:
+//   1. volume size sweep: daemon CPU per scattered 4 KiB write (fio randwrite over the
+//      whole volume, --norandommap), the same for the first writes after a snapshot,
+//      daemon RSS, bytes of the engine's files on disk, and restart time after a clean
+//      stop and after kill -9 under writes;
+//   2. export count sweep: time of `nbdinfo --list` and `qemu-nbd --list` for N exports;
+//   3. snapshot count sweep on a 1 GiB volume: CPU per 4 KiB write with N snapshots
+//      present, and the time to delete the newest snapshot (which saved 256 MiB of
+//      before-images) and a middle one.
+// Each size runs in a fresh daemon on tmpfs. CPU comes from /proc (utime+stime), so it is
+// less sensitive to a busy machine than throughput; the growth column compares each size
+// with the first one of the same run.
+// Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--exports 1,40,100]
+//        [--snapshots 1,10,100] [--dir /dev/shm] [--out FILE]
+// Markdown to stdout, then one JSON line; progress to stderr.
+import fs from 'node:fs';
+import path from 'node:path';
+import {
+  kit, log, die, cleanupAll, waitFor, snapshotBuild, startDaemon, api, createVolume, run, fio, procCpu, rssMiB, f1, f2, now,
+} from './bench-lib.mjs';
+
+const KiB = 1024;
+const MiB = 1024 ** 2;
+const GOALS = { cpuGrowth: 1.5, restartSeconds: 1, snapshotDeleteSeconds: 0.2 };
+
+const HELP = `Usage: scripts/bench scale [options]
+
+  --sizes LIST     volume sizes to sweep (default 1G,1T,4T,16T; K/M/G/T suffixes; 0 = skip)
+  --writes SIZE    bytes of scattered 4 KiB writes per size (default 64M), and half as much
+                   again after a snapshot
+  --exports LIST   export counts to list with nbdinfo and qemu-nbd (default 1,40,100; 0 = skip).
+                   libnbd 1.14 costs ~0.2 s per export on any server (MSG_MORE on its last send)
+  --snapshots LIST snapshot counts to sweep on a 1 GiB volume (default 1,10,100; 0 = skip)
+  --dir DIR        base directory of the daemon's data dir (default /dev/shm)
+  --out FILE       also write the JSON result to FILE
+  -h, --help       this help
+
+About 1-2 minutes per size with the defaults. Markdown to stdout, then one JSON line.`;
+
+function parseSize(s) {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)$/i.exec(s.trim());
+  if (!m) die(`bad size ${s}`);
+  return Math.round(Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase()));
+}
+const fmtSize = (b) => {
+  for (const [u, n] of [['T', 1024 ** 4], ['G', 1024 ** 3], ['M', MiB]]) if (b >= n && b % n === 0) return `${b / n} ${u}iB`;
+  return `${b} B`;
+};
+
+const argv = process.argv.slice(2);
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], dir: '/dev/shm', out: null };
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i];
+  const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
+  switch (a) {
+    case '--sizes': opt.sizes = need().split(',').map(parseSize).filter((n) => n > 0); break;
+    case '--writes': opt.writesBytes = parseSize(need()); break;
+    case '--exports': opt.exports = need().split(',').map(Number).filter((n) => n > 0); break;
+    case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
+    case '--dir': opt.dir = need(); break;
+    case '--out': opt.out = path.resolve(need()); break;
+    case '-h': case '--help': console.log(HELP); process.exit(0);
+    default: die(`unknown option ${a} (see --help)`);
+  }
+}
+if (!(opt.writesBytes >= 4 * MiB)) die('--writes must be at least 4M');
+Object.assign(kit, { name: 'bench-scale' });
+
+const cli = snapshotBuild();
+const work = fs.mkdtempSync(path.join(opt.dir, 'deltavol-bench-scale-'));
+process.on('exit', () => fs.rmSync(work, { recursive: true, force: true }));
+
+/** Bytes the files of a directory tree occupy (allocated blocks, not apparent size). */
+function allocatedBytes(dir) {
+  let n = 0;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) n += allocatedBytes(p);
+    else if (e.isFile() && e.name !== 'data.img') n += fs.statSync(p).blocks * 512;
+  }
+  return n;
+}
+
+/** Scattered 4 KiB writes over the whole volume; returns daemon CPU µs per write. */
+async function scatteredWrites(d, bytes, label) {
+  const c0 = procCpu(d.pid);
+  const t0 = now();
+  const r = await fio(label, d.uri('vol'), ['--rw=randwrite', '--bs=4k', '--iodepth=32', `--io_size=${bytes}`, '--norandommap', '--randrepeat=0', '--refill_buffers'], 600_000);
+  const cpuS = procCpu(d.pid) - c0;
+  const writes = bytes / (4 * KiB);
+  return { cpuUsPerWrite: (cpuS * 1e6) / writes, iops: r.iops, seconds: (now() - t0) / 1000 };
+}
+
+/** Starts the daemon on an existing data dir and times spawn → daemon.json. */
+async function restartTimed(dataDir) {
+  const t0 = now();
+  const d = await startDaemon(cli, 'A', work, { dataDir });
+  return { d, seconds: (now() - t0) / 1000 };
+}
+
+const sizeRows = [];
+for (const sizeBytes of opt.sizes) {
+  const dataDir = path.join(work, `size-${sizeBytes}`);
+  log(`size ${fmtSize(sizeBytes)}: create, ${fmtSize(opt.writesBytes)} of scattered writes`);
+  let d = await startDaemon(cli, 'A', work, { dataDir });
+  await createVolume(d, 'vol', sizeBytes);
+  const plain = await scatteredWrites(d, opt.writesBytes, 'scattered');
+  await api(d, 'POST', '/v1/volumes/vol/snapshots', { name: 's1' });
+  const afterSnap = await scatteredWrites(d, opt.writesBytes / 2, 'after-snapshot');
+  const rss = rssMiB(d.pid);
+  const filesBytes = allocatedBytes(dataDir);
+  await d.stop();
+  const clean = await restartTimed(dataDir);
+  d = clean.d;
+  // kill -9 while writes are in flight: the restart replays the activity log.
+  const load = fio('crash-load', d.uri('vol'), ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--time_based', '--runtime=30', '--norandommap', '--randrepeat=0'], 120_000).catch(() => null);
+  await new Promise((r) => setTimeout(r, 3000));
+  await d.kill();
+  await load;
+  const crash = await restartTimed(dataDir);
+  const rssAfterRestart = rssMiB(crash.d.pid);
+  await crash.d.stop();
+  fs.rmSync(dataDir, { recursive: true, force: true });
+  const row = { sizeBytes, writeCpuUs: plain.cpuUsPerWrite, writeIops: plain.iops, snapWriteCpuUs: afterSnap.cpuUsPerWrite, rssMiB: rss, rssAfterRestartMiB: rssAfterRestart, filesMiB: filesBytes / MiB, restartCleanS: clean.seconds, restartCrashS: crash.seconds };
+  log(`  ${JSON.stringify(row)}`);
+  sizeRows.push(row);
+}
+
+const exportRows = [];
+if (opt.exports.length > 0) {
+  const dataDir = path.join(work, 'exports');
+  const d = await startDaemon(cli, 'A', work, { dataDir });
+  let made = 0;
+  for (const n of [...opt.exports].sort((a, b) => a - b)) {
+    log(`exports: ${n}`);
+    for (; made < n; made++) await createVolume(d, `v${String(made).padStart(4, '0')}`, MiB);
+    const timeList = async (cmd, args, count) => {
+      const t0 = now();
+      const r = await run(cmd, args, { timeoutMs: 1_800_000 }).catch((e) => ({ out: '', err: String(e) }));
+      const seconds = (now() - t0) / 1000;
+      return { seconds, ok: count(r.out) === n };
+    };
+    const nbdinfo = await timeList('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${d.nbdPort}`], (out) => { try { return JSON.parse(out).exports.length; } catch { return -1; } });
+    const qemu = await timeList('qemu-nbd', ['--list', '-b', '127.0.0.1', '-p', String(d.nbdPort)], (out) => [...out.matchAll(/^ export: '/gm)].length);
+    exportRows.push({ exports: n, nbdinfoS: nbdinfo.seconds, nbdinfoOk: nbdinfo.ok, qemuS: qemu.seconds, qemuOk: qemu.ok });
+  }
+  await d.stop();
+}
+
+const snapRows = [];
+for (const n of opt.snapshots) {
+  log(`snapshots: ${n}`);
+  const dataDir = path.join(work, `snaps-${n}`);
+  const d = await startDaemon(cli, 'A', work, { dataDir });
+  await createVolume(d, 'vol', 1024 * MiB);
+  await fio('fill', d.uri('vol'), ['--rw=write', '--bs=1M', '--iodepth=8', '--size=1G'], 300_000);
+  for (let i = 0; i < n; i++) {
+    await api(d, 'POST', '/v1/volumes/vol/snapshots', { name: `s${i}` });
+    if (i < n - 1) await fio('between', d.uri('vol'), ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--io_size=1M', '--norandommap', '--randrepeat=0'], 120_000);
+  }
+  // The newest saves the before-images of 256 MiB of scattered writes.
+  const w = await scatteredWrites(d, 256 * MiB, 'after-snapshots');
+  const timeDelete = async (name) => {
+    const t0 = now();
+    await api(d, 'DELETE', `/v1/volumes/vol/snapshots/${name}`);
+    return (now() - t0) / 1000;
+  };
+  const newestS = await timeDelete(`s${n - 1}`);
+  const middleS = n >= 3 ? await timeDelete(`s${Math.floor(n / 2)}`) : null;
+  const rss = rssMiB(d.pid);
+  await d.stop();
+  fs.rmSync(dataDir, { recursive: true, force: true });
+  snapRows.push({ snapshots: n, writeCpuUs: w.cpuUsPerWrite, writeIops: w.iops, deleteNewestS: newestS, deleteMiddleS: middleS, rssMiB: rss });
+}
+
+const first = sizeRows[0];
+const lines = [];
+if (sizeRows.length > 0) {
+  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs)`, '');
+  lines.push('| volume | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
+  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of sizeRows) {
+    const g = r.writeCpuUs / first.writeCpuUs;
+    const gs = r.snapWriteCpuUs / first.snapWriteCpuUs;
+    lines.push(`| ${fmtSize(r.sizeBytes)} | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
+  }
+  lines.push('', `Goals: CPU growth ≤ ${GOALS.cpuGrowth}× the smallest size; restart ≤ ${GOALS.restartSeconds} s plus time proportional to the data written.`);
+}
+if (exportRows.length > 0) {
+  lines.push('', '### Export count (listing on one connection)', '', '| exports | nbdinfo --list s | s / export | qemu-nbd --list s | all listed |', '| ---: | ---: | ---: | ---: | --- |');
+  for (const r of exportRows) lines.push(`| ${r.exports} | ${f2(r.nbdinfoS)} | ${f2(r.nbdinfoS / r.exports)} | ${f2(r.qemuS)} | ${r.nbdinfoOk && r.qemuOk ? 'yes' : `no (nbdinfo ${r.nbdinfoOk}, qemu-nbd ${r.qemuOk})`} |`);
+}
+if (snapRows.length > 0) {
+  lines.push('', '### Snapshot count (1 GiB volume, 256 MiB of scattered 4 KiB writes after the last snapshot)', '', '| snapshots | CPU µs / write | IOPS | delete newest s | delete a middle one s | RSS MiB |', '| ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of snapRows) {
+    const slow = (x) => (x != null && x > GOALS.snapshotDeleteSeconds ? ' ⚠' : '');
+    lines.push(`| ${r.snapshots} | ${f1(r.writeCpuUs)} | ${Math.round(r.writeIops)} | ${f2(r.deleteNewestS)}${slow(r.deleteNewestS)} | ${f2(r.deleteMiddleS)}${slow(r.deleteMiddleS)} | ${f1(r.rssMiB)} |`);
+  }
+  lines.push('', `Goal: deleting any snapshot ≤ ${GOALS.snapshotDeleteSeconds} s.`);
+}
+console.log(lines.join('\n'));
+const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows, snapshots: snapRows };
+console.log(JSON.stringify(result));
+if (opt.out) fs.writeFileSync(opt.out, JSON.stringify(result, null, 2));
+await cleanupAll();
