@@ -28,6 +28,11 @@ import { assert } from '../util/assert.js';
 /** Read buffers shared by every connection of the process (see buffer-pool.ts). */
 const readBuffers = new BufferPool(pooledReadBufferBytesMin, pooledReadBuffersBytesMax);
 
+/** After a burst: idle read buffers beyond `keepBytes` are dropped for the GC (the server calls this as its buffers shrink). */
+export function trimReadBuffers(keepBytes: number): void {
+  readBuffers.trim(keepBytes);
+}
+
 export interface TransmissionHost {
   /**
    * Queue reply bytes on the connection (the host corks and batches). `sent` runs once
@@ -250,36 +255,47 @@ export class Transmission {
       this.streamRead(h);
       return;
     }
-    const headerBytes = R.readHeaderBytes(this.structured);
-    const buf = readBuffers.acquire(headerBytes + h.length);
-    const data = buf.subarray(headerBytes);
+    // Small reads carry their reply header in front of the data (one buffer, one socket
+    // write). Pooled ones get a buffer of exactly the request's length, so a 1 MiB read
+    // takes the 1 MiB pool class and not 2 MiB for 28 bytes more; their header goes out as
+    // its own small buffer in the same corked write (PERF.md fact 4: measured the same).
+    const headerBytes = h.length < pooledReadBufferBytesMin ? R.readHeaderBytes(this.structured) : 0;
+    const whole = readBuffers.acquire(headerBytes + h.length);
+    const buf = headerBytes === 0 ? whole : whole.subarray(headerBytes);
     const afterRead = () => {
       if (!this.structured) {
-        R.writeSimpleHeader(buf, 0, 0, h.cookieHi, h.cookieLo);
-        this.finish([buf], h.length, buf);
+        if (headerBytes === 0) this.finish([R.simpleReply(0, h.cookieHi, h.cookieLo), buf], h.length, whole);
+        else {
+          R.writeSimpleHeader(whole, 0, 0, h.cookieHi, h.cookieLo);
+          this.finish([whole], h.length);
+        }
         return;
       }
       // Large reads send runs of zero blocks as OFFSET_HOLE chunks: fewer bytes on the
       // wire, found by comparing the data itself (asking the file for holes costs more
       // than it saves on some file systems: SEEK_HOLE is linear in the file on tmpfs).
-      const runs = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0 ? zeroRuns(data) : null;
+      const runs = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0 ? zeroRuns(buf) : null;
       if (runs && runs.length === 1 && runs[0]!.flags & C.STATE_ZERO) {
-        readBuffers.release(buf);
+        readBuffers.release(whole);
         this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], h.length);
       } else if (runs && runs.length > 1) {
-        this.finish(this.sparseChunks(h, data, runs), h.length, buf);
+        this.finish(this.sparseChunks(h, buf, runs), h.length, whole);
+      } else if (headerBytes === 0) {
+        const hdr = Buffer.allocUnsafe(R.readHeaderBytes(true));
+        R.writeOffsetDataHeader(hdr, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
+        this.finish([hdr, buf], h.length, whole);
       } else {
-        R.writeOffsetDataHeader(buf, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
-        this.finish([buf], h.length, buf);
+        R.writeOffsetDataHeader(whole, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
+        this.finish([whole], h.length);
       }
     };
     const failed = (e: unknown) => {
-      readBuffers.release(buf);
+      readBuffers.release(whole);
       this.failed(h, e, h.length);
     };
     let r: MaybePromise<void>;
     try {
-      r = this.exp.read(h.offset, h.length, data);
+      r = this.exp.read(h.offset, h.length, buf);
     } catch (e) {
       failed(e);
       return;

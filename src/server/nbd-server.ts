@@ -17,6 +17,7 @@ import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
 import { formatBytes } from '../util/units.js';
 import { collectGarbage } from '../util/gc.js';
+import { trimReadBuffers } from '../nbd/transmission.js';
 import {
   connectionsMax,
   connectionsPerAddressMaxDefault,
@@ -150,8 +151,8 @@ export class NbdServer {
   }
 
   /**
-   * The buffers shrank after a burst: collect the dead ones now (see util/gc.ts), off the
-   * request path and at most every GC_INTERVAL_MS.
+   * The buffers shrank after a burst: drop the idle pooled read buffers and collect the
+   * dead ones now (see util/gc.ts), off the request path and at most every GC_INTERVAL_MS.
    */
   private giveMemoryBack(): void {
     if (this.gcTimer) return;
@@ -160,6 +161,7 @@ export class NbdServer {
       this.gcTimer = null;
       this.lastGcMs = Date.now();
       const before = process.memoryUsage.rss();
+      trimReadBuffers(0);
       if (!collectGarbage()) return;
       const after = process.memoryUsage.rss();
       this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');

@@ -57,8 +57,13 @@ export const syncIoBytesMaxDefault = 64 * 1024;
 export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */
 export const pooledReadBufferBytesMin = 64 * 1024;
-/** Idle bytes the read-buffer pool keeps for reuse (per process). */
-export const pooledReadBuffersBytesMax = 16 * 1024 * 1024;
+/**
+ * Idle bytes the read-buffer pool keeps for reuse (per process): what 4 connections × 8
+ * × 1 MiB READs hold at once, plus a margin. It never adds to the peak (a buffer is only
+ * pooled after its request held it), and it is dropped when the NBD buffers shrink after
+ * a burst (nbd-server.ts).
+ */
+export const pooledReadBuffersBytesMax = 40 * 1024 * 1024;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */
@@ -114,3 +119,4 @@ assert(
 );
 assert(handshakeConnectionsMaxDefault <= connectionsMax, 'handshake connections are part of all connections');
 assert(sparseReadBytesMin >= blockSizePreferredBytes, 'sparse reads only pay off above a block');
+assert(pooledReadBuffersBytesMax <= nbdBufferBytesMaxDefault / 4, 'idle read buffers stay a small part of the NBD buffer budget');
