@@ -476,9 +476,9 @@ export class ReplicaVolume {
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
       for (const c of s.chunks) {
-        // The chunk's data as received (socket buffers) or as read back: each run is
-        // written from slices of it, never joined first.
-        const cursor = new PartsCursor(inbound.chunkData(s.set, c));
+        // The chunk's data, read back from the inbound file into one reused buffer: each
+        // run is written from a slice of it.
+        const cursor = new PartsCursor([inbound.chunkData(s.set, c)]);
         const waits: Promise<void>[] = [];
         for (const [b, n] of c.runs) {
           const off = b * bs;
