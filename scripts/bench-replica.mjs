@@ -9,6 +9,7 @@
 //
 // Usage: flock /tmp/bench.lock node scripts/bench-replica.mjs [--gib 1] [--rounds 2]
 //          [--pattern seq|4k] [--ab /path/to/other/dist/cli/main.js] [--node-args "..."]
+//          [--ab-env "NAME=VALUE"]   (the other daemon: this build with that environment)
 //   seq: 64 MiB sets of 1 MiB chunks of one run each (a big sequential change)
 //   4k:  64 MiB sets of 1 MiB chunks of 256 single-block runs (a 4k randwrite change)
 import fs from 'node:fs';
@@ -29,6 +30,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--rounds') opt.rounds = Number(need());
   else if (a === '--pattern') opt.pattern = need();
   else if (a === '--ab') opt.ab = need();
+  else if (a === '--ab-env') opt.abEnv = need();
   else if (a === '--node-args') opt.nodeArgs = need().split(/\s+/).filter(Boolean);
   else if (a === '--dir') opt.dir = need();
   else die(`unknown option ${a}`);
@@ -133,7 +135,10 @@ class Peer {
 async function runReplica(cli, label, frames, round) {
   const work = fs.mkdtempSync(path.join(opt.dir, 'bench-replica-'));
   cleanups.push(() => fs.rmSync(work, { recursive: true, force: true }));
+  const [envName, envValue] = label === 'other' && opt.abEnv ? opt.abEnv.split('=') : [null, null];
+  if (envName) process.env[envName] = envValue;
   const B = await startDaemon(cli, `B${label}${round}`, work);
+  if (envName) delete process.env[envName];
   const p = await Peer.open(B.replPort);
   const pairId = `bench${round}${label}`.padEnd(12, 'x').slice(0, 12);
   p.send(encodeFrame({ t: 'hello', protocol: 2, pairId, primaryVolume: 'bench', replicaVolume: 'rr', generation: 1, sizeBytes: volBlocks * BS, blockBytes: BS, create: true, description: '', returnHost: '', returnPort: 0 }));
@@ -186,6 +191,7 @@ async function main() {
   log(`load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}; ${opt.gib} GiB, pattern ${opt.pattern}, ${opt.rounds} round(s)${opt.ab ? `, A/B against ${opt.ab}` : ''}`);
   const frames = buildFrames();
   const cli = snapshotBuild();
+  if (opt.abEnv && !opt.ab) opt.ab = cli;
   const rows = [];
   for (let r = 1; r <= opt.rounds; r++) {
     const order = opt.ab ? (r % 2 ? [['this', cli], ['other', opt.ab]] : [['other', opt.ab], ['this', cli]]) : [['this', cli]];
