@@ -10,6 +10,7 @@
 // Usage: flock /tmp/bench.lock node scripts/bench-replica.mjs [--gib 1] [--rounds 2]
 //          [--pattern seq|4k] [--ab /path/to/other/dist/cli/main.js] [--node-args "..."]
 //          [--ab-env "NAME=VALUE"]   (the other daemon: this build with that environment)
+//          [--this /path/to/dist/cli/main.js]   (instead of a snapshot of this tree's dist/)
 //   seq: 64 MiB sets of 1 MiB chunks of one run each (a big sequential change)
 //   4k:  64 MiB sets of 1 MiB chunks of 256 single-block runs (a 4k randwrite change)
 import fs from 'node:fs';
@@ -31,6 +32,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--pattern') opt.pattern = need();
   else if (a === '--ab') opt.ab = need();
   else if (a === '--ab-env') opt.abEnv = need();
+  else if (a === '--this') opt.this = need();
   else if (a === '--node-args') opt.nodeArgs = need().split(/\s+/).filter(Boolean);
   else if (a === '--dir') opt.dir = need();
   else die(`unknown option ${a}`);
@@ -187,10 +189,18 @@ async function rawTcp() {
   return total / 1e6 / seconds;
 }
 
+/** The daemon runs dist/: refuse to measure a build older than the sources. */
+function checkBuild() {
+  const built = fs.statSync(path.join(root, 'dist/cli/main.js')).mtimeMs;
+  const newer = fs.readdirSync(path.join(root, 'src'), { recursive: true }).filter((f) => /\.ts$/.test(f) && fs.statSync(path.join(root, 'src', f)).mtimeMs > built);
+  if (newer.length) die(`dist/ is older than ${newer.slice(0, 3).join(', ')}: run npm run build`);
+}
+
 async function main() {
+  if (!opt.this) checkBuild();
   log(`load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}; ${opt.gib} GiB, pattern ${opt.pattern}, ${opt.rounds} round(s)${opt.ab ? `, A/B against ${opt.ab}` : ''}`);
   const frames = buildFrames();
-  const cli = snapshotBuild();
+  const cli = opt.this ?? snapshotBuild();
   if (opt.abEnv && !opt.ab) opt.ab = cli;
   const rows = [];
   for (let r = 1; r <= opt.rounds; r++) {
