@@ -3,12 +3,15 @@
  * fallocate(2) to punch holes and zero ranges (TRIM, WRITE_ZEROES) and
  * lseek(2) SEEK_DATA / SEEK_HOLE to report real allocation (BLOCK_STATUS), and
  * posix_fadvise(2) WILLNEED for NBD_CMD_CACHE, and flock(2) so one daemon owns a data
- * directory.
+ * directory. Also crc32c over a list of buffers with the CPU's crc32 instruction on three
+ * streams at once (replicated data is checksummed at both ends: the library we use runs
+ * one stream, about a third of the speed), exported only where the CPU has SSE 4.2.
  * Each function is synchronous and tiny; errors become JS exceptions whose
  * `code` is the errno name (EOPNOTSUPP, ENXIO, ...), as Node's own fs errors are.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdbool.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <linux/falloc.h>
@@ -146,6 +149,199 @@ static napi_value lock_exclusive(napi_env env, napi_callback_info info) {
   return out;
 }
 
+
+/* ---- crc32c (Castagnoli), hardware, three interleaved streams -----------------------
+ * Same function as @node-rs/crc32's crc32c: reflected, pre- and post-inverted, chainable
+ * (crc32c(b, crc32c(a)) == crc32c(a ++ b)). The streams are combined by shifting a crc
+ * over a run of zero bytes with precomputed tables (the method of Mark Adler's crc32c.c). */
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+
+#define CRC32C_POLY 0x82f63b78u
+#define CRC32C_LONG 8192
+#define CRC32C_SHORT 256
+
+static uint32_t crc32c_long_tab[4][256];
+static uint32_t crc32c_short_tab[4][256];
+static int crc32c_hw_ok = 0;
+
+static uint32_t gf2_times(const uint32_t *mat, uint32_t vec) {
+  uint32_t sum = 0;
+  while (vec) {
+    if (vec & 1) sum ^= *mat;
+    vec >>= 1;
+    mat++;
+  }
+  return sum;
+}
+
+static void gf2_square(uint32_t *square, const uint32_t *mat) {
+  for (int n = 0; n < 32; n++) square[n] = gf2_times(mat, mat[n]);
+}
+
+/* The operator that appends len zero bytes (len a power of two) to a crc state. */
+static void crc32c_zeros_op(uint32_t *even, size_t len) {
+  uint32_t odd[32];
+  odd[0] = CRC32C_POLY;
+  uint32_t row = 1;
+  for (int n = 1; n < 32; n++) {
+    odd[n] = row;
+    row <<= 1;
+  }
+  gf2_square(even, odd); /* two zero bits */
+  gf2_square(odd, even); /* four zero bits */
+  do {
+    gf2_square(even, odd);
+    len >>= 1;
+    if (len == 0) return;
+    gf2_square(odd, even);
+    len >>= 1;
+  } while (len);
+  memcpy(even, odd, sizeof odd);
+}
+
+static void crc32c_zeros(uint32_t zeros[][256], size_t len) {
+  uint32_t op[32];
+  crc32c_zeros_op(op, len);
+  for (uint32_t n = 0; n < 256; n++) {
+    zeros[0][n] = gf2_times(op, n);
+    zeros[1][n] = gf2_times(op, n << 8);
+    zeros[2][n] = gf2_times(op, n << 16);
+    zeros[3][n] = gf2_times(op, n << 24);
+  }
+}
+
+static inline uint32_t crc32c_shift(uint32_t zeros[][256], uint32_t crc) {
+  return zeros[0][crc & 0xff] ^ zeros[1][(crc >> 8) & 0xff] ^ zeros[2][(crc >> 16) & 0xff] ^ zeros[3][crc >> 24];
+}
+
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const unsigned char *next, size_t len) {
+  uint64_t crc0 = crc ^ 0xffffffffu, crc1, crc2;
+  uint64_t w0, w1, w2;
+  while (len && ((uintptr_t)next & 7) != 0) {
+    crc0 = _mm_crc32_u8((uint32_t)crc0, *next++);
+    len--;
+  }
+  while (len >= CRC32C_LONG * 3) {
+    crc1 = 0;
+    crc2 = 0;
+    const unsigned char *end = next + CRC32C_LONG;
+    do {
+      memcpy(&w0, next, 8);
+      memcpy(&w1, next + CRC32C_LONG, 8);
+      memcpy(&w2, next + 2 * CRC32C_LONG, 8);
+      crc0 = _mm_crc32_u64(crc0, w0);
+      crc1 = _mm_crc32_u64(crc1, w1);
+      crc2 = _mm_crc32_u64(crc2, w2);
+      next += 8;
+    } while (next < end);
+    crc0 = crc32c_shift(crc32c_long_tab, (uint32_t)crc0) ^ crc1;
+    crc0 = crc32c_shift(crc32c_long_tab, (uint32_t)crc0) ^ crc2;
+    next += CRC32C_LONG * 2;
+    len -= CRC32C_LONG * 3;
+  }
+  while (len >= CRC32C_SHORT * 3) {
+    crc1 = 0;
+    crc2 = 0;
+    const unsigned char *end = next + CRC32C_SHORT;
+    do {
+      memcpy(&w0, next, 8);
+      memcpy(&w1, next + CRC32C_SHORT, 8);
+      memcpy(&w2, next + 2 * CRC32C_SHORT, 8);
+      crc0 = _mm_crc32_u64(crc0, w0);
+      crc1 = _mm_crc32_u64(crc1, w1);
+      crc2 = _mm_crc32_u64(crc2, w2);
+      next += 8;
+    } while (next < end);
+    crc0 = crc32c_shift(crc32c_short_tab, (uint32_t)crc0) ^ crc1;
+    crc0 = crc32c_shift(crc32c_short_tab, (uint32_t)crc0) ^ crc2;
+    next += CRC32C_SHORT * 2;
+    len -= CRC32C_SHORT * 3;
+  }
+  while (len >= 8) {
+    memcpy(&w0, next, 8);
+    crc0 = _mm_crc32_u64(crc0, w0);
+    next += 8;
+    len -= 8;
+  }
+  while (len) {
+    crc0 = _mm_crc32_u8((uint32_t)crc0, *next++);
+    len--;
+  }
+  return (uint32_t)crc0 ^ 0xffffffffu;
+}
+
+/* crc32c(parts: Uint8Array[] | Uint8Array, initial: number) -> number */
+static napi_value crc32c_parts(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint32_t crc = 0;
+  if (argc < 1 || (argc >= 2 && napi_get_value_uint32(env, argv[1], &crc) != napi_ok)) {
+    napi_throw_type_error(env, "EINVAL", "expected (parts, initial crc)");
+    return NULL;
+  }
+  bool is_array = false;
+  napi_is_array(env, argv[0], &is_array);
+  uint32_t count = 1;
+  if (is_array) napi_get_array_length(env, argv[0], &count);
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value part = argv[0];
+    if (is_array && napi_get_element(env, argv[0], i, &part) != napi_ok) return NULL;
+    bool is_ta = false;
+    napi_is_typedarray(env, part, &is_ta);
+    napi_typedarray_type type;
+    size_t length = 0;
+    void *data = NULL;
+    if (!is_ta || napi_get_typedarray_info(env, part, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array) {
+      napi_throw_type_error(env, "EINVAL", "crc32c: parts must be Uint8Arrays");
+      return NULL;
+    }
+    if (length) crc = crc32c_hw(crc, data, length);
+  }
+  napi_value out;
+  napi_create_uint32(env, crc, &out);
+  return out;
+}
+
+static void crc32c_init(void) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("sse4.2")) return;
+  crc32c_zeros(crc32c_long_tab, CRC32C_LONG);
+  crc32c_zeros(crc32c_short_tab, CRC32C_SHORT);
+  crc32c_hw_ok = 1;
+}
+#endif
+
+/* copyRange(fdIn, posIn, fdOut, posOut, length) -> bytes copied: copy_file_range(2) in a
+ * loop, so the data moves from file to file inside the kernel (no user buffer). Returns
+ * fewer than length only at the end of the input file. */
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd_in, pos_in, fd_out, pos_out, len;
+  if (argc < 5 || !get_i64(env, argv[0], &fd_in) || !get_i64(env, argv[1], &pos_in) || !get_i64(env, argv[2], &fd_out) ||
+      !get_i64(env, argv[3], &pos_out) || !get_i64(env, argv[4], &len)) {
+    napi_throw_type_error(env, "EINVAL", "expected (fdIn, posIn, fdOut, posOut, length) as non-negative integers");
+    return NULL;
+  }
+  int64_t done = 0;
+  while (done < len) {
+    loff_t in = pos_in + done, out = pos_out + done;
+    ssize_t n = copy_file_range((int)fd_in, &in, (int)fd_out, &out, (size_t)(len - done), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return throw_errno(env, "copy_file_range", errno);
+    }
+    if (n == 0) break;
+    done += n;
+  }
+  napi_value result;
+  napi_create_int64(env, done, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -155,8 +351,16 @@ static napi_value init(napi_env env, napi_value exports) {
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
     {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_default, NULL},
     {"lockExclusive", NULL, lock_exclusive, NULL, NULL, NULL, napi_default, NULL},
+    {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+#if defined(__x86_64__)
+  crc32c_init();
+  if (crc32c_hw_ok) {
+    napi_property_descriptor crc[] = {{"crc32c", NULL, crc32c_parts, NULL, NULL, NULL, napi_default, NULL}};
+    napi_define_properties(env, exports, 1, crc);
+  }
+#endif
   return exports;
 }
 

@@ -50,8 +50,6 @@ interface Receiving {
 
 export type FinishResult = { ok: true; set: InboundSet } | { ok: false; missing: number[]; reason: string };
 
-/** Received chunk data kept in memory for playback (a copy of what is on disk). */
-const inboundMemoryBytesMax = 256 * 1024 * 1024;
 const NAME = /^inbound-set-(\d+)\.(part|json)$/;
 
 const partName = (set: number) => `inbound-set-${set}.part`;
@@ -59,9 +57,13 @@ const jsonName = (set: number) => `inbound-set-${set}.json`;
 
 export class InboundArea {
   private readonly receiving = new Map<number, Receiving>();
-  /** Chunk data by set and chunk number, so playback need not read it back. */
-  private readonly memory = new Map<number, Map<number, readonly Buffer[]>>();
-  private memoryBytes = 0;
+  /**
+   * Playback reads a chunk back into this one buffer (grown to the largest chunk). Received
+   * data is not kept in memory until its set is played: holding the socket's buffers for
+   * hundreds of MiB cost more in garbage collection and page faults (fresh memory for every
+   * socket read) than reading the chunk back from the page cache, and the RSS goal.
+   */
+  private scratch = Buffer.alloc(0);
   private readonly completeSets = new Map<number, InboundSet>();
   private readonly files = new Map<number, DurableFile>();
 
@@ -118,8 +120,7 @@ export class InboundArea {
 
   /**
    * Stores a verified chunk (its checksum was checked by the caller). Duplicates are
-   * ignored. `data` may be the socket's buffers as received: written from them, and kept
-   * (not copied) for playback.
+   * ignored. `data` may be the socket's buffers as received: written from them, not kept.
    */
   storeChunk(msg: ChunkMsg, data: Buffer | readonly Buffer[]): void {
     const parts = Buffer.isBuffer(data) ? [data] : data;
@@ -137,12 +138,6 @@ export class InboundArea {
     else for (let at = r.sizeBytes, i = 0; i < parts.length; at += parts[i]!.length, i++) r.file.write(at, parts[i]!, 0, parts[i]!.length);
     r.chunks.set(msg.chunk, { chunk: msg.chunk, runs: msg.runs, crc: msg.crc, pos: r.sizeBytes, bytes });
     r.sizeBytes += bytes;
-    if (this.memoryBytes + bytes <= inboundMemoryBytesMax) {
-      let m = this.memory.get(msg.set);
-      if (!m) this.memory.set(msg.set, (m = new Map()));
-      m.set(msg.chunk, parts);
-      this.memoryBytes += bytes;
-    }
   }
 
   /**
@@ -191,7 +186,6 @@ export class InboundArea {
   }
 
   private dropSet(set: number): void {
-    this.forget(set);
     const r = this.receiving.get(set);
     if (r) r.file.close();
     this.receiving.delete(set);
@@ -208,20 +202,16 @@ export class InboundArea {
     return f;
   }
 
-  /** A complete set's chunk data (from memory when still there, else from its file). */
-  chunkData(set: number, c: InboundChunk): readonly Buffer[] {
-    const m = this.memory.get(set)?.get(c.chunk);
-    if (m) return m;
-    const data = Buffer.allocUnsafe(c.bytes);
+  /**
+   * A complete set's chunk data, read back from its file into the area's one playback
+   * buffer: valid until the next call (playback finishes a chunk's writes before it asks
+   * for the next one).
+   */
+  chunkData(set: number, c: InboundChunk): Buffer {
+    if (this.scratch.length < c.bytes) this.scratch = Buffer.allocUnsafe(c.bytes);
+    const data = this.scratch.subarray(0, c.bytes);
     this.read(set, c.pos, data, 0, c.bytes);
-    return [data];
-  }
-
-  private forget(set: number): void {
-    const m = this.memory.get(set);
-    if (!m) return;
-    for (const parts of m.values()) for (const b of parts) this.memoryBytes -= b.length;
-    this.memory.delete(set);
+    return data;
   }
 
   /** Reads `length` bytes of a complete set's data at `pos` into target. */
@@ -235,7 +225,6 @@ export class InboundArea {
     this.files.get(set)?.close();
     this.files.delete(set);
     this.completeSets.delete(set);
-    this.forget(set);
     if (this.fsys.exists(jsonName(set))) this.fsys.remove(jsonName(set));
     if (this.fsys.exists(partName(set))) this.fsys.remove(partName(set));
   }

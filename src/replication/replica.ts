@@ -14,10 +14,10 @@
 // rest. ackedSet is not stored: it is the end of the chain playedSet → complete sets
 // whose catchUpFrom is the previous one.
 
-import { crc32c } from '@node-rs/crc32';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
 import { assert } from '../util/assert.js';
+import { crc32cParts } from '../util/crc32c-parts.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { RoleRecord, UpstreamRecord } from '../recovery/role-record.js';
@@ -358,9 +358,7 @@ export class ReplicaVolume {
     if (m.zero) {
       w = this.port.playbackZero(m.offsetBytes, m.lengthBytes);
     } else {
-      let crc = 0;
-      for (const d of data) crc = crc32c(d, crc);
-      if (crc >>> 0 !== m.crc >>> 0) {
+      if (crc32cParts(data) !== m.crc >>> 0) {
         // A damaged range: drop the link; the primary resumes from the last durable offset.
         link.close('initial copy checksum mismatch');
         return;
@@ -476,9 +474,9 @@ export class ReplicaVolume {
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
       for (const c of s.chunks) {
-        // The chunk's data as received (socket buffers) or as read back: each run is
-        // written from slices of it, never joined first.
-        const cursor = new PartsCursor(inbound.chunkData(s.set, c));
+        // The chunk's data, read back from the inbound file into one reused buffer: each
+        // run is written from a slice of it.
+        const cursor = new PartsCursor([inbound.chunkData(s.set, c)]);
         const waits: Promise<void>[] = [];
         for (const [b, n] of c.runs) {
           const off = b * bs;

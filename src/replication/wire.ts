@@ -19,6 +19,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { Packr } from 'msgpackr';
 import { ByteQueue } from '../util/byte-queue.js';
+import { crc32cParts } from '../util/crc32c-parts.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 
@@ -516,9 +517,7 @@ export function trailerChecksum(t: Omit<Trailer, 'trailerCrc' | 't'>): number {
  * a flipped data bit and a block sent to the wrong address are both caught.
  */
 export function chunkChecksum(data: Buffer | readonly Buffer[], set: number, chunk: number, runs: Runs): number {
-  let crc = 0;
-  if (Buffer.isBuffer(data)) crc = crc32c(data);
-  else for (const d of data) crc = crc32c(d, crc);
+  const crc = crc32cParts(data);
   const b = Buffer.allocUnsafe(16 + 16 * runs.length);
   writeU64(b, 0, set);
   writeU32(b, 8, chunk);
