@@ -109,6 +109,8 @@ export class OutboundLog {
   private readonly pool: Buffer[] = [];
   /** Chunk buffers taken from the pool rather than allocated (status, tests). */
   chunkBuffersReused = 0;
+  /** Chunk records read back from the file (not in the memory cache any more): status, tests. */
+  chunkFileReads = 0;
 
   private constructor(
     private readonly fsys: DurableFs,
@@ -289,6 +291,7 @@ export class OutboundLog {
   readChunk(c: ChunkPos): Buffer[] {
     const cached = this.cache.get(c.pos);
     if (cached) return cached.parts;
+    this.chunkFileReads++;
     const b = Buffer.allocUnsafe(c.bytes);
     const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
     if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
