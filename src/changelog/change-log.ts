@@ -88,6 +88,13 @@ export class ChangeLog {
     if (!was) throw new AssertionError(`block ${b} copied twice`);
   }
 
+  /** markCopied for blocks start..start+count-1 (each must still wait for its copy). */
+  markCopiedRange(start: number, count: number): void {
+    assert(this.uncopiedMap !== null, 'markCopied while idle');
+    if (this.uncopiedMap.countRange(start, count) !== count) throw new AssertionError(`a block of ${start}+${count} copied twice`);
+    this.uncopiedMap.clearRange(start, count);
+  }
+
   /** The first block at or after `from` that needs no copy (end of a run of uncopied blocks). */
   nextCopiedOrEnd(from: number): number {
     if (this.uncopiedMap === null) return from;

@@ -30,6 +30,13 @@ export const outboundBytesDefault = 1024 * 1024 * 1024;
 export const sendWindowBytes = 256 * 1024 * 1024;
 /** Socket queue the sender keeps filled (more waits for 'drain'). */
 export const socketQueueBytesMax = 8 * 1024 * 1024;
+/** Recent outbound chunk records kept in memory for the senders (a cache of the outbound log file). */
+export const outboundCacheBytesMax = 96 * 1024 * 1024;
+/**
+ * Automatic cuts wait while every shipping sender still has this much of committed sets
+ * to send: with one set being built besides, what a sender sends next is still cached.
+ */
+export const buildAheadBytesMax = 32 * 1024 * 1024;
 /** A cut with a restart-point snapshot waits this long at most for outbound room for its backlog. */
 export const restartPointCutMsMax = 45_000;
 /** The replicator checks its cut triggers this often. */
@@ -64,4 +71,5 @@ assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
 assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
 assert(replicationHeartbeatMs * 2 <= primaryAliveMs && primaryAliveMs < replicationSilenceMs, 'a live primary is heard twice in the alive window');
 assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');
+assert(buildAheadBytesMax + setBytesMax <= outboundCacheBytesMax, 'what a paced sender has yet to send stays in the outbound cache');
 assert(sendWindowBytes >= 2 * setBytesMax, 'the window holds several sets (the link stays busy while one is acknowledged)');

@@ -92,20 +92,27 @@ export class Link {
     this.sendEncoded(encodeFrame(msg, data));
   }
 
-  /** A frame already encoded (a chunk record read from the outbound log), in pieces. */
-  sendEncoded(frame: Buffer[]): void {
-    if (this.closedReason !== null) return;
-    if (frame.length === 1) this.write(frame[0]!);
+  /**
+   * A frame already encoded (a chunk record read from the outbound log), in pieces.
+   * `done` (optional) runs once the connection no longer holds the pieces (or never).
+   */
+  sendEncoded(frame: Buffer[], done?: () => void): void {
+    if (this.closedReason !== null) {
+      done?.();
+      return;
+    }
+    if (frame.length === 1) this.write(frame[0]!, done);
     else {
       this.conn.cork();
-      for (const p of frame) this.write(p);
+      // Writes complete in order: the last one's completion covers the frame.
+      for (let i = 0; i < frame.length; i++) this.write(frame[i]!, i === frame.length - 1 ? done : undefined);
       this.conn.uncork();
     }
   }
 
-  private write(b: Buffer): void {
+  private write(b: Buffer, done?: () => void): void {
     this.bytesSent += b.length;
-    this.conn.write(b);
+    this.conn.write(b, done);
   }
 
   /** Resolves once the connection's queue is below `bytes` (or the link closed). */

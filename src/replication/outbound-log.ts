@@ -21,13 +21,14 @@ import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import type { DeltaSink } from '../volume/volume-engine.js';
 import { encodeFrame, chunkChecksum, framePrefixBytes, FrameDecoder, type Runs, type ReplMessage } from './wire.js';
+import { outboundCacheBytesMax } from './limits.js';
 
 export const OUTBOUND_LOG_FILE = 'outbound.log';
 export const OUTBOUND_INDEX_FILE = 'outbound.json';
 /** Block data per chunk record. */
 export const chunkDataBytesMax = 1024 * 1024;
-/** Recent chunks kept in memory for the senders (a cache of the file). */
-const outboundCacheBytesMax = 96 * 1024 * 1024;
+/** Chunk buffers kept for reuse (each chunkDataBytesMax): fresh 1 MiB buffers cost page faults and major GCs. */
+const chunkBufferPoolMax = 8;
 /** A chunk's frame prefix and message (generous: runs are ~10 bytes each in msgpack). */
 const chunkOverheadBytes = (blocksPerChunk: number) => framePrefixBytes + 128 + 12 * blocksPerChunk;
 
@@ -79,10 +80,37 @@ export function setDataChecksum(chunkCrcs: number[]): number {
   return crc32c(b);
 }
 
+/**
+ * A cached chunk record. Its data part is a view of `owned` (a pooled chunk buffer) when
+ * the log may reuse that buffer: only once it left the cache and no socket holds it
+ * (`lent` counts frames queued on connections and not yet written).
+ */
+interface CachedChunk {
+  parts: Buffer[];
+  bytes: number;
+  owned: Buffer | null;
+  lent: number;
+  cached: boolean;
+}
+
+/** A chunk's frame lent to a sender: call `done` once the connection no longer holds it. */
+export interface LentChunk {
+  parts: Buffer[];
+  done: () => void;
+}
+
+const noop = (): void => undefined;
+
 export class OutboundLog {
   /** Recent chunk frames by position (what senders read next, without a file read). */
-  private readonly cache = new Map<number, { parts: Buffer[]; bytes: number }>();
+  private readonly cache = new Map<number, CachedChunk>();
   private cacheBytes = 0;
+  /** Chunk buffers free for reuse (SetWriter takes them; see CachedChunk). */
+  private readonly pool: Buffer[] = [];
+  /** Chunk buffers taken from the pool rather than allocated (status, tests). */
+  chunkBuffersReused = 0;
+  /** Chunk records read back from the file (not in the memory cache any more): status, tests. */
+  chunkFileReads = 0;
 
   private constructor(
     private readonly fsys: DurableFs,
@@ -180,8 +208,29 @@ export class OutboundLog {
     return new SetWriter(this, set, generation, blockBytes, new PagedBitmap(blocksTotal), partial, this.index.writePos, createdAtMs, firstChangeAtMs);
   }
 
-  /** Writes one record at logical position ≥ pos; returns where it went. */
-  writeRecord(pos: number, parts: Buffer[]): { pos: number; end: number } {
+  /** A buffer for a chunk's data (from the pool when one of this size is free). */
+  chunkBuffer(bytes: number): Buffer {
+    for (let i = this.pool.length - 1; i >= 0; i--) {
+      if (this.pool[i]!.length === bytes) {
+        this.chunkBuffersReused++;
+        return this.pool.splice(i, 1)[0]!;
+      }
+    }
+    return Buffer.allocUnsafe(bytes);
+  }
+
+  private recycle(e: CachedChunk): void {
+    if (e.owned === null || e.cached || e.lent > 0) return;
+    const b = e.owned;
+    e.owned = null;
+    if (this.pool.length < chunkBufferPoolMax) this.pool.push(b);
+  }
+
+  /**
+   * Writes one record at logical position ≥ pos; returns where it went. `owned`: the
+   * pooled buffer the record's data is a view of (the log reuses it when it is done).
+   */
+  writeRecord(pos: number, parts: Buffer[], owned: Buffer | null = null): { pos: number; end: number } {
     let bytes = 0;
     for (const p of parts) bytes += p.length;
     const cap = this.capacityBytes;
@@ -191,11 +240,14 @@ export class OutboundLog {
       throw new DeltavolError('SAVE_AREA_FULL', `outbound save area full (${cap} bytes)`);
     }
     let at = pos % cap;
-    for (const p of parts) {
-      this.file.write(at, p, 0, p.length);
-      at += p.length;
+    if (this.file.writev) this.file.writev(at, parts); // one system call per record
+    else {
+      for (const p of parts) {
+        this.file.write(at, p, 0, p.length);
+        at += p.length;
+      }
     }
-    this.remember(pos, parts, bytes);
+    this.remember(pos, parts, bytes, owned);
     return { pos, end: pos + bytes };
   }
 
@@ -239,16 +291,37 @@ export class OutboundLog {
   readChunk(c: ChunkPos): Buffer[] {
     const cached = this.cache.get(c.pos);
     if (cached) return cached.parts;
+    this.chunkFileReads++;
     const b = Buffer.allocUnsafe(c.bytes);
     const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
     if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
     return [b];
   }
 
+  /**
+   * readChunk for a socket: the parts stay valid until `done` is called (a cached chunk's
+   * buffer is not reused before), so the frame can be queued without a copy.
+   */
+  lendChunk(c: ChunkPos): LentChunk {
+    const e = this.cache.get(c.pos);
+    if (!e) return { parts: this.readChunk(c), done: noop };
+    e.lent++;
+    let returned = false;
+    return {
+      parts: e.parts,
+      done: () => {
+        if (returned) return;
+        returned = true;
+        e.lent--;
+        this.recycle(e);
+      },
+    };
+  }
+
   /** Keeps a just-written record in memory for the senders (bounded, oldest out first). */
-  private remember(pos: number, parts: Buffer[], bytes: number): void {
+  private remember(pos: number, parts: Buffer[], bytes: number, owned: Buffer | null): void {
     this.forgetCached(pos); // a record rewritten after a set that was never committed
-    this.cache.set(pos, { parts, bytes });
+    this.cache.set(pos, { parts, bytes, owned, lent: 0, cached: true });
     this.cacheBytes += bytes;
     while (this.cacheBytes > outboundCacheBytesMax) {
       const oldest = this.cache.keys().next();
@@ -262,6 +335,13 @@ export class OutboundLog {
     if (!e) return;
     this.cacheBytes -= e.bytes;
     this.cache.delete(pos);
+    e.cached = false;
+    this.recycle(e);
+  }
+
+  /** Bytes of chunk records held in memory (status, tests). */
+  get cachedBytes(): number {
+    return this.cacheBytes;
   }
 
   /** The blocks a set carries (read from its chunk headers). */
@@ -344,8 +424,8 @@ export class SetWriter implements DeltaSink {
 
   /** Room in the chunk being filled: the engine reads blocks straight into it (no copy). */
   room(blocks: number): { buffer: Buffer; offset: number; blocks: number } {
-    // A fresh buffer per chunk: the log keeps recent chunks in memory for the senders.
-    this.data ??= Buffer.allocUnsafe(this.perChunk * this.blockBytes);
+    // A buffer per chunk (pooled): the log keeps recent chunks in memory for the senders.
+    this.data ??= this.log.chunkBuffer(this.perChunk * this.blockBytes);
     return { buffer: this.data, offset: this.fill * this.blockBytes, blocks: Math.min(blocks, this.perChunk - this.fill) };
   }
 
@@ -366,7 +446,7 @@ export class SetWriter implements DeltaSink {
     const chunk = this.chunks.length;
     const crc = chunkChecksum(data, this.set, chunk, this.runs);
     const parts = encodeFrame({ t: 'chunk', generation: this.generation, set: this.set, chunk, runs: this.runs, crc }, [data]);
-    const at = this.log.writeRecord(this.pos, parts);
+    const at = this.log.writeRecord(this.pos, parts, this.data);
     this.chunks.push({ pos: at.pos, bytes: at.end - at.pos, crc });
     this.pos = at.end;
     this.fill = 0;

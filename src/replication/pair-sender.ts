@@ -12,7 +12,7 @@ import { DeltavolError, type ErrorCode } from '../util/errors.js';
 import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import type { PairRecord } from '../recovery/role-record.js';
 import { Link } from './link.js';
-import type { OutboundLog } from './outbound-log.js';
+import { chunkDataBytesMax, type ChunkPos, type OutboundLog } from './outbound-log.js';
 import type { PrimaryPort } from './ports.js';
 import type { ReplicationPlatform } from './platform.js';
 import { PROTOCOL_VERSION, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
@@ -94,6 +94,11 @@ export class PairSender {
   lastErrorAtMs: number | null = null;
   initialCopyBytes = 0;
   private initialCopyStartMs = 0;
+  /** In the set-shipping phase of a session (see unsentBytes). */
+  private sending = false;
+  /** The last set this session put on the wire whole, and chunks sent of the next one. */
+  private sentSet = 0;
+  private sentChunks = 0;
 
   constructor(
     private readonly r: PairHost,
@@ -225,6 +230,7 @@ export class PairSender {
         this.link = null;
         this.sessionStartMs = 0;
         this.inflight = [];
+        this.sending = false;
         if (had) this.r.onLinkDown(this.pair);
       }
       if (this.stopped || !this.r.shipping) break;
@@ -392,7 +398,7 @@ export class PairSender {
         const link = this.link;
         if (!s || !link) return;
         const chunks = m.chunk === WHOLE_SET ? s.chunks : s.chunks[m.chunk] ? [s.chunks[m.chunk]!] : [];
-        for (const c of chunks) this.sendBytes(link, this.r.outbound.readChunk(c));
+        for (const c of chunks) this.sendChunk(link, c);
         if (m.chunk === WHOLE_SET) {
           const i = this.inflight.find((x) => x.set === m.set);
           if (i) this.sendTrailer(link, m.set, this.chainFrom(m.set));
@@ -414,9 +420,11 @@ export class PairSender {
     return p.catchUp && p.catchUp.set === set ? p.catchUp.from : set - 1;
   }
 
-  private sendBytes(link: Link, frame: Buffer[]): void {
-    link.sendEncoded(frame);
-    for (const b of frame) this.count(b.length);
+  /** A chunk record from the outbound log, queued without a copy (the log lends its buffer). */
+  private sendChunk(link: Link, c: ChunkPos): void {
+    const lent = this.r.outbound.lendChunk(c);
+    link.sendEncoded(lent.parts, lent.done);
+    for (const b of lent.parts) this.count(b.length);
   }
 
   private count(n: number): void {
@@ -488,6 +496,9 @@ export class PairSender {
     const p = this.pair;
     let sentUpTo = p.ackedSet;
     if (p.catchUp && p.ackedSet < p.catchUp.set) sentUpTo = p.catchUp.from;
+    this.sentSet = sentUpTo;
+    this.sentChunks = 0;
+    this.sending = true;
     while (!link.closed && !this.stopped && this.r.shipping) {
       // A split under way: send nothing new; suspend() tells the replica, then closes the link.
       if (p.operatorSuspended) {
@@ -496,6 +507,7 @@ export class PairSender {
       }
       // Acks may have moved the chain past what this session sent (a resumed session).
       if (p.ackedSet > sentUpTo) sentUpTo = p.ackedSet;
+      this.sentSet = sentUpTo;
       const next = this.r.nextSetFor(p, sentUpTo);
       let inflightBytes = 0;
       for (const i of this.inflight) inflightBytes += i.bytes;
@@ -507,12 +519,32 @@ export class PairSender {
       this.inflight.push({ set: s.set, bytes: s.dataBytes, sentAtMs: this.now() });
       for (const c of s.chunks) {
         if (link.closed) return;
-        this.sendBytes(link, this.r.outbound.readChunk(c));
+        this.sendChunk(link, c);
+        this.sentChunks++;
         await link.drainBelow(L.socketQueueBytesMax);
       }
       this.sendTrailer(link, s.set, next.from);
       sentUpTo = s.set;
+      this.sentSet = s.set;
+      this.sentChunks = 0;
+      // The replicator may be holding a cut back until this sender caught up (buildAheadBytes).
+      this.r.poke();
     }
+  }
+
+  /**
+   * Bytes of committed sets this sender has yet to put on the wire, or null when it is not
+   * shipping sets now (not connected, initial copy, suspended): the replicator builds at
+   * most L.buildAheadBytesMax ahead of a shipping sender, so what it sends is still in
+   * the log's memory cache instead of read back from the file.
+   */
+  unsentBytes(): number | null {
+    if (!this.sending || !this.connected || this.pair.operatorSuspended || this.pair.detached) return null;
+    const log = this.r.outbound;
+    let n = 0;
+    for (const s of log.sets) if (s.set > this.sentSet) n += s.dataBytes;
+    if (this.sentChunks > 0) n -= Math.min(n, this.sentChunks * chunkDataBytesMax);
+    return n;
   }
 
   private sendTrailer(link: Link, set: number, from: number): void {

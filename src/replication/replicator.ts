@@ -408,6 +408,11 @@ export class VolumeReplicator implements PairHost {
     const catchUpWanted = pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
     const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted;
     if (!due) return;
+    // Build just ahead of the link: a set cut while the fastest shipping sender still has
+    // buildAheadBytesMax to send would only be read back from the file (its chunks leave
+    // the log's memory cache first) and cost a buffer per chunk. The changes wait in the
+    // change log meanwhile (durable there as ever); the sender pokes when it moves on.
+    if (!catchUpWanted && this.linkBehind()) return;
     void this.cut({ reason: catchUpWanted ? 'catch-up' : 'trigger' }).then(
       (n) => {
         // A backlog (more than a high-water mark waiting): cut again at once, not at the next tick.
@@ -415,6 +420,16 @@ export class VolumeReplicator implements PairHost {
       },
       (e: Error) => this.log.error({ err: e.message }, 'delta set not built'),
     );
+  }
+
+  /** Every sender shipping sets has at least buildAheadBytesMax still to send (none shipping: false). */
+  private linkBehind(): boolean {
+    let least: number | null = null;
+    for (const s of this.senders.values()) {
+      const n = s.unsentBytes();
+      if (n !== null && (least === null || n < least)) least = n;
+    }
+    return least !== null && least >= L.buildAheadBytesMax;
   }
 
   /** Asks for a cut soon (a catch-up is wanted, or space was freed). */

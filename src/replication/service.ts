@@ -378,7 +378,7 @@ export class ReplicationService implements RecoveryContext {
     return {
       currentSet: r.outbound.lastSet,
       changedBlocksSinceCut: changed,
-      outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length },
+      outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length, cachedBytes: r.outbound.cachedBytes, chunkFileReads: r.outbound.chunkFileReads },
       replicas: r.pairs.map((p) => {
         const s = r.senders.get(p.id);
         const inflight = new Set(s?.inflightSets.map((i) => i.set) ?? []);

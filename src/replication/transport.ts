@@ -18,7 +18,11 @@ export interface Conn {
   readonly peerIdentity: string | null;
   /** Bytes written but not yet taken by the network. */
   readonly writableLength: number;
-  write(b: Buffer): void;
+  /**
+   * Queues b; `done` (optional) runs once the connection no longer needs b (written to the
+   * kernel, or the connection failed), so its owner may reuse it. It may never run.
+   */
+  write(b: Buffer, done?: () => void): void;
   cork(): void;
   uncork(): void;
   /** Stop or restart delivering data (backpressure on the receiving side). */
@@ -99,8 +103,9 @@ export class TcpConn implements Conn {
   get writableLength(): number {
     return this.sock.writableLength;
   }
-  write(b: Buffer): void {
-    this.sock.write(b);
+  write(b: Buffer, done?: () => void): void {
+    if (done) this.sock.write(b, () => done());
+    else this.sock.write(b);
   }
   cork(): void {
     this.sock.cork();

@@ -18,6 +18,12 @@ export interface Fsx {
   willNeed(fd: number, offset: number, length: number): void;
   /** flock(LOCK_EX | LOCK_NB): true if acquired, false if another process holds it. */
   lockExclusive(fd: number): boolean;
+  /**
+   * Reads `count` ranges (ranges[2i] = file offset, ranges[2i+1] = length) one after the
+   * other into target from targetOffset; past the end of the file reads as zeroes.
+   * Returns the bytes placed. (Absent from an addon built before it: callers check.)
+   */
+  preadRanges?(fd: number, target: Buffer, targetOffset: number, ranges: Float64Array, count: number): number;
 }
 
 let cached: Fsx | null | undefined;

@@ -5,9 +5,11 @@
 
 import fs from 'node:fs';
 import type { FileStore } from '../storage/file-store.js';
+import { loadFsx } from '../storage/native.js';
 import type { VolumeData } from './volume-engine.js';
 
 export function fileStoreData(store: FileStore): VolumeData {
+  const fsx = loadFsx();
   return {
     get sizeBytes() {
       return store.sizeBytes;
@@ -23,6 +25,13 @@ export function fileStoreData(store: FileStore): VolumeData {
         done += n;
       }
     },
+    ...(fsx?.preadRanges
+      ? {
+          readRangesSync(ranges: Float64Array, count: number, target: Buffer, targetOffset: number) {
+            fsx.preadRanges!(store.fd, target, targetOffset, ranges, count);
+          },
+        }
+      : {}),
     write: (offset, chunks) => store.write(offset, chunks),
     zero(offset, length, keepAllocated) {
       const r = store.zero(offset, length, keepAllocated ?? false, false);

@@ -64,6 +64,12 @@ export interface VolumeData {
   readonly sizeBytes: number;
   /** Synchronous positional read (whole tracking blocks for copies; page cache hot). */
   readSync(offset: number, target: Buffer, targetOffset: number, length: number): void;
+  /**
+   * Optional: reads `count` ranges (ranges[2i] = offset, ranges[2i+1] = length) one after
+   * the other into target from targetOffset in one call, past the end as zeroes (set
+   * building reads thousands of scattered blocks; one call each costs more than the reads).
+   */
+  readRangesSync?(ranges: Float64Array, count: number, target: Buffer, targetOffset: number): void;
   write(offset: number, chunks: Buffer[]): void | Promise<void>;
   /**
    * The range reads as zeroes afterwards: a hole where the file system allows, or, with
@@ -463,10 +469,47 @@ export class VolumeEngine {
       const bs = this.options.blockBytes;
       const runBuf = Buffer.allocUnsafe(Math.min(perTurn, Math.max(1, Math.floor(COPY_RUN_BYTES_MAX / bs))) * bs);
       const runMax = runBuf.length / bs;
+      let rangeBuf: Float64Array | null = null;
+      const runStart: number[] = [];
+      const runCount: number[] = [];
       let n = 0;
       for (let b = this.changeLog.nextUncopied(0); b >= 0; ) {
         const end = Math.min(this.changeLog.nextCopiedOrEnd(b), b + runMax);
         const count = end - b;
+        if (sink.room && sink.filled && this.data.readRangesSync) {
+          // Straight into the sink's buffer, and many runs per call: gather the runs that
+          // fill the room (up to a turn's worth), read them all at once, then record them.
+          const r = sink.room(perTurn - n);
+          const ranges = (rangeBuf ??= new Float64Array(2 * runMax));
+          let runs = 0;
+          let placed = 0;
+          let at = b;
+          for (;;) {
+            const runEnd = Math.min(this.changeLog.nextCopiedOrEnd(at), at + (r.blocks - placed));
+            runStart[runs] = at;
+            runCount[runs] = runEnd - at;
+            ranges[2 * runs] = at * bs;
+            ranges[2 * runs + 1] = (runEnd - at) * bs;
+            runs++;
+            placed += runEnd - at;
+            at = runEnd;
+            if (placed === r.blocks || runs === runMax) break;
+            at = this.changeLog.nextUncopied(at);
+            if (at < 0) break;
+          }
+          this.data.readRangesSync(ranges, runs, r.buffer, r.offset);
+          for (let i = 0; i < runs; i++) {
+            sink.filled(runStart[i]!, runCount[i]!);
+            this.changeLog.markCopiedRange(runStart[i]!, runCount[i]!);
+          }
+          n += placed;
+          if (n >= perTurn) {
+            n = 0;
+            await yieldToLoop();
+          }
+          b = at < 0 ? -1 : this.changeLog.nextUncopied(at);
+          continue;
+        }
         if (sink.room && sink.filled) {
           // Straight into the sink's buffer (its chunk record): no copy per block.
           for (let at = b; at < end; ) {

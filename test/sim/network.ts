@@ -269,10 +269,14 @@ export class SimConn implements Conn {
     return this.out.queuedBytes;
   }
 
-  write(b: Buffer): void {
-    if (this.closed || b.length === 0) return;
+  write(b: Buffer, done?: () => void): void {
+    if (this.closed || b.length === 0) {
+      done?.();
+      return;
+    }
     this.net.time.activity++;
     const copy = Buffer.from(b); // the caller may reuse its buffer
+    done?.();
     const parts = this.net.chunkCount(copy.length);
     const base = this.net.time.nowMs + Math.ceil(this.net.delay(this.node, this.peer.node));
     const at = Math.max(base, this.out.lastAt);

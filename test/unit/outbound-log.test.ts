@@ -117,6 +117,43 @@ describe('outbound log', () => {
     }
   });
 
+  it('reuses a chunk buffer only once it left the cache and no socket holds it', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
+    try {
+      const log = OutboundLog.open(nodeDurableFs(dir), 8 * MiB);
+      const perChunk = MiB / BS;
+      const writeSet = async (set: number) => {
+        const w = log.beginSet(set, 1, BS, BLOCKS, false, 0, 0);
+        for (let b = 0; b < 2 * perChunk; b++) w.put(b, blockData(set, b));
+        await w.commit();
+        return log.get(set)!;
+      };
+      const s1 = await writeSet(1);
+      expect(log.chunkBuffersReused).toBe(0);
+      // A sender queued chunk 0 on a socket that has not written it yet.
+      const lent = log.lendChunk(s1.chunks[0]!);
+      const sentBytes = Buffer.concat(lent.parts);
+      log.release(1); // both chunks leave the cache; only chunk 1's buffer is free
+      await writeSet(2);
+      expect(log.chunkBuffersReused).toBe(1);
+      expect(Buffer.concat(lent.parts).equals(sentBytes), 'a lent chunk is not overwritten').toBe(true);
+      lent.done();
+      lent.done(); // idempotent
+      log.release(2);
+      await writeSet(3);
+      expect(log.chunkBuffersReused).toBe(3);
+      // What the cache serves is still exactly what is in the file.
+      for (const c of log.get(3)!.chunks) {
+        const f = decode(Buffer.concat(log.lendChunk(c).parts));
+        expect(f.msg.t === 'chunk' && f.msg.set).toBe(3);
+        expect(f.data.subarray(0, BS).equals(blockData(3, f.msg.t === 'chunk' ? f.msg.runs[0]![0] : -1))).toBe(true);
+      }
+      log.close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('refuses a record that does not fit instead of overwriting a kept set', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
     try {

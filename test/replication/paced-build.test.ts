@@ -1,0 +1,52 @@
+// Why: the primary builds delta sets just ahead of the link (issue 11): a set built far
+// ahead of what the sender is sending leaves the outbound log's memory cache before it is
+// sent, and is then read back from the file into a fresh buffer, a copy and a page-faulting
+// allocation per chunk for nothing. A backlog much larger than the cache (suspend, write,
+// resume) must ship with no chunk read back from the file, and arrive whole.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { MiniNbdClient } from '../helpers/nbd-client.js';
+import { replStatus, sha256File, waitInSync } from '../helpers/replication.js';
+
+const MiB = 1024 * 1024;
+
+describe('set building paced by the link', () => {
+  let a: TestDaemon;
+  let b: TestDaemon;
+
+  beforeAll(async () => {
+    [a, b] = await Promise.all([startDaemon({ tmpfs: true }), startDaemon({ tmpfs: true })]);
+  });
+  afterAll(async () => {
+    await Promise.all([a?.dispose(), b?.dispose()]);
+  });
+
+  it('a 320 MiB backlog ships from memory, not read back from the outbound file', async () => {
+    const size = 384 * MiB;
+    const backlog = 320 * MiB; // over 3× the 96 MiB cache
+    await a.api('POST', '/v1/volumes', { name: 'pb', sizeBytes: size });
+    await a.api('POST', '/v1/volumes/pb/replicas', { peer: `127.0.0.1:${b.replPort}` });
+    await waitInSync(a, 'pb');
+    await a.api('POST', '/v1/volumes/pb/replicas/suspend', {});
+    const c = await MiniNbdClient.connect(a.nbdPort, 'pb');
+    const chunk = Buffer.alloc(MiB);
+    for (let off = 0; off < backlog; off += 4 * MiB) {
+      const writes = [];
+      for (let i = 0; i < 4; i++) {
+        chunk.fill(((off / MiB + i) * 37 + 11) & 255);
+        chunk.writeUInt32LE(off + i * MiB, 0);
+        writes.push(c.write(off + i * MiB, Buffer.from(chunk)));
+      }
+      for (const r of await Promise.all(writes)) expect(r.error).toBe(0);
+    }
+    await c.disconnect();
+    await a.api('POST', '/v1/volumes/pb/cut', {});
+    const before = (await replStatus(a, 'pb')).outbound.chunkFileReads;
+    expect(before).toBe(0);
+    await a.api('POST', '/v1/volumes/pb/replicas/resume', {});
+    const s = await waitInSync(a, 'pb', 120_000);
+    expect(s.outbound.chunkFileReads, 'chunks read back from the outbound file').toBe(0);
+    expect(sha256File(b.volumePath('pb'))).toBe(sha256File(a.volumePath('pb')));
+  }, 180_000);
+});

@@ -1,0 +1,44 @@
+// Why: set building reads a delta set's scattered blocks with one native call
+// (fsx.preadRanges); it must place each range one after the other, read past the end of
+// the file as zeroes, and refuse ranges that do not fit the target instead of writing
+// past it.
+import { describe, expect, it } from 'vitest';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadFsx } from '../../src/storage/native.js';
+
+describe('fsx.preadRanges', () => {
+  it('reads ranges back to back, zeroes past the end, refuses what does not fit', () => {
+    const fsx = loadFsx();
+    expect(fsx?.preadRanges, 'the addon (npm run build) has preadRanges').toBeTypeOf('function');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fsx-ranges-'));
+    try {
+      const file = path.join(dir, 'f');
+      const content = Buffer.from(Array.from({ length: 10_000 }, (_, i) => (i * 7 + 3) & 255));
+      fs.writeFileSync(file, content);
+      const fd = fs.openSync(file, 'r');
+      try {
+        const target = Buffer.alloc(9000, 0xaa);
+        const ranges = new Float64Array([4096, 4096, 0, 100, 9_000, 2_000, 5, 0]);
+        const n = fsx!.preadRanges!(fd, target, 10, ranges, 4);
+        expect(n).toBe(4096 + 100 + 2000);
+        expect(target.subarray(0, 10).every((x) => x === 0xaa)).toBe(true);
+        expect(target.subarray(10, 10 + 4096).equals(content.subarray(4096, 8192))).toBe(true);
+        expect(target.subarray(4106, 4206).equals(content.subarray(0, 100))).toBe(true);
+        expect(target.subarray(4206, 4206 + 1000).equals(content.subarray(9000, 10_000))).toBe(true);
+        expect(target.subarray(5206, 6206).every((x) => x === 0)).toBe(true); // past the end
+        expect(target.subarray(6206).every((x) => x === 0xaa)).toBe(true);
+        // Only `count` ranges are read.
+        const one = Buffer.alloc(8);
+        expect(fsx!.preadRanges!(fd, one, 0, new Float64Array([0, 8, 0, 1_000_000]), 1)).toBe(8);
+        expect(() => fsx!.preadRanges!(fd, target, 8_000, new Float64Array([0, 2_000]), 1)).toThrow(/does not fit/);
+        expect(() => fsx!.preadRanges!(fd, target, 0, new Float64Array([0, 8]), 2)).toThrow(/Float64Array/);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
