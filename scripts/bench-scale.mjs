@@ -8,17 +8,22 @@
 //   2. export count sweep: time of `nbdinfo --list` and `qemu-nbd --list` for N exports;
 //   3. snapshot count sweep on a 1 GiB volume: CPU per 4 KiB write with N snapshots
 //      present, and the time to delete the newest snapshot (which saved 256 MiB of
-//      before-images) and a middle one.
+//      before-images) and a middle one;
+//   4. connection count sweep: 4 KiB random reads at queue depth 4 per connection over N
+//      connections, deltavol and nbdkit (file plugin, same 1 GiB file) alternating in one
+//      run: I/O per second of wall time, server CPU per I/O, server RSS.
 // Each size runs in a fresh daemon on tmpfs. CPU comes from /proc (utime+stime), so it is
 // less sensitive to a busy machine than throughput; the growth column compares each size
 // with the first one of the same run.
 // Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--exports 1,40,100]
-//        [--snapshots 1,10,100] [--dir /dev/shm] [--out FILE]
+//        [--snapshots 1,10,100] [--connections 1,8,32,128] [--dir /dev/shm] [--out FILE]
 // Markdown to stdout, then one JSON line; progress to stderr.
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
 import {
-  kit, log, die, cleanupAll, waitFor, snapshotBuild, startDaemon, api, createVolume, run, fio, procCpu, rssMiB, f1, f2, now,
+  kit, log, die, cleanupAll, cleanups, waitFor, snapshotBuild, startDaemon, api, createVolume, run, fio, procCpu, rssMiB, f1, f2, now, freePort,
 } from './bench-lib.mjs';
 
 const KiB = 1024;
@@ -33,6 +38,10 @@ const HELP = `Usage: scripts/bench scale [options]
   --exports LIST   export counts to list with nbdinfo and qemu-nbd (default 1,40,100; 0 = skip).
                    libnbd 1.14 costs ~0.2 s per export on any server (MSG_MORE on its last send)
   --snapshots LIST snapshot counts to sweep on a 1 GiB volume (default 1,10,100; 0 = skip)
+  --connections LIST
+                   connection counts for 4 KiB random reads at qd4 per connection, deltavol
+                   and nbdkit alternating on the same file (default 1,8,32,128; 0 = skip)
+  --conn-seconds N seconds per connection-count job (default 5)
   --dir DIR        base directory of the daemon's data dir (default /dev/shm)
   --out FILE       also write the JSON result to FILE
   -h, --help       this help
@@ -50,7 +59,7 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], dir: '/dev/shm', out: null };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
@@ -59,6 +68,8 @@ for (let i = 0; i < argv.length; i++) {
     case '--writes': opt.writesBytes = parseSize(need()); break;
     case '--exports': opt.exports = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
+    case '--connections': opt.connections = need().split(',').map(Number).filter((n) => n > 0); break;
+    case '--conn-seconds': opt.connSeconds = Number(need()); if (!(opt.connSeconds >= 1 && opt.connSeconds <= 120)) die('--conn-seconds must be 1-120'); break;
     case '--dir': opt.dir = need(); break;
     case '--out': opt.out = path.resolve(need()); break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
@@ -66,6 +77,7 @@ for (let i = 0; i < argv.length; i++) {
   }
 }
 if (!(opt.writesBytes >= 4 * MiB)) die('--writes must be at least 4M');
+if (opt.connections.some((n) => !Number.isInteger(n) || n > 1024)) die('--connections: whole numbers up to 1024');
 Object.assign(kit, { name: 'bench-scale' });
 
 const cli = snapshotBuild();
@@ -105,7 +117,7 @@ for (const sizeBytes of opt.sizes) {
   const dataDir = path.join(work, `size-${sizeBytes}`);
   log(`size ${fmtSize(sizeBytes)}: create, ${fmtSize(opt.writesBytes)} of scattered writes`);
   let d = await startDaemon(cli, 'A', work, { dataDir });
-  await createVolume(d, 'vol', sizeBytes);
+  const created = await createVolume(d, 'vol', sizeBytes);
   const plain = await scatteredWrites(d, opt.writesBytes, 'scattered');
   await api(d, 'POST', '/v1/volumes/vol/snapshots', { name: 's1' });
   const afterSnap = await scatteredWrites(d, opt.writesBytes / 2, 'after-snapshot');
@@ -123,7 +135,7 @@ for (const sizeBytes of opt.sizes) {
   const rssAfterRestart = rssMiB(crash.d.pid);
   await crash.d.stop();
   fs.rmSync(dataDir, { recursive: true, force: true });
-  const row = { sizeBytes, writeCpuUs: plain.cpuUsPerWrite, writeIops: plain.iops, snapWriteCpuUs: afterSnap.cpuUsPerWrite, rssMiB: rss, rssAfterRestartMiB: rssAfterRestart, filesMiB: filesBytes / MiB, restartCleanS: clean.seconds, restartCrashS: crash.seconds };
+  const row = { sizeBytes, trackingBlockBytes: created.trackingBlockBytes, writeCpuUs: plain.cpuUsPerWrite, writeIops: plain.iops, snapWriteCpuUs: afterSnap.cpuUsPerWrite, rssMiB: rss, rssAfterRestartMiB: rssAfterRestart, filesMiB: filesBytes / MiB, restartCleanS: clean.seconds, restartCrashS: crash.seconds };
   log(`  ${JSON.stringify(row)}`);
   sizeRows.push(row);
 }
@@ -175,17 +187,59 @@ for (const n of opt.snapshots) {
   snapRows.push({ snapshots: n, writeCpuUs: w.cpuUsPerWrite, writeIops: w.iops, deleteNewestS: newestS, deleteMiddleS: middleS, rssMiB: rss });
 }
 
+const connRows = [];
+if (opt.connections.length > 0) {
+  // One 1 GiB volume, filled, served by deltavol; nbdkit serves the same data file read-only.
+  const dataDir = path.join(work, 'connections');
+  // All of fio's connections come from 127.0.0.1: lift the per-address cap (64) above the sweep.
+  const connMax = Math.max(...opt.connections);
+  const d = await startDaemon(cli, 'A', work, { dataDir, serveArgs: ['--connections-per-address-max', String(Math.max(64, connMax))] });
+  await createVolume(d, 'vol', 1024 * MiB);
+  await fio('fill', d.uri('vol'), ['--rw=write', '--bs=1M', '--iodepth=8', '--size=1G'], 300_000);
+  const kitPort = await freePort();
+  const nk = spawn('nbdkit', ['-f', '--exit-with-parent', '-r', '-i', '127.0.0.1', '-p', String(kitPort), 'file', path.join(dataDir, 'volumes/vol/data.img')], { stdio: 'ignore' });
+  cleanups.push(() => nk.kill('SIGKILL'));
+  await waitFor('nbdkit', () => new Promise((r) => { const c = net.connect(kitPort, '127.0.0.1', () => { c.destroy(); r(true); }); c.on('error', () => r(false)); }), 10_000);
+  const servers = [{ name: 'deltavol', pid: d.pid, uri: d.uri('vol') }, { name: 'nbdkit', pid: nk.pid, uri: `nbd://127.0.0.1:${kitPort}/` }];
+  for (const n of opt.connections) {
+    const row = { connections: n };
+    for (const s of servers) {
+      log(`connections: ${n}, ${s.name}`);
+      const c0 = procCpu(s.pid);
+      const t0 = now();
+      // fio's nbd engine opens one connection per job; threads keep 128 jobs cheap.
+      const { out } = await run('fio', ['--name=conns', '--ioengine=nbd', `--uri=${s.uri}`, '--output-format=json', '--thread', '--group_reporting', `--numjobs=${n}`,
+        '--rw=randread', '--bs=4k', '--iodepth=4', '--time_based', `--runtime=${opt.connSeconds}`, '--norandommap', '--randrepeat=0'], { timeoutMs: (opt.connSeconds + 120) * 1000 });
+      const wallS = (now() - t0) / 1000;
+      const cpuS = procCpu(s.pid) - c0;
+      const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+      const ios = j.read.total_ios;
+      log(`  ${s.name}: ${ios} I/Os in ${j.read.runtime} ms, fio wall ${wallS.toFixed(1)} s, server CPU ${cpuS.toFixed(1)} s`);
+      // I/O per second of WALL time (fio start to exit, connects included): with many
+      // connections fio's jobs may start staggered (nbdkit's file plugin, busy, took ~30 s to
+      // accept 128 while the first jobs ran), so fio's own per-job iops would overstate.
+      row[s.name] = { iops: ios / wallS, fioIops: j.read.iops, wallS, cpuUsPerIo: (cpuS * 1e6) / ios, cores: cpuS / wallS, rssMiB: rssMiB(s.pid) };
+    }
+    log(`  ${JSON.stringify(row)}`);
+    connRows.push(row);
+  }
+  nk.kill('SIGTERM');
+  await d.stop();
+  fs.rmSync(dataDir, { recursive: true, force: true });
+}
+
 const first = sizeRows[0];
 const lines = [];
 if (sizeRows.length > 0) {
   lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs)`, '');
-  lines.push('| volume | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
-  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  lines.push('| volume | tracking block | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
+  lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
   for (const r of sizeRows) {
     const g = r.writeCpuUs / first.writeCpuUs;
     const gs = r.snapWriteCpuUs / first.snapWriteCpuUs;
-    lines.push(`| ${fmtSize(r.sizeBytes)} | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
+    lines.push(`| ${fmtSize(r.sizeBytes)} | ${r.trackingBlockBytes / KiB} KiB | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
   }
+  lines.push('', 'A volume holds at most 2^32 - 1 tracking blocks: from 16 TiB on the default tracking block is 8 KiB, so 4 KiB writes there are partial blocks.');
   lines.push('', `Goals: CPU growth ≤ ${GOALS.cpuGrowth}× the smallest size; restart ≤ ${GOALS.restartSeconds} s plus time proportional to the data written.`);
 }
 if (exportRows.length > 0) {
@@ -200,8 +254,19 @@ if (snapRows.length > 0) {
   }
   lines.push('', `Goal: deleting any snapshot ≤ ${GOALS.snapshotDeleteSeconds} s.`);
 }
+if (connRows.length > 0) {
+  const c1 = connRows[0];
+  lines.push('', `### Connection count (4 KiB random reads, qd4 per connection, ${opt.connSeconds} s each, 1 GiB on tmpfs, deltavol and nbdkit alternating)`, '');
+  lines.push('| connections | deltavol I/O per wall s | nbdkit I/O per wall s | deltavol / nbdkit | deltavol CPU µs / I/O | growth | nbdkit CPU µs / I/O | deltavol cores | nbdkit cores | deltavol RSS MiB | nbdkit RSS MiB |');
+  lines.push('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  for (const r of connRows) {
+    const a = r.deltavol;
+    const b = r.nbdkit;
+    lines.push(`| ${r.connections} | ${Math.round(a.iops)} | ${Math.round(b.iops)} | ${f2(a.iops / b.iops)} | ${f1(a.cpuUsPerIo)} | ${f2(a.cpuUsPerIo / c1.deltavol.cpuUsPerIo)} | ${f1(b.cpuUsPerIo)} | ${f2(a.cores)} | ${f2(b.cores)} | ${f1(a.rssMiB)} | ${f1(b.rssMiB)} |`);
+  }
+}
 console.log(lines.join('\n'));
-const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows, snapshots: snapRows };
+const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows, snapshots: snapRows, connections: connRows };
 console.log(JSON.stringify(result));
 if (opt.out) fs.writeFileSync(opt.out, JSON.stringify(result, null, 2));
 await cleanupAll();

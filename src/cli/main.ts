@@ -213,7 +213,7 @@ export function buildProgram(): Command {
     .requiredOption('--size <size>', 'size, e.g. 1G, 512MiB, 10737418240 (a multiple of 512 bytes)')
     .option('--read-only', 'export it read-only')
     .option('--description <text>', 'shown to NBD clients that list exports (printable text, no control characters)')
-    .option('--tracking-block <size>', 'change-tracking block size, power of two 4K-1M', '4K')
+    .option('--tracking-block <size>', 'change-tracking block size, power of two 4K-1M (default 4K, or larger for volumes over 16 TiB - 4 KiB so they stay within 2^32 - 1 blocks)')
     .option('--snapshot-space <size>', 'most space one snapshot may use for before-images; past it that snapshot becomes invalid (default: the volume size)')
     .option('--json', 'print JSON')
     .action(async (name: string, opts, cmd: Command) => {
@@ -222,7 +222,7 @@ export function buildProgram(): Command {
         sizeBytes: size(opts.size),
         readOnly: Boolean(opts.readOnly),
         description: opts.description ?? '',
-        trackingBlockBytes: size(opts.trackingBlock),
+        ...(opts.trackingBlock ? { trackingBlockBytes: size(opts.trackingBlock) } : {}),
         ...(opts.snapshotSpace ? { snapshotSpaceBytes: size(opts.snapshotSpace) } : {}),
       });
       print(opts.json, v, () => `created ${volumeLine(v)}`);

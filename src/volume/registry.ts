@@ -13,7 +13,8 @@ import { FileStore } from '../storage/file-store.js';
 import { DATA_FILE, META_FILE, Volume, type VolumeIoOptions } from './volume.js';
 import {
   parseVolumeMeta,
-  TRACKING_BLOCK_BYTES_DEFAULT,
+  trackingBlockBytesFor,
+  validateBlockCount,
   validateTrackingBlock,
   validateVolumeName,
   validateVolumeSize,
@@ -89,8 +90,9 @@ export class VolumeRegistry {
     validateVolumeName(options.name);
     validateVolumeSize(options.sizeBytes);
     if (options.description !== undefined) validateDescription(options.description);
-    const trackingBlockBytes = options.trackingBlockBytes ?? TRACKING_BLOCK_BYTES_DEFAULT;
+    const trackingBlockBytes = options.trackingBlockBytes ?? trackingBlockBytesFor(options.sizeBytes);
     validateTrackingBlock(trackingBlockBytes);
+    validateBlockCount(options.sizeBytes, trackingBlockBytes);
     if (options.snapshotSpaceBytes !== undefined && !(Number.isSafeInteger(options.snapshotSpaceBytes) && options.snapshotSpaceBytes >= trackingBlockBytes)) {
       throw new DeltavolError('BAD_SIZE', `snapshot space must be at least one tracking block (${trackingBlockBytes} bytes)`);
     }
@@ -128,6 +130,7 @@ export class VolumeRegistry {
   async resize(name: string, sizeBytes: number): Promise<Volume> {
     const v = this.require(name);
     validateVolumeSize(sizeBytes);
+    validateBlockCount(sizeBytes, v.blockBytes);
     await v.updateMeta({ sizeBytes });
     this.log.info({ volume: name, sizeBytes }, 'volume resized');
     return v;

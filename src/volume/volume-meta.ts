@@ -8,6 +8,42 @@ export const VOLUME_FORMAT_VERSION = 1;
 /** Volume sizes are multiples of this (the minimum NBD block size we advertise). */
 export const VOLUME_SIZE_ALIGN_BYTES = 512;
 export const TRACKING_BLOCK_BYTES_DEFAULT = 4096;
+/**
+ * Most tracking blocks a volume may have: block indexes are unsigned 32-bit in the
+ * engine's bitmaps, block maps (0xffffffff marks an empty cell) and records.
+ */
+export const TRACKING_BLOCKS_MAX = 2 ** 32 - 1;
+
+/** Largest tracking block (the engine copies whole tracking blocks on copy-on-write). */
+export const TRACKING_BLOCK_BYTES_MAX = 1024 * 1024;
+
+/**
+ * Tracking block size for a new volume when none is asked for: the default (4 KiB), or
+ * the smallest larger power of two that keeps the volume within TRACKING_BLOCKS_MAX
+ * blocks (8 KiB from 16 TiB, 16 KiB from 32 TiB, 32 KiB from 64 TiB), at most
+ * TRACKING_BLOCK_BYTES_MAX.
+ */
+export function trackingBlockBytesFor(sizeBytes: number): number {
+  let bytes = TRACKING_BLOCK_BYTES_DEFAULT;
+  while (Math.ceil(sizeBytes / bytes) > TRACKING_BLOCKS_MAX && bytes < TRACKING_BLOCK_BYTES_MAX) bytes *= 2;
+  return bytes;
+}
+
+/** A volume of sizeBytes must fit in TRACKING_BLOCKS_MAX blocks of trackingBlockBytes. */
+export function validateBlockCount(sizeBytes: number, trackingBlockBytes: number): void {
+  if (Math.ceil(sizeBytes / trackingBlockBytes) <= TRACKING_BLOCKS_MAX) return;
+  const sizeBytesMax = TRACKING_BLOCKS_MAX * trackingBlockBytes;
+  const needed = trackingBlockBytesFor(sizeBytes);
+  const hint =
+    Math.ceil(sizeBytes / needed) <= TRACKING_BLOCKS_MAX
+      ? `a volume of ${sizeBytes} bytes needs tracking blocks of at least ${needed} bytes`
+      : `${sizeBytes} bytes is more than any tracking block size allows (at most ${TRACKING_BLOCKS_MAX * TRACKING_BLOCK_BYTES_MAX} bytes)`;
+  throw new DeltavolError(
+    'BAD_SIZE',
+    `volume size ${sizeBytes} is over ${sizeBytesMax} bytes, the most ${TRACKING_BLOCKS_MAX} tracking blocks of ${trackingBlockBytes} bytes hold; ${hint}`,
+    { sizeBytesMax, trackingBlockBytesMin: needed },
+  );
+}
 
 export interface VolumeMeta {
   formatVersion: number;
@@ -62,7 +98,7 @@ export function validateVolumeSize(sizeBytes: number): void {
 }
 
 export function validateTrackingBlock(bytes: number): void {
-  if (!Number.isInteger(bytes) || bytes < 4096 || bytes > 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
+  if (!Number.isInteger(bytes) || bytes < TRACKING_BLOCK_BYTES_DEFAULT || bytes > TRACKING_BLOCK_BYTES_MAX || (bytes & (bytes - 1)) !== 0) {
     throw new DeltavolError('BAD_SIZE', `tracking block size must be a power of two from 4 KiB to 1 MiB, got ${bytes}`);
   }
 }
