@@ -352,8 +352,8 @@ export class BitmapFile {
   /** Stages page p (null = all zeroes) as a record. Durable after sync(). */
   writePage(p: number, words: Readonly<Uint32Array> | null): void {
     if (!(p >= 0 && p < this.pageCount)) throw new AssertionError(`page ${p} outside bitmap file`);
-    assert(!this.mustRewrite, 'repair() a reopened bitmap file before writing to it');
     this.checkFailed();
+    assert(!this.mustRewrite, 'repair() a reopened bitmap file before writing to it');
     const [encoding, payloadBytes] = encodePage(words, this.payload);
     const old = this.latest.get(p);
     if (old === undefined) {
