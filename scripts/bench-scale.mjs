@@ -35,6 +35,7 @@ const HELP = `Usage: scripts/bench scale [options]
   --snapshots LIST snapshot counts to sweep on a 1 GiB volume (default 1,10,100; 0 = skip)
   --dir DIR        base directory of the daemon's data dir (default /dev/shm)
   --out FILE       also write the JSON result to FILE
+  --node-args "A"  extra node arguments for the daemon (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   -h, --help       this help
 
 About 1-2 minutes per size with the defaults. Markdown to stdout, then one JSON line.`;
@@ -50,7 +51,7 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], dir: '/dev/shm', out: null };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], dir: '/dev/shm', out: null, nodeArgs: [] };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
@@ -61,12 +62,13 @@ for (let i = 0; i < argv.length; i++) {
     case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--dir': opt.dir = need(); break;
     case '--out': opt.out = path.resolve(need()); break;
+    case '--node-args': opt.nodeArgs = need().split(/\s+/).filter(Boolean); break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
     default: die(`unknown option ${a} (see --help)`);
   }
 }
 if (!(opt.writesBytes >= 4 * MiB)) die('--writes must be at least 4M');
-Object.assign(kit, { name: 'bench-scale' });
+Object.assign(kit, { name: 'bench-scale', nodeArgs: opt.nodeArgs });
 
 const cli = snapshotBuild();
 const work = fs.mkdtempSync(path.join(opt.dir, 'deltavol-bench-scale-'));

@@ -11,8 +11,8 @@
 //   [0, 512)  header: magic "DVBF" u32, version 2 u32, bitsTotal lo u32, bitsTotal hi u32,
 //             pageBytes u32, crc32c u32 of the first 20 bytes, zeros. One sector: grow()
 //             rewrites it in place, and a sector is written whole or not at all.
-//   then records back to back: magic "DVBR" u32, seq u32, page u32, encoding u16, zero u16,
-//             payloadBytes u32, crc32c u32 of the first 20 bytes and the payload; payload.
+//   then records back to back: crc32c u32 of the rest of the record, magic "DVBR" u32,
+//             seq u32, page u32, encoding u16, zero u16, payloadBytes u32, payload.
 //   Encodings: 0 zero (no payload), 1 offsets (ascending u16 bit offsets in the page),
 //             2 runs (start u16, count-1 u16, ascending and apart), 3 dense (4096 bytes).
 //   The smallest encoding is chosen. seq starts at 0 after the header and counts by one.
@@ -143,18 +143,18 @@ function encodePage(words: Readonly<Uint32Array> | null, out: Buffer): [number, 
   return [ENC_DENSE, BITMAP_PAGE_BYTES];
 }
 
-/** Decodes a payload into `words` (overwritten); false when it is malformed. */
-function decodePage(encoding: number, payload: Buffer, words: Uint32Array): boolean {
+/** Decodes the payload src[from, to) into `words` (overwritten); false when it is malformed. */
+function decodePage(encoding: number, src: Buffer, from: number, to: number, words: Uint32Array): boolean {
   words.fill(0);
-  const n = payload.length;
+  const n = to - from;
   switch (encoding) {
     case ENC_ZERO:
       return n === 0;
     case ENC_OFFSETS: {
       if (n % 2 !== 0 || n === 0) return false;
       let prev = -1;
-      for (let i = 0; i < n; i += 2) {
-        const o = payload.readUInt16LE(i);
+      for (let i = from; i < to; i += 2) {
+        const o = src.readUInt16LE(i);
         if (o <= prev) return false;
         words[o >>> 5]! |= 1 << (o & 31);
         prev = o;
@@ -164,9 +164,9 @@ function decodePage(encoding: number, payload: Buffer, words: Uint32Array): bool
     case ENC_RUNS: {
       if (n % 4 !== 0 || n === 0) return false;
       let end = -1; // first bit after the previous run
-      for (let i = 0; i < n; i += 4) {
-        const start = payload.readUInt16LE(i);
-        const count = payload.readUInt16LE(i + 2) + 1;
+      for (let i = from; i < to; i += 4) {
+        const start = src.readUInt16LE(i);
+        const count = src.readUInt16LE(i + 2) + 1;
         if (start <= end || start + count > BITMAP_PAGE_BITS) return false;
         setBitsInWords(words, start, count);
         end = start + count;
@@ -175,11 +175,28 @@ function decodePage(encoding: number, payload: Buffer, words: Uint32Array): bool
     }
     case ENC_DENSE:
       if (n !== BITMAP_PAGE_BYTES) return false;
-      payload.copy(Buffer.from(words.buffer, words.byteOffset, BITMAP_PAGE_BYTES));
+      src.copy(Buffer.from(words.buffer, words.byteOffset, BITMAP_PAGE_BYTES), 0, from, to);
       return true;
     default:
       return false;
   }
+}
+
+/**
+ * Writes a record at out[at..) with the payload src[from, to) (src[from - 1] is not read);
+ * returns its length.
+ */
+function putRecord(out: Buffer, at: number, seq: number, p: number, encoding: number, src: Buffer, from: number, to: number): number {
+  const end = at + RECORD_HEADER_BYTES + to - from;
+  out.writeUInt32LE(RECORD_MAGIC, at + 4);
+  out.writeUInt32LE(seq % 2 ** 32, at + 8);
+  out.writeUInt32LE(p, at + 12);
+  out.writeUInt16LE(encoding, at + 16);
+  out.writeUInt16LE(0, at + 18);
+  out.writeUInt32LE(to - from, at + 20);
+  src.copy(out, at + RECORD_HEADER_BYTES, from, to);
+  out.writeUInt32LE(crc32c(out.subarray(at + 4, end)), at);
+  return end - at;
 }
 
 function header(bitsTotal: number): Buffer {
@@ -281,22 +298,20 @@ export class BitmapFile {
         have += file.read(chunkPos + have, chunk, have, chunk.length - have);
       }
       if (have - at < RECORD_HEADER_BYTES) break;
-      const r = chunk.subarray(at);
-      if (r.readUInt32LE(0) !== RECORD_MAGIC || r.readUInt32LE(4) !== bf.seq % 2 ** 32) break;
-      const payloadBytes = r.readUInt32LE(16);
-      if (payloadBytes > BITMAP_PAGE_BYTES || have - at < RECORD_HEADER_BYTES + payloadBytes) break;
-      const crc = crc32c(r.subarray(RECORD_HEADER_BYTES, RECORD_HEADER_BYTES + payloadBytes), crc32c(r.subarray(0, 20)));
-      if (crc !== r.readUInt32LE(20)) break;
+      if (chunk.readUInt32LE(at + 4) !== RECORD_MAGIC || chunk.readUInt32LE(at + 8) !== bf.seq % 2 ** 32) break;
+      const payloadBytes = chunk.readUInt32LE(at + 20);
+      const end = at + RECORD_HEADER_BYTES + payloadBytes;
+      if (payloadBytes > BITMAP_PAGE_BYTES || end > have) break;
+      if (crc32c(chunk.subarray(at + 4, end)) !== chunk.readUInt32LE(at)) break;
       // A record that checks is what this code wrote: anything odd in it is corruption.
-      const p = r.readUInt32LE(8);
-      const encoding = r.readUInt16LE(12);
-      const payload = r.subarray(RECORD_HEADER_BYTES, RECORD_HEADER_BYTES + payloadBytes);
+      const p = chunk.readUInt32LE(at + 12);
+      const encoding = chunk.readUInt16LE(at + 16);
       if (p >= bitmap.pageTotal) throw bad(`record for page ${p} past the end`);
-      if (!decodePage(encoding, payload, words)) throw bad(`malformed record for page ${p}`);
+      if (!decodePage(encoding, chunk, at + RECORD_HEADER_BYTES, end, words)) throw bad(`malformed record for page ${p}`);
       bitmap.loadPage(p, words);
-      bf.remember(p, encoding, payload);
+      bf.remember(p, encoding, chunk, at + RECORD_HEADER_BYTES, end);
       bf.seq++;
-      at += RECORD_HEADER_BYTES + payloadBytes;
+      at = end;
     }
     bf.logEnd = chunkPos + at;
     bitmap.takeDirtyPages();
@@ -309,24 +324,24 @@ export class BitmapFile {
     bf.mustRewrite = true;
     bitmap.forEachPage((p, words) => {
       const [encoding, payloadBytes] = encodePage(words, bf.payload);
-      bf.remember(p, encoding, bf.payload.subarray(0, payloadBytes));
+      bf.remember(p, encoding, bf.payload, 0, payloadBytes);
     });
     return bf;
   }
 
   /** Records page p's latest record (what compaction writes) and keeps liveBytes. */
-  private remember(p: number, encoding: number, payload: Buffer): void {
+  private remember(p: number, encoding: number, src: Buffer, from: number, to: number): void {
     const old = this.latest.get(p);
     if (old !== undefined) this.liveBytes -= RECORD_HEADER_BYTES + old.length - 1;
     if (encoding === ENC_ZERO) {
       this.latest.delete(p);
       return;
     }
-    const kept = Buffer.allocUnsafe(1 + payload.length);
+    const kept = Buffer.allocUnsafe(1 + to - from);
     kept[0] = encoding;
-    payload.copy(kept, 1);
+    src.copy(kept, 1, from, to);
     this.latest.set(p, kept);
-    this.liveBytes += RECORD_HEADER_BYTES + payload.length;
+    this.liveBytes += RECORD_HEADER_BYTES + to - from;
   }
 
   /**
@@ -361,9 +376,8 @@ export class BitmapFile {
     } else if (old[0] === encoding && old.length === payloadBytes + 1 && this.payload.compare(old, 1, old.length, 0, payloadBytes) === 0) {
       return; // the latest record already says this
     }
-    const payload = this.payload.subarray(0, payloadBytes);
-    this.append(p, encoding, payload);
-    this.remember(p, encoding, payload);
+    this.append(p, encoding, payloadBytes);
+    this.remember(p, encoding, this.payload, 0, payloadBytes);
   }
 
   /** Stages page p computed by the caller into `scratch()` (avoids a copy for unions). */
@@ -402,8 +416,9 @@ export class BitmapFile {
     return run;
   }
 
-  private append(p: number, encoding: number, payload: Buffer): void {
-    const bytes = RECORD_HEADER_BYTES + payload.length;
+  /** Appends a record whose payload is this.payload[0, payloadBytes). */
+  private append(p: number, encoding: number, payloadBytes: number): void {
+    const bytes = RECORD_HEADER_BYTES + payloadBytes;
     if (this.appendUsed + bytes > this.appendBuf.length) {
       try {
         this.flushAppends();
@@ -411,16 +426,7 @@ export class BitmapFile {
         throw this.fail(e);
       }
     }
-    const r = this.appendBuf.subarray(this.appendUsed, this.appendUsed + bytes);
-    r.writeUInt32LE(RECORD_MAGIC, 0);
-    r.writeUInt32LE(this.seq % 2 ** 32, 4);
-    r.writeUInt32LE(p, 8);
-    r.writeUInt16LE(encoding, 12);
-    r.writeUInt16LE(0, 14);
-    r.writeUInt32LE(payload.length, 16);
-    payload.copy(r, RECORD_HEADER_BYTES);
-    r.writeUInt32LE(crc32c(payload, crc32c(r.subarray(0, 20))), 20);
-    this.appendUsed += bytes;
+    this.appendUsed += putRecord(this.appendBuf, this.appendUsed, this.seq, p, encoding, this.payload, 0, payloadBytes);
     this.seq++;
   }
 
@@ -483,16 +489,7 @@ export class BitmapFile {
           pos += used;
           used = 0;
         }
-        const r = chunk.subarray(used, used + bytes);
-        r.writeUInt32LE(RECORD_MAGIC, 0);
-        r.writeUInt32LE(seq++ % 2 ** 32, 4);
-        r.writeUInt32LE(p, 8);
-        r.writeUInt16LE(kept[0]!, 12);
-        r.writeUInt16LE(0, 14);
-        r.writeUInt32LE(kept.length - 1, 16);
-        kept.copy(r, RECORD_HEADER_BYTES, 1);
-        r.writeUInt32LE(crc32c(r.subarray(RECORD_HEADER_BYTES), crc32c(r.subarray(0, 20))), 20);
-        used += bytes;
+        used += putRecord(chunk, used, seq++, p, kept[0]!, kept, 1, kept.length);
       }
       if (used > 0) tmp.write(pos, chunk, 0, used);
       pos += used;
