@@ -393,4 +393,19 @@ describe('ActivityLog', () => {
     // The last one ensured is certainly among them.
     expect(hotAtOpen.length).toBeGreaterThan(0);
   });
+
+  it('evicts cold extents in batches: writes to 1000 distinct extents cost one checkpoint per hotMax/8 of them', async () => {
+    const fsys = new SimFs();
+    let checkpoints = 0;
+    const log = await ActivityLog.create(fsys, 'al', { extentsTotal: 100_000, extentBytes: 4 << 20, hotMax: 64, checkpoint: async () => void checkpoints++ });
+    for (let e = 0; e < 1000; e++) {
+      const w = log.ensure(e * 97, e * 97);
+      if (w) await w;
+      log.invariants();
+      expect(log.hotExtents).toBeLessThanOrEqual(64);
+    }
+    // 936 extents had to leave; 8 at a time (one per write before).
+    expect(checkpoints).toBeLessThanOrEqual(Math.ceil(936 / 8) + 1);
+    expect(checkpoints).toBeGreaterThan(0);
+  });
 });
