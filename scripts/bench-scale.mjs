@@ -44,6 +44,7 @@ const HELP = `Usage: scripts/bench scale [options]
   --conn-seconds N seconds per connection-count job (default 5)
   --dir DIR        base directory of the daemon's data dir (default /dev/shm)
   --out FILE       also write the JSON result to FILE
+  --node-args "A"  extra node arguments for the daemon (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   -h, --help       this help
 
 About 1-2 minutes per size with the defaults. Markdown to stdout, then one JSON line.`;
@@ -59,7 +60,7 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null, nodeArgs: [] };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
@@ -72,13 +73,14 @@ for (let i = 0; i < argv.length; i++) {
     case '--conn-seconds': opt.connSeconds = Number(need()); if (!(opt.connSeconds >= 1 && opt.connSeconds <= 120)) die('--conn-seconds must be 1-120'); break;
     case '--dir': opt.dir = need(); break;
     case '--out': opt.out = path.resolve(need()); break;
+    case '--node-args': opt.nodeArgs = need().split(/\s+/).filter(Boolean); break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
     default: die(`unknown option ${a} (see --help)`);
   }
 }
 if (!(opt.writesBytes >= 4 * MiB)) die('--writes must be at least 4M');
 if (opt.connections.some((n) => !Number.isInteger(n) || n > 1024)) die('--connections: whole numbers up to 1024');
-Object.assign(kit, { name: 'bench-scale' });
+Object.assign(kit, { name: 'bench-scale', nodeArgs: opt.nodeArgs });
 
 const cli = snapshotBuild();
 const work = fs.mkdtempSync(path.join(opt.dir, 'deltavol-bench-scale-'));

@@ -41,6 +41,14 @@ const activityExtentsMax = 1000;
 const activityRecordBytes = 4096;
 assert(activityRecordBytes >= 32 + activityExtentsMax * 4, 'the whole hot set fits one activity record');
 
+/**
+ * A full log evicts at least hotMax / this many extents at once (125 of 1000): one
+ * checkpoint then covers the bits of many extents, and the next writes to cold extents find
+ * room without one. Evicting only what a round needed made scattered writes over a large
+ * volume (every write to an extent of its own) pay a checkpoint (three fsyncs) per write.
+ */
+const activityEvictBatchDivisor = 8;
+
 const MAGIC = 0x4c415644; // "DVAL"
 const VERSION = 1;
 
@@ -222,7 +230,7 @@ export class ActivityLog {
     const joining = [...need].filter((e) => !this.hot.test(e));
     if (joining.length === 0) return; // an earlier round made them hot
     const overflow = this.hotCount + joining.length - this.hotMax;
-    if (overflow > 0) await this.evict(overflow, need);
+    if (overflow > 0) await this.evict(overflow, Math.ceil(this.hotMax / activityEvictBatchDivisor), need);
     const extents: number[] = [];
     for (let i = 0; i < this.hotCount; i++) extents.push(this.hotList[i]!);
     for (const e of joining) extents.push(e);
@@ -233,11 +241,16 @@ export class ActivityLog {
     }
   }
 
-  /** Second-chance clock: recently referenced extents survive one sweep; `keep` ones are not evicted. */
-  private async evict(count: number, keep: Set<number>): Promise<void> {
+  /**
+   * Evicts at least `needed` extents, and up to `batch` when that many are not in `keep`
+   * (second-chance clock: recently referenced extents survive one sweep; `keep` ones are
+   * not evicted), behind one checkpoint.
+   */
+  private async evict(needed: number, batch: number, keep: Set<number>): Promise<void> {
     let candidates = 0;
     for (let i = 0; i < this.hotCount; i++) if (!keep.has(this.hotList[i]!)) candidates++;
-    assert(count <= candidates, 'evict more than the extents no waiting write needs');
+    assert(needed <= candidates, 'evict more than the extents no waiting write needs');
+    const count = Math.min(candidates, Math.max(needed, batch));
     const leaving: number[] = [];
     while (leaving.length < count) {
       if (this.clockHand >= this.hotCount) this.clockHand = 0;

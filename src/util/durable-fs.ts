@@ -48,6 +48,11 @@ export interface DurableFs {
   open(name: string, create: boolean): DurableFile;
   exists(name: string): boolean;
   remove(name: string): void;
+  /**
+   * Renames `from` over `to` atomically and durably (the directory is synced before this
+   * returns); the file's own unsynced writes stay unsynced. Open handles follow the file.
+   */
+  rename(from: string, to: string): void;
   /** Replaces a whole small file atomically and durably (manifests). */
   writeAtomic(name: string, data: Uint8Array): void;
   /** The whole file, or null if it does not exist. */
@@ -128,6 +133,10 @@ export function nodeDurableFs(dir: string): DurableFs {
     exists: (name) => fs.existsSync(at(name)),
     remove(name) {
       fs.rmSync(at(name), { force: true });
+      fsyncDirSync(dir);
+    },
+    rename(from, to) {
+      fs.renameSync(at(from), at(to));
       fsyncDirSync(dir);
     },
     writeAtomic: (name, data) => writeFileAtomicSync(at(name), Buffer.from(data.buffer, data.byteOffset, data.byteLength)),

@@ -126,6 +126,13 @@ export class SimFs implements DurableFs {
   remove(name: string): void {
     this.files.delete(name);
   }
+  /** Atomic and durable at once (the real one syncs the directory); pending writes move along. */
+  rename(from: string, to: string): void {
+    const st = this.files.get(from);
+    if (!st) throw Object.assign(new Error(`ENOENT: ${from}`), { code: 'ENOENT' });
+    this.files.delete(from);
+    this.files.set(to, st);
+  }
   writeAtomic(name: string, data: Uint8Array): void {
     const st = this.files.get(name) ?? new SimFileState();
     st.durable = Buffer.from(data);

@@ -121,6 +121,10 @@ export class LatentFs implements DurableFs {
     this.lat.touch();
     this.inner.remove(name);
   }
+  rename(from: string, to: string): void {
+    this.lat.touch();
+    this.inner.rename(from, to);
+  }
   writeAtomic(name: string, data: Uint8Array): void {
     this.lat.touch();
     this.inner.writeAtomic(name, data);

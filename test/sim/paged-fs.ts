@@ -171,6 +171,13 @@ export class PagedFs implements DurableFs {
   remove(name: string): void {
     this.files.delete(name);
   }
+  /** Atomic and durable at once (the real one syncs the directory); pending writes move along. */
+  rename(from: string, to: string): void {
+    const st = this.files.get(from);
+    if (!st) throw Object.assign(new Error(`ENOENT: ${from}`), { code: 'ENOENT' });
+    this.files.delete(from);
+    this.files.set(to, st);
+  }
   writeAtomic(name: string, data: Uint8Array): void {
     const st = new FileState();
     st.durable.write(0, Buffer.from(data));

@@ -1,12 +1,16 @@
-// Why: a bitmap file must reload, after a crash at any point, as a page-for-page choice
-// between what was durable and what was being written; never a torn mix and never older
-// than the last completed sync. The activity log must reload with a superset of the
-// extents whose commits completed, and group many joins into one record.
+// Why: a bitmap file must reload, after a crash at any point (compaction included), as a
+// page-for-page choice between what was durable and what was being written; never a torn
+// mix and never older than the last completed sync; and its size must follow what was
+// written, not the bitmap's size. Version 1 files must still open. The activity log must
+// reload with a superset of the extents whose commits completed, group many joins into
+// one record, and evict cold extents in batches.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { BitmapFile } from '../../../src/bitmap/bitmap-file.js';
+import { crc32c } from '@node-rs/crc32';
+import { BitmapFile, type BitmapFileOptions } from '../../../src/bitmap/bitmap-file.js';
 import { ActivityLog } from '../../../src/bitmap/activity-log.js';
-import { BITMAP_PAGE_BITS, PagedBitmap } from '../../../src/bitmap/paged-bitmap.js';
+import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, PagedBitmap } from '../../../src/bitmap/paged-bitmap.js';
+import type { DurableFs } from '../../../src/util/durable-fs.js';
 import { SimFs } from '../../helpers/sim-fs.js';
 import { prng, testSeed } from '../../helpers/seed.js';
 
@@ -14,7 +18,58 @@ const BITS = BITMAP_PAGE_BITS * 4 + 77;
 
 function pageKey(bm: PagedBitmap, p: number): string {
   const page = bm.page(p);
-  return page ? Buffer.from(page.buffer, page.byteOffset, page.byteLength).toString('base64') : '';
+  if (page === null) return '';
+  const key = Buffer.from(page.buffer, page.byteOffset, page.byteLength);
+  return key.equals(Buffer.alloc(BITMAP_PAGE_BYTES)) ? '' : key.toString('base64');
+}
+
+/** `inner` seen through a DurableFs that calls step() around every write, sync, rename and removal. */
+function steppedFs(inner: SimFs, step: () => void): DurableFs {
+  return {
+    open(name, create) {
+      step();
+      const f = inner.open(name, create);
+      return {
+        name: f.name,
+        sizeBytes: () => f.sizeBytes(),
+        read: (position, target, offset, length) => f.read(position, target, offset, length),
+        write(position, source, offset, length) {
+          step();
+          f.write(position, source, offset, length);
+          step();
+        },
+        truncate(sizeBytes) {
+          step();
+          f.truncate(sizeBytes);
+          step();
+        },
+        async sync() {
+          step();
+          await f.sync();
+          step();
+        },
+        close: () => f.close(),
+      };
+    },
+    exists: (name) => inner.exists(name),
+    remove(name) {
+      step();
+      inner.remove(name);
+      step();
+    },
+    rename(from, to) {
+      step();
+      inner.rename(from, to);
+      step();
+    },
+    writeAtomic(name, data) {
+      step();
+      inner.writeAtomic(name, data);
+      step();
+    },
+    readAll: (name) => inner.readAll(name),
+    list: () => inner.list(),
+  };
 }
 
 type BitmapOp = { k: 'set' | 'clear'; bit: number; n: number } | { k: 'stage' } | { k: 'sync' } | { k: 'crash' };
@@ -30,24 +85,44 @@ const bitmapOps = fc.array(
   { minLength: 20, maxLength: 60 },
 );
 
+/** Opens a crashed image and checks every page is one of its allowed values; repair() and a reopen keep them. */
+async function checkImage(img: SimFs, allowed: string[][], options: BitmapFileOptions): Promise<PagedBitmap> {
+  const opened = BitmapFile.open(img, 'b.bm', options);
+  opened.bitmap.invariants();
+  for (let p = 0; p < allowed.length; p++) expect(allowed[p]).toContain(pageKey(opened.bitmap, p));
+  return opened.bitmap;
+}
+
+interface RunOptions {
+  syncFail: number;
+  file: BitmapFileOptions;
+  /** Also crash at every step of every sync (compactions included) and check each image. */
+  everyStep: boolean;
+}
+
 /** Random stages, syncs (a share of them failing) and crashes; every reload is checked. */
-async function bitmapCrashRun(ops: BitmapOp[], crashSeed: number, syncFail: number): Promise<void> {
+async function bitmapCrashRun(ops: BitmapOp[], crashSeed: number, o: RunOptions): Promise<{ compactions: number }> {
   const rng = prng(crashSeed);
-  const withFaults = (f: SimFs) => {
-    if (syncFail > 0) f.syncFaults = { fails: () => rng() < syncFail, rng };
-    return f;
+  let inner = new SimFs();
+  let images: SimFs[] | null = null;
+  const wrap = (f: SimFs): DurableFs => {
+    inner = f;
+    return o.everyStep ? steppedFs(f, () => images?.push(f.crash(rng))) : f;
   };
-  let fsys = new SimFs();
-  let file = await BitmapFile.create(fsys, 'b.bm', BITS);
-  withFaults(fsys);
+  const withFaults = (f: SimFs) => {
+    if (o.syncFail > 0) f.syncFaults = { fails: () => rng() < o.syncFail, rng };
+  };
+  let file = await BitmapFile.create(wrap(inner), 'b.bm', BITS, o.file);
+  withFaults(inner);
+  let compactions = 0;
   let bm = new PagedBitmap(BITS, { trackDirty: true });
   const pages = bm.pageTotal;
   // Per page: allowed reload values (durable one first, then staged ones).
   let allowed: string[][] = Array.from({ length: pages }, () => ['']);
-  for (const o of ops) {
-    if (o.k === 'set') bm.setRange(o.bit, Math.min(o.n, BITS - o.bit));
-    else if (o.k === 'clear') bm.clearRange(o.bit, Math.min(o.n, BITS - o.bit));
-    else if (o.k === 'stage') {
+  for (const op of ops) {
+    if (op.k === 'set') bm.setRange(op.bit, Math.min(op.n, BITS - op.bit));
+    else if (op.k === 'clear') bm.clearRange(op.bit, Math.min(op.n, BITS - op.bit));
+    else if (op.k === 'stage') {
       const dirty = bm.takeDirtyPages();
       try {
         for (const p of dirty) {
@@ -57,32 +132,47 @@ async function bitmapCrashRun(ops: BitmapOp[], crashSeed: number, syncFail: numb
       } catch (e) {
         expect(String(e)).toMatch(/failed earlier/); // after a failed sync: refused until reopened
       }
-    } else if (o.k === 'sync') {
+    } else if (op.k === 'sync') {
+      // A crash at any step of this sync reloads a value allowed before it began.
+      const beforeSync = allowed.map((a) => [...a]);
+      images = [];
+      const compactionsBefore = file.compactions;
       try {
         await file.sync();
         allowed = allowed.map((a) => [a[a.length - 1]!]);
       } catch (e) {
         expect(String(e)).toMatch(/EIO|failed earlier/); // what was staged may or may not be there
       }
+      compactions += file.compactions - compactionsBefore;
+      const taken = images;
+      images = null;
+      for (const img of taken) await checkImage(img, beforeSync, o.file);
     } else {
-      fsys = fsys.crash(rng);
-      const opened = BitmapFile.open(fsys, 'b.bm');
-      file = opened.file;
-      await file.repair();
-      withFaults(fsys);
-      opened.bitmap.invariants();
-      for (let p = 0; p < pages; p++) expect(allowed[p]).toContain(pageKey(opened.bitmap, p));
-      bm = opened.bitmap;
+      const crashed = inner.crash(rng);
+      bm = await checkImage(crashed, allowed, o.file);
+      bm.takeDirtyPages();
       allowed = Array.from({ length: pages }, (_, p) => [pageKey(bm, p)]);
+      file = BitmapFile.open(wrap(crashed), 'b.bm', o.file).file;
+      withFaults(crashed);
+      images = [];
+      try {
+        await file.repair(); // compacts: a crash at any step of it keeps what was loaded
+      } catch (e) {
+        expect(String(e)).toMatch(/EIO/); // the file refuses everything until reopened
+      }
+      compactions += file.compactions;
+      const taken = images;
+      images = null;
+      for (const img of taken) await checkImage(img, allowed, o.file);
     }
   }
+  return { compactions };
 }
-
 describe('BitmapFile', () => {
   it('reloads each page as its last synced value or a value staged after it, across random crashes', async () => {
     const seed = testSeed('bitmap-file crash');
     await fc.assert(
-      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, 0)),
+      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, { syncFail: 0, file: {}, everyStep: false }).then(() => undefined)),
       { seed, numRuns: 300 },
     );
   });
@@ -90,8 +180,28 @@ describe('BitmapFile', () => {
   it('does the same when fsyncs fail', async () => {
     const seed = testSeed('bitmap-file crash with failed syncs');
     await fc.assert(
-      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, 0.15)),
+      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, { syncFail: 0.15, file: {}, everyStep: false }).then(() => undefined)),
       { seed, numRuns: 300 },
+    );
+  });
+
+  it('compacting at every chance, survives a crash at every step of every sync and compaction', async () => {
+    const seed = testSeed('bitmap-file compaction crash at every step');
+    let compactions = 0;
+    await fc.assert(
+      fc.asyncProperty(bitmapOps, fc.integer(), async (ops, crashSeed) => {
+        compactions += (await bitmapCrashRun(ops, crashSeed, { syncFail: 0, file: { logBytesMin: 0 }, everyStep: true })).compactions;
+      }),
+      { seed, numRuns: 100 },
+    );
+    expect(compactions).toBeGreaterThan(50); // the property did exercise compaction
+  });
+
+  it('does the same when fsyncs fail', async () => {
+    const seed = testSeed('bitmap-file compaction crash at every step, failed syncs');
+    await fc.assert(
+      fc.asyncProperty(bitmapOps, fc.integer(), (ops, crashSeed) => bitmapCrashRun(ops, crashSeed, { syncFail: 0.15, file: { logBytesMin: 0 }, everyStep: true }).then(() => undefined)),
+      { seed, numRuns: 100 },
     );
   });
 
@@ -140,7 +250,116 @@ describe('BitmapFile', () => {
     const { bitmap } = BitmapFile.open(fsys, 'big.bm');
     expect(bitmap.runs()).toEqual([[5, 1]]);
   });
+
+  it('keeps the file small for scattered bits: 10000 bits over 2^32, synced every 100, under 1 MiB', async () => {
+    const seed = testSeed('bitmap-file scattered');
+    const rng = prng(seed);
+    const fsys = new SimFs();
+    const bits = 2 ** 32;
+    const f = await BitmapFile.create(fsys, 'big.bm', bits);
+    const bm = new PagedBitmap(bits, { trackDirty: true });
+    const set: number[] = [];
+    for (let i = 0; i < 10_000; i++) {
+      const b = Math.floor(rng() * bits);
+      bm.set(b);
+      set.push(b);
+      if (i % 100 === 99) {
+        f.writeDirty(bm);
+        await f.sync();
+      }
+    }
+    expect(fsys.files.get('big.bm')!.durable.length).toBeLessThan(1024 * 1024);
+    const { bitmap } = BitmapFile.open(fsys, 'big.bm');
+    expect(bitmap.count()).toBe(bm.count());
+    for (const b of set) expect(bitmap.test(b)).toBe(true);
+  });
+
+  it('compacts: many rewrites of a few pages keep the file near max(2 x live, the floor), and leave no temporary file', async () => {
+    const seed = testSeed('bitmap-file compaction bound');
+    const rng = prng(seed);
+    const fsys = new SimFs();
+    const bits = BITMAP_PAGE_BITS * 8;
+    const logBytesMin = 64 * 1024;
+    const f = await BitmapFile.create(fsys, 'c.bm', bits, { logBytesMin });
+    const bm = new PagedBitmap(bits, { trackDirty: true });
+    let sizeMax = 0;
+    for (let i = 0; i < 3000; i++) {
+      const b = Math.floor(rng() * bits);
+      if (rng() < 0.3) bm.clearRange(b, Math.min(200, bits - b));
+      else bm.setRange(b, Math.min(1 + Math.floor(rng() * 3), bits - b));
+      f.writeDirty(bm);
+      await f.sync();
+      sizeMax = Math.max(sizeMax, fsys.files.get('c.bm')!.durable.length);
+    }
+    expect(f.compactions).toBeGreaterThan(3);
+    // Live records are at most 8 dense pages; after each sync the log is within its bound.
+    expect(sizeMax).toBeLessThanOrEqual(512 + Math.max(2 * 8 * (24 + BITMAP_PAGE_BYTES), logBytesMin));
+    expect(fsys.list().sort()).toEqual(['c.bm']);
+    const { bitmap, file } = BitmapFile.open(fsys, 'c.bm');
+    for (let p = 0; p < bm.pageTotal; p++) expect(pageKey(bitmap, p)).toBe(pageKey(bm, p));
+    await file.repair();
+    expect(BitmapFile.open(fsys, 'c.bm').bitmap.count()).toBe(bm.count());
+  });
+
+  it('reads version 1 files (ping-pong slots, torn slots ignored) and rewrites them as version 2 at repair()', async () => {
+    const fsys = new SimFs();
+    const bits = BITMAP_PAGE_BITS * 5 + 123;
+    const want = new PagedBitmap(bits);
+    want.setRange(10, 3000);
+    want.set(BITMAP_PAGE_BITS * 2 + 5);
+    want.setRange(BITMAP_PAGE_BITS * 5, 123);
+    const older = new PagedBitmap(bits);
+    older.set(7);
+    const records: [number, number, Readonly<Uint32Array> | null, number][] = [
+      [0, 0, older.page(0), 1], // page 0: an older generation in slot 0...
+      [0, 1, want.page(0), 2], // ...and the newer in slot 1
+      [2, 1, want.page(2), 9],
+      [2, 0, older.page(0), 10], // page 2, slot 0: the newest generation, but torn below
+      [5, 0, want.page(5), 3],
+    ];
+    writeV1(fsys, 'old.bm', bits, records, [[2, 0]]);
+    const opened = BitmapFile.open(fsys, 'old.bm');
+    expect(opened.bitmap.bitsTotal).toBe(bits);
+    expect(opened.bitmap.runs()).toEqual(want.runs());
+    expect(() => opened.file.writePage(0, null)).toThrow(/repair/);
+    await opened.file.repair();
+    const data = fsys.files.get('old.bm')!.durable;
+    expect(data.readUInt32LE(4)).toBe(2);
+    expect(data.length).toBeLessThan(BITMAP_PAGE_BYTES);
+    const again = BitmapFile.open(fsys, 'old.bm');
+    expect(again.bitmap.runs()).toEqual(want.runs());
+    // And it takes writes as version 2.
+    await again.file.repair();
+    again.bitmap.set(BITMAP_PAGE_BITS * 3);
+    again.file.writeDirty(again.bitmap);
+    await again.file.sync();
+    expect(BitmapFile.open(fsys, 'old.bm').bitmap.runs()).toEqual(again.bitmap.runs());
+  });
 });
+
+/** Writes a version 1 bitmap file: records [page, slot, words, generation]; torn [page, slot] get a bad checksum. */
+function writeV1(fsys: SimFs, name: string, bitsTotal: number, records: [number, number, Readonly<Uint32Array> | null, number][], torn: [number, number][]): void {
+  const recordBytes = BITMAP_PAGE_BYTES + 32;
+  const file = fsys.open(name, true);
+  const h = Buffer.alloc(4096);
+  h.writeUInt32LE(0x46425644, 0);
+  h.writeUInt32LE(1, 4);
+  h.writeUInt32LE(bitsTotal >>> 0, 8);
+  h.writeUInt32LE(BITMAP_PAGE_BYTES, 12);
+  h.writeUInt32LE(crc32c(h.subarray(0, 16)), 16);
+  file.write(0, h, 0, h.length);
+  for (const [p, slot, words, gen] of records) {
+    const r = Buffer.alloc(recordBytes);
+    if (words) Buffer.from(words.buffer, words.byteOffset, BITMAP_PAGE_BYTES).copy(r);
+    const t = BITMAP_PAGE_BYTES;
+    r.writeUInt32LE(0x50425644, t);
+    r.writeUInt32LE(p, t + 4);
+    r.writeUInt32LE(gen, t + 8);
+    r.writeUInt32LE(crc32c(r.subarray(0, t + 16)), t + 16);
+    if (torn.some(([tp, ts]) => tp === p && ts === slot)) r[100]! ^= 1;
+    file.write(4096 + (2 * p + slot) * recordBytes, r, 0, recordBytes);
+  }
+}
 
 describe('ActivityLog', () => {
   it('groups joins into one record per turn, evicts only after a checkpoint, reloads a superset after a crash', async () => {
@@ -173,5 +392,20 @@ describe('ActivityLog', () => {
     expect(hotAtOpen.length).toBeLessThanOrEqual(8);
     // The last one ensured is certainly among them.
     expect(hotAtOpen.length).toBeGreaterThan(0);
+  });
+
+  it('evicts cold extents in batches: writes to 1000 distinct extents cost one checkpoint per hotMax/8 of them', async () => {
+    const fsys = new SimFs();
+    let checkpoints = 0;
+    const log = await ActivityLog.create(fsys, 'al', { extentsTotal: 100_000, extentBytes: 4 << 20, hotMax: 64, checkpoint: async () => void checkpoints++ });
+    for (let e = 0; e < 1000; e++) {
+      const w = log.ensure(e * 97, e * 97);
+      if (w) await w;
+      log.invariants();
+      expect(log.hotExtents).toBeLessThanOrEqual(64);
+    }
+    // 936 extents had to leave; 8 at a time (one per write before).
+    expect(checkpoints).toBeLessThanOrEqual(Math.ceil(936 / 8) + 1);
+    expect(checkpoints).toBeGreaterThan(0);
   });
 });
