@@ -43,7 +43,7 @@ import { crc32c } from '@node-rs/crc32';
 import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
-import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap } from './paged-bitmap.js';
+import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, popcount32 } from './paged-bitmap.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
 const RECORD_MAGIC = 0x52425644; // "DVBR"
@@ -64,12 +64,6 @@ assert(BITMAP_PAGE_BITS <= 0x10000, 'bit offsets in a page fit u16');
 assert(BITMAP_PAGE_WORDS % 4 === 0, 'encodePage tests four words at a time');
 assert(appendBufferBytes >= RECORD_HEADER_BYTES + BITMAP_PAGE_BYTES, 'the append buffer holds the largest record');
 assert(ioChunkBytes >= RECORD_HEADER_BYTES + BITMAP_PAGE_BYTES, 'a read chunk holds the largest record');
-
-function popcount32(v: number): number {
-  v = v - ((v >>> 1) & 0x55555555);
-  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
-  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-}
 
 /** Sets bits [start, start+count) of a page's words. */
 function setBitsInWords(words: Uint32Array, start: number, count: number): void {
