@@ -44,6 +44,7 @@ import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, popcount32 } from './paged-bitmap.js';
+import { RecordArena } from './record-arena.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
 const RECORD_MAGIC = 0x52425644; // "DVBR"
@@ -221,7 +222,7 @@ export class BitmapFile {
    * Per page with a record: its latest record's encoding (byte 0) and payload (from byte
    * 1), staged or durable; what a compaction writes. Pages absent here read as zeroes.
    */
-  private readonly latest = new Map<number, Buffer>();
+  private readonly latest: RecordArena;
   /** Bytes the latest records of all pages take as records: what an image costs. */
   private liveBytes = 0;
   /** Where the next record goes (records in `appendBuf` are placed from here). */
@@ -250,6 +251,7 @@ export class BitmapFile {
     options: BitmapFileOptions,
   ) {
     this.logBytesMin = options.logBytesMin ?? bitmapLogBytesMin;
+    this.latest = new RecordArena(this.pageCount);
   }
 
   private get pageCount(): number {
@@ -338,10 +340,7 @@ export class BitmapFile {
       this.latest.delete(p);
       return;
     }
-    const kept = Buffer.allocUnsafe(1 + to - from);
-    kept[0] = encoding;
-    src.copy(kept, 1, from, to);
-    this.latest.set(p, kept);
+    this.latest.set(p, encoding, src, from, to);
     this.liveBytes += RECORD_HEADER_BYTES + to - from;
   }
 
@@ -355,6 +354,7 @@ export class BitmapFile {
     return this.serial(async () => {
       this.checkFailed();
       this.bitsTotal = bitsTotal;
+      this.latest.grow(this.pageCount);
       try {
         this.flushAppends();
         this.file.write(0, header(bitsTotal), 0, HEADER_BYTES);
@@ -483,15 +483,16 @@ export class BitmapFile {
       let used = 0;
       let pos = HEADER_BYTES;
       let seq = 0;
-      for (const [p, kept] of this.latest) {
+      const image = tmp;
+      this.latest.forEach((p, kept) => {
         const bytes = RECORD_HEADER_BYTES + kept.length - 1;
         if (used + bytes > chunk.length) {
-          tmp.write(pos, chunk, 0, used);
+          image.write(pos, chunk, 0, used);
           pos += used;
           used = 0;
         }
         used += putRecord(chunk, used, seq++, p, kept[0]!, kept, 1, kept.length);
-      }
+      });
       if (used > 0) tmp.write(pos, chunk, 0, used);
       pos += used;
       // From here new records go after the image in the new file.
