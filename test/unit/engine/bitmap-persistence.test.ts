@@ -6,12 +6,12 @@
 // one record, and evict cold extents in batches.
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { crc32c } from '@node-rs/crc32';
 import { BitmapFile, type BitmapFileOptions } from '../../../src/bitmap/bitmap-file.js';
 import { ActivityLog } from '../../../src/bitmap/activity-log.js';
 import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, PagedBitmap } from '../../../src/bitmap/paged-bitmap.js';
 import type { DurableFs } from '../../../src/util/durable-fs.js';
 import { SimFs } from '../../helpers/sim-fs.js';
+import { writeBitmapV1, type V1Record } from '../../helpers/bitmap-v1.js';
 import { prng, testSeed } from '../../helpers/seed.js';
 
 const BITS = BITMAP_PAGE_BITS * 4 + 77;
@@ -310,14 +310,14 @@ describe('BitmapFile', () => {
     want.setRange(BITMAP_PAGE_BITS * 5, 123);
     const older = new PagedBitmap(bits);
     older.set(7);
-    const records: [number, number, Readonly<Uint32Array> | null, number][] = [
+    const records: V1Record[] = [
       [0, 0, older.page(0), 1], // page 0: an older generation in slot 0...
       [0, 1, want.page(0), 2], // ...and the newer in slot 1
       [2, 1, want.page(2), 9],
       [2, 0, older.page(0), 10], // page 2, slot 0: the newest generation, but torn below
       [5, 0, want.page(5), 3],
     ];
-    writeV1(fsys, 'old.bm', bits, records, [[2, 0]]);
+    writeBitmapV1(fsys, 'old.bm', bits, records, [[2, 0]]);
     const opened = BitmapFile.open(fsys, 'old.bm');
     expect(opened.bitmap.bitsTotal).toBe(bits);
     expect(opened.bitmap.runs()).toEqual(want.runs());
@@ -336,30 +336,6 @@ describe('BitmapFile', () => {
     expect(BitmapFile.open(fsys, 'old.bm').bitmap.runs()).toEqual(again.bitmap.runs());
   });
 });
-
-/** Writes a version 1 bitmap file: records [page, slot, words, generation]; torn [page, slot] get a bad checksum. */
-function writeV1(fsys: SimFs, name: string, bitsTotal: number, records: [number, number, Readonly<Uint32Array> | null, number][], torn: [number, number][]): void {
-  const recordBytes = BITMAP_PAGE_BYTES + 32;
-  const file = fsys.open(name, true);
-  const h = Buffer.alloc(4096);
-  h.writeUInt32LE(0x46425644, 0);
-  h.writeUInt32LE(1, 4);
-  h.writeUInt32LE(bitsTotal >>> 0, 8);
-  h.writeUInt32LE(BITMAP_PAGE_BYTES, 12);
-  h.writeUInt32LE(crc32c(h.subarray(0, 16)), 16);
-  file.write(0, h, 0, h.length);
-  for (const [p, slot, words, gen] of records) {
-    const r = Buffer.alloc(recordBytes);
-    if (words) Buffer.from(words.buffer, words.byteOffset, BITMAP_PAGE_BYTES).copy(r);
-    const t = BITMAP_PAGE_BYTES;
-    r.writeUInt32LE(0x50425644, t);
-    r.writeUInt32LE(p, t + 4);
-    r.writeUInt32LE(gen, t + 8);
-    r.writeUInt32LE(crc32c(r.subarray(0, t + 16)), t + 16);
-    if (torn.some(([tp, ts]) => tp === p && ts === slot)) r[100]! ^= 1;
-    file.write(4096 + (2 * p + slot) * recordBytes, r, 0, recordBytes);
-  }
-}
 
 describe('ActivityLog', () => {
   it('groups joins into one record per turn, evicts only after a checkpoint, reloads a superset after a crash', async () => {

@@ -9,6 +9,8 @@ import { VolumeEngine, type EngineOptions } from '../../../src/volume/volume-eng
 import { fileStoreData } from '../../../src/volume/file-store-data.js';
 import { nodeDurableFs } from '../../../src/util/durable-fs.js';
 import { FileStore } from '../../../src/storage/file-store.js';
+import { BitmapFile } from '../../../src/bitmap/bitmap-file.js';
+import { writeBitmapAsV1 } from '../../helpers/bitmap-v1.js';
 
 const BS = 4096;
 const SIZE = 8 * 1024 * 1024;
@@ -61,5 +63,43 @@ describe('volume engine on real files', () => {
     await engine.close();
     store.close();
     expect(fs.readdirSync(dir).sort()).toEqual(['activity.log', 'data.img', 'pending.bm', 'snap-1.meta', 'snap-1.save', 'snapshots.json', 'validity.bm']);
+  });
+
+  it('opens a volume whose bitmap files are version 1 (an upgrade) and rewrites its own as version 2', async () => {
+    const { dir, open } = setup();
+    let store = open();
+    let engine = await VolumeEngine.create(nodeDurableFs(dir), fileStoreData(store), options);
+    await engine.write(0, [Buffer.alloc(3 * BS, 1)]);
+    await engine.createSnapshot('one');
+    await engine.write(BS, [Buffer.alloc(BS, 2)]);
+    await engine.write(1500 * BS, [Buffer.alloc(BS, 4)]);
+    await engine.close();
+    store.close();
+    // What the previous version would have left: the same bitmaps in version 1 files.
+    const fsys = nodeDurableFs(dir);
+    for (const name of ['validity.bm', 'pending.bm', 'snap-1.meta']) {
+      const { bitmap, file } = BitmapFile.open(fsys, name);
+      file.close();
+      writeBitmapAsV1(fsys, name, bitmap);
+      expect(fs.readFileSync(path.join(dir, name)).readUInt32LE(4)).toBe(1);
+    }
+
+    store = open();
+    engine = await VolumeEngine.open(nodeDurableFs(dir), fileStoreData(store), options);
+    expect(engine.changeLog.pending().runs()).toEqual([[0, 3], [1500, 1]]);
+    expect(engine.validBlocks().runs()).toEqual([[0, 3], [1500, 1]]);
+    const got = Buffer.alloc(3 * BS);
+    engine.readSnapshot('one', 0, 3 * BS, got);
+    expect(got.equals(Buffer.alloc(3 * BS, 1))).toBe(true);
+    await engine.write(2000 * BS, [Buffer.alloc(BS, 5)]);
+    await engine.close();
+    store.close();
+    for (const name of ['validity.bm', 'pending.bm']) expect(fs.readFileSync(path.join(dir, name)).readUInt32LE(4)).toBe(2);
+
+    store = open();
+    engine = await VolumeEngine.open(nodeDurableFs(dir), fileStoreData(store), options);
+    expect(engine.changeLog.pending().runs()).toEqual([[0, 3], [1500, 1], [2000, 1]]);
+    await engine.close();
+    store.close();
   });
 });
