@@ -150,7 +150,7 @@ export class ChangeLog {
   discardAll(): void {
     assert(this.frozenMap === null, 'discard while building a delta set');
     const old = this.activeMap;
-    old.forEachPage((p) => this.extraDirty.set(p));
+    for (const p of old.presentPages()) this.extraDirty.set(p);
     this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
   }
 
@@ -159,7 +159,7 @@ export class ChangeLog {
     assert(this.frozenMap !== null && this.uncopiedMap !== null, 'complete while idle');
     assert(this.uncopiedMap.count() === 0, 'complete before every block was copied');
     const frozen = this.frozenMap;
-    frozen.forEachPage((p) => this.extraDirty.set(p));
+    for (const p of frozen.presentPages()) this.extraDirty.set(p);
     for (const p of frozen.takeDirtyPages()) this.extraDirty.set(p);
     this.frozenMap = null;
     this.uncopiedMap = null;
