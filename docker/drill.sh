@@ -338,7 +338,7 @@ elif ! docker image inspect deltavol:dev >/dev/null 2>&1; then build_why="deltav
 elif [ ! -f dist/cli/main.js ]; then build_why="dist/ is not built"
 else
   created=$(date -d "$(docker image inspect -f '{{.Created}}' deltavol:dev)" +%s)
-  newer=$(find dist build/Release/fsx.node package.json -newermt "@$created" -type f 2>/dev/null | head -n 1)
+  newer=$(find dist build/Release/fsx.node package.json -newermt "@$created" -type f -print -quit 2>/dev/null || true)
   [ -n "$newer" ] && build_why="$newer is newer than deltavol:dev"
 fi
 if [ -n "$build_why" ]; then

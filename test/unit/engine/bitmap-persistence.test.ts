@@ -312,10 +312,10 @@ describe('BitmapFile', () => {
     older.set(7);
     const records: V1Record[] = [
       [0, 0, older.page(0), 1], // page 0: an older generation in slot 0...
-      [0, 1, want.page(0), 2], // ...and the newer in slot 1
-      [2, 1, want.page(2), 9],
+      [0, 1, Uint32Array.from(want.page(0)!), 2], // ...and the newer in slot 1
+      [2, 1, Uint32Array.from(want.page(2)!), 9],
       [2, 0, older.page(0), 10], // page 2, slot 0: the newest generation, but torn below
-      [5, 0, want.page(5), 3],
+      [5, 0, Uint32Array.from(want.page(5)!), 3],
     ];
     writeBitmapV1(fsys, 'old.bm', bits, records, [[2, 0]]);
     const opened = BitmapFile.open(fsys, 'old.bm');
