@@ -43,7 +43,7 @@ import { crc32c } from '@node-rs/crc32';
 import { assert, AssertionError } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
-import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, popcount32 } from './paged-bitmap.js';
+import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, SPARSE_BITS_MAX, popcount32 } from './paged-bitmap.js';
 import { RecordArena } from './record-arena.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
@@ -145,6 +145,37 @@ function encodePage(words: Readonly<Uint32Array> | null, out: Buffer): [number, 
   return [ENC_DENSE, BITMAP_PAGE_BYTES];
 }
 
+/**
+ * Encodes a page given as its set bits' offsets (strictly increasing, at least one) into
+ * out[0..), choosing as encodePage() does; returns [encoding, payloadBytes]. Costs O(bits),
+ * not O(page): a checkpoint after scattered writes encodes pages of one or two bits.
+ */
+function encodeOffsets(offsets: readonly number[], out: Buffer, words: Uint32Array): [number, number] {
+  const bits = offsets.length;
+  assert(bits > 0, 'encodeOffsets: at least one bit');
+  let runs = 1;
+  for (let k = 1; k < bits; k++) if (offsets[k] !== offsets[k - 1]! + 1) runs++;
+  if (2 * bits <= 4 * runs && 2 * bits < BITMAP_PAGE_BYTES) {
+    for (let k = 0; k < bits; k++) out.writeUInt16LE(offsets[k]!, 2 * k);
+    return [ENC_OFFSETS, 2 * bits];
+  }
+  if (4 * runs < BITMAP_PAGE_BYTES) {
+    let n = 0;
+    let start = offsets[0]!;
+    for (let k = 1; k <= bits; k++) {
+      if (k < bits && offsets[k] === offsets[k - 1]! + 1) continue;
+      out.writeUInt16LE(start, n);
+      out.writeUInt16LE(offsets[k - 1]! - start, n + 2);
+      n += 4;
+      if (k < bits) start = offsets[k]!;
+    }
+    return [ENC_RUNS, n];
+  }
+  words.fill(0);
+  for (const o of offsets) words[o >>> 5]! |= 1 << (o & 31);
+  return encodePage(words, out);
+}
+
 /** Decodes the payload src[from, to) into `words` (overwritten); false when it is malformed. */
 function decodePage(encoding: number, src: Buffer, from: number, to: number, words: Uint32Array): boolean {
   words.fill(0);
@@ -182,6 +213,23 @@ function decodePage(encoding: number, src: Buffer, from: number, to: number, wor
     default:
       return false;
   }
+}
+
+/**
+ * An offsets payload src[from, to) of at most SPARSE_BITS_MAX bits as a new exact-size
+ * array (what a sparse page holds); null when it is malformed (not strictly increasing).
+ */
+function decodeOffsets(src: Buffer, from: number, to: number): number[] | null {
+  const n = (to - from) / 2;
+  const out = new Array<number>(n);
+  let prev = -1;
+  for (let k = 0; k < n; k++) {
+    const o = src.readUInt16LE(from + 2 * k);
+    if (o <= prev) return null;
+    out[k] = o;
+    prev = o;
+  }
+  return out;
 }
 
 /**
@@ -310,8 +358,17 @@ export class BitmapFile {
       const p = chunk.readUInt32LE(at + 12);
       const encoding = chunk.readUInt16LE(at + 16);
       if (p >= bitmap.pageTotal) throw bad(`record for page ${p} past the end`);
-      if (!decodePage(encoding, chunk, at + RECORD_HEADER_BYTES, end, words)) throw bad(`malformed record for page ${p}`);
-      bitmap.loadPage(p, words);
+      if (encoding === ENC_OFFSETS && payloadBytes > 0 && payloadBytes % 2 === 0 && payloadBytes / 2 <= SPARSE_BITS_MAX) {
+        // Scattered writes leave mostly pages of a few bits: load them as offsets, O(bits).
+        const offsets = decodeOffsets(chunk, at + RECORD_HEADER_BYTES, end);
+        if (offsets === null || p * BITMAP_PAGE_BITS + offsets[offsets.length - 1]! >= bitsTotal) {
+          throw bad(`malformed record for page ${p}`);
+        }
+        bitmap.loadSparse(p, offsets);
+      } else {
+        if (!decodePage(encoding, chunk, at + RECORD_HEADER_BYTES, end, words)) throw bad(`malformed record for page ${p}`);
+        bitmap.loadPage(p, words);
+      }
       bf.remember(p, encoding, chunk, at + RECORD_HEADER_BYTES, end);
       bf.seq++;
       at = end;
@@ -371,6 +428,23 @@ export class BitmapFile {
     this.checkFailed();
     assert(!this.mustRewrite, 'repair() a reopened bitmap file before writing to it');
     const [encoding, payloadBytes] = encodePage(words, this.payload);
+    this.stage(p, encoding, payloadBytes);
+  }
+
+  /**
+   * Stages page p given as its set bits' offsets (strictly increasing, at least one): the
+   * same record writePage() would stage for those bits, at a cost in proportion to them.
+   */
+  writeOffsets(p: number, offsets: readonly number[]): void {
+    if (!(p >= 0 && p < this.pageCount)) throw new AssertionError(`page ${p} outside bitmap file`);
+    this.checkFailed();
+    assert(!this.mustRewrite, 'repair() a reopened bitmap file before writing to it');
+    const [encoding, payloadBytes] = encodeOffsets(offsets, this.payload, this.scratchWords);
+    this.stage(p, encoding, payloadBytes);
+  }
+
+  /** Appends this.payload[0, payloadBytes) as page p's record unless its latest record says the same. */
+  private stage(p: number, encoding: number, payloadBytes: number): void {
     const old = this.latest.get(p);
     if (old === undefined) {
       if (encoding === ENC_ZERO) return; // no record: the page already reads as zeroes
@@ -444,7 +518,11 @@ export class BitmapFile {
   writeDirty(bitmap: PagedBitmap): number {
     assert(bitmap.bitsTotal === this.bitsTotal, 'bitmap and file sizes differ');
     const dirty = bitmap.takeDirtyPages();
-    for (const p of dirty) this.writePage(p, bitmap.page(p));
+    for (const p of dirty) {
+      const offsets = bitmap.sparseOffsets(p);
+      if (offsets !== null) this.writeOffsets(p, offsets);
+      else this.writePage(p, bitmap.page(p));
+    }
     return dirty.length;
   }
 

@@ -906,6 +906,17 @@ export class PagedBitmap implements ReadonlyBitmap {
     return list === null ? null : this.spell(list, (this.pageScratch ??= new Uint32Array(BITMAP_PAGE_WORDS)));
   }
 
+  /**
+   * The set bits of page p as sorted offsets within the page when the page is held sparse
+   * (do not modify; never changed in place, so it stays valid); null when p is absent or
+   * dense. Persistence encodes a sparse page from this without spelling out 4 KiB.
+   */
+  sparseOffsets(p: number): readonly number[] | null {
+    const g = this.groups[p >>> GROUP_SHIFT];
+    if (g === null || g === undefined) return null;
+    return g.lists[p & GROUP_MASK]!;
+  }
+
   /** Replaces page p with `words` (all-zero words make it absent; few bits make it sparse). Used when loading. */
   loadPage(p: number, words: Readonly<Uint32Array>): void {
     assert(p >= 0 && p < this.pageTotal && words.length === BITMAP_PAGE_WORDS, 'loadPage: bad page');
@@ -937,6 +948,34 @@ export class PagedBitmap implements ReadonlyBitmap {
       page.set(words);
       g!.counts[i] = n;
     }
+    this.setCount += n - old;
+    if (this.dirtyFlags !== null) this.markDirty(p);
+  }
+
+  /**
+   * Replaces page p with the bits at `offsets` (strictly increasing offsets within the
+   * page, 1 to SPARSE_BITS_MAX of them; the bitmap keeps the array, so the caller must not
+   * change it). Loading a sparse page this way costs O(bits), not O(page).
+   */
+  loadSparse(p: number, offsets: number[]): void {
+    const n = offsets.length;
+    assert(p >= 0 && p < this.pageTotal && n > 0 && n <= SPARSE_BITS_MAX, 'loadSparse: bad page or count');
+    let prev = -1;
+    for (let k = 0; k < n; k++) {
+      const o = offsets[k]!;
+      assert(o > prev, 'loadSparse: offsets strictly increase');
+      prev = o;
+    }
+    assert(prev < BITMAP_PAGE_BITS && p * BITMAP_PAGE_BITS + prev < this.bitsTotal, 'loadSparse: bit past end');
+    const g = this.groups[p >>> GROUP_SHIFT] ?? this.allocGroup(p);
+    const i = p & GROUP_MASK;
+    const old = g.counts[i]!;
+    if (old === 0) {
+      g.present++;
+      this.pagesPresent++;
+    } else if (g.pages[i] !== null) this.dropDense(g, i);
+    g.lists[i] = offsets;
+    g.counts[i] = n;
     this.setCount += n - old;
     if (this.dirtyFlags !== null) this.markDirty(p);
   }

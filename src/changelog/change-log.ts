@@ -201,6 +201,16 @@ export class ChangeLog {
     return true;
   }
 
+  /**
+   * Page p of active ∪ frozen as sorted offsets when that is one sparse page as held in
+   * memory (only active has bits there and holds them sparse); null otherwise (then use
+   * pendingPage()).
+   */
+  pendingOffsets(p: number): readonly number[] | null {
+    if (this.frozenMap !== null && this.frozenMap.pageBitCount(p) !== 0) return null;
+    return this.activeMap.sparseOffsets(p);
+  }
+
   /** Every block not yet safely in a delta set (tests, status). */
   pending(): PagedBitmap {
     const all = this.activeMap.clone();

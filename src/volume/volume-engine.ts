@@ -780,12 +780,15 @@ export class VolumeEngine {
     await this.data.flush();
     const scratch = this.validityFile.scratch();
     for (const p of this.validity.takeDirtyPages()) {
-      const page = this.validity.page(p);
-      const late = this.clearedUnflushed.page(p);
-      if (page === null && late === null) {
-        this.validityFile.writePage(p, null);
+      if (this.clearedUnflushed.pageBitCount(p) === 0) {
+        // No clear of this page waits for a flush: the page as it is (sparse ones as offsets).
+        const offsets = this.validity.sparseOffsets(p);
+        if (offsets !== null) this.validityFile.writeOffsets(p, offsets);
+        else this.validityFile.writePage(p, this.validity.page(p));
         continue;
       }
+      const page = this.validity.page(p);
+      const late = this.clearedUnflushed.page(p);
       scratch.fill(0);
       if (page) scratch.set(page);
       if (late) for (let w = 0; w < scratch.length; w++) scratch[w]! |= late[w]!;
@@ -794,7 +797,9 @@ export class VolumeEngine {
     }
     const ps = this.pendingFile.scratch();
     for (const p of this.changeLog.takeDirtyPages()) {
-      if (this.changeLog.pendingPage(p, ps)) this.pendingFile.writeScratch(p);
+      const offsets = this.changeLog.pendingOffsets(p);
+      if (offsets !== null) this.pendingFile.writeOffsets(p, offsets);
+      else if (this.changeLog.pendingPage(p, ps)) this.pendingFile.writeScratch(p);
       else this.pendingFile.writePage(p, null);
     }
     await Promise.all([this.validityFile.sync(), this.pendingFile.sync()]);
