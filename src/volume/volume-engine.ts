@@ -126,6 +126,8 @@ export interface EngineOptions {
 }
 
 export interface EngineStats {
+  /** Writes, trims and zeroings asked of the engine (any source: clients, playback, restore). */
+  writes: number;
   checkpoints: number;
   beforeImagesSaved: number;
   priorityCopies: number;
@@ -145,7 +147,7 @@ export class VolumeEngine {
   private drained: (() => void) | null = null;
   private sink: DeltaSink | null = null;
   private closed = false;
-  readonly stats: EngineStats = { checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
+  readonly stats: EngineStats = { writes: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
 
   /** Counts writes: a zeroing that raced with a write keeps its blocks valid (safe side). */
   private writeSeq = 0;
@@ -265,6 +267,7 @@ export class VolumeEngine {
     const last = Math.floor((offset + length - 1) / bs);
     this.writeSeq++;
     this.version++;
+    this.stats.writes++;
     if (this.fastPathOpen(first, last)) {
       this.changeLog.markChanged(first, last);
       if (first === last) this.validity.set(first);
@@ -286,6 +289,7 @@ export class VolumeEngine {
     const wholeFirst = Math.ceil(offset / bs);
     const wholeLast = end >= this.size ? last : Math.floor(end / bs) - 1;
     this.version++;
+    this.stats.writes++;
     return this.slowPath(first, last, true, () => {
       const seq = this.writeSeq;
       const r = this.data.zero(offset, length, keepAllocated);
