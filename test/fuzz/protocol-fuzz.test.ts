@@ -19,7 +19,7 @@ const RSS_MAX_BYTES = 400 * 1024 * 1024;
 let d: TestDaemon;
 
 beforeAll(async () => {
-  d = await startDaemon({ volumes: [{ name: 'target', size: '64M' }, { name: 'canary', size: '16M' }], logLevel: 'error' });
+  d = await startDaemon({ volumes: [{ name: 'target', size: '64M' }, { name: 'canary', size: '16M' }], logLevel: 'warn' });
 });
 afterAll(async () => {
   await d?.dispose();
@@ -145,10 +145,18 @@ describe('protocol fuzz', () => {
     expect(sessions).toBeGreaterThan(50);
     expect(canaryOps).toBeGreaterThan(50);
     expect(rss).toBeLessThan(RSS_MAX_BYTES);
-    // The daemon still serves a fresh client correctly.
-    const after = await MiniNbdClient.connect(d.nbdPort, 'canary');
-    expect((await after.read(0, 512)).error).toBe(0);
-    await after.disconnect();
+    // The daemon still serves a fresh client correctly (promptly: a stall here once hung
+    // the test to its timeout, so it says what the daemon was doing).
+    const stalled = setTimeout(() => {
+      void d.fetch('/v1/status').then(async (res) => console.log(`[fuzz] fresh client stalled 10 s; status: ${(await res.text()).slice(0, 4000)}\nlog tail:\n${d.log().split('\n').slice(-40).join('\n')}`), (e) => console.log(`[fuzz] fresh client stalled; status failed: ${String(e)}`));
+    }, 10_000);
+    try {
+      const after = await MiniNbdClient.connect(d.nbdPort, 'canary');
+      expect((await after.read(0, 512)).error).toBe(0);
+      await after.disconnect();
+    } finally {
+      clearTimeout(stalled);
+    }
     expect(d.log()).not.toMatch(/"level":(50|60)/); // no error/fatal log lines
   });
 });
