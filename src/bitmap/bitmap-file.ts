@@ -244,7 +244,9 @@ function putRecord(out: Buffer, at: number, seq: number, p: number, encoding: nu
   out.writeUInt16LE(encoding, at + 16);
   out.writeUInt16LE(0, at + 18);
   out.writeUInt32LE(to - from, at + 20);
-  src.copy(out, at + RECORD_HEADER_BYTES, from, to);
+  const n = to - from;
+  if (n > 64) src.copy(out, at + RECORD_HEADER_BYTES, from, to);
+  else for (let i = 0; i < n; i++) out[at + RECORD_HEADER_BYTES + i] = src[from + i]!; // short: cheaper than copy()
   out.writeUInt32LE(crc32c(out.subarray(at + 4, end)), at);
   return end - at;
 }
@@ -562,14 +564,14 @@ export class BitmapFile {
       let pos = HEADER_BYTES;
       let seq = 0;
       const image = tmp;
-      this.latest.forEach((p, kept) => {
-        const bytes = RECORD_HEADER_BYTES + kept.length - 1;
+      this.latest.forEach((p, kept, from, to) => {
+        const bytes = RECORD_HEADER_BYTES + to - from - 1;
         if (used + bytes > chunk.length) {
           image.write(pos, chunk, 0, used);
           pos += used;
           used = 0;
         }
-        used += putRecord(chunk, used, seq++, p, kept[0]!, kept, 1, kept.length);
+        used += putRecord(chunk, used, seq++, p, kept[from]!, kept, from + 1, to);
       });
       if (used > 0) tmp.write(pos, chunk, 0, used);
       pos += used;

@@ -13,6 +13,17 @@
 import { assert } from '../util/assert.js';
 
 const ARENA_BYTES_MIN = 64 * 1024;
+/** Copies up to this many bytes with a loop: Buffer.copy costs more than that in fixed overhead. */
+const LOOP_COPY_BYTES_MAX = 64;
+
+/** src[from, from + n) to dst[at..): short records (most are a few dozen bytes) by hand. */
+function copyBytes(src: Buffer, from: number, dst: Buffer, at: number, n: number): void {
+  if (n > LOOP_COPY_BYTES_MAX) {
+    src.copy(dst, at, from, from + n);
+    return;
+  }
+  for (let i = 0; i < n; i++) dst[at + i] = src[from + i]!;
+}
 const SLOTS_MIN = 256;
 
 export class RecordArena {
@@ -81,7 +92,7 @@ export class RecordArena {
     this.reserve(len);
     const off = this.arenaUsed;
     this.arena[off] = first;
-    src.copy(this.arena, off + 1, from, to);
+    copyBytes(src, from, this.arena, off + 1, to - from);
     this.slotOff[s] = off;
     this.slotLen[s] = len;
     this.arenaUsed += len;
@@ -98,13 +109,16 @@ export class RecordArena {
     this.freeSlots.push(s);
   }
 
-  /** Visits every key with its bytes (views valid during the call), in slot order. */
-  forEach(visit: (key: number, bytes: Buffer) => void): void {
+  /**
+   * Visits every key with its bytes, in slot order: `arena[from, to)` (the arena is valid
+   * during the call; no view is made per key, so visiting many keys allocates nothing).
+   */
+  forEach(visit: (key: number, arena: Buffer, from: number, to: number) => void): void {
     for (let s = 0; s < this.slotsMade; s++) {
       const n = this.slotLen[s]!;
       if (n === 0) continue; // free (a kept record is never empty: it starts with `first`)
       const off = this.slotOff[s]!;
-      visit(this.slotKey[s]!, this.arena.subarray(off, off + n));
+      visit(this.slotKey[s]!, this.arena, off, off + n);
     }
   }
 
@@ -135,7 +149,7 @@ export class RecordArena {
     for (let s = 0; s < this.slotsMade; s++) {
       const n = this.slotLen[s]!;
       if (n === 0) continue;
-      this.arena.copy(next, at, this.slotOff[s]!, this.slotOff[s]! + n);
+      copyBytes(this.arena, this.slotOff[s]!, next, at, n);
       this.slotOff[s] = at;
       at += n;
     }
