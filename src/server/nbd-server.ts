@@ -89,7 +89,7 @@ export class NbdServer {
     private readonly log: Logger,
     private readonly tls: TlsServerConfig | null = null,
     limits: Partial<NbdLimits> = {},
-    /** Plain sockets read into the connection's own buffers (default); false keeps Node's (`--nbd-read-buffers node`). */
+    /** Plain sockets read into the connection's own buffers (`--nbd-read-buffers own`); false keeps Node's. */
     ownReadBuffers = true,
   ) {
     this.limits = { ...nbdLimitsDefault, ...limits };
