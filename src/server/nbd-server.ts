@@ -90,6 +90,8 @@ export class NbdServer {
     private readonly log: Logger,
     private readonly tls: TlsServerConfig | null = null,
     limits: Partial<NbdLimits> = {},
+    /** Plain sockets read into the connection's own buffers (`--nbd-read-buffers own`); false keeps Node's. */
+    ownReadBuffers = true,
   ) {
     this.limits = { ...nbdLimitsDefault, ...limits };
     checkNbdLimits(this.limits);
@@ -106,7 +108,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers };
   }
 
   private accept(socket: net.Socket): void {
@@ -224,7 +226,7 @@ export class NbdServer {
 
   listenTcp(port: number, host: string): Promise<number> {
     return new Promise((resolve, reject) => {
-      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (s) => this.accept(s));
       server.once('error', reject);
       server.listen({ port, host }, () => {
         server.off('error', reject);
@@ -244,7 +246,7 @@ export class NbdServer {
       // absent
     }
     return new Promise((resolve, reject) => {
-      const server = net.createServer((s) => this.accept(s));
+      const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
       server.once('error', reject);
       server.listen(path, () => {
         server.off('error', reject);

@@ -64,6 +64,14 @@ export const pooledReadBufferBytesMin = 64 * 1024;
  * a burst (nbd-server.ts).
  */
 export const pooledReadBuffersBytesMax = 40 * 1024 * 1024;
+/** Plain sockets read headers and small WRITE payloads into a reused arena of this size... */
+export const receiveScratchBytes = 256 * 1024;
+/** ...replaced by a new one when less than this is left at its end (the most one read takes there). */
+export const receiveReadBytesMin = 64 * 1024;
+/** WRITE payloads this large or larger are read straight into a pooled buffer of their own. */
+export const directPayloadBytesMin = 64 * 1024;
+/** At most this many bytes of WRITE payload buffers sit idle in their pool. */
+export const pooledWritePayloadBytesMax = 16 * 1024 * 1024;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */
@@ -118,5 +126,8 @@ assert(
   'the default NBD buffer budget holds every connection reserve and two full-size requests',
 );
 assert(handshakeConnectionsMaxDefault <= connectionsMax, 'handshake connections are part of all connections');
+assert(receiveReadBytesMin <= receiveScratchBytes, 'a read fits the receive arena');
+assert((directPayloadBytesMin & (directPayloadBytesMin - 1)) === 0, 'payload buffers are pooled by power-of-two size');
+assert(directPayloadBytesMin <= requestPayloadBytesMax, 'payloads that fit one request can be read into their own buffer');
 assert(sparseReadBytesMin >= blockSizePreferredBytes, 'sparse reads only pay off above a block');
 assert(pooledReadBuffersBytesMax <= nbdBufferBytesMaxDefault / 4, 'idle read buffers stay a small part of the NBD buffer budget');
