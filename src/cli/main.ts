@@ -126,7 +126,7 @@ export function buildProgram(): Command {
     .option('--handshake-connections-max <n>', 'NBD connections still in the handshake (each has 30 s to finish)', String(handshakeConnectionsMaxDefault))
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
-    .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node)", 'node')
+    .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
