@@ -35,10 +35,16 @@ import {
   receiveReadBytesMin,
   directPayloadBytesMin,
   pooledWritePayloadBytesMax,
+  headerReadBytes,
 } from '../util/limits.js';
 
 /** WRITE payload buffers shared by every connection of the process (see buffer-pool.ts). */
 const writePayloads = new BufferPool(directPayloadBytesMin, pooledWritePayloadBytesMax);
+
+/** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
+export function trimWritePayloadBuffers(keepBytes: number): void {
+  writePayloads.trim(keepBytes);
+}
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -87,6 +93,12 @@ export class Connection {
   private scratchHeld = false;
   /** The payload region handed out for the next read, if it was one. */
   private fillGiven: Buffer | null = null;
+  /**
+   * The last request took a payload buffer of its own: the next is likely another large
+   * WRITE, so the next read into scratch is kept short (its header and a little payload),
+   * and the rest of that payload goes straight to its buffer instead of being copied there.
+   */
+  private lastLargeWrite = false;
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
   /** The authenticated TLS client (PSK identity or certificate DN), once TLS is up. */
@@ -200,7 +212,7 @@ export class Connection {
       this.scratchUsed = 0;
       this.scratchHeld = false;
     }
-    return this.scratch.subarray(this.scratchUsed);
+    return this.scratch.subarray(this.scratchUsed, this.lastLargeWrite ? this.scratchUsed + headerReadBytes : undefined);
   }
 
   private onRead(n: number, buffer: Buffer): void {
@@ -362,6 +374,7 @@ export class Connection {
     if (this.log.isLevelEnabled('trace')) {
       this.log.trace({ cmd: COMMAND_NAMES[h.type] ?? h.type, offset: h.offset, length: h.length, flags: h.flags }, 'request');
     }
+    this.lastLargeWrite = h.releasePayload != null;
     this.tx!.handle(h, payload);
   }
 

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { Connection, type ConnectionLimits } from './connection.js';
+import { Connection, trimWritePayloadBuffers, type ConnectionLimits } from './connection.js';
 import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
@@ -153,7 +153,7 @@ export class NbdServer {
   }
 
   /**
-   * The buffers shrank after a burst: drop the idle pooled read buffers and collect the
+   * The buffers shrank after a burst: drop the idle pooled read and WRITE payload buffers and collect the
    * dead ones now (see util/gc.ts), off the request path and at most every GC_INTERVAL_MS.
    */
   private giveMemoryBack(): void {
@@ -164,6 +164,7 @@ export class NbdServer {
       this.lastGcMs = Date.now();
       const before = process.memoryUsage.rss();
       trimReadBuffers(0);
+      trimWritePayloadBuffers(0);
       if (!collectGarbage()) return;
       const after = process.memoryUsage.rss();
       this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');

@@ -94,7 +94,11 @@ for (const mode of ['own', 'node'] as const) {
         }),
       );
       console.log(`[write-budget ${mode}] ${CONNECTIONS * WRITES_PER_CONNECTION} MiB in ${Date.now() - t0} ms, worst write ${Math.max(...worstMs)} ms`);
-      expect(Math.max(...worstMs)).toBeLessThan(2000);
+      // Unloaded, the worst is ~250 ms; the stall once seen lasted 3–6 s.
+      expect(Math.max(...worstMs)).toBeLessThan(3000);
+      // The budget really was the limit: connections were paused for memory and resumed.
+      const waits = Number(/^deltavol_nbd_memory_waits_total (\d+)/m.exec(await d.metrics())?.[1]);
+      expect(waits).toBeGreaterThan(0);
       const reader = await MiniNbdClient.connect(d.nbdPort, 'w');
       for (let ci = 0; ci < CONNECTIONS; ci++) {
         for (let k = 0; k < region / MiB; k++) {
