@@ -286,6 +286,8 @@ function fioArgs(job, uri, opts, outFile) {
     `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`, `--numjobs=${job.numjobs}`,
     '--time_based', `--runtime=${opts.runtime}`, `--ramp_time=${opts.ramp}`,
     '--group_reporting', '--lat_percentiles=1', '--output-format=json', `--output=${outFile}`,
+    // Bandwidth per second, per fio job: a stall shows as a second with (almost) nothing done.
+    `--write_bw_log=${bwLogPrefix(outFile)}`, '--log_avg_msec=1000',
   ];
   if (job.rwmixread) a.push(`--rwmixread=${job.rwmixread}`);
   // With 4 connections each job gets its own quarter of the volume.
@@ -294,6 +296,36 @@ function fioArgs(job, uri, opts, outFile) {
     a.push(`--size=${part}`, `--offset_increment=${part}`);
   }
   return a;
+}
+
+function bwLogPrefix(outFile) {
+  return outFile.replace(/\.json$/, '');
+}
+
+/**
+ * The slowest whole second of a run in MB/s (all fio jobs together), from fio's
+ * per-second bandwidth logs (KiB/s per job), which it removes; null when there are none.
+ */
+function slowestSecondMBps(outFile, numjobs) {
+  const prefix = bwLogPrefix(outFile);
+  const perSecond = new Map();
+  const seen = new Map();
+  for (let i = 1; i <= numjobs; i++) {
+    const file = `${prefix}_bw.${i}.log`;
+    let text = '';
+    try { text = fs.readFileSync(file, 'utf8'); } catch { continue; }
+    fs.rmSync(file, { force: true });
+    for (const line of text.split('\n')) {
+      const f = line.split(',');
+      if (f.length < 2) continue;
+      const second = Math.round(Number(f[0]) / 1000);
+      perSecond.set(second, (perSecond.get(second) ?? 0) + Number(f[1]) * 1024);
+      seen.set(second, (seen.get(second) ?? 0) + 1);
+    }
+  }
+  // Only seconds every job reported (the last one may be cut short for some).
+  const full = [...perSecond.entries()].filter(([sec]) => seen.get(sec) === numjobs).map(([, b]) => b);
+  return full.length ? Math.min(...full) / 1e6 : null;
 }
 
 function p99us(dir) {
@@ -322,6 +354,7 @@ async function runFio(job, server, opts, workDir) {
     error ??= `cannot parse fio output: ${e.message}`;
   }
   fs.rmSync(outFile, { force: true });
+  const slowestMBps = slowestSecondMBps(outFile, job.numjobs);
   const j = fj?.jobs?.[0];
   if (!j) return { error: error ?? 'no fio job in output' };
   if (j.error) error ??= `fio job error ${j.error}`;
@@ -336,6 +369,9 @@ async function runFio(job, server, opts, workDir) {
     p99us: job.rw === 'randrw'
       ? { read: p99us(j.read), write: p99us(j.write) }
       : p99us(job.rw.includes('read') ? j.read : j.write),
+    // The slowest second (MB/s) and the longest single I/O (ms): stalls that a median hides.
+    slowestSecondMBps: slowestMBps,
+    maxLatencyMs: Math.max(j.read.lat_ns?.max ?? 0, j.write.lat_ns?.max ?? 0) / 1e6,
     readIops: j.read.iops,
     writeIops: j.write.iops,
     totalIos: j.read.total_ios + j.write.total_ios,
@@ -390,7 +426,8 @@ async function runStorage(storage, opts, serverSpecs) {
         log(`[${storage}] ${opts.rounds > 1 ? `round ${round} ` : ''}${entry.job.name.padEnd(20)} ${s.label.padEnd(12)} ` +
           (r.error && r.iops == null ? `FAILED: ${r.error}` :
             `${fmtK(r.iops).padStart(7)} IOPS ${fmtInt(r.mbps).padStart(6)} MB/s  p99 ${fmtP99(r.p99us)} µs  ` +
-            `server ${fmtFix(r.serverCores, 2)} cores ${fmtFix(r.serverUsPerIo, 1)} µs/IO  fio ${fmtFix(r.fioCores, 2)}` +
+            `server ${fmtFix(r.serverCores, 2)} cores ${fmtFix(r.serverUsPerIo, 1)} µs/IO  fio ${fmtFix(r.fioCores, 2)}  ` +
+            `slowest 1 s ${fmtInt(r.slowestSecondMBps)} MB/s, max lat ${fmtInt(r.maxLatencyMs)} ms` +
             (r.error ? `  (error: ${r.error})` : '')));
         if (s.kind === 'deltavol' && procCpu(s.pid) == null) throw new Error(`deltavol (pid ${s.pid}) died during ${entry.job.name}\n${tail(s.logFile)}`);
       }
@@ -470,6 +507,15 @@ function markdown(run, opts) {
     const a = r.median[A];
     const b = r.median[B];
     lines.push(`| ${r.name} | ${fmtFix(a?.serverCores, 2)} | ${fmtFix(a?.serverUsPerIo, 1)} | ${fmtFix(b?.serverCores, 2)} | ${fmtFix(b?.serverUsPerIo, 1)} | ${fmtFix(a?.fioCores, 2)} / ${fmtFix(b?.fioCores, 2)} | ${fmtFix(a?.otherCores, 2)} / ${fmtFix(b?.otherCores, 2)} |`);
+  }
+  lines.push('', `Stalls: the slowest whole second of any round (MB/s, all connections) and the longest single I/O (ms):`, '');
+  lines.push(`| job | ${A} slowest 1 s | ${A} max lat | ${B} slowest 1 s | ${B} max lat |`);
+  lines.push('| --- | ---: | ---: | ---: | ---: |');
+  const worst = (rs, k, pick) => { const v = rs.map((x) => x[k]).filter((x) => x != null); return v.length ? pick(...v) : null; };
+  for (const r of run.results) {
+    const a = r.runs[A] ?? [];
+    const b = r.runs[B] ?? [];
+    lines.push(`| ${r.name} | ${fmtInt(worst(a, 'slowestSecondMBps', Math.min))} | ${fmtInt(worst(a, 'maxLatencyMs', Math.max))} | ${fmtInt(worst(b, 'slowestSecondMBps', Math.min))} | ${fmtInt(worst(b, 'maxLatencyMs', Math.max))} |`);
   }
   lines.push('');
   for (const [label, m] of Object.entries(run.memory)) {

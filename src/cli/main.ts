@@ -63,6 +63,12 @@ function size(text: string): number {
   return parseSizeBytes(text);
 }
 
+function readBuffersMode(text: string): boolean {
+  if (text === 'own') return true;
+  if (text === 'node') return false;
+  throw new DeltavolError('EINVAL_ARGUMENT', `--nbd-read-buffers "${text}" is not one of own, node`);
+}
+
 function print(json: boolean, value: unknown, human: () => string): void {
   // Human text may hold names and reasons from other users and peers: no raw control characters.
   process.stdout.write((json ? JSON.stringify(value, null, 2) : escapeOutput(human())) + '\n');
@@ -120,6 +126,7 @@ export function buildProgram(): Command {
     .option('--handshake-connections-max <n>', 'NBD connections still in the handshake (each has 30 s to finish)', String(handshakeConnectionsMaxDefault))
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
+    .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
@@ -165,6 +172,7 @@ export function buildProgram(): Command {
             authz: opts.tlsAuthz ?? [],
             pskFile: opts.tlsPsk,
           },
+          nbdOwnReadBuffers: readBuffersMode(opts.nbdReadBuffers),
           nbdLimits: {
             connectionsMax: Number(opts.connectionsMax),
             handshakeConnectionsMax: Number(opts.handshakeConnectionsMax),

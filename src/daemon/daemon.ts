@@ -56,6 +56,8 @@ export interface DaemonConfig {
   nbdTls?: TlsSettings;
   /** NBD limits under abuse (defaults in src/util/limits.ts). */
   nbdLimits?: Partial<NbdLimits>;
+  /** NBD plain sockets read into the connections' own buffers (default true; `--nbd-read-buffers node` turns it off; TLS sockets never do). */
+  nbdOwnReadBuffers?: boolean;
   /** Replication credentials (README "Replication security"); none: plain TCP. */
   replTls?: ReplTlsOptions;
   /** Plain TCP replication on a non-loopback address, knowingly. */
@@ -149,6 +151,7 @@ export class Daemon {
       log.child({ part: 'nbd' }),
       this.nbdTls,
       config.nbdLimits,
+      config.nbdOwnReadBuffers ?? true,
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     const { platform, security, warnings } = replicationSecurity(config);

@@ -5,8 +5,13 @@
 // reply; only a bad magic (a broken frame) ends the connection. A WRITE larger than
 // one buffer may instead be streamed: its payload is handed over in pieces, each asked
 // for before it is received (so the host can reserve it and stop reading between them).
+// A host that reads the socket into buffers it chooses may instead give a large WRITE one
+// buffer of its own (payloadBuffer): the framer then copies only the bytes already queued
+// into it and tells the host where the rest goes (fillRegion), so the kernel copies the
+// remaining payload straight into that buffer, in reads as large as the payload.
 
 import { ByteQueue } from '../util/byte-queue.js';
+import { assert } from '../util/assert.js';
 import { CMD_WRITE, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js';
 
 export interface RequestHeader {
@@ -20,6 +25,8 @@ export interface RequestHeader {
   length: number;
   /** True when a WRITE payload was larger than the framer accepts and was discarded. */
   payloadDiscarded: boolean;
+  /** Gives the payload's own buffer (from FramerSink.payloadBuffer) back; null when there is none. */
+  releasePayload?: (() => void) | null;
 }
 
 export interface FramerSink {
@@ -40,6 +47,14 @@ export interface FramerSink {
   pieceAccepting?(length: number): boolean;
   /** The next piece of a streamed WRITE's payload (views), in order; `last` on the final one. */
   writePiece?(header: RequestHeader, payload: Buffer[], last: boolean): void;
+  /**
+   * An accepted WRITE of `length` bytes (≤ payloadBytesMax) is about to be received: a
+   * buffer of exactly that length to assemble it in (then `fillRegion` says where the
+   * next bytes go), or null to take it as views of the received chunks.
+   */
+  payloadBuffer?(length: number): Buffer | null;
+  /** A buffer from payloadBuffer is no longer used by its request (RequestHeader.releasePayload). */
+  releasePayloadBuffer?(buffer: Buffer): void;
 }
 
 export type FramerError = { kind: 'bad-magic'; magic: number };
@@ -51,6 +66,10 @@ export class RequestFramer {
   private held: Buffer | null = null;
   /** A WRITE being streamed: bytes still to come, and the length of the piece accepted and not yet delivered. */
   private stream: { h: RequestHeader; leftBytes: number; pieceBytes: number } | null = null;
+  /** A WRITE being assembled in its own buffer: `filled` bytes of `target` are there. */
+  private fill: { h: RequestHeader; target: Buffer; filled: number } | null = null;
+  /** Payload bytes handed out as views of received chunks (the host must not reuse those chunks). */
+  viewedBytes = 0;
   constructor(
     readonly queue: ByteQueue,
     private readonly sink: FramerSink,
@@ -61,13 +80,37 @@ export class RequestFramer {
 
   /** True while a WRITE's payload is being received (or discarded). */
   get awaitingPayload(): boolean {
-    return this.pending !== null || this.stream !== null;
+    return this.pending !== null || this.stream !== null || this.fill !== null;
   }
 
   /** Bytes accepted for a WRITE payload and not yet handed over (0 when none, or when it is discarded). */
   get pendingWriteBytes(): number {
     if (this.stream) return this.stream.pieceBytes;
+    if (this.fill) return this.fill.h.length;
     return this.pending && !this.pending.payloadDiscarded ? this.pending.length : 0;
+  }
+
+  /** Whether the framer still refers to received bytes (queued, or a header waiting to be accepted). */
+  get holdsInput(): boolean {
+    return this.queue.length > 0 || this.held !== null;
+  }
+
+  /**
+   * Where the next received bytes should go: the rest of the WRITE payload being assembled
+   * in its own buffer (nothing else is queued), else null (any buffer; then `push`).
+   */
+  fillRegion(): Buffer | null {
+    const f = this.fill;
+    if (!f || this.queue.length > 0) return null;
+    return f.target.subarray(f.filled);
+  }
+
+  /** `n` bytes were received into the start of the last fillRegion(); parses on. */
+  filled(n: number): FramerError | null {
+    const f = this.fill;
+    assert(f !== null && this.queue.length === 0 && n > 0 && f.filled + n <= f.target.length, 'bytes received into a payload buffer not asked for');
+    f.filled += n;
+    return this.parse();
   }
 
   /** Adds bytes and parses what is complete. Returns an error when the stream is broken. */
@@ -80,6 +123,18 @@ export class RequestFramer {
   parse(): FramerError | null {
     const q = this.queue;
     for (;;) {
+      const f = this.fill;
+      if (f) {
+        const n = Math.min(q.length, f.target.length - f.filled);
+        if (n > 0) {
+          q.copyOut(f.target, f.filled, n);
+          f.filled += n;
+        }
+        if (f.filled < f.target.length) return null;
+        this.fill = null;
+        this.sink.request(f.h, [f.target]);
+        continue;
+      }
       const s = this.stream;
       if (s) {
         if (s.pieceBytes === 0) {
@@ -88,6 +143,7 @@ export class RequestFramer {
           s.pieceBytes = n;
         }
         if (q.length < s.pieceBytes) return null;
+        this.viewedBytes += s.pieceBytes;
         const views = q.takeViews(s.pieceBytes);
         s.leftBytes -= s.pieceBytes;
         s.pieceBytes = 0;
@@ -108,6 +164,7 @@ export class RequestFramer {
         const h = this.pending;
         if (q.length < h.length) return null;
         this.pending = null;
+        this.viewedBytes += h.length;
         this.sink.request(h, q.takeViews(h.length));
         continue;
       }
@@ -131,6 +188,7 @@ export class RequestFramer {
         offset: b.readUInt32BE(16) * 4294967296 + b.readUInt32BE(20),
         length: b.readUInt32BE(24),
         payloadDiscarded: false,
+        releasePayload: null,
       };
       if (h.type !== CMD_WRITE || h.length === 0) {
         this.sink.request(h, []);
@@ -143,7 +201,15 @@ export class RequestFramer {
         this.pending = h;
         this.discardLeft = h.length;
       } else {
-        this.pending = h;
+        const target = this.sink.payloadBuffer?.(h.length) ?? null;
+        if (target) {
+          assert(target.length === h.length, 'a payload buffer of the payload length');
+          const sink = this.sink;
+          h.releasePayload = () => sink.releasePayloadBuffer?.(target);
+          this.fill = { h, target, filled: 0 };
+        } else {
+          this.pending = h;
+        }
       }
     }
   }

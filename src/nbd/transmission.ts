@@ -219,11 +219,22 @@ export class Transmission {
     this.replyError(h, error, message, payloadBytes);
   }
 
+  /** The request is done with its WRITE payload: the host may reuse the payload's buffer. */
+  private payloadDone(h: RequestHeader): void {
+    const release = h.releasePayload;
+    if (release) {
+      h.releasePayload = null;
+      release();
+    }
+  }
+
   private replyOk(h: RequestHeader, payloadBytes: number): void {
+    this.payloadDone(h);
     this.finish(h.type === C.CMD_READ && this.structured ? [R.noneChunk(h.cookieHi, h.cookieLo)] : [R.simpleReply(0, h.cookieHi, h.cookieLo)], payloadBytes);
   }
 
   private replyError(h: RequestHeader, error: number, message: string, payloadBytes: number): void {
+    this.payloadDone(h);
     const reply = this.structured ? R.errorChunk(error, message, h.cookieHi, h.cookieLo) : R.simpleReply(error, h.cookieHi, h.cookieLo);
     this.finish([reply], payloadBytes);
   }

@@ -7,6 +7,10 @@
 // share of the daemon-wide memory budget (memory-budget.ts): a request's buffer is
 // reserved before the request is parsed, reply bytes count until the socket has taken
 // them, and a connection refused memory stops being read until some is released.
+// Without TLS it reads the socket into buffers it chooses (user-buffer-socket.ts): a
+// reused scratch buffer for headers and small payloads, and a large WRITE's own pooled
+// buffer for the rest of its payload, so 1 MiB arrives in a few large reads with no
+// per-read allocation and no copy beyond the kernel's.
 
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
@@ -18,6 +22,8 @@ import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission, heldBytesFor } from '../nbd/transmission.js';
 import { CMD_DISC, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
 import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
+import { adoptWithUserBuffer } from './user-buffer-socket.js';
+import { BufferPool } from '../util/buffer-pool.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -25,7 +31,20 @@ import {
   requestPayloadBytesMax,
   socketQueuedBytesMax,
   streamPieceBytes,
+  receiveScratchBytes,
+  receiveReadBytesMin,
+  directPayloadBytesMin,
+  pooledWritePayloadBytesMax,
+  headerReadBytes,
 } from '../util/limits.js';
+
+/** WRITE payload buffers shared by every connection of the process (see buffer-pool.ts). */
+const writePayloads = new BufferPool(directPayloadBytesMin, pooledWritePayloadBytesMax);
+
+/** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
+export function trimWritePayloadBuffers(keepBytes: number): void {
+  writePayloads.trim(keepBytes);
+}
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -40,6 +59,8 @@ export interface ConnectionLimits {
   budget: MemoryBudget;
   /** The handshake is over: the connection moves to the transmission pool. */
   enteredTransmission(c: Connection): void;
+  /** Read plain sockets into the connection's own buffers (user-buffer-socket.ts). */
+  ownReadBuffers?: boolean;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -57,6 +78,27 @@ export class Connection {
   private uncorkScheduled = false;
   private paused = false;
   private drainWaiters: (() => void)[] = [];
+  // ---- reads into our own buffers (plain sockets only) ----
+  /** The socket reads into buffers chosen here (nextReadBuffer) rather than Node's. */
+  private readonly userBuffers: boolean;
+  /**
+   * Where reads go when no WRITE payload is being received straight into its buffer: an
+   * arena filled front to back (reads of small requests take only what they read), started
+   * over when nothing refers to its bytes any more, replaced when its free tail gets short.
+   */
+  private scratch: Buffer = Buffer.allocUnsafe(receiveScratchBytes);
+  /** Bytes at the front of scratch that requests or the parser may still refer to. */
+  private scratchUsed = 0;
+  /** Something still refers to scratch[0, scratchUsed). */
+  private scratchHeld = false;
+  /** The payload region handed out for the next read, if it was one. */
+  private fillGiven: Buffer | null = null;
+  /**
+   * The last request took a payload buffer of its own: the next is likely another large
+   * WRITE, so the next read into scratch is kept short (its header and a little payload),
+   * and the rest of that payload goes straight to its buffer instead of being copied there.
+   */
+  private lastLargeWrite = false;
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
   /** The authenticated TLS client (PSK identity or certificate DN), once TLS is up. */
@@ -97,8 +139,12 @@ export class Connection {
   ) {
     this.account = new MemoryAccount(() => this.maybeResume());
     this.negotiator = new Negotiator(catalog, tls?.mode ?? 'off');
+    const adopted = (tls?.mode ?? 'off') === 'off' && limits.ownReadBuffers !== false ? adoptWithUserBuffer(socket, { next: () => this.nextReadBuffer(), received: (n, b) => this.onRead(n, b) }) : null;
+    this.userBuffers = adopted !== null;
+    if (adopted) this.socket = socket = adopted;
     socket.setNoDelay(true);
     this.attach(socket);
+    socket.resume(); // listeners accept connections paused
     this.handshakeTimer = setTimeout(() => {
       this.log.info('handshake timed out');
       this.socket.destroy();
@@ -153,6 +199,52 @@ export class Connection {
       return 0;
     }
     return nowMs - this.stallSinceMs;
+  }
+
+  /** The buffer the next socket read fills: the rest of a WRITE payload, else scratch. */
+  private nextReadBuffer(): Buffer {
+    const region = this.framer !== null && this.state === 'transmission' ? this.framer.fillRegion() : null;
+    this.fillGiven = region;
+    if (region) return region;
+    if (!this.scratchHeld) this.scratchUsed = 0;
+    else if (this.scratch.length - this.scratchUsed < receiveReadBytesMin) {
+      this.scratch = Buffer.allocUnsafe(receiveScratchBytes);
+      this.scratchUsed = 0;
+      this.scratchHeld = false;
+    }
+    return this.scratch.subarray(this.scratchUsed, this.lastLargeWrite ? this.scratchUsed + headerReadBytes : undefined);
+  }
+
+  private onRead(n: number, buffer: Buffer): void {
+    if (buffer === this.fillGiven) {
+      this.fillGiven = null;
+      this.onPayloadBytes(n);
+      return;
+    }
+    const framer = this.framer;
+    const viewed = framer ? framer.viewedBytes : 0;
+    this.scratchUsed += n;
+    this.onData(buffer.subarray(0, n));
+    // The arena may be read into again from its start only if nothing kept a view of it:
+    // no handshake bytes, no partial or unaccepted request left, no payload handed over as views
+    // (a WRITE may hold those until its data is written). Once held, it stays held.
+    if (framer === null || this.framer !== framer || framer.holdsInput || framer.viewedBytes !== viewed) this.scratchHeld = true;
+  }
+
+  /** n bytes of a WRITE payload were read straight into its buffer. */
+  private onPayloadBytes(n: number): void {
+    this.stats.bytesRead += n;
+    this.progress++;
+    if (this.state !== 'transmission' || !this.framer) return;
+    this.inDataEvent = true;
+    this.socket.cork();
+    try {
+      const err = this.framer.filled(n);
+      if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+    } finally {
+      this.inDataEvent = false;
+      this.socket.uncork();
+    }
   }
 
   private onData(chunk: Buffer): void {
@@ -216,6 +308,12 @@ export class Connection {
         streamWrite: (h) => this.state === 'transmission' && this.tx!.streamWrite(h),
         pieceAccepting: (length) => this.pieceAccepting(length),
         writePiece: (h, p, last) => this.tx!.writePiece(h, p, last),
+        ...(this.userBuffers
+          ? {
+              payloadBuffer: (length: number) => (length >= directPayloadBytesMin ? writePayloads.acquire(length) : null),
+              releasePayloadBuffer: (b: Buffer) => writePayloads.release(b),
+            }
+          : {}),
       },
       requestPayloadBytesMax,
       streamPieceBytes,
@@ -265,6 +363,7 @@ export class Connection {
     this.stats.requests++;
     if (this.state !== 'transmission') {
       this.releaseHeld(needFor(h.type, h.length));
+      h.releasePayload?.();
       return;
     }
     this.lastActiveMs = Date.now();
@@ -275,6 +374,7 @@ export class Connection {
     if (this.log.isLevelEnabled('trace')) {
       this.log.trace({ cmd: COMMAND_NAMES[h.type] ?? h.type, offset: h.offset, length: h.length, flags: h.flags }, 'request');
     }
+    this.lastLargeWrite = h.releasePayload != null;
     this.tx!.handle(h, payload);
   }
 

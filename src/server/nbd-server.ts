@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { Connection, type ConnectionLimits } from './connection.js';
+import { Connection, trimWritePayloadBuffers, type ConnectionLimits } from './connection.js';
 import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
@@ -90,6 +90,8 @@ export class NbdServer {
     private readonly log: Logger,
     private readonly tls: TlsServerConfig | null = null,
     limits: Partial<NbdLimits> = {},
+    /** Plain sockets read into the connection's own buffers (`--nbd-read-buffers own`); false keeps Node's. */
+    ownReadBuffers = true,
   ) {
     this.limits = { ...nbdLimitsDefault, ...limits };
     checkNbdLimits(this.limits);
@@ -106,7 +108,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers };
   }
 
   private accept(socket: net.Socket): void {
@@ -151,7 +153,7 @@ export class NbdServer {
   }
 
   /**
-   * The buffers shrank after a burst: drop the idle pooled read buffers and collect the
+   * The buffers shrank after a burst: drop the idle pooled read and WRITE payload buffers and collect the
    * dead ones now (see util/gc.ts), off the request path and at most every GC_INTERVAL_MS.
    */
   private giveMemoryBack(): void {
@@ -162,6 +164,7 @@ export class NbdServer {
       this.lastGcMs = Date.now();
       const before = process.memoryUsage.rss();
       trimReadBuffers(0);
+      trimWritePayloadBuffers(0);
       if (!collectGarbage()) return;
       const after = process.memoryUsage.rss();
       this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');
@@ -224,7 +227,7 @@ export class NbdServer {
 
   listenTcp(port: number, host: string): Promise<number> {
     return new Promise((resolve, reject) => {
-      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (s) => this.accept(s));
       server.once('error', reject);
       server.listen({ port, host }, () => {
         server.off('error', reject);
@@ -244,7 +247,7 @@ export class NbdServer {
       // absent
     }
     return new Promise((resolve, reject) => {
-      const server = net.createServer((s) => this.accept(s));
+      const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
       server.once('error', reject);
       server.listen(path, () => {
         server.off('error', reject);

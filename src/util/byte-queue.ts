@@ -52,6 +52,21 @@ export class ByteQueue {
     return views;
   }
 
+  /** Copies the next n bytes into target at targetOffset and drops them from the queue. */
+  copyOut(target: Buffer, targetOffset: number, n: number): void {
+    assert(n <= this.length, 'copy past end of queue');
+    let at = targetOffset;
+    let left = n;
+    while (left > 0) {
+      const c = this.chunks[this.first]!;
+      const k = Math.min(c.length - this.head, left);
+      c.copy(target, at, this.head, this.head + k);
+      this.advance(k);
+      at += k;
+      left -= k;
+    }
+  }
+
   /** Drops up to n bytes; returns how many were dropped. */
   skip(n: number): number {
     const k = Math.min(n, this.length);

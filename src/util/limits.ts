@@ -64,6 +64,23 @@ export const pooledReadBufferBytesMin = 64 * 1024;
  * a burst (nbd-server.ts).
  */
 export const pooledReadBuffersBytesMax = 40 * 1024 * 1024;
+/** Plain sockets read headers and small WRITE payloads into a reused arena of this size... */
+export const receiveScratchBytes = 256 * 1024;
+/** ...replaced by a new one when less than this is left at its end (the most one read takes there). */
+export const receiveReadBytesMin = 64 * 1024;
+/** WRITE payloads this large or larger are read straight into a pooled buffer of their own. */
+export const directPayloadBytesMin = 64 * 1024;
+/**
+ * After a large WRITE, the next read into the arena takes at most this much (the next
+ * header and the start of its payload; the rest goes straight to the payload's buffer).
+ */
+export const headerReadBytes = 4096;
+/**
+ * At most this many bytes of WRITE payload buffers sit idle in their pool: what 4
+ * connections × 8 × 1 MiB WRITEs hold at once (16 MiB dropped half of each burst's
+ * buffers for the GC); dropped when the NBD buffers shrink after a burst (nbd-server.ts).
+ */
+export const pooledWritePayloadBytesMax = 32 * 1024 * 1024;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */
@@ -118,5 +135,10 @@ assert(
   'the default NBD buffer budget holds every connection reserve and two full-size requests',
 );
 assert(handshakeConnectionsMaxDefault <= connectionsMax, 'handshake connections are part of all connections');
+assert(receiveReadBytesMin <= receiveScratchBytes, 'a read fits the receive arena');
+assert((directPayloadBytesMin & (directPayloadBytesMin - 1)) === 0, 'payload buffers are pooled by power-of-two size');
+assert(directPayloadBytesMin <= requestPayloadBytesMax, 'payloads that fit one request can be read into their own buffer');
 assert(sparseReadBytesMin >= blockSizePreferredBytes, 'sparse reads only pay off above a block');
 assert(pooledReadBuffersBytesMax <= nbdBufferBytesMaxDefault / 4, 'idle read buffers stay a small part of the NBD buffer budget');
+assert(pooledWritePayloadBytesMax <= nbdBufferBytesMaxDefault / 4, 'idle WRITE payload buffers stay a small part of the NBD buffer budget');
+assert(headerReadBytes >= 28 && headerReadBytes <= receiveReadBytesMin, 'a short read still holds a request header and fits the arena');

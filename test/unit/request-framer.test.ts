@@ -82,6 +82,76 @@ describe('RequestFramer', () => {
     );
   });
 
+  it('assembles large WRITEs in buffers the host gives, reading into fillRegion, under random chunkings (property)', () => {
+    // Writes around the 1000-byte cut-off, mixed with other commands; a host that reads
+    // into fillRegion() when it offers one and pushes random chunks otherwise.
+    const parts: Buffer[] = [];
+    const expected: { type: number; cookie: number; offset: number; length: number; payload: Buffer }[] = [];
+    let cookie = 0;
+    for (const length of [999, 1000, 1001, 5000, 20, 70_000, 1000]) {
+      const payload = Buffer.alloc(length);
+      for (let i = 0; i < length; i++) payload[i] = (i * 7 + length) & 0xff;
+      cookie++;
+      parts.push(request(C.CMD_WRITE, { cookie, offset: cookie * 4096, length }), payload);
+      expected.push({ type: C.CMD_WRITE, cookie, offset: cookie * 4096, length, payload });
+      cookie++;
+      parts.push(request(C.CMD_READ, { cookie, offset: 0, length: 512 }));
+      expected.push({ type: C.CMD_READ, cookie, offset: 0, length: 512, payload: Buffer.alloc(0) });
+    }
+    const bytes = Buffer.concat(parts);
+    const seed = testSeed('framer payload buffers');
+    fc.assert(
+      fc.property(fc.array(fc.integer({ min: 1, max: 9000 }), { minLength: 1, maxLength: 50 }), (sizes) => {
+        const given = new Set<Buffer>();
+        const released: Buffer[] = [];
+        const got: { h: RequestHeader; payload: Buffer; own: boolean }[] = [];
+        const f = new RequestFramer(
+          new ByteQueue(),
+          {
+            request: (h, p) => {
+              got.push({ h, payload: Buffer.concat(p), own: p.length === 1 && given.has(p[0]!) });
+              h.releasePayload?.();
+            },
+            accepting: () => true,
+            payloadBuffer: (length) => {
+              if (length < 1000) return null;
+              const b = Buffer.alloc(length, 0xee);
+              given.add(b);
+              return b;
+            },
+            releasePayloadBuffer: (b) => released.push(b),
+          },
+          1 << 20,
+        );
+        let pos = 0;
+        let i = 0;
+        let direct = 0;
+        while (pos < bytes.length) {
+          const n = Math.min(sizes[i++ % sizes.length]!, bytes.length - pos);
+          const region = f.fillRegion();
+          if (region) {
+            const k = Math.min(n, region.length);
+            bytes.copy(region, 0, pos, pos + k);
+            direct += k;
+            expect(f.filled(k)).toBeNull();
+            pos += k;
+          } else {
+            expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
+            pos += n;
+          }
+        }
+        check(got, expected);
+        // Every WRITE of 1000 bytes or more came in its own buffer, and was given back.
+        for (const g of got) expect(g.own).toBe(g.h.type === C.CMD_WRITE && g.h.length >= 1000);
+        expect(released.length).toBe(given.size);
+        expect(f.holdsInput).toBe(false);
+        // Most of the large payloads' bytes went straight into their buffers, not through the queue.
+        if (sizes.every((x) => x < 1000)) expect(direct).toBeGreaterThan(70_000 / 2);
+      }),
+      { seed, numRuns: 200 },
+    );
+  });
+
   it('consumes an oversize WRITE payload without buffering it and stays in sync', () => {
     const { f, got } = framer(1024);
     const big = 1024 * 1024;
