@@ -500,7 +500,10 @@ export class Connection {
 
   private finishDrain(): void {
     this.state = 'closed';
-    const close = () => this.socket.end();
+    // end() alone would wait for the client's FIN, which a paused socket never reads: the
+    // connection (and its admission slot) stayed forever after every NBD_CMD_DISC. Once our
+    // FIN is out, the connection is done.
+    const close = () => this.socket.end(() => this.socket.destroy());
     if (this.uncorkScheduled) setImmediate(close);
     else close();
   }
