@@ -278,7 +278,7 @@ export class Connection {
     for (const b of out) this.socket.write(b);
     if (result.kind === 'close') {
       this.log.info({ reason: result.reason }, 'handshake ended without a connection');
-      this.socket.end();
+      this.socket.end(() => this.socket.destroy()); // nothing more is read: do not wait for the client's FIN
       this.state = 'closed';
       return;
     }
