@@ -3,48 +3,18 @@
 // until memory is released. Four connections pipelining 1 MiB writes under a small
 // budget make both happen many times a second; every write must be answered within a
 // bounded time and read back as written.
-import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import * as C from '../../src/nbd/constants.js';
-import { goData, option, request } from '../helpers/wire.js';
+import { request } from '../helpers/wire.js';
+import { rawTransmissionClient } from '../helpers/raw-transmission.js';
 
 const MiB = 1024 * 1024;
 const VOLUME_BYTES = 64 * MiB;
 const CONNECTIONS = 4;
 const DEPTH = 8;
 const WRITES_PER_CONNECTION = 64;
-
-async function connect(port: number, exportName: string): Promise<{ sock: net.Socket; onReply: (fn: (cookie: number, error: number) => void) => void }> {
-  const sock = net.connect({ port, host: '127.0.0.1' });
-  await new Promise<void>((r, j) => {
-    sock.once('connect', () => r());
-    sock.once('error', j);
-  });
-  sock.setNoDelay(true);
-  let buf = Buffer.alloc(0);
-  let inTransmission = false;
-  let onReply: (cookie: number, error: number) => void = () => undefined;
-  sock.on('data', (c: Buffer) => {
-    buf = buf.length ? Buffer.concat([buf, c]) : c;
-    if (!inTransmission) return;
-    while (buf.length >= 16) {
-      expect(buf.readUInt32BE(0)).toBe(C.SIMPLE_REPLY_MAGIC);
-      onReply(buf.readUInt32BE(12), buf.readUInt32BE(4));
-      buf = buf.subarray(16);
-    }
-  });
-  sock.write(Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]));
-  sock.write(option(C.OPT_GO, goData(exportName)));
-  const deadline = Date.now() + 10_000;
-  while (!(buf.length >= 18 + 20 && buf.readUInt32BE(buf.length - 8) === C.REP_ACK) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  buf = Buffer.alloc(0);
-  inTransmission = true;
-  return { sock, onReply: (fn) => (onReply = fn) };
-}
 
 for (const mode of ['own', 'node'] as const) {
   describe(`1 MiB writes from 4 connections under a small NBD buffer budget (--nbd-read-buffers ${mode})`, () => {
@@ -66,7 +36,7 @@ for (const mode of ['own', 'node'] as const) {
       const t0 = Date.now();
       await Promise.all(
         Array.from({ length: CONNECTIONS }, async (_, ci) => {
-          const c = await connect(d.nbdPort, 'w');
+          const c = await rawTransmissionClient(d.nbdPort, 'w');
           const sentAt = new Map<number, number>();
           let worst = 0;
           let wake: () => void = () => undefined;

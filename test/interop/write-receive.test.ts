@@ -6,10 +6,11 @@
 // back as written, with either kind of read buffers.
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rawTransmissionClient } from '../helpers/raw-transmission.js';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import * as C from '../../src/nbd/constants.js';
-import { goData, option, request } from '../helpers/wire.js';
+import { request } from '../helpers/wire.js';
 import { testSeed } from '../helpers/seed.js';
 
 const MiB = 1024 * 1024;
@@ -27,37 +28,16 @@ function rng(seed: number): () => number {
   };
 }
 
-/** A raw client that sends requests in random slices and reports each reply's latency. */
+/** A raw client that sends requests in random slices and records each reply's error by cookie. */
 async function rawClient(port: number, exportName: string): Promise<{ sock: net.Socket; replies: Map<number, number>; onReply: (fn: () => void) => void }> {
-  const sock = net.connect({ port, host: '127.0.0.1' });
-  await new Promise<void>((r, j) => {
-    sock.once('connect', () => r());
-    sock.once('error', j);
-  });
-  sock.setNoDelay(true);
-  let buf = Buffer.alloc(0);
-  let inTransmission = false;
+  const c = await rawTransmissionClient(port, exportName);
   const replies = new Map<number, number>();
   let notify: () => void = () => undefined;
-  sock.on('data', (c: Buffer) => {
-    buf = buf.length ? Buffer.concat([buf, c]) : c;
-    if (!inTransmission) return;
-    while (buf.length >= 16) {
-      expect(buf.readUInt32BE(0)).toBe(C.SIMPLE_REPLY_MAGIC);
-      replies.set(buf.readUInt32BE(12), buf.readUInt32BE(4));
-      buf = buf.subarray(16);
-      notify();
-    }
+  c.onReply((cookie, error) => {
+    replies.set(cookie, error);
+    notify();
   });
-  sock.write(Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]));
-  sock.write(option(C.OPT_GO, goData(exportName)));
-  const deadline = Date.now() + 10_000;
-  while (!(buf.length >= 18 + 20 && buf.readUInt32BE(buf.length - 8) === C.REP_ACK) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  buf = Buffer.alloc(0);
-  inTransmission = true;
-  return { sock, replies, onReply: (fn) => (notify = fn) };
+  return { sock: c.sock, replies, onReply: (fn) => (notify = fn) };
 }
 
 const SIZES = [4096, 1000, 64 * 1024 - 1, 64 * 1024, 64 * 1024 + 7, 300 * 1024, MiB, MiB + 513, 3 * MiB];
