@@ -45,6 +45,7 @@ import { DeltavolError } from '../util/errors.js';
 import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, SPARSE_BITS_MAX, popcount32 } from './paged-bitmap.js';
 import { RecordArena } from './record-arena.js';
+import { copyBytes } from '../util/copy-bytes.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
 const RECORD_MAGIC = 0x52425644; // "DVBR"
@@ -244,9 +245,7 @@ function putRecord(out: Buffer, at: number, seq: number, p: number, encoding: nu
   out.writeUInt16LE(encoding, at + 16);
   out.writeUInt16LE(0, at + 18);
   out.writeUInt32LE(to - from, at + 20);
-  const n = to - from;
-  if (n > 64) src.copy(out, at + RECORD_HEADER_BYTES, from, to);
-  else for (let i = 0; i < n; i++) out[at + RECORD_HEADER_BYTES + i] = src[from + i]!; // short: cheaper than copy()
+  copyBytes(src, from, out, at + RECORD_HEADER_BYTES, to - from);
   out.writeUInt32LE(crc32c(out.subarray(at + 4, end)), at);
   return end - at;
 }
@@ -520,12 +519,15 @@ export class BitmapFile {
   writeDirty(bitmap: PagedBitmap): number {
     assert(bitmap.bitsTotal === this.bitsTotal, 'bitmap and file sizes differ');
     const dirty = bitmap.takeDirtyPages();
-    for (const p of dirty) {
-      const offsets = bitmap.sparseOffsets(p);
-      if (offsets !== null) this.writeOffsets(p, offsets);
-      else this.writePage(p, bitmap.page(p));
-    }
+    for (const p of dirty) this.writePageOf(bitmap, p);
     return dirty.length;
+  }
+
+  /** Stages page p as `bitmap` holds it: a sparse page from its offsets, else its words. */
+  writePageOf(bitmap: PagedBitmap, p: number): void {
+    const offsets = bitmap.sparseOffsets(p);
+    if (offsets !== null) this.writeOffsets(p, offsets);
+    else this.writePage(p, bitmap.page(p));
   }
 
   /**

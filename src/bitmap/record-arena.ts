@@ -11,19 +11,9 @@
 // into a new buffer) runs when growing would otherwise keep more dead bytes than live ones.
 
 import { assert } from '../util/assert.js';
+import { copyBytes } from '../util/copy-bytes.js';
 
 const ARENA_BYTES_MIN = 64 * 1024;
-/** Copies up to this many bytes with a loop: Buffer.copy costs more than that in fixed overhead. */
-const LOOP_COPY_BYTES_MAX = 64;
-
-/** src[from, from + n) to dst[at..): short records (most are a few dozen bytes) by hand. */
-function copyBytes(src: Buffer, from: number, dst: Buffer, at: number, n: number): void {
-  if (n > LOOP_COPY_BYTES_MAX) {
-    src.copy(dst, at, from, from + n);
-    return;
-  }
-  for (let i = 0; i < n; i++) dst[at + i] = src[from + i]!;
-}
 const SLOTS_MIN = 256;
 
 export class RecordArena {

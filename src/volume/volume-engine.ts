@@ -785,10 +785,7 @@ export class VolumeEngine {
     const scratch = this.validityFile.scratch();
     for (const p of this.validity.takeDirtyPages()) {
       if (this.clearedUnflushed.pageBitCount(p) === 0) {
-        // No clear of this page waits for a flush: the page as it is (sparse ones as offsets).
-        const offsets = this.validity.sparseOffsets(p);
-        if (offsets !== null) this.validityFile.writeOffsets(p, offsets);
-        else this.validityFile.writePage(p, this.validity.page(p));
+        this.validityFile.writePageOf(this.validity, p); // no clear of this page waits for a flush
         continue;
       }
       const page = this.validity.page(p);
