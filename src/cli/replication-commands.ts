@@ -195,6 +195,9 @@ export function registerReplicationCommands(program: Command, h: Helpers): void 
     .option('--cut-interval <duration>', 'cut a delta set at least this often while there are changes', '5s')
     .option('--high-water <size>', 'cut a delta set when this many bytes changed', '64M')
     .option('--retries <n>', 'failed connection attempts before the pair goes to failure-suspend', '5')
+    .option('--mode <mode>', 'async: writes are acknowledged at once and ship in delta sets; sync: a write is acknowledged only once the replica has it, a flush once it is durable there', 'async')
+    .option('--fence <policy>', 'sync pairs, replica unreachable: never (keep serving, the pair falls back to sets and catches up) or data (fail writes with EIO)')
+    .option('--sync-timeout <duration>', 'sync pairs: a write the replica has not acknowledged within this long stops waiting (default 2s)')
     .option('--no-wait', 'return at once instead of following the initial copy')
     .option('--timeout <duration>', 'give up following the initial copy after this long', '24h')
     .option('--json', 'print JSON')
@@ -206,6 +209,9 @@ export function registerReplicationCommands(program: Command, h: Helpers): void 
         cutIntervalMs: parseDurationMs(opts.cutInterval),
         highWaterBytes: parseSizeBytes(opts.highWater),
         retries: Number(opts.retries),
+        ...(opts.mode !== 'async' ? { mode: opts.mode } : {}),
+        ...(opts.fence !== undefined ? { fence: opts.fence } : {}),
+        ...(opts.syncTimeout !== undefined ? { syncTimeoutMs: parseDurationMs(opts.syncTimeout) } : {}),
       });
       if (!opts.json) process.stderr.write(`pair ${pair.id}: ${volume} → ${pair.remoteVolume} at ${pair.peerHost}:${pair.peerPort}\n`);
       const status = opts.wait ? await followInitialCopy(c, volume, pair.id, parseDurationMs(opts.timeout)) : null;

@@ -453,6 +453,9 @@ export class Daemon {
         cutIntervalMs: num(body, 'cutIntervalMs', TIMER_MS_MAX),
         highWaterBytes: num(body, 'highWaterBytes'),
         retriesBeforeSuspend: num(body, 'retries', RETRIES_MAX),
+        mode: str(body, 'mode') as 'async' | 'sync' | undefined,
+        fence: str(body, 'fence') as 'never' | 'data' | undefined,
+        syncTimeoutMs: num(body, 'syncTimeoutMs', TIMER_MS_MAX),
       });
       return pair;
     });

@@ -48,6 +48,15 @@ export interface PairConfig {
    * the recovery messages of the pair must come from it. Absent/null: never seen over TLS.
    */
   peerIdentity?: string | null;
+  /**
+   * 'sync': a client's write is acknowledged only once the replica has it, a flush only
+   * once it is durable there (sync-stream.ts). Absent: 'async' (delta sets only).
+   */
+  mode?: 'async' | 'sync';
+  /** Sync pairs, replica out of reach: 'never' keeps serving (the pair degrades to sets), 'data' fails writes with EIO. */
+  fence?: 'never' | 'data';
+  /** Sync pairs: a write not acknowledged by the replica within this long stops the stream. */
+  syncTimeoutMs?: number;
 }
 
 export interface InitialCopyRecord {

@@ -42,6 +42,12 @@ export const restartPointCutMsMax = 45_000;
 /** The replicator checks its cut triggers this often. */
 export const replicatorTickMs = 100;
 
+/** Sync pairs: a write the replica has not acknowledged within this long stops the stream (default). */
+export const syncTimeoutMsDefault = 2000;
+export const syncTimeoutMsMin = 100;
+/** Sync pairs: the replica acknowledges at least every this many stream items under a steady stream. */
+export const syncAckEveryItems = 32;
+
 /** A replica writes the primary's progress report down at least this often (and at every change). */
 export const reportPersistMs = 10_000;
 /** Replica: stop reading the link while the inbound save area holds this much. */
@@ -68,6 +74,7 @@ export const helloTimeoutMs = 10_000;
 assert(unauthConnectionsPerAddressMax <= unauthConnectionsMax, 'the per-address cap fits the daemon cap');
 assert(helloFrameBytesMax * unauthConnectionsMax <= 16 * 1024 * 1024, 'unauthenticated peers hold at most 16 MiB of frame buffers');
 assert(reconnectDelayMsMin <= reconnectDelayMsMax, 'back-off bounds');
+assert(syncTimeoutMsDefault < replicationSilenceMs, 'a sync pair gives up on a silent replica before the link does');
 assert(replicationHeartbeatMs * 3 <= replicationSilenceMs, 'several heartbeats fit in the silence window');
 assert(replicationHeartbeatMs * 2 <= primaryAliveMs && primaryAliveMs < replicationSilenceMs, 'a live primary is heard twice in the alive window');
 assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');

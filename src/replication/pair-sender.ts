@@ -14,6 +14,7 @@ import type { PairRecord } from '../recovery/role-record.js';
 import { Link } from './link.js';
 import { chunkDataBytesMax, type ChunkPos, type OutboundLog } from './outbound-log.js';
 import type { PrimaryPort } from './ports.js';
+import type { SyncStream } from './sync-stream.js';
 import type { ReplicationPlatform } from './platform.js';
 import { PROTOCOL_VERSION, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import * as L from './limits.js';
@@ -61,6 +62,8 @@ export interface PairHost {
   onLinkDown(p: PairRecord): void;
   /** The replica welcomed this primary: the pair's session is up. */
   onSessionUp(p: PairRecord): void;
+  /** The pair's sync stream (mode sync), else null. */
+  syncStreamOf(p: PairRecord): SyncStream | null;
 }
 
 interface Inflight {
@@ -226,7 +229,9 @@ export class PairSender {
         else this.log.info({ err: this.lastError, failures: this.failures, state }, 'replication link failed');
       } finally {
         const had = this.link !== null && this.sessionStartMs > 0;
+        // The stream goes down with the link before anything else (writes waiting are released or failed).
         this.link?.close('session ended');
+        this.r.syncStreamOf(this.pair)?.stop(`link down: ${this.link?.reason ?? this.lastError ?? 'session ended'}`);
         this.link = null;
         this.sessionStartMs = 0;
         this.inflight = [];
@@ -354,6 +359,9 @@ export class PairSender {
   /** Blocks not yet on the replica: changed since the cut, pending, and in unacked sets. */
   bytesDifferent(): number {
     const p = this.pair;
+    // Streaming: the replica has every write but those waiting for its acknowledgement.
+    const st = this.r.syncStreamOf(p);
+    if (st?.state === 'streaming') return st.unackedBytes;
     const bs = this.r.volume.blockBytes;
     let outstanding = 0;
     for (const s of this.r.outbound.sets) {
@@ -391,6 +399,9 @@ export class PairSender {
         return;
       }
       case 'initAck':
+        return;
+      case 'sack':
+        this.r.syncStreamOf(p)?.onAck(m.seq);
         return;
       case 'nak': {
         this.log.warn({ set: m.set, chunk: m.chunk, reason: m.reason }, 'replica refused a chunk: resending');
@@ -509,6 +520,19 @@ export class PairSender {
       if (p.ackedSet > sentUpTo) sentUpTo = p.ackedSet;
       this.sentSet = sentUpTo;
       const next = this.r.nextSetFor(p, sentUpTo);
+      const stream = this.r.syncStreamOf(p);
+      if (stream !== null) {
+        // Sets cut since the stream started travel as its barriers, not as chunks.
+        if (next !== null && stream.covers(next.set)) {
+          await this.sleep(500);
+          continue;
+        }
+        // Caught up with nothing in flight: the stream starts at the next cut.
+        if (next === null && stream.state === 'off' && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet) {
+          stream.requestStart(link);
+          this.r.poke();
+        }
+      }
       let inflightBytes = 0;
       for (const i of this.inflight) inflightBytes += i.bytes;
       if (next === null || inflightBytes >= L.sendWindowBytes) {
@@ -524,6 +548,8 @@ export class PairSender {
         await link.drainBelow(L.socketQueueBytesMax);
       }
       this.sendTrailer(link, s.set, next.from);
+      // The set a sync stream starts behind is on the link: what it held follows it.
+      stream?.release(link, s.set);
       sentUpTo = s.set;
       this.sentSet = s.set;
       this.sentChunks = 0;
@@ -540,6 +566,7 @@ export class PairSender {
    */
   unsentBytes(): number | null {
     if (!this.sending || !this.connected || this.pair.operatorSuspended || this.pair.detached) return null;
+    if ((this.r.syncStreamOf(this.pair)?.state ?? 'off') !== 'off') return null; // its sets travel as barriers
     const log = this.r.outbound;
     let n = 0;
     for (const s of log.sets) if (s.set > this.sentSet) n += s.dataBytes;

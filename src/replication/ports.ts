@@ -7,6 +7,7 @@
 // DurableFs its host gives.
 
 import type { DeltaSink, BuildOptions } from '../volume/volume-engine.js';
+import type { WriteMirror } from '../volume/write-mirror.js';
 import type { ReadOverlay } from '../volume/volume.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { PagedBitmap } from '../bitmap/paged-bitmap.js';
@@ -37,6 +38,8 @@ export interface PrimaryPort extends VolumeGeometry {
   readSnapshot(name: string, offset: number, length: number, target: Buffer): void;
   /** Blocks to copy (data) and to zero that turn a copy of snapshot `from` into `to`. */
   differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap };
+  /** Every write issued from now on also goes to m, in issue order (a sync pair's stream); null: none. */
+  setMirror(m: WriteMirror | null): void;
 }
 
 export interface ReplicaPort extends VolumeGeometry {

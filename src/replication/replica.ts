@@ -93,6 +93,15 @@ export class ReplicaVolume {
   copy: { kind: string; totalBytes: number; receivedBytes: number; startedAtMs: number } | null = null;
   setsPlayed = 0;
   bytesReceived = 0;
+  /**
+   * The sync stream of this session (mode sync, sync-stream.ts): the next item expected,
+   * the last applied, and how many were applied since the last acknowledgement.
+   */
+  private stream: { nextSeq: number; applied: number; unacked: number } | null = null;
+  /** Snapshots asked for while streaming: taken at the next barrier (a set boundary in the stream). */
+  private atBarrier: (() => Promise<void>)[] = [];
+  /** Sync stream counters (status). */
+  readonly streamCounters = { writes: 0, flushes: 0, barriers: 0, sessions: 0 };
 
   constructor(
     readonly port: ReplicaPort,
@@ -189,6 +198,10 @@ export class ReplicaVolume {
     }
     this.link?.close('replaced by a new session');
     this.link = link;
+    // A stream ends with its link: snapshots waiting for its next barrier are taken then.
+    link.onClose(() => {
+      this.queue = this.queue.then(() => (this.link === link || this.link === null || this.link.closed ? this.endStream() : undefined));
+    });
     this.lastContactMs = this.platform.clock.now();
     await this.queue; // the old session's frames are done
     if (this.link !== link || this.halted) return;
@@ -196,6 +209,7 @@ export class ReplicaVolume {
     this.trailers.clear();
     this.inbound.dropIncomplete();
     this.sessionSawData = false;
+    await this.endStream();
     // A resyncing old primary: the new primary dialling in means it recorded the resync.
     if (this.state.resync && !this.state.resync.registered) this.role.transition({ t: 'resync-registered' });
     let splitWrites: Runs = [];
@@ -237,8 +251,106 @@ export class ReplicaVolume {
       })
       .finally(() => {
         this.queued--;
+        // Stream acknowledgements go out when the frames that arrived are all handled (one
+        // for a batch), or every streamAckEvery items under a steady stream.
+        if (this.queued === 0 && this.stream !== null && this.stream.unacked > 0 && link === this.link) this.sendStreamAck(link);
         if (this.queued <= 16 && !this.inboundFull()) link.resume();
       });
+  }
+
+  private sendStreamAck(link: Link): void {
+    const st = this.stream!;
+    st.unacked = 0;
+    link.send({ t: 'sack', seq: st.applied });
+  }
+
+  /** The item with sequence number seq may be applied now (else the link is closed). */
+  private streamItem(link: Link, seq: number): { nextSeq: number; applied: number; unacked: number } | null {
+    const st = this.stream;
+    if (st === null || seq !== st.nextSeq) {
+      link.close(st === null ? 'sync stream item without a stream' : `sync stream item ${seq} where ${st.nextSeq} was due`);
+      return null;
+    }
+    st.nextSeq++;
+    return st;
+  }
+
+  /** The stream of a session ended: snapshots waiting for a barrier are taken now. */
+  private async endStream(): Promise<void> {
+    this.stream = null;
+    for (const t of this.atBarrier.splice(0)) await t();
+  }
+
+  private async onStreamStart(link: Link, m: Extract<ReplMessage, { t: 'sstart' }>): Promise<void> {
+    if (this.state.split || !this.state.initialCopy.done || this.ackedSet < m.afterSet) {
+      link.close(`sync stream after set ${m.afterSet} refused: this replica holds ${this.ackedSet}${this.state.split ? ' and is split' : ''}`);
+      return;
+    }
+    // Nothing of the stream lands before the sets in front of it are played.
+    await this.waitPlaybackIdle();
+    while (!this.halted && !link.closed && this.state.playedSet < m.afterSet) {
+      this.kickPlayback();
+      if (!this.playing) break;
+      await this.waitPlaybackIdle();
+    }
+    if (this.state.playedSet < m.afterSet) {
+      link.close(`sync stream after set ${m.afterSet}, but set ${this.state.playedSet + 1} cannot be played here`);
+      return;
+    }
+    this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0 };
+    this.streamCounters.sessions++;
+    this.log.info({ afterSet: m.afterSet, seq: m.seq }, 'sync stream started');
+  }
+
+  private async onStreamWrite(link: Link, m: Extract<ReplMessage, { t: 'swrite' }>, parts: readonly Buffer[]): Promise<void> {
+    const st = this.streamItem(link, m.seq);
+    if (!st) return;
+    if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `sync write ${m.offsetBytes}+${m.lengthBytes} past the end of the volume`);
+    let w: void | Promise<void>;
+    if (m.zero) {
+      w = this.port.playbackZero(m.offsetBytes, m.lengthBytes);
+    } else {
+      let n = 0;
+      for (const d of parts) n += d.length;
+      if (n !== m.lengthBytes || crc32cParts(parts) !== m.crc >>> 0) {
+        link.close(`sync write ${m.seq}: checksum mismatch`);
+        return;
+      }
+      w = this.port.playbackWrite(m.offsetBytes, parts as Buffer[]);
+      this.bytesReceived += n;
+    }
+    if (w) await w;
+    // (The volume is past the last set played now, at a point of the primary's write order:
+    // still crash-consistent, so `consistent` stays; snapshots wait for a barrier.)
+    this.streamCounters.writes++;
+    st.applied = m.seq;
+    if (++st.unacked >= L.syncAckEveryItems) this.sendStreamAck(link);
+  }
+
+  private async onStreamFlush(link: Link, seq: number): Promise<void> {
+    const st = this.streamItem(link, seq);
+    if (!st) return;
+    await this.port.flush();
+    this.streamCounters.flushes++;
+    st.applied = seq;
+    this.sendStreamAck(link);
+  }
+
+  /** Set m.set was cut here: everything before is that set's state; durable, then acknowledged. */
+  private async onStreamBarrier(link: Link, m: Extract<ReplMessage, { t: 'sbarrier' }>): Promise<void> {
+    const st = this.streamItem(link, m.seq);
+    if (!st) return;
+    await this.port.flush();
+    this.state.playedSet = m.set;
+    this.state.playedCutAtMs = m.createdAtMs;
+    this.state.consistent = true;
+    this.saveState();
+    this.ackedSet = this.chainHead();
+    this.streamCounters.barriers++;
+    st.applied = m.seq;
+    link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
+    this.sendStreamAck(link);
+    for (const t of this.atBarrier.splice(0)) await t();
   }
 
   /**
@@ -343,6 +455,14 @@ export class ReplicaVolume {
       case 'handoverAbort':
         if (this.options.onRecoveryMessage) this.options.onRecoveryMessage(m, link);
         return;
+      case 'sstart':
+        return this.onStreamStart(link, m);
+      case 'swrite':
+        return this.onStreamWrite(link, m, f.parts);
+      case 'sflush':
+        return this.onStreamFlush(link, m.seq);
+      case 'sbarrier':
+        return this.onStreamBarrier(link, m);
       default:
         link.send({ t: 'refuse', code: 'PROTOCOL', message: `unexpected ${m.t}`, generation: 0 });
         link.close(`unexpected ${m.t}`);
@@ -521,6 +641,20 @@ export class ReplicaVolume {
 
   /** A snapshot between two sets, stamped with the last set played. */
   async createSnapshot(name: string): Promise<SnapshotInfo> {
+    if (this.stream !== null && this.connected) {
+      // Streaming: the volume is between sets except at a barrier; take it at the next one
+      // (or when the stream ends), in the frame queue, before any later write is applied.
+      return new Promise<SnapshotInfo>((resolve, reject) => {
+        this.atBarrier.push(async () => {
+          this.snapshotNow(name).then(resolve, reject);
+          await this.snapshotting?.catch(() => undefined);
+        });
+      });
+    }
+    return this.snapshotNow(name);
+  }
+
+  private async snapshotNow(name: string): Promise<SnapshotInfo> {
     while (this.snapshotting) await this.snapshotting.catch(() => undefined);
     const run = (async () => {
       await this.waitPlaybackIdle();

@@ -27,6 +27,7 @@ import type { PrimaryPort } from './ports.js';
 import type { ReplicationPlatform } from './platform.js';
 import type { ReplMessage, Runs } from './wire.js';
 import type { Link } from './link.js';
+import { SyncStream } from './sync-stream.js';
 import { PairSender, type PairHost } from './pair-sender.js';
 import * as L from './limits.js';
 
@@ -84,6 +85,8 @@ function readRuns(fsys: DurableFs, name: string, blocksTotal: number): PagedBitm
 export class VolumeReplicator implements PairHost {
   readonly outbound: OutboundLog;
   readonly senders = new Map<string, PairSender>();
+  /** The sync stream of each pair in mode sync (at most one per volume: the engine has one mirror). */
+  readonly streams = new Map<string, SyncStream>();
   private readonly pending = new Map<string, PagedBitmap>();
   private building: Promise<unknown> | null = null;
   private lastCutMs: number;
@@ -135,6 +138,18 @@ export class VolumeReplicator implements PairHost {
     if (!p) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${this.volume.name} has no replica "${id}"`);
     return p;
   }
+  syncStreamOf(p: PairRecord): SyncStream | null {
+    return this.streams.get(p.id) ?? null;
+  }
+
+  private closeStream(id: string, reason: string): void {
+    const st = this.streams.get(id);
+    if (!st) return;
+    st.close(reason);
+    this.streams.delete(id);
+    this.volume.setMirror(null);
+  }
+
   pendingOf(id: string): PagedBitmap {
     return this.pending.get(id)!;
   }
@@ -149,7 +164,20 @@ export class VolumeReplicator implements PairHost {
   }
 
   private startSender(p: PairRecord): void {
-    const s = new PairSender(this, p, this.log.child({ pair: p.id, peer: `${p.peerHost}:${p.peerPort}` }), this.platform);
+    const log = this.log.child({ pair: p.id, peer: `${p.peerHost}:${p.peerPort}` });
+    if (p.mode === 'sync' && !this.streams.has(p.id)) {
+      const stream = new SyncStream({
+        volume: this.volume.name,
+        fence: p.fence ?? 'never',
+        timeoutMs: p.syncTimeoutMs ?? L.syncTimeoutMsDefault,
+        generation: () => this.role.generation,
+        clock: this.platform.clock,
+        log,
+      });
+      this.streams.set(p.id, stream);
+      this.volume.setMirror(stream);
+    }
+    const s = new PairSender(this, p, log, this.platform);
     this.senders.set(p.id, s);
     s.start();
   }
@@ -234,6 +262,7 @@ export class VolumeReplicator implements PairHost {
     const p = this.pair(id);
     await this.senders.get(p.id)?.stop();
     this.senders.delete(p.id);
+    this.closeStream(p.id, 'pair removed');
     this.role.transition({ t: 'pair-removed', pairId: p.id }, { pair: p.id });
     for (const f of [pendingFile(p.id), copyFile(p.id)]) if (this.fsys.exists(f)) this.fsys.remove(f);
     this.pending.delete(p.id);
@@ -406,8 +435,14 @@ export class VolumeReplicator implements PairHost {
     const consumers = pairs.filter((p) => !p.operatorSuspended && (!p.detached || this.senders.get(p.id)?.connected));
     if (consumers.length === 0) return;
     const catchUpWanted = pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
-    const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted;
+    // A sync pair that caught up starts its stream at a cut: now, even with nothing changed.
+    const syncStart = [...this.streams.values()].some((st) => st.state === 'starting');
+    const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted || syncStart;
     if (!due) return;
+    if (syncStart) {
+      void this.cut({ reason: 'sync stream start', force: true }).catch((e: Error) => this.log.error({ err: e.message }, 'delta set not built'));
+      return;
+    }
     // Build just ahead of the link: a set cut while the fastest shipping sender still has
     // buildAheadBytesMax to send would only be read back from the file (its chunks leave
     // the log's memory cache first) and cost a buffer per chunk. The changes wait in the
@@ -585,6 +620,8 @@ export class VolumeReplicator implements PairHost {
   /** Age of the oldest change not yet played on pair p (the data it would lose now). */
   lagMs(p: PairRecord): number {
     const now = this.platform.clock.now();
+    const st = this.streams.get(p.id);
+    if (st?.state === 'streaming') return st.oldestUnackedAtMs === null ? 0 : Math.max(0, now - st.oldestUnackedAtMs);
     let oldest: number | null = null;
     if (p.detached) {
       const first = this.outbound.sets.find((s) => s.set > p.ackedSet);
@@ -608,6 +645,9 @@ export class VolumeReplicator implements PairHost {
    * it holds everything): what a failover on that replica would lose now (its RPO).
    */
   atRiskSinceMs(p: PairRecord): number | null {
+    // Streaming: the replica has every write whose reply went out; at risk is what waits for it.
+    const st = this.streams.get(p.id);
+    if (st?.state === 'streaming') return st.oldestUnackedAtMs;
     let since: number | null = null;
     const consider = (t: number) => (since = since === null ? t : Math.min(since, t));
     for (const s of this.outbound.sets) {
@@ -626,6 +666,7 @@ export class VolumeReplicator implements PairHost {
   async stopSenders(): Promise<void> {
     await Promise.all([...this.senders.values()].map((s) => s.stop()));
     this.senders.clear();
+    for (const id of [...this.streams.keys()]) this.closeStream(id, 'replication stopped');
   }
 
   async close(): Promise<void> {

@@ -19,6 +19,7 @@ import { Link } from './link.js';
 import type { Frame, ReplMessage } from './wire.js';
 import { VolumeReplicator, type ReplicatorHooks } from './replicator.js';
 import { ReplicaVolume } from './replica.js';
+import type { SyncStream } from './sync-stream.js';
 import type { VolumeHost } from './ports.js';
 import type { ReplicationPlatform } from './platform.js';
 import type { Admission, Conn, Listener } from './transport.js';
@@ -61,6 +62,9 @@ export interface AddReplicaOptions {
   cutIntervalMs?: number;
   highWaterBytes?: number;
   retriesBeforeSuspend?: number;
+  mode?: 'async' | 'sync';
+  fence?: 'never' | 'data';
+  syncTimeoutMs?: number;
 }
 
 export class ReplicationService implements RecoveryContext {
@@ -242,6 +246,21 @@ export class ReplicationService implements RecoveryContext {
       highWaterBytes: o.highWaterBytes ?? L.cutHighWaterBytesDefault,
       retriesBeforeSuspend: o.retriesBeforeSuspend ?? L.retriesBeforeSuspendDefault,
     };
+    const mode = o.mode ?? 'async';
+    if (mode !== 'async' && mode !== 'sync') throw new DeltavolError('EINVAL_ARGUMENT', `mode must be async or sync, not "${String(mode)}"`);
+    if (mode === 'sync') {
+      const fence = o.fence ?? 'never';
+      if (fence !== 'never' && fence !== 'data') throw new DeltavolError('EINVAL_ARGUMENT', `fence must be never or data, not "${String(fence)}"`);
+      const timeout = o.syncTimeoutMs ?? L.syncTimeoutMsDefault;
+      if (!(Number.isInteger(timeout) && timeout >= L.syncTimeoutMsMin && timeout < L.replicationSilenceMs)) {
+        throw new DeltavolError('EINVAL_ARGUMENT', `the sync timeout must be from ${L.syncTimeoutMsMin} ms to below ${L.replicationSilenceMs} ms (the link's silence limit)`);
+      }
+      const other = role.pairs.find((p) => p.mode === 'sync');
+      if (other) throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} already has a sync replica (${other.remoteVolume} at ${other.peerHost}:${other.peerPort}); one sync replica per volume, add others as async`);
+      Object.assign(config, { mode, fence, syncTimeoutMs: timeout });
+    } else if (o.fence !== undefined || o.syncTimeoutMs !== undefined) {
+      throw new DeltavolError('EINVAL_ARGUMENT', 'fence and sync timeout apply to sync pairs only (--mode sync)');
+    }
     if (!(config.cutIntervalMs >= 10)) throw new DeltavolError('EINVAL_ARGUMENT', 'the cut interval must be at least 10 ms');
     if (!(config.highWaterBytes >= v.blockBytes)) throw new DeltavolError('EINVAL_ARGUMENT', `the high-water mark must be at least one tracking block (${v.blockBytes} bytes)`);
     if (!(Number.isInteger(config.retriesBeforeSuspend) && config.retriesBeforeSuspend >= 1)) throw new DeltavolError('EINVAL_ARGUMENT', 'retries must be a positive integer');
@@ -417,6 +436,8 @@ export class ReplicationService implements RecoveryContext {
           bytesSent: s?.bytesSent ?? 0,
           initialCopy: s?.initialCopyProgress() ?? null,
           config: { cutIntervalMs: p.cutIntervalMs, highWaterBytes: p.highWaterBytes, retriesBeforeSuspend: p.retriesBeforeSuspend },
+          mode: p.mode ?? 'async',
+          sync: syncStatus(r.syncStreamOf(p), p, now),
         };
       }),
     };
@@ -570,4 +591,22 @@ export class ReplicationService implements RecoveryContext {
     };
     this.role(name).transition({ t: 'replica-created', generation: hello.generation, upstream }, { primary: hello.primaryVolume, pair: hello.pairId, peer: peerIdentity });
   }
+}
+
+/** A sync pair's stream as status shows it (null for an async pair). */
+function syncStatus(st: SyncStream | null, p: PairRecord, now: number) {
+  if (st === null) return null;
+  return {
+    fence: st.fence,
+    timeoutMs: p.syncTimeoutMs ?? L.syncTimeoutMsDefault,
+    // 'streaming': every write is acknowledged only once the replica has it.
+    stream: st.state,
+    inSync: st.state === 'streaming',
+    streamingSeconds: st.startedAtMs === null ? null : Math.max(0, (now - st.startedAtMs) / 1000),
+    afterSet: st.afterSet,
+    unacknowledged: st.unacknowledged,
+    lastBreak: st.lastBreak === null ? null : { reason: st.lastBreak.reason, at: new Date(st.lastBreak.atMs).toISOString() },
+    latency: st.latency(),
+    ...st.counters,
+  };
 }

@@ -134,7 +134,21 @@ export type ReplMessage =
    */
   | { t: 'resyncBlocks'; runs: Runs; digestBytes: number }
   | { t: 'resyncCommit'; pairId: string; full: boolean; reason: string; divergentBlocks: number }
-  | { t: 'resyncAccepted'; pairId: string; baseSet: number };
+  | { t: 'resyncAccepted'; pairId: string; baseSet: number }
+  /**
+   * Sync stream (a pair in mode sync), primary → replica, in the order the primary's
+   * engine issued the writes. It starts behind set afterSet on the same link: nothing of
+   * it is applied before that set is played. seq numbers the stream's items from here on.
+   */
+  | { t: 'sstart'; generation: number; seq: number; afterSet: number }
+  /** A write (its data is the frame's data part, crc its crc32c) or, with zero, a zeroing. */
+  | { t: 'swrite'; generation: number; seq: number; offsetBytes: number; lengthBytes: number; zero: boolean; keepAllocated: boolean; crc: number }
+  /** A flush on the primary: its ack means every item before it is durable on the replica. */
+  | { t: 'sflush'; generation: number; seq: number }
+  /** Set `set` was cut at this point of the stream: the replica makes it durable and acknowledges the set. */
+  | { t: 'sbarrier'; generation: number; seq: number; set: number; createdAtMs: number }
+  /** Replica → primary: every stream item up to seq is applied (and durable where it was a flush or barrier). */
+  | { t: 'sack'; seq: number };
 
 export type ReplMessageType = ReplMessage['t'];
 
@@ -234,6 +248,11 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   resyncBlocks: { runs: 'runs', digestBytes: 'uint' },
   resyncCommit: { pairId: 'string', full: 'boolean', reason: 'string', divergentBlocks: 'uint' },
   resyncAccepted: { pairId: 'string', baseSet: 'uint' },
+  sstart: { generation: 'u32', seq: 'uint', afterSet: 'uint' },
+  swrite: { generation: 'u32', seq: 'uint', offsetBytes: 'uint', lengthBytes: 'uint', zero: 'boolean', keepAllocated: 'boolean', crc: 'u32' },
+  sflush: { generation: 'u32', seq: 'uint' },
+  sbarrier: { generation: 'u32', seq: 'uint', set: 'uint', createdAtMs: 'uint' },
+  sack: { seq: 'uint' },
 };
 
 /** Version 2: return addresses, progress reports, planned handover, resync. */
@@ -301,9 +320,9 @@ function messageProblem(v: unknown, dataBytes: number): string | null {
     if (name !== 't' && !Object.hasOwn(fields, name)) return `${t}: unknown field ${name}`;
   }
   // Which messages carry data, and how much.
-  if (t === 'init') {
+  if (t === 'init' || t === 'swrite') {
     const want = v.zero ? 0 : (v.lengthBytes as number);
-    if (dataBytes !== want) return `init: ${dataBytes} data bytes for ${v.zero ? 'a zero range' : `${want} bytes`}`;
+    if (dataBytes !== want) return `${t}: ${dataBytes} data bytes for ${v.zero ? 'a zero range' : `${want} bytes`}`;
   } else if (t === 'chunk') {
     // The block size is the volume's, unknown here; the data must still be a whole,
     // non-zero number of bytes per block of the runs.

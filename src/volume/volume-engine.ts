@@ -31,6 +31,7 @@ import { ActivityLog } from '../bitmap/activity-log.js';
 import { ChangeLog, type CutOptions } from '../changelog/change-log.js';
 import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } from './engine-limits.js';
+import { bothDone, type WriteMirror } from './write-mirror.js';
 
 /**
  * The byte range [offset, offset+length) as runs of blocks whose bit is set or clear in
@@ -146,6 +147,7 @@ export class VolumeEngine {
   private inflight = 0;
   private drained: (() => void) | null = null;
   private sink: DeltaSink | null = null;
+  private mirror: WriteMirror | null = null;
   private closed = false;
   readonly stats: EngineStats = { writes: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
 
@@ -265,6 +267,7 @@ export class VolumeEngine {
     const bs = this.options.blockBytes;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
+    this.mirror?.admit();
     this.writeSeq++;
     this.version++;
     this.stats.writes++;
@@ -272,9 +275,27 @@ export class VolumeEngine {
       this.changeLog.markChanged(first, last);
       if (first === last) this.validity.set(first);
       else this.validity.setRange(first, last - first + 1);
-      return this.issue(this.data.write(offset, chunks));
+      const local = this.issue(this.data.write(offset, chunks));
+      return this.mirror === null ? local : bothDone(local, this.mirror.write(offset, chunks));
     }
-    return this.slowPath(first, last, false, () => this.data.write(offset, chunks));
+    // The mirror hears of the write when its data is issued (after any wait), in issue order.
+    let remote: Promise<void> | undefined;
+    const local = this.slowPath(first, last, false, () => {
+      remote = this.mirror?.write(offset, chunks);
+      return this.data.write(offset, chunks);
+    });
+    return local.then(
+      () => remote,
+      (e: unknown) => bothDone(Promise.reject(e), remote),
+    );
+  }
+
+  /**
+   * The mirror of a synchronous replica (null: none). Writes issued from now on are
+   * mirrored; the ones already issued are not.
+   */
+  setMirror(m: WriteMirror | null): void {
+    this.mirror = m;
   }
 
   /** TRIM and WRITE_ZEROES: the range reads as zeroes; wholly covered blocks become invalid. */
@@ -288,9 +309,12 @@ export class VolumeEngine {
     // Blocks wholly covered (the volume's partial last block counts as whole at its end).
     const wholeFirst = Math.ceil(offset / bs);
     const wholeLast = end >= this.size ? last : Math.floor(end / bs) - 1;
+    this.mirror?.admit();
     this.version++;
     this.stats.writes++;
-    return this.slowPath(first, last, true, () => {
+    let remote: Promise<void> | undefined;
+    const local = this.slowPath(first, last, true, () => {
+      remote = this.mirror?.zero(offset, length, keepAllocated);
       const seq = this.writeSeq;
       const r = this.data.zero(offset, length, keepAllocated);
       const invalidate = () => {
@@ -301,10 +325,13 @@ export class VolumeEngine {
       if (r instanceof Promise) return r.then(invalidate);
       invalidate();
     });
+    return local.then(() => remote, (e: unknown) => bothDone(Promise.reject(e), remote));
   }
 
+  /** Every completed write durable (on the mirror too, when there is one). */
   flush(): Promise<void> {
-    return this.data.flush();
+    const remote = this.mirror?.flush();
+    return bothDone(this.data.flush(), remote) as Promise<void>;
   }
 
   /** Plain volume read (the data path reads the file directly; this is for tests and tools). */
@@ -462,6 +489,7 @@ export class VolumeEngine {
       // The snapshot first: if it is refused (a name in use), nothing was cut.
       if (options.snapshotName !== undefined) await this.snapshots.create(options.snapshotName, this.validity, this.size, setNumber);
       const f = this.changeLog.cut(setNumber, options);
+      this.mirror?.cut(setNumber);
       this.sink = sink;
       return f;
     });

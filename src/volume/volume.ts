@@ -38,6 +38,7 @@ export interface ReadOverlay {
 }
 
 export type { WriteAccess } from './write-gate.js';
+import type { WriteMirror } from './write-mirror.js';
 
 export interface VolumeIoOptions {
   syncIoBytesMax: number;
@@ -411,6 +412,10 @@ export class Volume {
   }
   get blocksTotal(): number {
     return this.engine.blocksTotal;
+  }
+
+  setMirror(m: WriteMirror | null): void {
+    this.engine.setMirror(m);
   }
 
   buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }> {

@@ -12,6 +12,7 @@ import { DeltavolError, systemError } from '../../src/util/errors.js';
 import type { DurableFs } from '../../src/util/durable-fs.js';
 import { VolumeEngine, type BuildOptions, type DeltaSink } from '../../src/volume/volume-engine.js';
 import type { ReadOverlay } from '../../src/volume/volume.js';
+import type { WriteMirror } from '../../src/volume/write-mirror.js';
 import { WriteGate, type WriteAccess } from '../../src/volume/write-gate.js';
 import { validateVolumeName } from '../../src/volume/volume-meta.js';
 import type { SnapshotInfo } from '../../src/snapshot/snapshot-queue.js';
@@ -110,6 +111,9 @@ export class SimVolume implements HostedVolume {
 
   // ================= PrimaryPort =================
 
+  setMirror(m: WriteMirror | null): void {
+    this.engine.setMirror(m);
+  }
   buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }> {
     if (options.snapshotName !== undefined) validateVolumeName(options.snapshotName);
     return this.engine.buildDeltaSet(n, sink, options);
