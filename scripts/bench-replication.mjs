@@ -37,7 +37,7 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 // Issue 11: duplex writes ≥ 0.7× of no replica (≥ 0.9× with --pin), a 1 GiB change ships at ≥ 0.5× raw TCP.
-const GOALS = { iopsRatio: 0.7, iopsRatioPinned: 0.9, shipRatio: 0.5, lagSeconds: 3 };
+const GOALS = { iopsRatioSync: 0.5, iopsRatio: 0.7, iopsRatioPinned: 0.9, shipRatio: 0.5, lagSeconds: 3 };
 /** The write jobs of the IOPS test (--jobs picks some). */
 const JOBS = {
   '4k': { label: '4k randwrite qd32', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
@@ -58,6 +58,10 @@ const HELP = `Usage: scripts/bench replication [options]
   --node-args "A"     extra node arguments for both daemons (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
   --out FILE          also write the JSON result to FILE
   --trace             log the pair's progress at every poll (ship, init) to stderr
+  --mode M            async (default) or sync: the kind of pair of the iops test; with sync the
+                      table adds the replica round trip per write (p50/p99, from status) against a
+                      raw loopback TCP round trip of two Node processes measured in the same run
+                      (issue 13 goals: ≥ 0.5× IOPS at qd32, added p50 ≤ 2× a raw round trip)
   --pin               primary daemon and fio on CPU 0, replica daemon on CPU 1 (taskset), as
                       if the replica had its own machine; the no-replica case gets CPU 0 too
   -h, --help          this help
@@ -65,7 +69,7 @@ const HELP = `Usage: scripts/bench replication [options]
 About 5 minutes with the defaults. Markdown to stdout, then one JSON line; progress to stderr.`;
 
 const argv = process.argv.slice(2);
-const opt = { jobs: ['4k', '1m'], rounds: 3, runtime: 20, steady: 60, only: ['iops', 'ship', 'steady', 'init'], dir: '/dev/shm', serveArgs: [], nodeArgs: [], out: null, trace: false, pin: false };
+const opt = { jobs: ['4k', '1m'], rounds: 3, runtime: 20, steady: 60, only: ['iops', 'ship', 'steady', 'init'], dir: '/dev/shm', serveArgs: [], nodeArgs: [], out: null, trace: false, pin: false, mode: 'async' };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => {
@@ -84,6 +88,7 @@ for (let i = 0; i < argv.length; i++) {
     case '--out': opt.out = path.resolve(need()); break;
     case '--trace': opt.trace = true; break;
     case '--pin': opt.pin = true; break;
+    case '--mode': opt.mode = need(); if (!['async', 'sync'].includes(opt.mode)) die('--mode is async or sync'); break;
     case '-h': case '--help': console.log(HELP); process.exit(0);
     default: die(`unknown option ${a} (see --help)`);
   }
@@ -108,9 +113,10 @@ async function testIops(A, B) {
   const attach = async (r) => {
     const remote = `iops-r${r}`;
     const t0 = now();
-    const id = await addReplica(A, vol, B, remote);
+    const id = await addReplica(A, vol, B, remote, opt.mode === 'sync' ? { mode: 'sync' } : {});
     pair = { id, remote };
     await waitDuplex(A, vol, 180_000);
+    if (opt.mode === 'sync') await waitFor(`${vol}: sync stream up`, async () => (await replStatus(A, vol)).replicas[0]?.sync?.stream === 'streaming', 60_000, 100);
     return (now() - t0) / 1000;
   };
   const detach = async () => {
@@ -136,6 +142,11 @@ async function testIops(A, B) {
         const after = await replStatus(A, vol);
         const p0 = before.replicas[0];
         const p1 = after.replicas[0];
+        if (opt.mode === 'sync') {
+          const sy = p1.sync ?? {};
+          res.sync = { stream: sy.stream, breaks: (sy.breaks ?? 0) - (p0.sync?.breaks ?? 0), p50Us: sy.latency?.p50Us ?? null, p99Us: sy.latency?.p99Us ?? null };
+          res.rawRtt = await rawRtt();
+        }
         Object.assign(res, {
           state: p1.state,
           setsCut: after.currentSet - before.currentSet,
@@ -153,6 +164,7 @@ async function testIops(A, B) {
         `, cores A/B/other ${fmtCores(res.cores)}`);
     }
     row.ratio = row.replica.iops / row.none.iops;
+    if (opt.mode === 'sync') log(`  sync: stream ${row.replica.sync.stream}, ${row.replica.sync.breaks} breaks, replica round trip p50 ${f0(row.replica.sync.p50Us)} µs p99 ${f0(row.replica.sync.p99Us)} µs; raw TCP round trip p50 ${f1(row.replica.rawRtt.p50Us)} µs p99 ${f1(row.replica.rawRtt.p99Us)} µs`);
     rounds.push(row);
   }
   if (pair) await detach();
@@ -166,6 +178,15 @@ async function testIops(A, B) {
       medianRatio: median(rs.map((x) => x.ratio)),
       medianCpuUsNone: median(rs.map((x) => x.none.cpuUsPerIoA)),
       medianCpuUsReplica: median(rs.map((x) => x.replica.cpuUsPerIoA)),
+      ...(opt.mode === 'sync'
+        ? {
+            medianSyncP50Us: median(rs.map((x) => x.replica.sync.p50Us)),
+            medianSyncP99Us: median(rs.map((x) => x.replica.sync.p99Us)),
+            medianRawRttP50Us: median(rs.map((x) => x.replica.rawRtt.p50Us)),
+            medianRawRttP99Us: median(rs.map((x) => x.replica.rawRtt.p99Us)),
+            breaks: rs.reduce((n, x) => n + x.replica.sync.breaks, 0),
+          }
+        : {}),
     };
   }
   return { volumeBytes: size, runtime: opt.runtime, rounds, byJob, ...byJob[opt.jobs[0]] };
@@ -210,6 +231,53 @@ async function rawTcp(bytes) {
     const { out } = await run(process.execPath, ['-e', TCP_CLIENT, String(port), String(bytes)], { timeoutMs: 60_000 });
     const { seconds } = JSON.parse(out.trim());
     return { seconds, mbps: bytes / 1e6 / seconds };
+  } finally {
+    stop();
+    cleanups.splice(cleanups.indexOf(stop), 1);
+  }
+}
+
+// Round trips of 64-byte messages between two Node processes over loopback (one in flight).
+const RTT_SERVER = `
+const net = require('node:net');
+const srv = net.createServer((s) => { s.setNoDelay(true); s.on('data', (b) => s.write(b)); });
+srv.listen(0, '127.0.0.1', () => console.log(srv.address().port));
+`;
+const RTT_CLIENT = `
+const net = require('node:net');
+const [port, n] = [Number(process.argv[1]), Number(process.argv[2])];
+const msg = Buffer.alloc(64, 7);
+const s = net.connect({ host: '127.0.0.1', port }, () => {
+  s.setNoDelay(true);
+  const lat = [];
+  let got = 0, t0 = 0;
+  const next = () => { got = 0; t0 = performance.now(); s.write(msg); };
+  s.on('data', (b) => {
+    got += b.length;
+    if (got < msg.length) return;
+    lat.push((performance.now() - t0) * 1000);
+    if (lat.length < n) return next();
+    lat.sort((a, b) => a - b);
+    console.log(JSON.stringify({ p50Us: lat[Math.floor(n / 2)], p99Us: lat[Math.floor(n * 0.99)] }));
+    s.destroy();
+  });
+  next();
+});
+`;
+
+async function rawRtt(n = 2000) {
+  const srv = spawn(process.execPath, ['-e', RTT_SERVER], { stdio: ['ignore', 'pipe', 'inherit'] });
+  liveChildren.add(srv);
+  const stop = () => { srv.kill('SIGKILL'); liveChildren.delete(srv); };
+  cleanups.push(stop);
+  try {
+    const port = await new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('rtt server did not start')), 10_000);
+      srv.stdout.once('data', (d) => { clearTimeout(t); resolve(Number(String(d).trim())); });
+      srv.once('exit', () => reject(new Error('rtt server exited')));
+    });
+    const { out } = await run(process.execPath, ['-e', RTT_CLIENT, String(port), String(n)], { timeoutMs: 60_000 });
+    return JSON.parse(out.trim());
   } finally {
     stop();
     cleanups.splice(cleanups.indexOf(stop), 1);
@@ -390,10 +458,14 @@ function markdown(res) {
   L.push('| measure | value | compared with | ratio | goal |');
   L.push('| --- | ---: | ---: | ---: | ---: |');
   if (res.iops) {
-    const goal = opt.pin ? GOALS.iopsRatioPinned : GOALS.iopsRatio;
+    const goal = opt.mode === 'sync' ? GOALS.iopsRatioSync : opt.pin ? GOALS.iopsRatioPinned : GOALS.iopsRatio;
     for (const [j, x] of Object.entries(res.iops.byJob)) {
-      L.push(`| ${JOBS[j].label}, duplex replica (cut 5 s, high water 64M)${opt.pin ? ', pinned' : ''} | ${fk(x.medianReplica)} IOPS | ${fk(x.medianNone)} IOPS without replica | ${f2(x.medianRatio)}${flag(x.medianRatio >= goal)} | ≥ ${goal} |`);
+      L.push(`| ${JOBS[j].label}, ${opt.mode === 'sync' ? 'sync' : 'duplex'} replica (cut 5 s, high water 64M)${opt.pin ? ', pinned' : ''} | ${fk(x.medianReplica)} IOPS | ${fk(x.medianNone)} IOPS without replica | ${f2(x.medianRatio)}${flag(x.medianRatio >= goal)} | ≥ ${goal} |`);
       L.push(`| … primary CPU per write, duplex | ${f1(x.medianCpuUsReplica)} µs | ${f1(x.medianCpuUsNone)} µs without replica | ${f2(x.medianCpuUsReplica / x.medianCpuUsNone)} | |`);
+      if (opt.mode === 'sync') {
+        L.push(`| … replica round trip per write (sync): p50 / p99 | ${f0(x.medianSyncP50Us)} / ${f0(x.medianSyncP99Us)} µs | raw loopback TCP round trip ${f1(x.medianRawRttP50Us)} / ${f1(x.medianRawRttP99Us)} µs | ${f1(x.medianSyncP50Us / x.medianRawRttP50Us)} (p50) | ≤ 2 at qd1 (here qd32: queueing counts) |`);
+        if (x.breaks > 0) L.push(`| … sync stream breaks during the runs | ${x.breaks} | | | 0 |`);
+      }
     }
   }
   if (res.ship) {
@@ -471,7 +543,7 @@ async function main() {
       // Uncommitted changes under src/ when the run started (the build may include them).
       srcChanges: (() => { try { return execFileSync('git', ['-C', root, 'status', '--porcelain', '--', 'src'], { encoding: 'utf8' }).trim() !== ''; } catch { return null; } })(),
     },
-    options: { rounds: opt.rounds, runtime: opt.runtime, steady: opt.steady, only: opt.only, jobs: opt.jobs, pin: opt.pin, serveArgs: opt.serveArgs },
+    options: { rounds: opt.rounds, runtime: opt.runtime, steady: opt.steady, only: opt.only, jobs: opt.jobs, pin: opt.pin, mode: opt.mode, serveArgs: opt.serveArgs },
   };
   const tests = { iops: testIops, ship: testShip, steady: testSteady, init: testInit };
   for (const name of ['iops', 'ship', 'steady', 'init']) {

@@ -154,6 +154,12 @@ export class ChangeLog {
     this.activeMap = new PagedBitmap(this.blocksTotal, { trackDirty: true });
   }
 
+  /** Nothing of the set being built needs copying (its data travelled another way: a sync stream). */
+  markAllCopied(): void {
+    assert(this.uncopiedMap !== null, 'markAllCopied while idle');
+    this.uncopiedMap.clearAll();
+  }
+
   /** The set is durable in its destination: forget its blocks (active keeps later writes). */
   complete(): void {
     assert(this.frozenMap !== null && this.uncopiedMap !== null, 'complete while idle');

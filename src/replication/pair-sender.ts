@@ -129,6 +129,8 @@ export class PairSender {
     if (p.operatorSuspended) return this.suspending ? 'suspending' : 'suspend';
     if (!this.connected) return this.failures >= p.retriesBeforeSuspend ? 'failure-suspend' : 'disconnected';
     if (!p.initialCopy.done) return p.initialCopy.kind === 'full' ? 'initial-copy' : 'resyncing';
+    // Streaming: its pending blocks are sets the stream delivers (sync-stream.ts).
+    if (this.r.syncStreamOf(p)?.state === 'streaming') return 'duplex';
     if (p.detached || p.catchUp || this.r.pendingOf(p.id).count() > 0 || p.ackedSet < this.recoverUntilSet) return 'duplex-pending';
     return 'duplex';
   }

@@ -20,7 +20,7 @@ import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import { sleep } from '../util/clock.js';
-import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 import type { InitialCopyRecord, PairConfig, PairRecord, RoleRecord } from '../recovery/role-record.js';
 import { OutboundLog } from './outbound-log.js';
 import type { PrimaryPort } from './ports.js';
@@ -87,6 +87,12 @@ export class VolumeReplicator implements PairHost {
   readonly senders = new Map<string, PairSender>();
   /** The sync stream of each pair in mode sync (at most one per volume: the engine has one mirror). */
   readonly streams = new Map<string, SyncStream>();
+  /**
+   * Sets cut without data while every pair was streaming, by pair, with their blocks, until
+   * the pair acknowledges them (their barrier): the same blocks are in the pair's pending
+   * bitmap (durably), so a pair whose stream breaks first gets them in a catch-up set.
+   */
+  private readonly streamedSets = new Map<string, Map<number, PagedBitmap>>();
   private readonly pending = new Map<string, PagedBitmap>();
   private building: Promise<unknown> | null = null;
   private lastCutMs: number;
@@ -140,6 +146,48 @@ export class VolumeReplicator implements PairHost {
   }
   syncStreamOf(p: PairRecord): SyncStream | null {
     return this.streams.get(p.id) ?? null;
+  }
+
+  /** The pair's sets travel in its stream now (its pending blocks are the stream's to deliver). */
+  private streamCovers(p: PairRecord): boolean {
+    const st = this.streams.get(p.id)?.state;
+    return st === 'streaming' || st === 'holding';
+  }
+
+  /** A dataless set's blocks, kept where a pair that misses the stream will find them. */
+  private keepStreamed(n: number, members: ReadonlyBitmap): void {
+    for (const p of this.role.pairs) {
+      const bits = new PagedBitmap(this.volume.blocksTotal);
+      members.forEachRun((start, count) => bits.setRange(start, count));
+      let sets = this.streamedSets.get(p.id);
+      if (!sets) this.streamedSets.set(p.id, (sets = new Map()));
+      sets.set(n, bits);
+      this.pending.get(p.id)!.union(bits);
+      this.savePending(p.id);
+    }
+  }
+
+  /** Sets up to p.ackedSet arrived by the stream: their blocks leave the pending bitmap. */
+  private forgetStreamed(p: PairRecord): void {
+    const sets = this.streamedSets.get(p.id);
+    if (!sets || sets.size === 0) return;
+    if (this.streams.get(p.id)?.state !== 'streaming') {
+      // The stream broke: those blocks are ordinary pending blocks now, shipped (and
+      // removed from the pending bitmap) by catch-up sets, never by an acknowledgement.
+      sets.clear();
+      return;
+    }
+    const pending = this.pending.get(p.id)!;
+    let changed = false;
+    for (const [n, bits] of sets) {
+      if (n > p.ackedSet) continue;
+      pending.difference(bits);
+      sets.delete(n);
+      changed = true;
+    }
+    if (!changed) return;
+    for (const bits of sets.values()) pending.union(bits); // a block of an acknowledged set may be in a later one too
+    this.savePending(p.id);
   }
 
   private closeStream(id: string, reason: string): void {
@@ -305,6 +353,7 @@ export class VolumeReplicator implements PairHost {
       changed = true;
     }
     if (!changed) return;
+    this.forgetStreamed(p);
     this.saveState();
     this.releaseSets();
   }
@@ -434,7 +483,7 @@ export class VolumeReplicator implements PairHost {
     // accumulate; it is cut, in sets of at most setBytesMax, when a pair comes back.
     const consumers = pairs.filter((p) => !p.operatorSuspended && (!p.detached || this.senders.get(p.id)?.connected));
     if (consumers.length === 0) return;
-    const catchUpWanted = pairs.some((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
+    const catchUpWanted = pairs.some((p) => this.senders.get(p.id)?.connected && !this.streamCovers(p) && (p.detached || this.pending.get(p.id)!.count() > 0));
     // A sync pair that caught up starts its stream at a cut: now, even with nothing changed.
     const syncStart = [...this.streams.values()].some((st) => st.state === 'starting');
     const due = (changed > 0 && now - this.lastCutMs >= interval) || changed * this.volume.blockBytes >= highWater || catchUpWanted || syncStart;
@@ -556,14 +605,17 @@ export class VolumeReplicator implements PairHost {
     const blocksTotal = this.volume.blocksTotal;
     const changed = this.volume.changedBlockCount();
     // Connected pairs with blocks to catch up on (after a detach or a split) get them in this set.
-    const catchUps = this.role.pairs.filter((p) => this.senders.get(p.id)?.connected && (p.detached || this.pending.get(p.id)!.count() > 0));
+    const catchUps = this.role.pairs.filter((p) => this.senders.get(p.id)?.connected && !this.streamCovers(p) && (p.detached || this.pending.get(p.id)!.count() > 0));
     if (changed === 0 && catchUps.length === 0 && !options.force) return null;
+    // Every pair streams: the set's data is on every replica already; only its cut point
+    // (a barrier in each stream) and, for a stream that breaks, its blocks are needed.
+    const dataless = this.role.pairs.length > 0 && this.role.pairs.every((p) => this.streams.get(p.id)?.state === 'streaming') && options.snapshotName === undefined && catchUps.length === 0;
     const wanted = new PagedBitmap(blocksTotal);
     for (const p of catchUps) wanted.union(this.pending.get(p.id)!);
     let fit = this.outbound.blocksThatFit(bs);
     if (fit < wanted.count() + changed && this.detachStalled()) fit = this.outbound.blocksThatFit(bs);
     const setBlocksMax = Math.max(1, Math.floor(L.setBytesMax / bs));
-    const room = Math.min(fit, setBlocksMax);
+    const room = dataless ? Infinity : Math.min(fit, setBlocksMax);
     if (room < (changed > 0 ? 2 : 1)) {
       this.outboundFull = true;
       return null;
@@ -582,6 +634,7 @@ export class VolumeReplicator implements PairHost {
       ...(changed > blocksMax ? { blocksMax } : {}),
       ...(extra.count() > 0 ? { extra } : {}),
       ...(options.snapshotName !== undefined ? { snapshotName: options.snapshotName } : {}),
+      ...(dataless ? { dataless: { keep: (members: ReadonlyBitmap) => this.keepStreamed(n, members) } } : {}),
     });
     this.outboundFull = false;
     this.lastCutMs = now;

@@ -25,7 +25,7 @@ import { forEachBlockSlice } from '../util/block-slices.js';
 import { DeltavolError, isDeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import { GroupCommit } from '../util/group-commit.js';
-import { PagedBitmap } from '../bitmap/paged-bitmap.js';
+import { PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 import { BitmapFile } from '../bitmap/bitmap-file.js';
 import { ActivityLog } from '../bitmap/activity-log.js';
 import { ChangeLog, type CutOptions } from '../changelog/change-log.js';
@@ -105,6 +105,13 @@ export interface DeltaSink {
 }
 
 export interface BuildOptions extends CutOptions {
+  /**
+   * A set without data: its blocks reached every consumer by the mirror (a sync stream),
+   * so nothing is copied; `keep` is given the set's blocks and must make them durable
+   * elsewhere (where a replica that misses the stream will find them) before the change
+   * log forgets them. The sink still commits (an empty set).
+   */
+  dataless?: { keep(members: ReadonlyBitmap): Promise<void> | void };
   /**
    * Also take this snapshot at the cut, stamped with the set number: it equals a replica
    * that has played this set (a restart point, or the base of an initial copy).
@@ -484,6 +491,13 @@ export class VolumeEngine {
    */
   async buildDeltaSet(setNumber: number, sink: DeltaSink, options: BuildOptions = {}): Promise<{ blocks: number }> {
     const frozen = await this.quiesce(async () => {
+      if (options.dataless) {
+        // Nothing is read: the blocks are already where they go. Only the cut point counts.
+        const f = this.changeLog.cut(setNumber, options);
+        this.mirror?.cut(setNumber);
+        this.changeLog.markAllCopied();
+        return f;
+      }
       // Ship only durable data: a write lost in a crash must not be on the replica only.
       await this.data.flush();
       // The snapshot first: if it is refused (a name in use), nothing was cut.
@@ -495,6 +509,7 @@ export class VolumeEngine {
     });
     const blocks = frozen.count();
     try {
+      if (options.dataless) await options.dataless.keep(frozen);
       // Runs of uncopied blocks are read with one call each (up to a turn's worth); a
       // turn runs without awaiting, so no write can slip between a read and its put.
       const perTurn = this.options.copyBlocksPerTurn ?? COPY_BLOCKS_PER_TURN;

@@ -115,7 +115,7 @@ describe('synchronous replication over loopback', () => {
       ['data', 'data'],
     ] as const) {
       cli(a, ['volume', 'create', name, '--size', String(SIZE)]);
-      cli(a, ['replica', 'add', name, '--peer', `127.0.0.1:${b.replPort}`, '--mode', 'sync', '--fence', fence, '--sync-timeout', '500ms', '--cut-interval', '1s']);
+      cli(a, ['replica', 'add', name, '--peer', `127.0.0.1:${b.replPort}`, '--mode', 'sync', '--fence', fence, '--sync-timeout', '500ms', '--cut-interval', '1h']);
     }
     await waitStreaming(a, 'never');
     await waitStreaming(a, 'data');
@@ -128,7 +128,15 @@ describe('synchronous replication over loopback', () => {
     b.proc.kill('SIGSTOP'); // the replica hangs: no RST, no acknowledgement
     try {
       const t0 = Date.now();
-      await wNever.batch(20); // waits out the timeout once, then goes on
+      const first = wNever.batch(20); // waits out the timeout once, then goes on
+      // A cut while the stream still counts as up: a set without data whose barrier the
+      // replica never acknowledges; its blocks must reach the replica in a catch-up set.
+      await new Promise((r) => setTimeout(r, 50)); // the batch's writes reach the primary
+      const cutWhileHung = await a.api<{ set: number | null }>('POST', '/v1/volumes/never/cut', {});
+      expect(cutWhileHung.set).not.toBeNull();
+      const hungSets = (await replStatus(a, 'never')).replicas[0]!.sets as unknown as { set: number; bytes: number }[];
+      expect(hungSets.find((x) => x.set === cutWhileHung.set)?.bytes, 'a set cut while streaming carries no data').toBe(0);
+      await first;
       const waited = Date.now() - t0;
       expect(waited).toBeLessThan(5000);
       await wNever.batch(20);
