@@ -226,7 +226,7 @@ async function fio(name, uri, extra, timeoutMs) {
   const { out } = kit.pin ? await run('taskset', ['-c', '0', 'fio', ...fioArgs], { timeoutMs }) : await run('fio', fioArgs, { timeoutMs });
   const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   if (j.error) throw new Error(`fio ${name}: job error ${j.error}`);
-  return { iops: j.write.iops, mbps: j.write.bw_bytes / 1e6, bytes: j.write.io_bytes, p99us: (j.write.lat_ns?.percentile?.['99.000000'] ?? j.write.clat_ns?.percentile?.['99.000000'] ?? 0) / 1000 };
+  return { iops: j.write.iops, mbps: j.write.bw_bytes / 1e6, bytes: j.write.io_bytes, p99us: (j.write.lat_ns?.percentile?.['99.000000'] ?? j.write.clat_ns?.percentile?.['99.000000'] ?? 0) / 1000, p50us: (j.write.lat_ns?.percentile?.['50.000000'] ?? j.write.clat_ns?.percentile?.['50.000000'] ?? 0) / 1000 };
 }
 
 // ---- statistics ------------------------------------------------------------------------

@@ -42,6 +42,8 @@ const GOALS = { iopsRatioSync: 0.5, iopsRatio: 0.7, iopsRatioPinned: 0.9, shipRa
 const JOBS = {
   '4k': { label: '4k randwrite qd32', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
   '1m': { label: '1M write qd8', args: ['--rw=write', '--bs=1M', '--iodepth=8'] },
+  // One write at a time: the latency a replica adds to each write, queueing aside.
+  '4k1': { label: '4k randwrite qd1', args: ['--rw=randwrite', '--bs=4k', '--iodepth=1'] },
 };
 
 // ---- options ------------------------------------------------------------------------
@@ -52,7 +54,8 @@ const HELP = `Usage: scripts/bench replication [options]
   --runtime S         seconds per fio run of the IOPS test (default 20, ramp 1 s more)
   --steady S          seconds of the 20 MB/s steady-state load (default 60)
   --only LIST         some of iops,ship,steady,init (default all; raw TCP runs with ship)
-  --jobs LIST         write jobs of the iops test: some of 4k,1m (default both)
+  --jobs LIST         write jobs of the iops test: some of 4k,1m,4k1 (default 4k,1m; 4k1 is
+                      4k randwrite at qd1, the latency a replica adds to one write)
   --dir DIR           base directory of the daemons' data dirs (default /dev/shm)
   --serve-args "A"    extra arguments for both 'deltavol serve' (e.g. "--outbound-size 2G")
   --node-args "A"     extra node arguments for both daemons (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p")
@@ -178,6 +181,8 @@ async function testIops(A, B) {
       medianRatio: median(rs.map((x) => x.ratio)),
       medianCpuUsNone: median(rs.map((x) => x.none.cpuUsPerIoA)),
       medianCpuUsReplica: median(rs.map((x) => x.replica.cpuUsPerIoA)),
+      medianP50UsNone: median(rs.map((x) => x.none.p50us)),
+      medianP50UsReplica: median(rs.map((x) => x.replica.p50us)),
       ...(opt.mode === 'sync'
         ? {
             medianSyncP50Us: median(rs.map((x) => x.replica.sync.p50Us)),
@@ -463,7 +468,9 @@ function markdown(res) {
       L.push(`| ${JOBS[j].label}, ${opt.mode === 'sync' ? 'sync' : 'duplex'} replica (cut 5 s, high water 64M)${opt.pin ? ', pinned' : ''} | ${fk(x.medianReplica)} IOPS | ${fk(x.medianNone)} IOPS without replica | ${f2(x.medianRatio)}${flag(x.medianRatio >= goal)} | ≥ ${goal} |`);
       L.push(`| … primary CPU per write, duplex | ${f1(x.medianCpuUsReplica)} µs | ${f1(x.medianCpuUsNone)} µs without replica | ${f2(x.medianCpuUsReplica / x.medianCpuUsNone)} | |`);
       if (opt.mode === 'sync') {
-        L.push(`| … replica round trip per write (sync): p50 / p99 | ${f0(x.medianSyncP50Us)} / ${f0(x.medianSyncP99Us)} µs | raw loopback TCP round trip ${f1(x.medianRawRttP50Us)} / ${f1(x.medianRawRttP99Us)} µs | ${f1(x.medianSyncP50Us / x.medianRawRttP50Us)} (p50) | ≤ 2 at qd1 (here qd32: queueing counts) |`);
+        const added = x.medianP50UsReplica - x.medianP50UsNone;
+        L.push(`| … write latency p50 (fio) with / without the sync replica: added | ${f0(x.medianP50UsReplica)} / ${f0(x.medianP50UsNone)} µs: +${f0(added)} µs | raw loopback TCP round trip p50 ${f1(x.medianRawRttP50Us)} µs | ${f1(added / x.medianRawRttP50Us)} | ${j === '4k1' ? `≤ 2${flag(added / x.medianRawRttP50Us <= 2)}` : '(queueing counts at this depth)'} |`);
+        L.push(`| … replica round trip per write (primary's view): p50 / p99 | ${f0(x.medianSyncP50Us)} / ${f0(x.medianSyncP99Us)} µs | raw TCP p99 ${f1(x.medianRawRttP99Us)} µs | | |`);
         if (x.breaks > 0) L.push(`| … sync stream breaks during the runs | ${x.breaks} | | | 0 |`);
       }
     }

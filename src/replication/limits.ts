@@ -46,7 +46,7 @@ export const replicatorTickMs = 100;
 export const syncTimeoutMsDefault = 2000;
 export const syncTimeoutMsMin = 100;
 /** Sync pairs: the replica acknowledges at least every this many stream items under a steady stream. */
-export const syncAckEveryItems = 32;
+export const syncAckEveryItems = 8;
 
 /** A replica writes the primary's progress report down at least this often (and at every change). */
 export const reportPersistMs = 10_000;

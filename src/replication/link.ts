@@ -110,6 +110,22 @@ export class Link {
     }
   }
 
+  private corkedForTick = false;
+
+  /**
+   * Holds what is sent until the current tick ends, then writes it with one system call
+   * (a sync stream sends one small frame per client write: many arrive in one tick).
+   */
+  corkForTick(): void {
+    if (this.corkedForTick || this.closedReason !== null) return;
+    this.corkedForTick = true;
+    this.conn.cork();
+    process.nextTick(() => {
+      this.corkedForTick = false;
+      this.conn.uncork();
+    });
+  }
+
   private write(b: Buffer, done?: () => void): void {
     this.bytesSent += b.length;
     this.conn.write(b, done);

@@ -66,6 +66,32 @@ export function reportedRiskSince(r: PrimaryReport): number {
 
 export type ReplicaStateWord = 'initial-copy' | 'resyncing' | 'duplex' | 'disconnected' | 'suspend';
 
+/** A sync stream write issued on the replica and not yet known to be complete. */
+interface StreamWrite {
+  seq: number;
+  start: number;
+  end: number;
+  done: Promise<void>;
+  finished: boolean;
+}
+
+/** The sync stream of a session (see onStreamStart). */
+interface StreamState {
+  /** The next item expected. */
+  nextSeq: number;
+  /** Every item up to this one is applied. */
+  applied: number;
+  /** Items applied since the last acknowledgement sent. */
+  unacked: number;
+  /** Writes issued, in sequence order, until every one before them finished too. */
+  writes: StreamWrite[];
+  /** Writes applied since the last barrier (a snapshot now would not be at a set boundary). */
+  sinceBarrier: number;
+}
+
+/** Sync stream writes running at once on the replica. */
+const streamWritesMax = 64;
+
 export class ReplicaVolume {
   private link: Link | null = null;
   private readonly inbound: InboundArea;
@@ -97,7 +123,7 @@ export class ReplicaVolume {
    * The sync stream of this session (mode sync, sync-stream.ts): the next item expected,
    * the last applied, and how many were applied since the last acknowledgement.
    */
-  private stream: { nextSeq: number; applied: number; unacked: number } | null = null;
+  private stream: StreamState | null = null;
   /** Snapshots asked for while streaming: taken at the next barrier (a set boundary in the stream). */
   private atBarrier: (() => Promise<void>)[] = [];
   /** Sync stream counters (status). */
@@ -265,7 +291,7 @@ export class ReplicaVolume {
   }
 
   /** The item with sequence number seq may be applied now (else the link is closed). */
-  private streamItem(link: Link, seq: number): { nextSeq: number; applied: number; unacked: number } | null {
+  private streamItem(link: Link, seq: number): StreamState | null {
     const st = this.stream;
     if (st === null || seq !== st.nextSeq) {
       link.close(st === null ? 'sync stream item without a stream' : `sync stream item ${seq} where ${st.nextSeq} was due`);
@@ -275,9 +301,11 @@ export class ReplicaVolume {
     return st;
   }
 
-  /** The stream of a session ended: snapshots waiting for a barrier are taken now. */
+  /** The stream of a session ended: its writes settle, snapshots waiting for a barrier are taken now. */
   private async endStream(): Promise<void> {
+    const st = this.stream;
     this.stream = null;
+    if (st) await Promise.allSettled(st.writes.map((w) => w.done));
     for (const t of this.atBarrier.splice(0)) await t();
   }
 
@@ -297,7 +325,7 @@ export class ReplicaVolume {
       link.close(`sync stream after set ${m.afterSet}, but set ${this.state.playedSet + 1} cannot be played here`);
       return;
     }
-    this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0 };
+    this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0, writes: [], sinceBarrier: 0 };
     this.streamCounters.sessions++;
     this.log.info({ afterSet: m.afterSet, seq: m.seq }, 'sync stream started');
   }
@@ -306,30 +334,71 @@ export class ReplicaVolume {
     const st = this.streamItem(link, m.seq);
     if (!st) return;
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `sync write ${m.offsetBytes}+${m.lengthBytes} past the end of the volume`);
-    let w: void | Promise<void>;
-    if (m.zero) {
-      w = this.port.playbackZero(m.offsetBytes, m.lengthBytes);
-    } else {
+    if (!m.zero) {
       let n = 0;
       for (const d of parts) n += d.length;
       if (n !== m.lengthBytes || crc32cParts(parts) !== m.crc >>> 0) {
         link.close(`sync write ${m.seq}: checksum mismatch`);
         return;
       }
-      w = this.port.playbackWrite(m.offsetBytes, parts as Buffer[]);
-      this.bytesReceived += n;
     }
-    if (w) await w;
+    // Writes are issued without waiting for each other (the primary keeps qd32 in flight),
+    // except one that overlaps a write still running: it waits, so the order of the
+    // primary holds where it matters. Bounded: at most streamWritesMax at once.
+    const start = m.offsetBytes;
+    const end = m.offsetBytes + m.lengthBytes;
+    for (;;) {
+      const clash = st.writes.find((x) => !x.finished && x.start < end && start < x.end);
+      if (clash === undefined && st.writes.length < streamWritesMax) break;
+      await (clash ?? st.writes.find((x) => !x.finished) ?? st.writes[0]!).done;
+    }
+    if (this.stream !== st || link.closed) return;
+    const w = m.zero ? this.port.playbackZero(m.offsetBytes, m.lengthBytes) : this.port.playbackWrite(m.offsetBytes, parts as Buffer[]);
+    if (!m.zero) this.bytesReceived += m.lengthBytes;
+    this.streamCounters.writes++;
+    st.sinceBarrier++;
     // (The volume is past the last set played now, at a point of the primary's write order:
     // still crash-consistent, so `consistent` stays; snapshots wait for a barrier.)
-    this.streamCounters.writes++;
-    st.applied = m.seq;
-    if (++st.unacked >= L.syncAckEveryItems) this.sendStreamAck(link);
+    if (!(w instanceof Promise)) {
+      if (st.writes.length === 0) st.applied = m.seq;
+      else st.writes.push({ seq: m.seq, start, end, done: Promise.resolve(), finished: true });
+      if (++st.unacked >= L.syncAckEveryItems) this.sendStreamAck(link);
+      return;
+    }
+    const entry: StreamWrite = { seq: m.seq, start, end, done: Promise.resolve(), finished: false };
+    entry.done = w.then(
+      () => {
+        entry.finished = true;
+        // Applied: every item up to the first write still running.
+        let k = 0;
+        while (k < st.writes.length && st.writes[k]!.finished) k++;
+        if (k > 0) {
+          st.applied = st.writes[k - 1]!.seq;
+          st.writes.splice(0, k);
+          st.unacked += k;
+          if (this.stream === st && link === this.link && (this.queued === 0 || st.unacked >= L.syncAckEveryItems)) this.sendStreamAck(link);
+        }
+      },
+      (e: Error) => {
+        entry.finished = true; // (not applied: the link closes, nothing more is acknowledged on it)
+        this.lastError = e.message;
+        this.log.error({ seq: m.seq, err: e.message }, 'sync write failed');
+        link.close(`replica failed: ${e.message}`);
+      },
+    );
+    st.writes.push(entry);
+  }
+
+  /** Every stream write issued so far has completed (a flush or barrier is behind them). */
+  private async settleStreamWrites(st: StreamState): Promise<void> {
+    // Each `done` includes its completion handler: after these, `applied` covers them all.
+    await Promise.all(st.writes.map((w) => w.done));
   }
 
   private async onStreamFlush(link: Link, seq: number): Promise<void> {
     const st = this.streamItem(link, seq);
     if (!st) return;
+    await this.settleStreamWrites(st);
     await this.port.flush();
     this.streamCounters.flushes++;
     st.applied = seq;
@@ -340,7 +409,9 @@ export class ReplicaVolume {
   private async onStreamBarrier(link: Link, m: Extract<ReplMessage, { t: 'sbarrier' }>): Promise<void> {
     const st = this.streamItem(link, m.seq);
     if (!st) return;
+    await this.settleStreamWrites(st);
     await this.port.flush();
+    st.sinceBarrier = 0;
     this.state.playedSet = m.set;
     this.state.playedCutAtMs = m.createdAtMs;
     this.state.consistent = true;
@@ -641,7 +712,7 @@ export class ReplicaVolume {
 
   /** A snapshot between two sets, stamped with the last set played. */
   async createSnapshot(name: string): Promise<SnapshotInfo> {
-    if (this.stream !== null && this.connected) {
+    if (this.stream !== null && this.connected && this.stream.sinceBarrier > 0) {
       // Streaming: the volume is between sets except at a barrier; take it at the next one
       // (or when the stream ends), in the frame queue, before any later write is applied.
       return new Promise<SnapshotInfo>((resolve, reject) => {

@@ -212,7 +212,10 @@ export class SyncStream implements WriteMirror {
       p = new Promise<void>((resolve, reject) => this.waiters.push({ seq: (msg as { seq: number }).seq, atMs: this.o.clock.now(), t0: performance.now(), bytes, resolve, reject }));
     }
     if (this.stateWord === 'holding') this.queue.push({ msg, data });
-    else link.send(msg, data);
+    else {
+      link.corkForTick();
+      link.send(msg, data);
+    }
     return p;
   }
 
