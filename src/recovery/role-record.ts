@@ -105,6 +105,11 @@ export interface UpstreamRecord {
   consistent: boolean;
   /** Operator split (seed 003): writable, its own writes recorded for the next hello. */
   split: boolean;
+  /**
+   * A sync stream was applying writes (sync-stream.ts): until it ends cleanly, a crash may
+   * leave writes after the last barrier torn, so a restart finds the volume not consistent.
+   */
+  streaming?: boolean;
   /** When the current split began (the primary's writes since are not here). */
   splitAtMs?: number | null;
   createdAt: string;

@@ -142,6 +142,14 @@ export class ReplicaVolume {
     for (const s of this.inbound.complete()) if (s.set <= this.state.playedSet) this.inbound.remove(s.set);
     this.ackedSet = this.chainHead();
     this.lastContactMs = this.state.lastReport?.atMs ?? null;
+    if (this.state.streaming) {
+      // Stopped (or crashed) while a sync stream applied writes: those after the last
+      // barrier may be torn. Consistent again once a whole set has been played.
+      this.state.streaming = false;
+      this.state.consistent = false;
+      this.saveState();
+      log.warn({ playedSet: this.state.playedSet }, 'the sync stream was cut by a restart: not consistent until the primary catches this replica up');
+    }
     this.stopTimer = platform.clock.every(200, () => this.kickPlayback());
   }
 
@@ -306,6 +314,11 @@ export class ReplicaVolume {
     const st = this.stream;
     this.stream = null;
     if (st) await Promise.allSettled(st.writes.map((w) => w.done));
+    if (this.state.streaming && !this.closed) {
+      await this.port.flush().catch(() => undefined);
+      this.state.streaming = false;
+      this.saveState();
+    }
     for (const t of this.atBarrier.splice(0)) await t();
   }
 
@@ -314,17 +327,22 @@ export class ReplicaVolume {
       link.close(`sync stream after set ${m.afterSet} refused: this replica holds ${this.ackedSet}${this.state.split ? ' and is split' : ''}`);
       return;
     }
-    // Nothing of the stream lands before the sets in front of it are played.
+    // Nothing of the stream lands before the sets in front of it are played: now, whatever
+    // the playback delay (a sync replica's volume follows its primary write by write).
     await this.waitPlaybackIdle();
-    while (!this.halted && !link.closed && this.state.playedSet < m.afterSet) {
-      this.kickPlayback();
-      if (!this.playing) break;
+    while (this.snapshotting) await this.snapshotting.catch(() => undefined);
+    for (let next = this.nextToPlay(); next && !this.halted && !this.closed && !link.closed && this.state.playedSet < m.afterSet; next = this.nextToPlay()) {
+      const before = this.state.playedSet;
+      await this.startPlaying(next);
       await this.waitPlaybackIdle();
+      if (this.state.playedSet === before) break; // playback failed (logged): refused below
     }
     if (this.state.playedSet < m.afterSet) {
       link.close(`sync stream after set ${m.afterSet}, but set ${this.state.playedSet + 1} cannot be played here`);
       return;
     }
+    this.state.streaming = true;
+    this.saveState();
     this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0, writes: [], sinceBarrier: 0 };
     this.streamCounters.sessions++;
     this.log.info({ afterSet: m.afterSet, seq: m.seq }, 'sync stream started');

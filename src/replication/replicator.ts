@@ -629,7 +629,9 @@ export class VolumeReplicator implements PairHost {
     if (partial && options.whole) return 'not-whole';
     const n = this.outbound.lastSet + 1;
     const firstChange = this.firstChangeMs ?? now;
-    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial, now, firstChange);
+    // A dataless set is partial to whoever plays it from the log (a stream that broke): its
+    // blocks come later, in a catch-up set.
+    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless, now, firstChange);
     await this.volume.buildDeltaSet(n, writer, {
       ...(changed > blocksMax ? { blocksMax } : {}),
       ...(extra.count() > 0 ? { extra } : {}),

@@ -297,6 +297,11 @@ export class VolumeEngine {
     );
   }
 
+  /** Throws (EIO) when the mirror refuses writes now (a sync pair's fence); write() checks it too. */
+  admitWrite(): void {
+    this.mirror?.admit();
+  }
+
   /**
    * The mirror of a synchronous replica (null: none). Writes issued from now on are
    * mirrored; the ones already issued are not.

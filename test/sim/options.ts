@@ -64,6 +64,8 @@ export interface ScenarioOptions {
   failoverNowProbability: number;
   failoverForceProbability: number;
   partitionMsMax: number;
+  /** Pairs in mode sync (two-node runs), with this fence policy and timeout; null: async. */
+  sync: { fence: 'never' | 'data'; timeoutMs: number } | null;
   weights: StepWeights;
 }
 
@@ -129,6 +131,14 @@ export function pickOptions(seed: number): ScenarioOptions {
     failoverNowProbability: pick([0, 0.3, 0.7]),
     failoverForceProbability: pick([0, 0.1, 0.3]),
     partitionMsMax: pick([2000, 10_000, 40_000]),
+    sync: pickSync(seed),
     weights,
   };
+}
+
+/** Sync pairs in about half the runs, drawn apart so the other options of a seed stay as they were. */
+function pickSync(seed: number): ScenarioOptions['sync'] {
+  const r = prng((seed ^ 0x5c0ffee5) >>> 0);
+  if (r() < 0.5) return null;
+  return { fence: r() < 0.5 ? 'data' : 'never', timeoutMs: [200, 1000, 3000][Math.floor(r() * 3)]! };
 }

@@ -1042,7 +1042,9 @@ export class Scenario {
   }
 
   private pairOptions(b: SimNode) {
-    return { peerHost: b.name, peerPort: replPort, remoteVolume: this.vol(b), cutIntervalMs: this.o.cutIntervalMs, highWaterBytes: this.o.highWaterBytes, retriesBeforeSuspend: this.o.retriesBeforeSuspend };
+    // (One sync replica per volume: three-node runs stay async.)
+    const sync = this.o.sync !== null && this.o.nodes === 2 ? { mode: 'sync' as const, fence: this.o.sync.fence, syncTimeoutMs: this.o.sync.timeoutMs } : {};
+    return { peerHost: b.name, peerPort: replPort, remoteVolume: this.vol(b), cutIntervalMs: this.o.cutIntervalMs, highWaterBytes: this.o.highWaterBytes, retriesBeforeSuspend: this.o.retriesBeforeSuspend, ...sync };
   }
 
   /**

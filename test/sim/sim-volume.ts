@@ -78,8 +78,18 @@ export class SimVolume implements HostedVolume {
     }
     if (wait) return wait.then(() => this.clientWrite(offset, data, onIssue));
     this.checkRange(offset, data.length);
+    try {
+      this.engine.admitWrite(); // a sync pair's fence refuses it before anything changes
+    } catch (e) {
+      this.refused++;
+      return Promise.reject(e as Error);
+    }
     onIssue();
-    return Promise.resolve(this.gate.track(this.engine.write(offset, [data])));
+    try {
+      return Promise.resolve(this.gate.track(this.engine.write(offset, [data])));
+    } catch (e) {
+      return Promise.reject(e as Error); // (a sync pair's fence refusing it: EIO, nothing changed)
+    }
   }
 
   setWriteAccess(a: WriteAccess): void {
