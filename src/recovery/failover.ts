@@ -101,6 +101,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
     unplayedBlocks: bits.count(),
     resyncPairId: null,
     report,
+    sync: up.sync ?? null,
   };
   role.transition({ t: 'failed-over', failover: record }, { restartSet: record.restartSet, now: o.now, report });
   const rtoMs = ctx.platform.clock.now() - started;

@@ -24,7 +24,7 @@ import type { ReplMessage } from '../replication/wire.js';
 import * as L from '../replication/limits.js';
 import { OutboundLog } from '../replication/outbound-log.js';
 import type { RecoveryContext } from './context.js';
-import type { HandoverRecord, PairRecord, UpstreamRecord } from './role-record.js';
+import { syncConfigOf, type HandoverRecord, type PairRecord, type UpstreamRecord } from './role-record.js';
 
 type Hello = Extract<ReplMessage, { t: 'hello' }>;
 type HandoverMsg = Extract<ReplMessage, { t: 'handover' }>;
@@ -328,6 +328,8 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
       retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
       // The old primary becomes this pair's replica: the identity it proved stays bound.
       peerIdentity: up.peerIdentity ?? null,
+      // A sync pair stays sync in the other direction.
+      ...syncConfigOf(up.sync),
       createdAt: new Date(now).toISOString(),
       ackedSet: baseSet,
       playedSet: baseSet,
@@ -342,7 +344,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
         t: 'took-over',
         generation: generationBefore + 1,
         pair,
-        failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, fromIdentity: up.peerIdentity ?? null, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report },
+        failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, fromIdentity: up.peerIdentity ?? null, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report, sync: up.sync ?? null },
       },
       { how, lastSet: m.lastSet, newPair: m.newPairId },
     );

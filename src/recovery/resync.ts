@@ -32,7 +32,7 @@ import { Link } from '../replication/link.js';
 import { PROTOCOL_VERSION, type Frame, type ReplMessage, type Runs } from '../replication/wire.js';
 import * as L from '../replication/limits.js';
 import type { RecoveryContext } from './context.js';
-import type { PairRecord } from './role-record.js';
+import { syncConfigOf, type PairRecord } from './role-record.js';
 import { UNPLAYED_FILE } from './failover.js';
 
 const DIVERGENT_FILE = 'resync-divergent.json';
@@ -530,6 +530,8 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
       highWaterBytes: L.cutHighWaterBytesDefault,
       retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
       peerIdentity: link.conn.peerIdentity,
+      // The pair was sync before the roles swapped: it stays sync.
+      ...syncConfigOf(f?.sync),
     },
     {
       id: commit.pairId,

@@ -110,6 +110,8 @@ export interface UpstreamRecord {
    * leave writes after the last barrier torn, so a restart finds the volume not consistent.
    */
   streaming?: boolean;
+  /** The pair is sync (its primary said so when a stream started): a role swap keeps it sync. */
+  sync?: PairSyncSettings | null;
   /** When the current split began (the primary's writes since are not here). */
   splitAtMs?: number | null;
   createdAt: string;
@@ -140,6 +142,17 @@ export interface ResyncRecord {
 }
 
 /** How this primary came to be one by taking over (kept until its old primary is resynced). */
+/** What makes a pair sync, carried over when the roles swap (failover, failback, handover). */
+export interface PairSyncSettings {
+  fence: 'never' | 'data';
+  timeoutMs: number;
+}
+
+/** The sync settings as a pair's config (empty for an async pair). */
+export function syncConfigOf(s: PairSyncSettings | null | undefined): Pick<PairConfig, 'mode' | 'fence' | 'syncTimeoutMs'> {
+  return s ? { mode: 'sync', fence: s.fence, syncTimeoutMs: s.timeoutMs } : {};
+}
+
 export interface FailoverRecord {
   kind: 'unplanned' | 'planned';
   /** The pair (and volume) this node was the replica of. */
@@ -160,6 +173,8 @@ export interface FailoverRecord {
   resyncPairId: string | null;
   /** What may have been lost (the data-loss report shown at failover). */
   report: LossReport | null;
+  /** The pair was sync: the pair to the old primary (resync) is too. */
+  sync?: PairSyncSettings | null;
 }
 
 export interface LossReport {

@@ -342,6 +342,7 @@ export class ReplicaVolume {
       return;
     }
     this.state.streaming = true;
+    if (m.fence === 'never' || m.fence === 'data') this.state.sync = { fence: m.fence, timeoutMs: m.timeoutMs };
     this.saveState();
     this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0, writes: [], sinceBarrier: 0 };
     this.streamCounters.sessions++;

@@ -121,7 +121,7 @@ export class SyncStream implements WriteMirror {
   /** Set afterSet is on the link: send what was held behind it and stream from now on. */
   release(link: Link, set: number): void {
     if (this.stateWord !== 'holding' || link !== this.link || set !== this.afterSetNumber) return;
-    link.send({ t: 'sstart', generation: this.o.generation(), seq: this.startSeq, afterSet: set });
+    link.send({ t: 'sstart', generation: this.o.generation(), seq: this.startSeq, afterSet: set, fence: this.o.fence, timeoutMs: this.o.timeoutMs });
     for (const q of this.queue) link.send(q.msg, q.data);
     this.queue = [];
     this.stateWord = 'streaming';
@@ -239,7 +239,12 @@ export class SyncStream implements WriteMirror {
   }
 
   flush(): Promise<void> | undefined {
-    if (!this.sending) return undefined;
+    if (!this.sending) {
+      // Writes the replica applied may not be durable there: fence data cannot promise it.
+      if (this.o.fence !== 'data') return undefined;
+      this.counters.refused++;
+      return Promise.reject(systemError('EIO', `volume ${this.o.volume}: its sync replica is not in sync and the fence policy is data: flush not acknowledged`));
+    }
     this.counters.flushes++;
     return this.item({ t: 'sflush', generation: this.o.generation(), seq: ++this.seq }, undefined, true);
   }

@@ -140,7 +140,7 @@ export type ReplMessage =
    * engine issued the writes. It starts behind set afterSet on the same link: nothing of
    * it is applied before that set is played. seq numbers the stream's items from here on.
    */
-  | { t: 'sstart'; generation: number; seq: number; afterSet: number }
+  | { t: 'sstart'; generation: number; seq: number; afterSet: number; fence: string; timeoutMs: number }
   /** A write (its data is the frame's data part, crc its crc32c) or, with zero, a zeroing. */
   | { t: 'swrite'; generation: number; seq: number; offsetBytes: number; lengthBytes: number; zero: boolean; keepAllocated: boolean; crc: number }
   /** A flush on the primary: its ack means every item before it is durable on the replica. */
@@ -248,7 +248,7 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   resyncBlocks: { runs: 'runs', digestBytes: 'uint' },
   resyncCommit: { pairId: 'string', full: 'boolean', reason: 'string', divergentBlocks: 'uint' },
   resyncAccepted: { pairId: 'string', baseSet: 'uint' },
-  sstart: { generation: 'u32', seq: 'uint', afterSet: 'uint' },
+  sstart: { generation: 'u32', seq: 'uint', afterSet: 'uint', fence: 'string', timeoutMs: 'uint' },
   swrite: { generation: 'u32', seq: 'uint', offsetBytes: 'uint', lengthBytes: 'uint', zero: 'boolean', keepAllocated: 'boolean', crc: 'u32' },
   sflush: { generation: 'u32', seq: 'uint' },
   sbarrier: { generation: 'u32', seq: 'uint', set: 'uint', createdAtMs: 'uint' },

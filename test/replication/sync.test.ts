@@ -9,6 +9,7 @@
 //
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/sync.test.ts
 
+import fs from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { startDaemon, freePort, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
@@ -19,9 +20,11 @@ const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 
 const daemons: TestDaemon[] = [];
+const dirs: string[] = [];
 afterAll(async () => {
   for (const d of daemons) if (!d.exited) d.proc.kill('SIGCONT');
   await Promise.all(daemons.splice(0).map((d) => d.dispose()));
+  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
 });
 
 async function daemon(): Promise<TestDaemon> {
@@ -103,6 +106,23 @@ describe('synchronous replication over loopback', () => {
     const fo = JSON.parse(cli(b, ['failover', 'v', '--json'])) as { generation: number; report: { bytesAtMost: number } };
     expect(fo.generation).toBe(2);
     await expectVolumeEquals(b.nbdPort, 'v', w.model, `new primary vs every acknowledged write (seed ${seed})`, w.uncertain);
+
+    // The old primary returns, is fenced, resyncs: the pair in the other direction is sync too.
+    daemons.splice(daemons.indexOf(a), 1);
+    dirs.push(a.dataDir);
+    const a2 = await startDaemon({ tmpfs: true, dataDir: a.dataDir });
+    daemons.push(a2);
+    await waitStatus(a2, 'v', (s) => s.state === 'fenced', 20_000, 'old primary fenced');
+    cli(a2, ['resync', 'v', '--json']);
+    const back = await waitStatus(b, 'v', (s) => s.replicas.length === 1 && syncOf(s)?.stream === 'streaming', 60_000, 'the resynced pair streams (sync kept across the failover)');
+    expect((back.replicas[0] as unknown as { mode: string }).mode).toBe('sync');
+    const bc = await MiniNbdClient.connect(b.nbdPort, 'v');
+    const now = (await bc.read(0, SIZE)).data;
+    await bc.disconnect();
+    const wb = new SeededWriter(await MiniNbdClient.connect(b.nbdPort, 'v'), SIZE, rnd, SIZE, Buffer.from(now));
+    await wb.batch(40);
+    await wb.close();
+    await expectVolumeEquals(a2.nbdPort, 'v', wb.model, `the old primary, now a sync replica, right after the writes (seed ${seed})`);
   }, 120_000);
 
   it('a hung replica: fence never keeps serving and catches up by itself; fence data fails writes with EIO', async () => {
