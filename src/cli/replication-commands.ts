@@ -28,6 +28,28 @@ export interface PairStatus {
   currentBytesPerSec: number;
   averageBytesPerSec: number;
   initialCopy: { kind: string; doneBytes: number; totalBytes: number; bytesPerSec: number; etaSeconds: number | null } | null;
+  mode?: 'async' | 'sync';
+  sync?: {
+    fence: string;
+    timeoutMs: number;
+    stream: string;
+    inSync: boolean;
+    streamingSeconds: number | null;
+    unacknowledged: number;
+    lastBreak: { reason: string; at: string } | null;
+    latency: { p50Us: number; p99Us: number } | null;
+    writes: number;
+    breaks: number;
+    refused: number;
+    released: number;
+    failed: number;
+  } | null;
+}
+
+/** A sync pair's word for the state column: whether writes wait for the replica now. */
+function syncWord(p: PairStatus): string {
+  if (!p.sync) return '';
+  return p.sync.inSync ? ', sync' : `, sync: NOT in sync (${p.sync.fence === 'data' ? 'writes refused' : 'writes not waiting'})`;
 }
 
 export interface VolumeReplication {
@@ -80,7 +102,7 @@ export function renderReplication(vols: VolumeReplication[]): string {
           v.volume,
           'primary',
           `${p.remoteVolume}@${p.peer}`,
-          p.state + (p.reason && (p.state === 'failure-suspend' || p.state === 'disconnected') ? ` (${p.reason})` : ''),
+          p.state + syncWord(p) + (p.reason && (p.state === 'failure-suspend' || p.state === 'disconnected') ? ` (${p.reason})` : ''),
           p.generation,
           `${v.currentSet}/${p.ackedSet}/${p.playedSet}`,
           outstanding,
@@ -120,6 +142,14 @@ function pairDetail(v: VolumeReplication, p: PairStatus): string {
     `  lag ${p.lagSeconds.toFixed(1)} s, a failover there now would lose ${p.rpo.seconds.toFixed(1)} s of writes, different from the replica: ${formatBytes(p.bytesDifferent)}`,
     `  rate ${rate(p.currentBytesPerSec)} now, ${rate(p.averageBytesPerSec)} average`,
   ];
+  const y = p.sync;
+  if (y) {
+    lines.push(
+      `  mode sync, fence ${y.fence}, timeout ${y.timeoutMs} ms: stream ${y.stream}${y.streamingSeconds !== null ? ` for ${y.streamingSeconds.toFixed(0)} s` : ''}, ${y.unacknowledged} waiting` +
+        (y.latency ? `, replica round trip p50 ${y.latency.p50Us} µs p99 ${y.latency.p99Us} µs` : ''),
+      `  ${y.writes} writes streamed, ${y.breaks} breaks, ${y.released} released unacknowledged (fence never), ${y.refused + y.failed} refused with EIO (fence data)` + (y.lastBreak ? `; last break ${y.lastBreak.at}: ${y.lastBreak.reason}` : ''),
+    );
+  }
   if (p.initialCopy) lines.push(`  initial copy ${formatBytes(p.initialCopy.doneBytes)} of ${formatBytes(p.initialCopy.totalBytes)}, ${rate(p.initialCopy.bytesPerSec)}`);
   if (p.sets.length > 0) {
     lines.push(

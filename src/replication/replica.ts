@@ -869,6 +869,8 @@ export class ReplicaVolume {
       setsPlayed: this.setsPlayed,
       bytesReceived: this.bytesReceived,
       lastError: this.lastError,
+      // A sync pair: its settings (kept for a role swap) and the stream of this session.
+      sync: this.state.sync ? { ...this.state.sync, streaming: this.stream !== null, ...this.streamCounters } : null,
     };
   }
 

@@ -183,6 +183,12 @@ export class Scenario {
   private readonly starting = new Set<string>();
   /** Per node: the in-flight write when it crashed (until it is up again and checked). */
   private readonly crashInflight = new Map<string, Inflight | null>();
+  /**
+   * Writes issued and then failed (a sync pair's stream lost with fence data: EIO after the
+   * local write), by node, since its last acknowledged (write + flush) write: never made
+   * durable, so a crash may lose or tear them like the write in flight.
+   */
+  private readonly failedIssued = new Map<string, Inflight[]>();
   private readonly resyncIssuedMs = new Map<string, number>();
   /** Nodes whose resync the newest primary refused: the operator deletes and re-adds them. */
   private readonly unresyncable = new Set<string>();
@@ -685,13 +691,16 @@ export class Scenario {
     for (let s = 0; s < v.length; s++) {
       if (v[s] === t.current[s]) continue;
       if (w && w.before && s >= w.first && s < w.first + w.count && v[s] === w.before[s - w.first]) continue; // the unacknowledged write, lost or torn
+      if ((this.failedIssued.get(n.name) ?? []).some((f) => f.before && s >= f.first && s < f.first + f.count && v[s] === f.before[s - f.first])) continue; // issued, failed, never flushed
       const rec = t.byId.get(t.current[s]!);
       this.fail(`${n.name} (primary) lost an acknowledged write in a crash: sector ${s} holds ${v[s]} instead of ${t.current[s]}${rec ? ` (acked at ${rec.ackedAtMs === null ? 'never' : ((rec.ackedAtMs - simEpochMs) / 1000).toFixed(3)})` : ''}`);
       return;
     }
+    this.failedIssued.delete(n.name);
     if (diffSectors(v, t.current)) {
       t.rebase(v);
-      this.log(`${n.name}: write ${w?.id} in flight at the crash is ${v.slice(w!.first, w!.first + w!.count).every((x, i) => x === w!.before![i]) ? 'lost' : 'torn'}`);
+      if (w && w.before) this.log(`${n.name}: write ${w.id} in flight at the crash is ${v.slice(w.first, w.first + w.count).every((x, i) => x === w.before![i]) ? 'lost' : 'torn'}`);
+      else this.log(`${n.name}: writes that failed after they were issued are lost or torn by the crash`);
     }
   }
 
@@ -773,6 +782,7 @@ export class Scenario {
           rec.ackedAtMs = this.now;
           this.stats.writesAcked++;
         }
+        this.failedIssued.delete(n.name); // its flush made every earlier write durable
         continue;
       }
       const e = r.value;
@@ -781,6 +791,7 @@ export class Scenario {
         if (!offTarget && this.writable(n) && this.roles.get(n.name)?.role !== 'replica' && !this.roles.get(n.name)?.fenced) this.log(`${n.name}: write ${id} refused: ${e.message}`);
       } else if (e.code === 'EIO' || e.code === 'ESHUTDOWN') {
         this.log(`${n.name}: write ${id} failed: ${e.code}: ${e.message}`);
+        if (w.before !== null) this.failedIssued.set(n.name, [...(this.failedIssued.get(n.name) ?? []), w]);
       } else {
         this.fail(`${n.name}: client write ${id} failed unexpectedly: ${e.stack ?? e.message}`);
       }
