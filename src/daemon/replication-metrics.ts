@@ -61,6 +61,14 @@ export function renderReplicationMetrics(volumes: Status[]): string {
   metric(out, 'deltavol_replication_sent_bytes_total', 'counter', 'Bytes sent to the replica since the daemon started.', pairs.map(([l, p]) => [l, p.bytesSent]));
   metric(out, 'deltavol_replication_rate_bytes_per_second', 'gauge', 'Transfer rate over the last seconds.', pairs.map(([l, p]) => [l, p.currentBytesPerSec]));
   metric(out, 'deltavol_replication_generation', 'gauge', 'Generation count of the pair.', pairs.map(([l, p]) => [l, p.generation]));
+  // Sync pairs only (mode sync): whether writes wait for the replica now, and what the stream did.
+  const sync = pairs.filter(([, p]) => p.sync !== null);
+  metric(out, 'deltavol_replication_sync_in_sync', 'gauge', 'Sync pairs: 1 while every write waits for the replica (stream up), 0 while out of sync.', sync.map(([l, p]) => [{ ...l, fence: p.sync!.fence }, p.sync!.inSync ? 1 : 0]));
+  metric(out, 'deltavol_replication_sync_writes_total', 'counter', 'Sync pairs: writes sent in the stream.', sync.map(([l, p]) => [l, p.sync!.writes]));
+  metric(out, 'deltavol_replication_sync_breaks_total', 'counter', 'Sync pairs: times the stream stopped (replica lost or too slow to acknowledge).', sync.map(([l, p]) => [l, p.sync!.breaks]));
+  metric(out, 'deltavol_replication_sync_released_total', 'counter', 'Sync pairs, fence never: writes answered without the replica when the stream stopped.', sync.map(([l, p]) => [l, p.sync!.released]));
+  metric(out, 'deltavol_replication_sync_refused_total', 'counter', 'Sync pairs, fence data: writes and flushes failed with EIO while out of sync.', sync.map(([l, p]) => [l, p.sync!.refused + p.sync!.failed]));
+  metric(out, 'deltavol_replication_sync_round_trip_seconds', 'gauge', 'Sync pairs: replica round trip of the last acknowledged writes (quantile 0.5 and 0.99).', sync.flatMap(([l, p]): [Record<string, string>, number][] => (p.sync!.latency ? [[{ ...l, quantile: '0.5' }, p.sync!.latency.p50Us / 1e6], [{ ...l, quantile: '0.99' }, p.sync!.latency.p99Us / 1e6]] : [])));
   metric(out, 'deltavol_replication_outbound_used_bytes', 'gauge', 'Bytes of the outbound save area in use.', primaries.map((v) => [{ volume: v.volume }, v.outbound.usedBytes]));
   metric(out, 'deltavol_replication_outbound_capacity_bytes', 'gauge', 'Size of the outbound save area.', primaries.map((v) => [{ volume: v.volume }, v.outbound.capacityBytes]));
   const rl = (r: ReplicaStatus) => ({ volume: r.volume, primary_volume: r.primaryVolume });

@@ -94,6 +94,9 @@ describe('synchronous replication over loopback', () => {
     expect(sync.writes).toBeGreaterThan(100);
     expect(sync.breaks).toBe(0);
     expect(s.replicas[0]!.playedSet).toBeLessThan(s.currentSet + 1);
+    const metrics = await a.metrics();
+    expect(metrics).toMatch(/deltavol_replication_sync_in_sync\{[^}]*fence="never"[^}]*\} 1/);
+    expect(metrics).toMatch(/deltavol_replication_sync_writes_total\{[^}]*\} [1-9]/);
     console.log(`sync pair: ${sync.writes} writes streamed, replica round trip p50 ${sync.latency?.p50Us} µs p99 ${sync.latency?.p99Us} µs`);
 
     // Writes under way when the primary dies: the acknowledged ones are all on the replica.
