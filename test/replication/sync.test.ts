@@ -188,6 +188,91 @@ describe('synchronous replication over loopback', () => {
     await expectVolumeEquals(b.nbdPort, 'never', wNever.model, `fence never: replica after catching up (seed ${seed})`);
   }, 120_000);
 
+  it('a sync pair beside an async one: a restart point equal on all three; planned swaps of the sync pair under a writer lose nothing', async () => {
+    const seed = testSeed('replication-sync-mixed');
+    const rnd = prng(seed);
+    const a = await daemon();
+    const b = await daemon();
+    const c = await daemon();
+    cli(a, ['volume', 'create', 'm', '--size', String(SIZE)]);
+    cli(a, ['replica', 'add', 'm', '--peer', `127.0.0.1:${b.replPort}`, '--mode', 'sync', '--cut-interval', '300ms']);
+    cli(a, ['replica', 'add', 'm', '--peer', `127.0.0.1:${c.replPort}`, '--cut-interval', '300ms']);
+    await waitStreaming(a, 'm');
+    const w = await SeededWriter.connect(a.nbdPort, 'm', SIZE, rnd);
+    for (let round = 0; round < 4; round++) {
+      await w.batch(24);
+      await expectVolumeEquals(b.nbdPort, 'm', w.model, `round ${round}: the sync replica right after the batch (seed ${seed})`);
+    }
+    // Sets carry data for the async pair while the sync one streams.
+    const mixed = await replStatus(a, 'm');
+    expect(mixed.replicas.map((p) => (p as unknown as { mode: string }).mode).sort()).toEqual(['async', 'sync']);
+    // A restart point: the primary's snapshot at the cut equals both replicas' snapshots of that set.
+    const cut = JSON.parse(cli(a, ['replica', 'cut', 'm', '--snapshot', 'p1', '--json'])) as { set: number };
+    for (const d of [b, c]) {
+      await waitStatus(a, 'm', (s) => s.replicas.every((p) => p.playedSet >= cut.set), 30_000, 'both replicas played the cut');
+      const snap = JSON.parse(cli(d, ['snapshot', 'create', 'm', 'r1', '--json'])) as { deltaSetNumber: number };
+      expect(snap.deltaSetNumber).toBe(cut.set);
+      const x = await MiniNbdClient.connect(a.nbdPort, 'm@p1');
+      const y = await MiniNbdClient.connect(d.nbdPort, 'm@r1');
+      const [rx, ry] = await Promise.all([x.read(0, SIZE), y.read(0, SIZE)]);
+      expect(ry.data.equals(rx.data), `restart point p1 vs ${d === b ? 'sync' : 'async'} replica's r1`).toBe(true);
+      await x.disconnect();
+      await y.disconnect();
+    }
+    await w.close();
+    cli(a, ['replica', 'remove', 'm', `127.0.0.1:${c.replPort}`]);
+
+    // Planned swaps with the sync pair under a writer that follows the primary.
+    let target = a;
+    let client = await MiniNbdClient.connect(a.nbdPort, 'm');
+    const model = Buffer.from(w.model);
+    let stop = false;
+    let lastAckMs = Date.now();
+    let gapMaxMs = 0;
+    let acked = 0;
+    const loop = (async () => {
+      while (!stop) {
+        const len = 4096 * (1 + Math.floor(rnd() * 8));
+        const off = 4096 * Math.floor(rnd() * ((SIZE - len) / 4096));
+        const data = Buffer.alloc(len);
+        for (let i = 0; i < len; i += 4) data.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
+        const r = await client.write(off, data);
+        if (r.error === 0) {
+          data.copy(model, off);
+          gapMaxMs = Math.max(gapMaxMs, Date.now() - lastAckMs);
+          lastAckMs = Date.now();
+          acked++;
+        } else {
+          client.destroy();
+          target = target === a ? b : a;
+          client = await MiniNbdClient.connect(target.nbdPort, 'm');
+        }
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 1000));
+    gapMaxMs = 0;
+    const sw = JSON.parse(cli(b, ['failover', 'm', '--sync', '--json'])) as { generation: number; rtoMs: number };
+    await new Promise((r) => setTimeout(r, 1000));
+    const gap1 = gapMaxMs;
+    const reverse = await waitStreaming(b, 'm');
+    expect((reverse.replicas[0] as unknown as { mode: string }).mode).toBe('sync');
+    gapMaxMs = 0;
+    const fb = JSON.parse(cli(a, ['failback', 'm', '--json'])) as { generation: number; rtoMs: number };
+    await new Promise((r) => setTimeout(r, 1000));
+    const gap2 = gapMaxMs;
+    stop = true;
+    await loop;
+    client.destroy();
+    expect(sw.generation).toBe(2);
+    expect(fb.generation).toBe(3);
+    expect(target).toBe(a);
+    console.log(`sync pair, planned swaps under a writer: failover --sync rto ${sw.rtoMs} ms, failback rto ${fb.rtoMs} ms; longest gap between acknowledged writes ${gap1} / ${gap2} ms; ${acked} writes`);
+    await waitStreaming(a, 'm');
+    await expectVolumeEquals(a.nbdPort, 'm', model, `primary after two planned swaps (seed ${seed})`);
+    await expectVolumeEquals(b.nbdPort, 'm', model, `sync replica after two planned swaps (seed ${seed})`);
+    expect(Math.max(gap1, gap2)).toBeLessThan(10_000);
+  }, 120_000);
+
   it('refuses bad sync settings with clear errors', async () => {
     const a = await daemon();
     const port = await freePort();
