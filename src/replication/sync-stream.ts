@@ -31,6 +31,30 @@ export type SyncStreamState = 'off' | 'starting' | 'holding' | 'streaming';
 
 /** How often the oldest unacknowledged item is checked against the timeout. */
 const syncCheckMs = 100;
+/** Data of one stream frame at most (a bigger write travels as several; wire.ts allows 16 MiB). */
+const syncFrameBytesMax = 8 * 1024 * 1024;
+
+/** The buffers as consecutive groups of at most `max` bytes each (views, no copy). */
+export function splitParts(chunks: Buffer[], max: number): Buffer[][] {
+  const out: Buffer[][] = [];
+  let cur: Buffer[] = [];
+  let room = max;
+  for (const c of chunks) {
+    for (let at = 0; at < c.length; ) {
+      const n = Math.min(room, c.length - at);
+      cur.push(at === 0 && n === c.length ? c : c.subarray(at, at + n));
+      at += n;
+      room -= n;
+      if (room === 0) {
+        out.push(cur);
+        cur = [];
+        room = max;
+      }
+    }
+  }
+  if (cur.length > 0 || out.length === 0) out.push(cur);
+  return out;
+}
 
 interface Waiter {
   seq: number;
@@ -225,11 +249,23 @@ export class SyncStream implements WriteMirror {
 
   write(offset: number, chunks: Buffer[]): Promise<void> | undefined {
     if (!this.sending) return this.o.fence === 'data' ? this.refusedLate() : undefined;
-    let length = 0;
-    for (const c of chunks) length += c.length;
     this.counters.writes++;
-    const msg: ReplMessage = { t: 'swrite', generation: this.o.generation(), seq: ++this.seq, offsetBytes: offset, lengthBytes: length, zero: false, keepAllocated: false, crc: crc32cParts(chunks) };
-    return this.item(msg, chunks, true, length);
+    // A write larger than a frame travels as several items; acknowledgements are cumulative,
+    // so the last one's is the whole write's.
+    const pieces = splitParts(chunks, syncFrameBytesMax);
+    let p: Promise<void> | undefined;
+    let at = offset;
+    for (let i = 0; i < pieces.length; i++) {
+      const part = pieces[i]!;
+      let length = 0;
+      for (const c of part) length += c.length;
+      const msg: ReplMessage = { t: 'swrite', generation: this.o.generation(), seq: ++this.seq, offsetBytes: at, lengthBytes: length, zero: false, keepAllocated: false, crc: crc32cParts(part) };
+      const last = i === pieces.length - 1;
+      const r = this.item(msg, part, last, last ? at + length - offset : 0);
+      if (last) p = r;
+      at += length;
+    }
+    return p;
   }
 
   zero(offset: number, length: number, keepAllocated: boolean): Promise<void> | undefined {

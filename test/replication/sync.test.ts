@@ -87,7 +87,14 @@ describe('synchronous replication over loopback', () => {
     expect((await c.write(SIZE - 8192, fuaData, true)).error).toBe(0);
     fuaData.copy(w.model, SIZE - 8192);
     expect((await c.flush()).error).toBe(0);
+    // A write larger than one stream frame (16 MiB) travels in pieces and is acknowledged whole.
+    const big = Buffer.alloc(20 * MiB);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
+    expect((await c.write(4 * MiB, big)).error).toBe(0);
+    big.copy(w.model, 4 * MiB);
     await c.disconnect();
+    const rb = await replicaReader.read(4 * MiB, 20 * MiB);
+    expect(rb.data.equals(big), 'a 20 MiB write is on the replica when acknowledged').toBe(true);
     const s = await replStatus(a, 'v');
     const sync = syncOf(s);
     expect(sync.stream).toBe('streaming');
