@@ -99,6 +99,25 @@ export class TestDaemon {
     return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
   }
 
+  /**
+   * The CLI without blocking this process (spawnSync stops the test's event loop: a writer
+   * running in the test would stall for the CLI's whole run and measure that as a pause).
+   */
+  cliAsync(args: string[], timeoutMs = 60_000): Promise<CliResult> {
+    return new Promise((resolve) => {
+      const child = spawn(process.execPath, [CLI, '--control', `127.0.0.1:${this.controlPort}`, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout!.on('data', (d: Buffer) => (stdout += d.toString('utf8')));
+      child.stderr!.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      child.on('close', (code) => {
+        clearTimeout(timer);
+        resolve({ status: code ?? -1, stdout, stderr });
+      });
+    });
+  }
+
   get exited(): boolean {
     return this.proc.exitCode !== null || this.proc.signalCode !== null;
   }

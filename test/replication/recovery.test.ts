@@ -38,6 +38,13 @@ async function daemon(p: Ports, dataDir?: string): Promise<TestDaemon> {
   return d;
 }
 
+/** The CLI while the test's own writer keeps running (see TestDaemon.cliAsync). */
+async function cliAsync(d: TestDaemon, args: string[]): Promise<string> {
+  const r = await d.cliAsync(args);
+  if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
+  return r.stdout;
+}
+
 function cli(d: TestDaemon, args: string[]): string {
   const r = d.cli(args);
   if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
@@ -227,13 +234,13 @@ describe('disaster recovery over loopback', () => {
     await new Promise((r) => setTimeout(r, 1500));
     const gapBefore = gapMaxMs;
     gapMaxMs = 0;
-    const sw = JSON.parse(cli(b, ['failover', 'p', '--sync', '--json'])) as { generation: number; rtoMs: number; lastSet: number };
+    const sw = JSON.parse(await cliAsync(b, ['failover', 'p', '--sync', '--json'])) as { generation: number; rtoMs: number; lastSet: number };
     await new Promise((r) => setTimeout(r, 1500));
     const gapSwap1 = gapMaxMs;
     gapMaxMs = 0;
     expect(sw.generation).toBe(2);
     await waitStatus(b, 'p', (s) => s.replicas[0]?.state === 'duplex', 30_000, 'reverse pair duplex');
-    const fb = JSON.parse(cli(a, ['failback', 'p', '--json'])) as { generation: number; rtoMs: number };
+    const fb = JSON.parse(await cliAsync(a, ['failback', 'p', '--json'])) as { generation: number; rtoMs: number };
     await new Promise((r) => setTimeout(r, 1500));
     const gapSwap2 = gapMaxMs;
     stop = true;

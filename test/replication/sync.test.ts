@@ -33,6 +33,13 @@ async function daemon(): Promise<TestDaemon> {
   return d;
 }
 
+/** The CLI while the test's own writer keeps running (see TestDaemon.cliAsync). */
+async function cliAsync(d: TestDaemon, args: string[]): Promise<string> {
+  const r = await d.cliAsync(args);
+  if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
+  return r.stdout;
+}
+
 function cli(d: TestDaemon, args: string[]): string {
   const r = d.cli(args);
   if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
@@ -258,13 +265,13 @@ describe('synchronous replication over loopback', () => {
     })();
     await new Promise((r) => setTimeout(r, 1000));
     gapMaxMs = 0;
-    const sw = JSON.parse(cli(b, ['failover', 'm', '--sync', '--json'])) as { generation: number; rtoMs: number };
+    const sw = JSON.parse(await cliAsync(b, ['failover', 'm', '--sync', '--json'])) as { generation: number; rtoMs: number };
     await new Promise((r) => setTimeout(r, 1000));
     const gap1 = gapMaxMs;
     const reverse = await waitStreaming(b, 'm');
     expect((reverse.replicas[0] as unknown as { mode: string }).mode).toBe('sync');
     gapMaxMs = 0;
-    const fb = JSON.parse(cli(a, ['failback', 'm', '--json'])) as { generation: number; rtoMs: number };
+    const fb = JSON.parse(await cliAsync(a, ['failback', 'm', '--json'])) as { generation: number; rtoMs: number };
     await new Promise((r) => setTimeout(r, 1000));
     const gap2 = gapMaxMs;
     stop = true;
