@@ -103,6 +103,7 @@ export function onPrimaryMessage(ctx: RecoveryContext, volume: string, p: PairRe
   if (m.t === 'takeover') {
     void prepareHandover(ctx, volume, p, m.baseSet, link).catch((e: Error) => {
       ctx.log.warn({ volume, pair: p.id, err: e.message }, 'planned handover called off');
+      ctx.openedReplicator(volume)?.endHandoverStream(p);
       link.send({ t: 'handoverAbort', reason: e.message });
       const role = ctx.role(volume);
       if (role.state.handover && !role.state.handover.offered) role.transition({ t: 'handover-aborted', reason: e.message });
@@ -115,6 +116,7 @@ export function onPrimaryMessage(ctx: RecoveryContext, volume: string, p: PairRe
   } else if (m.t === 'handoverAbort') {
     const role = ctx.role(volume);
     if (role.state.handover) role.transition({ t: 'handover-aborted', reason: `the replica called it off: ${m.reason}` });
+    ctx.openedReplicator(volume)?.endHandoverStream(p);
   }
 }
 
@@ -127,6 +129,16 @@ async function prepareHandover(ctx: RecoveryContext, volume: string, p: PairReco
   if (p.operatorSuspended) throw new DeltavolError('ROLE_CONFLICT', 'the pair is split: resume it first');
   const r = ctx.replicator(volume);
   const clock = ctx.platform.clock;
+  // Seed 004: the backlog ships while writes go on. The pair streams first (an async pair
+  // for this handover only), so that holding writes below costs a round trip, not the
+  // time to ship everything cut since the last set. Bounded: past it, writes are held anyway.
+  const stream = r.streamForHandover(p);
+  const streamBy = clock.now() + L.handoverStreamWaitMsMax;
+  while (stream.state !== 'streaming' && clock.now() < streamBy && !link.closed && r.shipping) {
+    r.senders.get(p.id)?.wake();
+    await sleep(clock, 10);
+  }
+  ctx.log.info({ volume, streaming: stream.state === 'streaming', waitedMs: clock.now() - (streamBy - L.handoverStreamWaitMsMax) }, 'planned handover: holding writes now');
   const deadline = clock.now() + handoverMsMax;
   const handover: HandoverRecord = { pairId: p.id, newPairId: ctx.platform.newId(), newGeneration: role.generation + 1, peerBaseSet, lastSet: 0, offered: false, atMs: clock.now() };
   role.transition({ t: 'handover-prepared', handover }, { pair: p.id, newPairId: handover.newPairId });

@@ -45,6 +45,14 @@ export const replicatorTickMs = 100;
 /** Sync pairs: a write the replica has not acknowledged within this long stops the stream (default). */
 export const syncTimeoutMsDefault = 2000;
 export const syncTimeoutMsMin = 100;
+/**
+ * A stream starts behind a cut, and writes made after that cut wait until its set is on the
+ * replica: so it starts only when less than this is left to cut; a larger backlog ships as
+ * ordinary sets first (writes answered meanwhile), each smaller than the last.
+ */
+export const syncStartBacklogBytesMax = 4 * 1024 * 1024;
+/** Planned handover of an async pair: how long it streams first (seed 004), at most, before it holds writes anyway. */
+export const handoverStreamWaitMsMax = 10_000;
 /** Sync pairs: the replica acknowledges at least every this many stream items under a steady stream. */
 export const syncAckEveryItems = 8;
 

@@ -62,8 +62,10 @@ export interface PairHost {
   onLinkDown(p: PairRecord): void;
   /** The replica welcomed this primary: the pair's session is up. */
   onSessionUp(p: PairRecord): void;
-  /** The pair's sync stream (mode sync), else null. */
+  /** The pair's sync stream (mode sync, or a planned handover's), else null. */
   syncStreamOf(p: PairRecord): SyncStream | null;
+  /** Cut a set now unless one is being built (a backlog before a stream starts). */
+  cutSoon(reason: string): void;
 }
 
 interface Inflight {
@@ -529,10 +531,15 @@ export class PairSender {
           await this.sleep(500);
           continue;
         }
-        // Caught up with nothing in flight: the stream starts at the next cut.
+        // Caught up with nothing in flight: the stream starts at the next cut, once little is
+        // left to cut (the writes after that cut wait for its set); a backlog is cut now.
         if (next === null && stream.state === 'off' && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet) {
-          stream.requestStart(link);
-          this.r.poke();
+          if (this.r.volume.changedBlockCount() * this.r.volume.blockBytes > L.syncStartBacklogBytesMax) {
+            this.r.cutSoon('backlog before a sync stream starts');
+          } else {
+            stream.requestStart(link);
+            this.r.poke();
+          }
         }
       }
       let inflightBytes = 0;

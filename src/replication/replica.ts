@@ -309,6 +309,15 @@ export class ReplicaVolume {
     return st;
   }
 
+  /**
+   * Complete sets held here at or below the last set played can never be played (a
+   * catch-up set or a stream's barrier went past them): without this they would stay in
+   * the inbound area for good (the simulator's liveness check found them).
+   */
+  private dropPassedSets(): void {
+    for (const held of this.inbound.complete()) if (held.set <= this.state.playedSet) this.inbound.remove(held.set);
+  }
+
   /** The stream of a session ended: its writes settle, snapshots waiting for a barrier are taken now. */
   private async endStream(): Promise<void> {
     const st = this.stream;
@@ -344,6 +353,7 @@ export class ReplicaVolume {
     this.state.streaming = true;
     if (m.fence === 'never' || m.fence === 'data') this.state.sync = { fence: m.fence, timeoutMs: m.timeoutMs };
     this.saveState();
+    this.dropPassedSets();
     this.stream = { nextSeq: m.seq, applied: m.seq - 1, unacked: 0, writes: [], sinceBarrier: 0 };
     this.streamCounters.sessions++;
     this.log.info({ afterSet: m.afterSet, seq: m.seq }, 'sync stream started');
@@ -435,6 +445,7 @@ export class ReplicaVolume {
     this.state.playedCutAtMs = m.createdAtMs;
     this.state.consistent = true;
     this.saveState();
+    this.dropPassedSets();
     this.ackedSet = this.chainHead();
     this.streamCounters.barriers++;
     st.applied = m.seq;
@@ -706,6 +717,7 @@ export class ReplicaVolume {
       this.port.setOverlay(null);
     }
     inbound.remove(s.set);
+    this.dropPassedSets();
     this.setsPlayed++;
     this.log.debug({ set: s.set, blocks: s.blocks, ms: this.platform.clock.now() - started }, 'delta set played');
     const link = this.link;

@@ -148,6 +148,39 @@ export class VolumeReplicator implements PairHost {
     return this.streams.get(p.id) ?? null;
   }
 
+  cutSoon(reason: string): void {
+    if (this.building || this.closed || !this.shipping) return;
+    void this.cut({ reason }).catch((e: Error) => this.log.error({ err: e.message }, 'delta set not built'));
+  }
+
+  /**
+   * A planned handover of an async pair streams first (seed 004: writes go on while the
+   * backlog ships; holding them for the swap then costs a round trip). Fence never, and the
+   * replica does not keep it as the pair's setting. A sync pair's own stream is returned as is.
+   */
+  streamForHandover(p: PairRecord): SyncStream {
+    const existing = this.streams.get(p.id);
+    if (existing) return existing;
+    const st = new SyncStream({
+      volume: this.volume.name,
+      fence: 'never',
+      timeoutMs: L.syncTimeoutMsDefault,
+      generation: () => this.role.generation,
+      clock: this.platform.clock,
+      log: this.log.child({ pair: p.id, stream: 'handover' }),
+      temporary: true,
+    });
+    this.streams.set(p.id, st);
+    this.volume.setMirror(st);
+    this.senders.get(p.id)?.wake();
+    return st;
+  }
+
+  /** The handover did not happen: an async pair stops streaming. */
+  endHandoverStream(p: PairRecord): void {
+    if (this.streams.get(p.id)?.temporary) this.closeStream(p.id, 'planned handover over');
+  }
+
   /** The pair's sets travel in its stream now (its pending blocks are the stream's to deliver). */
   private streamCovers(p: PairRecord): boolean {
     const st = this.streams.get(p.id)?.state;

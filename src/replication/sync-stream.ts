@@ -72,6 +72,8 @@ interface Queued {
 }
 
 export interface SyncStreamOptions {
+  /** For a planned handover of an async pair only: the replica does not keep it as the pair's setting. */
+  temporary?: boolean;
   volume: string;
   fence: SyncFence;
   timeoutMs: number;
@@ -112,6 +114,9 @@ export class SyncStream implements WriteMirror {
   get state(): SyncStreamState {
     return this.stateWord;
   }
+  get temporary(): boolean {
+    return this.o.temporary === true;
+  }
   get fence(): SyncFence {
     return this.o.fence;
   }
@@ -145,7 +150,7 @@ export class SyncStream implements WriteMirror {
   /** Set afterSet is on the link: send what was held behind it and stream from now on. */
   release(link: Link, set: number): void {
     if (this.stateWord !== 'holding' || link !== this.link || set !== this.afterSetNumber) return;
-    link.send({ t: 'sstart', generation: this.o.generation(), seq: this.startSeq, afterSet: set, fence: this.o.fence, timeoutMs: this.o.timeoutMs });
+    link.send({ t: 'sstart', generation: this.o.generation(), seq: this.startSeq, afterSet: set, fence: this.o.temporary ? 'handover' : this.o.fence, timeoutMs: this.o.timeoutMs });
     for (const q of this.queue) link.send(q.msg, q.data);
     this.queue = [];
     this.stateWord = 'streaming';
