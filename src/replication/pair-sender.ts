@@ -533,7 +533,8 @@ export class PairSender {
         }
         // Caught up with nothing in flight: the stream starts at the next cut, once little is
         // left to cut (the writes after that cut wait for its set); a backlog is cut now.
-        if (next === null && stream.state === 'off' && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet) {
+        // (Played, not only held: the replica applies the stream only after playing what came before.)
+        if (next === null && stream.state === 'off' && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet && p.playedSet >= this.r.outbound.lastSet) {
           if (this.r.volume.changedBlockCount() * this.r.volume.blockBytes > L.syncStartBacklogBytesMax) {
             this.r.cutSoon('backlog before a sync stream starts');
           } else {
