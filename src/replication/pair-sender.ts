@@ -66,6 +66,8 @@ export interface PairHost {
   syncStreamOf(p: PairRecord): SyncStream | null;
   /** Cut a set now unless one is being built (a backlog before a stream starts). */
   cutSoon(reason: string): void;
+  /** A set is being cut and built now (it is not in the outbound log yet). */
+  readonly cutting: boolean;
 }
 
 interface Inflight {
@@ -534,7 +536,8 @@ export class PairSender {
         // Caught up with nothing in flight: the stream starts at the next cut, once little is
         // left to cut (the writes after that cut wait for its set); a backlog is cut now.
         // (Played, not only held: the replica applies the stream only after playing what came before.)
-        if (next === null && stream.state === 'off' && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet && p.playedSet >= this.r.outbound.lastSet) {
+        // (And no set being built: it would go on the link before the stream's, its writes waiting.)
+        if (next === null && stream.state === 'off' && !this.r.cutting && this.inflight.length === 0 && this.state === 'duplex' && p.ackedSet >= this.r.outbound.lastSet && p.playedSet >= this.r.outbound.lastSet) {
           if (this.r.volume.changedBlockCount() * this.r.volume.blockBytes > L.syncStartBacklogBytesMax) {
             this.r.cutSoon('backlog before a sync stream starts');
           } else {

@@ -148,6 +148,10 @@ export class VolumeReplicator implements PairHost {
     return this.streams.get(p.id) ?? null;
   }
 
+  get cutting(): boolean {
+    return this.building !== null;
+  }
+
   cutSoon(reason: string): void {
     if (this.building || this.closed || !this.shipping) return;
     void this.cut({ reason }).catch((e: Error) => this.log.error({ err: e.message }, 'delta set not built'));
