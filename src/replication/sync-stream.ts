@@ -87,6 +87,12 @@ export class SyncStream implements WriteMirror {
   private link: Link | null = null;
   /** The set the stream starts behind (holding, streaming). */
   private afterSetNumber = 0;
+  /**
+   * A set cut while streaming whose number is not durable at the primary yet: its barrier
+   * and everything after it wait here (a barrier the replica acted on, for a set a crash
+   * then cut again under the same number, would make the replica skip that set).
+   */
+  private awaitingCommit: number | null = null;
   /** The last sequence number given out, and the first of the current stream. */
   private seq = 0;
   private startSeq = 1;
@@ -151,9 +157,8 @@ export class SyncStream implements WriteMirror {
   release(link: Link, set: number): void {
     if (this.stateWord !== 'holding' || link !== this.link || set !== this.afterSetNumber) return;
     link.send({ t: 'sstart', generation: this.o.generation(), seq: this.startSeq, afterSet: set, fence: this.o.temporary ? 'handover' : this.o.fence, timeoutMs: this.o.timeoutMs });
-    for (const q of this.queue) link.send(q.msg, q.data);
-    this.queue = [];
     this.stateWord = 'streaming';
+    this.flushQueue();
     this.startedAtMs = this.o.clock.now();
     this.counters.starts++;
     this.o.log.info({ afterSet: set, held: this.waiters.length }, 'sync stream up: writes wait for the replica');
@@ -181,6 +186,7 @@ export class SyncStream implements WriteMirror {
     this.stateWord = 'off';
     this.link = null;
     this.queue = [];
+    this.awaitingCommit = null;
     const waiting = this.waiters;
     this.waiters = [];
     this.unackedBytes = 0;
@@ -240,7 +246,7 @@ export class SyncStream implements WriteMirror {
       this.unackedBytes += bytes;
       p = new Promise<void>((resolve, reject) => this.waiters.push({ seq: (msg as { seq: number }).seq, atMs: this.o.clock.now(), t0: performance.now(), bytes, resolve, reject }));
     }
-    if (this.stateWord === 'holding') this.queue.push({ msg, data });
+    if (this.stateWord === 'holding' || this.awaitingCommit !== null) this.queue.push({ msg, data });
     else {
       link.corkForTick();
       link.send(msg, data);
@@ -299,7 +305,32 @@ export class SyncStream implements WriteMirror {
     }
     if (!this.sending) return;
     this.counters.barriers++;
+    this.awaitingCommit = setNumber;
     this.item({ t: 'sbarrier', generation: this.o.generation(), seq: ++this.seq, set: setNumber, createdAtMs: this.o.clock.now() }, undefined, false);
+  }
+
+  committed(setNumber: number): void {
+    if (this.awaitingCommit !== setNumber) return;
+    this.awaitingCommit = null;
+    this.flushQueue();
+  }
+
+  aborted(setNumber: number): void {
+    if (this.awaitingCommit !== setNumber) return;
+    this.awaitingCommit = null;
+    // The barrier must not reach the replica (its number is cut again); its place in the
+    // sequence stays, as a flush (harmless), so the replica sees no gap.
+    this.queue = this.queue.map((q) => (q.msg.t === 'sbarrier' && q.msg.set === setNumber ? { msg: { t: 'sflush', generation: q.msg.generation, seq: q.msg.seq }, data: undefined } : q));
+    this.counters.barriers--;
+    this.flushQueue();
+  }
+
+  /** Sends what waited, once nothing holds it (streaming, no set waiting for its commit). */
+  private flushQueue(): void {
+    if (this.stateWord !== 'streaming' || this.awaitingCommit !== null || this.link === null) return;
+    if (this.queue.length > 0) this.link.corkForTick();
+    for (const q of this.queue) this.link.send(q.msg, q.data);
+    this.queue = [];
   }
 
   /** A write admitted while in sync whose issue came after the stream stopped (fence data). */

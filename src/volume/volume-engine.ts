@@ -592,8 +592,10 @@ export class VolumeEngine {
       }
       await sink.commit();
       this.changeLog.complete();
+      this.mirror?.committed(setNumber);
     } catch (e) {
       this.changeLog.abort();
+      this.mirror?.aborted(setNumber);
       throw e;
     } finally {
       this.sink = null;

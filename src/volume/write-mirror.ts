@@ -20,6 +20,13 @@ export interface WriteMirror {
   flush(): Promise<void> | undefined;
   /** Delta set `setNumber` was cut now: no engine write is in flight, none is issued until this returns. */
   cut(setNumber: number): void;
+  /**
+   * Set `setNumber` is durable at the source (its number will not be used again, even after
+   * a crash): what the mirror learnt of it at the cut may now reach the other side.
+   */
+  committed(setNumber: number): void;
+  /** Building set `setNumber` failed: its number will be cut again, so the mirror forgets its cut. */
+  aborted(setNumber: number): void;
 }
 
 /** One promise for a local and a mirrored part (undefined when neither waits). */

@@ -95,16 +95,27 @@ describe('sync stream', () => {
     expect(l.sent[0]!.msg).toMatchObject({ t: 'sstart', afterSet: 7, seq: 1, fence: 'never' });
     const w2 = s.write(8192, [Buffer.alloc(4096, 2)]);
     const f = s.flush();
-    s.cut(8); // a barrier in the stream
-    expect(l.sent.map((x) => x.msg.t)).toEqual(['sstart', 'swrite', 'swrite', 'sflush', 'sbarrier']);
+    s.cut(8); // a barrier in the stream: it and what follows wait until set 8 is durable here
+    const w3 = s.write(12288, [Buffer.alloc(4096, 3)]);
+    expect(l.sent.map((x) => x.msg.t)).toEqual(['sstart', 'swrite', 'swrite', 'sflush']);
+    s.committed(8);
+    expect(l.sent.map((x) => x.msg.t)).toEqual(['sstart', 'swrite', 'swrite', 'sflush', 'sbarrier', 'swrite']);
+    // A cut whose set then fails to build: its barrier never goes (the number is cut again).
+    s.cut(9);
+    const w4 = s.write(16384, [Buffer.alloc(4096, 4)]);
+    s.aborted(9);
+    expect(l.sent.map((x) => x.msg.t)).toEqual(['sstart', 'swrite', 'swrite', 'sflush', 'sbarrier', 'swrite', 'sflush', 'swrite']);
+    expect(l.sent.map((x) => (x.msg as { seq?: number }).seq)).toEqual([1, 1, 2, 3, 4, 5, 6, 7]); // no gap
     expect(await settled(w1)).toBe('pending');
     s.onAck(1);
     expect(await settled(w1)).toBe('resolved');
     expect(await settled(w2)).toBe('pending');
-    expect(s.unackedBytes).toBe(4096);
-    s.onAck(4); // cumulative: the write, the flush and the barrier
+    expect(s.unackedBytes).toBe(3 * 4096);
+    s.onAck(7); // cumulative: the writes, the flush and the barrier (seq 6 was the aborted barrier's)
     expect(await settled(w2)).toBe('resolved');
     expect(await settled(f)).toBe('resolved');
+    expect(await settled(w3)).toBe('resolved');
+    expect(await settled(w4)).toBe('resolved');
     expect(s.unacknowledged).toBe(0);
     expect(s.unackedBytes).toBe(0);
   });
