@@ -222,24 +222,32 @@ const s = net.connect({ host: '127.0.0.1', port }, async () => {
 });
 `;
 
-async function rawTcp(bytes) {
-  const srv = spawn(process.execPath, ['-e', TCP_SERVER, String(bytes)], { stdio: ['ignore', 'pipe', 'inherit'] });
+/**
+ * Runs a Node server script (it prints its port) and a client script against it (argv: port,
+ * then clientArgs); returns the client's JSON output. The server goes on every exit path.
+ */
+async function serverAndClient(what, serverCode, serverArgs, clientCode, clientArgs) {
+  const srv = spawn(process.execPath, ['-e', serverCode, ...serverArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
   liveChildren.add(srv);
   const stop = () => { srv.kill('SIGKILL'); liveChildren.delete(srv); };
   cleanups.push(stop);
   try {
     const port = await new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error('tcp server did not start')), 10_000);
+      const t = setTimeout(() => reject(new Error(`${what} server did not start`)), 10_000);
       srv.stdout.once('data', (d) => { clearTimeout(t); resolve(Number(String(d).trim())); });
-      srv.once('exit', () => reject(new Error('tcp server exited')));
+      srv.once('exit', () => reject(new Error(`${what} server exited`)));
     });
-    const { out } = await run(process.execPath, ['-e', TCP_CLIENT, String(port), String(bytes)], { timeoutMs: 60_000 });
-    const { seconds } = JSON.parse(out.trim());
-    return { seconds, mbps: bytes / 1e6 / seconds };
+    const { out } = await run(process.execPath, ['-e', clientCode, String(port), ...clientArgs], { timeoutMs: 60_000 });
+    return JSON.parse(out.trim());
   } finally {
     stop();
     cleanups.splice(cleanups.indexOf(stop), 1);
   }
+}
+
+async function rawTcp(bytes) {
+  const { seconds } = await serverAndClient('tcp', TCP_SERVER, [String(bytes)], TCP_CLIENT, [String(bytes)]);
+  return { seconds, mbps: bytes / 1e6 / seconds };
 }
 
 // Round trips of 64-byte messages between two Node processes over loopback (one in flight).
@@ -270,23 +278,8 @@ const s = net.connect({ host: '127.0.0.1', port }, () => {
 });
 `;
 
-async function rawRtt(n = 2000) {
-  const srv = spawn(process.execPath, ['-e', RTT_SERVER], { stdio: ['ignore', 'pipe', 'inherit'] });
-  liveChildren.add(srv);
-  const stop = () => { srv.kill('SIGKILL'); liveChildren.delete(srv); };
-  cleanups.push(stop);
-  try {
-    const port = await new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error('rtt server did not start')), 10_000);
-      srv.stdout.once('data', (d) => { clearTimeout(t); resolve(Number(String(d).trim())); });
-      srv.once('exit', () => reject(new Error('rtt server exited')));
-    });
-    const { out } = await run(process.execPath, ['-e', RTT_CLIENT, String(port), String(n)], { timeoutMs: 60_000 });
-    return JSON.parse(out.trim());
-  } finally {
-    stop();
-    cleanups.splice(cleanups.indexOf(stop), 1);
-  }
+function rawRtt(n = 2000) {
+  return serverAndClient('rtt', RTT_SERVER, [], RTT_CLIENT, [String(n)]);
 }
 
 // ---- 2. shipping a 1 GiB change -------------------------------------------------------------

@@ -209,3 +209,99 @@ export async function expectVolumeEquals(port: number, exportName: string, expec
     await c.disconnect().catch(() => c.destroy());
   }
 }
+
+/** The CLI on daemon d; throws with its output and the daemon's log tail unless it exits 0. */
+export function cliOk(d: TestDaemon, args: string[]): string {
+  return checked(d, args, d.cli(args));
+}
+
+/** The same without blocking the test's event loop (a writer in the test keeps running: TestDaemon.cliAsync). */
+export async function cliOkAsync(d: TestDaemon, args: string[]): Promise<string> {
+  return checked(d, args, await d.cliAsync(args));
+}
+
+function checked(d: TestDaemon, args: string[], r: { status: number; stdout: string; stderr: string }): string {
+  if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
+  return r.stdout;
+}
+
+/**
+ * One writer that follows the primary across planned swaps: random writes, one at a time
+ * (optionally paced), moving to the other node when its node refuses (it became the
+ * replica). Every acknowledged write goes into the model; the longest gap between two
+ * acknowledged writes since the last resetGap() is what a swap costs the writer.
+ */
+export class FollowingWriter {
+  readonly model: Buffer;
+  /** Times (ms) of every acknowledged write. */
+  readonly acks: number[] = [];
+  target: TestDaemon;
+  acked = 0;
+  refused = 0;
+  gapMaxMs = 0;
+  private lastAckMs = Date.now();
+  private stopped = false;
+  private loop: Promise<void> | null = null;
+  private client: MiniNbdClient | null = null;
+
+  constructor(
+    private readonly nodes: [TestDaemon, TestDaemon],
+    private readonly volume: string,
+    private readonly sizeBytes: number,
+    private readonly rnd: () => number,
+    /** writeBytes: every write this size (else 4–32 KiB); intervalMs: one write this often at most. */
+    private readonly o: { initial?: Buffer; writeBytes?: number; intervalMs?: number } = {},
+  ) {
+    this.model = o.initial ? Buffer.from(o.initial) : Buffer.alloc(sizeBytes);
+    this.target = nodes[0];
+  }
+
+  async start(): Promise<void> {
+    this.client = await MiniNbdClient.connect(this.target.nbdPort, this.volume);
+    this.lastAckMs = Date.now();
+    this.loop = this.run();
+  }
+
+  private async run(): Promise<void> {
+    let next = Date.now();
+    while (!this.stopped) {
+      const len = this.o.writeBytes ?? 4096 * (1 + Math.floor(this.rnd() * 8));
+      const off = len * Math.floor(this.rnd() * Math.floor(this.sizeBytes / len));
+      const data = Buffer.alloc(len);
+      for (let i = 0; i < len; i += 4) data.writeUInt32LE((this.rnd() * 2 ** 32) >>> 0, i);
+      const r = await this.client!.write(off, data);
+      if (r.error !== 0) {
+        this.refused++;
+        this.client!.destroy();
+        this.target = this.target === this.nodes[0] ? this.nodes[1] : this.nodes[0];
+        this.client = await MiniNbdClient.connect(this.target.nbdPort, this.volume);
+        continue;
+      }
+      data.copy(this.model, off);
+      const now = Date.now();
+      this.gapMaxMs = Math.max(this.gapMaxMs, now - this.lastAckMs);
+      this.lastAckMs = now;
+      this.acks.push(now);
+      this.acked++;
+      if (this.o.intervalMs !== undefined) {
+        next += this.o.intervalMs;
+        const wait = next - Date.now();
+        if (wait > 0) await new Promise((res) => setTimeout(res, wait));
+        else next = Date.now();
+      }
+    }
+  }
+
+  /** The longest gap so far, and a fresh start for the next one. */
+  takeGap(): number {
+    const g = this.gapMaxMs;
+    this.gapMaxMs = 0;
+    return g;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.loop;
+    this.client?.destroy();
+  }
+}

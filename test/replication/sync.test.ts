@@ -14,7 +14,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { startDaemon, freePort, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { prng, testSeed } from '../helpers/seed.js';
-import { expectVolumeEquals, replStatus, SeededWriter, waitStatus, type PrimaryStatusJson } from '../helpers/replication.js';
+import { cliOk, cliOkAsync, expectVolumeEquals, FollowingWriter, replStatus, SeededWriter, waitStatus, type PrimaryStatusJson } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -33,18 +33,8 @@ async function daemon(): Promise<TestDaemon> {
   return d;
 }
 
-/** The CLI while the test's own writer keeps running (see TestDaemon.cliAsync). */
-async function cliAsync(d: TestDaemon, args: string[]): Promise<string> {
-  const r = await d.cliAsync(args);
-  if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
-  return r.stdout;
-}
-
-function cli(d: TestDaemon, args: string[]): string {
-  const r = d.cli(args);
-  if (r.status !== 0) throw new Error(`deltavol ${args.join(' ')} → ${r.status}\n${r.stdout}\n${r.stderr}\n${d.log().slice(-4000)}`);
-  return r.stdout;
-}
+const cli = cliOk;
+const cliAsync = cliOkAsync;
 
 interface SyncJson {
   stream: string;
@@ -237,46 +227,21 @@ describe('synchronous replication over loopback', () => {
     cli(a, ['replica', 'remove', 'm', `127.0.0.1:${c.replPort}`]);
 
     // Planned swaps with the sync pair under a writer that follows the primary.
-    let target = a;
-    let client = await MiniNbdClient.connect(a.nbdPort, 'm');
-    const model = Buffer.from(w.model);
-    let stop = false;
-    let lastAckMs = Date.now();
-    let gapMaxMs = 0;
-    let acked = 0;
-    const loop = (async () => {
-      while (!stop) {
-        const len = 4096 * (1 + Math.floor(rnd() * 8));
-        const off = 4096 * Math.floor(rnd() * ((SIZE - len) / 4096));
-        const data = Buffer.alloc(len);
-        for (let i = 0; i < len; i += 4) data.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
-        const r = await client.write(off, data);
-        if (r.error === 0) {
-          data.copy(model, off);
-          gapMaxMs = Math.max(gapMaxMs, Date.now() - lastAckMs);
-          lastAckMs = Date.now();
-          acked++;
-        } else {
-          client.destroy();
-          target = target === a ? b : a;
-          client = await MiniNbdClient.connect(target.nbdPort, 'm');
-        }
-      }
-    })();
+    const fw = new FollowingWriter([a, b], 'm', SIZE, rnd, { initial: w.model });
+    await fw.start();
     await new Promise((r) => setTimeout(r, 1000));
-    gapMaxMs = 0;
+    fw.takeGap();
     const sw = JSON.parse(await cliAsync(b, ['failover', 'm', '--sync', '--json'])) as { generation: number; rtoMs: number };
     await new Promise((r) => setTimeout(r, 1000));
-    const gap1 = gapMaxMs;
+    const gap1 = fw.takeGap();
     const reverse = await waitStreaming(b, 'm');
     expect((reverse.replicas[0] as unknown as { mode: string }).mode).toBe('sync');
-    gapMaxMs = 0;
+    fw.takeGap();
     const fb = JSON.parse(await cliAsync(a, ['failback', 'm', '--json'])) as { generation: number; rtoMs: number };
     await new Promise((r) => setTimeout(r, 1000));
-    const gap2 = gapMaxMs;
-    stop = true;
-    await loop;
-    client.destroy();
+    const gap2 = fw.takeGap();
+    await fw.stop();
+    const { model, acked, target } = fw;
     expect(sw.generation).toBe(2);
     expect(fb.generation).toBe(3);
     expect(target).toBe(a);
