@@ -377,11 +377,12 @@ export class ReplicaVolume {
     const start = m.offsetBytes;
     const end = m.offsetBytes + m.lengthBytes;
     for (;;) {
+      if (this.stream !== st || link.closed) return; // (a failed write closed the link: its entry stays)
       const clash = st.writes.find((x) => !x.finished && x.start < end && start < x.end);
-      if (clash === undefined && st.writes.length < streamWritesMax) break;
-      await (clash ?? st.writes.find((x) => !x.finished) ?? st.writes[0]!).done;
+      const running = st.writes.filter((x) => !x.finished).length;
+      if (clash === undefined && running < streamWritesMax) break;
+      await (clash ?? st.writes.find((x) => !x.finished)!).done;
     }
-    if (this.stream !== st || link.closed) return;
     const w = m.zero ? this.port.playbackZero(m.offsetBytes, m.lengthBytes) : this.port.playbackWrite(m.offsetBytes, parts as Buffer[]);
     if (!m.zero) this.bytesReceived += m.lengthBytes;
     this.streamCounters.writes++;
