@@ -16,7 +16,6 @@
 
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
-import { assert } from '../util/assert.js';
 import { crc32cParts } from '../util/crc32c-parts.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -26,6 +25,7 @@ import type { Link } from './link.js';
 import { chunkChecksum, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import type { ReplicaPort } from './ports.js';
 import { refuseOn } from './refusal.js';
+import { PartsCursor } from '../util/parts-cursor.js';
 import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 
@@ -895,44 +895,5 @@ export class ReplicaVolume {
     await this.queue.catch(() => undefined);
     await this.waitPlaybackIdle();
     this.inbound.close();
-  }
-}
-
-/** Consecutive byte ranges of a list of buffers, as views (a chunk's runs, in order). */
-export class PartsCursor {
-  private i = 0;
-  private at = 0;
-  constructor(private readonly parts: readonly Buffer[]) {}
-
-  /** The next `n` bytes as views of the parts (at least one view, possibly empty). */
-  take(n: number): Buffer[] {
-    const out: Buffer[] = [];
-    while (n > 0) {
-      assert(this.i < this.parts.length, 'PartsCursor: past the end');
-      const p = this.parts[this.i]!;
-      const k = Math.min(n, p.length - this.at);
-      out.push(p.subarray(this.at, this.at + k));
-      this.advance(k);
-      n -= k;
-    }
-    if (out.length === 0) out.push(Buffer.alloc(0));
-    return out;
-  }
-
-  skip(n: number): void {
-    while (n > 0) {
-      assert(this.i < this.parts.length, 'PartsCursor: past the end');
-      const k = Math.min(n, this.parts[this.i]!.length - this.at);
-      this.advance(k);
-      n -= k;
-    }
-  }
-
-  private advance(k: number): void {
-    this.at += k;
-    if (this.at === this.parts[this.i]!.length) {
-      this.i++;
-      this.at = 0;
-    }
   }
 }

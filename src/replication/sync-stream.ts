@@ -20,6 +20,7 @@
 import { crc32cParts } from '../util/crc32c-parts.js';
 import { systemError } from '../util/errors.js';
 import { assert } from '../util/assert.js';
+import { PartsCursor } from '../util/parts-cursor.js';
 import type { Logger } from '../util/log.js';
 import type { Clock, Cancel } from '../util/clock.js';
 import type { WriteMirror } from '../volume/write-mirror.js';
@@ -36,23 +37,15 @@ const syncFrameBytesMax = 8 * 1024 * 1024;
 
 /** The buffers as consecutive groups of at most `max` bytes each (views, no copy). */
 export function splitParts(chunks: Buffer[], max: number): Buffer[][] {
+  let left = 0;
+  for (const c of chunks) left += c.length;
+  const cursor = new PartsCursor(chunks);
   const out: Buffer[][] = [];
-  let cur: Buffer[] = [];
-  let room = max;
-  for (const c of chunks) {
-    for (let at = 0; at < c.length; ) {
-      const n = Math.min(room, c.length - at);
-      cur.push(at === 0 && n === c.length ? c : c.subarray(at, at + n));
-      at += n;
-      room -= n;
-      if (room === 0) {
-        out.push(cur);
-        cur = [];
-        room = max;
-      }
-    }
-  }
-  if (cur.length > 0 || out.length === 0) out.push(cur);
+  do {
+    const n = Math.min(max, left);
+    out.push(cursor.take(n));
+    left -= n;
+  } while (left > 0);
   return out;
 }
 
@@ -130,7 +123,11 @@ export class SyncStream implements WriteMirror {
     return this.afterSetNumber;
   }
   /** Bytes of writes sent (or queued) and not yet acknowledged. */
-  unackedBytes = 0;
+  get unackedBytes(): number {
+    let n = 0;
+    for (const w of this.waiters) n += w.bytes;
+    return n;
+  }
   /** Items sent (or queued) and not yet acknowledged. */
   get unacknowledged(): number {
     return this.waiters.length;
@@ -172,7 +169,6 @@ export class SyncStream implements WriteMirror {
     if (n === 0) return;
     const done = this.waiters.splice(0, n);
     for (const w of done) {
-      this.unackedBytes -= w.bytes;
       if (this.latencies.length >= 1024) this.latencies.shift();
       this.latencies.push(Math.round((now - w.t0) * 1000));
       w.resolve();
@@ -189,7 +185,6 @@ export class SyncStream implements WriteMirror {
     this.awaitingCommit = null;
     const waiting = this.waiters;
     this.waiters = [];
-    this.unackedBytes = 0;
     if (was !== 'starting') {
       this.counters.breaks++;
       this.lastBreak = { reason, atMs: this.o.clock.now() };
@@ -243,7 +238,6 @@ export class SyncStream implements WriteMirror {
     assert(link !== null, 'a sync stream that sends has a link');
     let p: Promise<void> | undefined;
     if (wait) {
-      this.unackedBytes += bytes;
       p = new Promise<void>((resolve, reject) => this.waiters.push({ seq: (msg as { seq: number }).seq, atMs: this.o.clock.now(), t0: performance.now(), bytes, resolve, reject }));
     }
     if (this.stateWord === 'holding' || this.awaitingCommit !== null) this.queue.push({ msg, data });
