@@ -28,8 +28,9 @@ import { DeltavolError } from '../util/errors.js';
 import { sleep } from '../util/clock.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import { publicRefusal } from '../replication/refusal.js';
-import { Link } from '../replication/link.js';
+import type { Link } from '../replication/link.js';
 import { PROTOCOL_VERSION, type Frame, type ReplMessage, type Runs } from '../replication/wire.js';
+import { Session } from './session.js';
 import * as L from '../replication/limits.js';
 import type { RecoveryContext } from './context.js';
 import { syncConfigOf, type PairRecord } from './role-record.js';
@@ -74,72 +75,6 @@ export function beforeResyncSnapshotName(generation: number): string {
   return `before-resync-g${generation}`;
 }
 
-// ================= a request/answer session on its own connection =================
-
-class Session {
-  private readonly frames: Frame[] = [];
-  private wake: (() => void) | null = null;
-  private constructor(readonly link: Link) {}
-
-  static async open(ctx: RecoveryContext, host: string, port: number): Promise<Session> {
-    let conn;
-    try {
-      conn = await ctx.platform.transport.connect(host, port, L.replicationConnectTimeoutMs);
-    } catch (e) {
-      throw new DeltavolError('PEER_UNREACHABLE', (e as Error).message);
-    }
-    let s: Session | null = null;
-    const link = new Link(conn, ctx.platform.clock, (f) => {
-      s!.frames.push(f);
-      s!.wake?.();
-    });
-    s = new Session(link);
-    link.onClose(() => s!.wake?.());
-    return s;
-  }
-
-  send(m: ReplMessage): void {
-    this.link.send(m);
-  }
-
-  /** Who the new primary proved to be (null without TLS). */
-  get peerIdentity(): string | null {
-    return this.link.conn.peerIdentity;
-  }
-
-  /** The next message (a refusal or a closed link throws with its code). */
-  async next<T extends ReplMessage['t']>(ctx: RecoveryContext, t: T, timeoutMs: number): Promise<Extract<ReplMessage, { t: T }>> {
-    const deadline = ctx.platform.clock.now() + timeoutMs;
-    for (;;) {
-      const f = this.frames.shift();
-      if (f) {
-        const m = f.msg;
-        if (m.t === t) return m as Extract<ReplMessage, { t: T }>;
-        if (m.t === 'refuse') {
-          const code = m.code === 'GEOMETRY' || m.code === 'ROLE_CONFLICT' || m.code === 'VOLUME_NOT_FOUND' ? m.code : 'PEER_REFUSED';
-          throw new DeltavolError(code, `the new primary refused: ${m.code}: ${m.message}`, { refuseCode: m.code, generation: m.generation });
-        }
-        throw new DeltavolError('PEER_REFUSED', `unexpected ${m.t} (waiting for ${t})`);
-      }
-      if (this.link.closed) throw new DeltavolError('PEER_UNREACHABLE', `the link to the new primary went down: ${this.link.reason}`);
-      const left = deadline - ctx.platform.clock.now();
-      if (left <= 0) throw new DeltavolError('PEER_UNREACHABLE', `no ${t} from the new primary within ${timeoutMs / 1000} s`);
-      await new Promise<void>((r) => {
-        const cancel = ctx.platform.clock.after(left, () => r());
-        this.wake = () => {
-          cancel();
-          this.wake = null;
-          r();
-        };
-      });
-    }
-  }
-
-  close(reason: string): void {
-    this.link.close(reason);
-  }
-}
-
 // ================= the old primary's side =================
 
 /** `deltavol resync VOLUME` on the old primary: become the new primary's replica, moving only what differs. */
@@ -165,7 +100,7 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
   const peerVolume = o.peerVolume ?? pair?.remoteVolume ?? volume;
   const back = ctx.returnAddress();
 
-  const s = await Session.open(ctx, peerHost, peerPort);
+  const s = await Session.open(ctx, peerHost, peerPort, 'the new primary');
   try {
     // The volume is about to give up its changes to whoever answers: over TLS, when the
     // pair is bound to an identity, the new primary must be that very replica.
@@ -339,7 +274,7 @@ async function registerOnce(ctx: RecoveryContext, volume: string): Promise<void>
   const rs = up.resync!;
   const v = ctx.host.require(volume);
   const back = ctx.returnAddress();
-  const s = await Session.open(ctx, rs.peerHost, rs.peerPort);
+  const s = await Session.open(ctx, rs.peerHost, rs.peerPort, 'the new primary');
   try {
     // The block digests go only to the new primary this resync is bound to.
     const bound = up.peerIdentity ?? null;
