@@ -12,6 +12,7 @@ import { escapeText } from './format.js';
 import type { FailoverResult } from '../recovery/failover.js';
 import type { TakeoverResult } from '../recovery/handover.js';
 import type { ResyncResult } from '../recovery/resync.js';
+import type { RestorePlan, RestoreProgress } from '../recovery/restore.js';
 
 type Helpers = {
   client: (cmd: Command) => ControlClient;
@@ -106,7 +107,77 @@ async function followResync(c: ControlClient, volume: string, timeoutMs: number)
   }
 }
 
+/** Follows a restore from the replica until it ends; its last progress (state done or failed). */
+async function followRestore(c: ControlClient, volume: string, plan: RestorePlan, timeoutMs: number): Promise<RestoreProgress> {
+  const tty = process.stderr.isTTY;
+  const bs = plan.blockBytes;
+  const total = Math.max(1, plan.blocksToCopy * bs);
+  const bar = tty ? new cliProgress.SingleBar({ format: 'restore [{bar}] {percentage}% | {done} of {total} | {rate}', hideCursor: true, stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
+  bar?.start(total, 0, { done: formatBytes(0), total: formatBytes(total), rate: '' });
+  let lastLine = 0;
+  const deadline = Date.now() + timeoutMs;
+  try {
+    for (;;) {
+      const r = await c.request<{ volumes: { restore: RestoreProgress | null }[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
+      const p = r.volumes[0]?.restore;
+      if (!p || p.state === 'interrupted' as string) throw new DeltavolError('IO', `the restore of ${volume} is no longer running (the daemon restarted?): run the same command again to finish it`);
+      const done = p.blocksDone * bs;
+      const rate = p.seconds > 0 ? `${formatBytes((p.bytesFetched + p.bytesZeroed) / p.seconds)}/s` : '';
+      if (bar) bar.update(Math.min(done, total), { done: formatBytes(done), total: formatBytes(total), rate });
+      else if (Date.now() - lastLine >= 5000) {
+        lastLine = Date.now();
+        process.stderr.write(`restore: ${p.blocksDone} of ${p.blocksToCopy} blocks\n`);
+      }
+      if (p.state !== 'copying') return p;
+      if (Date.now() > deadline) throw new DeltavolError('IO', `restore not done after ${timeoutMs / 1000} s (it goes on in the daemon; see \`deltavol status ${volume}\`)`);
+      await new Promise((r2) => setTimeout(r2, 200));
+    }
+  } finally {
+    bar?.stop();
+  }
+}
+
 export function registerRecoveryCommands(program: Command, h: Helpers): void {
+  program
+    .command('restore <volume>')
+    .description("on the primary: roll the volume back to its replica's current state, or to one of the replica's snapshots (--snapshot), moving only the blocks that differ; the volume's state before is kept in a local snapshot, and client writes are refused until the restore ends")
+    .requiredOption('--from-replica', 'restore from the replica (the only source: a local snapshot is `deltavol snapshot restore`)')
+    .option('--snapshot <name>', "the replica's snapshot to restore (default: the replica's current state)")
+    .option('--peer <host:port>', 'the replica to restore from, when the volume has several')
+    .option('--force', 'restore although clients are connected (they see the blocks change under them, and their writes fail until it ends)')
+    .option('--abandon', 'end an interrupted restore without finishing it (the volume is left part restored and takes writes again)')
+    .option('--no-wait', 'return once the copy has started')
+    .option('--timeout <duration>', 'give up following the copy after this long', '24h')
+    .option('--json', 'print JSON')
+    .action(async (volume: string, opts, cmd: Command) => {
+      const c = h.client(cmd);
+      if (opts.peer) parseHostPort(opts.peer);
+      const timeoutMs = parseDurationMs(opts.timeout);
+      if (opts.abandon) {
+        const a = await c.request<{ abandoned: { volume: string; beforeSnapshot: string } }>('POST', `/v1/volumes/${encodeURIComponent(volume)}/restore`, { abandon: true });
+        h.print(opts.json, a, () => `restore of ${volume} abandoned: it takes writes again, only part restored; its state before the restore is ${volume}@${escapeText(a.abandoned.beforeSnapshot)}`);
+        return;
+      }
+      const plan = await c.request<RestorePlan>('POST', `/v1/volumes/${encodeURIComponent(volume)}/restore`, {
+        ...(opts.snapshot !== undefined ? { snapshot: opts.snapshot } : {}),
+        ...(opts.peer ? { peer: opts.peer } : {}),
+        force: Boolean(opts.force),
+      });
+      if (!opts.json) {
+        const what = plan.temporary ? `the replica's current state (its set ${plan.replicaSet})` : `snapshot ${escapeText(plan.snapshot)} of the replica (its set ${plan.replicaSet})`;
+        process.stderr.write(`${plan.resumed ? 'finishing the restore' : 'restoring'} ${volume} from ${what} at ${escapeText(plan.peer)}; its state before is kept in ${volume}@${escapeText(plan.beforeSnapshot)}\n`);
+        process.stderr.write(`${plan.blocksToCopy} of ${plan.blocksTotal} blocks differ (${plan.blocksChangedOnReplica} changed on the replica since, ${plan.blocksChangedHere} changed here): ${formatBytes(plan.blocksToCopy * plan.blockBytes)} at most travel\n`);
+      }
+      const done = opts.wait ? await followRestore(c, volume, plan, timeoutMs) : null;
+      if (done && done.state === 'failed') throw new DeltavolError('IO', `restore failed after ${done.blocksDone} of ${done.blocksToCopy} blocks: ${done.error ?? 'unknown error'}; writes stay refused: run the same command again to finish it`);
+      h.print(opts.json, done ?? plan, () =>
+        done
+          ? `${volume} restored in ${done.seconds.toFixed(2)} s: ${done.blocksDone} blocks, ${formatBytes(done.bytesFetched)} fetched, ${formatBytes(done.bytesZeroed)} zeroed; it takes writes again`
+          : `restore started (see \`deltavol status ${volume}\`)`,
+      );
+    });
+
+
   program
     .command('failover <volume>')
     .description("on the replica's node: make the replica the primary. Without --sync the primary is gone: every complete set received is played, a restart-point snapshot is taken, and what may be lost is reported")

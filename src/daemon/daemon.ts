@@ -474,6 +474,15 @@ export class Daemon {
       const at = peer ? parseHostPort(peer) : undefined;
       return this.replication.resync(p.name!, { ...(at ? { peerHost: at.host, peerPort: at.port } : {}), ...(str(body, 'peerVolume') ? { peerVolume: str(body, 'peerVolume') } : {}) });
     });
+    api.route('POST', '/v1/volumes/:name/restore', async (p, body) => {
+      const at = str(body, 'peer') ? parseHostPort(str(body, 'peer')!) : null;
+      return this.replication.restore(p.name!, {
+        ...(str(body, 'snapshot') !== undefined ? { snapshot: str(body, 'snapshot')! } : {}),
+        ...(at ? { peerHost: at.host, peerPort: at.port } : {}),
+        force: bool(body, 'force') ?? false,
+        abandon: bool(body, 'abandon') ?? false,
+      });
+    });
     api.route('POST', '/v1/volumes/:name/unfence', async (p, body) => this.replication.unfence(p.name!, bool(body, 'force') ?? false));
     api.route('POST', '/v1/default-export', (_p, body) => {
       const name = str(body, 'name');

@@ -12,7 +12,7 @@ type Pair = PrimaryStatus['replicas'][number];
 type ReplicaStatus = Extract<Status, { role: 'replica' }>;
 
 const PAIR_STATES = ['initial-copy', 'resyncing', 'duplex', 'duplex-pending', 'disconnected', 'suspending', 'suspend', 'failure-suspend', 'fenced'] as const;
-const VOLUME_STATES = ['simplex', 'primary', 'failed-over', 'fenced', 'diverged', 'handing-over', 'initial-copy', 'resyncing', 'duplex', 'disconnected', 'suspend'] as const;
+const VOLUME_STATES = ['simplex', 'primary', 'failed-over', 'fenced', 'diverged', 'handing-over', 'restoring', 'initial-copy', 'resyncing', 'duplex', 'disconnected', 'suspend'] as const;
 
 function metric(out: string[], name: string, type: 'gauge' | 'counter', help: string, rows: [Record<string, string>, number][]): void {
   out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);

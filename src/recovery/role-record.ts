@@ -12,7 +12,8 @@
 //            volume exists elsewhere (it ships nothing, and refuses writes until an operator
 //            resyncs it, or unfences it: `overridden`, two primaries that diverge);
 //            `handover` while a planned swap is under way (writes held);
-//            `failover` while the old primary it replaced has not been resynced.
+//            `failover` while the old primary it replaced has not been resynced;
+//            `restore` while it is rolled back to its replica's content (writes refused).
 //   replica  receives from `upstream` (read-only to clients, but during an operator split).
 // Generation: starts at 1, moves only forward: +1 at a failover or a planned takeover,
 // adopted from the peer when this node becomes its replica. Every change is appended to
@@ -222,6 +223,21 @@ export interface HandoverRecord {
   atMs: number;
 }
 
+/**
+ * A restore of this primary from its replica under way (seed 003): its blocks are being
+ * overwritten with the replica's, so clients may not write until it ends. Kept across a
+ * crash: running the restore again finishes it (the same replica snapshot, the same local
+ * snapshot of the state before).
+ */
+export interface RestoreRecord {
+  pairId: string;
+  /** The replica's snapshot restored (null: its current state, in a snapshot of the moment). */
+  snapshot: string | null;
+  /** This volume's state before the restore, kept here. */
+  beforeSnapshot: string;
+  atMs: number;
+}
+
 export interface RoleHistoryEntry {
   generation: number;
   role: Role;
@@ -239,6 +255,8 @@ export interface RoleState {
   fenced: FenceRecord | null;
   handover: HandoverRecord | null;
   failover: FailoverRecord | null;
+  /** Absent in records written before restores existed: none. */
+  restore?: RestoreRecord | null;
 }
 
 export type RoleEvent =
@@ -259,11 +277,13 @@ export type RoleEvent =
   | { t: 'handover-prepared'; handover: HandoverRecord }
   | { t: 'handover-aborted'; reason: string }
   | { t: 'handed-over'; upstream: UpstreamRecord }
-  | { t: 'took-over'; pair: PairRecord; failover: FailoverRecord; generation: number };
+  | { t: 'took-over'; pair: PairRecord; failover: FailoverRecord; generation: number }
+  | { t: 'restore-started'; restore: RestoreRecord }
+  | { t: 'restore-finished' };
 
 
 export function emptyRoleState(): RoleState {
-  return { version: 1, role: 'simplex', generation: 1, history: [], pairs: [], upstream: null, fenced: null, handover: null, failover: null };
+  return { version: 1, role: 'simplex', generation: 1, history: [], pairs: [], upstream: null, fenced: null, handover: null, failover: null, restore: null };
 }
 
 function fail(message: string): never {
@@ -287,6 +307,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       break;
     case 'pair-removed':
       assert(s.pairs.some((p) => p.id === e.pairId), `no pair ${e.pairId}`);
+      if (s.restore?.pairId === e.pairId) fail('a restore from this pair is under way: finish it (`deltavol restore` again) or abandon it (`--abandon`) first');
       n.pairs = n.pairs.filter((p) => p.id !== e.pairId);
       if (n.pairs.length === 0 && !n.failover && !n.fenced && s.role === 'primary') n.role = 'simplex';
       break;
@@ -326,6 +347,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       break;
     case 'resync-started':
       if (s.role === 'replica') fail('the volume is already a replica');
+      n.restore = null; // (the resync overwrites this side anyway: its before-snapshot keeps it)
       // (Equal: two copies that failed over independently; the operator chose the survivor.)
       if (e.generation < s.generation) fail(`the new primary's generation ${e.generation} is older than this volume's ${s.generation}`);
       n.role = 'replica';
@@ -355,6 +377,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       break;
     case 'handover-prepared':
       if (s.role !== 'primary' || s.fenced) fail('only an unfenced primary can hand over');
+      if (s.restore) fail('a restore from the replica is under way: run it again to finish it first');
       if (s.handover) fail('a handover is already under way');
       if (e.handover.newGeneration !== s.generation + 1) fail('a handover moves the generation by one');
       n.handover = e.handover;
@@ -380,6 +403,17 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       n.upstream = null;
       n.pairs = [e.pair];
       n.failover = e.failover;
+      break;
+    case 'restore-started':
+      if (s.role !== 'primary' || s.fenced) fail('only an unfenced primary is restored from its replica');
+      if (s.handover) fail('a planned handover is under way');
+      if (s.restore && s.restore.pairId !== e.restore.pairId) fail(`a restore from pair ${s.restore.pairId} is under way: finish it first`);
+      if (!s.pairs.some((p) => p.id === e.restore.pairId)) fail(`no pair ${e.restore.pairId}`);
+      n.restore = e.restore;
+      break;
+    case 'restore-finished':
+      if (!s.restore) fail('no restore under way');
+      n.restore = null;
       break;
   }
   if (n.role !== s.role || n.generation !== s.generation || e.t === 'fenced' || e.t === 'unfenced') {
@@ -411,6 +445,7 @@ export function roleInvariants(s: RoleState): void {
   assert(s.role !== 'simplex' || (s.pairs.length === 0 && s.failover === null && s.fenced === null), 'a simplex volume has no pairs, failover or fence');
   assert(s.fenced === null || s.role === 'primary', 'only a primary is fenced');
   assert(s.handover === null || (s.role === 'primary' && s.pairs.some((p) => p.id === s.handover!.pairId)), 'a handover belongs to a pair of a primary');
+  assert(!s.restore || s.role === 'primary', 'only a primary is restored from its replica');
   assert(new Set(s.pairs.map((p) => p.id)).size === s.pairs.length, 'pair ids are unique');
   for (let i = 1; i < s.history.length; i++) assert(s.history[i]!.generation >= s.history[i - 1]!.generation, 'generations only move forward');
 }
@@ -429,6 +464,7 @@ export function writeAccessOf(s: RoleState): WriteAccess {
     };
   }
   if (s.handover) return { mode: 'hold', reason: `a planned handover to generation ${s.handover.newGeneration} is under way` };
+  if (s.restore) return { mode: 'refuse', code: 'RESTORING', reason: `it is being restored from its replica (\`deltavol restore\` finishes it)` };
   return { mode: 'open' };
 }
 

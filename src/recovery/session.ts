@@ -53,23 +53,24 @@ export class Session {
     return (await this.nextFrame(ctx, t, timeoutMs)).msg as Extract<ReplMessage, { t: T }>;
   }
 
-  /** The next frame, which must carry message t (its data part with it). */
-  async nextFrame(ctx: RecoveryContext, t: ReplMessage['t'], timeoutMs: number): Promise<Frame> {
+  /** The next frame, which must carry message t (or one of them), with its data part. */
+  async nextFrame(ctx: RecoveryContext, t: ReplMessage['t'] | readonly ReplMessage['t'][], timeoutMs: number): Promise<Frame> {
+    const wanted = (x: string) => (typeof t === 'string' ? x === t : t.includes(x as ReplMessage['t']));
     const deadline = ctx.platform.clock.now() + timeoutMs;
     for (;;) {
       const f = this.frames.shift();
       if (f) {
         const m = f.msg;
-        if (m.t === t) return f;
+        if (wanted(m.t)) return f;
         if (m.t === 'refuse') {
           const code = (codesKept.has(m.code) ? m.code : 'PEER_REFUSED') as ErrorCode;
           throw new DeltavolError(code, `${this.peerWord} refused: ${m.code}: ${m.message}`, { refuseCode: m.code, generation: m.generation });
         }
-        throw new DeltavolError('PEER_REFUSED', `unexpected ${m.t} (waiting for ${t})`);
+        throw new DeltavolError('PEER_REFUSED', `unexpected ${m.t} (waiting for ${String(t)})`);
       }
       if (this.link.closed) throw new DeltavolError('PEER_UNREACHABLE', `the link to ${this.peerWord} went down: ${this.link.reason}`);
       const left = deadline - ctx.platform.clock.now();
-      if (left <= 0) throw new DeltavolError('PEER_UNREACHABLE', `no ${t} from ${this.peerWord} within ${timeoutMs / 1000} s`);
+      if (left <= 0) throw new DeltavolError('PEER_UNREACHABLE', `no ${String(t)} from ${this.peerWord} within ${timeoutMs / 1000} s`);
       await new Promise<void>((r) => {
         const cancel = ctx.platform.clock.after(left, () => r());
         this.wake = () => {

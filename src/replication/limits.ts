@@ -88,3 +88,10 @@ assert(replicationHeartbeatMs * 2 <= primaryAliveMs && primaryAliveMs < replicat
 assert(setBytesMax < outboundBytesDefault, 'a full set fits the default outbound area');
 assert(buildAheadBytesMax + setBytesMax <= outboundCacheBytesMax, 'what a paced sender has yet to send stays in the outbound cache');
 assert(sendWindowBytes >= 2 * setBytesMax, 'the window holds several sets (the link stays busy while one is acknowledged)');
+
+/** A restore from the replica asks for at most this many bytes of blocks per request... */
+export const restoreReadBytesMax = 4 * 1024 * 1024;
+/** ...and keeps this many requests in flight (the link stays busy while blocks are written). */
+export const restoreReadsInFlight = 4;
+/** The replica ends a restore session that sent nothing for this long. */
+export const restoreIdleMsMax = 120_000;

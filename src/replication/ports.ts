@@ -36,8 +36,8 @@ export interface PrimaryPort extends VolumeGeometry {
   /** Blocks that held data when the snapshot was taken. */
   snapshotValidBlocks(name: string): PagedBitmap;
   readSnapshot(name: string, offset: number, length: number, target: Buffer): void;
-  /** Blocks to copy (data) and to zero that turn a copy of snapshot `from` into `to`. */
-  differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap };
+  /** Blocks to copy (data) and to zero that turn a copy of snapshot `from` into `to` (null: the volume now). */
+  differenceBlocks(from: string, to: string | null): { data: PagedBitmap; zero: PagedBitmap };
   /** Every write issued from now on also goes to m, in issue order (a sync pair's stream); null: none. */
   setMirror(m: WriteMirror | null): void;
 }
@@ -66,6 +66,8 @@ export interface HostedVolume extends PrimaryPort, ReplicaPort {
   setWriteAccess(a: WriteAccess): void;
   /** Resolves when no client write is running (the ones held or refused do not count). */
   writesIdle(): Promise<void>;
+  /** Clients connected to the volume itself (readers of its snapshot exports do not count). */
+  clientCount(): number;
 }
 
 export interface CreateReplicaVolume {

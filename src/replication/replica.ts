@@ -21,6 +21,7 @@ import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import type { RoleRecord, UpstreamRecord } from '../recovery/role-record.js';
 import { InboundArea, type InboundSet } from './inbound-area.js';
+import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import type { Link } from './link.js';
 import { chunkChecksum, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import type { ReplicaPort } from './ports.js';
@@ -740,6 +741,19 @@ export class ReplicaVolume {
     await this.waitPlaybackIdle();
     await this.port.discardChanges();
     this.role.transition({ t: 'split-started', atMs: this.platform.clock.now() }, { playedSet: this.state.playedSet });
+  }
+
+  /**
+   * Blocks of every set held whole here but not yet played (the primary may have released
+   * them already: a restore from this replica must count them as changed).
+   */
+  heldBlocks(): PagedBitmap {
+    const bits = new PagedBitmap(this.port.blocksTotal);
+    for (const s of this.inbound.complete()) {
+      if (s.set <= this.state.playedSet) continue;
+      for (const c of s.chunks) for (const [b, n] of c.runs) if (b + n <= this.port.blocksTotal) bits.setRange(b, n);
+    }
+    return bits;
   }
 
   /** A snapshot between two sets, stamped with the last set played. */

@@ -15,6 +15,7 @@ import type { RecoveryContext } from '../recovery/context.js';
 import * as failover from '../recovery/failover.js';
 import * as handover from '../recovery/handover.js';
 import * as resync from '../recovery/resync.js';
+import * as restore from '../recovery/restore.js';
 import { Link } from './link.js';
 import type { Frame, ReplMessage } from './wire.js';
 import { VolumeReplicator, type ReplicatorHooks } from './replicator.js';
@@ -356,6 +357,14 @@ export class ReplicationService implements RecoveryContext {
     return handover.unfence(this, volume, force);
   }
 
+  /** Rolls a primary back to its replica's content (seed 003); resolves once the copy started. */
+  async restore(volume: string, o: restore.RestoreOptions) {
+    if (o.abandon) return { abandoned: restore.abandonRestore(this, volume) };
+    const { plan, done } = await restore.restoreFromReplica(this, volume, o);
+    void done;
+    return plan;
+  }
+
   // ================= status =================
 
   status(volume?: string) {
@@ -372,6 +381,7 @@ export class ReplicationService implements RecoveryContext {
       fenced: s.fenced,
       handover: s.handover,
       failover: s.failover,
+      restore: restore.restoreStatus(this, name),
       history: s.history.slice(-8),
     };
     const rv = this.replicas.get(name);
@@ -380,7 +390,7 @@ export class ReplicationService implements RecoveryContext {
       return { ...common, ...rv.status(), state: rv.stateWord };
     }
     const r = this.replicators.get(name);
-    const state = s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : s.handover ? 'handing-over' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
+    const state = s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : s.handover ? 'handing-over' : s.restore ? 'restoring' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
     if (!r || role.pairs.length === 0) return { ...common, role: role.role, state, replicas: [] as ReturnType<ReplicationService['primaryStatus']>['replicas'] };
     return { ...common, role: 'primary' as const, state, ...this.primaryStatus(r) };
   }
@@ -474,11 +484,11 @@ export class ReplicationService implements RecoveryContext {
     const link = new Link(conn, this.platform.clock, (f) => {
       if (target) return target.onFrame(link, f);
       if (session) return session(f);
-      if (!helloSeen && (f.msg.t === 'hello' || f.msg.t === 'resyncHello')) {
+      if (!helloSeen && (f.msg.t === 'hello' || f.msg.t === 'resyncHello' || f.msg.t === 'restoreHello')) {
         helloSeen = true;
         cancelTimer();
-        if (f.msg.t === 'resyncHello') {
-          session = resync.serveResync(this, link, f.msg);
+        if (f.msg.t === 'resyncHello' || f.msg.t === 'restoreHello') {
+          session = f.msg.t === 'resyncHello' ? resync.serveResync(this, link, f.msg) : restore.serveRestore(this, link, f.msg);
           if (!link.closed) accepted();
           return;
         }

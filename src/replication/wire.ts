@@ -148,7 +148,26 @@ export type ReplMessage =
   /** Set `set` was cut at this point of the stream: the replica makes it durable and acknowledges the set. */
   | { t: 'sbarrier'; generation: number; seq: number; set: number; createdAtMs: number }
   /** Replica → primary: every stream item up to seq is applied (and durable where it was a flush or barrier). */
-  | { t: 'sack'; seq: number };
+  | { t: 'sack'; seq: number }
+  /**
+   * Restore from the replica (seed 003), on a connection of its own from the primary: roll
+   * the primary back to the replica's snapshot (snapshot '': its current state, in a
+   * snapshot taken now at a set boundary). The pair and generation must be the replica's.
+   */
+  | { t: 'restoreHello'; protocol: 2; pairId: string; primaryVolume: string; replicaVolume: string; generation: number; snapshot: string }
+  /** Replica → primary: blocks it changed since the snapshot (several frames), then the offer. */
+  | { t: 'restoreRuns'; runs: Runs }
+  /** The snapshot restored (set: the last set it holds), whether it is a temporary one, how many blocks were listed. */
+  | { t: 'restoreOffer'; snapshot: string; set: number; temporary: boolean; changedBlocks: number; sizeBytes: number; blockBytes: number }
+  /** Primary → replica: the snapshot's content of these blocks, please (id: the answer's). */
+  | { t: 'restoreRead'; id: number; runs: Runs }
+  /**
+   * Replica → primary: the requested blocks: those in `holes` held no data in the
+   * snapshot and read as zeroes; the data part is every other block, in run order.
+   */
+  | { t: 'restoreData'; id: number; runs: Runs; holes: Runs; crc: number }
+  /** Primary → replica: done (a temporary snapshot goes). */
+  | { t: 'restoreDone' };
 
 export type ReplMessageType = ReplMessage['t'];
 
@@ -253,9 +272,15 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   sflush: { generation: 'u32', seq: 'uint' },
   sbarrier: { generation: 'u32', seq: 'uint', set: 'uint', createdAtMs: 'uint' },
   sack: { seq: 'uint' },
+  restoreHello: { protocol: 'protocol', pairId: 'string', primaryVolume: 'string', replicaVolume: 'string', generation: 'u32', snapshot: 'string' },
+  restoreRuns: { runs: 'runs' },
+  restoreOffer: { snapshot: 'string', set: 'uint', temporary: 'boolean', changedBlocks: 'uint', sizeBytes: 'uint', blockBytes: 'uint' },
+  restoreRead: { id: 'uint', runs: 'runs' },
+  restoreData: { id: 'uint', runs: 'runs', holes: 'runs', crc: 'u32' },
+  restoreDone: {},
 };
 
-/** Version 2: return addresses, progress reports, planned handover, resync. */
+/** Version 2: return addresses, progress reports, planned handover, resync (restore: new messages, refused by older peers as unknown). */
 export const PROTOCOL_VERSION = 2;
 
 function isUint(v: unknown): v is number {
@@ -333,6 +358,10 @@ function messageProblem(v: unknown, dataBytes: number): string | null {
     const want = (v.digestBytes as number) * runsBlocks(v.runs)!;
     if (v.digestBytes !== 0 && v.digestBytes !== 16) return `resyncBlocks: digests of ${String(v.digestBytes)} bytes`;
     if (dataBytes !== want) return `resyncBlocks: ${dataBytes} data bytes for ${want} bytes of digests`;
+  } else if (t === 'restoreData') {
+    // Whole blocks (of the volume's size, unknown here) for every block that is not a hole.
+    const blocks = runsBlocks(v.runs)! - runsBlocks(v.holes)!;
+    if (blocks < 0 || (blocks === 0) !== (dataBytes === 0) || (blocks > 0 && dataBytes % blocks !== 0)) return `restoreData: ${dataBytes} data bytes for ${blocks} blocks`;
   } else if (dataBytes !== 0) {
     return `${t}: carries no data, got ${dataBytes} bytes`;
   }

@@ -135,6 +135,13 @@ export class Volume {
     return this.openHandles;
   }
 
+  /** Clients of the volume itself (users that are not readers of its snapshot exports). */
+  clientCount(): number {
+    let snapshotReaders = 0;
+    for (const n of this.snapshotUsers.values()) snapshotReaders += n;
+    return this.openHandles - snapshotReaders;
+  }
+
   /** Counts a user (an NBD connection); release() when done. Refused while closing. */
   acquire(): void {
     if (this.closed) throw new DeltavolError('SHUTTING_DOWN', `volume ${this.name} is closing`);
@@ -335,9 +342,7 @@ export class Volume {
     this.snapshot(name);
     // Readers of snapshot exports are unaffected (snapshots keep their content); only
     // clients of the volume itself would hold stale caches.
-    let snapshotReaders = 0;
-    for (const n of this.snapshotUsers.values()) snapshotReaders += n;
-    const volumeClients = this.openHandles - snapshotReaders;
+    const volumeClients = this.clientCount();
     if (volumeClients > 0 && !force) {
       throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${volumeClients} connected client(s); disconnect them or use --force`);
     }
@@ -454,8 +459,8 @@ export class Volume {
     return this.engine.validBlockCount() > 0;
   }
 
-  /** Blocks to copy and to zero that turn a copy of snapshot `from` into snapshot `to`. */
-  differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap } {
+  /** Blocks to copy and to zero that turn a copy of snapshot `from` into snapshot `to` (null: the volume now). */
+  differenceBlocks(from: string, to: string | null): { data: PagedBitmap; zero: PagedBitmap } {
     return this.engine.differential(from, to);
   }
 

@@ -99,6 +99,10 @@ export class SimVolume implements HostedVolume {
   writesIdle(): Promise<void> {
     return this.gate.idle();
   }
+  /** The simulator's clients are not connections. */
+  clientCount(): number {
+    return 0;
+  }
 
   read(offset: number, length: number, target: Buffer): void {
     this.checkRange(offset, length);
@@ -159,7 +163,7 @@ export class SimVolume implements HostedVolume {
     if (!(offset >= 0 && length >= 0 && offset + length <= s.sizeBytes)) throw systemError('EINVAL', `range outside snapshot ${name}`);
     this.engine.readSnapshot(name, offset, length, target);
   }
-  differenceBlocks(from: string, to: string): { data: PagedBitmap; zero: PagedBitmap } {
+  differenceBlocks(from: string, to: string | null): { data: PagedBitmap; zero: PagedBitmap } {
     return this.engine.differential(from, to);
   }
 
