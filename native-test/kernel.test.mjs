@@ -31,11 +31,13 @@ import { DeltavolServer, NbdkitServer, run } from './lib/servers.mjs'
 const here = path.dirname(fileURLToPath(import.meta.url))
 const root = path.resolve(here, '..')
 const env = process.env
-const ALL_CASES = ['connect', 'ext4', 'xfs', 'blocksize', 'fio', 'readonly', 'snapshot', 'restart', 'failover']
+const ALL_CASES = ['connect', 'ext4', 'xfs', 'blocksize', 'fio', 'readonly', 'snapshot', 'restart', 'filerestore', 'failover']
 const serverKind = env.DELTAVOL_KERNEL_TEST_SERVER ?? 'deltavol'
 const requestedCases = (env.DELTAVOL_KERNEL_TEST_CASES ?? ALL_CASES.join(',')).split(',').map(s => s.trim()).filter(Boolean)
 // the nbdkit stand-in has no replication: the failover case needs two deltavol daemons
-const cases = serverKind === 'nbdkit' ? requestedCases.filter(c => c !== 'failover') : requestedCases
+// (the file restore case uses the failover case's daemons)
+const REPLICATED_CASES = ['filerestore', 'failover']
+const cases = serverKind === 'nbdkit' ? requestedCases.filter(c => !REPLICATED_CASES.includes(c)) : requestedCases
 const guestTimeoutMs = Number(env.DELTAVOL_KERNEL_TEST_TIMEOUT ?? 210) * 1000
 const VOLUME_SIZE = '1GiB'
 const VOLUME_BYTES = 1 << 30
@@ -115,10 +117,10 @@ async function main(t) {
   const logDir = await runDirFor()
   const workDir = await mkdtemp(path.join(os.tmpdir(), 'deltavol-kernel-test-'))
   t.comment(`server: ${serverKind}; cases: ${cases.join(',')}; logs: ${path.relative(root, logDir)}`)
-  if (cases.length < requestedCases.length) t.comment('case failover left out: the nbdkit stand-in has no replication')
+  if (cases.length < requestedCases.length) t.comment('cases filerestore and failover left out: the nbdkit stand-in has no replication')
   const ServerClass = serverKind === 'nbdkit' ? NbdkitServer : DeltavolServer
   const server = new ServerClass({ root, logDir, workDir, defaultExport: volumes.xfs })
-  const fo = cases.includes('failover')
+  const fo = cases.some(c => REPLICATED_CASES.includes(c))
     ? new FailoverPair({ root, logDir, workDir, volume: FO_VOLUME, size: FO_SIZE, cutInterval: FO_CUT_INTERVAL })
     : null
   /** @type {ReturnType<typeof bootGuest> | null} */
@@ -192,7 +194,7 @@ async function main(t) {
   })
   if (!built.ok || !serverReady) return
   // a failover setup failure (already reported) costs that case only
-  const guestCases = foReady ? cases : cases.filter(c => c !== 'failover')
+  const guestCases = foReady ? cases : cases.filter(c => !REPLICATED_CASES.includes(c))
   const image = built.out
   const cachedImage = /cached/.test(built.res.stderr) && !/built|extracted/.test(built.res.stderr)
   timing(`guest image (${cachedImage ? 'cached' : 'built'}, concurrent with the server setup)`, built.ms)
@@ -245,6 +247,11 @@ async function main(t) {
     if (/^# deltavol-failover-cut-request\b/.test(line)) {
       failoverAction('cut', () => fo.cutAndWaitPlayed(),
         r => `deltavol-failover-cut-done set=${r.target} played=${r.playedSet} wait=${r.waitMs}ms host=${r.totalMs}ms`, 'deltavol-failover-cut-failed', fo?.cuts)
+      return
+    }
+    if (/^# deltavol-filerestore-snapshot-request\b/.test(line)) {
+      failoverAction('filerestore snapshot', () => fo.snapshotOnReplica('good'),
+        r => `deltavol-filerestore-done port=${r.nbdPort} snapshot=${r.snapshot} set=${r.target}`, 'deltavol-filerestore-failed', fo?.fileRestores)
       return
     }
     if (/^# deltavol-failover-crash-request\b/.test(line)) {
@@ -303,7 +310,14 @@ async function main(t) {
     timing(`guest case ${c}`, ms)
   }
 
-  if (fo && foReady) {
+  if (fo && foReady && cases.includes('filerestore')) {
+    await t.test('filerestore (host side)', async tt => {
+      tt.equal(fo.fileRestores.length, 1, 'filerestore: the guest asked for one snapshot on B')
+      for (const r of fo.fileRestores) tt.ok(r.ok, `filerestore: set ${r.target ?? '?'} played on B, snapshot ${r.snapshot ?? '?'} taken there`, r)
+    })
+  }
+
+  if (fo && foReady && cases.includes('failover')) {
     // what the harness did for the guest's failover case, and what deltavol answered
     await t.test('failover (host side)', async tt => {
       tt.equal(fo.cuts.length, 1, 'failover: the guest asked for one cut played on B')

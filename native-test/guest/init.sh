@@ -8,7 +8,7 @@
 #   dvt.size=BYTES dvt.ext4=EXPORT dvt.bs=EXPORT dvt.fio=EXPORT dvt.ro=EXPORT
 #   dvt.rst=EXPORT dvt.snap=EXPORT dvt.rofile=NAME dvt.rosha=SHA256 dvt.fiomib=N dvt.fiosecs=N
 #   dvt.iotimeout=SECS dvt.restartwait=SECS dvt.reconnectwait=SECS
-#   dvt.fo=EXPORT dvt.foport=N (failover case: the volume and primary A's NBD port)
+#   dvt.fo=EXPORT dvt.foport=N (failover and filerestore cases: the volume and primary A's NBD port)
 
 PATH=/bin
 export PATH
@@ -24,6 +24,7 @@ INIT_UPTIME=$up
 . /guest/tap.sh
 . /guest/cases.sh
 . /guest/failover.sh
+. /guest/filerestore.sh
 
 # TAP goes to the second serial port, raw, so the host reads exactly our lines
 stty -F /dev/ttyS1 raw -echo 2> /dev/null
@@ -40,7 +41,7 @@ param() {  # param NAME DEFAULT: value of the last dvt.NAME= on the kernel comma
 DVT_HOST=$(param host 10.0.2.2)
 DVT_PORT=$(param port 10809)
 DVT_RO_PORT=$(param roport "$DVT_PORT")
-DVT_CASES=$(param cases connect,ext4,xfs,blocksize,fio,readonly,snapshot,restart,failover)
+DVT_CASES=$(param cases connect,ext4,xfs,blocksize,fio,readonly,snapshot,restart,filerestore,failover)
 DVT_SIZE=$(param size 1073741824)
 DVT_EXT4_EXPORT=$(param ext4 kt-ext4)
 DVT_BS_EXPORT=$(param bs kt-bs)
@@ -87,7 +88,7 @@ main() {
   for c in $(echo "$DVT_CASES" | tr ',' ' '); do
     tap "# case $c"
     case "$c" in
-      (connect | ext4 | xfs | blocksize | fio | readonly | snapshot | restart | failover) "case_$c" ;;
+      (connect | ext4 | xfs | blocksize | fio | readonly | snapshot | restart | filerestore | failover) "case_$c" ;;
       (*) T_N=$((T_N + 1)); tap "not ok $T_N - unknown case $c" ;;
     esac
   done

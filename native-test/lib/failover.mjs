@@ -67,6 +67,8 @@ export class FailoverPair {
     /** what the guest asked for and what came of it, for the host-side assertions */
     this.cuts = []
     this.crashes = []
+    /** the file restore case's snapshots on B */
+    this.fileRestores = []
   }
 
   /** Both daemons up, the volume on A, paired to B (initial copy done). */
@@ -85,7 +87,7 @@ export class FailoverPair {
    * `replica cut` on A, then wait until A reports that B played that set (or, when the
    * cut found nothing left to cut because a timed cut took it, A's last set).
    */
-  async cutAndWaitPlayed(timeoutMs = 20_000) {
+  async cutAndWaitPlayed(timeoutMs = 20_000, record = this.cuts) {
     const t0 = Date.now()
     // A failed cut is recorded (the test asserts there was none) and tried once more so
     // the rest of the case still runs; the second cut also comes after the guest's syncfs.
@@ -105,7 +107,20 @@ export class FailoverPair {
       return { ok: (p?.playedSet ?? -1) >= target, playedSet: p?.playedSet, ackedSet: p?.ackedSet, state: p?.state }
     }, timeoutMs)
     const res = { cutSet: cut.set, target, partial, playedSet: seen.playedSet, waitMs: seen.ms, totalMs: Date.now() - t0, firstError }
-    this.cuts.push({ ok: true, ...res })
+    record.push({ ok: true, ...res })
+    return res
+  }
+
+  /**
+   * The file restore case: cut on A, wait until B played the set (the guest's frozen file
+   * system is in it), then `deltavol snapshot create VOLUME NAME` on B.
+   */
+  async snapshotOnReplica(name) {
+    const played = []
+    const cut = await this.cutAndWaitPlayed(20_000, played)
+    await this.b.cliRun('snapshot', 'create', this.volume, name)
+    const res = { ...cut, snapshot: name, nbdPort: this.b.port }
+    this.fileRestores.push({ ok: true, ...res })
     return res
   }
 

@@ -60,6 +60,7 @@ export interface VolumeReplication {
   fenced?: { generation: number; peer: string; reason: string; overridden?: boolean } | null;
   failover?: { kind: string; restartSnapshot: string | null; restartSet: number; resyncPairId: string | null } | null;
   handover?: { newGeneration: number } | null;
+  restore?: { state: string; snapshot?: string; temporary?: boolean; beforeSnapshot?: string; blocksDone?: number; blocksToCopy?: number; seconds?: number; error?: string | null } | null;
   rpo?: { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null };
   resync?: { full: boolean; registered: boolean; reason: string } | null;
   copy?: { kind: string; totalBytes: number; receivedBytes: number } | null;
@@ -84,6 +85,21 @@ type Helpers = {
 
 const rate = (bps: number) => `${formatBytes(bps)}/s`;
 
+/** One line on a volume's restore from its replica (running, last, or interrupted). */
+function restoreNote(volume: string, r: NonNullable<VolumeReplication['restore']>): string {
+  const from = r.temporary ? "the replica's state" : r.snapshot ? `the replica's snapshot ${r.snapshot}` : 'the replica';
+  switch (r.state) {
+    case 'copying':
+      return `${volume}: RESTORING from ${from}: ${r.blocksDone} of ${r.blocksToCopy} blocks; writes refused until it ends (state before: ${volume}@${r.beforeSnapshot})`;
+    case 'failed':
+      return `${volume}: restore from ${from} FAILED after ${r.blocksDone} of ${r.blocksToCopy} blocks (${r.error ?? 'unknown error'}); writes refused: \`deltavol restore ${volume} --from-replica\` again finishes it`;
+    case 'interrupted':
+      return `${volume}: restore from ${from} INTERRUPTED (the daemon stopped); writes refused: \`deltavol restore ${volume} --from-replica${r.snapshot ? ` --snapshot ${r.snapshot}` : ''}\` finishes it, \`--abandon\` gives up`;
+    default:
+      return `${volume}: restored from ${from} (${r.blocksToCopy} blocks in ${(r.seconds ?? 0).toFixed(2)} s); state before: ${volume}@${r.beforeSnapshot}`;
+  }
+}
+
 /** The replication part of `status`: one table of pairs for primaries, one line per replica. */
 export function renderReplication(vols: VolumeReplication[]): string {
   const rows: (string | number)[][] = [];
@@ -93,6 +109,7 @@ export function renderReplication(vols: VolumeReplication[]): string {
     else if (v.fenced) notes.push(`${v.volume}: FENCED — a newer primary (generation ${v.fenced.generation}) exists at ${v.fenced.peer}; writes are refused. \`deltavol resync ${v.volume}\` makes it that primary's replica (only what differs travels).`);
     if (v.state === 'failed-over' && v.failover) notes.push(`${v.volume}: failed over (restart point ${v.failover.restartSnapshot ?? 'none'} = set ${v.failover.restartSet}); ${v.failover.resyncPairId ? 'the old primary is being resynced' : 'waiting for the old primary to resync'}`);
     if (v.handover) notes.push(`${v.volume}: planned handover to generation ${v.handover.newGeneration} under way: writes held`);
+    if (v.restore) notes.push(restoreNote(v.volume, v.restore));
     if (v.resync) notes.push(`${v.volume}: resyncing from its new primary${v.resync.full ? ` (FULL copy: ${v.resync.reason})` : ''}${v.resync.registered ? '' : ' — waiting for the new primary to record it'}`);
     if (v.role === 'primary') {
       if ((v.replicas ?? []).length === 0) rows.push([v.volume, 'primary', '', v.state ?? '', v.generation ?? 0, `${v.currentSet ?? '-'}/-/-`, 0, '', '', '', '']);
