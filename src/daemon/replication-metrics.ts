@@ -43,10 +43,14 @@ export function renderReplicationMetrics(volumes: Status[]): string {
   const replicas: ReplicaStatus[] = [];
   const primaries: PrimaryStatus[] = [];
   for (const v of volumes) {
-    if ('currentSet' in v) {
-      primaries.push(v);
-      for (const p of v.replicas) pairs.push([{ volume: v.volume, pair: p.id, peer: p.peer, remote_volume: p.remoteVolume }, p, v]);
-    } else if (v.role === 'replica') replicas.push(v as ReplicaStatus);
+    // (The middle of a cascade is both: a replica with pairs of its own.)
+    const shipping = v as Partial<PrimaryStatus>;
+    if (shipping.currentSet !== undefined && shipping.replicas) {
+      const ps = v as PrimaryStatus;
+      primaries.push(ps);
+      for (const p of ps.replicas) pairs.push([{ volume: v.volume, pair: p.id, peer: p.peer, remote_volume: p.remoteVolume }, p, ps]);
+    }
+    if (v.role === 'replica') replicas.push(v as ReplicaStatus);
   }
   metric(out, 'deltavol_volume_state', 'gauge', 'Replication state of the volume (1 for the current state, with its role).', volumes.flatMap((v) => VOLUME_STATES.map((s): [Record<string, string>, number] => [{ volume: v.volume, role: v.role, state: s }, v.state === s ? 1 : 0])));
   metric(out, 'deltavol_volume_generation', 'gauge', 'Generation of the volume on this node (moves at every failover or takeover).', volumes.map((v) => [{ volume: v.volume }, v.generation]));

@@ -29,6 +29,8 @@ export interface RecoveryContext {
   closeReplicator(volume: string): Promise<void>;
   /** The volume became a replica: its replica side opens (and accepts its primary's hello). */
   openReplica(volume: string): Promise<ReplicaVolume>;
+  /** The middle of a cascade about to empty its change log: what it played goes to its own replicas first. */
+  forwardEverything(volume: string, reason: string): Promise<void>;
   /** Where this node's replication port listens, for peers that must dial back. */
   returnAddress(): { host: string; port: number };
   /** The node is shutting down: background recovery work ends. */

@@ -74,7 +74,9 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null);
   if (!up.consistent) warnings.push('the last set played was partial: the volume is between two points in time of the primary and may not be crash-consistent (run fsck)');
 
-  // 2. The restart point and a fresh change log, at one consistent point.
+  // 2. The restart point and a fresh change log, at one consistent point. (The middle of a
+  // cascade first cuts what it played for its own replicas: they keep following it.)
+  await ctx.forwardEverything(volume, 'failover: what this node played goes to its own replicas first');
   const v = ctx.host.require(volume);
   const restart = up.initialCopy.done ? restartSnapshotName(generationBefore + 1) : null;
   if (restart && v.snapshots().some((s) => s.name === restart)) await v.deleteSnapshot(restart, true); // a failover that crashed before its commit

@@ -327,6 +327,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   try {
     if (up.playedSet !== m.lastSet || !up.consistent) throw new DeltavolError('IO', `set ${m.lastSet} is not played here (played ${up.playedSet}): handover called off`);
     const v = ctx.host.require(volume);
+    await ctx.forwardEverything(volume, 'takeover: what this node played goes to its own replicas first');
     await v.discardChanges(); // the change log held the primary's playback; the new primary's starts empty
     const now = ctx.platform.clock.now();
     takenOverAtMs = now;
@@ -370,7 +371,7 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   const rtoMs = ctx.platform.clock.now() - started;
   if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId, atMs: takenOverAtMs });
   await ctx.closeReplica(volume);
-  ctx.replicator(volume); // its sender dials the old primary as the new pair
+  ctx.replicator(volume).start(); // its sender dials the old primary as the new pair (a cascade's middle had a replicator already)
   ctx.log.info({ volume, generation: role.generation, lastSet: m.lastSet, rtoMs, setsPlayed: played.length, how }, `${how}: this volume is now the primary, nothing lost`);
   return { volume, generation: role.generation, previousGeneration: generationBefore, lastSet: m.lastSet, rtoMs, lostWrites: 0, how };
 }

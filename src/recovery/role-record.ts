@@ -14,7 +14,9 @@
 //            `handover` while a planned swap is under way (writes held);
 //            `failover` while the old primary it replaced has not been resynced;
 //            `restore` while it is rolled back to its replica's content (writes refused).
-//   replica  receives from `upstream` (read-only to clients, but during an operator split).
+//   replica  receives from `upstream` (read-only to clients, but during an operator split);
+//            with `pairs` of its own it is the middle of a cascade (seed 002: A → B → C),
+//            forwarding what it plays in delta sets of its own, asynchronously.
 // Generation: starts at 1, moves only forward: +1 at a failover or a planned takeover,
 // adopted from the peer when this node becomes its replica. Every change is appended to
 // `history` (the generation history, as DRBD keeps one).
@@ -298,11 +300,13 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
   const n: RoleState = structuredClone(s);
   switch (e.t) {
     case 'pair-added':
-      if (s.role === 'replica') fail('a replica cannot have replicas of its own yet (cascades are not supported)');
       if (s.fenced) fail('a fenced volume cannot get new replicas: resync it first');
       if (s.handover) fail('a planned handover is under way');
+      if (s.role === 'replica' && s.upstream!.resync) fail('a replica being resynced cannot get replicas of its own yet');
+      if (s.role === 'replica' && e.pair.mode === 'sync') fail('a replica forwards to its own replicas asynchronously only (a cascade: sync to the middle site, async from there)');
       assert(!s.pairs.some((p) => p.id === e.pair.id), 'pair ids are unique');
-      n.role = 'primary';
+      // A replica with pairs of its own is the middle of a cascade: it stays a replica.
+      if (s.role !== 'replica') n.role = 'primary';
       n.pairs.push(e.pair);
       break;
     case 'pair-removed':
@@ -334,7 +338,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       n.generation = s.generation + 1;
       n.upstream = null;
       n.failover = e.failover;
-      n.pairs = [];
+      // (A cascade's middle keeps its own replicas: they follow it as the new primary.)
       break;
     case 'fenced':
       if (s.role !== 'primary') fail('only a primary is fenced');
@@ -401,7 +405,7 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       n.role = 'primary';
       n.generation = e.generation;
       n.upstream = null;
-      n.pairs = [e.pair];
+      n.pairs = [...s.pairs, e.pair];
       n.failover = e.failover;
       break;
     case 'restore-started':
@@ -441,7 +445,7 @@ export function roleInvariants(s: RoleState): void {
   assert(s.version === 1, 'role record version');
   assert(Number.isSafeInteger(s.generation) && s.generation >= 1, 'generation ≥ 1');
   assert((s.role === 'replica') === (s.upstream !== null), 'a replica, and only a replica, has an upstream pair');
-  assert(s.role !== 'replica' || s.pairs.length === 0, 'a replica ships to nobody');
+  assert(s.role !== 'replica' || s.pairs.every((p) => p.mode !== 'sync'), 'a replica forwards asynchronously only');
   assert(s.role !== 'simplex' || (s.pairs.length === 0 && s.failover === null && s.fenced === null), 'a simplex volume has no pairs, failover or fence');
   assert(s.fenced === null || s.role === 'primary', 'only a primary is fenced');
   assert(s.handover === null || (s.role === 'primary' && s.pairs.some((p) => p.id === s.handover!.pairId)), 'a handover belongs to a pair of a primary');

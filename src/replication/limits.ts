@@ -95,3 +95,6 @@ export const restoreReadBytesMax = 4 * 1024 * 1024;
 export const restoreReadsInFlight = 4;
 /** The replica ends a restore session that sent nothing for this long. */
 export const restoreIdleMsMax = 120_000;
+
+/** A cut on a cascade's middle waits at most this long for a consistent point (between two played sets). */
+export const cutGateWaitMsMax = 30_000;

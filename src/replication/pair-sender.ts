@@ -199,6 +199,12 @@ export class PairSender {
     this.log.info({ ackedSet: this.pair.ackedSet }, 'pair suspended');
   }
 
+  /** Ends the session (if any) and dials again at once: the next hello carries what changed (a new generation). */
+  renewSession(reason: string): void {
+    this.link?.close(reason);
+    this.wakeAll();
+  }
+
   resume(): void {
     this.failures = 0;
     this.wakeAll();

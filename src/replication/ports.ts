@@ -38,6 +38,8 @@ export interface PrimaryPort extends VolumeGeometry {
   readSnapshot(name: string, offset: number, length: number, target: Buffer): void;
   /** Blocks to copy (data) and to zero that turn a copy of snapshot `from` into `to` (null: the volume now). */
   differenceBlocks(from: string, to: string | null): { data: PagedBitmap; zero: PagedBitmap };
+  /** Something holds new writes for a consistent point now (a cut, a snapshot): a cut started now would wait for it. */
+  readonly quiescing: boolean;
   /** Every write issued from now on also goes to m, in issue order (a sync pair's stream); null: none. */
   setMirror(m: WriteMirror | null): void;
 }

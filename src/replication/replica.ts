@@ -44,6 +44,14 @@ export interface ReplicaOptions {
   inboundBytesMax: number;
   /** Recovery messages from the primary on this replica's link (a handover). */
   onRecoveryMessage?: (m: ReplMessage, link: Link) => void;
+  /**
+   * The middle of a cascade: called when the volume equals its primary at a point in time
+   * (a set played whole, a sync barrier applied, the initial copy done), with nothing else
+   * applied until it returns: a set of its own may be cut right there.
+   */
+  onConsistentPoint?: () => void;
+  /** Before the change log is emptied (a split): the middle of a cascade cuts what it holds first. */
+  beforeDiscard?: () => Promise<void>;
 }
 
 /** What the primary last said about itself (it survives the primary: a failover reports from it). */
@@ -125,6 +133,8 @@ export class ReplicaVolume {
    * the last applied, and how many were applied since the last acknowledgement.
    */
   private stream: StreamState | null = null;
+  /** Inside onConsistentPoint: the volume is at a point in time although a play or barrier is finishing. */
+  private atPoint = false;
   /** Snapshots asked for while streaming: taken at the next barrier (a set boundary in the stream). */
   private atBarrier: (() => Promise<void>)[] = [];
   /** Sync stream counters (status). */
@@ -454,6 +464,32 @@ export class ReplicaVolume {
     link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
     this.sendStreamAck(link);
     for (const t of this.atBarrier.splice(0)) await t();
+    this.consistentPoint();
+  }
+
+  /**
+   * Whether the volume equals its primary at a point in time right now, with nothing being
+   * applied: a cascade's middle may cut a set of its own (replicator cut gate).
+   */
+  atConsistentPoint(): boolean {
+    if (this.atPoint) return true;
+    if (this.closed || this.state.split || !this.state.consistent || !this.state.initialCopy.done || this.playing || this.snapshotting) return false;
+    if (this.copyWrites.length > 0) return false;
+    const st = this.stream;
+    return st === null || (st.sinceBarrier === 0 && st.writes.length === 0);
+  }
+
+  private consistentPoint(): void {
+    const hook = this.options.onConsistentPoint;
+    if (!hook || !this.state.consistent || this.state.split) return;
+    this.atPoint = true;
+    try {
+      hook();
+    } catch (e) {
+      this.log.error({ err: (e as Error).message }, 'cut at a consistent point failed');
+    } finally {
+      this.atPoint = false;
+    }
   }
 
   /**
@@ -479,7 +515,10 @@ export class ReplicaVolume {
       this.sessionSawData = true;
       if (this.fsys.exists(SPLIT_WRITES_FILE)) this.fsys.remove(SPLIT_WRITES_FILE);
     }
-    if ('generation' in m && m.t !== 'handover' && m.generation < this.role.generation) {
+    // (A set's chunks and trailer carry the generation it was cut at: a cascade's middle that
+    // took over ships its older sets at its new generation's session. The session itself
+    // was accepted at the current generation, so only its other messages are checked.)
+    if ('generation' in m && m.t !== 'handover' && m.t !== 'chunk' && m.t !== 'trailer' && m.generation < this.role.generation) {
       const generation = this.role.generation;
       refuseOn(link, 'STALE_GENERATION', `generation ${m.generation} is older than ${generation}`, generation, 'stale generation');
       return;
@@ -502,6 +541,7 @@ export class ReplicaVolume {
         this.copy = null;
         this.ackedSet = this.chainHead();
         this.log.info({ baseSet: m.baseSet }, 'initial copy complete');
+        this.consistentPoint();
         link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
         return;
       }
@@ -721,6 +761,7 @@ export class ReplicaVolume {
     inbound.remove(s.set);
     this.dropPassedSets();
     this.setsPlayed++;
+    this.consistentPoint();
     this.log.debug({ set: s.set, blocks: s.blocks, ms: this.platform.clock.now() - started }, 'delta set played');
     const link = this.link;
     if (link && !link.closed) {
@@ -739,6 +780,8 @@ export class ReplicaVolume {
   private async startSplit(): Promise<void> {
     if (this.state.split) return;
     await this.waitPlaybackIdle();
+    // A cascade's middle ships what it played to its own replicas before forgetting it.
+    await this.options.beforeDiscard?.();
     await this.port.discardChanges();
     this.role.transition({ t: 'split-started', atMs: this.platform.clock.now() }, { playedSet: this.state.playedSet });
   }

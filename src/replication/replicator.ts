@@ -38,6 +38,12 @@ interface CutRequest {
   force?: boolean;
   /** No set: a snapshot holding every change, and an empty change log (first replica). */
   forget?: boolean;
+  /**
+   * A cascade's middle about to forget its change log (a failover, a split, a takeover):
+   * cut now, at a consistent point or not; `partial` marks the sets when it is not.
+   */
+  ungated?: boolean;
+  partial?: boolean;
 }
 
 export interface ReplicatorOptions {
@@ -95,6 +101,12 @@ export class VolumeReplicator implements PairHost {
   private readonly streamedSets = new Map<string, Map<number, PagedBitmap>>();
   private readonly pending = new Map<string, PagedBitmap>();
   private building: Promise<unknown> | null = null;
+  /**
+   * The middle of a cascade (a replica forwarding to replicas of its own) may cut only when
+   * its volume equals its primary at a point in time (after a whole set played, at a sync
+   * barrier), or its sets would carry half of one. Null: any time (a primary).
+   */
+  private cutGate: (() => boolean) | null = null;
   private lastCutMs: number;
   /**
    * No later than the oldest change not yet in a set (null: none): what a failover of a
@@ -240,11 +252,14 @@ export class VolumeReplicator implements PairHost {
   }
   /** Whether the volume may ship (a fenced or handed-over volume ships nothing). */
   get shipping(): boolean {
-    return this.role.role === 'primary' && this.role.state.fenced === null && !this.closed;
+    // A primary, or a replica that forwards (the middle of a cascade); not a fenced one.
+    return this.role.role !== 'simplex' && this.role.state.fenced === null && !this.closed;
   }
 
   /** Starts a sender per pair (after a restart, every pair resumes where its record says). */
   start(): void {
+    // (Pairs a role transition added while this replicator ran: a cascade's middle that took over.)
+    for (const p of this.role.pairs) if (!this.pending.has(p.id)) this.pending.set(p.id, readRuns(this.fsys, pendingFile(p.id), this.volume.blocksTotal) ?? new PagedBitmap(this.volume.blocksTotal));
     for (const p of this.role.pairs) if (!this.senders.has(p.id)) this.startSender(p);
   }
 
@@ -502,8 +517,34 @@ export class VolumeReplicator implements PairHost {
 
   // ================= cuts =================
 
+  /** Every pair's session starts again (this volume moved up a generation: its replicas adopt it in the next hello). */
+  renewSessions(reason: string): void {
+    for (const s of this.senders.values()) s.renewSession(reason);
+  }
+
+  /** See cutGate (the replication service sets it while the volume is a replica). */
+  setCutGate(gate: (() => boolean) | null): void {
+    this.cutGate = gate;
+  }
+
+  /** Whether a cut may start now: no gate, or the gate is open and the volume is not quiescing for something else. */
+  private cutPointOpen(): boolean {
+    return this.cutGate === null || (this.cutGate() && !this.volume.quiescing);
+  }
+
+  /**
+   * The volume is at a consistent point now (a cascade's middle: a set was played whole, or
+   * a barrier applied) and nothing runs until this returns: if a cut is due, it starts now,
+   * its cut point fixed before any later write (the engine holds them at its gate).
+   */
+  atConsistentPoint(): void {
+    if (this.cutGate === null) return;
+    this.tick();
+  }
+
   private tick(): void {
     if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
+    if (!this.cutPointOpen()) return;
     const changed = this.volume.changedBlockCount();
     const now = this.platform.clock.now();
     if (changed === 0) this.lastQuietMs = now;
@@ -567,8 +608,28 @@ export class VolumeReplicator implements PairHost {
     return this.cutSerial(options);
   }
 
+  /**
+   * Resolves when a cut may start: no set is being built and the cut gate is open. The
+   * caller checks again without awaiting (cutPointFree) right before cutting, so the check
+   * and the cut point are one turn of the event loop. Bounded: DELTA_SET_BUSY.
+   */
+  private async cutTurn(deadline: number): Promise<void> {
+    if (this.building) {
+      await this.building.catch(() => null);
+      return;
+    }
+    if (this.platform.clock.now() > deadline) throw new DeltavolError('DELTA_SET_BUSY', `no consistent point to cut at within ${L.cutGateWaitMsMax / 1000} s (this replica keeps playing its primary's sets)`);
+    await sleep(this.platform.clock, 10);
+  }
+
+  private cutPointFree(): boolean {
+    return !this.building && this.cutPointOpen();
+  }
+
   private async cutSerial(options: CutRequest): Promise<number | null> {
-    while (this.building) await this.building.catch(() => null);
+    const deadline = this.platform.clock.now() + L.cutGateWaitMsMax;
+    while (options.ungated ? this.building : !this.cutPointFree()) await this.cutTurn(deadline);
+    // (No await between the check and the cut: its cut point is fixed in this turn.)
     const p = this.cutOnce(options);
     this.building = p;
     try {
@@ -590,7 +651,8 @@ export class VolumeReplicator implements PairHost {
   private async cutRestartPoint(options: CutRequest): Promise<number> {
     const deadline = this.platform.clock.now() + L.restartPointCutMsMax;
     for (let round = 0; ; round++) {
-      while (this.building) await this.building.catch(() => null);
+      const turnDeadline = this.platform.clock.now() + L.cutGateWaitMsMax;
+      while (!this.cutPointFree()) await this.cutTurn(turnDeadline);
       const p = this.cutOnce({ ...options, whole: true });
       this.building = p;
       let n: number | null | 'not-whole';
@@ -616,10 +678,10 @@ export class VolumeReplicator implements PairHost {
   }
 
   /** Cuts until nothing changed is left uncut (a planned handover's last sets). Returns the last set. */
-  async cutEverything(reason: string): Promise<number> {
+  async cutEverything(reason: string, o: { ungated?: boolean; partial?: boolean } = {}): Promise<number> {
     for (let i = 0; i < 1_000_000; i++) {
       if (this.volume.unshippedBlockCount() === 0 && !this.building) return this.outbound.lastSet;
-      const n = await this.cutSerial({ reason });
+      const n = await this.cutSerial({ reason, ...o });
       if (n === null && this.volume.unshippedBlockCount() > 0) await sleep(this.platform.clock, 50);
     }
     throw new DeltavolError('DELTA_SET_BUSY', 'changes keep coming: the backlog does not drain');
@@ -668,7 +730,7 @@ export class VolumeReplicator implements PairHost {
     const firstChange = this.firstChangeMs ?? now;
     // A dataless set is partial to whoever plays it from the log (a stream that broke): its
     // blocks come later, in a catch-up set.
-    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless, now, firstChange);
+    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless || options.partial === true, now, firstChange);
     await this.volume.buildDeltaSet(n, writer, {
       ...(changed > blocksMax ? { blocksMax } : {}),
       ...(extra.count() > 0 ? { extra } : {}),

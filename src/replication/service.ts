@@ -10,7 +10,7 @@ import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
 import type { DurableFs } from '../util/durable-fs.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
-import { RoleRecord, type PairConfig, type PairRecord, type RoleState } from '../recovery/role-record.js';
+import { RoleRecord, type PairConfig, type PairRecord, type RoleEvent, type RoleState } from '../recovery/role-record.js';
 import type { RecoveryContext } from '../recovery/context.js';
 import * as failover from '../recovery/failover.js';
 import * as handover from '../recovery/handover.js';
@@ -107,18 +107,28 @@ export class ReplicationService implements RecoveryContext {
     const v = this.host.require(volume);
     r = RoleRecord.open(this.host.stateFs(volume), this.log.child({ volume }), () => this.platform.clock.now());
     const record = r;
-    record.onChange((s) => {
+    record.onChange((s, e) => {
       v.setWriteAccess(record.writeAccess);
-      this.onRoleChange(volume, s);
+      this.onRoleChange(volume, s, e);
     });
     v.setWriteAccess(r.writeAccess);
     this.roles.set(volume, r);
     return r;
   }
 
-  private onRoleChange(volume: string, s: Readonly<RoleState>): void {
+  private onRoleChange(volume: string, s: Readonly<RoleState>, e: RoleEvent | null): void {
     // A fenced primary ships nothing more: its senders stop at their next turn.
     if (s.fenced) for (const sender of this.replicators.get(volume)?.senders.values() ?? []) sender.wake();
+    const r = this.replicators.get(volume);
+    // The middle of a cascade cuts only at consistent points; once a primary, at any time.
+    r?.setCutGate(s.role === 'replica' ? this.cutGateOf(volume) : null);
+    // It took over from its primary: its own replicas get the new generation in a new hello.
+    if (r && (e?.t === 'failed-over' || e?.t === 'took-over')) r.renewSessions('this volume took over from its primary: new generation');
+  }
+
+  /** A replica's own sets are cut only when it equals its primary at a point in time (cascade). */
+  private cutGateOf(volume: string): () => boolean {
+    return () => this.replicas.get(volume)?.atConsistentPoint() ?? false;
   }
 
   replica(volume: string): ReplicaVolume | undefined {
@@ -134,8 +144,9 @@ export class ReplicationService implements RecoveryContext {
     if (r) return r;
     const v = this.host.require(volume);
     const role = this.role(volume);
-    if (role.role === 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}: it ships nothing`);
     r = new VolumeReplicator(v, this.host.stateFs(volume), role, this.log.child({ volume }), this.platform, { outboundBytes: this.config.outboundBytes }, this.hooksFor(volume));
+    // A replica that ships is the middle of a cascade (seed 002): it forwards what it plays.
+    if (role.role === 'replica') r.setCutGate(this.cutGateOf(volume));
     this.replicators.set(volume, r);
     r.start();
     return r;
@@ -159,10 +170,25 @@ export class ReplicationService implements RecoveryContext {
       playbackDelayMs: this.config.playbackDelayMs,
       inboundBytesMax: this.config.inboundBytesMax,
       onRecoveryMessage: (m, link) => handover.onReplicaMessage(this, volume, m, link),
+      onConsistentPoint: () => this.replicators.get(volume)?.atConsistentPoint(),
+      beforeDiscard: () => this.forwardEverything(volume, 'before a split empties the change log'),
     });
     this.replicas.set(volume, rv);
     await rv.recover();
     return rv;
+  }
+
+  /**
+   * The middle of a cascade is about to empty its change log (a split, a failover, a
+   * takeover): what it played goes into sets for its own replicas first (partial when the
+   * volume is between two points in time).
+   */
+  async forwardEverything(volume: string, reason: string): Promise<void> {
+    const r = this.replicators.get(volume);
+    const role = this.role(volume);
+    if (!r || role.pairs.length === 0) return;
+    const consistent = role.upstream?.consistent ?? true;
+    await r.cutEverything(reason, { ungated: true, partial: !consistent });
   }
 
   async closeReplica(volume: string): Promise<void> {
@@ -195,6 +221,7 @@ export class ReplicationService implements RecoveryContext {
         if (role.role === 'replica') {
           await this.openReplica(v.name);
           if (role.upstream!.resync && !role.upstream!.resync.registered) resync.keepRegistering(this, v.name);
+          if (role.pairs.length > 0) this.replicator(v.name);
         }
         const h = role.state.handover;
         if (h && !h.offered) role.transition({ t: 'handover-aborted', reason: 'the daemon restarted before the replica was offered the handover' });
@@ -237,7 +264,8 @@ export class ReplicationService implements RecoveryContext {
   async addReplica(volume: string, o: AddReplicaOptions): Promise<PairRecord> {
     const v = this.host.require(volume);
     const role = this.role(volume);
-    if (role.role === 'replica') throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is itself a replica of ${role.upstream!.primaryVolume}: fail it over first to replicate it onwards`);
+    if (role.role === 'replica' && o.mode === 'sync') throw new DeltavolError('EINVAL_ARGUMENT', `volume ${volume} is a replica of ${role.upstream!.primaryVolume}: it forwards to replicas of its own asynchronously only (a cascade: sync to the middle site, async from there)`);
+    if (role.role === 'replica' && role.upstream!.resync) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is being resynced: add its replicas once that is done`);
     if (role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced (a newer primary exists at ${role.state.fenced.peer}): resync or unfence it first`);
     const config: PairConfig = {
       peerHost: o.peerHost,
@@ -387,7 +415,9 @@ export class ReplicationService implements RecoveryContext {
     const rv = this.replicas.get(name);
     if (role.role === 'replica') {
       if (!rv) throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: its replica side is not running (see the daemon log)`);
-      return { ...common, ...rv.status(), state: rv.stateWord };
+      // The middle of a cascade also shows the replicas it forwards to.
+      const fwd = this.replicators.get(name);
+      return { ...common, ...rv.status(), state: rv.stateWord, ...(fwd && role.pairs.length > 0 ? this.primaryStatus(fwd) : {}) };
     }
     const r = this.replicators.get(name);
     const state = s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : s.handover ? 'handing-over' : s.restore ? 'restoring' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
@@ -534,8 +564,8 @@ export class ReplicationService implements RecoveryContext {
    * A hello: the replica it names is found (or created, for a new pair), checked against
    * the pair bound to it, and its session handed the link. Rules (README "Replication
    * security"): over TLS a pair is bound to the identity that created it and only that
-   * identity may open its sessions; a hello never raises a replica's generation (only a
-   * resync or a handover do, through their own messages).
+   * identity may open its sessions; a hello raises a replica's generation only for the same
+   * pair (its primary, the middle of a cascade, took over from its own primary).
    */
   private async onHello(link: Link, hello: Hello): Promise<ReplicaVolume | null> {
     const name = hello.replicaVolume;
@@ -577,8 +607,11 @@ export class ReplicationService implements RecoveryContext {
       }
     }
     if (hello.generation > role.generation) {
-      // Only a resync or a handover raise a replica's generation, through their own messages.
-      throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover`);
+      // The pair's own primary moved up a generation: it was the middle of a cascade and took
+      // over from its primary (failover or handover). Its history goes on, and so does this
+      // copy of it: adopt. (No other hello raises a replica's generation: a resync or a
+      // handover does, through their own messages; before cascades this could not happen.)
+      role.transition({ t: 'generation-adopted', generation: hello.generation }, { pair: hello.pairId, primary: hello.primaryVolume, why: "the pair's primary took over from its own primary (cascade)" });
     }
     const rv = await this.openReplica(name);
     await rv.accept(link, hello);

@@ -471,6 +471,11 @@ export class VolumeEngine {
 
   // ================= consistent points =================
 
+  /** A consistent point is being taken (new writes wait at the gate). */
+  get quiescing(): boolean {
+    return this.gate !== null;
+  }
+
   /** Runs fn with no write between "marked" and "data done", new writes held at the gate. */
   private async quiesce<T>(fn: () => Promise<T> | T): Promise<T> {
     while (this.gate !== null) await this.gate;

@@ -423,6 +423,10 @@ export class Volume {
     this.engine.setMirror(m);
   }
 
+  get quiescing(): boolean {
+    return this.engine.quiescing;
+  }
+
   buildDeltaSet(n: number, sink: DeltaSink, options: BuildOptions): Promise<{ blocks: number }> {
     if (this.closed) throw new DeltavolError('SHUTTING_DOWN', `volume ${this.name} is closing`);
     if (options.snapshotName !== undefined) validateVolumeName(options.snapshotName);

@@ -99,6 +99,9 @@ export class SimVolume implements HostedVolume {
   writesIdle(): Promise<void> {
     return this.gate.idle();
   }
+  get quiescing(): boolean {
+    return this.engine.quiescing;
+  }
   /** The simulator's clients are not connections. */
   clientCount(): number {
     return 0;

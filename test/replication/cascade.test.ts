@@ -1,0 +1,129 @@
+// Why: the three-site cascade of seed 002 (issue 13): A replicates synchronously to a
+// nearby B, and B, a replica itself, forwards to a distant C asynchronously in delta sets
+// of its own, cut only where B equals A at a point in time. These tests run three real
+// daemons on loopback: the chain converges byte for byte under a writer; A lost → B fails
+// over with no acknowledged write lost and C keeps following B (adopting its generation);
+// C lost → A and B go on and C catches up when it returns. The netns version with the
+// B-lost path is test/replication/netns-cascade.test.ts.
+//
+// Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/cascade.test.ts
+
+import { afterAll, describe, expect, it } from 'vitest';
+import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { MiniNbdClient } from '../helpers/nbd-client.js';
+import { prng, testSeed } from '../helpers/seed.js';
+import { cliOk, cliOkAsync, expectVolumeEquals, freePort, replStatus, SeededWriter, waitInSync, waitStatus } from '../helpers/replication.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 64 * MiB;
+
+const daemons: TestDaemon[] = [];
+afterAll(async () => {
+  await Promise.all(daemons.splice(0).map((d) => d.dispose()));
+});
+
+interface Ports {
+  nbd: number;
+  control: number;
+  repl: number;
+}
+async function ports(): Promise<Ports> {
+  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
+}
+async function daemon(p: Ports, dataDir?: string): Promise<TestDaemon> {
+  const d = await startDaemon({ tmpfs: true, ...(dataDir ? { dataDir } : {}), extraArgs: ['--port', String(p.nbd), '--control-port', String(p.control), '--repl-port', String(p.repl)] });
+  daemons.push(d);
+  return d;
+}
+
+interface ChainStatus {
+  role: string;
+  state: string;
+  generation: number;
+  playedSet?: number;
+  replicas?: { state: string; playedSet: number; remoteVolume: string; peer: string }[];
+}
+
+describe('three-site cascade A → B (sync) → C (async)', () => {
+  it('converges under a writer; A lost: B fails over with nothing lost and C follows B; C lost: it catches up on return', async () => {
+    const seed = testSeed('cascade');
+    const rnd = prng(seed);
+    const pa = await ports();
+    const pb = await ports();
+    const pc = await ports();
+    const a = await daemon(pa);
+    const b = await daemon(pb);
+    let c = await daemon(pc);
+    cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
+    const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
+    await w.batch(200);
+    cliOk(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pb.repl}`, '--mode', 'sync', '--cut-interval', '500ms']);
+    await waitInSync(a, 'v');
+    // B forwards to C: refused as sync, accepted as async.
+    const syncDown = b.cli(['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--mode', 'sync']);
+    expect(syncDown.status, syncDown.stderr).toBe(2);
+    cliOk(b, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--cut-interval', '300ms']);
+    await waitInSync(b, 'v');
+    await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C after its initial copy from B');
+
+    // Under a writer: A → B streams, B cuts its own sets for C at its consistent points.
+    w.start(16, 5);
+    await new Promise((r) => setTimeout(r, 3000));
+    await w.stop();
+    cliOk(a, ['replica', 'cut', 'v']);
+    await waitInSync(a, 'v');
+    await waitInSync(b, 'v');
+    const sb = (await replStatus(b, 'v')) as unknown as ChainStatus;
+    expect(sb.role).toBe('replica');
+    expect(sb.replicas?.[0]?.state).toBe('duplex');
+    const sc = (await replStatus(c, 'v')) as unknown as ChainStatus;
+    console.log(`cascade under a writer: ${w.writes} writes; B played A's set ${sb.playedSet}, C played B's set ${sc.playedSet} (consistent)`);
+    await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B = A');
+    await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C = A, through B');
+
+    // ---- A lost: kill -9 under writes; B fails over; nothing acknowledged is lost ----
+    w.start(16, 2);
+    await new Promise((r) => setTimeout(r, 1500));
+    await a.kill();
+    await w.stop().catch(() => undefined); // writes in flight at the kill fail (uncertain)
+    await waitStatus(b, 'v', (s) => (s as unknown as { connected: boolean }).connected === false, 10_000, 'B sees A gone');
+    const fo = JSON.parse(await cliOkAsync(b, ['failover', 'v', '--json'])) as { generation: number; rtoMs: number };
+    expect(fo.generation).toBe(2);
+    await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B after the failover holds every acknowledged write', w.uncertain);
+    // The blocks written by requests that failed at the kill: B's content decides.
+    const bNow = await readAll(b.nbdPort);
+    await waitInSync(b, 'v');
+    const sc2 = (await replStatus(c, 'v')) as unknown as ChainStatus;
+    expect(sc2.generation).toBe(2); // C adopted its primary's new generation
+    await expectVolumeEquals(c.nbdPort, 'v', bNow, 'C follows B, the new primary');
+
+    // ---- C keeps following B; then C lost and back ----
+    const wb = new SeededWriter(await MiniNbdClient.connect(b.nbdPort, 'v'), SIZE, rnd, SIZE, Buffer.from(bNow));
+    await wb.batch(100);
+    cliOk(b, ['replica', 'cut', 'v']);
+    await waitInSync(b, 'v');
+    await expectVolumeEquals(c.nbdPort, 'v', wb.model, 'C = B after more writes on B');
+    await c.kill();
+    await wb.batch(150);
+    c = await daemon(pc, c.dataDir);
+    cliOk(b, ['replica', 'cut', 'v']);
+    await waitInSync(b, 'v', 60_000);
+    await expectVolumeEquals(c.nbdPort, 'v', wb.model, 'C caught up after its restart');
+    await wb.close();
+  });
+});
+
+async function readAll(port: number): Promise<Buffer> {
+  const cl = await MiniNbdClient.connect(port, 'v');
+  try {
+    const out = Buffer.alloc(SIZE);
+    for (let off = 0; off < SIZE; off += 4 * MiB) {
+      const r = await cl.read(off, 4 * MiB);
+      expect(r.error).toBe(0);
+      r.data.copy(out, off);
+    }
+    return out;
+  } finally {
+    await cl.disconnect();
+  }
+}
