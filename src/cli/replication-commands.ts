@@ -60,6 +60,7 @@ export interface VolumeReplication {
   fenced?: { generation: number; peer: string; reason: string; overridden?: boolean } | null;
   failover?: { kind: string; restartSnapshot: string | null; restartSet: number; resyncPairId: string | null } | null;
   handover?: { newGeneration: number } | null;
+  chain?: { position: 'upstream' | 'here' | 'downstream'; depth: number; volume: string; peer: string; role: string; state: string; generation: number; playedSet: number | null; lagSeconds: number | null }[];
   restore?: { state: string; snapshot?: string; temporary?: boolean; beforeSnapshot?: string; blocksDone?: number; blocksToCopy?: number; seconds?: number; error?: string | null } | null;
   rpo?: { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null };
   resync?: { full: boolean; registered: boolean; reason: string } | null;
@@ -84,6 +85,20 @@ type Helpers = {
 };
 
 const rate = (bps: number) => `${formatBytes(bps)}/s`;
+
+/** A cascade as one line: `A v@host (primary) → [v here: replica duplex] → v@host (duplex, lag 0.2 s)`. */
+export function chainText(chain: NonNullable<VolumeReplication['chain']>): string {
+  return chain
+    .map((h, i) => {
+      if (h.position === 'here') return `[${h.volume} here: ${h.role} ${h.state}, generation ${h.generation}]`;
+      const where = h.peer ? `${h.volume}@${h.peer}` : h.volume;
+      const lag = h.lagSeconds === null ? '' : `, lag ${h.lagSeconds.toFixed(1)} s`;
+      // Upstream, top first: the first is the primary, the others replicas that forward.
+      if (h.position === 'upstream') return `${where} (${i === 0 ? 'primary' : 'replica, forwards'})`;
+      return `${where} (${h.state}, set ${h.playedSet ?? '-'}${lag})`;
+    })
+    .join(' → ');
+}
 
 /** One line on a volume's restore from its replica (running, last, or interrupted). */
 function restoreNote(volume: string, r: NonNullable<VolumeReplication['restore']>): string {
@@ -110,6 +125,8 @@ export function renderReplication(vols: VolumeReplication[]): string {
     if (v.state === 'failed-over' && v.failover) notes.push(`${v.volume}: failed over (restart point ${v.failover.restartSnapshot ?? 'none'} = set ${v.failover.restartSet}); ${v.failover.resyncPairId ? 'the old primary is being resynced' : 'waiting for the old primary to resync'}`);
     if (v.handover) notes.push(`${v.volume}: planned handover to generation ${v.handover.newGeneration} under way: writes held`);
     if (v.restore) notes.push(restoreNote(v.volume, v.restore));
+    // A cascade (more than one hop on some side): the whole chain, top first.
+    if (v.chain && v.chain.some((h) => h.depth > 1)) notes.push(`${v.volume}: chain ${chainText(v.chain)}`);
     if (v.resync) notes.push(`${v.volume}: resyncing from its new primary${v.resync.full ? ` (FULL copy: ${v.resync.reason})` : ''}${v.resync.registered ? '' : ' — waiting for the new primary to record it'}`);
     if (v.role === 'primary') {
       if ((v.replicas ?? []).length === 0) rows.push([v.volume, 'primary', '', v.state ?? '', v.generation ?? 0, `${v.currentSet ?? '-'}/-/-`, 0, '', '', '', '']);

@@ -18,6 +18,7 @@ import type { SyncStream } from './sync-stream.js';
 import type { ReplicationPlatform } from './platform.js';
 import { PROTOCOL_VERSION, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import * as L from './limits.js';
+import { decodeHops, encodeHops, type ChainHop } from './chain.js';
 
 type Welcome = Extract<ReplMessage, { t: 'welcome' }>;
 
@@ -62,6 +63,8 @@ export interface PairHost {
   onLinkDown(p: PairRecord): void;
   /** The replica welcomed this primary: the pair's session is up. */
   onSessionUp(p: PairRecord): void;
+  /** A cascade: what is upstream of this volume (it is a replica itself), for its replicas' status; [] when nothing. */
+  upstreamChain(): ChainHop[];
   /** The pair's sync stream (mode sync, or a planned handover's), else null. */
   syncStreamOf(p: PairRecord): SyncStream | null;
   /** Cut a set now unless one is being built (a backlog before a stream starts). */
@@ -204,6 +207,9 @@ export class PairSender {
     this.link?.close(reason);
     this.wakeAll();
   }
+
+  /** What the replica reported downstream of it (a cascade), for status. */
+  downstream: ChainHop[] = [];
 
   resume(): void {
     this.failures = 0;
@@ -357,6 +363,8 @@ export class PairSender {
   /** What the replica should know to report a failover's loss if this node vanishes. */
   private sendProgress(link: Link): void {
     if (link.closed) return;
+    const up = this.r.upstreamChain();
+    if (up.length > 0) link.send({ t: 'chainUp', hops: encodeHops(up) });
     const since = this.r.atRiskSinceMs(this.pair);
     link.send({
       t: 'progress',
@@ -398,6 +406,11 @@ export class PairSender {
         const code = REFUSAL_ERROR[m.code] ?? 'PEER_REFUSED';
         refused(new DeltavolError(code, `replica refused: ${m.code}: ${m.message}`, { refuseCode: m.code, generation: m.generation }));
         this.link?.close(`refused: ${m.code}`);
+        return;
+      }
+      case 'chainDown': {
+        // What is downstream of the replica (a cascade), for status; a malformed report is dropped.
+        this.downstream = decodeHops(m.hops) ?? this.downstream;
         return;
       }
       case 'ack': {

@@ -29,6 +29,7 @@ import { refuseOn } from './refusal.js';
 import { PartsCursor } from '../util/parts-cursor.js';
 import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
+import { decodeHops, encodeHops, type ChainHop } from './chain.js';
 
 const SPLIT_WRITES_FILE = 'replica-split-writes.json';
 /** A copy's writes (and their bytes) in flight at most before the replica waits for them. */
@@ -52,6 +53,8 @@ export interface ReplicaOptions {
   onConsistentPoint?: () => void;
   /** Before the change log is emptied (a split): the middle of a cascade cuts what it holds first. */
   beforeDiscard?: () => Promise<void>;
+  /** The middle of a cascade: its own replicas and what they reported, told to its primary (chain.ts). */
+  downstreamChain?: () => ChainHop[];
 }
 
 /** What the primary last said about itself (it survives the primary: a failover reports from it). */
@@ -133,6 +136,11 @@ export class ReplicaVolume {
    * the last applied, and how many were applied since the last acknowledgement.
    */
   private stream: StreamState | null = null;
+  /** The primary's replication address as its last hello gave it ('' before any). */
+  primaryAddress = '';
+  /** What the primary reported upstream of it (it is the middle of a cascade), for status. */
+  upstreamChain: ChainHop[] = [];
+  private readonly stopChainTimer: () => void;
   /** Inside onConsistentPoint: the volume is at a point in time although a play or barrier is finishing. */
   private atPoint = false;
   /** Snapshots asked for while streaming: taken at the next barrier (a set boundary in the stream). */
@@ -162,6 +170,7 @@ export class ReplicaVolume {
       log.warn({ playedSet: this.state.playedSet }, 'the sync stream was cut by a restart: not consistent until the primary catches this replica up');
     }
     this.stopTimer = platform.clock.every(200, () => this.kickPlayback());
+    this.stopChainTimer = platform.clock.every(L.replicationHeartbeatMs, () => this.sendChainDown());
   }
 
   /** What the primary last said about itself (it survives the primary and restarts of this node). */
@@ -224,6 +233,8 @@ export class ReplicaVolume {
   /** A primary said hello on `link`: take the session over (one at a time). */
   async accept(link: Link, hello: Hello): Promise<void> {
     const generation = this.role.generation;
+    // Where the primary's replication port is (status shows it in a cascade's chain).
+    this.primaryAddress = hello.returnPort > 0 ? `${hello.returnHost || link.remoteAddress}:${hello.returnPort}` : link.remoteAddress;
     if (this.halted) {
       refuseOn(link, 'ROLE_CONFLICT', `replica ${this.port.name} is taking over: no session now`, 0, 'replica taking over');
       return;
@@ -585,6 +596,10 @@ export class ReplicaVolume {
         await this.startSplit();
         link.send({ t: 'ack', set: this.ackedSet, playedSet: this.state.playedSet });
         return;
+      case 'chainUp': {
+        this.upstreamChain = decodeHops(m.hops) ?? this.upstreamChain;
+        return;
+      }
       case 'progress': {
         const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now(), primaryAtMs: m.atMs };
         const old = this.state.lastReport;
@@ -941,13 +956,24 @@ export class ReplicaVolume {
       lastError: this.lastError,
       // A sync pair: its settings (kept for a role swap) and the stream of this session.
       sync: this.state.sync ? { ...this.state.sync, streaming: this.stream !== null, ...this.streamCounters } : null,
+      // A cascade: what the primary reported further up (its own primary, ...).
+      upstreamChain: this.upstreamChain,
     };
+  }
+
+  /** The middle of a cascade tells its primary what is downstream (status on every node shows the chain). */
+  private sendChainDown(): void {
+    const link = this.link;
+    if (!link || link.closed || !this.connected) return;
+    const hops = this.options.downstreamChain?.() ?? [];
+    if (hops.length > 0) link.send({ t: 'chainDown', hops: encodeHops(hops) });
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     this.stopTimer();
+    this.stopChainTimer();
     this.link?.close('replica closing');
     await this.queue.catch(() => undefined);
     await this.waitPlaybackIdle();

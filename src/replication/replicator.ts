@@ -30,6 +30,7 @@ import type { Link } from './link.js';
 import { SyncStream } from './sync-stream.js';
 import { PairSender, type PairHost } from './pair-sender.js';
 import * as L from './limits.js';
+import { deeper, type ChainHop } from './chain.js';
 
 interface CutRequest {
   snapshotName?: string;
@@ -58,6 +59,8 @@ export interface ReplicatorHooks {
   onLinkDown(p: PairRecord): void;
   onSessionUp(p: PairRecord): void;
   onInitialCopyDone(p: PairRecord): void;
+  /** A cascade: what is upstream of this volume when it is a replica itself ([] otherwise). */
+  upstreamChain(): ChainHop[];
 }
 
 /** How a new pair's replica gets its first copy. */
@@ -516,6 +519,21 @@ export class VolumeReplicator implements PairHost {
   }
 
   // ================= cuts =================
+
+  upstreamChain(): ChainHop[] {
+    return this.hooks.upstreamChain();
+  }
+
+  /** This volume's replicas, and what each reported downstream of it (a cascade), for status and its own primary. */
+  downstreamChain(): ChainHop[] {
+    const out: ChainHop[] = [];
+    for (const p of this.role.pairs) {
+      const s = this.senders.get(p.id);
+      out.push({ depth: 1, volume: p.remoteVolume, peer: `${p.peerHost}:${p.peerPort}`, role: 'replica', state: s?.state ?? 'fenced', generation: this.role.generation, playedSet: p.playedSet, lagSeconds: this.lagMs(p) / 1000 });
+      if (s) out.push(...deeper(s.downstream));
+    }
+    return out;
+  }
 
   /** Every pair's session starts again (this volume moved up a generation: its replicas adopt it in the next hello). */
   renewSessions(reason: string): void {

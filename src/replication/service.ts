@@ -16,6 +16,7 @@ import * as failover from '../recovery/failover.js';
 import * as handover from '../recovery/handover.js';
 import * as resync from '../recovery/resync.js';
 import * as restore from '../recovery/restore.js';
+import { deeper, type ChainHop } from './chain.js';
 import { Link } from './link.js';
 import type { Frame, ReplMessage } from './wire.js';
 import { VolumeReplicator, type ReplicatorHooks } from './replicator.js';
@@ -160,7 +161,32 @@ export class ReplicationService implements RecoveryContext {
       onLinkDown: (p) => handover.onLinkDown(this, volume, p),
       onSessionUp: (p) => handover.onSessionUp(this, volume, p),
       onInitialCopyDone: (p) => void resync.onCopyDone(this, volume, p).catch((e: Error) => this.log.error({ volume, err: e.message }, 'closing the failover record failed')),
+      upstreamChain: () => this.upstreamChainOf(volume),
     };
+  }
+
+  /**
+   * The whole chain this volume is in, top first: what is upstream (its primary, its
+   * primary's primary...), this node, then its replicas and theirs (seed 002's three sites).
+   */
+  private chainOf(volume: string, state: string) {
+    const role = this.role(volume);
+    const up = this.upstreamChainOf(volume).reverse().map((h) => ({ position: 'upstream' as const, ...h }));
+    const here = { position: 'here' as const, depth: 0, volume, peer: '', role: role.role, state, generation: role.generation, playedSet: role.upstream?.playedSet ?? null, lagSeconds: null };
+    const down = (this.replicators.get(volume)?.downstreamChain() ?? []).map((h) => ({ position: 'downstream' as const, ...h }));
+    return [...up, here, ...down];
+  }
+
+  /** A cascade: this volume's primary (when it is a replica) and what that primary reported further up. */
+  private upstreamChainOf(volume: string): ChainHop[] {
+    const role = this.role(volume);
+    const rv = this.replicas.get(volume);
+    if (role.role !== 'replica' || !rv) return [];
+    const up = role.upstream!;
+    return [
+      { depth: 1, volume: up.primaryVolume, peer: rv.primaryAddress, role: 'primary', state: rv.stateWord, generation: role.generation, playedSet: up.playedSet, lagSeconds: rv.status().lagSeconds },
+      ...deeper(rv.upstreamChain),
+    ];
   }
 
   async openReplica(volume: string): Promise<ReplicaVolume> {
@@ -172,6 +198,7 @@ export class ReplicationService implements RecoveryContext {
       onRecoveryMessage: (m, link) => handover.onReplicaMessage(this, volume, m, link),
       onConsistentPoint: () => this.replicators.get(volume)?.atConsistentPoint(),
       beforeDiscard: () => this.forwardEverything(volume, 'before a split empties the change log'),
+      downstreamChain: () => this.replicators.get(volume)?.downstreamChain() ?? [],
     });
     this.replicas.set(volume, rv);
     await rv.recover();
@@ -417,12 +444,12 @@ export class ReplicationService implements RecoveryContext {
       if (!rv) throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: its replica side is not running (see the daemon log)`);
       // The middle of a cascade also shows the replicas it forwards to.
       const fwd = this.replicators.get(name);
-      return { ...common, ...rv.status(), state: rv.stateWord, ...(fwd && role.pairs.length > 0 ? this.primaryStatus(fwd) : {}) };
+      return { ...common, ...rv.status(), state: rv.stateWord, chain: this.chainOf(name, rv.stateWord), ...(fwd && role.pairs.length > 0 ? this.primaryStatus(fwd) : {}) };
     }
     const r = this.replicators.get(name);
     const state = s.fenced ? (s.fenced.overridden ? 'diverged' : 'fenced') : s.handover ? 'handing-over' : s.restore ? 'restoring' : s.failover && s.failover.kind === 'unplanned' && (s.failover.resyncPairId === null || this.pairCopying(r, s.failover.resyncPairId)) ? 'failed-over' : role.role === 'simplex' ? 'simplex' : 'primary';
     if (!r || role.pairs.length === 0) return { ...common, role: role.role, state, replicas: [] as ReturnType<ReplicationService['primaryStatus']>['replicas'] };
-    return { ...common, role: 'primary' as const, state, ...this.primaryStatus(r) };
+    return { ...common, role: 'primary' as const, state, chain: this.chainOf(name, state), ...this.primaryStatus(r) };
   }
 
   private pairCopying(r: VolumeReplicator | undefined, id: string): boolean {
@@ -478,6 +505,8 @@ export class ReplicationService implements RecoveryContext {
           config: { cutIntervalMs: p.cutIntervalMs, highWaterBytes: p.highWaterBytes, retriesBeforeSuspend: p.retriesBeforeSuspend },
           mode: p.mode ?? 'async',
           sync: syncStatus(r.syncStreamOf(p), p, now),
+          // A cascade: what this replica reported downstream of it.
+          downstream: s?.downstream ?? [],
         };
       }),
     };

@@ -167,7 +167,11 @@ export type ReplMessage =
    */
   | { t: 'restoreData'; id: number; runs: Runs; holes: Runs; crc: number }
   /** Primary → replica: done (a temporary snapshot goes). */
-  | { t: 'restoreDone' };
+  | { t: 'restoreDone' }
+  /** Cascade (chain.ts): a primary that is itself a replica tells its replicas what is upstream (JSON hops). */
+  | { t: 'chainUp'; hops: string }
+  /** Cascade: a replica with replicas of its own tells its primary what is downstream (JSON hops). */
+  | { t: 'chainDown'; hops: string };
 
 export type ReplMessageType = ReplMessage['t'];
 
@@ -278,6 +282,8 @@ const MESSAGE_FIELDS: Record<ReplMessageType, Record<string, FieldKind>> = {
   restoreRead: { id: 'uint', runs: 'runs' },
   restoreData: { id: 'uint', runs: 'runs', holes: 'runs', crc: 'u32' },
   restoreDone: {},
+  chainUp: { hops: 'string' },
+  chainDown: { hops: 'string' },
 };
 
 /** Version 2: return addresses, progress reports, planned handover, resync (restore: new messages, refused by older peers as unknown). */

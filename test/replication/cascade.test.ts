@@ -80,6 +80,21 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
     console.log(`cascade under a writer: ${w.writes} writes; B played A's set ${sb.playedSet}, C played B's set ${sc.playedSet} (consistent)`);
     await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B = A');
     await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C = A, through B');
+    // Every node shows the whole chain (reports travel one hop a second).
+    type Hop = { position: string; depth: number; state: string; peer: string };
+    const chainOf = async (d: TestDaemon) => ((await replStatus(d, 'v')) as unknown as { chain?: Hop[] }).chain ?? [];
+    await waitStatus(a, 'v', (s) => ((s as unknown as { chain?: Hop[] }).chain ?? []).some((h) => h.position === 'downstream' && h.depth === 2), 10_000, "A's chain shows C");
+    await waitStatus(c, 'v', (s) => ((s as unknown as { chain?: Hop[] }).chain ?? []).some((h) => h.position === 'upstream' && h.depth === 2), 10_000, "C's chain shows A");
+    const ca = await chainOf(a);
+    const cb = await chainOf(b);
+    const cc = await chainOf(c);
+    expect(ca.map((h) => `${h.position}${h.depth}`)).toEqual(['here0', 'downstream1', 'downstream2']);
+    expect(cb.map((h) => `${h.position}${h.depth}`)).toEqual(['upstream1', 'here0', 'downstream1']);
+    expect(cc.map((h) => `${h.position}${h.depth}`)).toEqual(['upstream2', 'upstream1', 'here0']);
+    expect(ca[2]!.peer).toBe(`127.0.0.1:${pc.repl}`); // C, as B reaches it
+    const text = cliOk(c, ['status', 'v']);
+    console.log(`status on C:\n${text}`);
+    expect(text).toMatch(/chain .* → .* → \[v here: replica/);
 
     // ---- A lost: kill -9 under writes; B fails over; nothing acknowledged is lost ----
     w.start(16, 2);
