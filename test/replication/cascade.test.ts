@@ -3,7 +3,7 @@
 // of its own, cut only where B equals A at a point in time. These tests run three real
 // daemons on loopback: the chain converges byte for byte under a writer; A lost → B fails
 // over with no acknowledged write lost and C keeps following B (adopting its generation);
-// C lost → A and B go on and C catches up when it returns. The netns version with the
+// B or C lost for a while (kill -9, restart) → the others go on and it catches up. The netns version with the
 // B-lost path is test/replication/netns-cascade.test.ts.
 //
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/cascade.test.ts
@@ -52,7 +52,7 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
     const pb = await ports();
     const pc = await ports();
     const a = await daemon(pa);
-    const b = await daemon(pb);
+    let b = await daemon(pb);
     let c = await daemon(pc);
     cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
     const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
@@ -95,6 +95,21 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
     const text = cliOk(c, ['status', 'v']);
     console.log(`status on C:\n${text}`);
     expect(text).toMatch(/chain .* → .* → \[v here: replica/);
+
+    // ---- B crashes under writes (kill -9) and comes back: A goes on (fence never), B catches
+    // up and forwards again; the three converge ----
+    w.start(16, 2);
+    await new Promise((r) => setTimeout(r, 800));
+    await b.kill();
+    await new Promise((r) => setTimeout(r, 1500));
+    b = await daemon(pb, b.dataDir);
+    await new Promise((r) => setTimeout(r, 1000));
+    await w.stop();
+    cliOk(a, ['replica', 'cut', 'v']);
+    await waitInSync(a, 'v');
+    await waitInSync(b, 'v');
+    await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B = A after its crash');
+    await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C = A after B crashed and came back');
 
     // ---- A lost: kill -9 under writes; B fails over; nothing acknowledged is lost ----
     w.start(16, 2);
