@@ -40,18 +40,25 @@ process.once('exit', () => {
   for (const lab of liveLabs) lab.disposeSync();
 });
 
-export type Side = 'a' | 'b';
+export type Side = 'a' | 'b' | 'c';
+const SIDES: readonly Side[] = ['a', 'b', 'c'];
 
 /**
  * Two namespaces, `a` and `b`, joined by a veth pair: a has 10.77.X.1/24, b has
- * 10.77.X.2/24, loopback up in both. Names carry the pid and a counter, so runs in
- * parallel (or leftovers of a killed run) never collide.
+ * 10.77.X.2/24, loopback up in both. With three (`sides: 3`, a cascade's sites), each of
+ * a, b, c has a veth into a hub namespace whose bridge joins them (c: 10.77.X.3/24), so
+ * any two can talk and setLink(side, false) cuts one site off. Names carry the pid and a
+ * counter, so runs in parallel (or leftovers of a killed run) never collide.
  */
 export class NetLab {
   private static counter = 0;
+  readonly sides: readonly Side[];
   readonly ns: Record<Side, string>;
   readonly veth: Record<Side, string>;
   readonly addr: Record<Side, string>;
+  /** Three sides: the hub namespace with the bridge, and each side's veth end there. */
+  private readonly hub: string | null;
+  private readonly hubVeth: Record<Side, string>;
   private readonly procs = new Set<ChildProcess>();
   private readonly cleanups: (() => void | Promise<void>)[] = [];
   private disposed = false;
@@ -59,25 +66,40 @@ export class NetLab {
 
   private constructor(
     readonly subnet: number,
-    prefix = 'dv-',
+    prefix: string,
+    sideCount: 2 | 3,
   ) {
     const n = NetLab.counter++;
     const id = n === 0 ? `${process.pid}` : `${process.pid}-${n}`;
-    this.ns = { a: `${prefix}a-${id}`, b: `${prefix}b-${id}` };
+    this.sides = SIDES.slice(0, sideCount);
+    this.ns = { a: `${prefix}a-${id}`, b: `${prefix}b-${id}`, c: `${prefix}c-${id}` };
     // Interface names are at most 15 bytes.
     const short = `${process.pid.toString(36)}${n.toString(36)}`.slice(-10);
-    this.veth = { a: `dva${short}`, b: `dvb${short}` };
-    this.addr = { a: `10.77.${subnet}.1`, b: `10.77.${subnet}.2` };
+    this.veth = { a: `dva${short}`, b: `dvb${short}`, c: `dvc${short}` };
+    this.hubVeth = { a: `dha${short}`, b: `dhb${short}`, c: `dhc${short}` };
+    this.hub = sideCount === 3 ? `${prefix}h-${id}` : null;
+    this.addr = { a: `10.77.${subnet}.1`, b: `10.77.${subnet}.2`, c: `10.77.${subnet}.3` };
   }
 
-  /** `prefix` starts the namespace names (tests running in parallel use their own). */
-  static create(opts: { prefix?: string } = {}): NetLab {
-    const lab = new NetLab(1 + (process.pid % 250), opts.prefix);
+  /** `prefix` starts the namespace names (tests running in parallel use their own); `sides`: 2 (a veth pair) or 3 (a bridge). */
+  static create(opts: { prefix?: string; sides?: 2 | 3 } = {}): NetLab {
+    const lab = new NetLab(1 + (process.pid % 250), opts.prefix ?? 'dv-', opts.sides ?? 2);
     liveLabs.add(lab);
     try {
-      for (const s of ['a', 'b'] as const) sh('ip', ['netns', 'add', lab.ns[s]]);
-      sh('ip', ['link', 'add', lab.veth.a, 'netns', lab.ns.a, 'type', 'veth', 'peer', 'name', lab.veth.b, 'netns', lab.ns.b]);
-      for (const s of ['a', 'b'] as const) {
+      for (const s of lab.sides) sh('ip', ['netns', 'add', lab.ns[s]]);
+      if (lab.hub === null) {
+        sh('ip', ['link', 'add', lab.veth.a, 'netns', lab.ns.a, 'type', 'veth', 'peer', 'name', lab.veth.b, 'netns', lab.ns.b]);
+      } else {
+        sh('ip', ['netns', 'add', lab.hub]);
+        sh('ip', ['-n', lab.hub, 'link', 'add', 'br0', 'type', 'bridge']);
+        sh('ip', ['-n', lab.hub, 'link', 'set', 'br0', 'up']);
+        for (const s of lab.sides) {
+          sh('ip', ['link', 'add', lab.veth[s], 'netns', lab.ns[s], 'type', 'veth', 'peer', 'name', lab.hubVeth[s], 'netns', lab.hub]);
+          sh('ip', ['-n', lab.hub, 'link', 'set', lab.hubVeth[s], 'master', 'br0']);
+          sh('ip', ['-n', lab.hub, 'link', 'set', lab.hubVeth[s], 'up']);
+        }
+      }
+      for (const s of lab.sides) {
         lab.ip(s, ['link', 'set', 'lo', 'up']);
         lab.ip(s, ['addr', 'add', `${lab.addr[s]}/24`, 'dev', lab.veth[s]]);
         lab.ip(s, ['link', 'set', lab.veth[s], 'up']);
@@ -120,7 +142,7 @@ export class NetLab {
     if (this.psk) return this.psk;
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'deltavol-netns-psk-'));
     const file = path.join(dir, 'repl.psk');
-    fs.writeFileSync(file, `node-a:${randomBytes(32).toString('hex')}\nnode-b:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    fs.writeFileSync(file, this.sides.map((x) => `node-${x}:${randomBytes(32).toString('hex')}\n`).join(''), { mode: 0o600 });
     this.onDispose(() => fs.rmSync(dir, { recursive: true, force: true }));
     this.psk = file;
     return file;
@@ -136,7 +158,7 @@ export class NetLab {
     this.ip(side, ['link', 'set', 'dev', this.veth[side], up ? 'up' : 'down']);
     if (up) {
       // IPv4 addresses survive a down/up on a veth; put them back if something took them.
-      for (const s of ['a', 'b'] as const) this.ip(s, ['addr', 'replace', `${this.addr[s]}/24`, 'dev', this.veth[s]]);
+      for (const s of this.sides) this.ip(s, ['addr', 'replace', `${this.addr[s]}/24`, 'dev', this.veth[s]]);
     }
   }
 
@@ -167,7 +189,7 @@ export class NetLab {
         // already gone
       }
     }
-    for (const s of ['a', 'b'] as const) {
+    for (const s of this.sides) {
       const pids = spawnSync('ip', ['netns', 'pids', this.ns[s]], { encoding: 'utf8', timeout: 5000 }).stdout ?? '';
       for (const pid of pids.split(/\s+/).filter(Boolean)) {
         try {
@@ -177,7 +199,8 @@ export class NetLab {
         }
       }
     }
-    for (const s of ['a', 'b'] as const) spawnSync('ip', ['netns', 'del', this.ns[s]], { timeout: 10_000 });
+    for (const s of this.sides) spawnSync('ip', ['netns', 'del', this.ns[s]], { timeout: 10_000 });
+    if (this.hub !== null) spawnSync('ip', ['netns', 'del', this.hub], { timeout: 10_000 });
   }
 }
 

@@ -38,13 +38,16 @@ export interface PrimaryStatusJson {
   consistent?: boolean;
 }
 
-export async function replStatus(d: TestDaemon, volume: string): Promise<PrimaryStatusJson> {
+/** (Any daemon handle with the control API: a TestDaemon, a namespace's NsDaemon.) */
+type ApiDaemon = Pick<TestDaemon, 'api'>;
+
+export async function replStatus(d: ApiDaemon, volume: string): Promise<PrimaryStatusJson> {
   const r = await d.api<{ volumes: PrimaryStatusJson[] }>('GET', `/v1/replication?volume=${encodeURIComponent(volume)}`);
   return r.volumes[0]!;
 }
 
 /** Polls until pred(status) holds (bounded); returns the last status. */
-export async function waitStatus(d: TestDaemon, volume: string, pred: (s: PrimaryStatusJson) => boolean, timeoutMs: number, what: string): Promise<PrimaryStatusJson> {
+export async function waitStatus(d: ApiDaemon, volume: string, pred: (s: PrimaryStatusJson) => boolean, timeoutMs: number, what: string): Promise<PrimaryStatusJson> {
   const deadline = Date.now() + timeoutMs;
   let s = await replStatus(d, volume);
   while (!pred(s)) {
@@ -60,7 +63,7 @@ export function inSync(s: PrimaryStatusJson): boolean {
   return s.changedBlocksSinceCut === 0 && s.replicas.length > 0 && s.replicas.every((p) => p.initialCopy === null && p.playedSet === s.currentSet && p.pendingBlocks === 0 && p.state === 'duplex');
 }
 
-export function waitInSync(d: TestDaemon, volume: string, timeoutMs = 60_000): Promise<PrimaryStatusJson> {
+export function waitInSync(d: ApiDaemon, volume: string, timeoutMs = 60_000): Promise<PrimaryStatusJson> {
   return waitStatus(d, volume, inSync, timeoutMs, 'replicas in sync');
 }
 
