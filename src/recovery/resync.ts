@@ -83,7 +83,9 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
   const v = ctx.host.require(volume);
   if (role.role === 'replica') {
     const rs = role.upstream!.resync;
-    if (!rs) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is already a replica of ${role.upstream!.primaryVolume}: nothing to resync`);
+    // The end of a cascade whose middle is lost: move to the middle's primary (--peer).
+    if (!rs && o.peerHost !== undefined) return reparent(ctx, volume, o);
+    if (!rs) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is already a replica of ${role.upstream!.primaryVolume}: nothing to resync (to move it to another primary, give that primary's --peer HOST:PORT)`);
     // A resync that started but was not yet recorded by the new primary: try again now.
     const registered = rs.registered || (await registerOnce(ctx, volume).then(() => true, () => false));
     if (!registered) keepRegistering(ctx, volume);
@@ -178,6 +180,73 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
       keepRegistering(ctx, volume);
     }
     return { volume, generation: role.generation, peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks, beforeSnapshot: before, restartSet: offer.restartSet, registered };
+  } finally {
+    s.close('resync session over');
+  }
+}
+
+/**
+ * A replica whose primary was the middle of a cascade (A → B → C, B lost) becomes the
+ * replica of B's primary A. A kept, from B's reports, which of its sets C holds and the
+ * blocks it changed since: only those travel (seed 002). C keeps its data and holds no
+ * writes of its own, so nothing is kept aside; without that history A copies everything.
+ */
+async function reparent(ctx: RecoveryContext, volume: string, o: ResyncOptions): Promise<ResyncResult> {
+  const role = ctx.role(volume);
+  const v = ctx.host.require(volume);
+  const up = role.upstream!;
+  if (up.split) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is split (written here): resume its pair or fail it over instead`);
+  if (role.pairs.length > 0) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} forwards to replicas of its own: remove them first`);
+  const rv = ctx.replica(volume);
+  if (rv?.primaryAlive) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume}'s primary ${up.primaryVolume} is connected: it is not lost`);
+  const peerHost = o.peerHost!;
+  const peerPort = o.peerPort!;
+  const peerVolume = o.peerVolume ?? up.primaryVolume;
+  const back = ctx.returnAddress();
+  const s = await Session.open(ctx, peerHost, peerPort, 'the new primary');
+  try {
+    s.send({ t: 'resyncHello', protocol: PROTOCOL_VERSION, pairId: up.pairId, primaryVolume: peerVolume, replicaVolume: volume, generation: role.generation, sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, returnHost: back.host, returnPort: back.port });
+    const offer = await s.next(ctx, 'resyncOffer', sessionMsMax);
+    if (offer.generation < role.generation) throw new DeltavolError('PEER_REFUSED', `${peerVolume} at ${peerHost}:${peerPort} has generation ${offer.generation}, older than this replica's ${role.generation}`);
+    const full = offer.fromPairId !== up.pairId;
+    const reason = full ? `${peerVolume} at ${peerHost}:${peerPort} does not know where this replica stands (it never tracked it through ${up.primaryVolume}, or not from early enough)` : `only what ${peerVolume} changed after its set ${offer.restartSet}, which this replica holds`;
+    // Nothing of the old primary plays any more here.
+    rv?.endSession('moving to another primary');
+    await ctx.closeReplica(volume);
+    ctx.stateFs(volume).writeAtomic(DIVERGENT_FILE, Buffer.from('[]'));
+    role.transition(
+      {
+        t: 'resync-started',
+        reparent: true,
+        generation: offer.generation,
+        upstream: {
+          pairId: offer.pairId,
+          peerIdentity: s.peerIdentity,
+          primaryVolume: peerVolume,
+          playedSet: 0,
+          initialCopy: { done: false, offsetBytes: 0, baseSet: 0 },
+          consistent: false,
+          split: false,
+          createdAt: new Date(ctx.platform.clock.now()).toISOString(),
+          resync: { peerHost, peerPort, fromPairId: up.pairId, registered: false, full, reason, divergentBlocks: 0, beforeSnapshot: null, restartSet: offer.restartSet, startedAtMs: ctx.platform.clock.now() },
+          playedCutAtMs: null,
+          lastReport: null,
+        },
+      },
+      { peer: `${peerHost}:${peerPort}`, full, reason, from: `${up.primaryVolume} (pair ${up.pairId})` },
+    );
+    if (full) ctx.log.warn({ volume, reason, peer: `${peerHost}:${peerPort}` }, `moving to another primary needs a FULL copy: ${reason}`);
+    await v.discardChanges();
+    await ctx.openReplica(volume);
+    let registered = true;
+    try {
+      await register(ctx, volume, s);
+    } catch (e) {
+      registered = false;
+      ctx.log.warn({ volume, err: (e as Error).message }, 'not yet recorded by the new primary: retrying in the background');
+      keepRegistering(ctx, volume);
+    }
+    return { volume, generation: role.generation, peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks: 0, beforeSnapshot: null, restartSet: offer.restartSet, registered };
   } finally {
     s.close('resync session over');
   }
@@ -342,7 +411,7 @@ const servingByNode = new WeakMap<RecoveryContext, Map<string, Promise<unknown>>
 export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello): (f: Frame) => void {
   const blocks: { runs: Runs; digests: Buffer | null }[] = [];
   let blockCount = 0;
-  let offered: { restartOk: boolean; volume: string } | null = null;
+  let offered: { restartOk: boolean; volume: string; distantPairId: string | null } | null = null;
   const refuse = (e: Error) => {
     const err = e as DeltavolError;
     ctx.log.warn({ from: link.remoteAddress, peer: link.conn.peerIdentity, code: err.code, err: e.message }, 'resync request refused');
@@ -374,13 +443,13 @@ export function serveResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
     const prev = serving.get(o.volume) ?? Promise.resolve();
     const next = prev
       .catch(() => undefined)
-      .then(() => acceptResync(ctx, link, hello, o.volume, o.restartOk, m, blocks))
+      .then(() => (o.distantPairId !== null ? acceptDistant(ctx, link, hello, o.volume, o.restartOk, o.distantPairId, m) : acceptResync(ctx, link, hello, o.volume, o.restartOk, m, blocks)))
       .then((ok) => link.send({ t: 'resyncAccepted', ...ok }), refuse);
     serving.set(o.volume, next);
   };
 }
 
-function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartOk: boolean; volume: string } {
+function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartOk: boolean; volume: string; distantPairId: string | null } {
   const name = hello.primaryVolume;
   const v = ctx.host.get(name);
   if (!v) throw new DeltavolError('VOLUME_NOT_FOUND', `no volume ${name} on this node`);
@@ -399,6 +468,14 @@ function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartO
   const f = role.state.failover;
   if (hello.generation > role.generation) throw new DeltavolError('ROLE_CONFLICT', `the requester's generation ${hello.generation} is newer than ${role.generation} here: resync this volume from it instead`);
   if (hello.returnPort === 0) throw new DeltavolError('EINVAL_ARGUMENT', 'the old primary gave no replication port to dial back');
+  // A replica of one of this volume's replicas (a cascade whose middle is lost): from where it stands.
+  const distant = ctx.openedReplicator(name)?.distant.blocksFor(hello.pairId);
+  if (distant?.record) {
+    const ok = distant.blocks !== null;
+    link.send({ t: 'resyncOffer', generation: role.generation, restartSet: distant.record.confirmedSet, knownUpTo: distant.record.confirmedSet, pairId: ctx.platform.newId(), generationBefore: role.generation, fromPairId: ok ? hello.pairId : '' });
+    ctx.log.info({ volume: name, from: `${hello.replicaVolume}@${link.remoteAddress}`, confirmedSet: distant.record.confirmedSet, differential: ok, why: distant.blocks === null ? distant.why : null }, 'a replica of a replica moves here (cascade middle lost)');
+    return { restartOk: ok, volume: name, distantPairId: hello.pairId };
+  }
   const restartOk = f !== null && f.kind === 'unplanned' && f.restartSnapshot !== null && v.snapshots().some((s) => s.name === f.restartSnapshot && s.valid);
   link.send({
     t: 'resyncOffer',
@@ -410,7 +487,7 @@ function offer(ctx: RecoveryContext, link: Link, hello: ResyncHello): { restartO
     fromPairId: restartOk ? f.fromPairId : '',
   });
   ctx.log.info({ volume: name, from: `${hello.replicaVolume}@${link.remoteAddress}`, restartSet: f?.restartSet ?? null, restartOk }, 'resync requested by an older copy');
-  return { restartOk, volume: name };
+  return { restartOk, volume: name, distantPairId: null };
 }
 
 /**
@@ -489,6 +566,50 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   );
   if (f && f.kind === 'unplanned') role.transition({ t: 'failover-pair-set', pairId: pair.id }, { pair: pair.id, full, copyBytes: pair.initialCopy.totalBytes, divergentBlocks: commit.divergentBlocks });
   ctx.log.info({ volume, pair: pair.id, peer: `${pair.peerHost}:${pair.peerPort}`, full, reason: commit.reason, copyBytes: pair.initialCopy.totalBytes }, full ? 'resync: the old primary gets a full copy' : 'resync: the old primary gets the blocks that differ');
+  return { pairId: pair.id, baseSet: pair.initialCopy.baseSet };
+}
+
+/**
+ * A replica of one of this volume's replicas registers as its own replica (its middle is
+ * lost): a pair whose copy moves the blocks changed since the set it holds, or everything.
+ */
+async function acceptDistant(ctx: RecoveryContext, link: Link, hello: ResyncHello, volume: string, ok: boolean, distantPairId: string, commit: Extract<ReplMessage, { t: 'resyncCommit' }>): Promise<{ pairId: string; baseSet: number }> {
+  const role = ctx.role(volume);
+  const existing = role.pairs.find((p) => p.id === commit.pairId);
+  if (existing) return { pairId: existing.id, baseSet: existing.initialCopy.baseSet };
+  if (!/^[0-9a-f]{12}$/.test(commit.pairId)) throw new DeltavolError('EINVAL_ARGUMENT', 'bad pair id');
+  if (role.role !== 'primary' || role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is no longer an active primary here`);
+  const r = ctx.replicator(volume);
+  const full = commit.full || !ok;
+  const record = r.distant.blocksFor(distantPairId).record;
+  const pair = await r.addPair(
+    {
+      peerHost: hello.returnHost || link.remoteAddress,
+      peerPort: hello.returnPort,
+      remoteVolume: hello.replicaVolume,
+      cutIntervalMs: L.cutIntervalMsDefault,
+      highWaterBytes: L.cutHighWaterBytesDefault,
+      retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+      peerIdentity: link.conn.peerIdentity,
+    },
+    {
+      id: commit.pairId,
+      copy: full
+        ? { kind: 'everything' }
+        : {
+            kind: 'differential',
+            // Everything changed here after the set the replica holds, up to the base (its sets are in the bitmaps by now).
+            blocks: () => {
+              const d = r.distant.blocksFor(distantPairId);
+              if (d.blocks === null) throw new DeltavolError('ROLE_CONFLICT', `the history of ${hello.replicaVolume} is gone: ${d.why}`);
+              return d.blocks;
+            },
+          },
+    },
+  );
+  r.distant.forget(distantPairId);
+  role.saveProgress();
+  ctx.log.info({ volume, pair: pair.id, peer: `${pair.peerHost}:${pair.peerPort}`, full, fromSet: record?.confirmedSet ?? null, copyBytes: pair.initialCopy.totalBytes }, full ? 'cascade: the distant replica gets a full copy' : 'cascade: the distant replica gets the blocks changed since the set it holds');
   return { pairId: pair.id, baseSet: pair.initialCopy.baseSet };
 }
 

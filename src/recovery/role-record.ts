@@ -90,6 +90,12 @@ export interface PairRecord extends PairConfig {
   /** Holds no log space: everything it misses is in its pending bitmap. */
   detached: boolean;
   catchUp: { set: number; from: number } | null;
+  /**
+   * The middle of a cascade: the last set of its own primary that this replica holds whole
+   * (the upstream set the last whole set it played covered); reported upstream so the
+   * primary can later ship to it directly from there (seed 002). Absent: unknown.
+   */
+  upstreamPlayed?: number;
 }
 
 /** The pair this replica receives from. */
@@ -240,6 +246,29 @@ export interface RestoreRecord {
   atMs: number;
 }
 
+/**
+ * A replica of one of this volume's replicas (a cascade A → B → C, seen from A): where C
+ * is, as B reported, and from which of A's sets A can ship to C directly if B is lost
+ * (replication/distant.ts keeps the blocks changed since, in bitmap files).
+ */
+export interface DistantRecord {
+  /** A's pair to the middle (B) that forwards to it. */
+  viaPairId: string;
+  /** B's pair to it (its upstream pair id on C). */
+  pairId: string;
+  volume: string;
+  /** Its replication address as B reaches it. */
+  peer: string;
+  /** The last of A's sets it holds whole, as B last reported. */
+  confirmedSet: number;
+  /** The bitmaps hold every block A changed after set fromSet (older: up to splitSet). */
+  fromSet: number;
+  splitSet: number;
+  /** A began tracking it at this set: a position before it cannot be caught up from here. */
+  trackedFrom: number;
+  atMs: number;
+}
+
 export interface RoleHistoryEntry {
   generation: number;
   role: Role;
@@ -259,6 +288,8 @@ export interface RoleState {
   failover: FailoverRecord | null;
   /** Absent in records written before restores existed: none. */
   restore?: RestoreRecord | null;
+  /** Replicas of this volume's replicas (cascade), kept in place by the replicator. Absent: none. */
+  distant?: DistantRecord[];
 }
 
 export type RoleEvent =
@@ -271,7 +302,7 @@ export type RoleEvent =
   | { t: 'failed-over'; failover: FailoverRecord }
   | { t: 'fenced'; fence: FenceRecord }
   | { t: 'unfenced' }
-  | { t: 'resync-started'; upstream: UpstreamRecord; generation: number }
+  | { t: 'resync-started'; upstream: UpstreamRecord; generation: number; reparent?: boolean }
   | { t: 'resync-registered' }
   | { t: 'resync-finished' }
   | { t: 'failover-pair-set'; pairId: string }
@@ -350,7 +381,9 @@ export function nextRoleState(s: RoleState, e: RoleEvent): RoleState {
       n.fenced = { ...s.fenced, overridden: true };
       break;
     case 'resync-started':
-      if (s.role === 'replica') fail('the volume is already a replica');
+      // (A replica may move to another primary: the end of a cascade whose middle was lost.)
+      if (s.role === 'replica' && !e.reparent) fail('the volume is already a replica');
+      if (e.reparent && (s.role !== 'replica' || s.upstream!.split || s.upstream!.resync || s.pairs.length > 0)) fail('only a replica that is not split, not resyncing and forwards to nobody moves to another primary');
       n.restore = null; // (the resync overwrites this side anyway: its before-snapshot keeps it)
       // (Equal: two copies that failed over independently; the operator chose the survivor.)
       if (e.generation < s.generation) fail(`the new primary's generation ${e.generation} is older than this volume's ${s.generation}`);
@@ -521,6 +554,10 @@ export class RoleRecord {
   }
   get upstream(): UpstreamRecord | null {
     return this.s.upstream;
+  }
+  /** Replicas of replicas (cascade), to update in place (then saveProgress()). */
+  get distant(): DistantRecord[] {
+    return (this.s.distant ??= []);
   }
 
   onChange(fn: (s: Readonly<RoleState>, e: RoleEvent | null) => void): void {

@@ -17,6 +17,9 @@ export interface ChainHop {
   generation: number;
   playedSet: number | null;
   lagSeconds: number | null;
+  /** Depth 1 from a cascade's middle: its pair's id, and the set of the middle's primary that replica holds whole (null: unknown). */
+  pairId?: string;
+  upstreamSet?: number | null;
 }
 
 /** A chain report carries at most this many hops (a deeper cascade is cut off there)... */
@@ -58,7 +61,19 @@ export function decodeHops(s: string): ChainHop[] | null {
     if (!text(h.volume, 256) || !text(h.peer, 300) || !text(h.role, 32) || !text(h.state, 64) || !count(h.generation)) return null;
     if (h.playedSet !== null && !count(h.playedSet)) return null;
     if (h.lagSeconds !== null && !(typeof h.lagSeconds === 'number' && Number.isFinite(h.lagSeconds) && h.lagSeconds >= 0)) return null;
-    out.push({ depth: h.depth, volume: h.volume, peer: h.peer, role: h.role, state: h.state, generation: h.generation, playedSet: h.playedSet as number | null, lagSeconds: h.lagSeconds as number | null });
+    if (h.pairId !== undefined && !(typeof h.pairId === 'string' && /^[0-9a-f]{12}$/.test(h.pairId))) return null;
+    if (h.upstreamSet !== undefined && h.upstreamSet !== null && !count(h.upstreamSet)) return null;
+    out.push({
+      depth: h.depth,
+      volume: h.volume,
+      peer: h.peer,
+      role: h.role,
+      state: h.state,
+      generation: h.generation,
+      playedSet: h.playedSet as number | null,
+      lagSeconds: h.lagSeconds as number | null,
+      ...(h.pairId !== undefined ? { pairId: h.pairId, upstreamSet: (h.upstreamSet as number | null | undefined) ?? null } : {}),
+    });
   }
   return out;
 }

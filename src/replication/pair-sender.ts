@@ -65,6 +65,8 @@ export interface PairHost {
   onSessionUp(p: PairRecord): void;
   /** A cascade: what is upstream of this volume (it is a replica itself), for its replicas' status; [] when nothing. */
   upstreamChain(): ChainHop[];
+  /** A cascade: the replica reported its own replicas (where they are: they may be shipped to directly later). */
+  onDownstreamReport(p: PairRecord, hops: readonly ChainHop[]): void;
   /** The pair's sync stream (mode sync, or a planned handover's), else null. */
   syncStreamOf(p: PairRecord): SyncStream | null;
   /** Cut a set now unless one is being built (a backlog before a stream starts). */
@@ -410,7 +412,11 @@ export class PairSender {
       }
       case 'chainDown': {
         // What is downstream of the replica (a cascade), for status; a malformed report is dropped.
-        this.downstream = decodeHops(m.hops) ?? this.downstream;
+        const hops = decodeHops(m.hops);
+        if (hops) {
+          this.downstream = hops;
+          this.r.onDownstreamReport(p, hops);
+        }
         return;
       }
       case 'ack': {

@@ -31,6 +31,7 @@ import { SyncStream } from './sync-stream.js';
 import { PairSender, type PairHost } from './pair-sender.js';
 import * as L from './limits.js';
 import { deeper, type ChainHop } from './chain.js';
+import { DistantTracker } from './distant.js';
 
 interface CutRequest {
   snapshotName?: string;
@@ -61,6 +62,8 @@ export interface ReplicatorHooks {
   onInitialCopyDone(p: PairRecord): void;
   /** A cascade: what is upstream of this volume when it is a replica itself ([] otherwise). */
   upstreamChain(): ChainHop[];
+  /** A cascade's middle: the set of its primary it has played whole (null: not a replica, or not at a point in time). */
+  upstreamPosition(): number | null;
 }
 
 /** How a new pair's replica gets its first copy. */
@@ -110,6 +113,14 @@ export class VolumeReplicator implements PairHost {
    * barrier), or its sets would carry half of one. Null: any time (a primary).
    */
   private cutGate: (() => boolean) | null = null;
+  /**
+   * A cascade's middle: for each set it cut at a consistent point (whole), the set of its
+   * own primary it equals there. Kept in memory until every pair played it: after a
+   * restart the replicas' upstreamPlayed stays where it was (an older position is safe).
+   */
+  private readonly upstreamOfSet = new Map<number, number>();
+  /** Replicas of this volume's replicas (cascade): what they lack, should their middle be lost. */
+  readonly distant: DistantTracker;
   private lastCutMs: number;
   /**
    * No later than the oldest change not yet in a set (null: none): what a failover of a
@@ -144,6 +155,7 @@ export class VolumeReplicator implements PairHost {
     this.lastCutMs = this.outbound.lastCutAtMs ?? platform.clock.now();
     this.lastQuietMs = this.lastCutMs;
     for (const p of role.pairs) this.pending.set(p.id, readRuns(fsys, pendingFile(p.id), volume.blocksTotal) ?? new PagedBitmap(volume.blocksTotal));
+    this.distant = new DistantTracker(fsys, role, volume.blocksTotal, log, () => platform.clock.now());
     if (volume.changedBlockCount() > 0) this.firstChangeMs = this.lastCutMs;
     this.stopTimer = platform.clock.every(L.replicatorTickMs, () => this.tick());
   }
@@ -208,6 +220,7 @@ export class VolumeReplicator implements PairHost {
 
   /** A dataless set's blocks, kept where a pair that misses the stream will find them. */
   private keepStreamed(n: number, members: ReadonlyBitmap): void {
+    this.distant.onSetCut(members);
     for (const p of this.role.pairs) {
       const bits = new PagedBitmap(this.volume.blocksTotal);
       members.forEachRun((start, count) => bits.setRange(start, count));
@@ -367,6 +380,8 @@ export class VolumeReplicator implements PairHost {
     this.senders.delete(p.id);
     this.closeStream(p.id, 'pair removed');
     this.role.transition({ t: 'pair-removed', pairId: p.id }, { pair: p.id });
+    this.distant.forgetVia(p.id);
+    this.role.saveProgress();
     for (const f of [pendingFile(p.id), copyFile(p.id)]) if (this.fsys.exists(f)) this.fsys.remove(f);
     this.pending.delete(p.id);
     if (p.initialCopy.baseSnapshot && this.volume.snapshots().some((s) => s.name === p.initialCopy.baseSnapshot)) {
@@ -402,6 +417,14 @@ export class VolumeReplicator implements PairHost {
       p.playedSet = played;
       changed = true;
     }
+    // A cascade's middle: which of its primary's sets the replica now holds whole (the
+    // initial copy's base set too, acknowledged as played when the copy is done).
+    const up = this.upstreamOfSet.get(played);
+    if (up !== undefined && up > (p.upstreamPlayed ?? -1) && p.playedSet === played) {
+      p.upstreamPlayed = up;
+      changed = true;
+    }
+    for (const k of [...this.upstreamOfSet.keys()]) if (k < played && this.role.pairs.every((x) => x.playedSet > k)) this.upstreamOfSet.delete(k);
     if (p.catchUp && p.ackedSet >= p.catchUp.set) {
       this.log.info({ pair: p.id, set: p.catchUp.set, from: p.catchUp.from }, 'catch-up set acknowledged');
       p.catchUp = null;
@@ -524,12 +547,17 @@ export class VolumeReplicator implements PairHost {
     return this.hooks.upstreamChain();
   }
 
+  /** A replica of this volume reported its own replicas (a cascade): track where they are. */
+  onDownstreamReport(p: PairRecord, hops: readonly ChainHop[]): void {
+    this.distant.onReport(p.id, hops, this.outbound.lastSet);
+  }
+
   /** This volume's replicas, and what each reported downstream of it (a cascade), for status and its own primary. */
   downstreamChain(): ChainHop[] {
     const out: ChainHop[] = [];
     for (const p of this.role.pairs) {
       const s = this.senders.get(p.id);
-      out.push({ depth: 1, volume: p.remoteVolume, peer: `${p.peerHost}:${p.peerPort}`, role: 'replica', state: s?.state ?? 'fenced', generation: this.role.generation, playedSet: p.playedSet, lagSeconds: this.lagMs(p) / 1000 });
+      out.push({ depth: 1, volume: p.remoteVolume, peer: `${p.peerHost}:${p.peerPort}`, role: 'replica', state: s?.state ?? 'fenced', generation: this.role.generation, playedSet: p.playedSet, lagSeconds: this.lagMs(p) / 1000, pairId: p.id, upstreamSet: p.upstreamPlayed ?? null });
       if (s) out.push(...deeper(s.downstream));
     }
     return out;
@@ -746,6 +774,9 @@ export class VolumeReplicator implements PairHost {
     if (partial && options.whole) return 'not-whole';
     const n = this.outbound.lastSet + 1;
     const firstChange = this.firstChangeMs ?? now;
+    // (A cascade's middle at a consistent point: this set, if whole, leaves its replicas at its primary's set u.)
+    const u = this.cutGate !== null && !options.ungated && !partial ? this.hooks.upstreamPosition() : null;
+    if (u !== null) this.upstreamOfSet.set(n, u);
     // A dataless set is partial to whoever plays it from the log (a stream that broke): its
     // blocks come later, in a catch-up set.
     const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless || options.partial === true, now, firstChange);
@@ -764,6 +795,7 @@ export class VolumeReplicator implements PairHost {
     // Record first (a crash after it resends pending blocks: harmless), then shrink the
     // pending bitmaps of the pairs this set catches up, and grow those of detached pairs
     // that miss it (durable before the set can be released).
+    if (!dataless) this.distant.onSetCut(writer.members);
     const shrink: PairRecord[] = [];
     for (const p of this.role.pairs) {
       if (catchUps.includes(p)) {

@@ -162,6 +162,10 @@ export class ReplicationService implements RecoveryContext {
       onSessionUp: (p) => handover.onSessionUp(this, volume, p),
       onInitialCopyDone: (p) => void resync.onCopyDone(this, volume, p).catch((e: Error) => this.log.error({ volume, err: e.message }, 'closing the failover record failed')),
       upstreamChain: () => this.upstreamChainOf(volume),
+      upstreamPosition: () => {
+        const role = this.role(volume);
+        return role.role === 'replica' && role.upstream!.consistent && this.replicas.get(volume)?.atConsistentPoint() ? role.upstream!.playedSet : null;
+      },
     };
   }
 
@@ -462,6 +466,8 @@ export class ReplicationService implements RecoveryContext {
     const changed = r.volume.unshippedBlockCount();
     const now = this.platform.clock.now();
     return {
+      // A cascade: replicas of its replicas, and whether each could be caught up from here.
+      distant: r.distant.status(),
       currentSet: r.outbound.lastSet,
       changedBlocksSinceCut: changed,
       outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length, cachedBytes: r.outbound.cachedBytes, chunkFileReads: r.outbound.chunkFileReads },

@@ -143,6 +143,78 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
   });
 });
 
+describe('cascade: the middle lost', () => {
+  it('B lost: C moves to A with only the blocks A changed since the set C holds; B returns as A\'s sync replica', async () => {
+    const seed = testSeed('cascade-b-lost');
+    const rnd = prng(seed);
+    const pa = await ports();
+    const pb = await ports();
+    const pc = await ports();
+    const a = await daemon(pa);
+    let b = await daemon(pb);
+    const c = await daemon(pc);
+    cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
+    const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
+    await w.batch(300);
+    cliOk(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pb.repl}`, '--mode', 'sync', '--cut-interval', '300ms', '--sync-timeout', '500ms']);
+    await waitInSync(a, 'v');
+    cliOk(b, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--cut-interval', '200ms']);
+    await waitInSync(b, 'v');
+    // A learns where C stands through B's reports; a few rounds of writes make C confirm a
+    // set of A's from after A began tracking it.
+    type Distant = { pairId: string; confirmedSet: number; trackedFrom: number; differential: boolean; blocks: number };
+    for (let i = 0; i < 20; i++) {
+      await w.batch(20);
+      cliOk(a, ['replica', 'cut', 'v']);
+      await new Promise((r) => setTimeout(r, 300));
+      const d = ((await replStatus(a, 'v')) as unknown as { distant?: Distant[] }).distant ?? [];
+      if (d[0]?.differential) break;
+    }
+    await waitInSync(a, 'v');
+    await waitInSync(b, 'v');
+    const before = ((await replStatus(a, 'v')) as unknown as { distant: Distant[] }).distant;
+    expect(before.length).toBe(1);
+    expect(before[0]!.differential).toBe(true);
+    const atLoss = Buffer.from(w.model);
+
+    // ---- B lost (kill -9); A goes on writing (fence never: the stream breaks after 0.5 s) ----
+    await b.kill();
+    await w.batch(120);
+    const fl = await MiniNbdClient.connect(a.nbdPort, 'v');
+    expect((await fl.flush()).error).toBe(0);
+    await fl.disconnect();
+    const changedSince = blocksDiffering(atLoss, w.model).size;
+    // On C: move to A. Only what A changed since the set C holds travels.
+    await waitStatus(c, 'v', (s) => (s as unknown as { connected: boolean }).connected === false, 15_000, 'C sees B gone');
+    const rs = JSON.parse(await cliOkAsync(c, ['resync', 'v', '--peer', `127.0.0.1:${pa.repl}`, '--json'])) as { full: boolean; reason: string; restartSet: number };
+    expect(rs.full, rs.reason).toBe(false);
+    const st = await waitStatus(a, 'v', (s) => s.replicas.some((p) => p.peer === `127.0.0.1:${pc.repl}` && p.state === 'duplex' && p.initialCopy === null && p.playedSet === s.currentSet), 60_000, 'A → C in sync');
+    const toC = st.replicas.find((p) => p.peer === `127.0.0.1:${pc.repl}`)!;
+    const distantBlocks = before[0]!.blocks;
+    console.log(`B lost: C held A's set ${rs.restartSet}; A changed ${changedSince} blocks (4 KiB) after B died, tracked ${distantBlocks} before it; A → C moved ${toC.bytesSent} bytes (the volume is ${SIZE})`);
+    expect(toC.bytesSent).toBeLessThan(SIZE / 4); // not a full copy
+    expect(toC.bytesSent).toBeGreaterThanOrEqual(changedSince * 4096 * 0.5); // (zero runs travel without data)
+    await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C = A, caught up directly from A');
+
+    // ---- B returns: still A's sync replica, it catches up; its pair to the moved C is removed ----
+    b = await daemon(pb, b.dataDir);
+    await waitStatus(a, 'v', (s) => s.replicas.every((p) => p.state === 'duplex'), 60_000, 'A → B and A → C duplex');
+    cliOk(a, ['replica', 'cut', 'v']);
+    await waitStatus(a, 'v', (s) => s.replicas.every((p) => p.playedSet === s.currentSet), 60_000, 'both played everything');
+    await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B = A after it returned');
+    const bPairs = JSON.parse(cliOk(b, ['replica', 'list', 'v', '--json'])) as { id: string }[] | { replicas: { id: string }[] };
+    const list = Array.isArray(bPairs) ? bPairs : bPairs.replicas;
+    for (const p of list) cliOk(b, ['replica', 'remove', 'v', p.id]);
+    await w.close();
+  });
+});
+
+function blocksDiffering(x: Buffer, y: Buffer): Set<number> {
+  const out = new Set<number>();
+  for (let i = 0; i * 4096 < x.length; i++) if (!x.subarray(i * 4096, (i + 1) * 4096).equals(y.subarray(i * 4096, (i + 1) * 4096))) out.add(i);
+  return out;
+}
+
 async function readAll(port: number): Promise<Buffer> {
   const cl = await MiniNbdClient.connect(port, 'v');
   try {
