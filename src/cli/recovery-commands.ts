@@ -64,6 +64,9 @@ export function renderFailover(a: FailoverAnswer): string {
     lines.push('  those writes are not destroyed: `deltavol resync` on the old primary keeps them in a snapshot there');
   }
   if (!r.consistent) lines.push('WARNING: the volume is between two points in time of the old primary (a partial set): check the file system');
+  for (const d of a.downstream ?? []) {
+    lines.push(`its replica ${d.volume}@${d.peer} (cascade) lacks ${formatBytes(d.bytesDifferent)} of it (played set ${d.playedSet} of ${d.lastSet}, lag ${d.lagSeconds.toFixed(1)} s${d.connected ? '' : ', not connected'}): it follows this primary and catches up by itself`);
+  }
   for (const w of a.warnings ?? []) lines.push(`warning: ${w}`);
   return lines.join('\n');
 }

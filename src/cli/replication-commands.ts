@@ -60,6 +60,7 @@ export interface VolumeReplication {
   fenced?: { generation: number; peer: string; reason: string; overridden?: boolean } | null;
   failover?: { kind: string; restartSnapshot: string | null; restartSet: number; resyncPairId: string | null } | null;
   handover?: { newGeneration: number } | null;
+  distant?: { volume: string; peer: string; confirmedSet: number; trackedFrom: number; differential: boolean; blocks: number }[];
   chain?: { position: 'upstream' | 'here' | 'downstream'; depth: number; volume: string; peer: string; role: string; state: string; generation: number; playedSet: number | null; lagSeconds: number | null }[];
   restore?: { state: string; snapshot?: string; temporary?: boolean; beforeSnapshot?: string; blocksDone?: number; blocksToCopy?: number; seconds?: number; error?: string | null } | null;
   rpo?: { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null };
@@ -125,6 +126,13 @@ export function renderReplication(vols: VolumeReplication[]): string {
     if (v.state === 'failed-over' && v.failover) notes.push(`${v.volume}: failed over (restart point ${v.failover.restartSnapshot ?? 'none'} = set ${v.failover.restartSet}); ${v.failover.resyncPairId ? 'the old primary is being resynced' : 'waiting for the old primary to resync'}`);
     if (v.handover) notes.push(`${v.volume}: planned handover to generation ${v.handover.newGeneration} under way: writes held`);
     if (v.restore) notes.push(restoreNote(v.volume, v.restore));
+    for (const d of v.distant ?? []) {
+      notes.push(
+        d.differential
+          ? `${v.volume}: ${d.volume}@${d.peer} (a replica of a replica) holds set ${d.confirmedSet}: if its middle is lost, \`deltavol resync ${d.volume} --peer THIS_NODE\` on it moves only the blocks changed since (${d.blocks} now)`
+          : `${v.volume}: ${d.volume}@${d.peer} (a replica of a replica) has not confirmed a set since this node began tracking it (set ${d.trackedFrom}): if its middle were lost now, it would need a full copy`,
+      );
+    }
     // A cascade (more than one hop on some side): the whole chain, top first.
     if (v.chain && v.chain.some((h) => h.depth > 1)) notes.push(`${v.volume}: chain ${chainText(v.chain)}`);
     if (v.resync) notes.push(`${v.volume}: resyncing from its new primary${v.resync.full ? ` (FULL copy: ${v.resync.reason})` : ''}${v.resync.registered ? '' : ' — waiting for the new primary to record it'}`);

@@ -36,6 +36,11 @@ export interface FailoverResult {
   /** From the command to a writable primary. */
   rtoMs: number;
   warnings: string[];
+  /**
+   * The middle of a cascade: its own replicas and what each lacks of this volume as it
+   * takes over (they catch up from it by themselves; nothing of theirs is lost).
+   */
+  downstream: { volume: string; peer: string; connected: boolean; playedSet: number; lastSet: number; bytesDifferent: number; lagSeconds: number }[];
 }
 
 export function restartSnapshotName(generation: number): string {
@@ -77,6 +82,11 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   // 2. The restart point and a fresh change log, at one consistent point. (The middle of a
   // cascade first cuts what it played for its own replicas: they keep following it.)
   await ctx.forwardEverything(volume, 'failover: what this node played goes to its own replicas first');
+  const fwd = ctx.openedReplicator(volume);
+  const downstream = (fwd?.pairs ?? []).map((p) => {
+    const snd = fwd!.senders.get(p.id);
+    return { volume: p.remoteVolume, peer: `${p.peerHost}:${p.peerPort}`, connected: snd?.connected ?? false, playedSet: p.playedSet, lastSet: fwd!.outbound.lastSet, bytesDifferent: snd?.bytesDifferent() ?? 0, lagSeconds: fwd!.lagMs(p) / 1000 };
+  });
   const v = ctx.host.require(volume);
   const restart = up.initialCopy.done ? restartSnapshotName(generationBefore + 1) : null;
   if (restart && v.snapshots().some((s) => s.name === restart)) await v.deleteSnapshot(restart, true); // a failover that crashed before its commit
@@ -121,6 +131,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
     report,
     rtoMs,
     warnings,
+    downstream,
   };
 }
 

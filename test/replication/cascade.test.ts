@@ -117,8 +117,11 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
     await a.kill();
     await w.stop().catch(() => undefined); // writes in flight at the kill fail (uncertain)
     await waitStatus(b, 'v', (s) => (s as unknown as { connected: boolean }).connected === false, 10_000, 'B sees A gone');
-    const fo = JSON.parse(await cliOkAsync(b, ['failover', 'v', '--json'])) as { generation: number; rtoMs: number };
+    const fo = JSON.parse(await cliOkAsync(b, ['failover', 'v', '--json'])) as { generation: number; rtoMs: number; downstream: { peer: string; bytesDifferent: number }[] };
     expect(fo.generation).toBe(2);
+    // The report says what C lacks of B as B takes over (it catches up by itself).
+    expect(fo.downstream.map((d) => d.peer)).toEqual([`127.0.0.1:${pc.repl}`]);
+    console.log(`failover on B: rto ${fo.rtoMs} ms; C lacked ${fo.downstream[0]!.bytesDifferent} bytes of B then`);
     await expectVolumeEquals(b.nbdPort, 'v', w.model, 'B after the failover holds every acknowledged write', w.uncertain);
     // The blocks written by requests that failed at the kill: B's content decides.
     const bNow = await readAll(b.nbdPort);

@@ -6,7 +6,9 @@
 //   - the chain converges under a writer;
 //   - C lost (link down, writes go on): A and B go on; C catches up when it is back;
 //   - A lost (link down + kill -9 under writes): B fails over with no acknowledged write
-//     lost, C keeps following B at B's new generation, and all three... two survivors match.
+//     lost, C keeps following B at B's new generation, the two survivors match;
+//   - B lost (link down + kill -9): C moves to A (`resync --peer A`) and only what A
+//     changed since the set C holds travels; B returns as A's sync replica and catches up.
 // Needs root and `ip netns` (skipped otherwise). Replay with DELTAVOL_SEED; keep logs with
 // DELTAVOL_KEEP_LOGS=1.
 
@@ -128,5 +130,55 @@ describe.skipIf(!support.ok)('cascade A → B → C in three network namespaces'
     console.log(`[netns-cascade] A lost: failover rto ${fo.rtoMs} ms, 0 acknowledged sectors lost on B; C in sync with B ${((Date.now() - t1) / 1000).toFixed(1)} s later at generation ${(sc as unknown as { generation: number }).generation}`);
     expect((sc as unknown as { generation: number }).generation).toBe(2);
     expect(await volumeSum(c)).toBe(await volumeSum(b));
+  });
+
+  it('B lost (its site dark, killed): C moves to A and only what A changed since C\'s set travels; B back: A\'s sync replica again', async () => {
+    const seed = testSeed('netns-cascade-b-lost');
+    const rnd = prng(seed);
+    lab = NetLab.create({ prefix: 'dvl-', sides: 3 });
+    const [a, b0, c] = await Promise.all([NsDaemon.start(lab, 'a', { tmpfs: true }), NsDaemon.start(lab, 'b', { tmpfs: true }), NsDaemon.start(lab, 'c', { tmpfs: true })]);
+    let b = b0;
+    cli(a, ['volume', 'create', V, '--size', `${SIZE / MiB}M`]);
+    const w = await SeededWriter.connect(await a.nbdPort(), V, SIZE, rnd);
+    await w.batch(200);
+    cli(a, ['replica', 'add', V, '--peer', `${lab.addr.b}:${b.replPort}`, '--mode', 'sync', '--cut-interval', '300ms', '--sync-timeout', '500ms']);
+    await waitInSync(a, V);
+    cli(b, ['replica', 'add', V, '--peer', `${lab.addr.c}:${c.replPort}`, '--cut-interval', '200ms']);
+    await waitInSync(b, V, 120_000);
+    type Distant = { confirmedSet: number; trackedFrom: number; differential: boolean; blocks: number };
+    for (let i = 0; i < 30; i++) {
+      await w.batch(20);
+      cli(a, ['replica', 'cut', V]);
+      await sleep(300);
+      const d = ((await replStatus(a, V)) as unknown as { distant?: Distant[] }).distant ?? [];
+      if (d[0]?.differential) break;
+    }
+    const tracked = ((await replStatus(a, V)) as unknown as { distant: Distant[] }).distant[0]!;
+    expect(tracked.differential).toBe(true);
+
+    // ---- B's site goes dark and its daemon dies; A writes on ----
+    lab.setLink('b', false);
+    await b.kill();
+    await w.batch(150);
+    const fl = await MiniNbdClient.connect(await a.nbdPort(), V);
+    expect((await fl.flush()).error).toBe(0);
+    await fl.disconnect();
+    await waitStatus(c, V, (s) => (s as unknown as { connected: boolean }).connected === false, 20_000, 'C sees B gone');
+    const rs = JSON.parse(cli(c, ['resync', V, '--peer', `${lab.addr.a}:${a.replPort}`, '--json'])) as { full: boolean; reason: string; restartSet: number };
+    expect(rs.full, rs.reason).toBe(false);
+    const st = await waitStatus(a, V, (s) => s.replicas.some((p) => p.peer === `${lab!.addr.c}:${c.replPort}` && p.state === 'duplex' && p.initialCopy === null && p.playedSet === s.currentSet), 120_000, 'A → C in sync');
+    const toC = st.replicas.find((p) => p.peer === `${lab!.addr.c}:${c.replPort}`)!;
+    console.log(`[netns-cascade] B lost: C held A's set ${rs.restartSet}; A → C moved ${toC.bytesSent} bytes of a ${SIZE}-byte volume (tracked ${tracked.blocks} blocks before the loss)`);
+    expect(toC.bytesSent).toBeLessThan(SIZE / 4);
+    expect(await volumeSum(c)).toBe(modelSum(w.model));
+
+    // ---- B back: A's sync replica again, caught up; its pair to C is removed ----
+    lab.setLink('b', true);
+    b = await NsDaemon.start(lab, 'b', { tmpfs: true, dataDir: b.dataDir });
+    await waitStatus(a, V, (s) => s.replicas.every((p) => p.state === 'duplex'), 60_000, 'A → B and A → C duplex');
+    cli(a, ['replica', 'cut', V]);
+    await waitStatus(a, V, (s) => s.replicas.every((p) => p.playedSet === s.currentSet), 60_000, 'both played everything');
+    expect(await volumeSum(b)).toBe(modelSum(w.model));
+    await w.close();
   });
 });
