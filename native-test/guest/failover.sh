@@ -70,11 +70,12 @@ fo_cleanup() {
   fo_writer_stop > /dev/null 2>&1
 }
 
-# fo_connect DEV PORT
+# fo_connect DEV PORT [EXPORT]: EXPORT defaults to the failover volume
 fo_connect() {
+  local name="${3:-$DVT_FO_EXPORT}"
   [ -n "$2" ] && [ "$2" != 0 ] || { echo "no port"; return 1; }
-  echo "nbd-client $DVT_HOST $2 $1 -t $DVT_IO_TIMEOUT -N $DVT_FO_EXPORT"
-  timeout 30 nbd-client "$DVT_HOST" "$2" "$1" -t "$DVT_IO_TIMEOUT" -N "$DVT_FO_EXPORT" || return 1
+  echo "nbd-client $DVT_HOST $2 $1 -t $DVT_IO_TIMEOUT -N $name"
+  timeout 30 nbd-client "$DVT_HOST" "$2" "$1" -t "$DVT_IO_TIMEOUT" -N "$name" || return 1
   wait_size "$1" 1 10 || return 1
   describe_dev "$1"
 }

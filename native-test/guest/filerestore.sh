@@ -15,13 +15,13 @@ case_filerestore() {
   mkdir -p "$mnt" "$smnt"
   rm -rf "$FR_DIR"
   mkdir -p "$FR_DIR"
-  step "filerestore: connect $DVT_FO_EXPORT on primary A (port $DVT_FO_PORT)" fr_connect "$dev" "$DVT_FO_PORT" "$DVT_FO_EXPORT" || { cleanup_dev "$dev"; return; }
+  step "filerestore: connect $DVT_FO_EXPORT on primary A (port $DVT_FO_PORT)" fo_connect "$dev" "$DVT_FO_PORT" "$DVT_FO_EXPORT" || { cleanup_dev "$dev"; return; }
   step "filerestore: mkfs.ext4 and mount" fr_mkfs "$dev" "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
   step "filerestore: write 16 files and sync" fr_fill "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
   step "filerestore: freeze; host cuts a set on A, waits until B played it, snapshots the volume on B; thaw" fr_snapshot "$mnt" \
     || { cleanup_dev "$dev" "$mnt"; return; }
   step "filerestore: delete f3, overwrite f7 in place, sync: the files differ from what was written" fr_damage "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
-  step "filerestore: connect $DVT_FO_EXPORT@$FR_SNAP on replica B (port $FR_B_PORT)" fr_connect "$sdev" "$FR_B_PORT" "$DVT_FO_EXPORT@$FR_SNAP" \
+  step "filerestore: connect $DVT_FO_EXPORT@$FR_SNAP on replica B (port $FR_B_PORT)" fo_connect "$sdev" "$FR_B_PORT" "$DVT_FO_EXPORT@$FR_SNAP" \
     || { cleanup_dev "$sdev"; cleanup_dev "$dev" "$mnt"; return; }
   step "filerestore: the snapshot device is read-only" sh -c "test \"\$(cat $(dev_sys $sdev)/ro)\" = 1"
   step "filerestore: mount the snapshot -o ro,noload" mount -t ext4 -o ro,noload "$sdev" "$smnt" || { cleanup_dev "$sdev"; cleanup_dev "$dev" "$mnt"; return; }
@@ -32,15 +32,6 @@ case_filerestore() {
   step "filerestore: umount A" umount "$mnt" || { cleanup_dev "$dev" "$mnt"; return; }
   step "filerestore: e2fsck -fn on A finds no errors" e2fsck -fn "$dev"
   step "filerestore: disconnect A" disconnect "$dev" || cleanup_dev "$dev"
-}
-
-# fr_connect DEV PORT EXPORT
-fr_connect() {
-  [ -n "$2" ] && [ "$2" != 0 ] || { echo "no port"; return 1; }
-  echo "nbd-client $DVT_HOST $2 $1 -t $DVT_IO_TIMEOUT -N $3"
-  timeout 30 nbd-client "$DVT_HOST" "$2" "$1" -t "$DVT_IO_TIMEOUT" -N "$3" || return 1
-  wait_size "$1" 1 10 || return 1
-  describe_dev "$1"
 }
 
 fr_mkfs() {

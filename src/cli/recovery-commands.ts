@@ -205,8 +205,8 @@ export function registerRecoveryCommands(program: Command, h: Helpers): void {
 
   program
     .command('resync <volume>')
-    .description('on the old primary after a failover: become the new primary\'s replica, copying only the blocks that differ (a full copy only when this volume\'s history is gone); its own divergent writes are kept in a snapshot first')
-    .option('--peer <host:port>', "the new primary's replication address (default: this volume's pair)")
+    .description('on the old primary after a failover: become the new primary\'s replica, copying only the blocks that differ (a full copy only when this volume\'s history is gone); its own divergent writes are kept in a snapshot first. On the last replica of a cascade whose middle is lost: with --peer, become the replica of the middle\'s primary, moving only what it changed since')
+    .option('--peer <host:port>', "the new primary's replication address (default: this volume's pair; required to move a replica to another primary)")
     .option('--peer-volume <name>', "the volume's name on the new primary (default: the pair's remote volume)")
     .option('--no-wait', 'return once the new primary recorded the resync, without following the copy')
     .option('--timeout <duration>', 'give up following the copy after this long', '24h')

@@ -170,18 +170,23 @@ export async function resync(ctx: RecoveryContext, volume: string, o: ResyncOpti
     await ctx.closeReplicator(volume);
     for (const name of fsys.list()) if (/^pair-.*\.(pending|copy)$/.test(name)) fsys.remove(name);
     await v.discardChanges();
-    await ctx.openReplica(volume);
-    let registered = true;
-    try {
-      await register(ctx, volume, s);
-    } catch (e) {
-      registered = false;
-      ctx.log.warn({ volume, err: (e as Error).message }, 'resync not yet recorded by the new primary: retrying in the background');
-      keepRegistering(ctx, volume);
-    }
+    const registered = await openAndRegister(ctx, volume, s);
     return { volume, generation: role.generation, peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks, beforeSnapshot: before, restartSet: offer.restartSet, registered };
   } finally {
     s.close('resync session over');
+  }
+}
+
+/** The volume is a replica of the new primary now (durable): its replica side opens and the new primary records the pair (retried in the background if not now). */
+async function openAndRegister(ctx: RecoveryContext, volume: string, s: Session): Promise<boolean> {
+  await ctx.openReplica(volume);
+  try {
+    await register(ctx, volume, s);
+    return true;
+  } catch (e) {
+    ctx.log.warn({ volume, err: (e as Error).message }, 'resync not yet recorded by the new primary: retrying in the background');
+    keepRegistering(ctx, volume);
+    return false;
   }
 }
 
@@ -237,15 +242,7 @@ async function reparent(ctx: RecoveryContext, volume: string, o: ResyncOptions):
     );
     if (full) ctx.log.warn({ volume, reason, peer: `${peerHost}:${peerPort}` }, `moving to another primary needs a FULL copy: ${reason}`);
     await v.discardChanges();
-    await ctx.openReplica(volume);
-    let registered = true;
-    try {
-      await register(ctx, volume, s);
-    } catch (e) {
-      registered = false;
-      ctx.log.warn({ volume, err: (e as Error).message }, 'not yet recorded by the new primary: retrying in the background');
-      keepRegistering(ctx, volume);
-    }
+    const registered = await openAndRegister(ctx, volume, s);
     return { volume, generation: role.generation, peer: `${peerHost}:${peerPort}`, full, reason, divergentBlocks: 0, beforeSnapshot: null, restartSet: offer.restartSet, registered };
   } finally {
     s.close('resync session over');

@@ -5,9 +5,9 @@
 
 import { expect } from 'vitest';
 import { MiniNbdClient } from './nbd-client.js';
-import type { TestDaemon } from './daemon.js';
+import { freePort, startDaemon, type TestDaemon } from './daemon.js';
 export { sha256File } from './images.js';
-export { freePort } from './daemon.js';
+export { freePort };
 
 export interface PairStatusJson {
   id: string;
@@ -307,4 +307,37 @@ export class FollowingWriter {
     await this.loop;
     this.client?.destroy();
   }
+}
+
+/** A daemon's three ports, fixed so that it can be restarted at the same address. */
+export interface DaemonPorts {
+  nbd: number;
+  control: number;
+  repl: number;
+}
+
+export async function freePorts(): Promise<DaemonPorts> {
+  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
+}
+
+/** Daemons on fixed ports (restartable at the same address, on the same data), data on tmpfs; all disposed at the end. */
+export class DaemonFleet {
+  private readonly all: TestDaemon[] = [];
+
+  async start(p: DaemonPorts, dataDir?: string): Promise<TestDaemon> {
+    const d = await startDaemon({ tmpfs: true, ...(dataDir ? { dataDir } : {}), extraArgs: ['--port', String(p.nbd), '--control-port', String(p.control), '--repl-port', String(p.repl)] });
+    this.all.push(d);
+    return d;
+  }
+
+  async dispose(): Promise<void> {
+    await Promise.all(this.all.splice(0).map((d) => d.dispose()));
+  }
+}
+
+/** Blocks (of blockBytes) whose content differs between two equal-sized buffers. */
+export function blocksDiffering(x: Buffer, y: Buffer, blockBytes = 4096): Set<number> {
+  const out = new Set<number>();
+  for (let b = 0; b * blockBytes < x.length; b++) if (!x.subarray(b * blockBytes, (b + 1) * blockBytes).equals(y.subarray(b * blockBytes, (b + 1) * blockBytes))) out.add(b);
+  return out;
 }

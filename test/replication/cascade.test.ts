@@ -9,32 +9,19 @@
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/cascade.test.ts
 
 import { afterAll, describe, expect, it } from 'vitest';
-import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import type { TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { prng, testSeed } from '../helpers/seed.js';
-import { cliOk, cliOkAsync, expectVolumeEquals, freePort, replStatus, SeededWriter, waitInSync, waitStatus } from '../helpers/replication.js';
+import { blocksDiffering, cliOk, cliOkAsync, DaemonFleet, type DaemonPorts, expectVolumeEquals, freePorts, replStatus, SeededWriter, waitInSync, waitStatus } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
 
-const daemons: TestDaemon[] = [];
-afterAll(async () => {
-  await Promise.all(daemons.splice(0).map((d) => d.dispose()));
-});
-
-interface Ports {
-  nbd: number;
-  control: number;
-  repl: number;
-}
-async function ports(): Promise<Ports> {
-  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
-}
-async function daemon(p: Ports, dataDir?: string): Promise<TestDaemon> {
-  const d = await startDaemon({ tmpfs: true, ...(dataDir ? { dataDir } : {}), extraArgs: ['--port', String(p.nbd), '--control-port', String(p.control), '--repl-port', String(p.repl)] });
-  daemons.push(d);
-  return d;
-}
+const fleet = new DaemonFleet();
+afterAll(() => fleet.dispose());
+const ports = freePorts;
+/** A daemon on fixed ports (so it can be restarted at the same address), data on tmpfs. */
+const daemon = (p: DaemonPorts, dataDir?: string): Promise<TestDaemon> => fleet.start(p, dataDir);
 
 interface ChainStatus {
   role: string;
@@ -44,26 +31,38 @@ interface ChainStatus {
   replicas?: { state: string; playedSet: number; remoteVolume: string; peer: string }[];
 }
 
+/**
+ * Three daemons on fixed ports: volume v on A with `batch` seeded writes, A → B sync (with
+ * abArgs), B → C async at cut interval bcCut (beforeForward runs on B first); both in sync.
+ */
+async function threeSites(seedName: string, batch: number, abArgs: string[], bcCut: string, beforeForward?: (b: TestDaemon, pc: DaemonPorts) => void) {
+  const rnd = prng(testSeed(seedName));
+  const pa = await ports();
+  const pb = await ports();
+  const pc = await ports();
+  const a = await daemon(pa);
+  const b = await daemon(pb);
+  const c = await daemon(pc);
+  cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
+  const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
+  await w.batch(batch);
+  cliOk(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pb.repl}`, '--mode', 'sync', ...abArgs]);
+  await waitInSync(a, 'v');
+  beforeForward?.(b, pc);
+  cliOk(b, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--cut-interval', bcCut]);
+  await waitInSync(b, 'v');
+  return { rnd, pa, pb, pc, a, b, c, w };
+}
+
 describe('three-site cascade A → B (sync) → C (async)', () => {
   it('converges under a writer; A lost: B fails over with nothing lost and C follows B; C lost: it catches up on return', async () => {
-    const seed = testSeed('cascade');
-    const rnd = prng(seed);
-    const pa = await ports();
-    const pb = await ports();
-    const pc = await ports();
-    const a = await daemon(pa);
-    let b = await daemon(pb);
-    let c = await daemon(pc);
-    cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
-    const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
-    await w.batch(200);
-    cliOk(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pb.repl}`, '--mode', 'sync', '--cut-interval', '500ms']);
-    await waitInSync(a, 'v');
-    // B forwards to C: refused as sync, accepted as async.
-    const syncDown = b.cli(['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--mode', 'sync']);
-    expect(syncDown.status, syncDown.stderr).toBe(2);
-    cliOk(b, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--cut-interval', '300ms']);
-    await waitInSync(b, 'v');
+    const site = await threeSites('cascade', 200, ['--cut-interval', '500ms'], '300ms', (b, pc) => {
+      // B forwards to C: refused as sync, accepted as async.
+      const syncDown = b.cli(['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--mode', 'sync']);
+      expect(syncDown.status, syncDown.stderr).toBe(2);
+    });
+    const { a, pb, pc, rnd, w } = site;
+    let { b, c } = site;
     await expectVolumeEquals(c.nbdPort, 'v', w.model, 'C after its initial copy from B');
 
     // Under a writer: A → B streams, B cuts its own sets for C at its consistent points.
@@ -148,21 +147,9 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
 
 describe('cascade: the middle lost', () => {
   it('B lost: C moves to A with only the blocks A changed since the set C holds; B returns as A\'s sync replica', async () => {
-    const seed = testSeed('cascade-b-lost');
-    const rnd = prng(seed);
-    const pa = await ports();
-    const pb = await ports();
-    const pc = await ports();
-    const a = await daemon(pa);
-    let b = await daemon(pb);
-    const c = await daemon(pc);
-    cliOk(a, ['volume', 'create', 'v', '--size', String(SIZE)]);
-    const w = await SeededWriter.connect(a.nbdPort, 'v', SIZE, rnd);
-    await w.batch(300);
-    cliOk(a, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pb.repl}`, '--mode', 'sync', '--cut-interval', '300ms', '--sync-timeout', '500ms']);
-    await waitInSync(a, 'v');
-    cliOk(b, ['replica', 'add', 'v', '--peer', `127.0.0.1:${pc.repl}`, '--cut-interval', '200ms']);
-    await waitInSync(b, 'v');
+    const site = await threeSites('cascade-b-lost', 300, ['--cut-interval', '300ms', '--sync-timeout', '500ms'], '200ms');
+    const { a, pa, pb, pc, c, w } = site;
+    let { b } = site;
     // A learns where C stands through B's reports; a few rounds of writes make C confirm a
     // set of A's from after A began tracking it.
     type Distant = { pairId: string; confirmedSet: number; trackedFrom: number; differential: boolean; blocks: number };
@@ -212,11 +199,6 @@ describe('cascade: the middle lost', () => {
   });
 });
 
-function blocksDiffering(x: Buffer, y: Buffer): Set<number> {
-  const out = new Set<number>();
-  for (let i = 0; i * 4096 < x.length; i++) if (!x.subarray(i * 4096, (i + 1) * 4096).equals(y.subarray(i * 4096, (i + 1) * 4096))) out.add(i);
-  return out;
-}
 
 async function readAll(port: number): Promise<Buffer> {
   const cl = await MiniNbdClient.connect(port, 'v');

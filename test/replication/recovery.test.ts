@@ -9,44 +9,24 @@
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/recovery.test.ts
 
 import { afterAll, describe, expect, it } from 'vitest';
-import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import type { TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { prng, testSeed } from '../helpers/seed.js';
-import { cliOk, cliOkAsync, expectVolumeEquals, FollowingWriter, freePort, replStatus, SeededWriter, sha256File, waitInSync, waitStatus } from '../helpers/replication.js';
+import { blocksDiffering, cliOk, cliOkAsync, DaemonFleet, type DaemonPorts, expectVolumeEquals, FollowingWriter, freePorts, replStatus, SeededWriter, sha256File, waitInSync, waitStatus } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 const BS = 4096;
 
-const daemons: TestDaemon[] = [];
-afterAll(async () => {
-  await Promise.all(daemons.splice(0).map((d) => d.dispose()));
-});
-
-interface Ports {
-  nbd: number;
-  control: number;
-  repl: number;
-}
-async function ports(): Promise<Ports> {
-  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
-}
+const fleet = new DaemonFleet();
+afterAll(() => fleet.dispose());
+const ports = freePorts;
 /** A daemon on fixed ports (so it can be restarted at the same address), data on tmpfs. */
-async function daemon(p: Ports, dataDir?: string): Promise<TestDaemon> {
-  const d = await startDaemon({ tmpfs: true, ...(dataDir ? { dataDir } : {}), extraArgs: ['--port', String(p.nbd), '--control-port', String(p.control), '--repl-port', String(p.repl)] });
-  daemons.push(d);
-  return d;
-}
+const daemon = (p: DaemonPorts, dataDir?: string): Promise<TestDaemon> => fleet.start(p, dataDir);
 
 const cli = cliOk;
 const cliAsync = cliOkAsync;
 
-/** Blocks (4 KiB) whose content differs between two equal-sized buffers. */
-function blocksDiffering(x: Buffer, y: Buffer): Set<number> {
-  const out = new Set<number>();
-  for (let b = 0; b * BS < x.length; b++) if (!x.subarray(b * BS, (b + 1) * BS).equals(y.subarray(b * BS, (b + 1) * BS))) out.add(b);
-  return out;
-}
 
 describe('disaster recovery over loopback', () => {
   it('failover after a crash, fencing, resync moving only what differs, failback without loss', async () => {

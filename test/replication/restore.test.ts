@@ -9,38 +9,20 @@
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/replication/restore.test.ts
 
 import { afterAll, describe, expect, it } from 'vitest';
-import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import type { TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { prng, testSeed } from '../helpers/seed.js';
-import { cliOk, expectVolumeEquals, freePort, replStatus, SeededWriter, waitInSync, waitStatus } from '../helpers/replication.js';
+import { blocksDiffering, cliOk, DaemonFleet, type DaemonPorts, expectVolumeEquals, freePorts, replStatus, SeededWriter, waitInSync, waitStatus } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const BS = 4096;
 
-const daemons: TestDaemon[] = [];
-afterAll(async () => {
-  await Promise.all(daemons.splice(0).map((d) => d.dispose()));
-});
+const fleet = new DaemonFleet();
+afterAll(() => fleet.dispose());
+const ports = freePorts;
+/** A daemon on fixed ports (so it can be restarted at the same address), data on tmpfs. */
+const daemon = (p: DaemonPorts, dataDir?: string): Promise<TestDaemon> => fleet.start(p, dataDir);
 
-interface Ports {
-  nbd: number;
-  control: number;
-  repl: number;
-}
-async function ports(): Promise<Ports> {
-  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
-}
-async function daemon(p: Ports, dataDir?: string): Promise<TestDaemon> {
-  const d = await startDaemon({ tmpfs: true, ...(dataDir ? { dataDir } : {}), extraArgs: ['--port', String(p.nbd), '--control-port', String(p.control), '--repl-port', String(p.repl)] });
-  daemons.push(d);
-  return d;
-}
-
-function blocksDiffering(x: Buffer, y: Buffer): Set<number> {
-  const out = new Set<number>();
-  for (let b = 0; b * BS < x.length; b++) if (!x.subarray(b * BS, (b + 1) * BS).equals(y.subarray(b * BS, (b + 1) * BS))) out.add(b);
-  return out;
-}
 
 /** Overwrites `count` distinct random blocks with random bytes (as ransomware would); returns them. */
 async function damage(port: number, model: Buffer, count: number, rnd: () => number): Promise<Set<number>> {
