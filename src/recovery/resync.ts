@@ -33,7 +33,7 @@ import { PROTOCOL_VERSION, type Frame, type ReplMessage, type Runs } from '../re
 import { Session } from './session.js';
 import * as L from '../replication/limits.js';
 import type { RecoveryContext } from './context.js';
-import { syncConfigOf, type PairRecord } from './role-record.js';
+import { syncConfigOf, type PairConfig, type PairRecord } from './role-record.js';
 import { UNPLAYED_FILE } from './failover.js';
 
 const DIVERGENT_FILE = 'resync-divergent.json';
@@ -532,13 +532,7 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   const r = ctx.replicator(volume);
   const pair = await r.addPair(
     {
-      peerHost: hello.returnHost || link.remoteAddress,
-      peerPort: hello.returnPort,
-      remoteVolume: hello.replicaVolume,
-      cutIntervalMs: L.cutIntervalMsDefault,
-      highWaterBytes: L.cutHighWaterBytesDefault,
-      retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
-      peerIdentity: link.conn.peerIdentity,
+      ...pairToRequester(link, hello),
       // The pair was sync before the roles swapped: it stays sync.
       ...syncConfigOf(f?.sync),
     },
@@ -566,6 +560,19 @@ async function acceptResync(ctx: RecoveryContext, link: Link, hello: ResyncHello
   return { pairId: pair.id, baseSet: pair.initialCopy.baseSet };
 }
 
+/** The new pair's settings: back to the volume that asked, as it gave its address, bound to the identity it proved. */
+function pairToRequester(link: Link, hello: ResyncHello): PairConfig {
+  return {
+    peerHost: hello.returnHost || link.remoteAddress,
+    peerPort: hello.returnPort,
+    remoteVolume: hello.replicaVolume,
+    cutIntervalMs: L.cutIntervalMsDefault,
+    highWaterBytes: L.cutHighWaterBytesDefault,
+    retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+    peerIdentity: link.conn.peerIdentity,
+  };
+}
+
 /**
  * A replica of one of this volume's replicas registers as its own replica (its middle is
  * lost): a pair whose copy moves the blocks changed since the set it holds, or everything.
@@ -580,15 +587,7 @@ async function acceptDistant(ctx: RecoveryContext, link: Link, hello: ResyncHell
   const full = commit.full || !ok;
   const record = r.distant.blocksFor(distantPairId).record;
   const pair = await r.addPair(
-    {
-      peerHost: hello.returnHost || link.remoteAddress,
-      peerPort: hello.returnPort,
-      remoteVolume: hello.replicaVolume,
-      cutIntervalMs: L.cutIntervalMsDefault,
-      highWaterBytes: L.cutHighWaterBytesDefault,
-      retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
-      peerIdentity: link.conn.peerIdentity,
-    },
+    pairToRequester(link, hello),
     {
       id: commit.pairId,
       copy: full
