@@ -305,7 +305,13 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   const waiting = waitingOf(ctx);
   if (waiting.has(volume)) throw new DeltavolError('ROLE_CONFLICT', `a takeover of ${volume} is already under way`);
   const generationBefore = role.generation;
-  const baseSet = OutboundLog.lastSetIn(ctx.stateFs(volume));
+  // The middle of a cascade cuts no more sets of its own from here: the new pair to the old
+  // primary starts at its last set (the old primary holds everything up to it), and what it
+  // plays until the swap goes to its own replicas as pending blocks (forwardEverything).
+  const fwd = ctx.openedReplicator(volume);
+  fwd?.holdCuts(true);
+  while (fwd?.cutting) await sleep(ctx.platform.clock, 10);
+  const baseSet = fwd ? fwd.outbound.lastSet : OutboundLog.lastSetIn(ctx.stateFs(volume));
   const answer = new Promise<HandoverMsg>((resolve, reject) => waiting.set(volume, { resolve, reject }));
   const timer = ctx.platform.clock.after(handoverMsMax, () => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `no handover from the primary within ${handoverMsMax / 1000} s`)));
   link.onClose((reason) => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `the link to the primary went down: ${reason}`)));
@@ -315,14 +321,21 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
     m = await answer;
   } catch (e) {
     if (!link.closed) link.send({ t: 'handoverAbort', reason: (e as Error).message });
+    fwd?.holdCuts(false);
     throw e;
   } finally {
     timer();
     waiting.delete(volume);
   }
-  if (m.generation !== generationBefore + 1) throw new DeltavolError('PEER_REFUSED', `the primary offered generation ${m.generation}, expected ${generationBefore + 1}`);
+  if (m.generation !== generationBefore + 1) {
+    fwd?.holdCuts(false);
+    throw new DeltavolError('PEER_REFUSED', `the primary offered generation ${m.generation}, expected ${generationBefore + 1}`);
+  }
   // Every set up to lastSet must be played here before this side may take writes.
-  const { played } = await rv.halt(false);
+  const { played } = await rv.halt(false).catch((e: Error) => {
+    fwd?.holdCuts(false);
+    throw e;
+  });
   let takenOverAtMs = 0;
   try {
     if (up.playedSet !== m.lastSet || !up.consistent) throw new DeltavolError('IO', `set ${m.lastSet} is not played here (played ${up.playedSet}): handover called off`);
@@ -366,12 +379,15 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
       rv.resumeAfterHalt();
       if (!link.closed) link.send({ t: 'handoverAbort', reason: (e as Error).message });
     }
+    fwd?.holdCuts(false);
     throw e;
   }
   const rtoMs = ctx.platform.clock.now() - started;
   if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId, atMs: takenOverAtMs });
   await ctx.closeReplica(volume);
-  ctx.replicator(volume).start(); // its sender dials the old primary as the new pair (a cascade's middle had a replicator already)
+  const r = ctx.replicator(volume);
+  r.start(); // its sender dials the old primary as the new pair (a cascade's middle had a replicator already)
+  r.holdCuts(false); // (the new pair holds what it needs from here)
   ctx.log.info({ volume, generation: role.generation, lastSet: m.lastSet, rtoMs, setsPlayed: played.length, how }, `${how}: this volume is now the primary, nothing lost`);
   return { volume, generation: role.generation, previousGeneration: generationBefore, lastSet: m.lastSet, rtoMs, lostWrites: 0, how };
 }

@@ -96,6 +96,10 @@ export interface PairRecord extends PairConfig {
    * primary can later ship to it directly from there (seed 002). Absent: unknown.
    */
   upstreamPlayed?: number;
+  /** When that upstream set was cut on its primary (that primary's clock; null: unknown). */
+  upstreamPlayedCutAtMs?: number | null;
+  /** The oldest change among its pending blocks (they are at risk since then); absent or null: none known. */
+  pendingSinceMs?: number | null;
 }
 
 /** The pair this replica receives from. */

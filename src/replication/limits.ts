@@ -98,3 +98,5 @@ export const restoreIdleMsMax = 120_000;
 
 /** A cut on a cascade's middle waits at most this long for a consistent point (between two played sets). */
 export const cutGateWaitMsMax = 30_000;
+/** A cascade's middle taking over cuts what it played for its replicas for at most this long (then: pending blocks). */
+export const forwardCutMsMax = 5_000;

@@ -41,8 +41,8 @@ interface CutRequest {
   /** No set: a snapshot holding every change, and an empty change log (first replica). */
   forget?: boolean;
   /**
-   * A cascade's middle about to forget its change log (a failover, a split, a takeover):
-   * cut now, at a consistent point or not; `partial` marks the sets when it is not.
+   * A cascade's middle about to empty its change log (a failover, a split, a takeover):
+   * cut now, at a consistent point or not (`partial` marks the set when it is not).
    */
   ungated?: boolean;
   partial?: boolean;
@@ -62,8 +62,10 @@ export interface ReplicatorHooks {
   onInitialCopyDone(p: PairRecord): void;
   /** A cascade: what is upstream of this volume when it is a replica itself ([] otherwise). */
   upstreamChain(): ChainHop[];
-  /** A cascade's middle: the set of its primary it has played whole (null: not a replica, or not at a point in time). */
-  upstreamPosition(): number | null;
+  /** A cascade's middle: the set of its primary it has played whole and when that set was cut there (null: not a replica, or not at a point in time). */
+  upstreamPosition(): { set: number; cutAtMs: number | null } | null;
+  /** A cascade's middle: since when its primary's writes may be missing here (its primary's last report; null: nothing known at risk). */
+  upstreamRiskSinceMs(): number | null;
 }
 
 /** How a new pair's replica gets its first copy. */
@@ -113,12 +115,13 @@ export class VolumeReplicator implements PairHost {
    * barrier), or its sets would carry half of one. Null: any time (a primary).
    */
   private cutGate: (() => boolean) | null = null;
+  private cutsHeld = false;
   /**
    * A cascade's middle: for each set it cut at a consistent point (whole), the set of its
    * own primary it equals there. Kept in memory until every pair played it: after a
    * restart the replicas' upstreamPlayed stays where it was (an older position is safe).
    */
-  private readonly upstreamOfSet = new Map<number, number>();
+  private readonly upstreamOfSet = new Map<number, { set: number; cutAtMs: number | null }>();
   /** Replicas of this volume's replicas (cascade): what they lack, should their middle be lost. */
   readonly distant: DistantTracker;
   private lastCutMs: number;
@@ -420,8 +423,9 @@ export class VolumeReplicator implements PairHost {
     // A cascade's middle: which of its primary's sets the replica now holds whole (the
     // initial copy's base set too, acknowledged as played when the copy is done).
     const up = this.upstreamOfSet.get(played);
-    if (up !== undefined && up > (p.upstreamPlayed ?? -1) && p.playedSet === played) {
-      p.upstreamPlayed = up;
+    if (up !== undefined && up.set > (p.upstreamPlayed ?? -1) && p.playedSet === played) {
+      p.upstreamPlayed = up.set;
+      p.upstreamPlayedCutAtMs = up.cutAtMs;
       changed = true;
     }
     for (const k of [...this.upstreamOfSet.keys()]) if (k < played && this.role.pairs.every((x) => x.playedSet > k)) this.upstreamOfSet.delete(k);
@@ -481,6 +485,38 @@ export class VolumeReplicator implements PairHost {
   }
 
   /** The replica's own writes during a split: they travel in the next (catch-up) set. */
+  /**
+   * A cascade's middle is about to empty its change log (a split, a failover, a takeover)
+   * without a consistent point to cut at: every pair is detached, with those blocks and the
+   * blocks of every set it has not acknowledged in its pending bitmap (durable now), so its
+   * next set is one catch-up set from where it stands: a replica never plays sets cut after
+   * this point without the blocks cut before it (it would claim a point in time it never
+   * had; the simulator found that).
+   */
+  forwardPending(blocks: ReadonlyBitmap, reason: string): void {
+    for (const p of this.role.pairs) {
+      const bits = this.pending.get(p.id)!;
+      blocks.forEachRun((s, c) => bits.setRange(s, c));
+      // (Their age: the uncut changes', or, on a cascade's middle, the primary's cut of the set the replica holds.)
+      if (blocks.count() > 0) this.notePendingSince(p, Math.min(this.firstChangeMs ?? this.lastCutMs, p.upstreamPlayedCutAtMs ?? Infinity));
+      if (!p.detached) {
+        const from = this.holdFrom(p);
+        for (const set of this.outbound.sets) {
+          if (set.set < from) continue;
+          for (const [b, c] of this.outbound.setBlocks(set)) if (b + c <= bits.bitsTotal) bits.setRange(b, c);
+          this.notePendingSince(p, set.firstChangeAtMs);
+        }
+      }
+      this.savePending(p.id);
+      p.detached = true;
+      p.catchUp = null;
+    }
+    this.saveState();
+    this.releaseSets();
+    this.log.info({ blocks: blocks.count(), pairs: this.role.pairs.length, reason }, 'changes not yet cut go to the pairs as pending blocks: each catches up in one set');
+    this.poke();
+  }
+
   addSplitWrites(p: PairRecord, runs: Runs): void {
     if (runs.length === 0) return;
     const bits = this.pending.get(p.id)!;
@@ -506,6 +542,9 @@ export class VolumeReplicator implements PairHost {
   }
 
   private releaseSets(): void {
+    // (A cascade's middle taking over: its new pair to the old primary is not recorded yet
+    // and will need the sets cut meanwhile, the one forwarding its last changes among them.)
+    if (this.cutsHeld) return;
     let hold = Infinity;
     for (const p of this.role.pairs) hold = Math.min(hold, this.holdFrom(p));
     const upTo = hold === Infinity ? this.outbound.lastSet : hold - 1;
@@ -519,6 +558,11 @@ export class VolumeReplicator implements PairHost {
    * The log is full: pairs that hold its oldest set and are not connected give their
    * place up; what they miss goes to their pending bitmap (durable first).
    */
+  /** Pending blocks of p made at t or later were added: they are at risk since the oldest. */
+  private notePendingSince(p: PairRecord, t: number): void {
+    if (p.pendingSinceMs === undefined || p.pendingSinceMs === null || t < p.pendingSinceMs) p.pendingSinceMs = t;
+  }
+
   private detachStalled(): boolean {
     const oldest = this.outbound.sets[0]?.set;
     if (oldest === undefined) return false;
@@ -527,7 +571,11 @@ export class VolumeReplicator implements PairHost {
       if (this.holdFrom(p) !== oldest || this.senders.get(p.id)?.connected) continue;
       const bits = this.pending.get(p.id)!;
       const from = this.holdFrom(p);
-      for (const s of this.outbound.sets) if (s.set >= from) for (const [b, c] of this.outbound.setBlocks(s)) bits.setRange(b, c);
+      for (const s of this.outbound.sets) {
+        if (s.set < from) continue;
+        for (const [b, c] of this.outbound.setBlocks(s)) bits.setRange(b, c);
+        this.notePendingSince(p, s.firstChangeAtMs);
+      }
       this.savePending(p.id);
       p.detached = true;
       p.catchUp = null;
@@ -573,8 +621,18 @@ export class VolumeReplicator implements PairHost {
     this.cutGate = gate;
   }
 
+  /**
+   * A cascade's middle taking over from its primary: no sets of its own and none released
+   * until it is the primary with its new pair (or the takeover is off).
+   */
+  holdCuts(on: boolean): void {
+    this.cutsHeld = on;
+    if (!on) this.releaseSets();
+  }
+
   /** Whether a cut may start now: no gate, or the gate is open and the volume is not quiescing for something else. */
   private cutPointOpen(): boolean {
+    if (this.cutsHeld) return false;
     return this.cutGate === null || (this.cutGate() && !this.volume.quiescing);
   }
 
@@ -590,11 +648,12 @@ export class VolumeReplicator implements PairHost {
 
   private tick(): void {
     if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
-    if (!this.cutPointOpen()) return;
     const changed = this.volume.changedBlockCount();
     const now = this.platform.clock.now();
     if (changed === 0) this.lastQuietMs = now;
     else if (this.firstChangeMs === null) this.firstChangeMs = this.lastQuietMs;
+    // (After the bookkeeping: a cascade's middle notes its changes' age even when it may not cut.)
+    if (!this.cutPointOpen()) return;
     const pairs = this.role.pairs;
     const active = pairs.filter((p) => !p.operatorSuspended);
     let interval = Infinity;
@@ -674,7 +733,7 @@ export class VolumeReplicator implements PairHost {
 
   private async cutSerial(options: CutRequest): Promise<number | null> {
     const deadline = this.platform.clock.now() + L.cutGateWaitMsMax;
-    while (options.ungated ? this.building : !this.cutPointFree()) await this.cutTurn(deadline);
+    while (options.ungated ? this.building !== null : !this.cutPointFree()) await this.cutTurn(deadline);
     // (No await between the check and the cut: its cut point is fixed in this turn.)
     const p = this.cutOnce(options);
     this.building = p;
@@ -723,11 +782,28 @@ export class VolumeReplicator implements PairHost {
     }
   }
 
+  /**
+   * A cascade's middle about to empty its change log: cuts what is left into sets for its
+   * replicas now (partial: the volume is between two points in time), for at most
+   * deadlineMs (the outbound log may have no room while a replica is slow); true when
+   * nothing is left uncut.
+   */
+  async cutForward(reason: string, partial: boolean, deadlineMs: number): Promise<boolean> {
+    const deadline = this.platform.clock.now() + deadlineMs;
+    for (let i = 0; i < 1_000_000; i++) {
+      if (this.volume.unshippedBlockCount() === 0 && !this.building) return true;
+      if (this.platform.clock.now() > deadline) return false;
+      const n = await this.cutSerial({ reason, ungated: true, partial });
+      if (n === null && this.volume.unshippedBlockCount() > 0) await sleep(this.platform.clock, 50);
+    }
+    return false;
+  }
+
   /** Cuts until nothing changed is left uncut (a planned handover's last sets). Returns the last set. */
-  async cutEverything(reason: string, o: { ungated?: boolean; partial?: boolean } = {}): Promise<number> {
+  async cutEverything(reason: string): Promise<number> {
     for (let i = 0; i < 1_000_000; i++) {
       if (this.volume.unshippedBlockCount() === 0 && !this.building) return this.outbound.lastSet;
-      const n = await this.cutSerial({ reason, ...o });
+      const n = await this.cutSerial({ reason });
       if (n === null && this.volume.unshippedBlockCount() > 0) await sleep(this.platform.clock, 50);
     }
     throw new DeltavolError('DELTA_SET_BUSY', 'changes keep coming: the backlog does not drain');
@@ -775,11 +851,17 @@ export class VolumeReplicator implements PairHost {
     const n = this.outbound.lastSet + 1;
     const firstChange = this.firstChangeMs ?? now;
     // (A cascade's middle at a consistent point: this set, if whole, leaves its replicas at its primary's set u.)
-    const u = this.cutGate !== null && !options.ungated && !partial ? this.hooks.upstreamPosition() : null;
+    const u = this.cutGate !== null && !partial && !options.ungated ? this.hooks.upstreamPosition() : null;
     if (u !== null) this.upstreamOfSet.set(n, u);
+    // Its time is that of the primary's cut it equals: every write the primary acknowledged
+    // before then is in it (its replica's failover report counts from there, not from now).
+    const stamp = u !== null && u.cutAtMs !== null && u.cutAtMs < now ? u.cutAtMs : now;
     // A dataless set is partial to whoever plays it from the log (a stream that broke): its
     // blocks come later, in a catch-up set.
-    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless || options.partial === true, now, firstChange);
+    // A catch-up set carries pending blocks as old as its pairs' pendingSinceMs.
+    let setFirstChange = Math.min(firstChange, stamp);
+    for (const p of catchUps) if (p.pendingSinceMs !== undefined && p.pendingSinceMs !== null) setFirstChange = Math.min(setFirstChange, p.pendingSinceMs);
+    const writer = this.outbound.beginSet(n, this.role.generation, bs, blocksTotal, partial || dataless || options.partial === true, stamp, setFirstChange);
     await this.volume.buildDeltaSet(n, writer, {
       ...(changed > blocksMax ? { blocksMax } : {}),
       ...(extra.count() > 0 ? { extra } : {}),
@@ -805,13 +887,21 @@ export class VolumeReplicator implements PairHost {
       }
     }
     this.saveState();
+    let sinceMoved = false;
     for (const p of this.role.pairs) {
       const bits = this.pending.get(p.id)!;
-      if (shrink.includes(p)) bits.difference(writer.members);
-      else if (p.detached) bits.union(writer.members);
-      else continue;
+      const before = p.pendingSinceMs;
+      if (shrink.includes(p)) {
+        bits.difference(writer.members);
+        if (bits.count() === 0) p.pendingSinceMs = null;
+      } else if (p.detached) {
+        bits.union(writer.members);
+        this.notePendingSince(p, setFirstChange);
+      } else continue;
       this.savePending(p.id);
+      if (p.pendingSinceMs !== before) sinceMoved = true;
     }
+    if (sinceMoved) this.saveState();
     // (The set may be acknowledged and released already: the engine checkpoints after the commit.)
     this.log.debug({ set: n, blocks: writer.blockCount, bytes: writer.blockCount * bs, partial, reason: options.reason, catchUps: catchUps.map((p) => p.id), ms: this.platform.clock.now() - now }, 'delta set cut');
     for (const sender of this.senders.values()) sender.wake();
@@ -849,6 +939,22 @@ export class VolumeReplicator implements PairHost {
    * it holds everything): what a failover on that replica would lose now (its RPO).
    */
   atRiskSinceMs(p: PairRecord): number | null {
+    const own = this.ownRiskSinceMs(p);
+    if (this.cutGate === null) return own;
+    // A cascade's middle: the writes at risk are its primary's. Those acknowledged before
+    // the cut of the primary's set that the replica holds whole are on it; later ones may
+    // not be (when it lacks anything of this node), and whatever this node lacks of its
+    // primary is at risk on both.
+    const upstream = this.hooks.upstreamRiskSinceMs();
+    let since = upstream;
+    if (own !== null) {
+      const held = p.upstreamPlayedCutAtMs ?? own;
+      since = since === null ? Math.min(held, own) : Math.min(since, held, own);
+    }
+    return since;
+  }
+
+  private ownRiskSinceMs(p: PairRecord): number | null {
     // Streaming: the replica has every write whose reply went out; at risk is what waits for it.
     const st = this.streams.get(p.id);
     if (st?.state === 'streaming') return st.oldestUnackedAtMs;
@@ -860,7 +966,7 @@ export class VolumeReplicator implements PairHost {
       consider(s.firstChangeAtMs);
       break;
     }
-    if (p.detached || this.pending.get(p.id)!.count() > 0) consider(this.lastCutMs);
+    if (p.detached || this.pending.get(p.id)!.count() > 0) consider(p.pendingSinceMs ?? this.lastCutMs);
     if (this.volume.unshippedBlockCount() > 0) consider(this.firstChangeMs ?? this.lastCutMs);
     if (!p.initialCopy.done) consider(Date.parse(p.createdAt));
     return since;

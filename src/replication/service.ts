@@ -164,7 +164,13 @@ export class ReplicationService implements RecoveryContext {
       upstreamChain: () => this.upstreamChainOf(volume),
       upstreamPosition: () => {
         const role = this.role(volume);
-        return role.role === 'replica' && role.upstream!.consistent && this.replicas.get(volume)?.atConsistentPoint() ? role.upstream!.playedSet : null;
+        const up = role.upstream;
+        return role.role === 'replica' && up!.consistent && this.replicas.get(volume)?.atConsistentPoint() ? { set: up!.playedSet, cutAtMs: up!.playedCutAtMs } : null;
+      },
+      upstreamRiskSinceMs: () => {
+        const role = this.role(volume);
+        const rv = this.replicas.get(volume);
+        return role.role === 'replica' && rv ? rv.rpo().atRiskSinceMs : null;
       },
     };
   }
@@ -211,15 +217,20 @@ export class ReplicationService implements RecoveryContext {
 
   /**
    * The middle of a cascade is about to empty its change log (a split, a failover, a
-   * takeover): what it played goes into sets for its own replicas first (partial when the
-   * volume is between two points in time).
+   * takeover): what it played and did not cut yet is cut for its replicas first (a partial
+   * set when it is between two points in time). Only if the outbound log has no room for
+   * it within the bound do those blocks become the pairs' pending blocks instead (each then
+   * catches up in one set), so the takeover does not wait on a slow distant replica.
    */
   async forwardEverything(volume: string, reason: string): Promise<void> {
     const r = this.replicators.get(volume);
     const role = this.role(volume);
     if (!r || role.pairs.length === 0) return;
     const consistent = role.upstream?.consistent ?? true;
-    await r.cutEverything(reason, { ungated: true, partial: !consistent });
+    if (await r.cutForward(reason, !consistent, L.forwardCutMsMax)) return;
+    // (The change log's pending blocks include those of a set being built: sent twice, harmless.)
+    const changed = this.host.require(volume).changedBlocks();
+    if (changed.count() > 0) r.forwardPending(changed, reason);
   }
 
   async closeReplica(volume: string): Promise<void> {

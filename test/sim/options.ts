@@ -67,6 +67,8 @@ export interface ScenarioOptions {
   /** Pairs in mode sync (two-node runs), with this fence policy and timeout; null: async. */
   sync: { fence: 'never' | 'data'; timeoutMs: number } | null;
   weights: StepWeights;
+  /** Three nodes: C is the replica of B, which is A's replica (seed 002's cascade); else both follow A. */
+  cascade: boolean;
 }
 
 export function pickOptions(seed: number): ScenarioOptions {
@@ -132,8 +134,15 @@ export function pickOptions(seed: number): ScenarioOptions {
     failoverForceProbability: pick([0, 0.1, 0.3]),
     partitionMsMax: pick([2000, 10_000, 40_000]),
     sync: pickSync(seed),
+    cascade: pickCascade(seed),
     weights,
   };
+}
+
+/** Three-node runs: in about two in five, C replicates from B, itself A's replica (a cascade), drawn apart like pickSync. */
+function pickCascade(seed: number): boolean {
+  const r = prng((seed ^ 0xca5cade5) >>> 0);
+  return r() < 0.4;
 }
 
 /** Sync pairs in about half the runs, drawn apart so the other options of a seed stay as they were. */

@@ -174,6 +174,12 @@ export class Scenario {
   private readonly models = new Map<string, Timeline | null>();
   /** Pair id → the timeline of the primary that ships it. */
   private readonly pairTimelines = new Map<string, Timeline>();
+  /**
+   * Cascade pairs of a middle that took over: its replica may still show a state of the
+   * old primary's timeline from before the takeover (it lags): that timeline and how many
+   * of its states came before the fork. Such states count as earlier than any of the new.
+   */
+  private readonly pairParents = new Map<string, { t: Timeline; before: number }>();
   private readonly roles = new Map<string, RoleState | null>();
   private readonly dirty = new Set<string>();
   private readonly expected = new Map<string, Map<string, ExpectedSnapshot>>();
@@ -327,6 +333,19 @@ export class Scenario {
     return id === undefined ? undefined : this.pairTimelines.get(id);
   }
 
+  /**
+   * Index of v among the states the replica's pair ships (-1: none of them); states of the
+   * timeline before a cascade middle's takeover get negative indices (they come first).
+   */
+  private stateIndex(s: RoleState, t: Timeline, v: Int32Array): number {
+    const k = t.prefixIndex(v);
+    if (k >= 0) return k;
+    const parent = this.pairParents.get(s.upstream?.pairId ?? '');
+    if (!parent) return -1;
+    const j = parent.t.prefixIndex(v);
+    return j >= 0 && j < parent.before ? j - parent.before - 2 : -1;
+  }
+
   /** The primary (not a replica) of the highest generation other than n, if any. */
   private newestPrimary(except?: SimNode): SimNode | undefined {
     let best: SimNode | undefined;
@@ -443,6 +462,9 @@ export class Scenario {
       }
       const t = this.models.get(name);
       if (t && next.role === 'primary') for (const pair of next.pairs) if (!this.pairTimelines.has(pair.id)) this.pairTimelines.set(pair.id, t);
+      // A cascade's middle forwards what it plays: its replica shows states of its primary's timeline.
+      const up = next.role === 'replica' ? this.timelineOf(next) : undefined;
+      if (up) for (const pair of next.pairs) if (!this.pairTimelines.has(pair.id)) this.pairTimelines.set(pair.id, up);
     }
   }
 
@@ -466,6 +488,20 @@ export class Scenario {
       if (!old) this.log(`${n.name}: took over from ${prev.upstream?.primaryVolume}, which no node holds: not checked`);
       else if (next.failover.kind === 'unplanned') this.checkUnplannedFailover(n, old, t, next, prev);
       else this.checkPlannedTakeover(n, old, t);
+      // A cascade's middle: its replicas follow it now, on its new timeline (lagging ones still on the old).
+      const mine = this.models.get(n.name);
+      for (const pair of prev.pairs) {
+        if (!mine) continue;
+        const was = this.pairTimelines.get(pair.id);
+        this.pairTimelines.set(pair.id, mine);
+        if (!was) continue;
+        this.pairParents.set(pair.id, { t: was, before: was.stateCount });
+        // Its replica's position moves into the new numbering (the old states come first).
+        for (const x of this.nodes) {
+          const c = this.replicaCursor.get(x.name);
+          if (this.roles.get(x.name)?.upstream?.pairId === pair.id && c !== undefined && c >= 0) this.replicaCursor.set(x.name, c - was.stateCount - 2);
+        }
+      }
       return;
     }
     // Became a replica.
@@ -525,7 +561,18 @@ export class Scenario {
     } else {
       const since = r ? r.atRiskSinceMs : null;
       const consistent = r?.consistent ?? true;
-      const why = t.explain(v, t.ackedBefore(since), consistent);
+      let why = t.explain(v, t.ackedBefore(since), consistent);
+      // The end of a cascade whose middle took over: it may still be at a state of the
+      // middle's primary from before that takeover (it lags): then every write acknowledged
+      // before `since` must be there, and none of the middle's own writes may be required.
+      const parent = this.pairParents.get(before.upstream?.pairId ?? '');
+      if (why && parent && t.ackedBefore(since).length === 0) {
+        const older = parent.t.ackedBefore(since).filter((w) => w.index < parent.before);
+        if (parent.t.explain(v, older, consistent) === null) {
+          this.log(`${n.name}: failover ok: at a state of ${parent.t.label} from before ${old.name} took over; all ${older.length} writes acknowledged before the report's time are here`);
+          why = null;
+        }
+      }
       if (why) this.classifyLoss(n, old, t, v, since, consistent, before, why);
       if (this.stopped) return;
       const acked = t.ackedBefore(null);
@@ -611,12 +658,12 @@ export class Scenario {
     const p = { name: t.label };
     const v = this.read(n);
     if (!v) return;
-    const k = t.prefixIndex(v);
-    if (k < 0) {
+    const k = this.stateIndex(s, t, v);
+    if (k === -1) {
       this.fail(`${n.name} (replica, ${why}) shows a state its primary ${p.name} never had: ${t.describeDiff(v)}`);
       return;
     }
-    const before = this.replicaCursor.get(n.name) ?? -1;
+    const before = this.replicaCursor.get(n.name) ?? -Infinity;
     if (k < before) this.fail(`${n.name} (replica, ${why}) went back from state ${before} to ${k} of ${p.name}`);
     this.replicaCursor.set(n.name, k);
   }
@@ -861,7 +908,7 @@ export class Scenario {
       if (why) return this.fail(`${n.name}: snapshot ${name} (${what}) is not a state of the volume holding every write acknowledged before it was asked for: ${why}`);
     } else if (s?.role === 'replica' && s.upstream?.consistent && s.upstream.initialCopy.done && !s.upstream.resync) {
       const p = this.timelineOf(s);
-      if (p && p.prefixIndex(snap) < 0) return this.fail(`${n.name}: replica snapshot ${name} is no state of its primary: ${p.describeDiff(snap)}`);
+      if (p && p.prefixIndex(snap) < 0 && this.stateIndex(s, p, snap) === -1) return this.fail(`${n.name}: replica snapshot ${name} is no state of its primary: ${p.describeDiff(snap)}`);
     }
     this.expected.get(n.name)!.set(name, { vec: snap, what });
   }
@@ -1045,16 +1092,30 @@ export class Scenario {
     const inc = a.inc!;
     await this.settle(inc.host.create({ name: this.vol(a), sizeBytes: this.sizeBytes, blockBytes: BLOCK_BYTES, description: 'sim' }), setupMsMax, 'volume create');
     this.models.set(a.name, new Timeline(`${a.name}/g1`, new Int32Array(Math.floor(this.sizeBytes / SECTOR)), this.now));
-    for (const b of this.nodes.slice(1)) await this.settle(a.service!.addReplica(this.vol(a), this.pairOptions(b)), setupMsMax, 'replica add');
-    this.log(`setup: ${this.vol(a)} on ${a.name} (${this.sizeBytes} bytes) replicates to ${this.nodes.slice(1).map((b) => `${this.vol(b)} on ${b.name}`).join(', ')}`);
+    if (this.o.cascade && this.nodes.length === 3) {
+      // Seed 002's three sites: A → B (sync when the seed says so), B → C async.
+      const [, b, c] = this.nodes as [SimNode, SimNode, SimNode];
+      await this.settle(a.service!.addReplica(this.vol(a), { ...this.pairOptions(b), ...this.syncOptions() }), setupMsMax, 'replica add');
+      await this.until(() => b.service?.replica(this.vol(b))?.info.initialCopy.done === true, setupMsMax);
+      await this.settle(b.service!.addReplica(this.vol(b), this.pairOptions(c)), setupMsMax, 'replica add (cascade)');
+      this.log(`setup: ${this.vol(a)} on ${a.name} (${this.sizeBytes} bytes) replicates to ${this.vol(b)} on ${b.name}, which forwards to ${this.vol(c)} on ${c.name} (cascade)`);
+    } else {
+      for (const b of this.nodes.slice(1)) await this.settle(a.service!.addReplica(this.vol(a), this.pairOptions(b)), setupMsMax, 'replica add');
+      this.log(`setup: ${this.vol(a)} on ${a.name} (${this.sizeBytes} bytes) replicates to ${this.nodes.slice(1).map((b) => `${this.vol(b)} on ${b.name}`).join(', ')}`);
+    }
     this.writerDone = this.writer().catch((e: Error) => {
       if (!(e instanceof StopRun)) this.fail(`writer: ${e.stack}`);
     });
   }
 
+  /** The seed's sync settings as pair options (none when it has none). */
+  private syncOptions() {
+    return this.o.sync !== null ? { mode: 'sync' as const, fence: this.o.sync.fence, syncTimeoutMs: this.o.sync.timeoutMs } : {};
+  }
+
   private pairOptions(b: SimNode) {
-    // (One sync replica per volume: three-node runs stay async.)
-    const sync = this.o.sync !== null && this.o.nodes === 2 ? { mode: 'sync' as const, fence: this.o.sync.fence, syncTimeoutMs: this.o.sync.timeoutMs } : {};
+    // (One sync replica per volume: three-node runs stay async, but a cascade's first pair.)
+    const sync = this.o.nodes === 2 ? this.syncOptions() : {};
     return { peerHost: b.name, peerPort: replPort, remoteVolume: this.vol(b), cutIntervalMs: this.o.cutIntervalMs, highWaterBytes: this.o.highWaterBytes, retriesBeforeSuspend: this.o.retriesBeforeSuspend, ...sync };
   }
 
@@ -1179,6 +1240,11 @@ export class Scenario {
           acted = true;
           continue;
         }
+        // A cascade: x follows a replica of p that forwards to it (the middle holds its pair).
+        if (this.middleOf(p, xs)) {
+          orphanSince.delete(x.name);
+          continue;
+        }
         const mine = ps.pairs.some((pair) => pair.id === xs.upstream?.pairId);
         const follows = this.primaryOf(xs) === p;
         if (follows && xs.upstream?.resync?.registered && !mine && this.now - since > reregisterAfterMs) {
@@ -1219,16 +1285,23 @@ export class Scenario {
         }
         continue;
       }
-      // Pairs to nodes that are not its replicas any more go (a replaced copy was added again).
-      const stale = ps.pairs.find((pair) => {
-        const x = this.nodes.find((n) => n.name === pair.peerHost);
-        return !x || this.roles.get(x.name)?.upstream?.pairId !== pair.id;
-      });
-      if (stale && this.now - since > 60_000) {
-        this.log(`liveness: ${p.name} still ships to pair ${stale.id} (${stale.peerHost}), which is nobody's upstream: the operator removes it`);
-        this.startOp(p, 'replica remove', (svc) => svc.removeReplica(this.vol(p), stale.id));
-        continue;
+      // Pairs to nodes that are not its replicas any more go (a replaced copy was added
+      // again), on p and on a cascade's middle.
+      let removed = false;
+      for (const m of [p, ...this.nodes.filter((x) => x !== p && this.primaryOf(this.roles.get(x.name)) === p)]) {
+        const ms = this.roles.get(m.name);
+        const stale = ms?.pairs.find((pair) => {
+          const x = this.nodes.find((n) => n.name === pair.peerHost);
+          return !x || this.roles.get(x.name)?.upstream?.pairId !== pair.id;
+        });
+        if (stale && this.now - since > 60_000 && !this.ops.has(m.name)) {
+          this.log(`liveness: ${m.name} still ships to pair ${stale.id} (${stale.peerHost}), which is nobody's upstream: the operator removes it`);
+          this.startOp(m, 'replica remove', (svc) => svc.removeReplica(this.vol(m), stale.id));
+          removed = true;
+          break;
+        }
       }
+      if (removed) continue;
       if (this.now - lastCut > 3000 && ps.pairs.length > 0) {
         lastCut = this.now;
         this.startOp(p, 'cut', (svc) => svc.cut(this.vol(p)));
@@ -1245,13 +1318,28 @@ export class Scenario {
     if (!this.stopped) this.fail(`liveness: no convergence within ${livenessMsMax / 1000} virtual s: ${this.describe()}`);
   }
 
+  /** The replica of p that forwards to the replica with role xs (a cascade's middle), if any. */
+  private middleOf(p: SimNode, xs: RoleState | null | undefined): SimNode | undefined {
+    const m = this.primaryOf(xs);
+    if (!m || m === p || !xs?.upstream || xs.upstream.resync) return undefined;
+    const ms = this.roles.get(m.name);
+    if (ms?.role !== 'replica' || this.primaryOf(ms) !== p || !ms.pairs.some((pr) => pr.id === xs.upstream!.pairId)) return undefined;
+    return m;
+  }
+
   private converged(p: SimNode, r: SimNode): boolean {
     const ps = this.roles.get(p.name)!;
     const rs = this.roles.get(r.name);
-    if (!rs || ps.role !== 'primary' || ps.fenced || ps.handover || ps.pairs.length !== this.nodes.length - 1) return false;
-    const pair = ps.pairs.find((x) => x.id === rs.upstream?.pairId);
+    // Every other node is p's replica, or the replica of a cascade's middle that is.
+    let pairs = ps.pairs.length;
+    for (const x of this.nodes) if (x !== p && this.primaryOf(this.roles.get(x.name)) === p) pairs += this.roles.get(x.name)!.pairs.length;
+    if (!rs || ps.role !== 'primary' || ps.fenced || ps.handover || pairs !== this.nodes.length - 1) return false;
+    // Its pair is p's, or its middle's (then that middle's status says how far it is).
+    const owner = ps.pairs.some((x) => x.id === rs.upstream?.pairId) ? p : this.middleOf(p, rs);
+    if (!owner) return false;
+    const pair = this.roles.get(owner.name)!.pairs.find((x) => x.id === rs.upstream?.pairId);
     if (!pair || rs.role !== 'replica' || !rs.upstream!.initialCopy.done || rs.upstream!.resync) return false;
-    const st = p.service!.status(this.vol(p))[0] as unknown as {
+    const st = owner.service!.status(this.vol(owner))[0] as unknown as {
       currentSet: number;
       changedBlocksSinceCut: number;
       replicas: { id: string; state: string; connected: boolean; ackedSet: number; playedSet: number; bytesDifferent: number; pendingBlocks: number; initialCopy: unknown }[];
