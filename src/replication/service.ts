@@ -610,8 +610,9 @@ export class ReplicationService implements RecoveryContext {
    * A hello: the replica it names is found (or created, for a new pair), checked against
    * the pair bound to it, and its session handed the link. Rules (README "Replication
    * security"): over TLS a pair is bound to the identity that created it and only that
-   * identity may open its sessions; a hello raises a replica's generation only for the same
-   * pair (its primary, the middle of a cascade, took over from its own primary).
+   * identity may open its sessions; a hello raises a replica's generation only by one, for
+   * the same pair, while no session of it is up (its primary, the middle of a cascade, took
+   * over from its own primary).
    */
   private async onHello(link: Link, hello: Hello): Promise<ReplicaVolume | null> {
     const name = hello.replicaVolume;
@@ -653,10 +654,17 @@ export class ReplicationService implements RecoveryContext {
       }
     }
     if (hello.generation > role.generation) {
-      // The pair's own primary moved up a generation: it was the middle of a cascade and took
-      // over from its primary (failover or handover). Its history goes on, and so does this
-      // copy of it: adopt. (No other hello raises a replica's generation: a resync or a
-      // handover does, through their own messages; before cascades this could not happen.)
+      // The pair's own primary may have moved up one generation: it was the middle of a
+      // cascade and took over from its primary (failover or handover); its history goes on,
+      // and so does this copy of it. Adopted only one step at a time and only while no
+      // session of the pair is up, so a hello never replaces the primary's session nor
+      // jumps generations (a stolen pair id with 2^32-1 is refused); over TLS the hello came
+      // from the identity the pair is bound to (checked above). Otherwise only a resync or a
+      // handover raise a replica's generation, through their own messages.
+      const rv0 = this.replicas.get(name);
+      if (hello.generation !== role.generation + 1 || rv0?.connected) {
+        throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover (or one step, from the pair's own primary when it took over)`);
+      }
       role.transition({ t: 'generation-adopted', generation: hello.generation }, { pair: hello.pairId, primary: hello.primaryVolume, why: "the pair's primary took over from its own primary (cascade)" });
     }
     const rv = await this.openReplica(name);
