@@ -263,7 +263,12 @@ export class VolumeReplicator implements PairHost {
     if (!st) return;
     st.close(reason);
     this.streams.delete(id);
-    this.volume.setMirror(null);
+    // The volume has one mirror: the stream still open, if any (a sync pair's, when the one
+    // closed was another pair's handover stream), else none. Clearing it unconditionally
+    // left a sync pair's stream blind to cuts, cutting "sync stream start" sets forever
+    // (simulator seed 1979384207: a handover asked of a cascade's middle, then called off).
+    const rest = [...this.streams.values()];
+    this.volume.setMirror(rest.length > 0 ? rest[rest.length - 1]! : null);
   }
 
   pendingOf(id: string): PagedBitmap {
