@@ -39,7 +39,26 @@ export function renderMetrics(volumes: Volume[], connections: Connection[], star
   out.push('# HELP deltavol_nbd_open_connection_requests Requests received on currently open connections.');
   out.push('# TYPE deltavol_nbd_open_connection_requests gauge');
   out.push(line('deltavol_nbd_open_connection_requests', {}, totals.requests));
+  out.push(...processMemoryLines());
   return out.join('\n') + '\n';
+}
+
+/**
+ * Where the daemon's memory is (process.memoryUsage): resident set, the V8 heap, and
+ * memory outside it (Buffers: I/O buffers and pools). An RSS that stays high after a
+ * burst shows here as external bytes (buffers kept) or as RSS above all three (freed
+ * memory the allocator has not returned).
+ */
+export function processMemoryLines(): string[] {
+  const m = process.memoryUsage();
+  const out: string[] = [];
+  const gauge = (name: string, help: string, v: number) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, line(name, {}, v));
+  gauge('deltavol_process_resident_bytes', 'Resident set size of the daemon process.', m.rss);
+  gauge('deltavol_process_heap_total_bytes', 'V8 heap reserved (JavaScript objects).', m.heapTotal);
+  gauge('deltavol_process_heap_used_bytes', 'V8 heap in use.', m.heapUsed);
+  gauge('deltavol_process_external_bytes', 'Memory outside the V8 heap owned by JavaScript objects (Buffers).', m.external);
+  gauge('deltavol_process_array_buffers_bytes', 'Of the external memory, Buffers and ArrayBuffers.', m.arrayBuffers);
+  return out;
 }
 
 /** The NBD server's limits under abuse (README "Limits under abuse"). */

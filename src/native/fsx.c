@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <linux/falloc.h>
+#include <malloc.h>
 #include <node_api.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -400,6 +401,16 @@ static napi_value pread_ranges(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/* mallocTrim() -> 1 if memory was given back: malloc_trim(0). Large buffers freed by the
+ * garbage collector go back to malloc, and glibc keeps freed heap memory (the daemon's
+ * RSS stayed at its peak after a burst of 1 MiB requests); this returns it to the kernel. */
+static napi_value malloc_trim_fn(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value out;
+  napi_create_int32(env, malloc_trim(0), &out);
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -411,6 +422,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"lockExclusive", NULL, lock_exclusive, NULL, NULL, NULL, napi_default, NULL},
     {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
     {"preadRanges", NULL, pread_ranges, NULL, NULL, NULL, napi_default, NULL},
+    {"mallocTrim", NULL, malloc_trim_fn, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 #if defined(__x86_64__)

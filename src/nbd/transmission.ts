@@ -33,6 +33,11 @@ export function trimReadBuffers(keepBytes: number): void {
   readBuffers.trim(keepBytes);
 }
 
+/** The read buffer pool's idle bytes and how many buffers it has handed out (nbd-server.ts trims a quiet pool). */
+export function readBufferPoolState(): { idleBytes: number; acquires: number } {
+  return { idleBytes: readBuffers.idleBytes, acquires: readBuffers.acquires };
+}
+
 export interface TransmissionHost {
   /**
    * Queue reply bytes on the connection (the host corks and batches). `sent` runs once

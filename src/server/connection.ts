@@ -46,6 +46,11 @@ export function trimWritePayloadBuffers(keepBytes: number): void {
   writePayloads.trim(keepBytes);
 }
 
+/** The WRITE payload pool's idle bytes and how many buffers it has handed out. */
+export function writePayloadPoolState(): { idleBytes: number; acquires: number } {
+  return { idleBytes: writePayloads.idleBytes, acquires: writePayloads.acquires };
+}
+
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
 export interface ConnectionStats {

@@ -24,6 +24,8 @@ export interface Fsx {
    * Returns the bytes placed. (Absent from an addon built before it: callers check.)
    */
   preadRanges?(fd: number, target: Buffer, targetOffset: number, ranges: Float64Array, count: number): number;
+  /** malloc_trim(0): gives freed heap memory back to the kernel; 1 if some was. (Absent from older addons.) */
+  mallocTrim?(): number;
 }
 
 let cached: Fsx | null | undefined;
@@ -44,4 +46,15 @@ export function loadFsx(): Fsx | null {
   }
   cached = null;
   return cached;
+}
+
+/**
+ * Gives memory that was freed back to the kernel (glibc keeps freed heap memory, so a
+ * daemon's RSS stayed at its peak after a burst of large buffers). False without the addon.
+ */
+export function trimMallocHeap(): boolean {
+  const fsx = loadFsx();
+  if (!fsx?.mallocTrim) return false;
+  fsx.mallocTrim();
+  return true;
 }

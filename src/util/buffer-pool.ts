@@ -10,6 +10,8 @@ import { assert } from './assert.js';
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
   private pooledBytes = 0;
+  /** Pooled-size buffers handed out since start (an owner tells a quiet pool by it not moving). */
+  acquires = 0;
 
   constructor(
     /** Requests smaller than this are not pooled. */
@@ -29,6 +31,7 @@ export class BufferPool {
   /** A buffer of exactly `size` bytes (a view of a pooled, larger-or-equal one); contents undefined. */
   acquire(size: number): Buffer {
     if (size < this.sizeBytesMin) return Buffer.allocUnsafe(size);
+    this.acquires++;
     const cls = this.classOf(size);
     const list = this.free.get(cls);
     const b = list?.pop();
