@@ -9,6 +9,7 @@
 //
 // Usage: flock /tmp/bench.lock node scripts/bench-replica.mjs [--gib 1] [--rounds 2]
 //          [--pattern seq|4k] [--ab /path/to/other/dist/cli/main.js] [--node-args "..."]
+//          [--serve-args "..."]   (extra 'deltavol serve' arguments for the replica daemon)
 //          [--ab-env "NAME=VALUE"]   (the other daemon: this build with that environment)
 //          [--this /path/to/dist/cli/main.js]   (instead of a snapshot of this tree's dist/)
 //   seq: 64 MiB sets of 1 MiB chunks of one run each (a big sequential change)
@@ -34,10 +35,11 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--ab-env') opt.abEnv = need();
   else if (a === '--this') opt.this = need();
   else if (a === '--node-args') opt.nodeArgs = need().split(/\s+/).filter(Boolean);
+  else if (a === '--serve-args') opt.serveArgs = need().split(/\s+/).filter(Boolean);
   else if (a === '--dir') opt.dir = need();
   else die(`unknown option ${a}`);
 }
-Object.assign(kit, { name: 'bench-replica', nodeArgs: opt.nodeArgs });
+Object.assign(kit, { name: 'bench-replica', nodeArgs: opt.nodeArgs, serveArgs: opt.serveArgs ?? [] });
 
 const MiB = 1024 * 1024;
 const BS = 4096;
