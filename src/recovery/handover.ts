@@ -122,6 +122,11 @@ export function onPrimaryMessage(ctx: RecoveryContext, volume: string, p: PairRe
 
 async function prepareHandover(ctx: RecoveryContext, volume: string, p: PairRecord, peerBaseSet: number, link: Link): Promise<void> {
   const role = ctx.role(volume);
+  if (role.role !== 'primary') {
+    // A cascade's middle: its own replica cannot take over while the primary above writes
+    // (two primaries). Refused before anything is held or streamed.
+    throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is itself a replica here (the middle of a cascade): a planned takeover is asked of the primary, from its own replica`);
+  }
   if (role.state.fenced) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} is fenced`);
   if (role.state.handover) throw new DeltavolError('ROLE_CONFLICT', 'a handover is already under way');
   if (role.pairs.length !== 1) throw new DeltavolError('ROLE_CONFLICT', `volume ${volume} has ${role.pairs.length} replicas: a planned handover needs exactly one (remove the others first)`);

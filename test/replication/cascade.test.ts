@@ -95,6 +95,14 @@ describe('three-site cascade A → B (sync) → C (async)', () => {
     console.log(`status on C:\n${text}`);
     expect(text).toMatch(/chain .* → .* → \[v here: replica/);
 
+    // A planned takeover asked of B (C's upstream, itself a replica) is refused up front:
+    // two primaries otherwise. Nothing is held; the chain goes on.
+    const swap = c.cli(['failover', 'v', '--sync']);
+    expect(swap.status, swap.stdout + swap.stderr).not.toBe(0);
+    expect(swap.stdout + swap.stderr).toMatch(/middle of a cascade/);
+    expect(((await replStatus(b, 'v')) as unknown as ChainStatus).role).toBe('replica');
+    expect(((await replStatus(c, 'v')) as unknown as ChainStatus).role).toBe('replica');
+
     // ---- B crashes under writes (kill -9) and comes back: A goes on (fence never), B catches
     // up and forwards again; the three converge ----
     w.start(16, 2);
