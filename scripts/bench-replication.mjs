@@ -37,6 +37,8 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 // Issue 11: duplex writes ≥ 0.7× of no replica (≥ 0.9× with --pin), a 1 GiB change ships at ≥ 0.5× raw TCP.
+/** The pairs of the IOPS test use the default cut interval (src/replication/limits.ts cutIntervalMsDefault). */
+const CUT_SECONDS = 5;
 const GOALS = { iopsRatioSync: 0.5, iopsRatio: 0.7, iopsRatioPinned: 0.9, shipRatio: 0.5, lagSeconds: 3 };
 /** The write jobs of the IOPS test (--jobs picks some). */
 const JOBS = {
@@ -160,6 +162,12 @@ async function testIops(A, B) {
           outboundFull: after.outbound.full,
           outboundUsedMB: after.outbound.usedBytes / 1e6,
         });
+        // Issue 11: the replica keeps up. After the job, back in sync (0 bytes different)
+        // within 2 cut intervals plus the backlog at the rate it shipped during the job.
+        const t0 = now();
+        await waitFor(`${vol}: in sync after the run`, async () => inSync(await replStatus(A, vol)), 180_000, 100);
+        res.catchUpSeconds = now() - t0;
+        res.catchUpBudgetSeconds = 2 * CUT_SECONDS + res.backlogMB / Math.max(res.shippedMBps, 1);
       }
       row[kind] = res;
       log(`iops round ${r} ${JOBS[jobName].label}: ${kind === 'none' ? 'no replica' : 'duplex replica'} ${f0(res.iops)} IOPS, A ${f1(res.cpuUsPerIoA)} µs CPU per write` +
@@ -484,10 +492,11 @@ function markdown(res) {
   }
   L.push('', '⚠ = goal not met. Per round (cores = CPU of primary A / replica B / everything else on the machine during the measured phase; 2 = both vCPUs):', '');
   if (res.iops) {
-    L.push('| IOPS round | job | order | no replica | duplex replica | ratio | A µs CPU/write none / replica | p99 µs none / replica | shipped MB/s | backlog at end | cores A/B/other none | cores A/B/other replica |');
-    L.push('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+    L.push('| IOPS round | job | order | no replica | duplex replica | ratio | A µs CPU/write none / replica | p99 µs none / replica | shipped MB/s | backlog at end | in sync after (budget) | cores A/B/other none | cores A/B/other replica |');
+    L.push('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
     for (const r of res.iops.rounds) {
-      L.push(`| ${r.round} | ${r.job} | ${r.order.join(' → ')} | ${fk(r.none.iops)} | ${fk(r.replica.iops)} | ${f2(r.ratio)} | ${f1(r.none.cpuUsPerIoA)} / ${f1(r.replica.cpuUsPerIoA)} | ${f0(r.none.p99us)} / ${f0(r.replica.p99us)} | ${f0(r.replica.shippedMBps)} | ${f0(r.replica.backlogMB)} MB | ${fmtCores(r.none.cores)} | ${fmtCores(r.replica.cores)} |`);
+      const cu = r.replica.catchUpSeconds;
+      L.push(`| ${r.round} | ${r.job} | ${r.order.join(' → ')} | ${fk(r.none.iops)} | ${fk(r.replica.iops)} | ${f2(r.ratio)} | ${f1(r.none.cpuUsPerIoA)} / ${f1(r.replica.cpuUsPerIoA)} | ${f0(r.none.p99us)} / ${f0(r.replica.p99us)} | ${f0(r.replica.shippedMBps)} | ${f0(r.replica.backlogMB)} MB | ${f1(cu)} s (${f1(r.replica.catchUpBudgetSeconds)} s)${flag(cu <= r.replica.catchUpBudgetSeconds)} | ${fmtCores(r.none.cores)} | ${fmtCores(r.replica.cores)} |`);
     }
     L.push('');
   }
