@@ -19,7 +19,7 @@ import { ControlApi } from './control-api.js';
 import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
 import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
 import { renderReplicationMetrics, renderReplicationSecurityMetrics } from './replication-metrics.js';
-import { loadFsx } from '../storage/native.js';
+import { loadFsx, trimMallocHeap } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
 import { ReplicationService, type ReplicationSecurity } from '../replication/service.js';
 import { systemPlatform, type ReplicationPlatform } from '../replication/platform.js';
@@ -152,6 +152,7 @@ export class Daemon {
       this.nbdTls,
       config.nbdLimits,
       config.nbdOwnReadBuffers ?? true,
+      () => void trimMallocHeap(),
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     const { platform, security, warnings } = replicationSecurity(config);

@@ -18,7 +18,6 @@ import { DeltavolError } from '../util/errors.js';
 import { formatBytes } from '../util/units.js';
 import { collectGarbage } from '../util/gc.js';
 import { readBufferPoolState, trimReadBuffers } from '../nbd/transmission.js';
-import { trimMallocHeap } from '../storage/native.js';
 import {
   connectionsMax,
   connectionsPerAddressMaxDefault,
@@ -102,6 +101,8 @@ export class NbdServer {
     limits: Partial<NbdLimits> = {},
     /** Plain sockets read into the connection's own buffers (`--nbd-read-buffers own`); false keeps Node's. */
     ownReadBuffers = true,
+    /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
+    private readonly returnFreedMemory: () => void = () => {},
   ) {
     this.limits = { ...nbdLimitsDefault, ...limits };
     checkNbdLimits(this.limits);
@@ -187,7 +188,7 @@ export class NbdServer {
       trimReadBuffers(0);
       trimWritePayloadBuffers(0);
       if (!collectGarbage()) return;
-      trimMallocHeap();
+      this.returnFreedMemory();
       const after = process.memoryUsage.rss();
       this.log.info({ rssBytesBefore: before, rssBytesAfter: after, bufferBytes: this.budget.totalBytes }, 'NBD buffers shrank after a burst: garbage collected');
     }, wait);
