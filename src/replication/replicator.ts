@@ -122,6 +122,13 @@ export class VolumeReplicator implements PairHost {
    * restart the replicas' upstreamPlayed stays where it was (an older position is safe).
    */
   private readonly upstreamOfSet = new Map<number, { set: number; cutAtMs: number | null }>();
+  /**
+   * Per pair, when its primary cut the newest of its sets the replica holds whole as
+   * received and acknowledged (a failover there plays it), in that primary's clock. Newer
+   * than upstreamPlayedCutAtMs while sets wait for playback; in memory only (after a
+   * restart, the played one: older, so a safe bound).
+   */
+  private readonly upstreamAckedCutAtMs = new Map<string, number>();
   /** Replicas of this volume's replicas (cascade): what they lack, should their middle be lost. */
   readonly distant: DistantTracker;
   private lastCutMs: number;
@@ -353,10 +360,15 @@ export class VolumeReplicator implements PairHost {
    * `first`: no other pair needs the changes so far, so the change log starts empty.
    */
   private async startCopy(id: string, plan: InitialCopyPlan, first: boolean, reason: string): Promise<InitialCopyRecord> {
-    const baseCutAtMs = this.platform.clock.now();
-    const baseSnapshot = `repl-base-${id}-${baseCutAtMs.toString(36)}`;
+    const startedAtMs = this.platform.clock.now();
+    const baseSnapshot = `repl-base-${id}-${startedAtMs.toString(36)}`;
     const set = await this.cut({ snapshotName: baseSnapshot, reason, force: true, forget: first });
     if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
+    // Every write acknowledged before this time is in the base. A cascade's middle holds its
+    // primary's writes: the time is that primary's cut of the set the base equals (0:
+    // unknown), not this node's clock (simulator seed 930682: C's copy of an empty B
+    // counted the risk from B's base time and hid every write A had acknowledged before).
+    const baseCutAtMs = this.cutGate === null ? startedAtMs : (this.upstreamOfSet.get(set)?.cutAtMs ?? 0);
     const bs = this.volume.blockBytes;
     let totalBytes: number;
     if (plan.kind === 'differential') {
@@ -427,6 +439,8 @@ export class VolumeReplicator implements PairHost {
     }
     // A cascade's middle: which of its primary's sets the replica now holds whole (the
     // initial copy's base set too, acknowledged as played when the copy is done).
+    const upAcked = this.upstreamOfSet.get(set);
+    if (upAcked?.cutAtMs != null && upAcked.cutAtMs > (this.upstreamAckedCutAtMs.get(p.id) ?? -Infinity)) this.upstreamAckedCutAtMs.set(p.id, upAcked.cutAtMs);
     const up = this.upstreamOfSet.get(played);
     if (up !== undefined && up.set > (p.upstreamPlayed ?? -1) && p.playedSet === played) {
       p.upstreamPlayed = up.set;
@@ -820,7 +834,10 @@ export class VolumeReplicator implements PairHost {
     // (Another pair may have been added meanwhile: then its sets are needed, cut normally.)
     if (options.forget && this.role.pairs.length === 0) {
       assert(options.snapshotName !== undefined, 'forget only for a base snapshot');
+      // (A cascade's middle: the base equals its primary's set u, taken in this turn like a cut's.)
+      const u = this.cutGate !== null && !options.ungated ? this.hooks.upstreamPosition() : null;
       await this.volume.snapshotAndForget(options.snapshotName, this.outbound.lastSet);
+      if (u !== null) this.upstreamOfSet.set(this.outbound.lastSet, u);
       this.outbound.noteCut(now); // a restart dates later changes from here
       this.lastCutMs = now;
       this.lastQuietMs = now;
@@ -950,12 +967,17 @@ export class VolumeReplicator implements PairHost {
     // the cut of the primary's set that the replica holds whole are on it; later ones may
     // not be (when it lacks anything of this node), and whatever this node lacks of its
     // primary is at risk on both.
-    const upstream = this.hooks.upstreamRiskSinceMs();
-    let since = upstream;
-    if (own !== null) {
-      const held = p.upstreamPlayedCutAtMs ?? own;
-      since = since === null ? Math.min(held, own) : Math.min(since, held, own);
-    }
+    // What the replica holds, in the primary's timeline: the newest whole set of the
+    // primary it acknowledged (a failover there plays it), even when it lacks nothing of
+    // this node: this node may hold sets of its primary it has not played (so not forwarded)
+    // yet. Simulator seed 920023: C had every set B had cut, B held A's sets up to 10
+    // received and reported its own risk (since 1.018) to C, which held only A's set 4
+    // (cut at 0.618): C's failover lost writes acknowledged at 0.662 and did not say so.
+    const heldCutAtMs = Math.max(this.upstreamAckedCutAtMs.get(p.id) ?? -Infinity, p.upstreamPlayedCutAtMs ?? -Infinity);
+    let since = this.hooks.upstreamRiskSinceMs();
+    const tighten = (t: number) => (since = since === null ? t : Math.min(since, t));
+    if (Number.isFinite(heldCutAtMs)) tighten(heldCutAtMs);
+    if (own !== null) tighten(own);
     return since;
   }
 
