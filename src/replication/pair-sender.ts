@@ -48,6 +48,8 @@ export interface PairHost {
   initialCopyDone(p: PairRecord): Promise<void>;
   addSplitWrites(p: PairRecord, runs: Runs): void;
   nextSetFor(p: PairRecord, after: number): { set: number; from: number } | null;
+  /** Set n is no point in time for p's replica (it is owed older blocks a later catch-up set carries). */
+  owesBlocksBefore(p: PairRecord, n: number): boolean;
   poke(): void;
   /** Blocks a differential copy moves (null: the whole base). */
   copyBlocks(p: PairRecord): PagedBitmap | null;
@@ -623,7 +625,8 @@ export class PairSender {
       dataCrc: s.dataCrc,
       catchUpFrom: from,
       createdAtMs: s.createdAtMs,
-      partial: s.partial,
+      // Partial for this replica too when it is owed older blocks a later catch-up set carries.
+      partial: s.partial || this.r.owesBlocksBefore(this.pair, s.set),
     };
     link.send({ t: 'trailer', ...t, trailerCrc: trailerChecksum(t) });
   }

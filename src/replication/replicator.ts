@@ -129,6 +129,11 @@ export class VolumeReplicator implements PairHost {
    * restart, the played one: older, so a safe bound).
    */
   private readonly upstreamAckedCutAtMs = new Map<string, number>();
+  /**
+   * Per pair, the newest catch-up set cut for it: sets before it lack blocks it delivers
+   * (they were the pair's pending blocks), so they are no point in time for that replica.
+   */
+  private readonly catchUpCutFor = new Map<string, number>();
   /** Replicas of this volume's replicas (cascade): what they lack, should their middle be lost. */
   readonly distant: DistantTracker;
   private lastCutMs: number;
@@ -220,6 +225,18 @@ export class VolumeReplicator implements PairHost {
   /** The handover did not happen: an async pair stops streaming. */
   endHandoverStream(p: PairRecord): void {
     if (this.streams.get(p.id)?.temporary) this.closeStream(p.id, 'planned handover over');
+  }
+
+  /**
+   * Set n of the log is no point in time for pair p's replica: p is owed blocks changed
+   * before n's cut that travel only in a later catch-up set (its pending blocks: a sync
+   * stream that broke, a split, a detach). The sender sends such a set as partial, so the
+   * replica does not claim a consistent state it does not have (simulator seed 940319: a
+   * replica that played the set after a broken stream, then failed over with --now, reported
+   * a restart point that was no state of its primary).
+   */
+  owesBlocksBefore(p: PairRecord, n: number): boolean {
+    return this.pending.get(p.id)!.count() > 0 || n < (this.catchUpCutFor.get(p.id) ?? -Infinity);
   }
 
   /** The pair's sets travel in its stream now (its pending blocks are the stream's to deliver). */
@@ -448,6 +465,7 @@ export class VolumeReplicator implements PairHost {
       changed = true;
     }
     for (const k of [...this.upstreamOfSet.keys()]) if (k < played && this.role.pairs.every((x) => x.playedSet > k)) this.upstreamOfSet.delete(k);
+    if ((this.catchUpCutFor.get(p.id) ?? Infinity) <= p.ackedSet) this.catchUpCutFor.delete(p.id);
     if (p.catchUp && p.ackedSet >= p.catchUp.set) {
       this.log.info({ pair: p.id, set: p.catchUp.set, from: p.catchUp.from }, 'catch-up set acknowledged');
       p.catchUp = null;
@@ -914,6 +932,7 @@ export class VolumeReplicator implements PairHost {
       const bits = this.pending.get(p.id)!;
       const before = p.pendingSinceMs;
       if (shrink.includes(p)) {
+        this.catchUpCutFor.set(p.id, n);
         bits.difference(writer.members);
         if (bits.count() === 0) p.pendingSinceMs = null;
       } else if (p.detached) {
