@@ -166,7 +166,7 @@ async function testIops(A, B) {
         // within 2 cut intervals plus the backlog at the rate it shipped during the job.
         const t0 = now();
         await waitFor(`${vol}: in sync after the run`, async () => inSync(await replStatus(A, vol)), 180_000, 100);
-        res.catchUpSeconds = now() - t0;
+        res.catchUpSeconds = (now() - t0) / 1000;
         res.catchUpBudgetSeconds = 2 * CUT_SECONDS + res.backlogMB / Math.max(res.shippedMBps, 1);
       }
       row[kind] = res;
