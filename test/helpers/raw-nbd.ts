@@ -90,6 +90,19 @@ export class RawNbd {
     });
   }
 
+  /**
+   * A client that uses NBD_OPT_EXPORT_NAME, as old clients do: it negotiated no block sizes
+   * and gets simple replies only. Returns in transmission.
+   */
+  static async exportName(port: number, name: string): Promise<RawNbd> {
+    const c = await RawNbd.connect({ port });
+    await c.greeting();
+    c.write(RawNbd.clientFlags(3)); // FIXED_NEWSTYLE | NO_ZEROES
+    c.write(RawNbd.option(OPT.EXPORT_NAME, Buffer.from(name)));
+    await c.read(8 + 2);
+    return c;
+  }
+
   /** Exactly n bytes; rejects on EOF or after timeoutMs. */
   async read(n: number, timeoutMs = 5000): Promise<Buffer> {
     const deadline = Date.now() + timeoutMs;

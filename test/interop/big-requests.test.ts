@@ -50,14 +50,7 @@ function pattern(seed: number, n: number): Buffer {
 }
 
 /** A client that uses NBD_OPT_EXPORT_NAME (so it negotiated no block sizes), as old clients do. */
-async function exportNameClient(name: string): Promise<RawNbd> {
-  const c = await RawNbd.connect({ port: d.nbdPort });
-  await c.greeting();
-  c.write(RawNbd.clientFlags(3)); // FIXED_NEWSTYLE | NO_ZEROES
-  c.write(RawNbd.option(OPT.EXPORT_NAME, Buffer.from(name)));
-  await c.read(8 + 2);
-  return c;
-}
+const exportNameClient = (name: string) => RawNbd.exportName(d.nbdPort, name);
 
 async function bufferBytes(): Promise<number> {
   const m = /^deltavol_nbd_buffer_bytes (\d+)/m.exec(await d.metrics());

@@ -6,7 +6,7 @@
 // seen through the daemon's own /metrics memory gauges and its RSS.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
-import { CMD, OPT, RawNbd } from '../helpers/raw-nbd.js';
+import { CMD, RawNbd } from '../helpers/raw-nbd.js';
 
 const MiB = 1024 * 1024;
 const CONNECTIONS = 4;
@@ -26,14 +26,7 @@ async function memory(): Promise<{ rss: number; arrayBuffers: number }> {
   return { rss: get('deltavol_process_resident_bytes'), arrayBuffers: get('deltavol_process_array_buffers_bytes') };
 }
 
-async function client(): Promise<RawNbd> {
-  const c = await RawNbd.connect({ port: d.nbdPort });
-  await c.greeting();
-  c.write(RawNbd.clientFlags(3));
-  c.write(RawNbd.option(OPT.EXPORT_NAME, Buffer.from('burst')));
-  await c.read(8 + 2);
-  return c;
-}
+const client = () => RawNbd.exportName(d.nbdPort, 'burst');
 
 describe('memory after a burst of large requests', () => {
   it('pooled 1 MiB buffers are given back once the pools are quiet: Buffer memory and RSS fall within seconds', async () => {
