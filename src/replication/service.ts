@@ -660,12 +660,19 @@ export class ReplicationService implements RecoveryContext {
       // session of the pair is up, so a hello never replaces the primary's session nor
       // jumps generations (a stolen pair id with 2^32-1 is refused); over TLS the hello came
       // from the identity the pair is bound to (checked above). Otherwise only a resync or a
-      // handover raise a replica's generation, through their own messages.
+      // handover raise a replica's generation, through their own messages. A replica whose
+      // copy is not done holds nothing usable to protect: it follows its own primary across
+      // any number of generations (simulator seed 950231: C, copying from B at generation 4,
+      // refused B forever once B had handed over to A and failed back, at generation 6).
       const rv0 = this.replicas.get(name);
-      if (hello.generation !== role.generation + 1 || rv0?.connected) {
+      const copying = up.initialCopy?.done === false;
+      if ((hello.generation !== role.generation + 1 && !copying) || rv0?.connected) {
         throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover (or one step, from the pair's own primary when it took over)`);
       }
-      role.transition({ t: 'generation-adopted', generation: hello.generation }, { pair: hello.pairId, primary: hello.primaryVolume, why: "the pair's primary took over from its own primary (cascade)" });
+      role.transition(
+        { t: 'generation-adopted', generation: hello.generation },
+        { pair: hello.pairId, primary: hello.primaryVolume, why: copying ? "the pair's primary moved on while this copy was not done" : "the pair's primary took over from its own primary (cascade)" },
+      );
     }
     const rv = await this.openReplica(name);
     await rv.accept(link, hello);
