@@ -379,6 +379,8 @@ export class VolumeReplicator implements PairHost {
   private async startCopy(id: string, plan: InitialCopyPlan, first: boolean, reason: string): Promise<InitialCopyRecord> {
     const startedAtMs = this.platform.clock.now();
     const baseSnapshot = `repl-base-${id}-${startedAtMs.toString(36)}`;
+    // A new copy: what the replica acknowledged before is being replaced.
+    this.upstreamAckedCutAtMs.delete(id);
     const set = await this.cut({ snapshotName: baseSnapshot, reason, force: true, forget: first });
     if (set === null) throw new DeltavolError('SAVE_AREA_FULL', 'outbound save area full: cannot start an initial copy now');
     // Every write acknowledged before this time is in the base. A cascade's middle holds its
@@ -421,6 +423,8 @@ export class VolumeReplicator implements PairHost {
     this.role.saveProgress();
     for (const f of [pendingFile(p.id), copyFile(p.id)]) if (this.fsys.exists(f)) this.fsys.remove(f);
     this.pending.delete(p.id);
+    this.upstreamAckedCutAtMs.delete(p.id);
+    this.catchUpCutFor.delete(p.id);
     if (p.initialCopy.baseSnapshot && this.volume.snapshots().some((s) => s.name === p.initialCopy.baseSnapshot)) {
       await this.volume.deleteSnapshot(p.initialCopy.baseSnapshot, true);
     }
