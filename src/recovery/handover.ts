@@ -315,84 +315,82 @@ export async function takeOver(ctx: RecoveryContext, volume: string, how: string
   // plays until the swap goes to its own replicas as pending blocks (forwardEverything).
   const fwd = ctx.openedReplicator(volume);
   fwd?.holdCuts(true);
-  while (fwd?.cutting) await sleep(ctx.platform.clock, 10);
-  const baseSet = fwd ? fwd.outbound.lastSet : OutboundLog.lastSetIn(ctx.stateFs(volume));
-  const answer = new Promise<HandoverMsg>((resolve, reject) => waiting.set(volume, { resolve, reject }));
-  const timer = ctx.platform.clock.after(handoverMsMax, () => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `no handover from the primary within ${handoverMsMax / 1000} s`)));
-  link.onClose((reason) => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `the link to the primary went down: ${reason}`)));
-  let m: HandoverMsg;
+  // (Whatever calls the takeover off lets the middle cut and release sets again.)
   try {
-    link.send({ t: 'takeover', generation: generationBefore, baseSet });
-    m = await answer;
-  } catch (e) {
-    if (!link.closed) link.send({ t: 'handoverAbort', reason: (e as Error).message });
-    fwd?.holdCuts(false);
-    throw e;
-  } finally {
-    timer();
-    waiting.delete(volume);
-  }
-  if (m.generation !== generationBefore + 1) {
-    fwd?.holdCuts(false);
-    throw new DeltavolError('PEER_REFUSED', `the primary offered generation ${m.generation}, expected ${generationBefore + 1}`);
-  }
-  // Every set up to lastSet must be played here before this side may take writes.
-  const { played } = await rv.halt(false).catch((e: Error) => {
-    fwd?.holdCuts(false);
-    throw e;
-  });
-  let takenOverAtMs = 0;
-  try {
-    if (up.playedSet !== m.lastSet || !up.consistent) throw new DeltavolError('IO', `set ${m.lastSet} is not played here (played ${up.playedSet}): handover called off`);
-    const v = ctx.host.require(volume);
-    await ctx.forwardEverything(volume, 'takeover: what this node played goes to its own replicas first');
-    await v.discardChanges(); // the change log held the primary's playback; the new primary's starts empty
-    const now = ctx.platform.clock.now();
-    takenOverAtMs = now;
-    const pair: PairRecord = {
-      id: m.newPairId,
-      peerHost: m.returnHost || link.remoteAddress,
-      peerPort: m.returnPort,
-      remoteVolume: up.primaryVolume,
-      cutIntervalMs: L.cutIntervalMsDefault,
-      highWaterBytes: L.cutHighWaterBytesDefault,
-      retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
-      // The old primary becomes this pair's replica: the identity it proved stays bound.
-      peerIdentity: up.peerIdentity ?? null,
-      // A sync pair stays sync in the other direction.
-      ...syncConfigOf(up.sync),
-      createdAt: new Date(now).toISOString(),
-      ackedSet: baseSet,
-      playedSet: baseSet,
-      initialCopy: { done: true, baseSet, baseSnapshot: null, totalBytes: 0, kind: 'full' },
-      operatorSuspended: false,
-      detached: false,
-      catchUp: null,
-    };
-    const report = { atRiskSinceMs: null, lastContactMs: now, seconds: 0, setsNotHere: [], setsDropped: [], bytesAtMost: 0, consistent: true };
-    role.transition(
-      {
-        t: 'took-over',
-        generation: generationBefore + 1,
-        pair,
-        failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, fromIdentity: up.peerIdentity ?? null, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report, sync: up.sync ?? null },
-      },
-      { how, lastSet: m.lastSet, newPair: m.newPairId },
-    );
-  } catch (e) {
-    if (role.role === 'replica') {
-      rv.resumeAfterHalt();
+    while (fwd?.cutting) await sleep(ctx.platform.clock, 10);
+    const baseSet = fwd ? fwd.outbound.lastSet : OutboundLog.lastSetIn(ctx.stateFs(volume));
+    const answer = new Promise<HandoverMsg>((resolve, reject) => waiting.set(volume, { resolve, reject }));
+    const timer = ctx.platform.clock.after(handoverMsMax, () => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `no handover from the primary within ${handoverMsMax / 1000} s`)));
+    link.onClose((reason) => waiting.get(volume)?.reject(new DeltavolError('PEER_UNREACHABLE', `the link to the primary went down: ${reason}`)));
+    let m: HandoverMsg;
+    try {
+      link.send({ t: 'takeover', generation: generationBefore, baseSet });
+      m = await answer;
+    } catch (e) {
       if (!link.closed) link.send({ t: 'handoverAbort', reason: (e as Error).message });
+      throw e;
+    } finally {
+      timer();
+      waiting.delete(volume);
     }
+    if (m.generation !== generationBefore + 1) throw new DeltavolError('PEER_REFUSED', `the primary offered generation ${m.generation}, expected ${generationBefore + 1}`);
+    // Every set up to lastSet must be played here before this side may take writes.
+    const { played } = await rv.halt(false);
+    let takenOverAtMs = 0;
+    try {
+      if (up.playedSet !== m.lastSet || !up.consistent) throw new DeltavolError('IO', `set ${m.lastSet} is not played here (played ${up.playedSet}): handover called off`);
+      const v = ctx.host.require(volume);
+      await ctx.forwardEverything(volume, 'takeover: what this node played goes to its own replicas first');
+      await v.discardChanges(); // the change log held the primary's playback; the new primary's starts empty
+      const now = ctx.platform.clock.now();
+      takenOverAtMs = now;
+      const pair: PairRecord = {
+        id: m.newPairId,
+        peerHost: m.returnHost || link.remoteAddress,
+        peerPort: m.returnPort,
+        remoteVolume: up.primaryVolume,
+        cutIntervalMs: L.cutIntervalMsDefault,
+        highWaterBytes: L.cutHighWaterBytesDefault,
+        retriesBeforeSuspend: L.retriesBeforeSuspendDefault,
+        // The old primary becomes this pair's replica: the identity it proved stays bound.
+        peerIdentity: up.peerIdentity ?? null,
+        // A sync pair stays sync in the other direction.
+        ...syncConfigOf(up.sync),
+        createdAt: new Date(now).toISOString(),
+        ackedSet: baseSet,
+        playedSet: baseSet,
+        initialCopy: { done: true, baseSet, baseSnapshot: null, totalBytes: 0, kind: 'full' },
+        operatorSuspended: false,
+        detached: false,
+        catchUp: null,
+      };
+      const report = { atRiskSinceMs: null, lastContactMs: now, seconds: 0, setsNotHere: [], setsDropped: [], bytesAtMost: 0, consistent: true };
+      role.transition(
+        {
+          t: 'took-over',
+          generation: generationBefore + 1,
+          pair,
+          failover: { kind: 'planned', fromPairId: up.pairId, fromVolume: up.primaryVolume, fromIdentity: up.peerIdentity ?? null, generationBefore, atMs: now, restartSnapshot: null, restartSet: m.lastSet, knownUpTo: m.lastSet, unplayedBlocks: 0, resyncPairId: m.newPairId, report, sync: up.sync ?? null },
+        },
+        { how, lastSet: m.lastSet, newPair: m.newPairId },
+      );
+    } catch (e) {
+      if (role.role === 'replica') {
+        rv.resumeAfterHalt();
+        if (!link.closed) link.send({ t: 'handoverAbort', reason: (e as Error).message });
+      }
+      throw e;
+    }
+    const rtoMs = ctx.platform.clock.now() - started;
+    if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId, atMs: takenOverAtMs });
+    await ctx.closeReplica(volume);
+    const r = ctx.replicator(volume);
+    r.start(); // its sender dials the old primary as the new pair (a cascade's middle had a replicator already)
+    r.holdCuts(false); // (the new pair holds what it needs from here)
+    ctx.log.info({ volume, generation: role.generation, lastSet: m.lastSet, rtoMs, setsPlayed: played.length, how }, `${how}: this volume is now the primary, nothing lost`);
+    return { volume, generation: role.generation, previousGeneration: generationBefore, lastSet: m.lastSet, rtoMs, lostWrites: 0, how };
+  } catch (e) {
     fwd?.holdCuts(false);
     throw e;
   }
-  const rtoMs = ctx.platform.clock.now() - started;
-  if (!link.closed) link.send({ t: 'handoverCommit', generation: role.generation, newPairId: m.newPairId, atMs: takenOverAtMs });
-  await ctx.closeReplica(volume);
-  const r = ctx.replicator(volume);
-  r.start(); // its sender dials the old primary as the new pair (a cascade's middle had a replicator already)
-  r.holdCuts(false); // (the new pair holds what it needs from here)
-  ctx.log.info({ volume, generation: role.generation, lastSet: m.lastSet, rtoMs, setsPlayed: played.length, how }, `${how}: this volume is now the primary, nothing lost`);
-  return { volume, generation: role.generation, previousGeneration: generationBefore, lastSet: m.lastSet, rtoMs, lostWrites: 0, how };
 }

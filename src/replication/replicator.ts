@@ -525,7 +525,6 @@ export class VolumeReplicator implements PairHost {
     this.hooks.onSessionUp(p);
   }
 
-  /** The replica's own writes during a split: they travel in the next (catch-up) set. */
   /**
    * A cascade's middle is about to empty its change log (a split, a failover, a takeover)
    * without a consistent point to cut at: every pair is detached, with those blocks and the
@@ -540,17 +539,7 @@ export class VolumeReplicator implements PairHost {
       blocks.forEachRun((s, c) => bits.setRange(s, c));
       // (Their age: the uncut changes', or, on a cascade's middle, the primary's cut of the set the replica holds.)
       if (blocks.count() > 0) this.notePendingSince(p, Math.min(this.firstChangeMs ?? this.lastCutMs, p.upstreamPlayedCutAtMs ?? Infinity));
-      if (!p.detached) {
-        const from = this.holdFrom(p);
-        for (const set of this.outbound.sets) {
-          if (set.set < from) continue;
-          for (const [b, c] of this.outbound.setBlocks(set)) if (b + c <= bits.bitsTotal) bits.setRange(b, c);
-          this.notePendingSince(p, set.firstChangeAtMs);
-        }
-      }
-      this.savePending(p.id);
-      p.detached = true;
-      p.catchUp = null;
+      this.detach(p);
     }
     this.saveState();
     this.releaseSets();
@@ -558,6 +547,32 @@ export class VolumeReplicator implements PairHost {
     this.poke();
   }
 
+  /**
+   * Pair p gives its place in the log up: the blocks of every set it has not acknowledged
+   * go to its pending bitmap (durable here; the caller saves the pair records), and it
+   * catches up from there in one set.
+   */
+  private detach(p: PairRecord): void {
+    const bits = this.pending.get(p.id)!;
+    if (!p.detached) {
+      const from = this.holdFrom(p);
+      for (const set of this.outbound.sets) {
+        if (set.set < from) continue;
+        for (const [b, c] of this.outbound.setBlocks(set)) if (b + c <= bits.bitsTotal) bits.setRange(b, c);
+        this.notePendingSince(p, set.firstChangeAtMs);
+      }
+    }
+    this.savePending(p.id);
+    p.detached = true;
+    p.catchUp = null;
+  }
+
+  /** Pending blocks of p made at t or later were added: they are at risk since the oldest. */
+  private notePendingSince(p: PairRecord, t: number): void {
+    if (p.pendingSinceMs === undefined || p.pendingSinceMs === null || t < p.pendingSinceMs) p.pendingSinceMs = t;
+  }
+
+  /** The replica's own writes during a split: they travel in the next (catch-up) set. */
   addSplitWrites(p: PairRecord, runs: Runs): void {
     if (runs.length === 0) return;
     const bits = this.pending.get(p.id)!;
@@ -599,29 +614,15 @@ export class VolumeReplicator implements PairHost {
    * The log is full: pairs that hold its oldest set and are not connected give their
    * place up; what they miss goes to their pending bitmap (durable first).
    */
-  /** Pending blocks of p made at t or later were added: they are at risk since the oldest. */
-  private notePendingSince(p: PairRecord, t: number): void {
-    if (p.pendingSinceMs === undefined || p.pendingSinceMs === null || t < p.pendingSinceMs) p.pendingSinceMs = t;
-  }
-
   private detachStalled(): boolean {
     const oldest = this.outbound.sets[0]?.set;
     if (oldest === undefined) return false;
     let any = false;
     for (const p of this.role.pairs) {
       if (this.holdFrom(p) !== oldest || this.senders.get(p.id)?.connected) continue;
-      const bits = this.pending.get(p.id)!;
-      const from = this.holdFrom(p);
-      for (const s of this.outbound.sets) {
-        if (s.set < from) continue;
-        for (const [b, c] of this.outbound.setBlocks(s)) bits.setRange(b, c);
-        this.notePendingSince(p, s.firstChangeAtMs);
-      }
-      this.savePending(p.id);
-      p.detached = true;
-      p.catchUp = null;
+      this.detach(p);
       any = true;
-      this.log.warn({ pair: p.id, pendingBlocks: bits.count() }, 'outbound save area full: stalled pair detached, it will catch up from its pending bitmap');
+      this.log.warn({ pair: p.id, pendingBlocks: this.pending.get(p.id)!.count() }, 'outbound save area full: stalled pair detached, it will catch up from its pending bitmap');
     }
     if (any) {
       this.saveState();
@@ -989,8 +990,7 @@ export class VolumeReplicator implements PairHost {
     // A cascade's middle: the writes at risk are its primary's. Those acknowledged before
     // the cut of the primary's set that the replica holds whole are on it; later ones may
     // not be (when it lacks anything of this node), and whatever this node lacks of its
-    // primary is at risk on both.
-    // What the replica holds, in the primary's timeline: the newest whole set of the
+    // primary is at risk on both. What the replica holds, in the primary's timeline: the newest whole set of the
     // primary it acknowledged (a failover there plays it), even when it lacks nothing of
     // this node: this node may hold sets of its primary it has not played (so not forwarded)
     // yet. Simulator seed 920023: C had every set B had cut, B held A's sets up to 10

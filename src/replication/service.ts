@@ -610,9 +610,9 @@ export class ReplicationService implements RecoveryContext {
    * A hello: the replica it names is found (or created, for a new pair), checked against
    * the pair bound to it, and its session handed the link. Rules (README "Replication
    * security"): over TLS a pair is bound to the identity that created it and only that
-   * identity may open its sessions; a hello raises a replica's generation only by one, for
-   * the same pair, while no session of it is up (its primary, the middle of a cascade, took
-   * over from its own primary).
+   * identity may open its sessions; a hello raises a replica's generation only for the same
+   * pair, while no session of it is up: by one (its primary, the middle of a cascade, took
+   * over from its own primary), or by any number while this replica's copy is not done.
    */
   private async onHello(link: Link, hello: Hello): Promise<ReplicaVolume | null> {
     const name = hello.replicaVolume;
@@ -667,7 +667,7 @@ export class ReplicationService implements RecoveryContext {
       const rv0 = this.replicas.get(name);
       const copying = up.initialCopy?.done === false;
       if ((hello.generation !== role.generation + 1 && !copying) || rv0?.connected) {
-        throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover (or one step, from the pair's own primary when it took over)`);
+        throw new DeltavolError('ROLE_CONFLICT', `volume ${name}: hello with generation ${hello.generation}, newer than this replica's ${role.generation}; a newer generation comes only by a resync or a handover (or from the pair's own primary: one step once the copy is done)`);
       }
       role.transition(
         { t: 'generation-adopted', generation: hello.generation },
