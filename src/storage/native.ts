@@ -26,6 +26,8 @@ export interface Fsx {
   preadRanges?(fd: number, target: Buffer, targetOffset: number, ranges: Float64Array, count: number): number;
   /** malloc_trim(0): gives freed heap memory back to the kernel; 1 if some was. (Absent from older addons.) */
   mallocTrim?(): number;
+  /** mallopt(M_TRIM_THRESHOLD, trim) and mallopt(M_MMAP_THRESHOLD, mmapAt); 1 if both took. (Absent from older addons.) */
+  mallocTune?(trimThresholdBytes: number, mmapThresholdBytes: number): number;
 }
 
 let cached: Fsx | null | undefined;
@@ -57,4 +59,16 @@ export function trimMallocHeap(): boolean {
   if (!fsx?.mallocTrim) return false;
   fsx.mallocTrim();
   return true;
+}
+
+/**
+ * Lets glibc keep freed heap memory up to `trimThresholdBytes` and serve buffers below
+ * `mmapThresholdBytes` from the heap (see malloc_tune_fn in src/native/fsx.c for the
+ * measurement); trimMallocHeap() still gives it back. False without the addon or when
+ * glibc refused.
+ */
+export function tuneMallocHeap(trimThresholdBytes: number, mmapThresholdBytes: number): boolean {
+  const fsx = loadFsx();
+  if (!fsx?.mallocTune) return false;
+  return fsx.mallocTune(trimThresholdBytes, mmapThresholdBytes) === 1;
 }
