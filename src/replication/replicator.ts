@@ -692,7 +692,10 @@ export class VolumeReplicator implements PairHost {
     if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
     const changed = this.volume.changedBlockCount();
     const now = this.platform.clock.now();
-    if (changed === 0) this.lastQuietMs = now;
+    if (changed === 0) {
+      this.lastQuietMs = now;
+      this.outbound.trimPool();
+    }
     else if (this.firstChangeMs === null) this.firstChangeMs = this.lastQuietMs;
     // (After the bookkeeping: a cascade's middle notes its changes' age even when it may not cut.)
     if (!this.cutPointOpen()) return;

@@ -524,8 +524,9 @@ export class VolumeEngine {
       // turn runs without awaiting, so no write can slip between a read and its put.
       const perTurn = this.options.copyBlocksPerTurn ?? COPY_BLOCKS_PER_TURN;
       const bs = this.options.blockBytes;
-      const runBuf = Buffer.allocUnsafe(Math.min(perTurn, Math.max(1, Math.floor(COPY_RUN_BYTES_MAX / bs))) * bs);
-      const runMax = runBuf.length / bs;
+      const runMax = Math.min(perTurn, Math.max(1, Math.floor(COPY_RUN_BYTES_MAX / bs)));
+      // Only a sink without room() needs a buffer of its own (allocated once per set, at need).
+      let runBuf: Buffer | null = null;
       let rangeBuf: Float64Array | null = null;
       const runStart: number[] = [];
       const runCount: number[] = [];
@@ -581,6 +582,7 @@ export class VolumeEngine {
           }
         } else {
           const bytes = Math.min(count * bs, this.data.sizeBytes - b * bs);
+          runBuf ??= Buffer.allocUnsafe(runMax * bs);
           this.data.readSync(b * bs, runBuf, 0, bytes);
           if (bytes < count * bs) runBuf.fill(0, bytes, count * bs);
           for (let i = 0; i < count; i++) {

@@ -154,6 +154,37 @@ describe('outbound log', () => {
     }
   });
 
+  it('keeps the buffers of a set acknowledged from the cache for the next set, and lets them go when quiet', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
+    try {
+      // 16 chunks per set: more than the pool's floor of 8, well inside the cache's budget.
+      const log = OutboundLog.open(nodeDurableFs(dir), 64 * MiB);
+      const perChunk = MiB / BS;
+      const chunks = 16;
+      const writeSet = async (set: number) => {
+        const w = log.beginSet(set, 1, BS, BLOCKS, false, 0, 0);
+        for (let b = 0; b < chunks * perChunk; b++) w.put(b % BLOCKS, blockData(set, b % BLOCKS));
+        await w.commit();
+      };
+      await writeSet(1);
+      log.release(1); // acknowledged while every chunk is still cached
+      expect(log.pooledBuffers).toBe(chunks);
+      await writeSet(2);
+      expect(log.chunkBuffersReused, 'every chunk of the next set reuses a buffer').toBe(chunks);
+      log.release(2);
+      log.trimPool(); // quiet: only the floor stays
+      expect(log.pooledBuffers).toBe(8);
+      // What the reused buffers hold is the new set's data.
+      await writeSet(3);
+      const c = log.get(3)!.chunks[0]!;
+      const f = decode(Buffer.concat(log.readChunk(c)));
+      expect(f.msg.t === 'chunk' && f.data.subarray(0, BS).equals(blockData(3, 0))).toBe(true);
+      log.close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('refuses a record that does not fit instead of overwriting a kept set', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
     try {
