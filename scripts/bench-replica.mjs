@@ -81,7 +81,9 @@ const volBlocks = total / BS * 2; // the volume: twice the change (4k: scattered
 function buildFrames() {
   const frames = [];
   let rnd = 12345;
-  const next = () => (rnd = (rnd * 1103515245 + 12345) >>> 0);
+  // Math.imul: a plain product passes 2^53, loses its low bits and the generator falls
+  // into a short cycle (the 4k pattern then never found its blocks).
+  const next = () => (rnd = (Math.imul(rnd, 1103515245) + 12345) >>> 0);
   const used = new Uint8Array(volBlocks);
   for (let s = 1; s <= sets; s++) {
     const crcs = [];
