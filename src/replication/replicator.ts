@@ -689,14 +689,17 @@ export class VolumeReplicator implements PairHost {
   }
 
   private tick(): void {
-    if (this.closed || this.building || this.role.pairs.length === 0 || !this.shipping) return;
+    if (this.closed || this.building) return;
+    if (this.role.pairs.length === 0 || !this.shipping) {
+      this.outbound.trimPool(); // nothing will be built: the pool keeps only its floor
+      return;
+    }
     const changed = this.volume.changedBlockCount();
     const now = this.platform.clock.now();
     if (changed === 0) {
       this.lastQuietMs = now;
       this.outbound.trimPool();
-    }
-    else if (this.firstChangeMs === null) this.firstChangeMs = this.lastQuietMs;
+    } else if (this.firstChangeMs === null) this.firstChangeMs = this.lastQuietMs;
     // (After the bookkeeping: a cascade's middle notes its changes' age even when it may not cut.)
     if (!this.cutPointOpen()) return;
     const pairs = this.role.pairs;
