@@ -115,6 +115,8 @@ export class OutboundLog {
   private readonly pool: Buffer[] = [];
   /** Chunk buffers taken from the pool rather than allocated (status, tests). */
   chunkBuffersReused = 0;
+  /** Chunk buffers allocated because the pool had none (status, tests): churn shows here. */
+  chunkBuffersAllocated = 0;
   /** Chunk records read back from the file (not in the memory cache any more): status, tests. */
   chunkFileReads = 0;
 
@@ -222,6 +224,7 @@ export class OutboundLog {
         return this.pool.splice(i, 1)[0]!;
       }
     }
+    this.chunkBuffersAllocated++;
     return Buffer.allocUnsafe(bytes);
   }
 
