@@ -31,9 +31,9 @@ export const chunkDataBytesMax = 1024 * 1024;
  * The pool's floor: chunk buffers (each chunkDataBytesMax) kept for reuse even when the
  * volume is quiet, since fresh 1 MiB buffers cost page faults and major GCs. While sets are
  * built the pool also keeps what the memory cache frees, up to the cache's budget (trimPool
- * drops back to the floor): a set acknowledged from
- * the cache freed 64 buffers at once and the next set allocated 56 of them again (1M writes
- * with a replica: ~10 major collections a second, perf and --trace-gc 2026-12-06).
+ * drops back to the floor): a set acknowledged from the cache freed 64 buffers at once and
+ * the next set allocated 56 of them again (1M writes with a replica: ~10 major collections
+ * a second, perf and --trace-gc 2026-12-06).
  */
 const chunkBufferPoolMax = 8;
 /** A chunk's frame prefix and message (generous: runs are ~10 bytes each in msgpack). */
