@@ -15,7 +15,8 @@
 //                  persisted validity keeps b set until a flush covers its zeroing.
 // Durability rules (checked by the crash tests):
 //   - a before-image is durable before the overwrite is issued (unsynced, group commit);
-//   - a changed block is covered by the activity log (or a completed checkpoint) before
+//   - a changed block is covered by the activity log, the write journal (a cold write
+//     scattered far from recent ones: write-journal.ts) or a completed checkpoint before
 //     its data is issued, so recovery finds it changed and valid;
 //   - a cut or snapshot happens with no write between "marked" and "data written".
 
@@ -28,6 +29,7 @@ import { GroupCommit } from '../util/group-commit.js';
 import { PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 import { BitmapFile } from '../bitmap/bitmap-file.js';
 import { ActivityLog } from '../bitmap/activity-log.js';
+import { WriteJournal, type JournalTicket } from '../bitmap/write-journal.js';
 import { ChangeLog, type CutOptions } from '../changelog/change-log.js';
 import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import { activityExtentBytes, trackingBlockBytesMax, trackingBlockBytesMin } from './engine-limits.js';
@@ -55,6 +57,13 @@ function byteExtents(bits: PagedBitmap, blockBytes: number, offset: number, leng
 const VALIDITY_FILE = 'validity.bm';
 const PENDING_FILE = 'pending.bm';
 const ACTIVITY_FILE = 'activity.log';
+const JOURNAL_FILE = 'writes.journal';
+/**
+ * A cold write whose extent was journaled among the last this many journaled writes makes
+ * its extent hot instead: writes with locality (a sequential stream) pay one activity
+ * record per 4 MiB extent, scattered ones a journal entry each.
+ */
+const RECENT_JOURNALED_EXTENTS = 64;
 /** Background copy-out yields to the event loop after this many blocks (default). */
 const COPY_BLOCKS_PER_TURN = 256;
 /** Background copy-out reads runs of adjacent blocks up to this many bytes at once. */
@@ -127,6 +136,8 @@ export interface EngineOptions {
   activityHotMax?: number;
   /** Activity extent size (bytes); tests use tiny extents to force evictions. */
   activityExtentBytes?: number;
+  /** Write journal region size (bytes); tests use tiny regions to force region switches. */
+  journalRegionBytes?: number;
   /** Background copy-out yields to the event loop after this many blocks. */
   copyBlocksPerTurn?: number;
   /** Told about events an operator must see (a snapshot invalidated). */
@@ -154,6 +165,11 @@ export class VolumeEngine {
   private inflight = 0;
   private drained: (() => void) | null = null;
   private sink: DeltaSink | null = null;
+  private journal: WriteJournal | null = null;
+  /** Extents of the last RECENT_JOURNALED_EXTENTS journaled writes (a ring), with counts. */
+  private readonly recentExtents = new Float64Array(RECENT_JOURNALED_EXTENTS).fill(-1);
+  private recentAt = 0;
+  private readonly recentCounts = new Map<number, number>();
   private mirror: WriteMirror | null = null;
   private closed = false;
   readonly stats: EngineStats = { writes: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
@@ -213,6 +229,8 @@ export class VolumeEngine {
     const snaps = await SnapshotQueue.open(fsys, blocks, options.blockBytes, options.saveAreaBytesMax);
     const engine = new VolumeEngine(data, options, new PagedBitmap(blocks, { trackDirty: true }), vf, pf, new ChangeLog(blocks), null, snaps);
     engine.al = await ActivityLog.create(fsys, ACTIVITY_FILE, VolumeEngine.alOptions(blocks, options, () => engine.checkpoint()));
+    engine.journal = WriteJournal.open(fsys, JOURNAL_FILE, engine.journalOptions()).journal;
+    await engine.journal.reset();
     return engine;
   }
 
@@ -249,14 +267,59 @@ export class VolumeEngine {
       v.bitmap.setRange(first, count);
       p.bitmap.setRange(first, count);
     }
+    // A volume made before the journal existed has none: open() makes an empty one.
+    const journalOpts = { ...(options.journalRegionBytes !== undefined ? { regionBytes: options.journalRegionBytes } : {}), wantCheckpoint: () => engine?.journalWantsCheckpoint() };
+    const { journal, ranges } = WriteJournal.open(fsys, JOURNAL_FILE, journalOpts);
+    for (let i = 0; i < ranges.length; i += 2) {
+      const first = ranges[i]!;
+      const last = ranges[i + 1]!;
+      if (last >= blocks) throw new DeltavolError('METADATA_CORRUPT', `write journal names block ${last} past the volume's ${blocks}`);
+      v.bitmap.setRange(first, last - first + 1);
+      p.bitmap.setRange(first, last - first + 1);
+    }
     engine = new VolumeEngine(data, options, v.bitmap, v.file, p.file, new ChangeLog(blocks, p.bitmap), log, snaps);
+    engine.journal = journal;
     await engine.checkpoint();
     await log.reset();
+    await journal.reset();
     return engine;
   }
 
   get blocksTotal(): number {
     return this.blocks;
+  }
+
+  private journalOptions() {
+    return {
+      ...(this.options.journalRegionBytes !== undefined ? { regionBytes: this.options.journalRegionBytes } : {}),
+      wantCheckpoint: () => this.journalWantsCheckpoint(),
+    };
+  }
+
+  /** A journal region filled: a checkpoint frees it (in the background; a failure shows at the next one). */
+  private journalWantsCheckpoint(): void {
+    this.checkpoint().catch((e: unknown) => this.options.warn?.('checkpoint for the write journal failed', { error: String(e) }));
+  }
+
+  /**
+   * Whether a cold write of extents [fe, le] goes to the journal: not when one of them was
+   * journaled recently (then the extent is worth making hot). Records the choice.
+   */
+  private journalWanted(fe: number, le: number): boolean {
+    if (this.journal === null || this.journal.failed || le - fe >= 4) return false;
+    for (let e = fe; e <= le; e++) if (this.recentCounts.has(e)) return false;
+    for (let e = fe; e <= le; e++) {
+      const old = this.recentExtents[this.recentAt]!;
+      if (old >= 0) {
+        const n = this.recentCounts.get(old)! - 1;
+        if (n === 0) this.recentCounts.delete(old);
+        else this.recentCounts.set(old, n);
+      }
+      this.recentExtents[this.recentAt] = e;
+      this.recentAt = (this.recentAt + 1) % RECENT_JOURNALED_EXTENTS;
+      this.recentCounts.set(e, (this.recentCounts.get(e) ?? 0) + 1);
+    }
+    return true;
   }
 
   get blockBytes(): number {
@@ -397,50 +460,65 @@ export class VolumeEngine {
     const firstExtent = Math.floor(first / eb);
     const lastExtent = Math.floor(last / eb);
     const huge = lastExtent - firstExtent + 1 > this.al!.hotMax / 2;
-    for (;;) {
-      while (this.gate !== null) await this.gate;
-      // The activity log must name every extent touched (huge trims checkpoint instead).
-      if (!huge) {
-        const w = this.al!.ensure(firstExtent, lastExtent);
-        if (w !== null) {
-          await w;
-          continue; // re-check the gate and the log: anything may have moved meanwhile
-        }
-      }
-      // From here to the issue of the data operation (or the first await) nothing else runs.
-      let mustSync = false;
-      try {
-        for (let b = first; b <= last; b++) {
-          if (this.changeLog.needsCopy(b)) this.priorityCopy(b);
-          if (this.snapshots.needsSave(b)) {
-            this.readBlock(b, this.buf);
-            this.snapshots.save(b, this.buf, 0);
-            this.stats.beforeImagesSaved++;
-            this.unsynced.set(b);
-            mustSync = true;
-          } else if (this.unsynced.test(b)) {
-            mustSync = true;
+    /** Set once a durable journal entry covers this write (it stays covered until done()). */
+    let ticket: JournalTicket | null = null;
+    try {
+      for (;;) {
+        while (this.gate !== null) await this.gate;
+        // The activity log or the journal must name every block touched (huge trims
+        // checkpoint instead).
+        if (!huge && ticket === null && !this.al!.allHot(firstExtent, lastExtent)) {
+          const t = this.journalWanted(firstExtent, lastExtent) ? this.journal!.log(first, last) : null;
+          if (t !== null) {
+            ticket = t;
+            await t.durable;
+            continue; // re-check the gate: anything may have moved meanwhile
+          }
+          const w = this.al!.ensure(firstExtent, lastExtent);
+          if (w !== null) {
+            await w;
+            continue; // re-check the gate and the log: anything may have moved meanwhile
           }
         }
-      } catch (e) {
-        if (!isDeltavolError(e, 'SAVE_AREA_FULL')) throw e;
-        await this.tailFull();
-        continue;
-      }
-      this.changeLog.markChanged(first, last);
-      if (!isZero) this.validity.setRange(first, last - first + 1);
-      this.inflight++;
-      try {
-        if (huge) await this.checkpoint();
-        if (mustSync) {
-          await this.snapshots.syncTail();
-          for (let b = first; b <= last; b++) this.unsynced.clear(b);
+        // From here to the issue of the data operation (or the first await) nothing else runs.
+        let mustSync = false;
+        try {
+          for (let b = first; b <= last; b++) {
+            if (this.changeLog.needsCopy(b)) this.priorityCopy(b);
+            if (this.snapshots.needsSave(b)) {
+              this.readBlock(b, this.buf);
+              this.snapshots.save(b, this.buf, 0);
+              this.stats.beforeImagesSaved++;
+              this.unsynced.set(b);
+              mustSync = true;
+            } else if (this.unsynced.test(b)) {
+              mustSync = true;
+            }
+          }
+        } catch (e) {
+          if (!isDeltavolError(e, 'SAVE_AREA_FULL')) throw e;
+          await this.tailFull();
+          continue;
         }
-        await doData();
-      } finally {
-        this.settle();
+        this.changeLog.markChanged(first, last);
+        if (!isZero) this.validity.setRange(first, last - first + 1);
+        // Its bits are set: a checkpoint that takes the dirty pages from now on covers them.
+        ticket?.done();
+        this.inflight++;
+        try {
+          if (huge) await this.checkpoint();
+          if (mustSync) {
+            await this.snapshots.syncTail();
+            for (let b = first; b <= last; b++) this.unsynced.clear(b);
+          }
+          await doData();
+        } finally {
+          this.settle();
+        }
+        return;
       }
-      return;
+    } finally {
+      ticket?.done(); // a write that failed before setting its bits leaves the journal's region freeable
     }
   }
 
@@ -843,6 +921,22 @@ export class VolumeEngine {
     // flush per ~125 scattered writes.
     if (covered.count() > 0) await this.data.flush();
     covered.clearAll();
+    // From here to the bitmap files' writes nothing else runs: every bit a journal region
+    // covers (its writers all done) is in the dirty pages taken below.
+    const journalCovering = this.journal?.checkpointStarting() ?? [];
+    try {
+      this.stagePages();
+      await Promise.all([this.validityFile.sync(), this.pendingFile.sync()]);
+    } catch (e) {
+      this.journal?.checkpointed(journalCovering, false);
+      throw e;
+    }
+    this.journal?.checkpointed(journalCovering, true);
+    this.stats.checkpoints++;
+  }
+
+  /** Stages every dirty page of the validity and pending bitmaps in their files. */
+  private stagePages(): void {
     const scratch = this.validityFile.scratch();
     for (const p of this.validity.takeDirtyPages()) {
       if (this.clearedUnflushed.pageBitCount(p) === 0) {
@@ -864,8 +958,6 @@ export class VolumeEngine {
       else if (this.changeLog.pendingPage(p, ps)) this.pendingFile.writeScratch(p);
       else this.pendingFile.writePage(p, null);
     }
-    await Promise.all([this.validityFile.sync(), this.pendingFile.sync()]);
-    this.stats.checkpoints++;
   }
 
   /** Clean close: checkpoint, then an empty activity log (recovery will mark nothing extra). */
@@ -874,6 +966,7 @@ export class VolumeEngine {
     await this.quiesce(async () => {
       await this.checkpoint();
       await this.al!.closeClean();
+      await this.journal!.closeClean();
     });
     this.closed = true;
     this.validityFile.close();
@@ -883,6 +976,11 @@ export class VolumeEngine {
 
   get activityCommits(): number {
     return this.al!.commits;
+  }
+
+  /** Writes the journal covered, and its fsyncs (tests, benchmarks). */
+  get journalStats(): { entries: number; syncs: number } {
+    return { entries: this.journal?.entries ?? 0, syncs: this.journal?.syncs ?? 0 };
   }
 
   /** Memory held by this engine's bitmaps (bytes). */
@@ -905,6 +1003,7 @@ export class VolumeEngine {
     this.changeLog.invariants();
     this.snapshots.invariants();
     this.al!.invariants();
+    this.journal?.invariants();
     assert(this.inflight >= 0, 'inflight ≥ 0');
     if (this.gate === null && this.inflight === 0) assert(this.unsynced.count() === 0, 'every before-image synced once writes drain');
   }
