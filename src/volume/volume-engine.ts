@@ -138,6 +138,8 @@ export interface EngineOptions {
   activityExtentBytes?: number;
   /** Write journal region size (bytes); tests use tiny regions to force region switches. */
   journalRegionBytes?: number;
+  /** Recent journaled writes whose extents go to the activity log next (default 64; tests: 0, every cold write is journaled). */
+  journalRecentExtents?: number;
   /** Background copy-out yields to the event loop after this many blocks. */
   copyBlocksPerTurn?: number;
   /** Told about events an operator must see (a snapshot invalidated). */
@@ -167,7 +169,7 @@ export class VolumeEngine {
   private sink: DeltaSink | null = null;
   private journal: WriteJournal | null = null;
   /** Extents of the last RECENT_JOURNALED_EXTENTS journaled writes (a ring), with counts. */
-  private readonly recentExtents = new Float64Array(RECENT_JOURNALED_EXTENTS).fill(-1);
+  private readonly recentExtents: Float64Array;
   private recentAt = 0;
   private readonly recentCounts = new Map<number, number>();
   private mirror: WriteMirror | null = null;
@@ -197,6 +199,7 @@ export class VolumeEngine {
     this.unsynced = new PagedBitmap(this.blocksTotal);
     this.clearedUnflushed = new PagedBitmap(this.blocksTotal);
     this.checkpointer = new GroupCommit(() => this.checkpointOnce());
+    this.recentExtents = new Float64Array(options.journalRecentExtents ?? RECENT_JOURNALED_EXTENTS).fill(-1);
   }
 
   private static check(data: VolumeData, options: EngineOptions): number {
@@ -308,7 +311,8 @@ export class VolumeEngine {
   private journalWanted(fe: number, le: number): boolean {
     if (this.journal === null || this.journal.failed || le - fe >= 4) return false;
     for (let e = fe; e <= le; e++) if (this.recentCounts.has(e)) return false;
-    for (let e = fe; e <= le; e++) {
+    const ring = this.recentExtents.length;
+    for (let e = fe; e <= le && ring > 0; e++) {
       const old = this.recentExtents[this.recentAt]!;
       if (old >= 0) {
         const n = this.recentCounts.get(old)! - 1;
@@ -316,7 +320,7 @@ export class VolumeEngine {
         else this.recentCounts.set(old, n);
       }
       this.recentExtents[this.recentAt] = e;
-      this.recentAt = (this.recentAt + 1) % RECENT_JOURNALED_EXTENTS;
+      this.recentAt = (this.recentAt + 1) % ring;
       this.recentCounts.set(e, (this.recentCounts.get(e) ?? 0) + 1);
     }
     return true;

@@ -38,6 +38,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import * as C from '../../src/nbd/constants.js';
 import { BitmapFile } from '../../src/bitmap/bitmap-file.js';
 import { ActivityLog } from '../../src/bitmap/activity-log.js';
+import { WriteJournal, journalRegionBytesDefault } from '../../src/bitmap/write-journal.js';
 import { nodeDurableFs } from '../../src/util/durable-fs.js';
 import { activityExtentBytes } from '../../src/volume/engine-limits.js';
 import { Volume } from '../../src/volume/volume.js';
@@ -169,7 +170,7 @@ describe('kill -9 under load', () => {
     let snapSeq = 0;
     let clock = 0;
     let kills = 0;
-    const stats = { ops: 0, bytes: 0, fua: 0, flushes: 0, zeroes: 0, inflightAtKill: 0, snapsCreated: 0, snapsChecked: 0, snapsDeleted: 0, restartMs: [] as number[], hotAtKill: [] as number[], ackedLostBytes: 0, restores: 0 };
+    const stats = { ops: 0, bytes: 0, fua: 0, flushes: 0, zeroes: 0, inflightAtKill: 0, snapsCreated: 0, snapsChecked: 0, snapsDeleted: 0, restartMs: [] as number[], hotAtKill: [] as number[], journaledAtKill: [] as number[], ackedLostBytes: 0, restores: 0 };
     const phaseMs: Record<string, number> = {};
     const phase = async <T,>(name: string, fn: () => Promise<T> | T): Promise<T> => {
       const t = Date.now();
@@ -307,12 +308,18 @@ describe('kill -9 under load', () => {
         extentBytes: activityExtentBytes,
         checkpoint: async () => undefined,
       });
+      const journalFile = fsys.open('writes.journal', false);
+      const { ranges } = WriteJournal.read(journalFile, journalRegionBytesDefault);
+      journalFile.close();
       pending.file.close();
       validity.file.close();
       void log; // opened read-only in effect (nothing written); its fd closes with the process
       stats.hotAtKill.push(hotAtOpen.length);
+      stats.journaledAtKill.push(ranges.length / 2);
       const hot = new Set(hotAtOpen);
-      const covered = (b: number, bm: typeof pending.bitmap) => bm.test(b) || hot.has(Math.floor(b / extentBlocks));
+      const journaled = new Set<number>();
+      for (let i = 0; i < ranges.length; i += 2) for (let b = ranges[i]!; b <= ranges[i + 1]!; b++) journaled.add(b);
+      const covered = (b: number, bm: typeof pending.bitmap) => bm.test(b) || hot.has(Math.floor(b / extentBlocks)) || journaled.has(b);
       // Blocks acknowledged as written or zeroed this epoch.
       for (const op of ep.ops) {
         if (op.ack === Infinity) continue;
@@ -538,6 +545,9 @@ describe('kill -9 under load', () => {
         checkpoint: async () => undefined,
       });
       expect(hotAtOpen).toEqual([]);
+      const journalFile = nodeDurableFs(engineDir).open('writes.journal', false);
+      expect(WriteJournal.read(journalFile, journalRegionBytesDefault).ranges, 'a clean stop leaves nothing to replay').toEqual([]);
+      journalFile.close();
     } finally {
       if (!d.exited) await d.kill();
       fs.rmSync(d.logFile, { force: true });
@@ -548,7 +558,7 @@ describe('kill -9 under load', () => {
       `[kill9] seed ${seed}: ${kills} kills in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${stats.ops} requests acknowledged ` +
         `(${(stats.bytes / MiB).toFixed(0)} MiB, ${stats.fua} FUA, ${stats.zeroes} trim/zero), ${stats.flushes} flushes, ` +
         `${stats.inflightAtKill} in flight at kills; bytes of acknowledged (not yet durable) writes lost (every 3rd epoch): ${stats.ackedLostBytes}; snapshots: ${stats.snapsCreated} created, ${stats.snapsDeleted} deleted, ${stats.snapsChecked} checks, ${stats.restores} restores; ` +
-        `hot extents at kills: max ${Math.max(...stats.hotAtKill)}; restart (spawn → daemon.json) median ${rs[rs.length >> 1]} ms, max ${rs[rs.length - 1]} ms; time per phase (ms) ${JSON.stringify(phaseMs)}`,
+        `hot extents at kills: max ${Math.max(...stats.hotAtKill)}; journaled writes at kills: max ${Math.max(...stats.journaledAtKill)}; restart (spawn → daemon.json) median ${rs[rs.length >> 1]} ms, max ${rs[rs.length - 1]} ms; time per phase (ms) ${JSON.stringify(phaseMs)}`,
     );
     expect(failures).toEqual([]);
     // A quiet machine reaches KILLS_MAX (40); under the full suite on 2 cores it gets 10-20.

@@ -114,6 +114,10 @@ export function pickOptions(seed: number): ScenarioOptions {
       // fixed in 6cbaf41); else the engine's default.
       activityHotMax: r() < 0.5 ? between(2, 8) : 1000,
       copyBlocksPerTurn: pick([1, 3, 8, 256]),
+      // From the seed's bits, not from r(): earlier seeds keep their scenarios. Tiny
+      // regions switch (and wait for checkpoints to free them) all the time.
+      journalRegionBytes: [2048, 2048, 8192, 2 * 1024 * 1024][(seed >>> 4) & 3]!,
+      journalRecentExtents: [0, 0, 4, 64][(seed >>> 6) & 3]!,
     },
     disk: { syncLatencyMs: pick([0, 1, 3]), syncJitterMs: pick([0, 1, 5]) },
     net: { latencyMs: pick([0, 1, 5, 20]), jitterMs: pick([0, 1, 10]), chunkProbability: pick([0, 0.1, 0.5]) },

@@ -29,6 +29,9 @@ export interface EngineTuning {
   activityExtentBlocks: number;
   activityHotMax: number;
   copyBlocksPerTurn: number;
+  /** Write journal region bytes and locality ring (see EngineOptions). */
+  journalRegionBytes: number;
+  journalRecentExtents: number;
 }
 
 export class SimVolume implements HostedVolume {
@@ -242,6 +245,8 @@ export class SimHost implements VolumeHost {
       activityExtentBytes: this.tuning.activityExtentBlocks * blockBytes,
       activityHotMax: this.tuning.activityHotMax,
       copyBlocksPerTurn: this.tuning.copyBlocksPerTurn,
+      journalRegionBytes: this.tuning.journalRegionBytes,
+      journalRecentExtents: this.tuning.journalRecentExtents,
       warn: (m: string, f: Record<string, unknown>) => this.hooks.warn(m, f),
     };
   }

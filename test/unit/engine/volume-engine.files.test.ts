@@ -62,7 +62,7 @@ describe('volume engine on real files', () => {
     expect(engine.listSnapshots().map((s) => [s.name, s.savedBlocks])).toEqual([['one', 2]]);
     await engine.close();
     store.close();
-    expect(fs.readdirSync(dir).sort()).toEqual(['activity.log', 'data.img', 'pending.bm', 'snap-1.meta', 'snap-1.save', 'snapshots.json', 'validity.bm']);
+    expect(fs.readdirSync(dir).sort()).toEqual(['activity.log', 'data.img', 'pending.bm', 'snap-1.meta', 'snap-1.save', 'snapshots.json', 'validity.bm', 'writes.journal']);
   });
 
   it('opens a volume whose bitmap files are version 1 (an upgrade) and rewrites its own as version 2', async () => {
