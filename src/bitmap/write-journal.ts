@@ -99,6 +99,8 @@ export class WriteJournal {
   private committing = false;
   private failure: Error | null = null;
   private buf = Buffer.alloc(journalSlotBytes * 8);
+  /** Counts resets: a ticket taken before the last one no longer counts as in flight. */
+  private resets = 0;
   /** Slots written (each batch one write and one fsync): tests and benchmarks. */
   slotsWritten = 0;
   syncs = 0;
@@ -177,10 +179,12 @@ export class WriteJournal {
   async reset(): Promise<void> {
     await this.idle();
     this.checkFailed();
-    const r = this.regions[this.active]!;
-    assert(r.inFlight === 0 && r.reservedSlots === 0, 'reset with writers in flight');
-    for (const other of this.regions) other.state = 'free';
-    this.activate(this.active);
+    for (const r of this.regions) assert(r.inFlight === 0 && r.reservedSlots === 0, 'reset with writers in flight');
+    this.resetRegions();
+    await this.writeResetSlot();
+  }
+
+  private async writeResetSlot(): Promise<void> {
     // coveredBelow = this epoch: nothing older is replayed.
     this.fillSlot(0, this.epoch, this.epoch, [], 0, 0);
     try {
@@ -218,6 +222,7 @@ export class WriteJournal {
     r.inFlight++;
     this.entries++;
     const region = this.active;
+    const resets = this.resets;
     let resolve!: () => void;
     let reject!: (e: unknown) => void;
     const durable = new Promise<void>((res, rej) => {
@@ -239,6 +244,7 @@ export class WriteJournal {
       done: () => {
         if (!open) return;
         open = false;
+        if (resets !== this.resets) return; // closed meanwhile: the writer fails
         const reg = this.regions[region]!;
         assert(reg.inFlight > 0, 'journal done() without a writer in flight');
         reg.inFlight--;
@@ -270,14 +276,28 @@ export class WriteJournal {
     }
   }
 
-  /** Clean close: the caller has checkpointed every bitmap, so nothing needs replaying. */
+  /**
+   * Clean close: the caller has checkpointed every bitmap, and writers still holding a
+   * ticket (waiting at the closed engine's gate) will fail without issuing their data, so
+   * nothing needs replaying.
+   */
   async closeClean(): Promise<void> {
     await this.idle();
     if (this.failure === null) {
-      for (const r of this.regions) if (r.state !== 'active') r.state = 'free';
+      for (const r of this.regions) {
+        assert(r.reservedSlots === 0, 'the journal is idle');
+        r.inFlight = 0;
+      }
       await this.reset();
     }
     this.file.close();
+  }
+
+  /** Every region free, then a fresh epoch in the active one. */
+  private resetRegions(): void {
+    this.resets++;
+    for (const r of this.regions) r.state = 'free';
+    this.activate(this.active);
   }
 
   get failed(): boolean {

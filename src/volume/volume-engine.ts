@@ -469,6 +469,8 @@ export class VolumeEngine {
     try {
       for (;;) {
         while (this.gate !== null) await this.gate;
+        // Closed while it waited (the close wrote clean logs): its data must not be issued.
+        if (this.closed) throw new DeltavolError('SHUTTING_DOWN', 'the volume was closed while the write waited');
         // The activity log or the journal must name every block touched (huge trims
         // checkpoint instead).
         if (!huge && ticket === null && !this.al!.allHot(firstExtent, lastExtent)) {
