@@ -66,6 +66,12 @@ const JOURNAL_FILE = 'writes.journal';
 const RECENT_JOURNALED_EXTENTS = 64;
 /** Background copy-out yields to the event loop after this many blocks (default). */
 const COPY_BLOCKS_PER_TURN = 256;
+/**
+ * A checkpoint stages this many dirty bitmap pages per event-loop turn (default): a journal
+ * region's checkpoint on a large volume stages ~100k pages, ~0.7 µs each, which in one go
+ * stalled every connection for ~120 ms.
+ */
+const CHECKPOINT_PAGES_PER_TURN = 4096;
 /** Background copy-out reads runs of adjacent blocks up to this many bytes at once. */
 const COPY_RUN_BYTES_MAX = 1024 * 1024;
 
@@ -142,6 +148,8 @@ export interface EngineOptions {
   journalRecentExtents?: number;
   /** Background copy-out yields to the event loop after this many blocks. */
   copyBlocksPerTurn?: number;
+  /** A checkpoint yields to the event loop after staging this many bitmap pages (default 4096). */
+  checkpointPagesPerTurn?: number;
   /** Told about events an operator must see (a snapshot invalidated). */
   warn?: (message: string, fields: Record<string, unknown>) => void;
 }
@@ -174,6 +182,8 @@ export class VolumeEngine {
   private readonly recentCounts = new Map<number, number>();
   private mirror: WriteMirror | null = null;
   private closed = false;
+  /** Set inside close()'s consistent point: writers released by its gate must fail. */
+  private closing = false;
   readonly stats: EngineStats = { writes: 0, checkpoints: 0, beforeImagesSaved: 0, priorityCopies: 0 };
 
   /** Counts writes: a zeroing that raced with a write keeps its blocks valid (safe side). */
@@ -470,7 +480,7 @@ export class VolumeEngine {
       for (;;) {
         while (this.gate !== null) await this.gate;
         // Closed while it waited (the close wrote clean logs): its data must not be issued.
-        if (this.closed) throw new DeltavolError('SHUTTING_DOWN', 'the volume was closed while the write waited');
+        if (this.closing) throw new DeltavolError('SHUTTING_DOWN', 'the volume was closed while the write waited');
         // The activity log or the journal must name every block touched (huge trims
         // checkpoint instead).
         if (!huge && ticket === null && !this.al!.allHot(firstExtent, lastExtent)) {
@@ -931,7 +941,7 @@ export class VolumeEngine {
     // covers (its writers all done) is in the dirty pages taken below.
     const journalCovering = this.journal?.checkpointStarting() ?? [];
     try {
-      this.stagePages();
+      await this.stagePages();
       await Promise.all([this.validityFile.sync(), this.pendingFile.sync()]);
     } catch (e) {
       this.journal?.checkpointed(journalCovering, false);
@@ -941,10 +951,19 @@ export class VolumeEngine {
     this.stats.checkpoints++;
   }
 
-  /** Stages every dirty page of the validity and pending bitmaps in their files. */
-  private stagePages(): void {
+  /**
+   * Stages every dirty page of the validity and pending bitmaps in their files, yielding
+   * between batches of pages. A page staged after a yield holds its bits as they are then:
+   * every bit set before the checkpoint began, unless cleared meanwhile by what may clear it
+   * at any time (a set shipped, changes discarded); a validity clear made meanwhile is in
+   * clearedUnflushed, so it is kept set on disk like the others.
+   */
+  private async stagePages(): Promise<void> {
+    const perTurn = this.options.checkpointPagesPerTurn ?? CHECKPOINT_PAGES_PER_TURN;
+    let staged = 0;
     const scratch = this.validityFile.scratch();
     for (const p of this.validity.takeDirtyPages()) {
+      if (++staged % perTurn === 0) await yieldToLoop();
       if (this.clearedUnflushed.pageBitCount(p) === 0) {
         this.validityFile.writePageOf(this.validity, p); // no clear of this page waits for a flush
         continue;
@@ -959,6 +978,7 @@ export class VolumeEngine {
     }
     const ps = this.pendingFile.scratch();
     for (const p of this.changeLog.takeDirtyPages()) {
+      if (++staged % perTurn === 0) await yieldToLoop();
       const offsets = this.changeLog.pendingOffsets(p);
       if (offsets !== null) this.pendingFile.writeOffsets(p, offsets);
       else if (this.changeLog.pendingPage(p, ps)) this.pendingFile.writeScratch(p);
@@ -970,6 +990,8 @@ export class VolumeEngine {
   async close(): Promise<void> {
     if (this.closed) return;
     await this.quiesce(async () => {
+      // Writers waiting at this gate resume before close() returns: they must find this.
+      this.closing = true;
       await this.checkpoint();
       await this.al!.closeClean();
       await this.journal!.closeClean();

@@ -118,6 +118,7 @@ export function pickOptions(seed: number): ScenarioOptions {
       // regions switch (and wait for checkpoints to free them) all the time.
       journalRegionBytes: [2048, 2048, 8192, 2 * 1024 * 1024][(seed >>> 4) & 3]!,
       journalRecentExtents: [0, 0, 4, 64][(seed >>> 6) & 3]!,
+      checkpointPagesPerTurn: [1, 2, 4096, 4096][(seed >>> 8) & 3]!,
     },
     disk: { syncLatencyMs: pick([0, 1, 3]), syncJitterMs: pick([0, 1, 5]) },
     net: { latencyMs: pick([0, 1, 5, 20]), jitterMs: pick([0, 1, 10]), chunkProbability: pick([0, 0.1, 0.5]) },

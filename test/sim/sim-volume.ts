@@ -32,6 +32,7 @@ export interface EngineTuning {
   /** Write journal region bytes and locality ring (see EngineOptions). */
   journalRegionBytes: number;
   journalRecentExtents: number;
+  checkpointPagesPerTurn: number;
 }
 
 export class SimVolume implements HostedVolume {
@@ -247,6 +248,7 @@ export class SimHost implements VolumeHost {
       copyBlocksPerTurn: this.tuning.copyBlocksPerTurn,
       journalRegionBytes: this.tuning.journalRegionBytes,
       journalRecentExtents: this.tuning.journalRecentExtents,
+      checkpointPagesPerTurn: this.tuning.checkpointPagesPerTurn,
       warn: (m: string, f: Record<string, unknown>) => this.hooks.warn(m, f),
     };
   }

@@ -57,6 +57,22 @@ describe('volume engine crash ordering', () => {
     }
   });
 
+  it('a write still waiting when the volume closes fails and never reaches the data (the clean logs say nothing is in flight)', async () => {
+    for (const journalRecentExtents of [0, 64]) {
+      // 0: the cold write waits for the write journal; 64 after a first journaled write: for the activity log.
+      const fsys = new SimFs();
+      const data = new SimVolumeData(SIZE);
+      const engine = await VolumeEngine.create(fsys, data, { ...options, journalRecentExtents });
+      if (journalRecentExtents > 0) await engine.write(8 * BS, [Buffer.alloc(BS, 1)]);
+      const w = engine.write(9 * BS, [Buffer.alloc(BS, 0x55)]);
+      expect(w, 'the write waits').toBeInstanceOf(Promise);
+      const closed = engine.close();
+      await expect(w).rejects.toThrow(/closed while the write waited/);
+      await closed;
+      expect(data.current.subarray(9 * BS, 10 * BS).every((v) => v === 0), `journalRecentExtents ${journalRecentExtents}`).toBe(true);
+    }
+  });
+
   it('activity-log evictions checkpoint the bitmaps without flushing the data file, and every block whose data a crash kept is still valid and pending', async () => {
     const seed = testSeed('engine crash: evictions without data flush');
     const rng = prng(seed);

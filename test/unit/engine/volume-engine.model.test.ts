@@ -381,7 +381,7 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions,
 }
 
 describe('volume engine against an in-memory model', () => {
-  const base: EngineOptions = { blockBytes: BS, saveAreaBytesMax: 1 << 30, activityExtentBytes: 4 * BS, activityHotMax: 3, copyBlocksPerTurn: 3, journalRegionBytes: 2048, journalRecentExtents: 1 };
+  const base: EngineOptions = { blockBytes: BS, saveAreaBytesMax: 1 << 30, activityExtentBytes: 4 * BS, activityHotMax: 3, copyBlocksPerTurn: 3, journalRegionBytes: 2048, journalRecentExtents: 1, checkpointPagesPerTurn: 1 };
 
   it('snapshots, delta sets, differentials and crashes agree with the model', async () => {
     const seed = testSeed('engine model');
