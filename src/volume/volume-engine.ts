@@ -64,6 +64,11 @@ const JOURNAL_FILE = 'writes.journal';
  * record per 4 MiB extent, scattered ones a journal entry each.
  */
 const RECENT_JOURNALED_EXTENTS = 64;
+/**
+ * Larger writes go to the activity log: a stream of them (mkfs, a copy) would otherwise pay a
+ * journal fsync and then an activity record for every extent, where the log pays one.
+ */
+const JOURNAL_WRITE_BYTES_MAX = 64 * 1024;
 /** Background copy-out yields to the event loop after this many blocks (default). */
 const COPY_BLOCKS_PER_TURN = 256;
 /**
@@ -315,11 +320,12 @@ export class VolumeEngine {
   }
 
   /**
-   * Whether a cold write of extents [fe, le] goes to the journal: not when one of them was
-   * journaled recently (then the extent is worth making hot). Records the choice.
+   * Whether a cold write of blocks [first, last] (extents [fe, le]) goes to the journal: not
+   * when it is large, nor when one of its extents was journaled recently (then the extent is
+   * worth making hot). Records the choice.
    */
-  private journalWanted(fe: number, le: number): boolean {
-    if (this.journal === null || this.journal.failed || le - fe >= 4) return false;
+  private journalWanted(first: number, last: number, fe: number, le: number): boolean {
+    if (this.journal === null || this.journal.failed || (last - first + 1) * this.options.blockBytes > JOURNAL_WRITE_BYTES_MAX) return false;
     for (let e = fe; e <= le; e++) if (this.recentCounts.has(e)) return false;
     const ring = this.recentExtents.length;
     for (let e = fe; e <= le && ring > 0; e++) {
@@ -484,7 +490,7 @@ export class VolumeEngine {
         // The activity log or the journal must name every block touched (huge trims
         // checkpoint instead).
         if (!huge && ticket === null && !this.al!.allHot(firstExtent, lastExtent)) {
-          const t = this.journalWanted(firstExtent, lastExtent) ? this.journal!.log(first, last) : null;
+          const t = this.journalWanted(first, last, firstExtent, lastExtent) ? this.journal!.log(first, last) : null;
           if (t !== null) {
             ticket = t;
             await t.durable;
