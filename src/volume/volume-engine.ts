@@ -943,8 +943,8 @@ export class VolumeEngine {
     // flush per ~125 scattered writes.
     if (covered.count() > 0) await this.data.flush();
     covered.clearAll();
-    // From here to the bitmap files' writes nothing else runs: every bit a journal region
-    // covers (its writers all done) is in the dirty pages taken below.
+    // Every bit a journal region covers was set before this point (its writers all called
+    // done()), so it is in a page staged below (pages are staged as they are then, or later).
     const journalCovering = this.journal?.checkpointStarting() ?? [];
     try {
       await this.stagePages();
