@@ -15,7 +15,7 @@
 // Each size runs in a fresh daemon on tmpfs. CPU comes from /proc (utime+stime), so it is
 // less sensitive to a busy machine than throughput; the growth column compares each size
 // with the first one of the same run.
-// Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--exports 1,40,100]
+// Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--rounds 1] [--exports 1,40,100]
 //        [--snapshots 1,10,100] [--connections 1,8,32,128] [--dir /dev/shm] [--out FILE]
 // Markdown to stdout, then one JSON line; progress to stderr.
 import fs from 'node:fs';
@@ -35,6 +35,8 @@ const HELP = `Usage: scripts/bench scale [options]
   --sizes LIST     volume sizes to sweep (default 1G,1T,4T,16T; K/M/G/T suffixes; 0 = skip)
   --writes SIZE    bytes of scattered 4 KiB writes per size (default 64M), and half as much
                    again after a snapshot
+  --rounds N       sweep the sizes N times, in turn (default 1): the table shows each figure's
+                   median, and the growth per round (this host's noise is ±20% per run)
   --exports LIST   export counts to list with nbdinfo and qemu-nbd (default 1,40,100; 0 = skip).
                    libnbd 1.14 costs ~0.2 s per export on any server (MSG_MORE on its last send)
   --snapshots LIST snapshot counts to sweep on a 1 GiB volume (default 1,10,100; 0 = skip)
@@ -60,13 +62,14 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null, nodeArgs: [] };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, rounds: 1, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null, nodeArgs: [] };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
   switch (a) {
     case '--sizes': opt.sizes = need().split(',').map(parseSize).filter((n) => n > 0); break;
     case '--writes': opt.writesBytes = parseSize(need()); break;
+    case '--rounds': opt.rounds = Number(need()); if (!(Number.isInteger(opt.rounds) && opt.rounds >= 1 && opt.rounds <= 20)) die('--rounds must be 1-20'); break;
     case '--exports': opt.exports = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--connections': opt.connections = need().split(',').map(Number).filter((n) => n > 0); break;
@@ -114,10 +117,12 @@ async function restartTimed(dataDir) {
   return { d, seconds: (now() - t0) / 1000 };
 }
 
-const sizeRows = [];
+/** Every run: round → size → row; sizeRows holds each size's medians. */
+const sizeRuns = [];
+for (let round = 0; round < opt.rounds; round++) {
 for (const sizeBytes of opt.sizes) {
   const dataDir = path.join(work, `size-${sizeBytes}`);
-  log(`size ${fmtSize(sizeBytes)}: create, ${fmtSize(opt.writesBytes)} of scattered writes`);
+  log(`round ${round + 1}/${opt.rounds}, size ${fmtSize(sizeBytes)}: create, ${fmtSize(opt.writesBytes)} of scattered writes`);
   let d = await startDaemon(cli, 'A', work, { dataDir });
   const created = await createVolume(d, 'vol', sizeBytes);
   const plain = await scatteredWrites(d, opt.writesBytes, 'scattered');
@@ -139,8 +144,23 @@ for (const sizeBytes of opt.sizes) {
   fs.rmSync(dataDir, { recursive: true, force: true });
   const row = { sizeBytes, trackingBlockBytes: created.trackingBlockBytes, writeCpuUs: plain.cpuUsPerWrite, writeIops: plain.iops, snapWriteCpuUs: afterSnap.cpuUsPerWrite, rssMiB: rss, rssAfterRestartMiB: rssAfterRestart, filesMiB: filesBytes / MiB, restartCleanS: clean.seconds, restartCrashS: crash.seconds };
   log(`  ${JSON.stringify(row)}`);
-  sizeRows.push(row);
+  sizeRuns.push({ round, ...row });
 }
+}
+const median = (xs) => {
+  const v = [...xs].sort((a, b) => a - b);
+  return v.length % 2 ? v[v.length >> 1] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+};
+const sizeRows = opt.sizes.map((sizeBytes) => {
+  const runs = sizeRuns.filter((r) => r.sizeBytes === sizeBytes);
+  const out = { sizeBytes, trackingBlockBytes: runs[0].trackingBlockBytes, rounds: runs.length };
+  for (const k of ['writeCpuUs', 'writeIops', 'snapWriteCpuUs', 'rssMiB', 'rssAfterRestartMiB', 'filesMiB', 'restartCleanS', 'restartCrashS']) out[k] = median(runs.map((r) => r[k]));
+  // Growth against the first size of the same round: the rounds' spread shows the noise.
+  const growth = (k) => runs.map((r) => r[k] / sizeRuns.find((f) => f.round === r.round && f.sizeBytes === opt.sizes[0])[k]);
+  out.writeGrowthRange = [Math.min(...growth('writeCpuUs')), Math.max(...growth('writeCpuUs'))];
+  out.snapGrowthRange = [Math.min(...growth('snapWriteCpuUs')), Math.max(...growth('snapWriteCpuUs'))];
+  return out;
+});
 
 const exportRows = [];
 if (opt.exports.length > 0) {
@@ -233,13 +253,15 @@ if (opt.connections.length > 0) {
 const first = sizeRows[0];
 const lines = [];
 if (sizeRows.length > 0) {
-  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs)`, '');
+  const of = opt.rounds > 1 ? `, medians of ${opt.rounds} rounds (growth: of the medians, then each round's range)` : '';
+  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs${of})`, '');
   lines.push('| volume | tracking block | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
   lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+  const range = (rg) => (opt.rounds > 1 ? ` (${f2(rg[0])}–${f2(rg[1])})` : '');
   for (const r of sizeRows) {
     const g = r.writeCpuUs / first.writeCpuUs;
     const gs = r.snapWriteCpuUs / first.snapWriteCpuUs;
-    lines.push(`| ${fmtSize(r.sizeBytes)} | ${r.trackingBlockBytes / KiB} KiB | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
+    lines.push(`| ${fmtSize(r.sizeBytes)} | ${r.trackingBlockBytes / KiB} KiB | ${f1(r.writeCpuUs)} | ${f2(g)}${g > GOALS.cpuGrowth ? ' ⚠' : ''}${range(r.writeGrowthRange)} | ${f1(r.snapWriteCpuUs)} | ${f2(gs)}${gs > GOALS.cpuGrowth ? ' ⚠' : ''}${range(r.snapGrowthRange)} | ${Math.round(r.writeIops)} | ${f1(r.rssMiB)} | ${f1(r.filesMiB)} | ${f2(r.restartCleanS)} | ${f2(r.restartCrashS)} |`);
   }
   lines.push('', 'A volume holds at most 2^32 - 1 tracking blocks: from 16 TiB on the default tracking block is 8 KiB, so 4 KiB writes there are partial blocks.');
   lines.push('', `Goals: CPU growth ≤ ${GOALS.cpuGrowth}× the smallest size; restart ≤ ${GOALS.restartSeconds} s plus time proportional to the data written.`);
@@ -268,7 +290,7 @@ if (connRows.length > 0) {
   }
 }
 console.log(lines.join('\n'));
-const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, sizes: sizeRows, exports: exportRows, snapshots: snapRows, connections: connRows };
+const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, rounds: opt.rounds, sizes: sizeRows, sizeRuns, exports: exportRows, snapshots: snapRows, connections: connRows };
 console.log(JSON.stringify(result));
 if (opt.out) fs.writeFileSync(opt.out, JSON.stringify(result, null, 2));
 await cleanupAll();
