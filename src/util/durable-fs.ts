@@ -9,24 +9,18 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { fsyncDirSync, writeFileAtomicSync } from './atomic-file.js';
+import { SyncMode } from './sync-mode.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 
-/**
- * fdatasync on the event loop when it has been fast (tmpfs, a write-back cache: tens of µs,
- * less than a threadpool round trip), in the threadpool otherwise. A sync that turns out
- * slow switches to the threadpool; the fast path is tried again every 30 s (so on slow
- * storage the event loop waits for at most one fdatasync per 30 s).
- */
-const syncFastNs = 100_000n;
-const syncProbeMs = 30_000;
-let syncSlowSinceMs = -Infinity;
+/** Where metadata syncs run (sync-mode.ts): on the loop while fast, else in the threadpool. */
+const syncMode = new SyncMode();
 
 async function adaptiveSync(fd: number): Promise<void> {
-  if (Date.now() - syncSlowSinceMs < syncProbeMs) return fdatasyncAsync(fd);
+  if (syncMode.inPool(Date.now())) return fdatasyncAsync(fd);
   const t = process.hrtime.bigint();
   fs.fdatasyncSync(fd);
-  if (process.hrtime.bigint() - t > syncFastNs) syncSlowSinceMs = Date.now();
+  syncMode.record(Number(process.hrtime.bigint() - t), Date.now());
 }
 
 export interface DurableFile {
