@@ -59,19 +59,39 @@ export interface WriteJournalOptions {
   wantCheckpoint?: () => void;
 }
 
-/** A write covered by the journal: its data may be issued once `durable` resolves. */
+/**
+ * A write covered by the journal: its data may be issued once `durable` resolves (shared by
+ * every entry of one group commit). Give it back with done() once its bits are set.
+ */
 export interface JournalTicket {
   readonly durable: Promise<void>;
-  /** The writer has set its bits (or gave up): a checkpoint from now on covers it. Idempotent. */
-  done(): void;
+  readonly region: number;
+  /** The journal's reset count when taken (a ticket from before a reset no longer counts). */
+  readonly resets: number;
+  /** done() was called. */
+  returned: boolean;
 }
 
-interface Entry {
-  region: number;
-  first: number;
-  last: number;
+/** Entries waiting for the next group commit, and the promise they share. */
+interface Round {
+  regions: number[];
+  firsts: number[];
+  lasts: number[];
+  durable: Promise<void>;
   resolve: () => void;
   reject: (e: unknown) => void;
+}
+
+function newRound(): Round {
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const durable = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // A round that fails may have no one waiting any more (its writers gave up): not unhandled.
+  durable.catch(() => undefined);
+  return { regions: [], firsts: [], lasts: [], durable, resolve, reject };
 }
 
 type RegionState = 'free' | 'active' | 'draining' | 'covering';
@@ -94,7 +114,7 @@ export class WriteJournal {
   private readonly slotsPerRegion: number;
   private active: number;
   private epoch: number;
-  private queue: Entry[] = [];
+  private queue: Round | null = null;
   private scheduled = false;
   private committing = false;
   private failure: Error | null = null;
@@ -186,7 +206,7 @@ export class WriteJournal {
 
   private async writeResetSlot(): Promise<void> {
     // coveredBelow = this epoch: nothing older is replayed.
-    this.fillSlot(0, this.epoch, this.epoch, [], 0, 0);
+    this.fillSlot(0, this.epoch, this.epoch, [], [], 0, 0);
     try {
       this.file.write(this.regionStart(this.active), this.buf, 0, journalSlotBytes);
       await this.file.sync();
@@ -222,14 +242,10 @@ export class WriteJournal {
     r.inFlight++;
     this.entries++;
     const region = this.active;
-    const resets = this.resets;
-    let resolve!: () => void;
-    let reject!: (e: unknown) => void;
-    const durable = new Promise<void>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    this.queue.push({ region, first, last, resolve, reject });
+    const round = (this.queue ??= newRound());
+    round.regions.push(region);
+    round.firsts.push(first);
+    round.lasts.push(last);
     if (!this.committing && !this.scheduled) {
       this.scheduled = true;
       // A microtask later, so every write of this event-loop turn shares one fsync.
@@ -238,18 +254,17 @@ export class WriteJournal {
         void this.commitLoop();
       });
     }
-    let open = true;
-    return {
-      durable,
-      done: () => {
-        if (!open) return;
-        open = false;
-        if (resets !== this.resets) return; // closed meanwhile: the writer fails
-        const reg = this.regions[region]!;
-        assert(reg.inFlight > 0, 'journal done() without a writer in flight');
-        reg.inFlight--;
-      },
-    };
+    return { durable: round.durable, region, resets: this.resets, returned: false };
+  }
+
+  /** The writer has set its bits (or gave up): a checkpoint from now on covers it. Idempotent. */
+  done(t: JournalTicket): void {
+    if (t.returned) return;
+    t.returned = true;
+    if (t.resets !== this.resets) return; // closed meanwhile: the writer fails
+    const reg = this.regions[t.region]!;
+    assert(reg.inFlight > 0, 'journal done() without a writer in flight');
+    reg.inFlight--;
   }
 
   /**
@@ -332,7 +347,7 @@ export class WriteJournal {
     return i * this.regionBytes;
   }
 
-  private fillSlot(at: number, epoch: number, covered: number, entries: Entry[], from: number, to: number): void {
+  private fillSlot(at: number, epoch: number, covered: number, firsts: number[], lasts: number[], from: number, to: number): void {
     const s = this.buf.subarray(at, at + journalSlotBytes);
     s.fill(0);
     s.writeUInt32LE(MAGIC, 4);
@@ -341,8 +356,8 @@ export class WriteJournal {
     s.writeUInt16LE(to - from, 16);
     for (let i = from; i < to; i++) {
       const o = SLOT_HEADER_BYTES + ENTRY_BYTES * (i - from);
-      s.writeUInt32LE(entries[i]!.first, o);
-      s.writeUInt32LE(entries[i]!.last, o + 4);
+      s.writeUInt32LE(firsts[i]!, o);
+      s.writeUInt32LE(lasts[i]!, o + 4);
     }
     s.writeUInt32LE(crc32c(s.subarray(4)), 0);
   }
@@ -352,17 +367,31 @@ export class WriteJournal {
     if (this.committing) return;
     this.committing = true;
     try {
-      while (this.queue.length > 0) {
+      while (this.queue !== null) {
         const round = this.queue;
-        this.queue = [];
+        this.queue = null;
         const covered = this.coveredBelow();
         const writes: { position: number; bytes: number }[] = [];
         let used = 0;
+        const n = round.regions.length;
         for (let i = 0; i < 2; i++) {
-          const mine = round.filter((e) => e.region === i);
-          if (mine.length === 0) continue;
+          // This region's entries (all of them, in the usual round of one region).
+          let firsts = round.firsts;
+          let lasts = round.lasts;
+          let count = 0;
+          for (let k = 0; k < n; k++) if (round.regions[k] === i) count++;
+          if (count === 0) continue;
+          if (count < n) {
+            firsts = [];
+            lasts = [];
+            for (let k = 0; k < n; k++) {
+              if (round.regions[k] !== i) continue;
+              firsts.push(round.firsts[k]!);
+              lasts.push(round.lasts[k]!);
+            }
+          }
           const r = this.regions[i]!;
-          const slots = Math.ceil(mine.length / journalSlotEntriesMax);
+          const slots = Math.ceil(count / journalSlotEntriesMax);
           assert(slots <= r.reservedSlots, 'entries fit the slots reserved for them');
           const need = used + slots * journalSlotBytes;
           if (need > this.buf.length) {
@@ -372,7 +401,7 @@ export class WriteJournal {
           }
           for (let k = 0; k < slots; k++) {
             const from = k * journalSlotEntriesMax;
-            this.fillSlot(used + k * journalSlotBytes, r.epoch, covered, mine, from, Math.min(mine.length, from + journalSlotEntriesMax));
+            this.fillSlot(used + k * journalSlotBytes, r.epoch, covered, firsts, lasts, from, Math.min(count, from + journalSlotEntriesMax));
           }
           writes.push({ position: this.regionStart(i) + r.slot * journalSlotBytes, bytes: slots * journalSlotBytes });
           r.slot += slots;
@@ -392,10 +421,10 @@ export class WriteJournal {
           await this.file.sync();
         } catch (e) {
           this.fail(e);
-          for (const entry of round) entry.reject(e);
+          round.reject(e);
           continue;
         }
-        for (const entry of round) entry.resolve();
+        round.resolve();
       }
     } finally {
       this.committing = false;
@@ -403,7 +432,7 @@ export class WriteJournal {
   }
 
   private async idle(): Promise<void> {
-    while (this.committing || this.scheduled || this.queue.length > 0) await new Promise<void>((r) => setImmediate(r));
+    while (this.committing || this.scheduled || this.queue !== null) await new Promise<void>((r) => setImmediate(r));
   }
 
   private checkFailed(): void {

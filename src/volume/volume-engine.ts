@@ -181,10 +181,9 @@ export class VolumeEngine {
   private drained: (() => void) | null = null;
   private sink: DeltaSink | null = null;
   private journal: WriteJournal | null = null;
-  /** Extents of the last RECENT_JOURNALED_EXTENTS journaled writes (a ring), with counts. */
+  /** Extents of the last RECENT_JOURNALED_EXTENTS journaled writes (a ring; -1 empty; scanned, 64 doubles cost less than a Map's upkeep). */
   private readonly recentExtents: Float64Array;
   private recentAt = 0;
-  private readonly recentCounts = new Map<number, number>();
   private mirror: WriteMirror | null = null;
   private closed = false;
   /** Set inside close()'s consistent point: writers released by its gate must fail. */
@@ -326,18 +325,15 @@ export class VolumeEngine {
    */
   private journalWanted(first: number, last: number, fe: number, le: number): boolean {
     if (this.journal === null || this.journal.failed || (last - first + 1) * this.options.blockBytes > JOURNAL_WRITE_BYTES_MAX) return false;
-    for (let e = fe; e <= le; e++) if (this.recentCounts.has(e)) return false;
-    const ring = this.recentExtents.length;
+    const recent = this.recentExtents;
+    const ring = recent.length;
+    for (let i = 0; i < ring; i++) {
+      const x = recent[i]!;
+      if (x >= fe && x <= le) return false;
+    }
     for (let e = fe; e <= le && ring > 0; e++) {
-      const old = this.recentExtents[this.recentAt]!;
-      if (old >= 0) {
-        const n = this.recentCounts.get(old)! - 1;
-        if (n === 0) this.recentCounts.delete(old);
-        else this.recentCounts.set(old, n);
-      }
-      this.recentExtents[this.recentAt] = e;
+      recent[this.recentAt] = e;
       this.recentAt = (this.recentAt + 1) % ring;
-      this.recentCounts.set(e, (this.recentCounts.get(e) ?? 0) + 1);
     }
     return true;
   }
@@ -525,7 +521,7 @@ export class VolumeEngine {
         this.changeLog.markChanged(first, last);
         if (!isZero) this.validity.setRange(first, last - first + 1);
         // Its bits are set: a checkpoint that takes the dirty pages from now on covers them.
-        ticket?.done();
+        if (ticket !== null) this.journal!.done(ticket);
         this.inflight++;
         try {
           if (huge) await this.checkpoint();
@@ -540,7 +536,7 @@ export class VolumeEngine {
         return;
       }
     } finally {
-      ticket?.done(); // a write that failed before setting its bits leaves the journal's region freeable
+      if (ticket !== null) this.journal!.done(ticket); // a write that failed before setting its bits leaves the journal's region freeable
     }
   }
 

@@ -100,13 +100,13 @@ async function runSequence(ops: Op[], crashSeed: number, regionSlots: number, fa
     try {
       await t.durable;
     } catch {
-      t.done();
+      j.done(t);
       return; // the write fails: its data is never issued
     }
     for (let i = 0; i < delay; i++) await tick(); // e.g. waiting at the engine's gate
     if (boot !== me) return;
     for (let b = first; b <= last; b++) needed.set(b, clock++);
-    t.done();
+    j.done(t);
   };
 
   const crash = async (): Promise<void> => {
@@ -185,7 +185,7 @@ describe('WriteJournal', () => {
     await journal.reset();
     const t = journal.log(10, 12)!;
     await t.durable;
-    t.done();
+    journal.done(t);
     expect(WriteJournal.open(fsys.crash(() => 0.9), NAME, { regionBytes: 4 * journalSlotBytes }).ranges).toEqual([10, 12]);
     await journal.closeClean();
     expect(WriteJournal.open(fsys.crash(() => 0.9), NAME, { regionBytes: 4 * journalSlotBytes }).ranges).toEqual([]);
@@ -195,7 +195,7 @@ describe('WriteJournal', () => {
     fsys.syncFaults = { fails: () => true, rng: () => 0.9 };
     const bad = journal.log(20, 20)!;
     await expect(bad.durable).rejects.toThrow(/EIO/);
-    bad.done();
+    journal.done(bad);
     expect(journal.failed).toBe(true);
     expect(journal.log(21, 21)).toBeNull();
   });
@@ -218,14 +218,14 @@ describe('WriteJournal', () => {
     // A checkpoint while a writer of the draining region has not set its bits covers nothing.
     let covering = journal.checkpointStarting();
     expect(covering).toEqual([]);
-    for (const t of tickets) t.done();
+    for (const t of tickets) journal.done(t);
     covering = journal.checkpointStarting();
     expect(covering).toEqual([0]);
     journal.checkpointed(covering, true);
     const again = journal.log(100, 100);
     expect(again).not.toBeNull();
     await again!.durable;
-    again!.done();
+    journal.done(again!);
     expect(wanted).toBe(2);
     journal.invariants();
     // The blocks of the region still draining and of the active one are named; the freed one's are not.
