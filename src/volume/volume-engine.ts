@@ -519,7 +519,10 @@ export class VolumeEngine {
           continue;
         }
         this.changeLog.markChanged(first, last);
-        if (!isZero) this.validity.setRange(first, last - first + 1);
+        if (!isZero) {
+          if (first === last) this.validity.set(first);
+          else this.validity.setRange(first, last - first + 1);
+        }
         // Its bits are set: a checkpoint that takes the dirty pages from now on covers them.
         if (ticket !== null) this.journal!.done(ticket);
         this.inflight++;
