@@ -155,12 +155,14 @@ export class WriteJournal {
 
   /** The ranges a recovery must mark, as first0, last0, first1, last1, ... (also for tests reading a dead daemon's files). */
   static read(file: DurableFile, regionBytes: number): { ranges: number[]; epochMax: number } {
-    const slotsTotal = (2 * regionBytes) / journalSlotBytes;
+    // The whole file: slots name their epochs, so a file written with larger regions (an
+    // older build, other options) is read whole as well.
+    const end = Math.max(2 * regionBytes, file.sizeBytes());
     const chunk = Buffer.alloc(Math.min(regionBytes, 256 * 1024));
     const valid: { epoch: number; covered: number; at: number }[] = [];
     const slots = new Map<number, Buffer>();
     let newest: { epoch: number; covered: number } | null = null;
-    for (let pos = 0; pos < slotsTotal * journalSlotBytes; pos += chunk.length) {
+    for (let pos = 0; pos < end; pos += chunk.length) {
       const n = file.read(pos, chunk, 0, chunk.length);
       for (let off = 0; off + journalSlotBytes <= n; off += journalSlotBytes) {
         const s = chunk.subarray(off, off + journalSlotBytes);

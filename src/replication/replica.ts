@@ -864,6 +864,10 @@ export class ReplicaVolume {
     // First stop background playback from starting sets (a set ending kicks the next one),
     // then play what is left here, one at a time.
     this.halted = true;
+    // The session's frames, and the end of its sync stream (endSession closed the link): a
+    // stream write still in the engine (waiting for its journal or activity-log record)
+    // lands before the restart point, not after it.
+    await this.queue.catch(() => undefined);
     await this.waitPlaybackIdle();
     while (!now) {
       const next = this.nextToPlay();

@@ -3,6 +3,8 @@
 // acknowledged, wait until the replica has played everything, and compare whole volumes.
 // Here once, so the tests read as the scenario they check.
 
+import fs from 'node:fs';
+import net from 'node:net';
 import { expect } from 'vitest';
 import { MiniNbdClient } from './nbd-client.js';
 import { freePort, startDaemon, type TestDaemon } from './daemon.js';
@@ -316,8 +318,39 @@ export interface DaemonPorts {
   repl: number;
 }
 
+/** Whether 127.0.0.1:port can be listened on now. */
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+  });
+}
+
+/**
+ * A free port below the kernel's ephemeral range. A port from listen(0) is in that range,
+ * so between this check and the daemon's bind (and across its restarts) another test's
+ * outgoing connection could take it: CI once failed with EADDRINUSE that way. Below the
+ * range only another fixed-port pick can collide (random, and checked here).
+ */
+async function freeFixedPort(): Promise<number> {
+  let low = 32768;
+  try {
+    low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]);
+  } catch {
+    // not Linux: keep the usual bound
+  }
+  if (low >= 12000) {
+    for (let i = 0; i < 100; i++) {
+      const port = 10000 + Math.floor(Math.random() * (low - 10000));
+      if (await canListen(port)) return port;
+    }
+  }
+  return freePort();
+}
+
 export async function freePorts(): Promise<DaemonPorts> {
-  return { nbd: await freePort(), control: await freePort(), repl: await freePort() };
+  return { nbd: await freeFixedPort(), control: await freeFixedPort(), repl: await freeFixedPort() };
 }
 
 /** Daemons on fixed ports (restartable at the same address, on the same data), data on tmpfs; all disposed at the end. */
