@@ -159,8 +159,7 @@ export class WriteJournal {
     // older build, other options) is read whole as well.
     const end = Math.max(2 * regionBytes, file.sizeBytes());
     const chunk = Buffer.alloc(Math.min(regionBytes, 256 * 1024));
-    const valid: { epoch: number; covered: number; at: number }[] = [];
-    const slots = new Map<number, Buffer>();
+    const valid: { epoch: number; slot: Buffer }[] = [];
     let newest: { epoch: number; covered: number } | null = null;
     for (let pos = 0; pos < end; pos += chunk.length) {
       const n = file.read(pos, chunk, 0, chunk.length);
@@ -171,8 +170,7 @@ export class WriteJournal {
         if (count > journalSlotEntriesMax) continue;
         const epoch = s.readUInt32LE(8);
         const covered = s.readUInt32LE(12);
-        valid.push({ epoch, covered, at: pos + off });
-        slots.set(pos + off, Buffer.from(s));
+        valid.push({ epoch, slot: Buffer.from(s) });
         if (newest === null || epoch > newest.epoch) newest = { epoch, covered };
       }
       if (n < chunk.length) break;
@@ -181,7 +179,7 @@ export class WriteJournal {
     if (newest !== null) {
       for (const v of valid) {
         if (v.epoch < newest.covered) continue;
-        const s = slots.get(v.at)!;
+        const s = v.slot;
         const count = s.readUInt16LE(16);
         for (let i = 0; i < count; i++) {
           const first = s.readUInt32LE(SLOT_HEADER_BYTES + ENTRY_BYTES * i);

@@ -246,7 +246,7 @@ export class VolumeEngine {
     const snaps = await SnapshotQueue.open(fsys, blocks, options.blockBytes, options.saveAreaBytesMax);
     const engine = new VolumeEngine(data, options, new PagedBitmap(blocks, { trackDirty: true }), vf, pf, new ChangeLog(blocks), null, snaps);
     engine.al = await ActivityLog.create(fsys, ACTIVITY_FILE, VolumeEngine.alOptions(blocks, options, () => engine.checkpoint()));
-    engine.journal = WriteJournal.open(fsys, JOURNAL_FILE, engine.journalOptions()).journal;
+    engine.journal = WriteJournal.open(fsys, JOURNAL_FILE, VolumeEngine.journalOptions(options, () => engine.journalWantsCheckpoint())).journal;
     await engine.journal.reset();
     return engine;
   }
@@ -285,8 +285,7 @@ export class VolumeEngine {
       p.bitmap.setRange(first, count);
     }
     // A volume made before the journal existed has none: open() makes an empty one.
-    const journalOpts = { ...(options.journalRegionBytes !== undefined ? { regionBytes: options.journalRegionBytes } : {}), wantCheckpoint: () => engine?.journalWantsCheckpoint() };
-    const { journal, ranges } = WriteJournal.open(fsys, JOURNAL_FILE, journalOpts);
+    const { journal, ranges } = WriteJournal.open(fsys, JOURNAL_FILE, VolumeEngine.journalOptions(options, () => engine?.journalWantsCheckpoint()));
     for (let i = 0; i < ranges.length; i += 2) {
       const first = ranges[i]!;
       const last = ranges[i + 1]!;
@@ -306,11 +305,8 @@ export class VolumeEngine {
     return this.blocks;
   }
 
-  private journalOptions() {
-    return {
-      ...(this.options.journalRegionBytes !== undefined ? { regionBytes: this.options.journalRegionBytes } : {}),
-      wantCheckpoint: () => this.journalWantsCheckpoint(),
-    };
+  private static journalOptions(options: EngineOptions, wantCheckpoint: () => void) {
+    return { ...(options.journalRegionBytes !== undefined ? { regionBytes: options.journalRegionBytes } : {}), wantCheckpoint };
   }
 
   /** A journal region filled: a checkpoint frees it (in the background; a failure shows at the next one). */
