@@ -46,6 +46,7 @@ import type { DurableFile, DurableFs } from '../util/durable-fs.js';
 import { BITMAP_PAGE_BITS, BITMAP_PAGE_BYTES, BITMAP_PAGE_WORDS, PagedBitmap, SPARSE_BITS_MAX, popcount32 } from './paged-bitmap.js';
 import { RecordArena } from './record-arena.js';
 import { copyBytes } from '../util/copy-bytes.js';
+import { crc32cBytes } from '../util/crc32c-bytes.js';
 
 const FILE_MAGIC = 0x46425644; // "DVBF"
 const RECORD_MAGIC = 0x52425644; // "DVBR"
@@ -58,6 +59,16 @@ const ENC_RUNS = 2;
 const ENC_DENSE = 3;
 /** The log is compacted once it exceeds max(2 × live bytes, this). */
 export const bitmapLogBytesMin = 4 * 1024 * 1024;
+/**
+ * Records up to this many bytes are checksummed in JavaScript: a native call and the
+ * subarray it needs cost more than a table lookup per byte for the 26-byte records of
+ * scattered pages (a checkpoint writes one per page, up to one per write at 16 TiB).
+ */
+const recordCrcInJsBytesMax = 128;
+/** crc32c of buf[from, to): short ranges in JavaScript, long ones natively. */
+function crcOf(buf: Buffer, from: number, to: number): number {
+  return to - from <= recordCrcInJsBytesMax ? crc32cBytes(buf, from, to - from) : crc32c(buf.subarray(from, to));
+}
 /** Records are gathered in memory up to this many bytes per write call (and at sync). */
 const appendBufferBytes = 256 * 1024;
 /** open() and compaction move the file in pieces of this many bytes. */
@@ -246,7 +257,7 @@ function putRecord(out: Buffer, at: number, seq: number, p: number, encoding: nu
   out.writeUInt16LE(0, at + 18);
   out.writeUInt32LE(to - from, at + 20);
   copyBytes(src, from, out, at + RECORD_HEADER_BYTES, to - from);
-  out.writeUInt32LE(crc32c(out.subarray(at + 4, end)), at);
+  out.writeUInt32LE(crcOf(out, at + 4, end), at);
   return end - at;
 }
 
@@ -354,7 +365,7 @@ export class BitmapFile {
       const payloadBytes = chunk.readUInt32LE(at + 20);
       const end = at + RECORD_HEADER_BYTES + payloadBytes;
       if (payloadBytes > BITMAP_PAGE_BYTES || end > have) break;
-      if (crc32c(chunk.subarray(at + 4, end)) !== chunk.readUInt32LE(at)) break;
+      if (crcOf(chunk, at + 4, end) !== chunk.readUInt32LE(at)) break;
       // A record that checks is what this code wrote: anything odd in it is corruption.
       const p = chunk.readUInt32LE(at + 12);
       const encoding = chunk.readUInt16LE(at + 16);
@@ -392,8 +403,8 @@ export class BitmapFile {
 
   /** Records page p's latest record (what compaction writes) and keeps liveBytes. */
   private remember(p: number, encoding: number, src: Buffer, from: number, to: number): void {
-    const old = this.latest.get(p);
-    if (old !== undefined) this.liveBytes -= RECORD_HEADER_BYTES + old.length - 1;
+    const oldBytes = this.latest.bytesOf(p);
+    if (oldBytes !== 0) this.liveBytes -= RECORD_HEADER_BYTES + oldBytes - 1;
     if (encoding === ENC_ZERO) {
       this.latest.delete(p);
       return;
@@ -446,10 +457,9 @@ export class BitmapFile {
 
   /** Appends this.payload[0, payloadBytes) as page p's record unless its latest record says the same. */
   private stage(p: number, encoding: number, payloadBytes: number): void {
-    const old = this.latest.get(p);
-    if (old === undefined) {
+    if (!this.latest.has(p)) {
       if (encoding === ENC_ZERO) return; // no record: the page already reads as zeroes
-    } else if (old[0] === encoding && old.length === payloadBytes + 1 && this.payload.compare(old, 1, old.length, 0, payloadBytes) === 0) {
+    } else if (this.latest.holds(p, encoding, this.payload, 0, payloadBytes)) {
       return; // the latest record already says this
     }
     this.append(p, encoding, payloadBytes);

@@ -15,6 +15,8 @@ import { copyBytes } from '../util/copy-bytes.js';
 
 const ARENA_BYTES_MIN = 64 * 1024;
 const SLOTS_MIN = 256;
+/** holds() compares up to this many bytes with a loop (a native compare costs more below). */
+const SHORT_COMPARE_BYTES_MAX = 64;
 
 export class RecordArena {
   /** Per key: 0 when absent, else its slot + 1. */
@@ -63,6 +65,28 @@ export class RecordArena {
     if (s === undefined) return undefined;
     const off = this.slotOff[s]!;
     return this.arena.subarray(off, off + this.slotLen[s]!);
+  }
+
+  has(key: number): boolean {
+    return this.slot(key) !== undefined;
+  }
+
+  /** Length of what is kept for `key` (`first` included); 0 when absent. */
+  bytesOf(key: number): number {
+    const s = this.slot(key);
+    return s === undefined ? 0 : this.slotLen[s]!;
+  }
+
+  /** Whether `key` holds exactly `first` followed by src[from, to) (no view is made). */
+  holds(key: number, first: number, src: Buffer, from: number, to: number): boolean {
+    const s = this.slot(key);
+    if (s === undefined || this.slotLen[s] !== 1 + to - from) return false;
+    const off = this.slotOff[s]!;
+    const arena = this.arena;
+    if (arena[off] !== first) return false;
+    if (to - from > SHORT_COMPARE_BYTES_MAX) return src.compare(arena, off + 1, off + 1 + to - from, from, to) === 0;
+    for (let i = 0; i < to - from; i++) if (arena[off + 1 + i] !== src[from + i]) return false;
+    return true;
   }
 
   /** Keeps src[from, to) for key (≤ 65535 bytes), replacing what it had. */

@@ -184,16 +184,21 @@ export class ChangeLog {
 
   // ---- persistence ----
 
-  /** Pages of the pending bitmap (active ∪ frozen) changed since the last call. */
-  takeDirtyPages(): number[] {
-    const pages = new Set<number>();
-    for (const p of this.activeMap.takeDirtyPages()) pages.add(p);
-    if (this.frozenMap) for (const p of this.frozenMap.takeDirtyPages()) pages.add(p);
-    this.extraDirty.forEachRun((s, c) => {
-      for (let p = s; p < s + c; p++) pages.add(p);
-    });
-    this.extraDirty.clearAll();
-    return [...pages].sort((a, b) => a - b);
+  /** Pages of the pending bitmap (active ∪ frozen) changed since the last call, ascending. */
+  takeDirtyPages(): Uint32Array {
+    // Each source is ascending: merge them (after scattered writes on a large volume a
+    // checkpoint takes one page per write, and a Set plus a sort was a tenth of its cost).
+    let pages = this.activeMap.takeDirtyPages();
+    if (this.frozenMap) pages = mergeAscending(pages, this.frozenMap.takeDirtyPages());
+    if (this.extraDirty.count() > 0) {
+      const extra: number[] = [];
+      this.extraDirty.forEachRun((s, c) => {
+        for (let p = s; p < s + c; p++) extra.push(p);
+      });
+      this.extraDirty.clearAll();
+      pages = mergeAscending(pages, Uint32Array.from(extra));
+    }
+    return pages;
   }
 
   /** Writes page p of active ∪ frozen into `out`; false when it is all zeroes. */
@@ -235,4 +240,21 @@ export class ChangeLog {
       assert(extra.count() === 0, 'uncopied ⊆ frozen');
     }
   }
+}
+
+/** The sorted union of two ascending lists without repeats. */
+function mergeAscending(a: Uint32Array, b: Uint32Array): Uint32Array {
+  if (b.length === 0) return a;
+  if (a.length === 0) return b;
+  const out = new Uint32Array(a.length + b.length);
+  let i = 0;
+  let j = 0;
+  let n = 0;
+  while (i < a.length || j < b.length) {
+    const x = j >= b.length || (i < a.length && a[i]! <= b[j]!) ? a[i]! : b[j]!;
+    if (i < a.length && a[i] === x) i++;
+    if (j < b.length && b[j] === x) j++;
+    out[n++] = x;
+  }
+  return out.subarray(0, n);
 }
