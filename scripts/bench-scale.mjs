@@ -12,7 +12,10 @@
 //   4. connection count sweep: 4 KiB random reads at queue depth 4 per connection over N
 //      connections, deltavol and nbdkit (file plugin, same 1 GiB file) alternating in one
 //      run: I/O per second of wall time, server CPU per I/O, server RSS.
-// Each size runs in a fresh daemon on tmpfs. CPU comes from /proc (utime+stime), so it is
+// Each size runs in a fresh daemon on tmpfs. Before the measured writes of a size, a warm-up
+// of --warmup bytes (default 64 MiB) of the same writes runs unmeasured, alike for every size:
+// V8 compiles the write path's code (and, on large volumes, the journal's and checkpoint's)
+// once per process, ~0.1-0.3 s of CPU that would otherwise be charged to the first 64k writes. CPU comes from /proc (utime+stime), so it is
 // less sensitive to a busy machine than throughput; the growth column compares each size
 // with the first one of the same run.
 // Usage: scripts/bench scale [--sizes 1G,1T,4T,16T] [--writes 64M] [--rounds 1] [--exports 1,40,100]
@@ -35,6 +38,8 @@ const HELP = `Usage: scripts/bench scale [options]
   --sizes LIST     volume sizes to sweep (default 1G,1T,4T,16T; K/M/G/T suffixes; 0 = skip)
   --writes SIZE    bytes of scattered 4 KiB writes per size (default 64M), and half as much
                    again after a snapshot
+  --warmup SIZE    unmeasured scattered writes before each size's measured ones (default 64M;
+                   0 = none): V8 compiles the code paths once per process
   --rounds N       sweep the sizes N times, in turn (default 1): the table shows each figure's
                    median, and the growth per round (this host's noise is ±20% per run)
   --exports LIST   export counts to list with nbdinfo and qemu-nbd (default 1,40,100; 0 = skip).
@@ -62,13 +67,14 @@ const fmtSize = (b) => {
 };
 
 const argv = process.argv.slice(2);
-const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, rounds: 1, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null, nodeArgs: [] };
+const opt = { sizes: [1, 1024, 4096, 16384].map((g) => g * 1024 ** 3), writesBytes: 64 * MiB, warmupBytes: 64 * MiB, rounds: 1, exports: [1, 40, 100], snapshots: [1, 10, 100], connections: [1, 8, 32, 128], connSeconds: 5, dir: '/dev/shm', out: null, nodeArgs: [] };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   const need = () => (i + 1 < argv.length ? argv[++i] : die(`option ${a} needs a value`));
   switch (a) {
     case '--sizes': opt.sizes = need().split(',').map(parseSize).filter((n) => n > 0); break;
     case '--writes': opt.writesBytes = parseSize(need()); break;
+    case '--warmup': opt.warmupBytes = parseSize(need()); break;
     case '--rounds': opt.rounds = Number(need()); if (!(Number.isInteger(opt.rounds) && opt.rounds >= 1 && opt.rounds <= 20)) die('--rounds must be 1-20'); break;
     case '--exports': opt.exports = need().split(',').map(Number).filter((n) => n > 0); break;
     case '--snapshots': opt.snapshots = need().split(',').map(Number).filter((n) => n > 0); break;
@@ -125,6 +131,7 @@ for (const sizeBytes of opt.sizes) {
   log(`round ${round + 1}/${opt.rounds}, size ${fmtSize(sizeBytes)}: create, ${fmtSize(opt.writesBytes)} of scattered writes`);
   let d = await startDaemon(cli, 'A', work, { dataDir });
   const created = await createVolume(d, 'vol', sizeBytes);
+  if (opt.warmupBytes > 0) await fio('warmup', d.uri('vol'), ['--rw=randwrite', '--bs=4k', '--iodepth=32', `--io_size=${opt.warmupBytes}`, '--norandommap', '--randrepeat=0', '--refill_buffers'], 600_000);
   const plain = await scatteredWrites(d, opt.writesBytes, 'scattered');
   await api(d, 'POST', '/v1/volumes/vol/snapshots', { name: 's1' });
   const afterSnap = await scatteredWrites(d, opt.writesBytes / 2, 'after-snapshot');
@@ -254,7 +261,7 @@ const first = sizeRows[0];
 const lines = [];
 if (sizeRows.length > 0) {
   const of = opt.rounds > 1 ? `, medians of ${opt.rounds} rounds (growth: of the medians, then each round's range)` : '';
-  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size, fio qd32, tmpfs${of})`, '');
+  lines.push(`### Volume size (scattered 4 KiB writes, ${fmtSize(opt.writesBytes)} per size after ${opt.warmupBytes > 0 ? `a ${fmtSize(opt.warmupBytes)} warm-up` : 'no warm-up'}, fio qd32, tmpfs${of})`, '');
   lines.push('| volume | tracking block | CPU µs / write | growth | after a snapshot | growth | IOPS | RSS MiB | engine files MiB | restart clean s | restart after kill -9 s |');
   lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
   const range = (rg) => (opt.rounds > 1 ? ` (${f2(rg[0])}–${f2(rg[1])})` : '');
@@ -290,7 +297,7 @@ if (connRows.length > 0) {
   }
 }
 console.log(lines.join('\n'));
-const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, rounds: opt.rounds, sizes: sizeRows, sizeRuns, exports: exportRows, snapshots: snapRows, connections: connRows };
+const result = { when: new Date().toISOString(), writesBytes: opt.writesBytes, warmupBytes: opt.warmupBytes, rounds: opt.rounds, sizes: sizeRows, sizeRuns, exports: exportRows, snapshots: snapRows, connections: connRows };
 console.log(JSON.stringify(result));
 if (opt.out) fs.writeFileSync(opt.out, JSON.stringify(result, null, 2));
 await cleanupAll();
