@@ -362,13 +362,15 @@ export class VolumeEngine {
     }
     // The mirror hears of the write when its data is issued (after any wait), in issue order.
     let remote: Promise<void> | undefined;
-    const local = this.slowPath(first, last, false, () => {
-      remote = this.mirror?.write(offset, chunks);
-      return this.data.write(offset, chunks);
-    });
-    return local.then(
+    return this.slowPath(
+      first,
+      last,
+      false,
+      () => {
+        remote = this.mirror?.write(offset, chunks);
+        return this.data.write(offset, chunks);
+      },
       () => remote,
-      (e: unknown) => bothDone(Promise.reject(e), remote),
     );
   }
 
@@ -400,7 +402,7 @@ export class VolumeEngine {
     this.version++;
     this.stats.writes++;
     let remote: Promise<void> | undefined;
-    const local = this.slowPath(first, last, true, () => {
+    return this.slowPath(first, last, true, () => {
       remote = this.mirror?.zero(offset, length, keepAllocated);
       const seq = this.writeSeq;
       const r = this.data.zero(offset, length, keepAllocated);
@@ -411,8 +413,7 @@ export class VolumeEngine {
       };
       if (r instanceof Promise) return r.then(invalidate);
       invalidate();
-    });
-    return local.then(() => remote, (e: unknown) => bothDone(Promise.reject(e), remote));
+    }, () => remote);
   }
 
   /** Every completed write durable (on the mirror too, when there is one). */
@@ -467,13 +468,19 @@ export class VolumeEngine {
     }
   }
 
-  private async slowPath(first: number, last: number, isZero: boolean, doData: () => void | Promise<void>): Promise<void> {
+  /**
+   * A write that must wait (journal, activity log, copy or save first). doData issues the
+   * data operation (and the mirror's, which remoteOf then returns): the result settles once
+   * both have, with the first failure, and the local data alone counts as in flight.
+   */
+  private async slowPath(first: number, last: number, isZero: boolean, doData: () => void | Promise<void>, remoteOf: () => Promise<void> | undefined): Promise<void> {
     const eb = this.extentBlocks;
     const firstExtent = Math.floor(first / eb);
     const lastExtent = Math.floor(last / eb);
     const huge = lastExtent - firstExtent + 1 > this.al!.hotMax / 2;
     /** Set once a durable journal entry covers this write (it stays covered until done()). */
     let ticket: JournalTicket | null = null;
+    let failure: { error: unknown } | null = null;
     try {
       for (;;) {
         while (this.gate !== null) await this.gate;
@@ -528,15 +535,25 @@ export class VolumeEngine {
             await this.snapshots.syncTail();
             for (let b = first; b <= last; b++) this.unsynced.clear(b);
           }
-          await doData();
+          const r = doData();
+          if (r !== undefined) await r; // a synchronous write costs no extra turn
         } finally {
           this.settle();
         }
-        return;
+        break;
       }
+    } catch (e) {
+      failure = { error: e };
     } finally {
       if (ticket !== null) this.journal!.done(ticket); // a write that failed before setting its bits leaves the journal's region freeable
     }
+    // The mirror's operation (issued with the data, if it was) settles before the answer.
+    const remote = remoteOf();
+    if (failure !== null) {
+      if (remote !== undefined) await bothDone(Promise.reject(failure.error), remote);
+      throw failure.error;
+    }
+    if (remote !== undefined) await remote;
   }
 
   private priorityCopy(b: number): void {
