@@ -59,4 +59,48 @@ describe('InboundArea', () => {
       area.close();
     }
   });
+
+  it('writes a new set over a played set\'s file, reads only its own bytes, and keeps at most two spares', async () => {
+    for (const fsys of [new SimFs(), realFs()]) {
+      let area = new InboundArea(fsys, () => 0);
+      const play = async (set: number, blocks: number) => {
+        const data = crypto.randomBytes(blocks * BS);
+        const c = chunkOf(set, 0, 100 * set, data);
+        await area.storeChunk(c, [data]);
+        const r = await area.finishSet(trailerOf(set, [c], data.length));
+        expect(r.ok).toBe(true);
+        return { data, chunk: area.get(set)!.chunks[0]! };
+      };
+      // A big set played and removed leaves its file as a spare.
+      const big = await play(1, 16);
+      expect(Buffer.compare(area.chunkData(1, big.chunk), big.data)).toBe(0);
+      area.remove(1);
+      expect(area.spareFiles).toBe(1);
+      expect(fsys.list().filter((n) => n.startsWith('inbound-set-'))).toEqual([]);
+      // A smaller set takes it over: its data is exactly its own (stale bytes follow it).
+      const small = await play(2, 3);
+      expect(area.spareFiles).toBe(0);
+      expect(Buffer.compare(area.chunkData(2, small.chunk), small.data)).toBe(0);
+      // Reopened, a complete set on a reused file plays the same.
+      area.close();
+      area = new InboundArea(fsys, () => 0);
+      expect(Buffer.compare(area.chunkData(2, area.get(2)!.chunks[0]!), small.data)).toBe(0);
+      // Sets complete at once, then removed: two spares kept, the third file deleted.
+      const more = [await play(3, 2), await play(4, 2), await play(5, 2)];
+      expect(more.length).toBe(3);
+      for (const set of [2, 3, 4, 5]) area.remove(set);
+      expect(area.spareFiles).toBe(2);
+      expect(fsys.list().filter((n) => n.startsWith('inbound-spare-')).length).toBe(2);
+      expect(fsys.list().filter((n) => n.startsWith('inbound-set-'))).toEqual([]);
+      // A reopened area adopts the spares and numbers new ones past them.
+      area.close();
+      area = new InboundArea(fsys, () => 0);
+      expect(area.spareFiles).toBe(2);
+      const next = await play(6, 1);
+      expect(Buffer.compare(area.chunkData(6, next.chunk), next.data)).toBe(0);
+      area.remove(6);
+      expect(new Set(fsys.list().filter((n) => n.startsWith('inbound-spare-'))).size).toBe(2);
+      area.close();
+    }
+  });
 });
