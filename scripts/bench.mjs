@@ -214,7 +214,7 @@ async function setupDeltavol(label, workDir, seed, sizeBytes, extraArgs) {
   fs.mkdirSync(dataDir, { recursive: true });
   const logFile = path.join(workDir, `${path.basename(dataDir)}.log`);
   const infoFile = path.join(dataDir, 'daemon.json');
-  const serveArgs = [cliMain, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0',
+  const serveArgs = [cliMain, 'serve', '--data-dir', dataDir, '--port', '0', '--control-port', '0', '--repl-port', '0',
     '--bind', '127.0.0.1', '--control-bind', '127.0.0.1', '--log-level', 'warn', ...extraArgs];
 
   const start = async () => {
