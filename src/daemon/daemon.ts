@@ -9,7 +9,8 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
-import { shutdownDrainMs } from '../util/limits.js';
+import { shutdownDrainMs, syncIoLoneBytesMaxDefault } from '../util/limits.js';
+import { LoopIoPolicy } from '../util/loop-io-policy.js';
 import { VolumeRegistry } from '../volume/registry.js';
 import type { Volume } from '../volume/volume.js';
 import { NbdServer, type NbdLimits } from '../server/nbd-server.js';
@@ -41,6 +42,8 @@ export interface DaemonConfig {
   /** Create a volume named "demo" of this size if it does not exist. */
   demoVolumeBytes?: number;
   syncIoBytesMax: number;
+  /** Reads/writes up to this size run on the event loop while one client is served (≤ syncIoBytesMax: never). */
+  syncIoLoneBytesMax?: number;
   version: string;
   /** Replication listener (port 0: any free port). */
   replHost: string;
@@ -148,9 +151,15 @@ export class Daemon {
     Buffer.poolSize = 64 * 1024;
     if (!tuneMallocHeap(MALLOC_TRIM_THRESHOLD_BYTES, MALLOC_MMAP_THRESHOLD_BYTES)) log.debug('malloc thresholds left at glibc defaults (no addon, or refused)');
     const volumesLog = log.child({ part: 'volumes' });
+    const loopIo = new LoopIoPolicy(config.syncIoBytesMax, config.syncIoLoneBytesMax ?? syncIoLoneBytesMaxDefault);
     this.registry = new VolumeRegistry(
       config.dataDir,
-      { syncIoBytesMax: config.syncIoBytesMax, warn: (msg, fields) => volumesLog.warn(fields, msg) },
+      {
+        get syncIoBytesMax() {
+          return loopIo.syncIoBytesMax;
+        },
+        warn: (msg, fields) => volumesLog.warn(fields, msg),
+      },
       volumesLog,
     );
     this.defaultExport = config.defaultExport;
@@ -163,6 +172,7 @@ export class Daemon {
       config.nbdLimits,
       config.nbdOwnReadBuffers ?? true,
       () => void trimMallocHeap(),
+      (client) => loopIo.clientRequest(client),
     );
     this.api = new ControlApi(log.child({ part: 'control' }));
     const { platform, security, warnings } = replicationSecurity(config);

@@ -66,6 +66,8 @@ export interface ConnectionLimits {
   enteredTransmission(c: Connection): void;
   /** Read plain sockets into the connection's own buffers (user-buffer-socket.ts). */
   ownReadBuffers?: boolean;
+  /** This connection made a request (the daemon's loop I/O policy counts the clients served). */
+  requestFrom?(c: Connection): void;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -366,6 +368,7 @@ export class Connection {
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
     this.stats.requests++;
+    this.limits.requestFrom?.(this);
     if (this.state !== 'transmission') {
       this.releaseHeld(needFor(h.type, h.length));
       h.releasePayload?.();

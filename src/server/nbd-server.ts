@@ -103,6 +103,8 @@ export class NbdServer {
     ownReadBuffers = true,
     /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
     private readonly returnFreedMemory: () => void = () => {},
+    /** Each request, with the connection that made it (the daemon's LoopIoPolicy). */
+    requestFrom?: (client: unknown) => void,
   ) {
     this.limits = { ...nbdLimitsDefault, ...limits };
     checkNbdLimits(this.limits);
@@ -121,7 +123,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers, ...(requestFrom ? { requestFrom } : {}) };
   }
 
   private accept(socket: net.Socket): void {

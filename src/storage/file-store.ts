@@ -24,8 +24,8 @@ export interface AllocationExtent {
 
 export interface FileStoreOptions {
   readOnly: boolean;
-  /** Reads/writes up to this many bytes are synchronous; 0 = always threadpool. */
-  syncIoBytesMax: number;
+  /** Reads/writes up to this many bytes are synchronous; 0 = always threadpool (read at each I/O). */
+  readonly syncIoBytesMax: number;
 }
 
 const ZEROES = Buffer.alloc(zeroBufferBytes);

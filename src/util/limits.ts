@@ -53,6 +53,8 @@ export const socketQueuedBytesMax = 32 * 1024 * 1024;
 
 /** Reads and writes up to this size are done synchronously on the event loop (see PERF.md). */
 export const syncIoBytesMaxDefault = 64 * 1024;
+/** Reads/writes up to this size run on the event loop while one client is served (util/loop-io-policy.ts). */
+export const syncIoLoneBytesMaxDefault = 2 * 1024 * 1024;
 /** Structured reads at least this large send runs of zero 4 KiB blocks as OFFSET_HOLE chunks. */
 export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */

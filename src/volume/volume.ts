@@ -41,7 +41,8 @@ export type { WriteAccess } from './write-gate.js';
 import type { WriteMirror } from './write-mirror.js';
 
 export interface VolumeIoOptions {
-  syncIoBytesMax: number;
+  /** Reads/writes up to this many bytes run on the event loop (read at each I/O: it may change). */
+  readonly syncIoBytesMax: number;
   /** Told about events an operator must see (a snapshot invalidated). */
   warn?: (message: string, fields: Record<string, unknown>) => void;
 }
@@ -75,7 +76,13 @@ export class Volume {
    * clean close or a crash).
    */
   static async open(dir: string, meta: VolumeMeta, io: VolumeIoOptions, fresh: boolean): Promise<Volume> {
-    const store = FileStore.open(path.join(dir, DATA_FILE), { readOnly: false, syncIoBytesMax: io.syncIoBytesMax });
+    // The limit is looked up at each I/O (the daemon's LoopIoPolicy moves it).
+    const store = FileStore.open(path.join(dir, DATA_FILE), {
+      readOnly: false,
+      get syncIoBytesMax() {
+        return io.syncIoBytesMax;
+      },
+    });
     try {
       if (store.sizeBytes !== meta.sizeBytes) {
         throw new DeltavolError('METADATA_CORRUPT', `volume ${meta.name}: data file is ${store.sizeBytes} bytes, metadata says ${meta.sizeBytes}`);
