@@ -277,12 +277,15 @@ export class VolumeEngine {
     let engine: VolumeEngine | null = null;
     const alOpts = VolumeEngine.alOptions(blocks, options, () => engine!.checkpoint());
     const { log, hotAtOpen } = ActivityLog.open(fsys, ACTIVITY_FILE, alOpts);
+    // What the activity log or the journal names may have changed: changed and valid.
+    const recovered = (first: number, count: number) => {
+      v.bitmap.setRange(first, count);
+      p.bitmap.setRange(first, count);
+    };
     const extentBlocks = VolumeEngine.extentBlocksOf(options);
     for (const e of hotAtOpen) {
       const first = e * extentBlocks;
-      const count = Math.min(extentBlocks, blocks - first);
-      v.bitmap.setRange(first, count);
-      p.bitmap.setRange(first, count);
+      recovered(first, Math.min(extentBlocks, blocks - first));
     }
     // A volume made before the journal existed has none: open() makes an empty one.
     const { journal, ranges } = WriteJournal.open(fsys, JOURNAL_FILE, VolumeEngine.journalOptions(options, () => engine?.journalWantsCheckpoint()));
@@ -290,8 +293,7 @@ export class VolumeEngine {
       const first = ranges[i]!;
       const last = ranges[i + 1]!;
       if (last >= blocks) throw new DeltavolError('METADATA_CORRUPT', `write journal names block ${last} past the volume's ${blocks}`);
-      v.bitmap.setRange(first, last - first + 1);
-      p.bitmap.setRange(first, last - first + 1);
+      recovered(first, last - first + 1);
     }
     engine = new VolumeEngine(data, options, v.bitmap, v.file, p.file, new ChangeLog(blocks, p.bitmap), log, snaps);
     engine.journal = journal;
@@ -355,8 +357,7 @@ export class VolumeEngine {
     this.stats.writes++;
     if (this.fastPathOpen(first, last)) {
       this.changeLog.markChanged(first, last);
-      if (first === last) this.validity.set(first);
-      else this.validity.setRange(first, last - first + 1);
+      this.markValid(first, last);
       const local = this.issue(this.data.write(offset, chunks));
       return this.mirror === null ? local : bothDone(local, this.mirror.write(offset, chunks));
     }
@@ -452,6 +453,12 @@ export class VolumeEngine {
     return true;
   }
 
+  /** Blocks [first, last] hold written data (one bit: the cheaper single-bit set). */
+  private markValid(first: number, last: number): void {
+    if (first === last) this.validity.set(first);
+    else this.validity.setRange(first, last - first + 1);
+  }
+
   /** Counts an issued data operation until it completes (cuts and snapshots wait for it). */
   private issue(r: void | Promise<void>): void | Promise<void> {
     if (!(r instanceof Promise)) return;
@@ -522,10 +529,7 @@ export class VolumeEngine {
           continue;
         }
         this.changeLog.markChanged(first, last);
-        if (!isZero) {
-          if (first === last) this.validity.set(first);
-          else this.validity.setRange(first, last - first + 1);
-        }
+        if (!isZero) this.markValid(first, last);
         // Its bits are set: a checkpoint that takes the dirty pages from now on covers them.
         if (ticket !== null) this.journal!.done(ticket);
         this.inflight++;
