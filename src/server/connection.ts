@@ -22,7 +22,7 @@ import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission, heldBytesFor } from '../nbd/transmission.js';
 import { CMD_DISC, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
 import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
-import { adoptWithUserBuffer } from './user-buffer-socket.js';
+import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 import { BufferPool } from '../util/buffer-pool.js';
 import {
   handshakeTimeoutMs,
