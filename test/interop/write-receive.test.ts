@@ -1,5 +1,5 @@
 // Why: WRITE payloads of 64 KiB and more are read from the socket straight into a buffer
-// of their own (server/user-buffer-socket.ts, RequestFramer fill mode), headers and small
+// of their own (util/user-buffer-socket.ts, RequestFramer fill mode), headers and small
 // payloads into a reused arena. A mistake there shows as a payload with bytes of another
 // request, or as a connection that stops being read. Four connections pipeline writes of
 // mixed sizes, sent in random slices, and everything must be answered promptly and read
