@@ -12,6 +12,9 @@
 //          [--serve-args "..."]   (extra 'deltavol serve' arguments for the replica daemon)
 //          [--ab-env "NAME=VALUE"]   (the other daemon: this build with that environment)
 //          [--this /path/to/dist/cli/main.js]   (instead of a snapshot of this tree's dist/)
+//          [--warmup 1|0]   (default 1: the same change is sent once, unmeasured, first, so the
+//                           replica's volume and inbound files exist and its code is compiled,
+//                           as on a replica that has held the volume for a while)
 //   seq: 64 MiB sets of 1 MiB chunks of one run each (a big sequential change)
 //   4k:  64 MiB sets of 1 MiB chunks of 256 single-block runs (a 4k randwrite change)
 import fs from 'node:fs';
@@ -19,12 +22,12 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
-import { kit, log, die, cleanups, cleanupAll, sleep, now, waitFor, procCpu, startDaemon, snapshotBuild, root, median, f2, f0 } from './bench-lib.mjs';
+import { kit, log, die, cleanups, cleanupAll, sleep, now, procCpu, startDaemon, snapshotBuild, root, median, f2, f0, tail } from './bench-lib.mjs';
 
 const { encodeFrame, FrameDecoder, chunkChecksum, trailerChecksum } = await import(path.join(root, 'dist/replication/wire.js'));
 const { setDataChecksum } = await import(path.join(root, 'dist/replication/outbound-log.js'));
 
-const opt = { gib: 1, rounds: 2, pattern: 'seq', ab: null, nodeArgs: [], dir: '/dev/shm' };
+const opt = { gib: 1, rounds: 2, pattern: 'seq', ab: null, nodeArgs: [], dir: '/dev/shm', warmup: 1 };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const need = () => process.argv[++i] ?? die(`${a} needs a value`);
@@ -37,6 +40,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--node-args') opt.nodeArgs = need().split(/\s+/).filter(Boolean);
   else if (a === '--serve-args') opt.serveArgs = need().split(/\s+/).filter(Boolean);
   else if (a === '--dir') opt.dir = need();
+  else if (a === '--warmup') opt.warmup = Number(need());
   else die(`unknown option ${a}`);
 }
 Object.assign(kit, { name: 'bench-replica', nodeArgs: opt.nodeArgs, serveArgs: opt.serveArgs ?? [] });
@@ -78,20 +82,20 @@ const pool = Array.from({ length: 8 }, (_, i) => { const b = Buffer.alloc(CHUNK)
 const volBlocks = total / BS * 2; // the volume: twice the change (4k: scattered over it)
 
 /** The frames of the whole change: per set, its chunk frames then its trailer. */
-function buildFrames() {
+function buildFrames(firstSet = 1) {
   const frames = [];
   let rnd = 12345;
   // Math.imul: a plain product passes 2^53, loses its low bits and the generator falls
   // into a short cycle (the 4k pattern then never found its blocks).
   const next = () => (rnd = (Math.imul(rnd, 1103515245) + 12345) >>> 0);
   const used = new Uint8Array(volBlocks);
-  for (let s = 1; s <= sets; s++) {
+  for (let s = firstSet; s < firstSet + sets; s++) {
     const crcs = [];
     for (let c = 0; c < chunksPerSet; c++) {
       const data = pool[(s * chunksPerSet + c) % pool.length];
       let runs;
       if (opt.pattern === 'seq') {
-        runs = [[((s - 1) * chunksPerSet + c) * blocksPerChunk, blocksPerChunk]];
+        runs = [[((s - firstSet) * chunksPerSet + c) * blocksPerChunk, blocksPerChunk]];
       } else {
         const bs = [];
         while (bs.length < blocksPerChunk) { const b = next() % volBlocks; if (used[b] !== s) { used[b] = s; bs.push(b); } }
@@ -145,6 +149,18 @@ async function runReplica(cli, label, frames, round) {
   if (envName) process.env[envName] = envValue;
   const B = await startDaemon(cli, `B${label}${round}`, work);
   if (envName) delete process.env[envName];
+  try {
+    return await measure(B, label, frames, round);
+  } catch (e) {
+    log(`replica ${label} round ${round} failed; the end of its log:\n${tail(B.logFile, 20)}`);
+    throw e;
+  } finally {
+    await B.stop();
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+async function measure(B, label, frames, round) {
   const p = await Peer.open(B.replPort);
   const pairId = `bench${round}${label}`.padEnd(12, 'x').slice(0, 12);
   p.send(encodeFrame({ t: 'hello', protocol: 2, pairId, primaryVolume: 'bench', replicaVolume: 'rr', generation: 1, sizeBytes: volBlocks * BS, blockBytes: BS, create: true, description: '', returnHost: '', returnPort: 0 }));
@@ -152,6 +168,10 @@ async function runReplica(cli, label, frames, round) {
   if (p.msgs.some((m) => m.t === 'refuse')) throw new Error(JSON.stringify(p.msgs));
   p.send(encodeFrame({ t: 'initDone', generation: 1, baseSet: 0, baseCutAtMs: 0 }));
   await p.wait((m) => m.t === 'ack');
+  if (frames.warm) {
+    await sendAll(p, frames.warm);
+    await p.wait((m) => m.t === 'ack' && m.playedSet === sets);
+  }
   await sleep(300);
   const cpu0 = procCpu(B.pid);
   const th0 = threadCpu(B.pid);
@@ -159,11 +179,9 @@ async function runReplica(cli, label, frames, round) {
   const perf = process.env.BENCH_PERF ? spawn('perf', ['record', '-F', '999', '-g', '-p', String(B.pid), '-o', `${process.env.BENCH_PERF}.${label}`], { stdio: 'ignore' }) : null;
   if (perf) await sleep(500);
   const t0 = now();
-  for (const f of frames) {
-    if (!p.send(f)) await new Promise((r) => p.sock.once('drain', r));
-  }
+  await sendAll(p, frames.measured);
   const tSent = now();
-  await p.wait((m) => m.t === 'ack' && m.playedSet === sets);
+  await p.wait((m) => m.t === 'ack' && m.playedSet === frames.lastSet);
   const seconds = (now() - t0) / 1000;
   const cpu = procCpu(B.pid) - cpu0;
   const hwm = vmHwmMiB(B.pid);
@@ -171,9 +189,13 @@ async function runReplica(cli, label, frames, round) {
   if (perf) { perf.kill('SIGINT'); await new Promise((r) => perf.once('exit', r)); }
   const threads = Object.fromEntries(Object.entries(th1).map(([k, v]) => [k, +((v - (th0[k] ?? 0)) / opt.gib).toFixed(2)]).filter(([, v]) => v > 0));
   p.sock.destroy();
-  await B.stop();
-  fs.rmSync(work, { recursive: true, force: true });
   return { label, seconds, sendSeconds: (tSent - t0) / 1000, mbps: total / 1e6 / seconds, cpuSecondsPerGiB: cpu / opt.gib, hwmMiB: hwm, threads };
+}
+
+async function sendAll(p, frames) {
+  for (const f of frames) {
+    if (!p.send(f)) await new Promise((r) => p.sock.once('drain', r));
+  }
 }
 
 /** Raw loopback TCP: the same bytes into a child that discards them. */
@@ -202,8 +224,10 @@ function checkBuild() {
 
 async function main() {
   if (!opt.this) checkBuild();
-  log(`load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}; ${opt.gib} GiB, pattern ${opt.pattern}, ${opt.rounds} round(s)${opt.ab ? `, A/B against ${opt.ab}` : ''}`);
-  const frames = buildFrames();
+  log(`load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}; ${opt.gib} GiB, pattern ${opt.pattern}, ${opt.rounds} round(s), ${opt.warmup ? 'after an unmeasured warm-up pass of the same change' : 'no warm-up'}${opt.ab ? `, A/B against ${opt.ab}` : ''}`);
+  const frames = opt.warmup
+    ? { warm: buildFrames(1), measured: buildFrames(sets + 1), lastSet: 2 * sets }
+    : { warm: null, measured: buildFrames(1), lastSet: sets };
   const cli = opt.this ?? snapshotBuild();
   if (opt.abEnv && !opt.ab) opt.ab = cli;
   const rows = [];

@@ -72,6 +72,11 @@ export const unauthConnectionsMax = 64;
 export const unauthConnectionsPerAddressMax = 32;
 /** A connection may buffer at most this much of a frame before its hello is accepted (a hello is ~200 bytes). */
 export const helloFrameBytesMax = 64 * 1024;
+/**
+ * A link keeps this much of the data buffers its frames gave back for the next ones
+ * (payload-pool.ts): eight 1 MiB chunks, more than the replica has in hand at once.
+ */
+export const linkIdlePayloadBytesMax = 8 * 1024 * 1024;
 /** Frames that arrive behind a hello before it is accepted are held up to this many bytes. */
 export const earlyFrameBytesMax = 4 * 1024 * 1024;
 /** A TLS handshake on the replication port must finish within this time. */

@@ -7,7 +7,8 @@
 import type { Clock, Cancel } from '../util/clock.js';
 import type { Conn } from './transport.js';
 import { encodeFrame, FrameDecoder, type Frame, type ReplMessage } from './wire.js';
-import { replicationHeartbeatMs, replicationSilenceMs } from './limits.js';
+import { linkIdlePayloadBytesMax, replicationHeartbeatMs, replicationSilenceMs } from './limits.js';
+import { PayloadPool } from './payload-pool.js';
 
 export class Link {
   private closedReason: string | null = null;
@@ -21,7 +22,12 @@ export class Link {
    * Bytes of an unfinished frame this link may buffer (the owner lowers it until the
    * peer's hello is accepted: limits.ts helloFrameBytesMax); over it the link closes.
    */
-  frameBytesMax = Infinity;
+  get frameBytesMax(): number {
+    return this.decoder.frameBytesMax;
+  }
+  set frameBytesMax(bytes: number) {
+    this.decoder.frameBytesMax = bytes;
+  }
   /** The link closed because a frame grew past frameBytesMax. */
   oversize = false;
 
@@ -41,6 +47,8 @@ export class Link {
       if (f.msg.t === 'pong') return;
       this.onFrame(f);
     });
+    // Where the connection allows it, frames' data is read straight into pooled buffers.
+    if (conn.readInto?.(() => this.decoder.readBuffer())) this.decoder.usePool(new PayloadPool(linkIdlePayloadBytesMax));
     conn.onData((chunk: Buffer) => {
       this.lastHeardMs = this.clock.now();
       this.bytesReceived += chunk.length;

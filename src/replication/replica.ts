@@ -294,7 +294,7 @@ export class ReplicaVolume {
 
   /** Frames of the current session, handled in order. */
   onFrame(link: Link, f: Frame): void {
-    if (link !== this.link) return;
+    if (link !== this.link) return f.release();
     this.lastContactMs = link.lastHeardAtMs;
     this.queued++;
     if (this.queued > 64 || this.inboundFull()) link.pause();
@@ -306,6 +306,9 @@ export class ReplicaVolume {
         link.close(`replica failed: ${e.message}`);
       })
       .finally(() => {
+        // Its data (a pooled buffer) may carry a later frame now; writes still running from
+        // it hold it (onInit, onStreamWrite).
+        f.release();
         this.queued--;
         // Stream acknowledgements go out when the frames that arrived are all handled (one
         // for a batch), or every streamAckEvery items under a steady stream.
@@ -381,7 +384,8 @@ export class ReplicaVolume {
     this.log.info({ afterSet: m.afterSet, seq: m.seq }, 'sync stream started');
   }
 
-  private async onStreamWrite(link: Link, m: Extract<ReplMessage, { t: 'swrite' }>, parts: readonly Buffer[]): Promise<void> {
+  private async onStreamWrite(link: Link, m: Extract<ReplMessage, { t: 'swrite' }>, f: Frame): Promise<void> {
+    const parts = f.parts;
     const st = this.streamItem(link, m.seq);
     if (!st) return;
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `sync write ${m.offsetBytes}+${m.lengthBytes} past the end of the volume`);
@@ -418,6 +422,8 @@ export class ReplicaVolume {
       return;
     }
     const entry: StreamWrite = { seq: m.seq, start, end, done: Promise.resolve(), finished: false };
+    const held = f.hold();
+    void w.then(held, held);
     entry.done = w.then(
       () => {
         entry.finished = true;
@@ -539,7 +545,7 @@ export class ReplicaVolume {
         if (!this.state.initialCopy.done) this.copy = { kind: m.kind, totalBytes: m.totalBytes, receivedBytes: 0, startedAtMs: this.platform.clock.now() };
         return;
       case 'init':
-        return this.onInit(link, m, f.parts);
+        return this.onInit(link, m, f);
       case 'initDone': {
         await this.settleCopyWrites();
         await this.port.flush();
@@ -616,7 +622,7 @@ export class ReplicaVolume {
       case 'sstart':
         return this.onStreamStart(link, m);
       case 'swrite':
-        return this.onStreamWrite(link, m, f.parts);
+        return this.onStreamWrite(link, m, f);
       case 'sflush':
         return this.onStreamFlush(link, m.seq);
       case 'sbarrier':
@@ -627,7 +633,8 @@ export class ReplicaVolume {
     }
   }
 
-  private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, data: readonly Buffer[]): Promise<void> {
+  private async onInit(link: Link, m: Extract<ReplMessage, { t: 'init' }>, f: Frame): Promise<void> {
+    const data = f.parts;
     if (this.state.initialCopy.done) return; // a late duplicate
     if (m.offsetBytes + m.lengthBytes > this.port.sizeBytes) throw new DeltavolError('BAD_STREAM', `init range ${m.offsetBytes}+${m.lengthBytes} past the end`);
     // The ranges of a copy never overlap: their writes are issued without waiting for each
@@ -646,7 +653,8 @@ export class ReplicaVolume {
       if (this.copy) this.copy.receivedBytes += m.lengthBytes;
     }
     if (w) {
-      this.copyWrites.push(w.catch((e: unknown) => void (this.copyError ??= e as Error)));
+      const held = f.hold();
+      this.copyWrites.push(w.catch((e: unknown) => void (this.copyError ??= e as Error)).finally(held));
       if (!m.zero) this.copyWriteBytes += m.lengthBytes;
     }
     if (this.copyWrites.length >= copyWritesMax || this.copyWriteBytes >= copyWriteBytesMax) await this.settleCopyWrites();

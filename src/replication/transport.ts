@@ -6,6 +6,7 @@
 
 import net from 'node:net';
 import { DeltavolError } from '../util/errors.js';
+import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 
 /** One established connection, as the link needs it (a subset of net.Socket). */
 export interface Conn {
@@ -30,6 +31,13 @@ export interface Conn {
   resume(): void;
   destroy(): void;
   onData(fn: (chunk: Buffer) => void): void;
+  /**
+   * Optional: from now on each read goes into the start of the buffer `next()` returns
+   * (called before every read), and onData gets a view of what was read into it, valid only
+   * during the call (the owner decides when a buffer is read into again). Called before
+   * onData; false when this connection cannot (its reads then come in fresh buffers).
+   */
+  readInto?(next: () => Buffer): boolean;
   /** Called once, however the connection ends (error, peer close, destroy). */
   onClose(fn: (reason: string) => void): void;
   /** Called when writableLength drops after a full queue. */
@@ -79,13 +87,36 @@ export interface Transport {
   listen(host: string, port: number, onConn: (c: Conn, admission: Admission) => void, guard?: ListenGuard): Promise<Listener>;
 }
 
+/** Reads of an accepted socket before its owner chose buffers (Node's own size). */
+const defaultReadBytes = 64 * 1024;
+
 export class TcpConn implements Conn {
   private closed = false;
   private readonly closers: ((reason: string) => void)[] = [];
+  private readonly dataFns: ((chunk: Buffer) => void)[] = [];
+  private next: (() => Buffer) | null = null;
+
+  /**
+   * An accepted socket (paused, nothing read) re-made to read into buffers this connection
+   * chooses (../util/user-buffer-socket.ts), so its owner may use readInto(); a socket
+   * that cannot be adopted is used as it is.
+   */
+  static accepted(sock: net.Socket): TcpConn {
+    let conn: TcpConn | null = null;
+    const adopted = adoptWithUserBuffer(sock, {
+      // (Node asks for the first buffer while the socket is made, before `conn` exists.)
+      next: () => (conn !== null ? conn.nextReadBuffer() : Buffer.allocUnsafe(defaultReadBytes)),
+      received: (n, b) => conn!.received(b.subarray(0, n)),
+    });
+    conn = new TcpConn(adopted ?? sock, null, adopted !== null);
+    return conn;
+  }
 
   constructor(
     private readonly sock: net.Socket,
     readonly peerIdentity: string | null = null,
+    /** The socket reads into buffers from nextReadBuffer() (TcpConn.accepted). */
+    private readonly userBuffers = false,
   ) {
     sock.setNoDelay(true);
     const end = (reason: string) => {
@@ -123,7 +154,23 @@ export class TcpConn implements Conn {
     this.sock.destroy();
   }
   onData(fn: (chunk: Buffer) => void): void {
-    this.sock.on('data', fn);
+    if (!this.userBuffers) {
+      this.sock.on('data', fn);
+      return;
+    }
+    this.dataFns.push(fn);
+    if (this.dataFns.length === 1) this.sock.resume(); // accepted paused: nothing is lost before a reader
+  }
+  readInto(next: () => Buffer): boolean {
+    if (!this.userBuffers) return false;
+    this.next = next;
+    return true;
+  }
+  private nextReadBuffer(): Buffer {
+    return this.next !== null ? this.next() : Buffer.allocUnsafe(defaultReadBytes);
+  }
+  private received(chunk: Buffer): void {
+    for (const fn of this.dataFns) fn(chunk);
   }
   onClose(fn: (reason: string) => void): void {
     if (this.closed) fn('connection closed');
@@ -193,11 +240,12 @@ export const tcpTransport: Transport = {
     return dial(net.connect({ host, port }), { host, port, timeoutMs, signal, readyEvent: 'connect' }, (sock) => new TcpConn(sock));
   },
   listen(host, port, onConn, guard = openGuard) {
-    const server = net.createServer((sock) => {
+    const server = net.createServer({ pauseOnConnect: true }, (sock) => {
       const admission = guard.admit(socketAddress(sock));
       if (!admission) return void sock.destroy();
-      sock.once('close', () => admission.release());
-      onConn(new TcpConn(sock), admission);
+      const conn = TcpConn.accepted(sock);
+      conn.onClose(() => admission.release());
+      onConn(conn, admission);
     });
     return listenOn(server, host, port);
   },

@@ -19,6 +19,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { Packr } from 'msgpackr';
 import { ByteQueue } from '../util/byte-queue.js';
+import type { PayloadPool } from './payload-pool.js';
 import { crc32cParts } from '../util/crc32c-parts.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
@@ -188,18 +189,55 @@ export interface Frame {
   readonly parts: readonly Buffer[];
   /** The data part as one buffer (null when none): joined with one copy, on first use, if it spans chunks. */
   readonly data: Buffer | null;
+  /**
+   * The receiver is done with the frame: its data may be reused for a later frame (when it
+   * came into a pooled buffer: payload-pool.ts). Whoever dispatches frames calls it once the
+   * handler returned; a frame never released is left to the garbage collector.
+   */
+  release(): void;
+  /**
+   * Keeps the data valid past release() (a write still in flight from it); call the
+   * function returned once done with it.
+   */
+  hold(): () => void;
 }
+
+const noop = (): void => undefined;
 
 /** A decoded frame; `data` joins its parts only when someone asks for one buffer. */
 class DecodedFrame implements Frame {
   private joined: Buffer | null | undefined;
+  /** References to the pooled buffer: the dispatcher's, plus one per hold(). */
+  private refs = 1;
   constructor(
     readonly msg: ReplMessage,
     readonly parts: readonly Buffer[],
+    /** The pooled buffer the data sits in (null: views of socket reads, left to the GC). */
+    private readonly pooled: { buffer: Buffer; pool: PayloadPool } | null = null,
   ) {}
   get data(): Buffer | null {
     if (this.joined === undefined) this.joined = this.parts.length === 0 ? null : this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts as Buffer[]);
     return this.joined;
+  }
+  private released = false;
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    this.unref();
+  }
+  hold(): () => void {
+    if (this.pooled === null) return noop;
+    assert(this.refs > 0, 'Frame.hold after the data was given back');
+    this.refs++;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.unref();
+    };
+  }
+  private unref(): void {
+    if (--this.refs === 0 && this.pooled !== null) this.pooled.pool.give(this.pooled.buffer);
   }
 }
 
@@ -408,6 +446,13 @@ type DecoderState = 'prefix' | 'msgCrc' | 'msg' | 'data';
 /**
  * Push parser: feed socket chunks of any size, whole frames come out through onFrame.
  * Data comes as views of the pushed chunks (Frame.parts); Frame.data joins them on demand.
+ *
+ * With a pool (usePool, for a connection that reads where it is told: Conn.readInto), the
+ * decoder also says where each read should go (readBuffer): a frame's data is read
+ * straight into a buffer of the pool, which comes back when the frame is released, and
+ * everything else into one reused staging buffer (so nothing pushed may be kept: leftovers
+ * of a frame's start are copied out after each push).
+ *
  * Any exception out of push (a broken frame, or one thrown by onFrame) leaves the decoder
  * unusable: the link must be closed.
  */
@@ -421,14 +466,52 @@ export class FrameDecoder {
   private msg: ReplMessage | null = null;
   private closed: 'failed' | 'ended' | null = null;
   private pushing = false;
+  private pool: PayloadPool | null = null;
+  /** Pooled mode: the reused buffer reads go into when they are not a frame's data. */
+  private staging: Buffer | null = null;
+  /** Pooled mode: the data buffer of the frame being received, and how much of it is filled. */
+  private dest: Buffer | null = null;
+  private filled = 0;
+  /** The region readBuffer() last offered for data read in place (null: staging). */
+  private direct: Buffer | null = null;
+  /** The last frame had data read in place: the next read into staging is kept short. */
+  private afterLargeData = false;
+  /**
+   * Pooled mode: a frame larger than this gets no pooled buffer (its bytes are kept in the
+   * queue, so pendingBytes shows them and the owner can refuse it: Link.frameBytesMax).
+   */
+  frameBytesMax = Infinity;
 
   constructor(private readonly onFrame: (f: Frame) => void) {}
 
   private prefixBytes = framePrefixBytes;
 
+  /** Switches to pooled reads; only before anything was pushed. */
+  usePool(pool: PayloadPool): void {
+    assert(this.state === 'prefix' && this.queue.length === 0 && this.closed === null, 'FrameDecoder.usePool after data');
+    this.pool = pool;
+    this.staging = Buffer.allocUnsafe(stagingReadBytes);
+  }
+
+  /**
+   * Pooled mode: where the next read should go (the caller then pushes a view of its start).
+   * A frame's data goes straight into its buffer, at most up to the frame's end.
+   */
+  readBuffer(): Buffer {
+    assert(this.staging !== null, 'FrameDecoder.readBuffer without a pool');
+    const left = this.dataBytes - this.filled;
+    if (this.state === 'data' && this.dest !== null && this.queue.length === 0 && left >= directReadBytesMin) {
+      this.direct = this.dest.subarray(this.filled, this.dataBytes);
+      this.afterLargeData = true;
+      return this.direct;
+    }
+    this.direct = null;
+    return this.afterLargeData && this.state === 'prefix' ? this.staging.subarray(0, headerReadBytes) : this.staging;
+  }
+
   /** Bytes buffered that are not yet a whole frame. */
   get pendingBytes(): number {
-    const held = this.state === 'msgCrc' ? framePrefixBytesV1 : this.state === 'msg' ? this.prefixBytes : this.state === 'data' ? this.prefixBytes + this.msgBytes : 0;
+    const held = this.state === 'msgCrc' ? framePrefixBytesV1 : this.state === 'msg' ? this.prefixBytes : this.state === 'data' ? this.prefixBytes + this.msgBytes + this.filled : 0;
     return held + this.queue.length;
   }
 
@@ -437,11 +520,26 @@ export class FrameDecoder {
     assert(!this.pushing, 'FrameDecoder.push re-entered from onFrame');
     this.pushing = true;
     try {
+      const direct = this.direct;
+      this.direct = null;
+      if (direct !== null && chunk.length > 0 && chunk.buffer === direct.buffer && chunk.byteOffset === direct.byteOffset) {
+        // Read in place (readBuffer): the bytes are where they belong already.
+        assert(chunk.length <= direct.length && this.queue.length === 0, 'a read past the region offered');
+        this.filled += chunk.length;
+        if (this.filled === this.dataBytes) this.emit();
+        return;
+      }
       this.queue.push(chunk);
       this.parse();
+      // The staging buffer is read into again: what is left of a frame's start is copied out.
+      if (this.pool !== null && this.queue.length > 0) {
+        const rest = Buffer.from(this.queue.take(this.queue.length));
+        this.queue.push(rest);
+      }
     } catch (e) {
       this.closed = 'failed';
       this.queue.clear();
+      this.giveBackDest();
       throw e;
     } finally {
       this.pushing = false;
@@ -453,12 +551,40 @@ export class FrameDecoder {
     if (this.closed === 'failed') this.fail('decoder used after an error');
     const pending = this.pendingBytes;
     this.closed = 'ended';
+    this.giveBackDest();
     if (pending > 0) this.fail(`stream ended inside a frame (${pending} bytes pending, truncated)`);
+  }
+
+  private giveBackDest(): void {
+    if (this.dest !== null && this.pool !== null) this.pool.give(this.dest);
+    this.dest = null;
   }
 
   private fail(message: string, details?: Record<string, unknown>): never {
     this.closed = 'failed';
     throw new DeltavolError('BAD_STREAM', `replication stream: ${message}`, details);
+  }
+
+  /** The frame whose message was parsed is whole: out it goes, and the next one starts. */
+  private emit(): void {
+    const msg = this.msg!;
+    const n = this.dataBytes;
+    let frame: DecodedFrame;
+    if (this.dest !== null) {
+      frame = new DecodedFrame(msg, [this.dest.subarray(0, n)], { buffer: this.dest, pool: this.pool! });
+    } else {
+      // Views of the received chunks: a 1 MiB chunk arrives in ~16 socket reads, and
+      // joining them here would copy every replicated byte once more. (Pooled mode without a
+      // buffer, a frame over frameBytesMax: its bytes may be in staging, so they are copied.)
+      const views = n === 0 ? [] : this.pool === null ? this.queue.takeViews(n) : [Buffer.from(this.queue.take(n))];
+      frame = new DecodedFrame(msg, views);
+    }
+    this.msg = null;
+    this.dest = null;
+    this.filled = 0;
+    this.dataBytes = 0;
+    this.state = 'prefix';
+    this.onFrame(frame);
   }
 
   private parse(): void {
@@ -491,6 +617,7 @@ export class FrameDecoder {
             this.crcPrefix = 0;
             this.state = 'msgCrc';
           }
+          this.afterLargeData = false;
           break;
         }
         case 'msgCrc': {
@@ -513,23 +640,35 @@ export class FrameDecoder {
           if (problem !== null) this.fail(problem);
           this.msg = v as ReplMessage;
           this.state = 'data';
+          this.filled = 0;
+          if (this.pool !== null && this.dataBytes > 0 && this.prefixBytes + this.msgBytes + this.dataBytes <= this.frameBytesMax) {
+            this.dest = this.pool.take(this.dataBytes);
+          }
           break;
         }
         case 'data': {
-          if (q.length < this.dataBytes) return;
-          // Views of the received chunks: a 1 MiB chunk arrives in ~16 socket reads, and
-          // joining them here would copy every replicated byte once more.
-          const parts = this.dataBytes > 0 ? q.takeViews(this.dataBytes) : [];
-          const msg = this.msg!;
-          this.msg = null;
-          this.state = 'prefix';
-          this.onFrame(new DecodedFrame(msg, parts));
+          if (this.dest !== null) {
+            const k = Math.min(q.length, this.dataBytes - this.filled);
+            if (k > 0) q.copyOut(this.dest, this.filled, k);
+            this.filled += k;
+            if (this.filled < this.dataBytes) return;
+          } else if (q.length < this.dataBytes) {
+            return;
+          }
+          this.emit();
           break;
         }
       }
     }
   }
 }
+
+/** Pooled mode: the staging buffer (reads of frame starts, and of small frames). */
+const stagingReadBytes = 64 * 1024;
+/** Pooled mode: after a frame whose data was read in place, the next read takes about a frame start (then the data goes in place again). */
+const headerReadBytes = 8 * 1024;
+/** Pooled mode: data left to read below this goes through staging (a copy) rather than a read of its own. */
+const directReadBytesMin = 16 * 1024;
 
 // ---------------------------------------------------------------------------------------
 // Checksums over fixed binary layouts (never over msgpack, whose encoding of a value is

@@ -318,6 +318,14 @@ export class SimConn implements Conn {
     this.peer?.repump();
   }
 
+  /** Where reads go (Conn.readInto): null, fresh buffers. */
+  next: (() => Buffer) | null = null;
+
+  readInto(next: () => Buffer): boolean {
+    this.next = next;
+    return true;
+  }
+
   onClose(fn: (reason: string) => void): void {
     if (this.closeFired) fn('connection closed');
     else this.closeFns.push(fn);
@@ -413,11 +421,23 @@ export class SimConn implements Conn {
       this.net.stats.segments++;
       this.net.stats.bytes += head.data.length;
       const chunk = this.net.flip(head.data);
-      for (const f of to.dataFns) {
-        try {
-          f(chunk);
-        } catch (e) {
-          this.net.time.errors.push(e as Error);
+      // A receiver that chose its buffers (readInto, as a replica's link does on TCP) gets
+      // the segment copied into them, one read per buffer, as the kernel would.
+      for (let at = 0; at < chunk.length; ) {
+        let piece = chunk.subarray(at);
+        if (to.next !== null) {
+          const b = to.next();
+          if (b.length === 0) throw new Error('readInto: an empty buffer');
+          const n = chunk.copy(b, 0, at, Math.min(chunk.length, at + b.length));
+          piece = b.subarray(0, n);
+        }
+        at += piece.length;
+        for (const f of to.dataFns) {
+          try {
+            f(piece);
+          } catch (e) {
+            this.net.time.errors.push(e as Error);
+          }
         }
       }
       if (this.out.queuedBytes === 0 && this.drainFns.size > 0) for (const f of [...this.drainFns]) f();

@@ -23,6 +23,7 @@ import {
 import { AssertionError } from '../../src/util/assert.js';
 import { isDeltavolError } from '../../src/util/errors.js';
 import { testSeed } from '../helpers/seed.js';
+import { PayloadPool } from '../../src/replication/payload-pool.js';
 
 interface Sample {
   msg: ReplMessage;
@@ -518,6 +519,127 @@ describe('replication wire: limits and malformed messages', () => {
     const bytes = frameBytes(EVERY_TYPE[0]!);
     expect(() => d.push(bytes)).toThrow('consumer failed');
     expectBadStream(() => d.push(bytes));
+  });
+});
+
+/**
+ * Feeds `bytes` to a pooled decoder the way a socket reading into the decoder's buffers
+ * does: each read goes where readBuffer() says, at most `readCap()` bytes of it.
+ */
+function feedPooled(d: FrameDecoder, bytes: Buffer, readCap: () => number): void {
+  for (let at = 0; at < bytes.length; ) {
+    const b = d.readBuffer();
+    expect(b.length).toBeGreaterThan(0);
+    const n = bytes.copy(b, 0, at, Math.min(bytes.length, at + Math.min(b.length, Math.max(1, readCap()))));
+    d.push(b.subarray(0, n));
+    at += n;
+  }
+}
+
+describe('replication wire: pooled reads (Conn.readInto)', () => {
+  it('decodes random sequences under any read sizes; held frames keep their data, released buffers carry later frames (property)', () => {
+    const seed = testSeed('replication wire: pooled reads');
+    fc.assert(
+      fc.property(
+        fc.array(fc.oneof(sampleArb, fc.nat({ max: 40 }).map((i) => chunkSample(1 + i, i, [[i * 64, 1 + (i % 9) * 40]], 4096))), { minLength: 1, maxLength: 24 }),
+        fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 30 }),
+        fc.array(fc.boolean(), { minLength: 1, maxLength: 30 }),
+        (samples, caps, holds) => {
+          const pool = new PayloadPool(4 * 1024 * 1024);
+          const got: Frame[] = [];
+          const held: { frame: Frame; copy: Buffer | null; done: () => void }[] = [];
+          const d = new FrameDecoder((f) => {
+            got.push(f);
+            // Checked at delivery (a released frame's buffer is reused later on).
+            const want = samples[got.length - 1]!;
+            expect(f.msg).toEqual(want.msg);
+            const data = Buffer.concat(want.data);
+            if (data.length === 0) expect(f.data).toBeNull();
+            else expect(f.data!.equals(data)).toBe(true);
+            if (holds[got.length % holds.length]) held.push({ frame: f, copy: f.data && Buffer.from(f.data), done: f.hold() });
+            f.release();
+          });
+          d.usePool(pool);
+          let k = 0;
+          feedPooled(d, Buffer.concat(samples.map(frameBytes)), () => caps[k++ % caps.length]!);
+          d.end();
+          expect(got.length).toBe(samples.length);
+          for (const h of held) {
+            if (h.copy) expect(h.frame.data!.equals(h.copy)).toBe(true);
+            h.done();
+            h.done(); // idempotent
+          }
+        },
+      ),
+      { seed, numRuns: 200 },
+    );
+  });
+
+  it('reads a large frame\'s data in place, then a short read for the next frame start; buffers come back to the pool', () => {
+    const pool = new PayloadPool(8 * 1024 * 1024);
+    const s = [0, 1, 2, 3].map((i) => chunkSample(1, i, [[i * 256, 256]], 4096));
+    const frames: Buffer[] = [];
+    const d = new FrameDecoder((f) => {
+      expect(f.data!.equals(s[frames.length]!.data[0]!)).toBe(true); // (its buffer carries the next one later)
+      frames.push(f.data!);
+      f.release();
+    });
+    d.usePool(pool);
+    const stream = Buffer.concat(s.map(frameBytes));
+    const reads: { len: number; inPlace: boolean }[] = [];
+    let at = 0;
+    while (at < stream.length) {
+      const b = d.readBuffer();
+      const n = stream.copy(b, 0, at, Math.min(stream.length, at + b.length, at + 100_000));
+      reads.push({ len: b.length, inPlace: b.length !== 64 * 1024 && b.length !== 8 * 1024 });
+      d.push(b.subarray(0, n));
+      at += n;
+    }
+    d.end();
+    expect(frames.length).toBe(4);
+    // One buffer carried all four chunks (each released before the next began).
+    expect(pool.allocated).toBe(1);
+    expect(pool.reused).toBe(3);
+    expect(frames.every((f) => f.buffer === frames[0]!.buffer)).toBe(true);
+    // After the first frame, each frame start is read with an 8 KiB read, the rest in place.
+    expect(reads.filter((r) => r.len === 8 * 1024).length).toBe(3);
+    expect(reads.filter((r) => r.inPlace).length).toBeGreaterThanOrEqual(4 * 10);
+  });
+
+  it('a frame over frameBytesMax gets no pooled buffer: its bytes show as pending', () => {
+    const pool = new PayloadPool(8 * 1024 * 1024);
+    const got: Frame[] = [];
+    const d = new FrameDecoder((f) => got.push(f));
+    d.usePool(pool);
+    d.frameBytesMax = 64 * 1024;
+    const s = chunkSample(1, 0, [[0, 64]], 4096); // 256 KiB of data
+    const bytes = frameBytes(s);
+    feedPooled(d, bytes.subarray(0, 200_000), () => 65536);
+    expect(pool.allocated).toBe(0);
+    expect(d.pendingBytes).toBe(200_000);
+    feedPooled(d, bytes.subarray(200_000), () => 65536);
+    expect(got.length).toBe(1);
+    expect(got[0]!.data!.equals(s.data[0]!)).toBe(true);
+  });
+
+  it('hold() keeps a buffer from the pool until every holder is done', () => {
+    const pool = new PayloadPool(8 * 1024 * 1024);
+    const got: Frame[] = [];
+    const d = new FrameDecoder((f) => got.push(f));
+    d.usePool(pool);
+    const s = chunkSample(1, 0, [[0, 16]], 4096);
+    feedPooled(d, frameBytes(s), () => 1 << 20);
+    const f = got[0]!;
+    const a = f.hold();
+    const b = f.hold();
+    f.release();
+    f.release(); // the dispatcher's reference goes once
+    expect(pool.idleBytesHeld).toBe(0);
+    a();
+    a();
+    expect(pool.idleBytesHeld).toBe(0);
+    b();
+    expect(pool.idleBytesHeld).toBe(65536);
   });
 });
 
