@@ -7,8 +7,8 @@
 import type { Clock, Cancel } from '../util/clock.js';
 import type { Conn } from './transport.js';
 import { encodeFrame, FrameDecoder, type Frame, type ReplMessage } from './wire.js';
-import { linkIdlePayloadBytesMax, replicationHeartbeatMs, replicationSilenceMs } from './limits.js';
-import { PayloadPool } from './payload-pool.js';
+import { linkIdlePayloadBytesMax, linkPooledPayloadBytesMin, replicationHeartbeatMs, replicationSilenceMs } from './limits.js';
+import { BufferPool } from '../util/buffer-pool.js';
 
 export class Link {
   private closedReason: string | null = null;
@@ -48,7 +48,7 @@ export class Link {
       this.onFrame(f);
     });
     // Where the connection allows it, frames' data is read straight into pooled buffers.
-    if (conn.readInto?.(() => this.decoder.readBuffer())) this.decoder.usePool(new PayloadPool(linkIdlePayloadBytesMax));
+    if (conn.readInto?.(() => this.decoder.readBuffer())) this.decoder.usePool(new BufferPool(linkPooledPayloadBytesMin, linkIdlePayloadBytesMax));
     conn.onData((chunk: Buffer) => {
       this.lastHeardMs = this.clock.now();
       this.bytesReceived += chunk.length;

@@ -19,7 +19,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { Packr } from 'msgpackr';
 import { ByteQueue } from '../util/byte-queue.js';
-import type { PayloadPool } from './payload-pool.js';
+import type { BufferPool } from '../util/buffer-pool.js';
 import { crc32cParts } from '../util/crc32c-parts.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
@@ -191,7 +191,7 @@ export interface Frame {
   readonly data: Buffer | null;
   /**
    * The receiver is done with the frame: its data may be reused for a later frame (when it
-   * came into a pooled buffer: payload-pool.ts). Whoever dispatches frames calls it once the
+   * came into a pooled buffer: ../util/buffer-pool.ts). Whoever dispatches frames calls it once the
    * handler returned; a frame never released is left to the garbage collector.
    */
   release(): void;
@@ -213,7 +213,7 @@ class DecodedFrame implements Frame {
     readonly msg: ReplMessage,
     readonly parts: readonly Buffer[],
     /** The pooled buffer the data sits in (null: views of socket reads, left to the GC). */
-    private readonly pooled: { buffer: Buffer; pool: PayloadPool } | null = null,
+    private readonly pooled: { buffer: Buffer; pool: BufferPool } | null = null,
   ) {}
   get data(): Buffer | null {
     if (this.joined === undefined) this.joined = this.parts.length === 0 ? null : this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts as Buffer[]);
@@ -237,7 +237,7 @@ class DecodedFrame implements Frame {
     };
   }
   private unref(): void {
-    if (--this.refs === 0 && this.pooled !== null) this.pooled.pool.give(this.pooled.buffer);
+    if (--this.refs === 0 && this.pooled !== null) this.pooled.pool.release(this.pooled.buffer);
   }
 }
 
@@ -466,7 +466,7 @@ export class FrameDecoder {
   private msg: ReplMessage | null = null;
   private closed: 'failed' | 'ended' | null = null;
   private pushing = false;
-  private pool: PayloadPool | null = null;
+  private pool: BufferPool | null = null;
   /** Pooled mode: the reused buffer reads go into when they are not a frame's data. */
   private staging: Buffer | null = null;
   /** Pooled mode: the data buffer of the frame being received, and how much of it is filled. */
@@ -487,7 +487,7 @@ export class FrameDecoder {
   private prefixBytes = framePrefixBytes;
 
   /** Switches to pooled reads; only before anything was pushed. */
-  usePool(pool: PayloadPool): void {
+  usePool(pool: BufferPool): void {
     assert(this.state === 'prefix' && this.queue.length === 0 && this.closed === null, 'FrameDecoder.usePool after data');
     this.pool = pool;
     this.staging = Buffer.allocUnsafe(stagingReadBytes);
@@ -556,7 +556,7 @@ export class FrameDecoder {
   }
 
   private giveBackDest(): void {
-    if (this.dest !== null && this.pool !== null) this.pool.give(this.dest);
+    if (this.dest !== null && this.pool !== null) this.pool.release(this.dest);
     this.dest = null;
   }
 
@@ -571,7 +571,7 @@ export class FrameDecoder {
     const n = this.dataBytes;
     let frame: DecodedFrame;
     if (this.dest !== null) {
-      frame = new DecodedFrame(msg, [this.dest.subarray(0, n)], { buffer: this.dest, pool: this.pool! });
+      frame = new DecodedFrame(msg, [this.dest], { buffer: this.dest, pool: this.pool! });
     } else {
       // Views of the received chunks: a 1 MiB chunk arrives in ~16 socket reads, and
       // joining them here would copy every replicated byte once more. (Pooled mode without a
@@ -642,7 +642,7 @@ export class FrameDecoder {
           this.state = 'data';
           this.filled = 0;
           if (this.pool !== null && this.dataBytes > 0 && this.prefixBytes + this.msgBytes + this.dataBytes <= this.frameBytesMax) {
-            this.dest = this.pool.take(this.dataBytes);
+            this.dest = this.pool.acquire(this.dataBytes); // (exactly dataBytes: a view of a pooled buffer)
           }
           break;
         }

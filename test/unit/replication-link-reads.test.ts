@@ -1,5 +1,5 @@
 // Why: a replica's link reads each frame's data straight into a pooled buffer (TCP
-// connections the listener accepted: TcpConn.accepted, Conn.readInto, payload-pool.ts).
+// connections the listener accepted: TcpConn.accepted, Conn.readInto, util/buffer-pool.ts).
 // This drives a real loopback connection: frames of every size arrive whole and intact
 // under any write pattern of the sender, the data of large frames sits in pooled buffers
 // (not in views of 64 KiB socket reads), released buffers carry later frames, and the

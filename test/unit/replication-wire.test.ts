@@ -23,7 +23,7 @@ import {
 import { AssertionError } from '../../src/util/assert.js';
 import { isDeltavolError } from '../../src/util/errors.js';
 import { testSeed } from '../helpers/seed.js';
-import { PayloadPool } from '../../src/replication/payload-pool.js';
+import { BufferPool } from '../../src/util/buffer-pool.js';
 
 interface Sample {
   msg: ReplMessage;
@@ -545,7 +545,7 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
         fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 30 }),
         fc.array(fc.boolean(), { minLength: 1, maxLength: 30 }),
         (samples, caps, holds) => {
-          const pool = new PayloadPool(4 * 1024 * 1024);
+          const pool = new BufferPool(4096, 4 * 1024 * 1024);
           const got: Frame[] = [];
           const held: { frame: Frame; copy: Buffer | null; done: () => void }[] = [];
           const d = new FrameDecoder((f) => {
@@ -576,7 +576,7 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
   });
 
   it('reads a large frame\'s data in place, then a short read for the next frame start; buffers come back to the pool', () => {
-    const pool = new PayloadPool(8 * 1024 * 1024);
+    const pool = new BufferPool(4096, 8 * 1024 * 1024);
     const s = [0, 1, 2, 3].map((i) => chunkSample(1, i, [[i * 256, 256]], 4096));
     const frames: Buffer[] = [];
     const d = new FrameDecoder((f) => {
@@ -598,16 +598,16 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
     d.end();
     expect(frames.length).toBe(4);
     // One buffer carried all four chunks (each released before the next began).
-    expect(pool.allocated).toBe(1);
-    expect(pool.reused).toBe(3);
+    expect(pool.acquires).toBe(4);
     expect(frames.every((f) => f.buffer === frames[0]!.buffer)).toBe(true);
+    expect(pool.idleBytes).toBe(1024 * 1024);
     // After the first frame, each frame start is read with an 8 KiB read, the rest in place.
     expect(reads.filter((r) => r.len === 8 * 1024).length).toBe(3);
     expect(reads.filter((r) => r.inPlace).length).toBeGreaterThanOrEqual(4 * 10);
   });
 
   it('a frame over frameBytesMax gets no pooled buffer: its bytes show as pending', () => {
-    const pool = new PayloadPool(8 * 1024 * 1024);
+    const pool = new BufferPool(4096, 8 * 1024 * 1024);
     const got: Frame[] = [];
     const d = new FrameDecoder((f) => got.push(f));
     d.usePool(pool);
@@ -615,7 +615,7 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
     const s = chunkSample(1, 0, [[0, 64]], 4096); // 256 KiB of data
     const bytes = frameBytes(s);
     feedPooled(d, bytes.subarray(0, 200_000), () => 65536);
-    expect(pool.allocated).toBe(0);
+    expect(pool.acquires).toBe(0);
     expect(d.pendingBytes).toBe(200_000);
     feedPooled(d, bytes.subarray(200_000), () => 65536);
     expect(got.length).toBe(1);
@@ -623,7 +623,7 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
   });
 
   it('hold() keeps a buffer from the pool until every holder is done', () => {
-    const pool = new PayloadPool(8 * 1024 * 1024);
+    const pool = new BufferPool(4096, 8 * 1024 * 1024);
     const got: Frame[] = [];
     const d = new FrameDecoder((f) => got.push(f));
     d.usePool(pool);
@@ -634,12 +634,12 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
     const b = f.hold();
     f.release();
     f.release(); // the dispatcher's reference goes once
-    expect(pool.idleBytesHeld).toBe(0);
+    expect(pool.idleBytes).toBe(0);
     a();
     a();
-    expect(pool.idleBytesHeld).toBe(0);
+    expect(pool.idleBytes).toBe(0);
     b();
-    expect(pool.idleBytesHeld).toBe(65536);
+    expect(pool.idleBytes).toBe(65536);
   });
 });
 
