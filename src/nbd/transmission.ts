@@ -19,14 +19,19 @@ import {
   pooledReadBuffersBytesMax,
   requestEffectBytesMax,
   requestPayloadBytesMax,
+  smallReplySlabBytes,
+  smallReplySparesMax,
   sparseReadBytesMin,
   streamPieceBytes,
 } from '../util/limits.js';
 import { BufferPool } from '../util/buffer-pool.js';
+import { SliceArena } from '../util/slice-arena.js';
 import { assert } from '../util/assert.js';
 
 /** Read buffers shared by every connection of the process (see buffer-pool.ts). */
 const readBuffers = new BufferPool(pooledReadBufferBytesMin, pooledReadBuffersBytesMax);
+/** Small READ replies (header and data in one slice), shared likewise (slice-arena.ts). */
+const smallReplies = new SliceArena(smallReplySlabBytes, smallReplySparesMax);
 
 /** After a burst: idle read buffers beyond `keepBytes` are dropped for the GC (the server calls this as its buffers shrink). */
 export function trimReadBuffers(keepBytes: number): void {
@@ -244,19 +249,17 @@ export class Transmission {
     this.finish([reply], payloadBytes);
   }
 
-  private finish(buffers: Buffer[], payloadBytes: number, pooled?: Buffer): void {
+  /** `done` (optional) runs once the buffers are no longer needed (a pooled buffer goes back). */
+  private finish(buffers: Buffer[], payloadBytes: number, done?: () => void): void {
     if (this.simpleStreamActive && !this.closed) {
       // A streamed simple READ reply is on the wire: nothing may come between its pieces.
-      this.deferred.push(() => this.finish(buffers, payloadBytes, pooled));
+      this.deferred.push(() => this.finish(buffers, payloadBytes, done));
       return;
     }
     this.inflight--;
     this.inflightPayloadBytes -= payloadBytes;
-    if (this.closed) {
-      if (pooled) readBuffers.release(pooled);
-    } else {
-      this.host.send(buffers, pooled ? () => readBuffers.release(pooled) : undefined);
-    }
+    if (this.closed) done?.();
+    else this.host.send(buffers, done);
     this.host.completed(payloadBytes);
   }
 
@@ -275,15 +278,18 @@ export class Transmission {
     // write). Pooled ones get a buffer of exactly the request's length, so a 1 MiB read
     // takes the 1 MiB pool class and not 2 MiB for 28 bytes more; their header goes out as
     // its own small buffer in the same corked write (PERF.md fact 4: measured the same).
+    // Small replies are slices of the few slabs of smallReplies (slice-arena.ts).
     const headerBytes = h.length < pooledReadBufferBytesMin ? R.readHeaderBytes(this.structured) : 0;
-    const whole = readBuffers.acquire(headerBytes + h.length);
+    const small = headerBytes > 0 && headerBytes + h.length <= smallReplies.sliceBytesMax;
+    const whole = small ? smallReplies.take(headerBytes + h.length) : readBuffers.acquire(headerBytes + h.length);
+    const done = small ? smallReplies.lastSlab.release : () => readBuffers.release(whole);
     const buf = headerBytes === 0 ? whole : whole.subarray(headerBytes);
     const afterRead = () => {
       if (!this.structured) {
-        if (headerBytes === 0) this.finish([R.simpleReply(0, h.cookieHi, h.cookieLo), buf], h.length, whole);
+        if (headerBytes === 0) this.finish([R.simpleReply(0, h.cookieHi, h.cookieLo), buf], h.length, done);
         else {
           R.writeSimpleHeader(whole, 0, 0, h.cookieHi, h.cookieLo);
-          this.finish([whole], h.length);
+          this.finish([whole], h.length, done);
         }
         return;
       }
@@ -292,21 +298,21 @@ export class Transmission {
       // than it saves on some file systems: SEEK_HOLE is linear in the file on tmpfs).
       const runs = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0 ? zeroRuns(buf) : null;
       if (runs && runs.length === 1 && runs[0]!.flags & C.STATE_ZERO) {
-        readBuffers.release(whole);
+        done();
         this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], h.length);
       } else if (runs && runs.length > 1) {
-        this.finish(this.sparseChunks(h, buf, runs), h.length, whole);
+        this.finish(this.sparseChunks(h, buf, runs), h.length, done);
       } else if (headerBytes === 0) {
         const hdr = Buffer.allocUnsafe(R.readHeaderBytes(true));
         R.writeOffsetDataHeader(hdr, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
-        this.finish([hdr, buf], h.length, whole);
+        this.finish([hdr, buf], h.length, done);
       } else {
         R.writeOffsetDataHeader(whole, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
-        this.finish([whole], h.length);
+        this.finish([whole], h.length, done);
       }
     };
     const failed = (e: unknown) => {
-      readBuffers.release(whole);
+      done();
       this.failed(h, e, h.length);
     };
     let r: MaybePromise<void>;

@@ -60,6 +60,14 @@ export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */
 export const pooledReadBufferBytesMin = 64 * 1024;
 /**
+ * Smaller READ replies are slices of slabs of this size, reused once every slice of one was
+ * written (util/slice-arena.ts); slices are at most a quarter of it, which covers every
+ * reply below pooledReadBufferBytesMin but a few bytes.
+ */
+export const smallReplySlabBytes = 256 * 1024;
+/** Idle slabs kept for small READ replies (per process): 2 MiB. */
+export const smallReplySparesMax = 8;
+/**
  * Idle bytes the read-buffer pool keeps for reuse (per process): what 4 connections × 8
  * × 1 MiB READs hold at once, plus a margin. It never adds to the peak (a buffer is only
  * pooled after its request held it), and it is dropped when the NBD buffers shrink after
