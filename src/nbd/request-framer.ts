@@ -53,11 +53,21 @@ export interface FramerSink {
    * next bytes go), or null to take it as views of the received chunks.
    */
   payloadBuffer?(length: number): Buffer | null;
-  /** A buffer from payloadBuffer is no longer used by its request (RequestHeader.releasePayload). */
-  releasePayloadBuffer?(buffer: Buffer): void;
+  /**
+   * The function that gives a buffer from payloadBuffer back, once its request is done with
+   * it (it becomes RequestHeader.releasePayload). Asked right after payloadBuffer, so a host
+   * may return one function per buffer it carves slices from, not a closure per request.
+   */
+  payloadRelease?(buffer: Buffer): () => void;
 }
 
 export type FramerError = { kind: 'bad-magic'; magic: number };
+
+/**
+ * The rest of a payload shorter than this is not offered as a region of its own: it comes
+ * through the queue with the requests behind it (a copy of a few KiB, not one more read).
+ */
+const fillRegionBytesMin = 16 * 1024;
 
 export class RequestFramer {
   private pending: RequestHeader | null = null;
@@ -101,7 +111,7 @@ export class RequestFramer {
    */
   fillRegion(): Buffer | null {
     const f = this.fill;
-    if (!f || this.queue.length > 0) return null;
+    if (!f || this.queue.length > 0 || f.target.length - f.filled < fillRegionBytesMin) return null;
     return f.target.subarray(f.filled);
   }
 
@@ -204,8 +214,7 @@ export class RequestFramer {
         const target = this.sink.payloadBuffer?.(h.length) ?? null;
         if (target) {
           assert(target.length === h.length, 'a payload buffer of the payload length');
-          const sink = this.sink;
-          h.releasePayload = () => sink.releasePayloadBuffer?.(target);
+          h.releasePayload = this.sink.payloadRelease?.(target) ?? null;
           this.fill = { h, target, filled: 0 };
         } else {
           this.pending = h;

@@ -67,6 +67,9 @@ export const pooledReadBufferBytesMin = 64 * 1024;
 export const smallReplySlabBytes = 256 * 1024;
 /** Idle slabs kept for small READ replies (per process): 2 MiB. */
 export const smallReplySparesMax = 8;
+/** WRITE payloads below directPayloadBytesMin are slices of slabs of this size (util/slice-arena.ts), and idle slabs kept. */
+export const smallPayloadSlabBytes = 256 * 1024;
+export const smallPayloadSparesMax = 8;
 /**
  * Idle bytes the read-buffer pool keeps for reuse (per process): what 4 connections × 8
  * × 1 MiB READs hold at once, plus a margin. It never adds to the peak (a buffer is only

@@ -119,7 +119,7 @@ describe('RequestFramer', () => {
               given.add(b);
               return b;
             },
-            releasePayloadBuffer: (b) => released.push(b),
+            payloadRelease: (b) => () => released.push(b),
           },
           1 << 20,
         );
