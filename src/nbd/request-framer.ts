@@ -12,6 +12,7 @@
 
 import { ByteQueue } from '../util/byte-queue.js';
 import { assert } from '../util/assert.js';
+import { directPayloadBytesMin } from '../util/limits.js';
 import { CMD_WRITE, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js';
 
 export interface RequestHeader {
@@ -64,8 +65,9 @@ export interface FramerSink {
 export type FramerError = { kind: 'bad-magic'; magic: number };
 
 /**
- * The rest of a payload shorter than this is not offered as a region of its own: it comes
- * through the queue with the requests behind it (a copy of a few KiB, not one more read).
+ * The rest of a small payload (< directPayloadBytesMin) shorter than this is not offered as a
+ * region of its own: it comes through the queue with the requests behind it (a copy of a few
+ * KiB, not one more read).
  */
 const fillRegionBytesMin = 16 * 1024;
 
@@ -111,7 +113,10 @@ export class RequestFramer {
    */
   fillRegion(): Buffer | null {
     const f = this.fill;
-    if (!f || this.queue.length > 0 || f.target.length - f.filled < fillRegionBytesMin) return null;
+    if (!f || this.queue.length > 0) return null;
+    // (A large payload's rest is always read in place: after a large WRITE the host reads
+    // headers in short reads, and a few KiB left would take several of them.)
+    if (f.target.length < directPayloadBytesMin && f.target.length - f.filled < fillRegionBytesMin) return null;
     return f.target.subarray(f.filled);
   }
 
