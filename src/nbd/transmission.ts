@@ -19,8 +19,8 @@ import {
   pooledReadBuffersBytesMax,
   requestEffectBytesMax,
   requestPayloadBytesMax,
-  smallReplySlabBytes,
-  smallReplySparesMax,
+  smallBufferSlabBytes,
+  smallBufferSparesMax,
   sparseReadBytesMin,
   streamPieceBytes,
 } from '../util/limits.js';
@@ -31,7 +31,7 @@ import { assert } from '../util/assert.js';
 /** Read buffers shared by every connection of the process (see buffer-pool.ts). */
 const readBuffers = new BufferPool(pooledReadBufferBytesMin, pooledReadBuffersBytesMax);
 /** Small READ replies (header and data in one slice), shared likewise (slice-arena.ts). */
-const smallReplies = new SliceArena(smallReplySlabBytes, smallReplySparesMax);
+const smallReplies = new SliceArena(smallBufferSlabBytes, smallBufferSparesMax);
 
 /** After a burst: idle read buffers beyond `keepBytes` are dropped for the GC (the server calls this as its buffers shrink). */
 export function trimReadBuffers(keepBytes: number): void {

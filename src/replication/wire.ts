@@ -533,7 +533,8 @@ export class FrameDecoder {
       this.parse();
       // The staging buffer is read into again: what is left of a frame's start is copied out.
       if (this.pool !== null && this.queue.length > 0) {
-        const rest = Buffer.from(this.queue.take(this.queue.length));
+        const rest = Buffer.allocUnsafe(this.queue.length);
+        this.queue.copyOut(rest, 0, rest.length);
         this.queue.push(rest);
       }
     } catch (e) {

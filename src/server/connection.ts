@@ -36,8 +36,8 @@ import {
   receiveReadBytesMin,
   directPayloadBytesMin,
   pooledWritePayloadBytesMax,
-  smallPayloadSlabBytes,
-  smallPayloadSparesMax,
+  smallBufferSlabBytes,
+  smallBufferSparesMax,
   headerReadBytes,
 } from '../util/limits.js';
 
@@ -48,7 +48,7 @@ const writePayloads = new BufferPool(directPayloadBytesMin, pooledWritePayloadBy
  * their requests held views of the arena it had to be replaced by a fresh one, 180 MB/s of new
  * external memory at 45k 4 KiB writes a second and a full mark-compact every ~0.1 s.
  */
-const smallWritePayloads = new SliceArena(smallPayloadSlabBytes, smallPayloadSparesMax);
+const smallWritePayloads = new SliceArena(smallBufferSlabBytes, smallBufferSparesMax);
 
 /** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
 export function trimWritePayloadBuffers(keepBytes: number): void {

@@ -60,16 +60,14 @@ export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */
 export const pooledReadBufferBytesMin = 64 * 1024;
 /**
- * Smaller READ replies are slices of slabs of this size, reused once every slice of one was
- * written (util/slice-arena.ts); slices are at most a quarter of it, which covers every
- * reply below pooledReadBufferBytesMin but a few bytes.
+ * Smaller READ replies, and WRITE payloads below directPayloadBytesMin, are slices of slabs
+ * of this size, reused once every slice of one is done with (util/slice-arena.ts; one arena
+ * for each). Slices are at most a quarter of a slab: every such reply or payload but a few
+ * bytes.
  */
-export const smallReplySlabBytes = 256 * 1024;
-/** Idle slabs kept for small READ replies (per process): 2 MiB. */
-export const smallReplySparesMax = 8;
-/** WRITE payloads below directPayloadBytesMin are slices of slabs of this size (util/slice-arena.ts), and idle slabs kept. */
-export const smallPayloadSlabBytes = 256 * 1024;
-export const smallPayloadSparesMax = 8;
+export const smallBufferSlabBytes = 256 * 1024;
+/** Idle slabs each of those arenas keeps (per process): 2 MiB. */
+export const smallBufferSparesMax = 8;
 /**
  * Idle bytes the read-buffer pool keeps for reuse (per process): what 4 connections × 8
  * × 1 MiB READs hold at once, plus a margin. It never adds to the peak (a buffer is only

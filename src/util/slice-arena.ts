@@ -4,6 +4,7 @@
 // ~75 ms (--trace-gc: 185 in 17 s, "GC in old space requested"; perf: ~8% of the loop and
 // a share of the other core). Here the slices come from a few slabs that are reused once
 // every slice of one was released (its reply written), so the same memory carries them.
+// Small WRITE payloads use an arena of their own the same way (server/connection.ts).
 // Releases come in any order; a slab still referred to when it fills is simply replaced
 // (the last release of a retired slab makes it a spare, or leaves it to the collector).
 
@@ -22,8 +23,6 @@ export interface Slab {
 export class SliceArena {
   private cur: Slab;
   private readonly spares: Slab[] = [];
-  /** The slab of the last slice taken (give its `release` to whoever ends the slice's use). */
-  lastSlab: Slab;
   /** Slabs made since start (status, tests). */
   slabsMade = 0;
 
@@ -34,7 +33,11 @@ export class SliceArena {
     private readonly sparesMax: number,
   ) {
     this.cur = this.makeSlab();
-    this.lastSlab = this.cur;
+  }
+
+  /** The slab of the last slice taken (give its `release` to whoever ends the slice's use). */
+  get lastSlab(): Slab {
+    return this.cur;
   }
 
   /** The largest slice this arena hands out. */
@@ -53,7 +56,6 @@ export class SliceArena {
     const slice = s.buf.subarray(s.used, s.used + n);
     s.used += n;
     s.outstanding++;
-    this.lastSlab = s;
     return slice;
   }
 
