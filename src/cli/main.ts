@@ -70,6 +70,12 @@ function readBuffersMode(text: string): boolean {
   throw new DeltavolError('EINVAL_ARGUMENT', `--nbd-read-buffers "${text}" is not one of own, node`);
 }
 
+function sendsMode(text: string): boolean {
+  if (text === 'threadpool') return true;
+  if (text === 'loop') return false;
+  throw new DeltavolError('EINVAL_ARGUMENT', `--nbd-sends "${text}" is not one of threadpool, loop`);
+}
+
 function print(json: boolean, value: unknown, human: () => string): void {
   // Human text may hold names and reasons from other users and peers: no raw control characters.
   process.stdout.write((json ? JSON.stringify(value, null, 2) : escapeOutput(human())) + '\n');
@@ -129,6 +135,7 @@ export function buildProgram(): Command {
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
     .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
+    .option('--nbd-sends <threadpool|loop>', 'large NBD replies on plain sockets are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); TLS sockets always use loop', 'threadpool')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))
@@ -176,6 +183,7 @@ export function buildProgram(): Command {
             pskFile: opts.tlsPsk,
           },
           nbdOwnReadBuffers: readBuffersMode(opts.nbdReadBuffers),
+          nbdThreadpoolSends: sendsMode(opts.nbdSends),
           nbdLimits: {
             connectionsMax: Number(opts.connectionsMax),
             handshakeConnectionsMax: Number(opts.handshakeConnectionsMax),

@@ -61,6 +61,8 @@ export interface DaemonConfig {
   nbdLimits?: Partial<NbdLimits>;
   /** NBD plain sockets read into the connections' own buffers (default true; `--nbd-read-buffers node` turns it off; TLS sockets never do). */
   nbdOwnReadBuffers?: boolean;
+  /** Large NBD replies on plain sockets are sent from the threadpool (default true; `--nbd-sends loop` turns it off). */
+  nbdThreadpoolSends?: boolean;
   /** Replication credentials (README "Replication security"); none: plain TCP. */
   replTls?: ReplTlsOptions;
   /** Plain TCP replication on a non-loopback address, knowingly. */
@@ -170,7 +172,7 @@ export class Daemon {
       log.child({ part: 'nbd' }),
       this.nbdTls,
       config.nbdLimits,
-      config.nbdOwnReadBuffers ?? true,
+      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true },
       () => void trimMallocHeap(),
       (client) => loopIo.clientRequest(client),
     );

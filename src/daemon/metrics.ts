@@ -75,6 +75,8 @@ export function renderNbdLimitMetrics(s: NbdLimitsSnapshot): string {
   metric('deltavol_nbd_connections_waiting_for_memory', 'gauge', 'NBD connections not read from because the buffer budget is exhausted.', [[{}, s.waitingForMemory]]);
   metric('deltavol_nbd_memory_waits_total', 'counter', 'Times an NBD connection had to wait for buffer memory.', [[{}, s.memoryWaitsTotal]]);
   metric('deltavol_nbd_stalled_connections_closed_total', 'counter', 'NBD connections closed for holding memory they did not read while others waited.', [[{}, s.stalledClosedTotal]]);
+  metric('deltavol_nbd_threadpool_sends_total', 'counter', 'Large NBD replies handed to the socket from a threadpool thread (--nbd-sends threadpool).', [[{}, s.threadpoolSends.sends]]);
+  metric('deltavol_nbd_threadpool_sends_partial_total', 'counter', 'Threadpool sends the socket took only part of (it was full); Node sent the rest.', [[{}, s.threadpoolSends.partial]]);
   metric('deltavol_nbd_handshake_connections', 'gauge', 'NBD connections still in the handshake.', [[{}, s.handshakeConnections]]);
   metric('deltavol_nbd_connections_max', 'gauge', 'Cap on NBD connections (--connections-max).', [[{}, s.limits.connectionsMax]]);
   metric('deltavol_nbd_connections_per_address_max', 'gauge', 'Cap on NBD connections from one address (--connections-per-address-max).', [[{}, s.limits.connectionsPerAddressMax]]);

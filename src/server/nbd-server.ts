@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { Connection, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
+import { Connection, threadpoolSendCounts, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
 import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
@@ -99,8 +99,12 @@ export class NbdServer {
     private readonly log: Logger,
     private readonly tls: TlsServerConfig | null = null,
     limits: Partial<NbdLimits> = {},
-    /** Plain sockets read into the connection's own buffers (`--nbd-read-buffers own`); false keeps Node's. */
-    ownReadBuffers = true,
+    /**
+     * Socket I/O choices for plain (non-TLS) sockets: read into the connection's own buffers
+     * (`--nbd-read-buffers own`, default) and send large replies from the threadpool
+     * (`--nbd-sends threadpool`, default; native-send.ts). False keeps Node's way.
+     */
+    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean } = {},
     /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
     private readonly returnFreedMemory: () => void = () => {},
     /** Each request, with the connection that made it (the daemon's LoopIoPolicy). */
@@ -123,7 +127,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers, ...(requestFrom ? { requestFrom } : {}) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, ...(requestFrom ? { requestFrom } : {}) };
   }
 
   private accept(socket: net.Socket): void {
@@ -244,6 +248,7 @@ export class NbdServer {
       waitingForMemory: b.waiters.size,
       memoryWaitsTotal: b.waitsTotal,
       stalledClosedTotal: this.stalledClosedTotal,
+      threadpoolSends: threadpoolSendCounts(),
       handshakeConnections: this.admission.handshakes,
       refusedTotal: { ...this.admission.refused },
       evictedTotal: { ...this.admission.evicted },
@@ -309,6 +314,8 @@ export interface NbdLimitsSnapshot {
   waitingForMemory: number;
   memoryWaitsTotal: number;
   stalledClosedTotal: number;
+  /** Replies sent from the threadpool (native-send.ts), and those the socket took only part of. */
+  threadpoolSends: { sends: number; partial: number };
   handshakeConnections: number;
   refusedTotal: Record<'per-address' | 'handshakes' | 'connections', number>;
   evictedTotal: Record<'handshake' | 'transmission', number>;

@@ -79,6 +79,11 @@ export const pooledReadBuffersBytesMax = 40 * 1024 * 1024;
 export const receiveScratchBytes = 256 * 1024;
 /** ...replaced by a new one when less than this is left at its end (the most one read takes there). */
 export const receiveReadBytesMin = 64 * 1024;
+/**
+ * NBD replies this large or larger are handed to the socket from a threadpool thread
+ * (native-send.ts); smaller ones cost less through Node's corked writes than the hop.
+ */
+export const threadpoolSendBytesMin = 256 * 1024;
 /** WRITE payloads this large or larger are read straight into a pooled buffer of their own. */
 export const directPayloadBytesMin = 64 * 1024;
 /**
