@@ -156,7 +156,10 @@ async function testIops(A, B) {
       if (kind === 'replica') await waitFor(`${vol}: in sync before the run`, async () => inSync(await replStatus(A, vol)), 180_000, 100);
       const before = kind === 'replica' ? await replStatus(A, vol) : null;
       const cpu = cpuMeter([A, B]);
+      // BENCH_PERF=PREFIX: `perf record -g` of the primary during each run (PREFIX.<job>-<kind>-r<round>).
+      const perf = process.env.BENCH_PERF ? spawn('perf', ['record', '-F', '999', '-g', '-p', String(A.pid), '-o', `${process.env.BENCH_PERF}.${jobName}-${kind}-r${r}`, '--', 'sleep', String(opt.runtime)], { stdio: 'ignore' }) : null;
       const res = await fio(`${jobName === '4k' ? 'randwrite' : 'write1m'}-${kind}`, A.uri(vol), job, (opt.runtime + 60) * 1000);
+      if (perf) await new Promise((done) => (perf.exitCode !== null ? done() : perf.once('exit', done)));
       res.cores = cpu();
       // Primary CPU per write (µs; the ramp second counts in both cases alike).
       res.cpuUsPerIoA = res.cores.A > 0 && res.iops > 0 ? (res.cores.A * 1e6) / res.iops : null;

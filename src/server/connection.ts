@@ -25,7 +25,7 @@ import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
 import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 import { BufferPool } from '../util/buffer-pool.js';
 import { SliceArena } from '../util/slice-arena.js';
-import { loadSockx, nativeSendBuffersMax, socketFd, type Sockx } from './native-send.js';
+import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -58,9 +58,9 @@ export function trimWritePayloadBuffers(keepBytes: number): void {
 }
 
 /** Replies sent from the threadpool since start, and those of them the socket took only part of (then Node sent the rest). */
-const poolSends = { sends: 0, partial: 0 };
+const poolSends: ThreadpoolSendCounts = { sends: 0, partial: 0 };
 
-export function threadpoolSendCounts(): { sends: number; partial: number } {
+export function threadpoolSendCounts(): ThreadpoolSendCounts {
   return { ...poolSends };
 }
 
@@ -88,15 +88,6 @@ export interface ConnectionLimits {
   requestFrom?(c: Connection): void;
   /** Send large replies on plain sockets from the threadpool (native-send.ts; default true). */
   threadpoolSends?: boolean;
-}
-
-const NO_BYTES = Buffer.alloc(0);
-
-/** A reply waiting for a threadpool send ahead of it on the same socket. */
-interface QueuedReply {
-  buffers: Buffer[];
-  bytes: number;
-  sent: (() => void) | undefined;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -135,22 +126,8 @@ export class Connection {
    * and the rest of that payload goes straight to its buffer instead of being copied there.
    */
   private lastLargeWrite = false;
-  // ---- large replies sent from the threadpool (native-send.ts; plain sockets only) ----
-  private readonly sockx: Sockx | null;
-  /** Our own duplicate of the socket's descriptor for those sends, or -1 (then Node sends everything). */
-  private sendFd = -1;
-  /** A threadpool send is running: every later reply waits in `waitingReplies`, in order. */
-  private sendingInPool = false;
-  /**
-   * Replies waiting for the threadpool send running now, or, after a send the socket took
-   * only part of, for Node's queue to empty: then they leave as the next threadpool send.
-   * While anything waits here every reply does, so Node's queue can empty.
-   */
-  private waitingReplies: QueuedReply[] = [];
-  /** An empty write is queued in Node to tell when its queue is empty (whenNodeQueueEmpty). */
-  private watchingNodeQueue = false;
-  /** Closing our side waits for the threadpool send and the replies queued behind it. */
-  private closeAfterSend: (() => void) | null = null;
+  /** Large replies leave from the threadpool (threadpool-sender.ts; plain sockets only), or null. */
+  private readonly sender: ThreadpoolSender | null;
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
   /** The authenticated TLS client (PSK identity or certificate DN), once TLS is up. */
@@ -194,15 +171,12 @@ export class Connection {
     const adopted = (tls?.mode ?? 'off') === 'off' && limits.ownReadBuffers !== false ? adoptWithUserBuffer(socket, { next: () => this.nextReadBuffer(), received: (n, b) => this.onRead(n, b) }) : null;
     this.userBuffers = adopted !== null;
     if (adopted) this.socket = socket = adopted;
-    this.sockx = adopted && limits.threadpoolSends !== false ? loadSockx() : null;
-    const fd = this.sockx ? socketFd(socket) : -1;
-    if (this.sockx && fd >= 0) {
-      try {
-        this.sendFd = this.sockx.dupFd(fd);
-      } catch (e) {
-        this.log.debug({ err: (e as Error).message }, 'no descriptor for threadpool sends');
-      }
-    }
+    this.sender =
+      adopted && limits.threadpoolSends !== false
+        ? ThreadpoolSender.forSocket(socket, threadpoolSendBytesMin, poolSends, () => {
+            if (this.paused) this.maybeResume();
+          })
+        : null;
     socket.setNoDelay(true);
     this.attach(socket);
     socket.resume(); // listeners accept connections paused
@@ -450,7 +424,7 @@ export class Connection {
     const ok =
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
-      this.socket.writableLength + this.waitingReplyBytes() < socketQueuedBytesMax &&
+      this.socket.writableLength + (this.sender?.waitingBytes ?? 0) < socketQueuedBytesMax &&
       (need === 0 ? this.limits.budget.mayGrow(this.account) : this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
     if (!ok && !this.paused) {
       this.paused = true;
@@ -504,21 +478,10 @@ export class Connection {
     this.stats.bytesWritten += bytes;
     this.queuedBytes += bytes;
     this.limits.budget.add(this.account, bytes);
-    if (this.sendingInPool || this.waitingReplies.length > 0) this.waitingReplies.push({ buffers, bytes, sent });
-    else if (bytes >= threadpoolSendBytesMin && this.sendFd >= 0 && buffers.length <= nativeSendBuffersMax) {
-      if (this.socket.writableLength === 0) this.sendInPool([{ buffers, bytes, sent }]);
-      else {
-        this.waitingReplies.push({ buffers, bytes, sent });
-        this.whenNodeQueueEmpty();
-      }
-    } else this.writeReply(buffers, bytes, sent);
-  }
-
-  /** Reply bytes waiting for the threadpool (they are not in the socket's writableLength). */
-  private waitingReplyBytes(): number {
-    let bytes = 0;
-    for (const r of this.waitingReplies) bytes += r.bytes;
-    return bytes;
+    // (The check first spares a closure per small reply.)
+    const sender = this.sender;
+    if (sender && (bytes >= threadpoolSendBytesMin || !sender.idle) && sender.offer(buffers, bytes, () => this.replyWritten(bytes, sent))) return;
+    this.writeReply(buffers, bytes, sent);
   }
 
   /** Hands one reply to Node's socket (corked: the replies completed in one loop turn go out in one write). */
@@ -536,115 +499,6 @@ export class Connection {
     for (let i = 0; i < last; i++) this.socket.write(buffers[i]!);
     // Writes complete in order, so the last one's callback means all were taken.
     this.socket.write(buffers[last]!, () => this.replyWritten(bytes, sent));
-  }
-
-  /**
-   * Sends replies from a threadpool thread (sockx.sendv never blocks it: it stops when the
-   * socket is full). Nothing else is written until it returns. What the socket did not take
-   * goes through Node; the replies after it wait in `waitingReplies` until Node's queue is empty.
-   */
-  private sendInPool(batch: QueuedReply[]): void {
-    this.sendingInPool = true;
-    poolSends.sends++;
-    const buffers = batch.length === 1 ? batch[0]!.buffers : batch.flatMap((r) => r.buffers);
-    this.sockx!.sendv(this.sendFd, buffers, (error, sentBytes) => {
-      // sendingInPool stays set while the replies are accounted for: a reply completed by
-      // what that wakes (a resumed parse) waits behind them.
-      if (error !== null) {
-        this.log.debug({ err: error }, 'socket send failed');
-        this.socket.destroy();
-      }
-      let i = 0;
-      if (error === null && !this.socket.destroyed) {
-        let left = sentBytes;
-        for (; i < batch.length && left >= batch[i]!.bytes; i++) {
-          left -= batch[i]!.bytes;
-          this.replyWritten(batch[i]!.bytes, batch[i]!.sent);
-        }
-        if (i < batch.length) poolSends.partial++;
-        if (i < batch.length && left > 0) {
-          const r = batch[i++]!;
-          this.writeRest(r.buffers, left, r.bytes, r.sent);
-        }
-      }
-      this.sendingInPool = false;
-      if (i < batch.length) this.waitingReplies = [...batch.slice(i), ...this.waitingReplies];
-      this.sendWaiting();
-    });
-  }
-
-  /**
-   * Sends what waits in `waitingReplies`: as one threadpool send when Node's queue is empty,
-   * else once it is (whenNodeQueueEmpty). Releases everything if the socket is gone.
-   */
-  private sendWaiting(): void {
-    if (this.sendingInPool) return;
-    if (this.socket.destroyed || this.sendFd < 0) {
-      const waiting = this.waitingReplies;
-      this.waitingReplies = [];
-      for (const r of waiting) this.replyWritten(r.bytes, r.sent);
-    } else if (this.waitingReplies.length > 0 && this.socket.writableLength === 0) {
-      let buffers = 0;
-      let j = 0;
-      for (; j < this.waitingReplies.length && buffers + this.waitingReplies[j]!.buffers.length <= nativeSendBuffersMax; j++) buffers += this.waitingReplies[j]!.buffers.length;
-      if (j === 0) {
-        // One reply of more buffers than a send takes (a sparse structured reply): through Node.
-        const r = this.waitingReplies.shift()!;
-        this.writeReply(r.buffers, r.bytes, r.sent);
-        return;
-      }
-      const batch = this.waitingReplies.slice(0, j);
-      this.waitingReplies = this.waitingReplies.slice(j);
-      this.sendInPool(batch);
-      return;
-    }
-    if (this.waitingReplies.length > 0) {
-      this.whenNodeQueueEmpty();
-      return;
-    }
-    if (this.closeAfterSend) {
-      const close = this.closeAfterSend;
-      this.closeAfterSend = null;
-      close();
-    }
-    if (this.socketGone) this.releaseSendFd();
-    else if (this.paused) this.maybeResume();
-  }
-
-  /**
-   * Calls sendWaiting once Node has written everything queued now: an empty write's callback
-   * runs after every write before it (nothing new is written to Node while replies wait).
-   */
-  private whenNodeQueueEmpty(): void {
-    if (this.watchingNodeQueue) return;
-    this.watchingNodeQueue = true;
-    this.socket.write(NO_BYTES, () => {
-      this.watchingNodeQueue = false;
-      if (this.socket.destroyed || this.socket.writableLength === 0) this.sendWaiting();
-      else this.whenNodeQueueEmpty();
-    });
-  }
-
-  /** The part of a reply past `skipBytes`, through Node's socket. */
-  private writeRest(buffers: Buffer[], skipBytes: number, bytes: number, sent: (() => void) | undefined): void {
-    const rest: Buffer[] = [];
-    let skip = skipBytes;
-    for (const b of buffers) {
-      if (skip >= b.length) skip -= b.length;
-      else {
-        rest.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-    }
-    const last = rest.length - 1;
-    for (let i = 0; i < last; i++) this.socket.write(rest[i]!);
-    this.socket.write(rest[last]!, () => this.replyWritten(bytes, sent));
-  }
-
-  private releaseSendFd(): void {
-    if (this.sendFd < 0 || this.sendingInPool) return;
-    this.sockx!.closeFd(this.sendFd);
-    this.sendFd = -1;
   }
 
   private replyWritten(bytes: number, sent: (() => void) | undefined): void {
@@ -695,7 +549,7 @@ export class Connection {
     // connection (and its admission slot) stayed forever after every NBD_CMD_DISC. Once our
     // FIN is out, the connection is done.
     const close = () => this.socket.end(() => this.socket.destroy());
-    if (this.sendingInPool || this.waitingReplies.length > 0) this.closeAfterSend = close;
+    if (this.sender && !this.sender.idle) this.sender.whenIdle(close);
     else if (this.uncorkScheduled) setImmediate(close);
     else close();
   }
@@ -733,7 +587,7 @@ export class Connection {
     // Unwritten replies and a half-received WRITE are dropped with the socket; requests in
     // flight release theirs as they complete.
     this.socketGone = true;
-    this.sendWaiting(); // releases the replies still waiting, and the descriptor (or once the send running now returns)
+    this.sender?.close(); // drops the replies still waiting; its descriptor closes once no send runs
     this.releaseHeld(this.queuedBytes + (this.framer ? this.framer.pendingWriteBytes : 0));
     this.queuedBytes = 0;
     this.limits.budget.close(this.account);

@@ -29,7 +29,7 @@ export function loadSockx(): Sockx | null {
   const here = path.dirname(fileURLToPath(import.meta.url));
   const require = createRequire(import.meta.url);
   try {
-    // dist/server/ or src/server/ → project root
+    // dist/util/ or src/util/ → project root
     cached = require(path.resolve(here, '../../build/Release/sockx.node')) as Sockx;
   } catch {
     cached = null;
