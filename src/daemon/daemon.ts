@@ -18,7 +18,8 @@ import { isLoopbackHost, loadTlsConfig, tlsSummary, type TlsServerConfig, type T
 import { VolumeCatalog } from './volume-exports.js';
 import { ControlApi } from './control-api.js';
 import { CONTROL_TOKEN_FILE, loadOrCreateToken, removeRuntimeToken, writeRuntimeToken } from './control-token.js';
-import { renderMetrics, renderNbdLimitMetrics } from './metrics.js';
+import { renderLinkSendMetrics, renderMetrics, renderNbdLimitMetrics } from './metrics.js';
+import { linkThreadpoolSendCounts } from '../replication/transport.js';
 import { renderReplicationMetrics, renderReplicationSecurityMetrics } from './replication-metrics.js';
 import { loadFsx, trimMallocHeap, tuneMallocHeap } from '../storage/native.js';
 import { applyDifferential, encodeDifferential, verifyDifferential } from '../snapshot/diff-transfer.js';
@@ -520,6 +521,7 @@ export class Daemon {
         renderNbdLimitMetrics(this.nbd.limitsSnapshot()) +
         renderReplicationMetrics(this.replication.status()) +
         renderReplicationSecurityMetrics(this.replication.securityStatus()) +
+        renderLinkSendMetrics(linkThreadpoolSendCounts()) +
         '# HELP deltavol_control_refused_requests_total Control API requests refused before routing (Origin, Host, token, content type).\n' +
         '# TYPE deltavol_control_refused_requests_total counter\n' +
         `deltavol_control_refused_requests_total ${this.api.refusedRequests}\n`,

@@ -61,6 +61,20 @@ export function processMemoryLines(): string[] {
   return out;
 }
 
+/** Replication link frames sent from the threadpool (util/threadpool-sender.ts), all links together. */
+export function renderLinkSendMetrics(c: { sends: number; partial: number }): string {
+  return (
+    [
+      '# HELP deltavol_repl_link_threadpool_sends_total Large replication frames handed to the socket from a threadpool thread (plain TCP links).',
+      '# TYPE deltavol_repl_link_threadpool_sends_total counter',
+      line('deltavol_repl_link_threadpool_sends_total', {}, c.sends),
+      '# HELP deltavol_repl_link_threadpool_sends_partial_total Link threadpool sends the socket took only part of; Node sent the rest.',
+      '# TYPE deltavol_repl_link_threadpool_sends_partial_total counter',
+      line('deltavol_repl_link_threadpool_sends_partial_total', {}, c.partial),
+    ].join('\n') + '\n'
+  );
+}
+
 /** The NBD server's limits under abuse (README "Limits under abuse"). */
 export function renderNbdLimitMetrics(s: NbdLimitsSnapshot): string {
   const out: string[] = [];

@@ -5,16 +5,19 @@
  * the loop there (47% of the daemon) while the other core sat half idle. A reply sent here
  * runs on a threadpool thread, so several connections' sends run at once on both cores.
  *
- * sendv(fd, buffers, callback): one threadpool job that hands the buffers to sendmsg(2)
- * with MSG_DONTWAIT | MSG_NOSIGNAL until all are taken or the socket is full; it never
- * blocks a threadpool thread. callback(errorCode | null, bytesSent) runs on the loop; the
- * caller sends what was not taken through its usual path. The caller passes a dup(2) of
+ * sendv(fd, buffers, waitMs, callback): one threadpool job that hands the buffers to
+ * sendmsg(2) with MSG_DONTWAIT | MSG_NOSIGNAL until all are taken, or the socket has stayed
+ * full for waitMs (0: not at all; a thread waits at most that long, in poll(2)).
+ * callback(errorCode | null, bytesSent) runs on the loop; the caller sends what was not
+ * taken through its usual path. The caller passes a dup(2) of
  * the socket (dupFd), so a socket that Node closes meanwhile is never a reused descriptor.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include <poll.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,12 +27,15 @@
 
 /* Buffers one sendv call takes: a reply is a header and its data, or a few chunks. */
 #define SEND_BUFFERS_MAX 64
+/* The longest a send may wait for room in the socket. */
+#define SEND_WAIT_MS_MAX 1000
 
 typedef struct {
   napi_async_work work;
   napi_ref buffers_ref; /* keeps the buffers alive while a thread reads them */
   napi_ref callback_ref;
   int fd;
+  int wait_ms;
   int iov_count;
   struct iovec iov[SEND_BUFFERS_MAX];
   size_t sent;
@@ -49,10 +55,17 @@ static const char *send_errno_name(int e) {
   }
 }
 
+static int64_t now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 static void send_execute(napi_env env, void *data) {
   (void)env;
   send_job *j = data;
   int at = 0;
+  const int64_t deadline = now_ms() + j->wait_ms;
   while (at < j->iov_count) {
     struct msghdr m;
     memset(&m, 0, sizeof m);
@@ -61,8 +74,17 @@ static void send_execute(napi_env env, void *data) {
     ssize_t n = sendmsg(j->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) j->error = errno;
-      return;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        j->error = errno;
+        return;
+      }
+      const int64_t left_ms = deadline - now_ms();
+      if (left_ms <= 0) return;
+      struct pollfd p = {.fd = j->fd, .events = POLLOUT, .revents = 0};
+      int r = poll(&p, 1, (int)left_ms);
+      if (r < 0 && errno != EINTR) return;
+      if (r == 0) return; /* still full: the caller sends the rest */
+      continue;
     }
     j->sent += (size_t)n;
     size_t left = (size_t)n;
@@ -91,17 +113,18 @@ static void send_complete(napi_env env, napi_status status, void *data) {
 }
 
 static napi_value sendv(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
+  size_t argc = 4;
+  napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  double fd_d;
+  double fd_d, wait_d;
   bool is_array = false;
   napi_valuetype cb_type = napi_undefined;
   uint32_t count = 0;
-  if (argc < 3 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || !(fd_d >= 0 && fd_d < 2147483647.0) ||
-      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_typeof(env, argv[2], &cb_type) != napi_ok ||
-      cb_type != napi_function || napi_get_array_length(env, argv[1], &count) != napi_ok || count == 0 || count > SEND_BUFFERS_MAX) {
-    napi_throw_type_error(env, "EINVAL_ARGUMENT", "sendv(fd, buffers (1 to 64 Buffers), callback)");
+  if (argc < 4 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || !(fd_d >= 0 && fd_d < 2147483647.0) ||
+      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_value_double(env, argv[2], &wait_d) != napi_ok ||
+      !(wait_d >= 0 && wait_d <= SEND_WAIT_MS_MAX) || napi_typeof(env, argv[3], &cb_type) != napi_ok || cb_type != napi_function ||
+      napi_get_array_length(env, argv[1], &count) != napi_ok || count == 0 || count > SEND_BUFFERS_MAX) {
+    napi_throw_type_error(env, "EINVAL_ARGUMENT", "sendv(fd, buffers (1 to 64 Buffers), waitMs (0 to 1000), callback)");
     return NULL;
   }
   send_job *j = calloc(1, sizeof *j);
@@ -110,6 +133,7 @@ static napi_value sendv(napi_env env, napi_callback_info info) {
     return NULL;
   }
   j->fd = (int)fd_d;
+  j->wait_ms = (int)wait_d;
   for (uint32_t i = 0; i < count; i++) {
     napi_value b;
     bool is_buf = false;
@@ -128,7 +152,7 @@ static napi_value sendv(napi_env env, napi_callback_info info) {
   napi_value name;
   napi_create_string_utf8(env, "deltavol.sendv", NAPI_AUTO_LENGTH, &name);
   napi_create_reference(env, argv[1], 1, &j->buffers_ref);
-  napi_create_reference(env, argv[2], 1, &j->callback_ref);
+  napi_create_reference(env, argv[3], 1, &j->callback_ref);
   if (napi_create_async_work(env, NULL, name, send_execute, send_complete, j, &j->work) != napi_ok ||
       napi_queue_async_work(env, j->work) != napi_ok) {
     napi_delete_reference(env, j->buffers_ref);

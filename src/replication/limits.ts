@@ -82,6 +82,18 @@ export const helloFrameBytesMax = 64 * 1024;
 export const linkIdlePayloadBytesMax = 8 * 1024 * 1024;
 /** Data smaller than this comes in Node's small buffers (not pooled). */
 export const linkPooledPayloadBytesMin = 4096;
+/**
+ * Link frames this large or larger are handed to the socket from a threadpool thread
+ * (../util/threadpool-sender.ts): a replicating primary's loop spent ~10% in the link's
+ * socket sends of 1 MiB chunk frames (perf, 1 MiB NBD writes in duplex).
+ */
+export const linkThreadpoolSendBytesMin = 256 * 1024;
+/**
+ * How long such a send waits in its thread for room in a full socket before Node's loop
+ * sends the rest: the replica reads more slowly than the primary writes, and a send that
+ * returned at once left 60% of frames to the loop. One link holds one of four threads.
+ */
+export const linkThreadpoolSendWaitMs = 20;
 /** Frames that arrive behind a hello before it is accepted are held up to this many bytes. */
 export const earlyFrameBytesMax = 4 * 1024 * 1024;
 /** A TLS handshake on the replication port must finish within this time. */

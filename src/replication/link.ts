@@ -110,7 +110,10 @@ export class Link {
       return;
     }
     if (frame.length === 1) this.write(frame[0]!, done);
-    else {
+    else if (this.conn.writeParts) {
+      for (const p of frame) this.bytesSent += p.length;
+      this.conn.writeParts(frame, done);
+    } else {
       this.conn.cork();
       // Writes complete in order: the last one's completion covers the frame.
       for (let i = 0; i < frame.length; i++) this.write(frame[i]!, i === frame.length - 1 ? done : undefined);

@@ -7,6 +7,8 @@
 import net from 'node:net';
 import { DeltavolError } from '../util/errors.js';
 import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
+import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
+import { linkThreadpoolSendBytesMin, linkThreadpoolSendWaitMs } from './limits.js';
 
 /** One established connection, as the link needs it (a subset of net.Socket). */
 export interface Conn {
@@ -24,6 +26,11 @@ export interface Conn {
    * kernel, or the connection failed), so its owner may reuse it. It may never run.
    */
   write(b: Buffer, done?: () => void): void;
+  /**
+   * Optional: queues the pieces of one message (a frame), in order, as write() would one by
+   * one; `done` runs once all are taken. Lets a large frame leave in one send (TcpConn).
+   */
+  writeParts?(parts: Buffer[], done?: () => void): void;
   cork(): void;
   uncork(): void;
   /** Stop or restart delivering data (backpressure on the receiving side). */
@@ -90,11 +97,26 @@ export interface Transport {
 /** Reads of an accepted socket before its owner chose buffers (Node's own size). */
 const defaultReadBytes = 64 * 1024;
 
+/** Link frames sent from the threadpool since start, and those the socket took only part of. */
+const linkPoolSends: ThreadpoolSendCounts = { sends: 0, partial: 0 };
+
+export function linkThreadpoolSendCounts(): ThreadpoolSendCounts {
+  return { ...linkPoolSends };
+}
+
+const NOTHING = () => {};
+
 export class TcpConn implements Conn {
   private closed = false;
   private readonly closers: ((reason: string) => void)[] = [];
   private readonly dataFns: ((chunk: Buffer) => void)[] = [];
   private next: (() => Buffer) | null = null;
+  /**
+   * Large frames leave from the threadpool (../util/threadpool-sender.ts): on a plain TCP
+   * socket only (a TLS socket has no descriptor to send on), else null.
+   */
+  private readonly sender: ThreadpoolSender | null;
+  private readonly drainFns = new Set<() => void>();
 
   /**
    * An accepted socket (paused, nothing read) re-made to read into buffers this connection
@@ -119,7 +141,16 @@ export class TcpConn implements Conn {
     private readonly userBuffers = false,
   ) {
     sock.setNoDelay(true);
+    this.sender = ThreadpoolSender.forSocket(sock, {
+      bytesMin: linkThreadpoolSendBytesMin,
+      waitMs: linkThreadpoolSendWaitMs,
+      counts: linkPoolSends,
+      onSent: () => {
+        for (const fn of [...this.drainFns]) fn();
+      },
+    });
     const end = (reason: string) => {
+      this.sender?.close();
       if (this.closed) return;
       this.closed = true;
       for (const f of this.closers.splice(0)) f(reason);
@@ -132,11 +163,28 @@ export class TcpConn implements Conn {
     return socketAddress(this.sock);
   }
   get writableLength(): number {
-    return this.sock.writableLength;
+    return this.sock.writableLength + (this.sender?.queuedBytes ?? 0);
   }
   write(b: Buffer, done?: () => void): void {
+    const sender = this.sender;
+    if (sender && (b.length >= linkThreadpoolSendBytesMin || !sender.idle) && sender.offer([b], b.length, done ?? NOTHING)) return;
     if (done) this.sock.write(b, () => done());
     else this.sock.write(b);
+  }
+  writeParts(parts: Buffer[], done?: () => void): void {
+    const sender = this.sender;
+    if (sender) {
+      let bytes = 0;
+      for (const p of parts) bytes += p.length;
+      if ((bytes >= linkThreadpoolSendBytesMin || !sender.idle) && sender.offer(parts, bytes, done ?? NOTHING)) return;
+    }
+    this.sock.cork();
+    // Writes complete in order: the last one's completion covers the message.
+    for (let i = 0; i < parts.length; i++) {
+      if (i === parts.length - 1 && done) this.sock.write(parts[i]!, () => done());
+      else this.sock.write(parts[i]!);
+    }
+    this.sock.uncork();
   }
   cork(): void {
     this.sock.cork();
@@ -176,11 +224,14 @@ export class TcpConn implements Conn {
     if (this.closed) fn('connection closed');
     else this.closers.push(fn);
   }
+  /** Node's 'drain', or the threadpool sender has nothing left waiting. */
   onDrain(fn: () => void): void {
     this.sock.on('drain', fn);
+    this.drainFns.add(fn);
   }
   offDrain(fn: () => void): void {
     this.sock.off('drain', fn);
+    this.drainFns.delete(fn);
   }
 }
 

@@ -173,8 +173,13 @@ export class Connection {
     if (adopted) this.socket = socket = adopted;
     this.sender =
       adopted && limits.threadpoolSends !== false
-        ? ThreadpoolSender.forSocket(socket, threadpoolSendBytesMin, poolSends, () => {
-            if (this.paused) this.maybeResume();
+        ? ThreadpoolSender.forSocket(socket, {
+            bytesMin: threadpoolSendBytesMin,
+            waitMs: 0,
+            counts: poolSends,
+            onSent: () => {
+              if (this.paused) this.maybeResume();
+            },
           })
         : null;
     socket.setNoDelay(true);
@@ -424,7 +429,7 @@ export class Connection {
     const ok =
       tx.inflight < inflightRequestsMax &&
       tx.inflightPayloadBytes < inflightPayloadBytesMax &&
-      this.socket.writableLength + (this.sender?.waitingBytes ?? 0) < socketQueuedBytesMax &&
+      this.socket.writableLength + (this.sender?.queuedBytes ?? 0) < socketQueuedBytesMax &&
       (need === 0 ? this.limits.budget.mayGrow(this.account) : this.limits.budget.tryTake(this.account, need, this.pipelinedBehind(type, length)));
     if (!ok && !this.paused) {
       this.paused = true;

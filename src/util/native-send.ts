@@ -9,11 +9,11 @@ import path from 'node:path';
 
 export interface Sockx {
   /**
-   * Hands `buffers` (1 to 64) to sendmsg(MSG_DONTWAIT) on a threadpool thread until the
-   * socket is full or all are taken; `done(errorCode | null, bytesSent)` runs on the loop.
-   * The buffers must not change until then.
+   * Hands `buffers` (1 to 64) to sendmsg(MSG_DONTWAIT) on a threadpool thread until all are
+   * taken or the socket stayed full for `waitMs` (0 to 1000; the thread waits in poll);
+   * `done(errorCode | null, bytesSent)` runs on the loop. The buffers must not change until then.
    */
-  sendv(fd: number, buffers: Buffer[], done: (error: string | null, sentBytes: number) => void): void;
+  sendv(fd: number, buffers: Buffer[], waitMs: number, done: (error: string | null, sentBytes: number) => void): void;
   /** A close-on-exec duplicate of `fd` (so a descriptor Node closes is never reused under a send). */
   dupFd(fd: number): number;
   closeFd(fd: number): void;

@@ -24,10 +24,18 @@ export interface ThreadpoolSendCounts {
 }
 
 const NO_BYTES = Buffer.alloc(0);
+/**
+ * A threadpool send takes queued messages up to this many bytes (at least one message):
+ * a socket takes a few MiB at a time, and what a send holds is memory the owner's
+ * queue limits must see (queuedBytes).
+ */
+const batchBytesMax = 4 * 1024 * 1024;
 
 export class ThreadpoolSender {
   /** A threadpool send is running: nothing else is written to the socket until it returns. */
   private sending = false;
+  /** Bytes of the send running now. */
+  private sendingBytes = 0;
   private waiting: Pending[] = [];
   /** An empty write is queued in Node to tell when its queue is empty (whenNodeQueueEmpty). */
   private watchingNodeQueue = false;
@@ -35,9 +43,11 @@ export class ThreadpoolSender {
 
   /**
    * A sender for `socket`, or null when it has no descriptor (TLS) or the addon is missing.
-   * `onIdle` runs whenever the last waiting message has left (the owner may read again).
+   * `onSent` runs after each threadpool send, and when the last waiting message has left
+   * (the owner's queue shrank: it may read or send again).
+   * Messages of `bytesMin` or more go to the threadpool (smaller ones only behind them).
    */
-  static forSocket(socket: Socket, bytesMin: number, counts: ThreadpoolSendCounts, onIdle: () => void = () => {}): ThreadpoolSender | null {
+  static forSocket(socket: Socket, opts: { bytesMin: number; waitMs: number; counts: ThreadpoolSendCounts; onSent?: () => void }): ThreadpoolSender | null {
     const sockx = loadSockx();
     const fd = sockx ? socketFd(socket) : -1;
     if (!sockx || fd < 0) return null;
@@ -47,7 +57,7 @@ export class ThreadpoolSender {
     } catch {
       return null;
     }
-    return new ThreadpoolSender(socket, sockx, dup, bytesMin, counts, onIdle);
+    return new ThreadpoolSender(socket, sockx, dup, opts.bytesMin, opts.waitMs, opts.counts, opts.onSent ?? (() => {}));
   }
 
   private constructor(
@@ -56,8 +66,13 @@ export class ThreadpoolSender {
     /** Our own duplicate of the socket's descriptor (a descriptor Node closes is never reused under a send), or -1 once released. */
     private fd: number,
     private readonly bytesMin: number,
+    /**
+     * How long a send may wait for room in a full socket, holding a threadpool thread: 0
+     * for NBD (many connections share four threads), a little for the one replication link.
+     */
+    private readonly waitMs: number,
     private readonly counts: ThreadpoolSendCounts,
-    private readonly onIdle: () => void,
+    private readonly onSent: () => void,
   ) {}
 
   /**
@@ -78,9 +93,9 @@ export class ThreadpoolSender {
     return true;
   }
 
-  /** Bytes waiting here (they are not in the socket's writableLength). */
-  get waitingBytes(): number {
-    let bytes = 0;
+  /** Bytes being sent or waiting here (they are not in the socket's writableLength). */
+  get queuedBytes(): number {
+    let bytes = this.sendingBytes;
     for (const p of this.waiting) bytes += p.bytes;
     return bytes;
   }
@@ -104,8 +119,9 @@ export class ThreadpoolSender {
   private send(batch: Pending[]): void {
     this.sending = true;
     this.counts.sends++;
+    for (const p of batch) this.sendingBytes += p.bytes;
     const buffers = batch.length === 1 ? batch[0]!.buffers : batch.flatMap((p) => p.buffers);
-    this.sockx.sendv(this.fd, buffers, (error, sentBytes) => {
+    this.sockx.sendv(this.fd, buffers, this.waitMs, (error, sentBytes) => {
       // `sending` stays set while the batch is accounted for: a message that a `done` leads
       // to (a resumed parse) waits behind it.
       if (error !== null) this.socket.destroy(new Error(`socket send failed (${error})`));
@@ -122,8 +138,10 @@ export class ThreadpoolSender {
         this.socket.uncork();
       }
       this.sending = false;
+      this.sendingBytes = 0;
       if (i < batch.length) this.waiting = [...batch.slice(i), ...this.waiting];
       this.settle();
+      this.onSent(); // the queue shrank (settle also calls it once nothing is left)
     });
   }
 
@@ -147,8 +165,12 @@ export class ThreadpoolSender {
         return;
       }
       let buffers = 0;
+      let bytes = 0;
       let j = 0;
-      for (; j < this.waiting.length && buffers + this.waiting[j]!.buffers.length <= nativeSendBuffersMax; j++) buffers += this.waiting[j]!.buffers.length;
+      for (; j < this.waiting.length && buffers + this.waiting[j]!.buffers.length <= nativeSendBuffersMax && (j === 0 || bytes + this.waiting[j]!.bytes <= batchBytesMax); j++) {
+        buffers += this.waiting[j]!.buffers.length;
+        bytes += this.waiting[j]!.bytes;
+      }
       if (j === 0) {
         // One message of more buffers than a send takes: through Node, then the rest.
         this.writeRest(this.waiting.shift()!, 0);
@@ -161,7 +183,7 @@ export class ThreadpoolSender {
       return;
     }
     for (const fn of this.idleWaiters.splice(0)) fn();
-    this.onIdle();
+    this.onSent();
   }
 
   /** The part of a message past `skipBytes`, through Node's socket. */
