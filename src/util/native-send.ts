@@ -37,8 +37,13 @@ export function loadSockx(): Sockx | null {
   return cached;
 }
 
-/** The descriptor under a plain TCP or Unix socket, or -1 (TLS, or a Node without it). */
+/**
+ * The descriptor under a plain TCP or Unix socket, or -1. A TLS socket's handle may report
+ * the descriptor of the TCP socket under it: bytes sent there would bypass TLS, so it is
+ * refused here (`encrypted`), whatever else is checked by callers.
+ */
 export function socketFd(socket: unknown): number {
+  if ((socket as { encrypted?: unknown }).encrypted) return -1;
   const fd = (socket as { _handle?: { fd?: unknown } | null })._handle?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
