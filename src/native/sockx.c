@@ -164,17 +164,24 @@ static napi_value sendv(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* dupFd(fd) -> a new close-on-exec descriptor for the same socket (F_DUPFD_CLOEXEC). */
-static napi_value dup_fd(napi_env env, napi_callback_info info) {
+/* The one descriptor argument of dupFd / closeFd, or -1 after throwing a TypeError naming `usage`. */
+static int fd_arg(napi_env env, napi_callback_info info, const char *usage) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   double fd_d;
   if (argc < 1 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || !(fd_d >= 0 && fd_d < 2147483647.0)) {
-    napi_throw_type_error(env, "EINVAL_ARGUMENT", "dupFd(fd)");
-    return NULL;
+    napi_throw_type_error(env, "EINVAL_ARGUMENT", usage);
+    return -1;
   }
-  int d = fcntl((int)fd_d, F_DUPFD_CLOEXEC, 0);
+  return (int)fd_d;
+}
+
+/* dupFd(fd) -> a new close-on-exec descriptor for the same socket (F_DUPFD_CLOEXEC). */
+static napi_value dup_fd(napi_env env, napi_callback_info info) {
+  int fd = fd_arg(env, info, "dupFd(fd)");
+  if (fd < 0) return NULL;
+  int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (d < 0) {
     napi_throw_error(env, send_errno_name(errno), "dupFd: fcntl(F_DUPFD_CLOEXEC) failed");
     return NULL;
@@ -186,15 +193,8 @@ static napi_value dup_fd(napi_env env, napi_callback_info info) {
 
 /* closeFd(fd): closes a descriptor dupFd returned. */
 static napi_value close_fd(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  double fd_d;
-  if (argc < 1 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || !(fd_d >= 0 && fd_d < 2147483647.0)) {
-    napi_throw_type_error(env, "EINVAL_ARGUMENT", "closeFd(fd)");
-    return NULL;
-  }
-  close((int)fd_d);
+  int fd = fd_arg(env, info, "closeFd(fd)");
+  if (fd >= 0) close(fd);
   return NULL;
 }
 

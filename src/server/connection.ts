@@ -172,7 +172,7 @@ export class Connection {
     this.userBuffers = adopted !== null;
     if (adopted) this.socket = socket = adopted;
     this.sender =
-      adopted && limits.threadpoolSends !== false
+      (tls?.mode ?? 'off') === 'off' && limits.threadpoolSends !== false
         ? ThreadpoolSender.forSocket(socket, {
             bytesMin: threadpoolSendBytesMin,
             waitMs: 0,

@@ -2,12 +2,12 @@
 // its replies, must not make the daemon buffer without bound. The server stops reading
 // at its in-flight caps and while replies wait unsent; when the client finally reads,
 // every request gets exactly one reply.
-import net from 'node:net';
 import fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import * as C from '../../src/nbd/constants.js';
-import { goData, option, request } from '../helpers/wire.js';
+import { request } from '../helpers/wire.js';
+import { rawHandshake } from '../helpers/raw-transmission.js';
 
 let d: TestDaemon;
 beforeAll(async () => {
@@ -26,19 +26,7 @@ describe('backpressure', () => {
   it('1 GiB of pipelined 1 MiB reads with replies unread: memory stays bounded, every reply arrives', async () => {
     const REQUESTS = 1024;
     const READ_BYTES = 1024 * 1024;
-    const sock = net.connect({ port: d.nbdPort, host: '127.0.0.1' });
-    await new Promise<void>((r) => sock.once('connect', () => r()));
-    // Handshake with a paused socket is awkward; read the greeting and option replies first.
-    let buf = Buffer.alloc(0);
-    const onData = (c: Buffer) => (buf = Buffer.concat([buf, c]));
-    sock.on('data', onData);
-    sock.write(Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]));
-    sock.write(option(C.OPT_GO, goData('bp')));
-    const deadline = Date.now() + 10_000;
-    while (!(buf.length >= 18 + 20 && buf.readUInt32BE(buf.length - 8) === C.REP_ACK) && Date.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    sock.off('data', onData);
+    const sock = await rawHandshake(d.nbdPort, 'bp');
     sock.pause(); // stop reading replies
     const rssBefore = rssMiB(d.proc.pid!);
     // Write all requests; the socket's own buffer absorbs what the server does not read.

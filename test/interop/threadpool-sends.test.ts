@@ -5,14 +5,14 @@
 // each arrive whole, exactly once, with the right bytes; the same with the feature off
 // (`--nbd-sends loop`); and a client that hangs up in the middle must leave the daemon
 // serving, with no descriptor left behind.
-import net from 'node:net';
 import fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
 import { prng, testSeed } from '../helpers/seed.js';
 import * as C from '../../src/nbd/constants.js';
-import { goData, option, request } from '../helpers/wire.js';
+import { request } from '../helpers/wire.js';
+import { rawHandshake } from '../helpers/raw-transmission.js';
 
 const VOLUME_BYTES = 64 * 1024 * 1024;
 const SIZES = [4096, 65536, 200 * 1024, 256 * 1024, 300 * 1024, 1024 * 1024, 2 * 1024 * 1024];
@@ -32,28 +32,6 @@ async function fill(d: TestDaemon, data: Buffer): Promise<void> {
     expect(r.error).toBe(0);
   }
   await c.disconnect();
-}
-
-/** A client in transmission (simple replies) on a socket the test reads by hand. */
-async function rawClient(port: number): Promise<{ sock: net.Socket; rest: Buffer }> {
-  const sock = net.connect({ port, host: '127.0.0.1' });
-  await new Promise<void>((r, j) => {
-    sock.once('connect', () => r());
-    sock.once('error', j);
-  });
-  let buf = Buffer.alloc(0);
-  const onData = (c: Buffer) => (buf = Buffer.concat([buf, c]));
-  sock.on('data', onData);
-  sock.write(Buffer.from([0, 0, 0, C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES]));
-  sock.write(option(C.OPT_GO, goData('ts')));
-  const deadline = Date.now() + 10_000;
-  // The greeting, NBD_REP_INFO replies, then the ACK; nothing follows until a request.
-  while (!(buf.length >= 18 + 20 && buf.readUInt32BE(buf.length - 8) === C.REP_ACK) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  sock.off('data', onData);
-  expect(buf.readUInt32BE(buf.length - 8)).toBe(C.REP_ACK);
-  return { sock, rest: Buffer.alloc(0) };
 }
 
 async function sendCounts(d: TestDaemon): Promise<{ sends: number; partial: number }> {
@@ -83,9 +61,9 @@ for (const mode of ['threadpool', 'loop'] as const) {
     it('600 pipelined reads of 4 KiB to 2 MiB, the client pausing now and then: every reply whole, once, with its bytes', async () => {
       const rnd = prng(seed ^ 0x5a5a);
       const REQUESTS = 600;
-      const { sock, rest } = await rawClient(d.nbdPort);
+      const sock = await rawHandshake(d.nbdPort, 'ts');
       const wanted = new Map<number, { offset: number; length: number }>();
-      let pending: Buffer = rest;
+      let pending = Buffer.alloc(0);
       let answered = 0;
       let pausedTimes = 0;
       const done = new Promise<void>((resolve, reject) => {
@@ -154,7 +132,7 @@ for (const mode of ['threadpool', 'loop'] as const) {
       const pid = d.proc.pid!;
       const before = openDescriptors(pid);
       for (let round = 0; round < 10; round++) {
-        const { sock } = await rawClient(d.nbdPort);
+        const sock = await rawHandshake(d.nbdPort, 'ts');
         for (let i = 0; i < 16; i++) sock.write(request(C.CMD_READ, { cookie: i + 1, offset: i * 1024 * 1024, length: 1024 * 1024 }));
         // Read a little of the replies, then hang up (a reset half the time).
         await new Promise<void>((r) => sock.once('data', () => r()));
