@@ -135,7 +135,7 @@ export function buildProgram(): Command {
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
     .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
-    .option('--nbd-sends <threadpool|loop>', 'large NBD replies on plain sockets are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); TLS sockets always use loop', 'threadpool')
+    .option('--nbd-sends <threadpool|loop>', 'large NBD replies (256 KiB or more) are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); with --tls other than off, always loop', 'threadpool')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
     .addOption(new Option('--log-format <format>', 'log format').choices(['json', 'pretty']).default('json'))

@@ -113,7 +113,8 @@ export class TcpConn implements Conn {
   private next: (() => Buffer) | null = null;
   /**
    * Large frames leave from the threadpool (../util/threadpool-sender.ts): on a plain TCP
-   * socket only (a TLS socket has no descriptor to send on), else null.
+   * socket only (socketFd refuses a TLS socket, whose handle reports the TCP descriptor
+   * under it), else null.
    */
   private readonly sender: ThreadpoolSender | null;
   private readonly drainFns = new Set<() => void>();
@@ -224,7 +225,7 @@ export class TcpConn implements Conn {
     if (this.closed) fn('connection closed');
     else this.closers.push(fn);
   }
-  /** Node's 'drain', or the threadpool sender has nothing left waiting. */
+  /** Node's 'drain', or a threadpool send finished (what the sender holds shrank). */
   onDrain(fn: () => void): void {
     this.sock.on('drain', fn);
     this.drainFns.add(fn);

@@ -126,7 +126,7 @@ export class Connection {
    * and the rest of that payload goes straight to its buffer instead of being copied there.
    */
   private lastLargeWrite = false;
-  /** Large replies leave from the threadpool (threadpool-sender.ts; plain sockets only), or null. */
+  /** Large replies leave from the threadpool (threadpool-sender.ts; only while --tls is off), or null. */
   private readonly sender: ThreadpoolSender | null;
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
