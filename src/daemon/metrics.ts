@@ -13,6 +13,12 @@ export function line(name: string, labels: Record<string, string>, value: number
   return `${name}${l ? `{${l}}` : ''} ${value}`;
 }
 
+/** A metric's HELP and TYPE lines and its samples, appended to `out`. */
+function metricLines(out: string[], name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]): void {
+  out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+  for (const [labels, v] of samples) out.push(line(name, labels, v));
+}
+
 export function renderMetrics(volumes: Volume[], connections: Connection[], startedMs: number): string {
   const out: string[] = [];
   out.push('# HELP deltavol_uptime_seconds Seconds since the daemon started.');
@@ -63,25 +69,16 @@ export function processMemoryLines(): string[] {
 
 /** Replication link frames sent from the threadpool (util/threadpool-sender.ts), all links together. */
 export function renderLinkSendMetrics(c: { sends: number; partial: number }): string {
-  return (
-    [
-      '# HELP deltavol_repl_link_threadpool_sends_total Large replication frames handed to the socket from a threadpool thread (plain TCP links).',
-      '# TYPE deltavol_repl_link_threadpool_sends_total counter',
-      line('deltavol_repl_link_threadpool_sends_total', {}, c.sends),
-      '# HELP deltavol_repl_link_threadpool_sends_partial_total Link threadpool sends the socket took only part of; Node sent the rest.',
-      '# TYPE deltavol_repl_link_threadpool_sends_partial_total counter',
-      line('deltavol_repl_link_threadpool_sends_partial_total', {}, c.partial),
-    ].join('\n') + '\n'
-  );
+  const out: string[] = [];
+  metricLines(out, 'deltavol_repl_link_threadpool_sends_total', 'counter', 'Large replication frames handed to the socket from a threadpool thread (plain TCP links).', [[{}, c.sends]]);
+  metricLines(out, 'deltavol_repl_link_threadpool_sends_partial_total', 'counter', 'Link threadpool sends the socket took only part of; Node sent the rest.', [[{}, c.partial]]);
+  return out.join('\n') + '\n';
 }
 
 /** The NBD server's limits under abuse (README "Limits under abuse"). */
 export function renderNbdLimitMetrics(s: NbdLimitsSnapshot): string {
   const out: string[] = [];
-  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {
-    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-    for (const [labels, v] of samples) out.push(line(name, labels, v));
-  };
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => metricLines(out, name, type, help, samples);
   metric('deltavol_nbd_buffer_bytes', 'gauge', 'Bytes the NBD server holds for requests and unsent replies (READ buffers, WRITE payloads, queued replies).', [[{}, s.bufferBytes]]);
   metric('deltavol_nbd_buffer_bytes_max', 'gauge', 'The NBD buffer budget (--nbd-buffer-bytes-max).', [[{}, s.limits.bufferBytesMax]]);
   metric('deltavol_nbd_buffer_shared_bytes', 'gauge', 'Part of the NBD buffers held above the per-connection reserves.', [[{}, s.bufferSharedBytes]]);

@@ -111,7 +111,10 @@ export class ThreadpoolSender {
     else this.idleWaiters.push(fn);
   }
 
-  /** The socket is gone: drops what waits (their `done` runs) and closes the descriptor once no send runs. */
+  /**
+   * The socket ended or is gone: once it is destroyed, drops what waits (their `done` runs)
+   * and closes the descriptor as soon as no send runs; before that, only sends what waits.
+   */
   close(): void {
     this.settle();
   }
