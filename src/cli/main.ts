@@ -110,7 +110,7 @@ export function buildProgram(): Command {
     .option('--default-export <name>', 'volume served to clients that ask for the empty export name')
     .option('--demo-volume <size>', 'create a volume "demo" of this size if missing and make it the default export')
     .option('--sync-io-max <bytes>', 'reads/writes up to this size run on the event loop, larger ones in the threadpool (0 = always threadpool)', String(syncIoBytesMaxDefault))
-    .option('--sync-io-max-lone <bytes>', 'while one NBD client is served (no other made a request for 250 ms), reads/writes up to this size run on the event loop too (at or below --sync-io-max: off)', String(syncIoLoneBytesMaxDefault))
+    .option('--sync-io-max-lone <bytes>', 'while one NBD client is served (no other made a request for 250 ms), writes up to this size run on the event loop too (at or below --sync-io-max: off; reads keep --sync-io-max)', String(syncIoLoneBytesMaxDefault))
     .option('--repl-port <n>', 'replication port: peers connect here to replicate into this node (0 = any free port)', String(replicationPortDefault))
     .option('--repl-bind <addr>', 'replication listen address (0.0.0.0 to accept remote primaries)', '127.0.0.1')
     .option('--repl-advertise <host:port>', 'replication address peers dial back after a resync or a handover (default: the address they see, on --repl-port)')

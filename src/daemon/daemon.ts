@@ -161,6 +161,9 @@ export class Daemon {
         get syncIoBytesMax() {
           return loopIo.syncIoBytesMax;
         },
+        get syncReadBytesMax() {
+          return loopIo.syncReadBytesMax;
+        },
         warn: (msg, fields) => volumesLog.warn(fields, msg),
       },
       volumesLog,

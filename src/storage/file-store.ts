@@ -26,6 +26,8 @@ export interface FileStoreOptions {
   readOnly: boolean;
   /** Reads/writes up to this many bytes are synchronous; 0 = always threadpool (read at each I/O). */
   readonly syncIoBytesMax: number;
+  /** Reads only: up to this many bytes are synchronous (default syncIoBytesMax; read at each I/O). */
+  readonly syncReadBytesMax?: number;
 }
 
 const ZEROES = Buffer.alloc(zeroBufferBytes);
@@ -69,7 +71,7 @@ export class FileStore {
   read(offset: number, length: number, target: Buffer): void | Promise<void> {
     assert(!this.closed, 'read on a closed file');
     assert(target.length >= length, 'read target too small');
-    if (length <= this.options.syncIoBytesMax) {
+    if (length <= (this.options.syncReadBytesMax ?? this.options.syncIoBytesMax)) {
       let done = 0;
       while (done < length) {
         const n = fs.readSync(this.fd, target, done, length - done, offset + done);

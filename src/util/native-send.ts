@@ -1,4 +1,4 @@
-// Why: loads the small C addon (src/native/sockx.c) that sends a large reply from the libuv
+// Why: loads the small C addon (src/native/sockx.c) that sends large messages from the libuv
 // threadpool instead of the event loop (perf of 1 MiB reads on four connections: 75% of the
 // loop in the socket's writev, the other core half idle). Without the addon, or where the
 // socket has no descriptor (TLS), replies go through Node's socket as before.
@@ -7,19 +7,36 @@ import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 
+/** A sender's queue in the addon (an opaque handle). */
+export type SenderHandle = object & { readonly __sender: unique symbol };
+
 export interface Sockx {
   /**
-   * Hands `buffers` (1 to 64) to sendmsg(MSG_DONTWAIT) on a threadpool thread until all are
-   * taken or the socket stayed full for `waitMs` (0 to 1000; the thread waits in poll);
-   * `done(errorCode | null, bytesSent)` runs on the loop. The buffers must not change until then.
+   * A queue of messages for the socket `fd` (which it owns from now on), drained by one
+   * threadpool job at a time with sendmsg(MSG_DONTWAIT). `notify(closed)` runs on the loop
+   * when there is news (senderState tells it); `closed` is true once, after senderClose, when
+   * the sender is freed. While the socket stays full for `waitMs` (0 to 1000), or fails, the
+   * sender stops: pushes are refused until senderResume.
    */
-  sendv(fd: number, buffers: Buffer[], waitMs: number, done: (error: string | null, sentBytes: number) => void): void;
+  senderOpen(fd: number, waitMs: number, notify: (closed: boolean) => void): SenderHandle;
+  /** Queues one message (1 to 64 buffers, unchanged until counted sent); false: refused (stopped or closing). */
+  senderPush(handle: SenderHandle, buffers: Buffer[]): boolean;
+  /**
+   * Fills `out` with [messages sent since open, sendmsg calls since open, stopped (1/0),
+   * bytes of the first unsent message already sent, a job queued or running (1/0)]; returns
+   * the errno name of a failed send, or null.
+   */
+  senderState(handle: SenderHandle, out: Float64Array): string | null;
+  /** After a stop, with no job running: forgets the unsent messages (the caller took them back). */
+  senderResume(handle: SenderHandle): void;
+  /** True: freed now; false: freed when its job ends (notify(true)). The handle is not used again. */
+  senderClose(handle: SenderHandle): boolean;
   /** A close-on-exec duplicate of `fd` (so a descriptor Node closes is never reused under a send). */
   dupFd(fd: number): number;
   closeFd(fd: number): void;
 }
 
-/** Most buffers one sendv call takes (SEND_BUFFERS_MAX in sockx.c). */
+/** Most buffers one message may have (MESSAGE_BUFFERS_MAX in sockx.c). */
 export const nativeSendBuffersMax = 64;
 
 let cached: Sockx | null | undefined;

@@ -1,15 +1,16 @@
 // Why: Node writes every socket buffer on its one event loop, and on loopback a send of
 // 1 MiB also runs the receiver's TCP work: `perf` of 1 MiB NBD reads on four connections put
 // 75% of the loop in `writev` while the other core sat half idle. This sends large messages
-// from libuv's threadpool instead (src/native/sockx.c through native-send.ts), and keeps the
-// one rule that makes that safe: the bytes of two messages never interleave on the socket.
-// While a threadpool send runs, or after a partial one until Node's own queue is empty,
-// every later message waits here in order and leaves with the next threadpool send. Used by
-// the NBD connections (replies) and the replication link (frames); plain sockets only.
+// from libuv's threadpool instead: a queue in src/native/sockx.c (through native-send.ts)
+// that one threadpool job at a time drains, so a message queued while another is being sent
+// leaves without a trip through the loop. It keeps the one rule that makes that safe: the
+// bytes of two messages never interleave on the socket. While the queue holds messages, or
+// after a stop (the socket stayed full) until Node's own queue is empty, every later message
+// waits in order behind them. Used by the NBD connections (replies) and the replication link
+// (frames); plain sockets only.
 
 import type { Socket } from 'node:net';
-import { loadSockx, nativeSendBuffersMax, socketFd, type Sockx } from './native-send.js';
-
+import { loadSockx, nativeSendBuffersMax, socketFd, type SenderHandle, type Sockx } from './native-send.js';
 /** A message handed to offer(): `done` runs once the socket took all of it, or it was dropped. */
 interface Pending {
   buffers: Buffer[];
@@ -24,28 +25,37 @@ export interface ThreadpoolSendCounts {
 }
 
 const NO_BYTES = Buffer.alloc(0);
-/**
- * A threadpool send takes queued messages up to this many bytes (at least one message):
- * a socket takes a few MiB at a time, and what a send holds is memory the owner's
- * queue limits must see (queuedBytes).
- */
-const batchBytesMax = 4 * 1024 * 1024;
+
+/** Indexes into the addon's state array (senderState). */
+const SENT_MESSAGES = 0;
+const SENDMSG_CALLS = 1;
+const STOPPED = 2;
+const HEAD_SENT_BYTES = 3;
+const RUNNING = 4;
 
 export class ThreadpoolSender {
-  /** A threadpool send is running: nothing else is written to the socket until it returns. */
-  private sending = false;
-  /** Bytes of the send running now. */
-  private sendingBytes = 0;
+  /** Handed to the addon's queue, in order, not yet counted sent. */
+  private inQueue: Pending[] = [];
+  private inQueueBytes = 0;
+  /** Waiting for Node's queue to empty (after a stop, or behind small writes), in order. */
   private waiting: Pending[] = [];
+  private waitingBytes = 0;
+  /** The addon's counters as last read. */
+  private readonly state = new Float64Array(5);
+  private sentMessagesSeen = 0;
+  private sendmsgCallsSeen = 0;
+  /** senderClose was called and the addon still runs a job: its messages wait for notify(true). */
+  private closingInAddon = false;
   /** An empty write is queued in Node to tell when its queue is empty (whenNodeQueueEmpty). */
   private watchingNodeQueue = false;
   private idleWaiters: (() => void)[] = [];
+  /** The addon's queue, or null once closed. */
+  private handle: SenderHandle | null;
 
   /**
    * A sender for `socket`, or null when it has no descriptor (TLS) or the addon is missing.
-   * `onSent` runs after each threadpool send, and when the last waiting message has left
-   * (the owner's queue shrank: it may read or send again).
-   * Messages of `bytesMin` or more go to the threadpool (smaller ones only behind them).
+   * `onSent` runs whenever messages have left (the owner's queue shrank: it may read or send
+   * again). Messages of `bytesMin` or more go to the threadpool (smaller ones only behind them).
    */
   static forSocket(socket: Socket, opts: { bytesMin: number; waitMs: number; counts: ThreadpoolSendCounts; onSent?: () => void }): ThreadpoolSender | null {
     const sockx = loadSockx();
@@ -63,31 +73,37 @@ export class ThreadpoolSender {
   private constructor(
     private readonly socket: Socket,
     private readonly sockx: Sockx,
-    /** Our own duplicate of the socket's descriptor (a descriptor Node closes is never reused under a send), or -1 once released. */
-    private fd: number,
+    /** Our own duplicate of the socket's descriptor (a descriptor Node closes is never reused under a send); the addon closes it. */
+    fd: number,
     private readonly bytesMin: number,
     /**
      * How long a send may wait for room in a full socket, holding a threadpool thread: 0
      * for NBD (many connections share four threads), a little for the one replication link.
      */
-    private readonly waitMs: number,
+    waitMs: number,
     private readonly counts: ThreadpoolSendCounts,
     private readonly onSent: () => void,
-  ) {}
+  ) {
+    this.handle = sockx.senderOpen(fd, waitMs, (closed) => (closed ? this.addonClosed() : this.progress()));
+  }
 
   /**
-   * Takes the message (true): into a threadpool send now, or in line behind one. False: the
-   * caller writes it to Node's socket itself (it is small and nothing waits here).
+   * Takes the message (true): into the threadpool queue now, or in line behind what waits.
+   * False: the caller writes it to Node's socket itself (it is small and nothing waits here).
    */
   offer(buffers: Buffer[], bytes: number, done: () => void): boolean {
-    if (this.sending || this.waiting.length > 0) {
-      this.waiting.push({ buffers, bytes, done });
+    const p: Pending = { buffers, bytes, done };
+    if (this.waiting.length > 0) {
+      this.wait(p);
       return true;
     }
-    if (bytes < this.bytesMin || this.fd < 0 || buffers.length > nativeSendBuffersMax) return false;
-    if (this.socket.writableLength === 0) this.send([{ buffers, bytes, done }]);
-    else {
-      this.waiting.push({ buffers, bytes, done });
+    if (this.inQueue.length > 0) {
+      if (!this.push(p)) this.wait(p); // stopped: progress() took the queue back
+      return true;
+    }
+    if (bytes < this.bytesMin || this.handle === null || buffers.length > nativeSendBuffersMax) return false;
+    if (this.socket.writableLength > 0 || !this.push(p)) {
+      this.wait(p);
       this.whenNodeQueueEmpty();
     }
     return true;
@@ -95,14 +111,12 @@ export class ThreadpoolSender {
 
   /** Bytes being sent or waiting here (they are not in the socket's writableLength). */
   get queuedBytes(): number {
-    let bytes = this.sendingBytes;
-    for (const p of this.waiting) bytes += p.bytes;
-    return bytes;
+    return this.inQueueBytes + this.waitingBytes;
   }
 
   /** Nothing is being sent or waiting. */
   get idle(): boolean {
-    return !this.sending && this.waiting.length === 0;
+    return this.inQueue.length === 0 && this.waiting.length === 0;
   }
 
   /** Runs fn once idle (at once if it is): closing the socket must wait for what waits here. */
@@ -113,78 +127,121 @@ export class ThreadpoolSender {
 
   /**
    * The socket ended or is gone: once it is destroyed, drops what waits (their `done` runs)
-   * and closes the descriptor as soon as no send runs; before that, only sends what waits.
+   * and frees the addon's queue (closing the descriptor) as soon as no send runs; before
+   * that, only sends what waits.
    */
   close(): void {
     this.settle();
   }
 
-  private send(batch: Pending[]): void {
-    this.sending = true;
-    this.counts.sends++;
-    for (const p of batch) this.sendingBytes += p.bytes;
-    const buffers = batch.length === 1 ? batch[0]!.buffers : batch.flatMap((p) => p.buffers);
-    this.sockx.sendv(this.fd, buffers, this.waitMs, (error, sentBytes) => {
-      // `sending` stays set while the batch is accounted for: a message that a `done` leads
-      // to (a resumed parse) waits behind it.
-      if (error !== null) this.socket.destroy(new Error(`socket send failed (${error})`));
-      let i = 0;
-      if (error === null && !this.socket.destroyed) {
-        this.socket.cork();
-        let left = sentBytes;
-        for (; i < batch.length && left >= batch[i]!.bytes; i++) {
-          left -= batch[i]!.bytes;
-          batch[i]!.done();
-        }
-        if (i < batch.length) this.counts.partial++;
-        if (i < batch.length && left > 0) this.writeRest(batch[i++]!, left);
-        this.socket.uncork();
+  private wait(p: Pending): void {
+    this.waiting.push(p);
+    this.waitingBytes += p.bytes;
+  }
+
+  /** Into the addon's queue (false: refused, it stopped; progress() has taken the queue back). */
+  private push(p: Pending): boolean {
+    if (this.handle === null || p.buffers.length > nativeSendBuffersMax) return false;
+    if (!this.sockx.senderPush(this.handle, p.buffers)) {
+      this.progress();
+      return false;
+    }
+    this.inQueue.push(p);
+    this.inQueueBytes += p.bytes;
+    return true;
+  }
+
+  /** The addon has news: messages sent, or a stop (full socket or failure). */
+  private progress(): void {
+    const handle = this.handle;
+    if (handle === null) return;
+    const error = this.sockx.senderState(handle, this.state);
+    this.counts.sends += this.state[SENDMSG_CALLS]! - this.sendmsgCallsSeen;
+    this.sendmsgCallsSeen = this.state[SENDMSG_CALLS]!;
+    const sentCount = this.state[SENT_MESSAGES]! - this.sentMessagesSeen;
+    this.sentMessagesSeen = this.state[SENT_MESSAGES]!;
+    const sent = this.inQueue.splice(0, sentCount);
+    for (const p of sent) this.inQueueBytes -= p.bytes;
+    const stopped = this.state[STOPPED] === 1 && this.state[RUNNING] === 0;
+    this.socket.cork();
+    if (stopped) {
+      // Everything not sent comes back, in order, before any `done` can lead to a new message.
+      this.counts.partial++;
+      const back = this.inQueue;
+      this.inQueue = [];
+      this.inQueueBytes = 0;
+      this.sockx.senderResume(handle);
+      if (error !== null) {
+        this.socket.destroy(new Error(`socket send failed (${error})`));
+        for (const p of back) p.done();
+      } else if (back.length > 0) {
+        this.writeRest(back[0]!, this.state[HEAD_SENT_BYTES]!);
+        for (let i = back.length - 1; i >= 1; i--) this.waitingBytes += back[i]!.bytes;
+        this.waiting = [...back.slice(1), ...this.waiting];
       }
-      this.sending = false;
-      this.sendingBytes = 0;
-      if (i < batch.length) this.waiting = [...batch.slice(i), ...this.waiting];
-      this.settle();
-      this.onSent(); // the queue shrank (settle also calls it once nothing is left)
-    });
+    }
+    for (const p of sent) p.done();
+    this.socket.uncork();
+    if (sent.length > 0) this.onSent();
+    if (this.inQueue.length === 0) this.settle();
+  }
+
+  /** The addon freed the queue after senderClose: what it held is no longer read. */
+  private addonClosed(): void {
+    this.closingInAddon = false;
+    const dropped = this.inQueue;
+    this.inQueue = [];
+    this.inQueueBytes = 0;
+    for (const p of dropped) p.done();
+    this.settle();
   }
 
   /**
-   * What waits leaves as one threadpool send when Node's queue is empty, else once it is
-   * (whenNodeQueueEmpty). Everything is dropped if the socket is gone.
+   * Nothing in the addon's queue: what waits goes there once Node's queue is empty (else
+   * whenNodeQueueEmpty calls again). Everything is dropped if the socket is gone.
    */
   private settle(): void {
-    if (this.sending) return;
-    if (this.socket.destroyed || this.fd < 0) {
+    if (this.inQueue.length > 0 && !this.socket.destroyed) return;
+    if (this.socket.destroyed) {
+      if (this.handle !== null) {
+        const handle = this.handle;
+        this.handle = null;
+        if (!this.sockx.senderClose(handle)) {
+          this.closingInAddon = true; // addonClosed() drops inQueue when the job has ended
+        } else {
+          const dropped = this.inQueue;
+          this.inQueue = [];
+          this.inQueueBytes = 0;
+          for (const p of dropped) p.done();
+        }
+      }
       const dropped = this.waiting;
       this.waiting = [];
+      this.waitingBytes = 0;
       for (const p of dropped) p.done();
-      if (this.fd >= 0) {
-        this.sockx.closeFd(this.fd);
-        this.fd = -1;
-      }
+      if (this.closingInAddon) return;
     } else if (this.waiting.length > 0) {
       if (this.socket.writableLength > 0) {
         this.whenNodeQueueEmpty();
         return;
       }
-      let buffers = 0;
-      let bytes = 0;
-      let j = 0;
-      for (; j < this.waiting.length && buffers + this.waiting[j]!.buffers.length <= nativeSendBuffersMax && (j === 0 || bytes + this.waiting[j]!.bytes <= batchBytesMax); j++) {
-        buffers += this.waiting[j]!.buffers.length;
-        bytes += this.waiting[j]!.bytes;
+      while (this.waiting.length > 0) {
+        const p = this.waiting[0]!;
+        if (p.buffers.length > nativeSendBuffersMax && this.inQueue.length === 0) {
+          // One message of more buffers than the addon takes: through Node, then the rest.
+          this.waiting.shift();
+          this.waitingBytes -= p.bytes;
+          this.writeRest(p, 0);
+          this.whenNodeQueueEmpty();
+          return;
+        }
+        if (p.buffers.length > nativeSendBuffersMax || !this.push(p)) return; // behind the queue / stopped
+        this.waiting.shift();
+        this.waitingBytes -= p.bytes;
       }
-      if (j === 0) {
-        // One message of more buffers than a send takes: through Node, then the rest.
-        this.writeRest(this.waiting.shift()!, 0);
-        this.whenNodeQueueEmpty();
-        return;
-      }
-      const batch = this.waiting.slice(0, j);
-      this.waiting = this.waiting.slice(j);
-      this.send(batch);
       return;
     }
+    if (!this.idle) return;
     for (const fn of this.idleWaiters.splice(0)) fn();
     this.onSent();
   }
@@ -199,6 +256,10 @@ export class ThreadpoolSender {
         rest.push(skip > 0 ? b.subarray(skip) : b);
         skip = 0;
       }
+    }
+    if (rest.length === 0) {
+      p.done();
+      return;
     }
     const last = rest.length - 1;
     for (let i = 0; i < last; i++) this.socket.write(rest[i]!);

@@ -43,6 +43,8 @@ import type { WriteMirror } from './write-mirror.js';
 export interface VolumeIoOptions {
   /** Reads/writes up to this many bytes run on the event loop (read at each I/O: it may change). */
   readonly syncIoBytesMax: number;
+  /** Reads only (default syncIoBytesMax; read at each I/O). */
+  readonly syncReadBytesMax?: number;
   /** Told about events an operator must see (a snapshot invalidated). */
   warn?: (message: string, fields: Record<string, unknown>) => void;
 }
@@ -81,6 +83,9 @@ export class Volume {
       readOnly: false,
       get syncIoBytesMax() {
         return io.syncIoBytesMax;
+      },
+      get syncReadBytesMax() {
+        return io.syncReadBytesMax ?? io.syncIoBytesMax;
       },
     });
     try {

@@ -1,9 +1,10 @@
-// Why: util/threadpool-sender.ts sends large messages from threadpool threads while small
-// ones go through Node's socket, and a send the socket takes only part of hands its rest to
-// Node. The one thing that must never happen is two messages' bytes interleaving on the
+// Why: util/threadpool-sender.ts queues large messages for a threadpool job (sockx.c) while
+// small ones go through Node's socket, and a queue stopped by a full socket hands the rest
+// back to Node. The one thing that must never happen is two messages' bytes interleaving on the
 // wire. Here a real TCP pair, a reader that stops now and then, and messages of random
 // sizes (seeded): the bytes received are exactly the messages in the order they were
 // offered, every `done` runs once, and nothing stays queued.
+import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
@@ -99,9 +100,34 @@ for (const waitMs of [0, 20]) {
       expect(sender!.queuedBytes).toBe(0);
       expect(sender!.idle).toBe(true);
       expect(counts.sends).toBeGreaterThan(0);
+      // With no wait, a full socket stops the threadpool queue and Node sends the rest: that path ran.
+      if (waitMs === 0) expect(counts.partial).toBeGreaterThan(0);
       console.log(`[threadpool-sender] waitMs ${waitMs}: ${counts.sends} sends, ${counts.partial} partial, ${expectedBytes} bytes`);
       close();
     }, 90_000);
+
+    it('the socket destroyed while the threadpool job sends: every done runs once, our descriptor is closed', async () => {
+      const { a, b, close } = await socketPair();
+      const fdsBefore = fs.readdirSync('/proc/self/fd').length;
+      const counts: ThreadpoolSendCounts = { sends: 0, partial: 0 };
+      const sender = ThreadpoolSender.forSocket(a, { bytesMin: 256 * 1024, waitMs, counts })!;
+      expect(fs.readdirSync('/proc/self/fd').length).toBe(fdsBefore + 1); // the dup
+      a.on('error', () => {});
+      let doneCalls = 0;
+      const big = Buffer.alloc(4 * 1024 * 1024, 9);
+      // The reader takes a little then stops: the job is sending (or waiting for room) when the socket goes.
+      b.once('data', () => b.pause());
+      for (let i = 0; i < 8; i++) expect(sender.offer([big], big.length, () => doneCalls++)).toBe(true);
+      await new Promise((r) => setTimeout(r, 30));
+      a.destroy();
+      sender.close();
+      const deadline = Date.now() + 10_000;
+      while ((doneCalls < 8 || !sender.idle) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      expect(doneCalls).toBe(8);
+      expect(sender.idle).toBe(true);
+      expect(fs.readdirSync('/proc/self/fd').length).toBeLessThanOrEqual(fdsBefore - 1); // a's own descriptor and the dup are closed
+      close();
+    }, 30_000);
 
     it('a peer that is gone: the send fails, the socket is destroyed, every waiting done still runs', async () => {
       const { a, b, close } = await socketPair();
