@@ -122,3 +122,12 @@ export const restoreIdleMsMax = 120_000;
 export const cutGateWaitMsMax = 30_000;
 /** A cascade's middle taking over cuts what it played for its replicas for at most this long (then: pending blocks). */
 export const forwardCutMsMax = 5_000;
+
+/**
+ * Playback writes runs up to this size several at once, in one call into the file
+ * (replica.ts; 4 KiB random writes: one call per block cost the replica more than the
+ * pwrites themselves); larger runs are written alone, where the volume decides how.
+ */
+export const playbackBatchRunBytesMax = 64 * 1024;
+/** ...and at most this many runs per call. */
+export const playbackBatchRunsMax = 1024;

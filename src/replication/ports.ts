@@ -46,6 +46,11 @@ export interface PrimaryPort extends VolumeGeometry {
 
 export interface ReplicaPort extends VolumeGeometry {
   playbackWrite(offset: number, chunks: Buffer[]): void | Promise<void>;
+  /**
+   * `count` runs (ranges[2i] = offset, ranges[2i+1] = length) whose bytes lie one after the
+   * other in source from sourceOffset: playbackWrite for each, in fewer calls.
+   */
+  playbackWriteRuns(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number): void | Promise<void>;
   /** The range reads as zeroes afterwards (a resync zeroing blocks the primary has not got). */
   playbackZero(offset: number, length: number): void | Promise<void>;
   flush(): Promise<void>;

@@ -26,7 +26,6 @@ import type { Link } from './link.js';
 import { chunkChecksum, trailerChecksum, WHOLE_SET, type Frame, type ReplMessage, type Runs } from './wire.js';
 import type { ReplicaPort } from './ports.js';
 import { refuseOn } from './refusal.js';
-import { PartsCursor } from '../util/parts-cursor.js';
 import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 import { decodeHops, encodeHops, type ChainHop } from './chain.js';
@@ -759,18 +758,37 @@ export class ReplicaVolume {
       await this.port.readsDrained(); // reads that started before the overlay finish first
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
+      const ranges = new Float64Array(2 * L.playbackBatchRunsMax);
       for (const c of s.chunks) {
         // The chunk's data, read back from the inbound file into one reused buffer: each
-        // run is written from a slice of it.
-        const cursor = new PartsCursor([inbound.chunkData(s.set, c)]);
+        // run is written from a slice of it. Small runs (scattered blocks) go to the file
+        // several at once; a large one alone, where the volume decides how (threadpool).
+        const data = inbound.chunkData(s.set, c);
         const waits: Promise<void>[] = [];
+        let batched = 0;
+        let batchAt = 0;
+        let at = 0;
+        const writeBatch = () => {
+          const r = batched === 0 ? undefined : this.port.playbackWriteRuns(ranges, batched, data, batchAt);
+          if (r) waits.push(r);
+          batched = 0;
+        };
         for (const [b, n] of c.runs) {
           const off = b * bs;
-          const len = Math.min(n * bs, size - off);
-          const r = this.port.playbackWrite(off, cursor.take(len));
-          cursor.skip(n * bs - len);
-          if (r) waits.push(r);
+          const len = Math.min(n * bs, size - off); // (only the volume's last block is short: the last run)
+          if (len > L.playbackBatchRunBytesMax) {
+            writeBatch();
+            const r = this.port.playbackWrite(off, [data.subarray(at, at + len)]);
+            if (r) waits.push(r);
+          } else {
+            if (batched === 0) batchAt = at;
+            ranges[2 * batched] = off;
+            ranges[2 * batched + 1] = len;
+            if (++batched === L.playbackBatchRunsMax) writeBatch();
+          }
+          at += n * bs;
         }
+        writeBatch();
         await Promise.all(waits);
       }
       await this.port.flush();

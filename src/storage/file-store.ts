@@ -64,6 +64,12 @@ export class FileStore {
     return new FileStore(path, fd, size, options);
   }
 
+  /** For writers that go around write() (file-store-data's batched ranges): the file is open for writing. */
+  assertWritable(): void {
+    assert(!this.closed, 'write on a closed file');
+    assert(!this.options.readOnly, 'write to a read-only file');
+  }
+
   get canPunch(): boolean {
     return this.fsx !== null && this.punchWorks;
   }

@@ -24,6 +24,12 @@ export interface Fsx {
    * Returns the bytes placed. (Absent from an addon built before it: callers check.)
    */
   preadRanges?(fd: number, target: Buffer, targetOffset: number, ranges: Float64Array, count: number): number;
+  /**
+   * Writes `count` ranges (ranges[2i] = file offset, ranges[2i+1] = length), their bytes
+   * taken one after the other from source at sourceOffset. Returns the bytes written.
+   * (Absent from an addon built before it: callers check.)
+   */
+  pwriteRanges?(fd: number, source: Buffer, sourceOffset: number, ranges: Float64Array, count: number): number;
   /** malloc_trim(0): gives freed heap memory back to the kernel; 1 if some was. (Absent from older addons.) */
   mallocTrim?(): number;
   /** mallopt(M_TRIM_THRESHOLD, trim) and mallopt(M_MMAP_THRESHOLD, mmapAt); 1 if both took. (Absent from older addons.) */

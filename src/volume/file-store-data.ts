@@ -32,6 +32,14 @@ export function fileStoreData(store: FileStore): VolumeData {
           },
         }
       : {}),
+    ...(fsx?.pwriteRanges
+      ? {
+          writeRangesSync(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number) {
+            store.assertWritable();
+            fsx.pwriteRanges!(store.fd, source, sourceOffset, ranges, count);
+          },
+        }
+      : {}),
     write: (offset, chunks) => store.write(offset, chunks),
     zero(offset, length, keepAllocated) {
       const r = store.zero(offset, length, keepAllocated ?? false, false);

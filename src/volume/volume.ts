@@ -237,6 +237,12 @@ export class Volume {
     return this.engine.write(offset, chunks);
   }
 
+  /** Playback of many runs whose bytes lie one after the other in source (VolumeEngine.writeRuns). */
+  playbackWriteRuns(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number): void | Promise<void> {
+    if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);
+    return this.engine.writeRuns(ranges, count, source, sourceOffset);
+  }
+
   /** A resync's copy zeroing blocks its source holds no data in (through the engine, like any write). */
   playbackZero(offset: number, length: number): void | Promise<void> {
     if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closing`);

@@ -160,6 +160,15 @@ export class LatentData implements VolumeData {
     this.lat.touch();
     this.inner.write(offset, chunks);
   }
+  writeRangesSync(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number): void {
+    this.lat.touch();
+    let at = sourceOffset;
+    for (let i = 0; i < count; i++) {
+      const length = ranges[2 * i + 1]!;
+      this.inner.write(ranges[2 * i]!, [source.subarray(at, at + length)]);
+      at += length;
+    }
+  }
   zero(offset: number, length: number): void {
     this.lat.touch();
     this.inner.zero(offset, length);

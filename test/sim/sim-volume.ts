@@ -179,6 +179,9 @@ export class SimVolume implements HostedVolume {
   playbackWrite(offset: number, chunks: Buffer[]): void | Promise<void> {
     return this.engine.write(offset, chunks);
   }
+  playbackWriteRuns(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number): void | Promise<void> {
+    return this.engine.writeRuns(ranges, count, source, sourceOffset);
+  }
   playbackZero(offset: number, length: number): void | Promise<void> {
     this.checkRange(offset, length);
     return this.engine.zero(offset, length);

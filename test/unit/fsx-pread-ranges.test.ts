@@ -1,7 +1,8 @@
 // Why: set building reads a delta set's scattered blocks with one native call
 // (fsx.preadRanges); it must place each range one after the other, read past the end of
 // the file as zeroes, and refuse ranges that do not fit the target instead of writing
-// past it.
+// past it. A replica plays such a set with its mirror (fsx.pwriteRanges): each range's
+// bytes come from the source one after the other, and nothing is read past the source.
 import { describe, expect, it } from 'vitest';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -34,6 +35,41 @@ describe('fsx.preadRanges', () => {
         expect(fsx!.preadRanges!(fd, one, 0, new Float64Array([0, 8, 0, 1_000_000]), 1)).toBe(8);
         expect(() => fsx!.preadRanges!(fd, target, 8_000, new Float64Array([0, 2_000]), 1)).toThrow(/does not fit/);
         expect(() => fsx!.preadRanges!(fd, target, 0, new Float64Array([0, 8]), 2)).toThrow(/Float64Array/);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('fsx.pwriteRanges', () => {
+  it('writes ranges from back-to-back source bytes, grows the file past its end, refuses a source too short', () => {
+    const fsx = loadFsx();
+    expect(fsx?.pwriteRanges, 'the addon (npm run build) has pwriteRanges').toBeTypeOf('function');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fsx-wranges-'));
+    try {
+      const file = path.join(dir, 'f');
+      const before = Buffer.alloc(10_000, 0x11);
+      fs.writeFileSync(file, before);
+      const fd = fs.openSync(file, 'r+');
+      try {
+        const source = Buffer.from(Array.from({ length: 7000 }, (_, i) => (i * 13 + 5) & 255));
+        const ranges = new Float64Array([4096, 4096, 0, 100, 9_500, 1_000, 5, 0]);
+        const n = fsx!.pwriteRanges!(fd, source, 10, ranges, 4);
+        expect(n).toBe(4096 + 100 + 1000);
+        const after = fs.readFileSync(file);
+        const want = Buffer.alloc(10_500, 0x11);
+        source.copy(want, 4096, 10, 10 + 4096);
+        source.copy(want, 0, 4106, 4206);
+        source.copy(want, 9_500, 4206, 5206);
+        expect(after.equals(want)).toBe(true);
+        // Only `count` ranges are written; a range whose bytes are not all in the source is refused before any byte.
+        expect(fsx!.pwriteRanges!(fd, source, 0, new Float64Array([0, 8, 0, 1_000_000]), 1)).toBe(8);
+        expect(() => fsx!.pwriteRanges!(fd, source, 6_000, new Float64Array([100, 8, 0, 2_000]), 2)).toThrow(/not all in the source/);
+        expect(() => fsx!.pwriteRanges!(fd, source, 0, new Float64Array([0, 8]), 2)).toThrow(/Float64Array/);
+        expect(fs.readFileSync(file).subarray(8).equals(want.subarray(8))).toBe(true);
       } finally {
         fs.closeSync(fd);
       }

@@ -31,7 +31,8 @@ type Op =
   | { k: 'diff'; l: number; m: number }
   | { k: 'crash'; during: 'none' | 'write' | 'restore' | 'snap'; turns: number; pick: number }
   | { k: 'reopen' }
-  | { k: 'burst'; parts: { block: number; from: number; length: number; zero: boolean }[] };
+  | { k: 'burst'; parts: { block: number; from: number; length: number; zero: boolean }[] }
+  | { k: 'runs'; skip: number; parts: { block: number; from: number; length: number }[] };
 
 const aligned = fc
   .tuple(fc.integer({ min: 0, max: BLOCKS_WHOLE - 1 }), fc.integer({ min: 1, max: 4 }))
@@ -69,6 +70,27 @@ const op: fc.Arbitrary<Op> = fc.oneof(
       )
       .map((parts) => ({ k: 'burst' as const, parts: parts.map((p) => ({ ...p, length: Math.min(p.length, BS - p.from) })) })),
   },
+  {
+    // A replica's playback: many runs in one call (writeRuns), their bytes back to back in one buffer.
+    weight: 3,
+    arbitrary: fc
+      .record({
+        skip: fc.nat(100),
+        parts: fc.uniqueArray(fc.record({ block: fc.nat(BLOCKS - 1), from: fc.nat(BS - 1), length: fc.integer({ min: 0, max: 2 * BS }) }), { minLength: 1, maxLength: 8, selector: (p) => p.block }),
+      })
+      .map(({ skip, parts }) => ({
+        k: 'runs' as const,
+        skip,
+        // Distinct blocks (the model's order is free); a run may cover two blocks, or none.
+        parts: parts
+          .sort((a, b) => a.block - b.block)
+          .map((p, i, all) => {
+            const end = Math.min(SIZE, i + 1 < all.length ? all[i + 1]!.block * BS : SIZE);
+            const at = Math.min(p.block * BS + p.from, SIZE);
+            return { ...p, length: Math.max(0, Math.min(p.length, end - at)) };
+          }),
+      })),
+  },
 );
 
 interface ModelSnap {
@@ -99,7 +121,17 @@ function blockOf(buf: Buffer, b: number): Buffer {
  * end of the volume reads as zeroes. Counts calls so the test can see the batched path ran.
  */
 let rangeCallsTotal = 0;
+let writeRangeCallsTotal = 0;
 class RangesVolumeData extends SimVolumeData {
+  writeRangesSync(ranges: Float64Array, count: number, source: Buffer, sourceOffset: number): void {
+    writeRangeCallsTotal++;
+    let at = sourceOffset;
+    for (let i = 0; i < count; i++) {
+      const len = ranges[2 * i + 1]!;
+      this.write(ranges[2 * i]!, [source.subarray(at, at + len)]);
+      at += len;
+    }
+  }
   readRangesSync(ranges: Float64Array, count: number, target: Buffer, targetOffset: number): void {
     rangeCallsTotal++;
     let at = targetOffset;
@@ -255,6 +287,18 @@ async function runSequence(ops: Op[], crashSeed: number, options: EngineOptions,
         await Promise.all(inFlight);
         break;
       }
+      case 'runs': {
+        const ranges = new Float64Array(2 * o.parts.length);
+        const datas = o.parts.map((p) => pattern(++tag, p.length));
+        const source = Buffer.concat([Buffer.alloc(o.skip, 0xee), ...datas, Buffer.alloc(7, 0xee)]);
+        o.parts.forEach((p, i) => {
+          ranges[2 * i] = Math.min(p.block * BS + p.from, SIZE);
+          ranges[2 * i + 1] = p.length;
+        });
+        await engine.writeRuns(ranges, o.parts.length, source, o.skip);
+        o.parts.forEach((p, i) => datas[i]!.copy(model.vol, ranges[2 * i]!));
+        break;
+      }
       case 'zero':
         await engine.zero(o.offset, o.length);
         model.vol.fill(0, o.offset, o.offset + o.length);
@@ -398,6 +442,7 @@ describe('volume engine against an in-memory model', () => {
       { seed, numRuns: Math.ceil(RUNS / 2), timeout: 10_000, endOnFailure: process.env.DELTAVOL_NO_SHRINK === '1' },
     );
     expect(rangeCallsTotal).toBeGreaterThan(0);
+    expect(writeRangeCallsTotal, 'writeRuns took the batched path').toBeGreaterThan(0);
   });
 
   it('a full save area invalidates only its snapshot', async () => {
