@@ -2,10 +2,10 @@
 // event loop than in the threadpool (1 MiB writes on one connection, tmpfs, 2026-12-06:
 // 229-253 against 343-355 µs of CPU per MiB, 3636-3703 against 2510-2648 MB/s), but while
 // the loop copies a megabyte every other client waits: beside one 1 MiB writer, a 4 KiB
-// reader at queue depth 1 went from a p50 of 0.1-0.2 ms to 4 ms. So large I/O runs on the
+// reader at queue depth 1 went from a p50 of 0.1-0.2 ms to 4 ms. So large writes run on the
 // loop only while one client is being served: when no request came from any other
 // connection within LONE_CLIENT_WINDOW_MS. Otherwise the configured small limit applies
-// (`--sync-io-max`). Knows nothing of NBD or files: the server reports which client made
+// (`--sync-io-max`). Large reads never take the lone limit (syncReadBytesMax below). Knows nothing of NBD or files: the server reports which client made
 // a request, the file store asks for the limit.
 
 import { assert } from './assert.js';
