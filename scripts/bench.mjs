@@ -211,8 +211,11 @@ function snapshotBuild() {
 
 // ---- servers -------------------------------------------------------------------------------
 
-/** deltavol with its own data dir holding one volume filled from `seed`. */
-async function setupDeltavol(label, workDir, seed, sizeBytes, extraArgs) {
+/**
+ * deltavol with its own data dir holding one volume. Returns the volume's file (for
+ * fillInterleaved) and `start`, which starts the daemon under test once that file is filled.
+ */
+async function prepareDeltavol(label, workDir, sizeBytes, extraArgs) {
   const dataDir = path.join(workDir, `deltavol-${label.replace(/[^a-z0-9]+/gi, '_')}`);
   fs.mkdirSync(dataDir, { recursive: true });
   const logFile = path.join(workDir, `${path.basename(dataDir)}.log`);
@@ -237,26 +240,33 @@ async function setupDeltavol(label, workDir, seed, sizeBytes, extraArgs) {
     }
   };
 
-  // First start: create the volume. Then stop, fill its file while nobody has it open,
-  // and start again, so the daemon under test begins from a clean state.
-  let { d, info } = await start();
+  // First start: create the volume. Then stop; the caller fills its file while nobody has
+  // it open, and starts again, so the daemon under test begins from a clean state.
+  const first = await start();
   await run(process.execPath, [cliMain, '--data-dir', dataDir, 'volume', 'create', VOLUME, '--size', String(sizeBytes)]);
-  await d.stop();
-  cleanups.splice(cleanups.indexOf(d.stop), 1);
+  await first.d.stop();
+  cleanups.splice(cleanups.indexOf(first.d.stop), 1);
   const img = path.join(dataDir, 'volumes', VOLUME, 'data.img');
   if (fs.statSync(img).size !== sizeBytes) throw new Error(`unexpected size of ${img}`);
-  await copyFill(seed, img);
-  ({ d, info } = await start());
   return {
-    label, kind: 'deltavol', pid: d.pid, args: extraArgs, logFile,
-    uri: `nbd://127.0.0.1:${info.nbdPort}/${VOLUME}`,
-    stop: d.stop,
+    img,
+    start: async () => {
+      const { d, info } = await start();
+      return {
+        label, kind: 'deltavol', pid: d.pid, args: extraArgs, logFile, img,
+        uri: `nbd://127.0.0.1:${info.nbdPort}/${VOLUME}`,
+        stop: d.stop,
+      };
+    },
   };
 }
 
-async function setupNbdkit(workDir, seed) {
+function prepareNbdkit(workDir) {
   const img = path.join(workDir, 'nbdkit.img');
-  await copyFill(seed, img);
+  return { img, start: () => startNbdkit(workDir, img) };
+}
+
+async function startNbdkit(workDir, img) {
   const logFile = path.join(workDir, 'nbdkit.log');
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
@@ -267,7 +277,7 @@ async function setupNbdkit(workDir, seed) {
     cleanups.push(d.stop);
     try {
       await waitFor('nbdkit', () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '', 10_000, d);
-      return { label: 'nbdkit', kind: 'nbdkit', pid: d.pid, logFile, uri: `nbd://127.0.0.1:${port}/`, stop: d.stop };
+      return { label: 'nbdkit', kind: 'nbdkit', pid: d.pid, logFile, img, uri: `nbd://127.0.0.1:${port}/`, stop: d.stop };
     } catch (e) {
       await d.stop();
       if (attempt >= 3) throw new Error(`${e.message}\n${tail(logFile)}`);
@@ -276,9 +286,49 @@ async function setupNbdkit(workDir, seed) {
   }
 }
 
-/** Overwrites `dst` (created if missing) with the bytes of `src`, then fsyncs it. */
-async function copyFill(src, dst) {
-  await run('dd', [`if=${src}`, `of=${dst}`, 'bs=4M', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 600_000 });
+/**
+ * Overwrites every file of `dsts` (created if missing) with the bytes of `src`, 4 MiB to each
+ * in turn, then fsyncs them. Interleaved because where a file's pages land decides how fast
+ * it reads: on these VMs a 1 GiB tmpfs file filled right after another was freed read at
+ * 7-11 GB/s, a copy made a minute later at 15-17 (2026-12-07), and nbdkit served the slow
+ * file ~10% more slowly. Filled together, the servers' files get pages of the same kind.
+ */
+function fillInterleaved(src, dsts) {
+  const piece = Buffer.allocUnsafe(4 << 20);
+  const inFd = fs.openSync(src, 'r');
+  const outFds = dsts.map((d) => fs.openSync(d, fs.constants.O_WRONLY | fs.constants.O_CREAT, 0o600));
+  try {
+    for (let pos = 0; ; ) {
+      const n = fs.readSync(inFd, piece, 0, piece.length, pos);
+      if (n === 0) break;
+      for (const fd of outFds) {
+        for (let off = 0; off < n; ) off += fs.writeSync(fd, piece, off, n - off, pos + off);
+      }
+      pos += n;
+    }
+    for (const fd of outFds) fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(inFd);
+    for (const fd of outFds) fs.closeSync(fd);
+  }
+}
+
+/** Sequential read rate of a file (GB/s, best of two passes in 1 MiB preads): shows a placement bias. */
+function fileReadGBps(file) {
+  const buf = Buffer.allocUnsafe(1 << 20);
+  const fd = fs.openSync(file, 'r');
+  try {
+    let best = 0;
+    for (let pass = 0; pass < 2; pass++) {
+      const t0 = process.hrtime.bigint();
+      let bytes = 0;
+      for (let n; (n = fs.readSync(fd, buf, 0, buf.length, bytes)) > 0; ) bytes += n;
+      best = Math.max(best, bytes / Number(process.hrtime.bigint() - t0));
+    }
+    return best;
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 // ---- one fio run --------------------------------------------------------------------------
@@ -406,14 +456,21 @@ async function runStorage(storage, opts, serverSpecs) {
   await run('dd', ['if=/dev/urandom', `of=${seed}`, 'bs=1M', `count=${Math.ceil(opts.sizeBytes / 1048576)}`, 'iflag=fullblock', 'status=none'], { timeoutMs: 600_000 });
   fs.truncateSync(seed, opts.sizeBytes);
 
-  const servers = [];
+  const prepared = [];
   for (const spec of serverSpecs) {
-    log(`[${storage}] starting ${spec.label}`);
-    servers.push(spec.kind === 'nbdkit'
-      ? await setupNbdkit(workDir, seed)
-      : await setupDeltavol(spec.label, workDir, seed, opts.sizeBytes, spec.args));
+    prepared.push(spec.kind === 'nbdkit'
+      ? prepareNbdkit(workDir)
+      : await prepareDeltavol(spec.label, workDir, opts.sizeBytes, spec.args));
   }
+  fillInterleaved(seed, prepared.map((p) => p.img));
   fs.rmSync(seed);
+  const servers = [];
+  for (const [i, p] of prepared.entries()) {
+    log(`[${storage}] starting ${serverSpecs[i].label}`);
+    servers.push(await p.start());
+  }
+  const fileGBps = Object.fromEntries(servers.map((s) => [s.label, fileReadGBps(s.img)]));
+  log(`[${storage}] file read rate (1 MiB preads): ${servers.map((s) => `${s.label} ${fileGBps[s.label].toFixed(1)} GB/s`).join(', ')}`);
   const rss = new Map(servers.map((s) => [s.label, rssSampler(s.pid)]));
 
   const jobs = opts.jobList.map((job) => ({ job, runs: Object.fromEntries(servers.map((s) => [s.label, []])) }));
@@ -463,7 +520,7 @@ async function runStorage(storage, opts, serverSpecs) {
       median, ratio: a?.iops && b?.iops ? a.iops / b.iops : null, runs,
     };
   });
-  return { storage, dir: base, fsType, seconds: (Date.now() - started) / 1000, servers: servers.map((s) => ({ label: s.label, kind: s.kind, args: s.args ?? [], uri: s.uri })), memory, serverLogs, results };
+  return { storage, dir: base, fsType, seconds: (Date.now() - started) / 1000, servers: servers.map((s) => ({ label: s.label, kind: s.kind, args: s.args ?? [], uri: s.uri })), fileGBps, memory, serverLogs, results };
 }
 
 function medianRun(rs) {
@@ -502,7 +559,7 @@ function markdown(run, opts) {
     const ratio = r.ratio == null ? '–' : `${r.ratio.toFixed(2)}${r.ratio < ratioGoal(r.name) ? ' ⚠' : ''}`;
     lines.push(`| ${r.name} | ${fmtK(a?.iops)} | ${fmtInt(a?.mbps)} | ${fmtP99(a?.p99us)} | ${fmtK(b?.iops)} | ${fmtInt(b?.mbps)} | ${fmtP99(b?.p99us)} | ${ratio} |`);
   }
-  lines.push('', `p99 is total latency (submit to completion); randrw shows read/write. ⚠ = below the goal (${RATIO_GOAL_4K} for 4k jobs, ${RATIO_GOAL} for the others).`, '');
+  lines.push('', `p99 is total latency (submit to completion); randrw shows read/write. ⚠ = below the goal (${RATIO_GOAL_4K.toFixed(1)} for 4k jobs, ${RATIO_GOAL.toFixed(1)} for the others).`, '');
   lines.push(`CPU during each job, in cores (2 = both vCPUs), and server CPU per I/O:`, '');
   lines.push(`| job | ${A} cores | ${A} µs/IO | ${B} cores | ${B} µs/IO | fio cores (${A} / ${B}) | other load (${A} / ${B}) |`);
   lines.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: |');
@@ -524,6 +581,9 @@ function markdown(run, opts) {
   for (const [label, m] of Object.entries(run.memory)) {
     const goal = label.startsWith('deltavol') ? ` (goal ≤ ${RSS_GOAL_MIB} MiB: ${m.peakMiB <= RSS_GOAL_MIB ? 'met' : 'NOT met'})` : '';
     lines.push(`- ${label} peak RSS: ${m.peakMiB.toFixed(1)} MiB${goal}`);
+  }
+  if (run.fileGBps) {
+    lines.push(`- each server's file read in 1 MiB preads, before the jobs: ${Object.entries(run.fileGBps).map(([label, v]) => `${label} ${v.toFixed(1)} GB/s`).join(', ')} (pages of unlike speed would bias the ratios)`);
   }
   const below = run.results.filter((r) => r.ratio != null && r.ratio < ratioGoal(r.name)).map((r) => `${r.name} ${r.ratio.toFixed(2)}`);
   lines.push(`- jobs below their goal: ${below.length ? below.join(', ') : 'none'}`);
