@@ -7,6 +7,7 @@
 import * as C from '../nbd/constants.js';
 import type { ExportCatalog, ExportFeatures, ExportListing, Extent, NbdExport, WriteZeroesOptions } from '../nbd/export.js';
 import { systemError } from '../util/errors.js';
+import type { ZeroBlockScan } from '../util/zero-block-scan.js';
 import type { Volume } from '../volume/volume.js';
 import type { VolumeRegistry } from '../volume/registry.js';
 
@@ -52,8 +53,8 @@ export class VolumeExport implements NbdExport {
     return this.volume.description;
   }
 
-  read(offset: number, length: number, target: Buffer): void | Promise<void> {
-    return this.volume.read(offset, length, target);
+  read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): void | Promise<void> {
+    return this.volume.read(offset, length, target, scan);
   }
   write(offset: number, chunks: Buffer[], fua: boolean): void | Promise<void> {
     return this.volume.write(offset, chunks, fua);

@@ -10,7 +10,8 @@
  * building a delta set reads tens of thousands of scattered 4 KiB blocks, and one
  * fs.readSync each cost more in JS and binding overhead than the pread itself;
  * pwriteRanges is its mirror for a replica playing such a set.
- * Each function is synchronous and tiny; errors become JS exceptions whose
+ * Each function is synchronous and tiny except preadScan, a threadpool pread that also
+ * counts zero blocks (below); errors become JS exceptions whose
  * `code` is the errno name (EOPNOTSUPP, ENXIO, ...), as Node's own fs errors are.
  */
 #define _GNU_SOURCE
@@ -24,6 +25,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -40,6 +42,8 @@ static const char *errno_name(int e) {
   case EINTR: return "EINTR";
   case ENODEV: return "ENODEV";
   case ESPIPE: return "ESPIPE";
+  case ENOMEM: return "ENOMEM";
+  case ECANCELED: return "ECANCELED";
   default: return "EUNKNOWN";
   }
 }
@@ -403,6 +407,130 @@ static napi_value pread_ranges(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * preadScan(fd, target, targetOffset, length, position, blockBytes): a pread of `length`
+ * bytes into target at targetOffset in the threadpool (past the end of the file reads as
+ * zeroes), which also counts the blocks of blockBytes (from targetOffset; the last may be
+ * shorter) that are all zero, or skips that with blockBytes 0. Returns a Promise of the
+ * count (-1 when skipped); a failed pread rejects with an Error whose code is the errno
+ * name. Why: an NBD READ sends runs of zero blocks as holes, and scanning a fresh 1 MiB
+ * from the event loop cost it a cache miss per page (~6 µs of loop per read, fio 1 MiB
+ * reads on four connections, 2026-12-07); here the thread that just wrote the bytes scans
+ * them while they are in its cache. The target stays referenced until the promise settles.
+ */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref target_ref;
+  int fd;
+  char *dst;
+  size_t length;
+  off_t position;
+  size_t block_bytes;
+  int err;
+  int64_t zero_blocks;
+} pread_scan_job;
+
+static bool all_zero(const char *p, size_t n) {
+  /* The first word decides for most data; the rest compares 8 bytes at a time. */
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    memcpy(&w, p + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < n; i++) if (p[i] != 0) return false;
+  return true;
+}
+
+static void pread_scan_execute(napi_env env, void *data) {
+  (void)env;
+  pread_scan_job *j = data;
+  size_t done = 0;
+  while (done < j->length) {
+    ssize_t n = pread(j->fd, j->dst + done, j->length - done, j->position + (off_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      j->err = errno;
+      return;
+    }
+    if (n == 0) {
+      memset(j->dst + done, 0, j->length - done); /* past the end of the file */
+      break;
+    }
+    done += (size_t)n;
+  }
+  if (j->block_bytes == 0) {
+    j->zero_blocks = -1;
+    return;
+  }
+  int64_t zeros = 0;
+  for (size_t at = 0; at < j->length; at += j->block_bytes) {
+    size_t n = j->length - at < j->block_bytes ? j->length - at : j->block_bytes;
+    if (all_zero(j->dst + at, n)) zeros++;
+  }
+  j->zero_blocks = zeros;
+}
+
+static void pread_scan_complete(napi_env env, napi_status status, void *data) {
+  pread_scan_job *j = data;
+  napi_value out;
+  if (status != napi_ok && j->err == 0) j->err = ECANCELED;
+  if (j->err != 0) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "pread: %s (%s)", strerror(j->err), errno_name(j->err));
+    napi_value code, text;
+    napi_create_string_utf8(env, errno_name(j->err), NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
+    napi_create_error(env, code, text, &out);
+    napi_reject_deferred(env, j->deferred, out);
+  } else {
+    napi_create_double(env, (double)j->zero_blocks, &out);
+    napi_resolve_deferred(env, j->deferred, out);
+  }
+  napi_delete_reference(env, j->target_ref);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value pread_scan(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, at, length, position, block;
+  void *tdata;
+  size_t tlen;
+  bool is_buf = false;
+  if (argc < 6 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[2], &at) || !get_i64(env, argv[3], &length) ||
+      !get_i64(env, argv[4], &position) || !get_i64(env, argv[5], &block) ||
+      napi_is_buffer(env, argv[1], &is_buf) != napi_ok || !is_buf) {
+    napi_throw_type_error(env, "EINVAL", "expected (fd, Buffer, targetOffset, length, position, blockBytes)");
+    return NULL;
+  }
+  napi_get_buffer_info(env, argv[1], &tdata, &tlen);
+  if (fd < 0 || at < 0 || length < 0 || position < 0 || block < 0 || (uint64_t)at + (uint64_t)length > tlen) {
+    napi_throw_range_error(env, "EINVAL", "preadScan: the range does not fit the target");
+    return NULL;
+  }
+  pread_scan_job *j = calloc(1, sizeof *j);
+  if (j == NULL) return throw_errno(env, "calloc", ENOMEM);
+  j->fd = (int)fd;
+  j->dst = (char *)tdata + at;
+  j->length = (size_t)length;
+  j->position = (off_t)position;
+  j->block_bytes = (size_t)block;
+  napi_value promise, name;
+  napi_create_string_utf8(env, "deltavol.preadScan", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
+      napi_create_reference(env, argv[1], 1, &j->target_ref) != napi_ok ||
+      napi_create_async_work(env, NULL, name, pread_scan_execute, pread_scan_complete, j, &j->work) != napi_ok ||
+      napi_queue_async_work(env, j->work) != napi_ok) {
+    napi_throw_error(env, "EIO", "preadScan: could not queue the work");
+    return NULL; /* the job leaks (a bug in our use of N-API, not a runtime condition) */
+  }
+  return promise;
+}
+
+/*
  * pwriteRanges(fd, source, sourceOffset, ranges, count): writes `count` ranges, ranges being
  * a Float64Array of (file offset, length) pairs, taking their bytes one after the other from
  * source at sourceOffset. Returns the bytes written. A replica plays a chunk of scattered
@@ -506,6 +634,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
     {"preadRanges", NULL, pread_ranges, NULL, NULL, NULL, napi_default, NULL},
     {"pwriteRanges", NULL, pwrite_ranges, NULL, NULL, NULL, napi_default, NULL},
+    {"preadScan", NULL, pread_scan, NULL, NULL, NULL, napi_default, NULL},
     {"mallocTrim", NULL, malloc_trim_fn, NULL, NULL, NULL, napi_default, NULL},
     {"mallocTune", NULL, malloc_tune_fn, NULL, NULL, NULL, napi_default, NULL},
   };

@@ -5,6 +5,8 @@
 // undefined / a value) or asynchronously (return a Promise): small I/O on page-cache
 // data is twice as fast on the event loop (PERF.md), so the backend chooses.
 
+import type { ZeroBlockScan } from '../util/zero-block-scan.js';
+
 export type MaybePromise<T> = T | Promise<T>;
 
 export interface Extent {
@@ -47,8 +49,11 @@ export interface NbdExport {
   /** Metadata contexts this export offers (always includes base:allocation). */
   readonly metaContexts: readonly string[];
 
-  /** Fills target[0..length) with bytes [offset, offset+length). */
-  read(offset: number, length: number, target: Buffer): MaybePromise<void>;
+  /**
+   * Fills target[0..length) with bytes [offset, offset+length). May count the all-zero
+   * blocks of what it read into `scan` (zero-block-scan.ts); leaving it alone is fine.
+   */
+  read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): MaybePromise<void>;
   /** Writes the concatenation of `chunks` at offset; durable before return when fua. */
   write(offset: number, chunks: Buffer[], fua: boolean): MaybePromise<void>;
   flush(): MaybePromise<void>;

@@ -26,6 +26,7 @@ import {
 } from '../util/limits.js';
 import { BufferPool } from '../util/buffer-pool.js';
 import { SliceArena } from '../util/slice-arena.js';
+import { zeroBlockScan } from '../util/zero-block-scan.js';
 import { assert } from '../util/assert.js';
 
 /** Read buffers shared by every connection of the process (see buffer-pool.ts). */
@@ -284,6 +285,9 @@ export class Transmission {
     const whole = small ? smallReplies.take(headerBytes + h.length) : readBuffers.acquire(headerBytes + h.length);
     const done = small ? smallReplies.lastSlab.release : () => readBuffers.release(whole);
     const buf = headerBytes === 0 ? whole : whole.subarray(headerBytes);
+    const sparse = this.structured && this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0;
+    // The reader may count the zero blocks where it reads (zero-block-scan.ts); else we scan.
+    const scan = sparse ? zeroBlockScan(ZERO_BLOCK_BYTES) : undefined;
     const afterRead = () => {
       if (!this.structured) {
         if (headerBytes === 0) this.finish([R.simpleReply(0, h.cookieHi, h.cookieLo), buf], h.length, done);
@@ -296,7 +300,9 @@ export class Transmission {
       // Large reads send runs of zero blocks as OFFSET_HOLE chunks: fewer bytes on the
       // wire, found by comparing the data itself (asking the file for holes costs more
       // than it saves on some file systems: SEEK_HOLE is linear in the file on tmpfs).
-      const runs = this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0 ? zeroRuns(buf) : null;
+      const runs = scan === undefined || scan.zeroBlocks === 0 ? null
+        : scan.zeroBlocks === Math.ceil(h.length / ZERO_BLOCK_BYTES) ? [{ lengthBytes: h.length, flags: C.STATE_HOLE | C.STATE_ZERO }]
+        : zeroRuns(buf);
       if (runs && runs.length === 1 && runs[0]!.flags & C.STATE_ZERO) {
         done();
         this.finish([R.offsetHoleChunk(true, h.cookieHi, h.cookieLo, h.offset, h.length)], h.length);
@@ -317,7 +323,7 @@ export class Transmission {
     };
     let r: MaybePromise<void>;
     try {
-      r = this.exp.read(h.offset, h.length, buf);
+      r = this.exp.read(h.offset, h.length, buf, scan);
     } catch (e) {
       failed(e);
       return;

@@ -11,6 +11,7 @@ import { assert } from '../util/assert.js';
 import { DeltavolError, errnoCode } from '../util/errors.js';
 import { loadFsx, type Fsx } from './native.js';
 import { zeroBufferBytes } from '../util/limits.js';
+import type { ZeroBlockScan } from '../util/zero-block-scan.js';
 
 const readAsync = promisify(fs.read);
 const writevAsync = promisify(fs.writev);
@@ -74,7 +75,8 @@ export class FileStore {
     return this.fsx !== null && this.punchWorks;
   }
 
-  read(offset: number, length: number, target: Buffer): void | Promise<void> {
+  /** Reads in the threadpool count the zero blocks `scan` asks for where the addon can. */
+  read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): void | Promise<void> {
     assert(!this.closed, 'read on a closed file');
     assert(target.length >= length, 'read target too small');
     if (length <= (this.options.syncReadBytesMax ?? this.options.syncIoBytesMax)) {
@@ -88,6 +90,11 @@ export class FileStore {
         done += n;
       }
       return;
+    }
+    const preadScan = this.fsx?.preadScan;
+    if (preadScan !== undefined) {
+      const counted = preadScan(this.fd, target, 0, length, offset, scan?.blockBytes ?? 0);
+      return scan === undefined ? (counted as unknown as Promise<void>) : counted.then((zeroBlocks) => { scan.zeroBlocks = zeroBlocks; });
     }
     return this.readLoop(offset, length, target);
   }

@@ -30,6 +30,12 @@ export interface Fsx {
    * (Absent from an addon built before it: callers check.)
    */
   pwriteRanges?(fd: number, source: Buffer, sourceOffset: number, ranges: Float64Array, count: number): number;
+  /**
+   * pread of `length` bytes into target at targetOffset, in the threadpool (past the end of
+   * the file reads as zeroes); resolves to the number of all-zero blocks of blockBytes in
+   * them (-1 with blockBytes 0). Rejects with the errno name as `code`. (Absent from older addons.)
+   */
+  preadScan?(fd: number, target: Buffer, targetOffset: number, length: number, position: number, blockBytes: number): Promise<number>;
   /** malloc_trim(0): gives freed heap memory back to the kernel; 1 if some was. (Absent from older addons.) */
   mallocTrim?(): number;
   /** mallopt(M_TRIM_THRESHOLD, trim) and mallopt(M_MMAP_THRESHOLD, mmapAt); 1 if both took. (Absent from older addons.) */

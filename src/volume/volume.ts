@@ -39,6 +39,7 @@ export interface ReadOverlay {
 
 export type { WriteAccess } from './write-gate.js';
 import type { WriteMirror } from './write-mirror.js';
+import type { ZeroBlockScan } from '../util/zero-block-scan.js';
 
 export interface VolumeIoOptions {
   /** Reads/writes up to this many bytes run on the event loop (read at each I/O: it may change). */
@@ -200,10 +201,10 @@ export class Volume {
    * While a read overlay is set (a replica integrating a delta set), its blocks are read
    * from the overlay instead, synchronously, so a reader sees the whole set or none of it.
    */
-  read(offset: number, length: number, target: Buffer): void | Promise<void> {
+  read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): void | Promise<void> {
     this.checkRange(offset, length);
     if (this.overlay !== null) return this.readThroughOverlay(this.overlay, offset, length, target);
-    const r = this.store.read(offset, length, target);
+    const r = this.store.read(offset, length, target, scan);
     if (!(r instanceof Promise)) return;
     this.readsInFlight++;
     return r.finally(() => {

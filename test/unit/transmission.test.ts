@@ -7,6 +7,7 @@ import type { Negotiated } from '../../src/nbd/negotiator.js';
 import type { RequestHeader } from '../../src/nbd/request-framer.js';
 import * as C from '../../src/nbd/constants.js';
 import { MemoryExport } from '../helpers/memory-export.js';
+import type { ZeroBlockScan } from '../../src/util/zero-block-scan.js';
 
 interface Chunk {
   type: number;
@@ -194,6 +195,46 @@ describe('Transmission with structured replies', () => {
     expect(chunks[1]!.payload.length - 8).toBe(4096);
     expect(chunks[1]!.payload[8 + 4095]).toBe(9);
     expect(chunks[2]!.payload.readUInt32BE(8)).toBe(65536 + 512 - 8192);
+  });
+
+  it('a reader that counts zero blocks decides the reply: none → one data chunk, all → one hole, some → scanned', async () => {
+    // The counts below are what a file store reports (fsx.preadScan); the layout has data
+    // in block 2 of 16, so only the "some" answer and the scan see its real shape.
+    const cases: [number, number[]][] = [
+      [0, [C.REPLY_TYPE_OFFSET_DATA]],
+      [16, [C.REPLY_TYPE_OFFSET_HOLE]],
+      [15, [C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_OFFSET_DATA, C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_NONE]],
+      [-1, [C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_OFFSET_DATA, C.REPLY_TYPE_OFFSET_HOLE, C.REPLY_TYPE_NONE]],
+    ];
+    for (const [count, types] of cases) {
+      const t = setup({ structured: true, async: true });
+      t.exp.data.fill(1, 8192, 12288);
+      const read = t.exp.read.bind(t.exp);
+      const asked: (number | undefined)[] = [];
+      t.exp.read = (offset: number, length: number, target: Buffer, scan?: ZeroBlockScan) => {
+        asked.push(scan?.blockBytes);
+        if (scan && count >= 0) scan.zeroBlocks = count;
+        return read(offset, length, target);
+      };
+      t.req(C.CMD_READ, { length: 65536 });
+      await t.settle();
+      const chunks = parseStructured(t.sent[0]!);
+      expect(chunks.map((c) => c.type), `count ${count}`).toEqual(types);
+      expect(chunks.at(-1)!.flags & C.REPLY_FLAG_DONE).toBeTruthy();
+      if (count === 0) expect(chunks[0]!.payload.subarray(8).equals(t.exp.data.subarray(0, 65536))).toBe(true);
+      expect(asked).toEqual([4096]);
+    }
+    // Below the sparse size and with DF nothing is asked.
+    const t = setup({ structured: true });
+    const asked: (number | undefined)[] = [];
+    const read = t.exp.read.bind(t.exp);
+    t.exp.read = (offset: number, length: number, target: Buffer, scan?: ZeroBlockScan) => {
+      asked.push(scan?.blockBytes);
+      return read(offset, length, target);
+    };
+    t.req(C.CMD_READ, { length: 4096 });
+    t.req(C.CMD_READ, { length: 65536, flags: C.CMDFLAG_DF });
+    expect(asked).toEqual([undefined, undefined]);
   });
 
   it('DF: one content chunk even when the range has holes', () => {
