@@ -73,4 +73,40 @@ describe('memory after a burst of large requests', () => {
       for (const c of conns) c.destroy();
     }
   });
+
+  it('a quiet WRITE payload pool is emptied while reads keep the read pool busy', async () => {
+    const pools = async () => {
+      const m = await d.metrics();
+      const get = (pool: string) => Number(new RegExp(`^deltavol_nbd_pool_idle_bytes\\{pool="${pool}"\\} (\\d+)`, 'm').exec(m)?.[1] ?? NaN);
+      return { read: get('read'), write: get('write') };
+    };
+    const conns = await Promise.all(Array.from({ length: CONNECTIONS }, () => client()));
+    try {
+      await Promise.all(
+        conns.map(async (c, i) => {
+          for (let k = 0; k < DEPTH; k++) {
+            c.write(RawNbd.request(CMD.WRITE, { cookie: BigInt(k), offset: (i * DEPTH + k) * MiB, length: MiB }));
+            c.write(Buffer.alloc(MiB, 1 + k));
+          }
+          for (let k = 0; k < DEPTH; k++) expect((await c.simpleReply()).error).toBe(0);
+        }),
+      );
+      const afterWrites = await pools();
+      expect(afterWrites.write).toBeGreaterThanOrEqual(MiB); // the WRITE payload buffers wait in their pool
+      // One connection reads 1 MiB at a time, without a pause, until the WRITE pool is empty.
+      const reader = conns[0]!;
+      const deadline = Date.now() + 12_000;
+      let now = afterWrites;
+      let reads = 0;
+      while (Date.now() < deadline && now.write > 0) {
+        for (let k = 0; k < 20; k++, reads++) expect((await reader.readSimple((reads % 32) * MiB, MiB, BigInt(1000 + reads))).length).toBe(MiB);
+        now = await pools();
+      }
+      console.log(`[memory-after-burst] idle WRITE payload buffers ${(afterWrites.write / MiB).toFixed(0)} → ${(now.write / MiB).toFixed(0)} MiB after ${reads} reads; idle READ buffers ${(now.read / MiB).toFixed(0)} MiB`);
+      expect(now.write).toBe(0);
+      expect(now.read).toBeGreaterThan(0); // the busy pool keeps its buffers
+    } finally {
+      for (const c of conns) c.destroy();
+    }
+  });
 });
