@@ -349,60 +349,99 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* pread of len bytes at off into dst, whole (bytes past the end of the file read as zeroes): 0 or an errno. */
+static int pread_all(int fd, char *dst, size_t len, off_t off) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pread(fd, dst + done, len - done, off + (off_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) {
+      memset(dst + done, 0, len - done); /* past the end of the file */
+      break;
+    }
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+/* The arguments of preadRanges and pwriteRanges: (fd, buffer, bufferOffset, ranges, count). */
+typedef struct {
+  int fd;
+  char *data;      /* the buffer, from bufferOffset */
+  const double *r; /* count (file offset, length) pairs */
+  int64_t count;
+  uint64_t bytes;  /* the ranges' lengths together */
+} ranges_args;
+
+/* Reads and checks them: every range is valid and all fit the buffer, before any byte moves.
+ * False with a JS exception pending otherwise. */
+static bool get_ranges_args(napi_env env, napi_callback_info info, const char *name, ranges_args *a) {
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, at, count;
+  void *data, *rdata;
+  size_t len, rlen;
+  napi_typedarray_type rtype;
+  bool is_buf = false, is_ta = false;
+  char msg[160];
+  if (argc < 5 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[2], &at) || !get_i64(env, argv[4], &count) ||
+      napi_is_buffer(env, argv[1], &is_buf) != napi_ok || !is_buf || napi_is_typedarray(env, argv[3], &is_ta) != napi_ok || !is_ta) {
+    snprintf(msg, sizeof msg, "%s: expected (fd, Buffer, offset in it, Float64Array ranges, count)", name);
+    napi_throw_type_error(env, "EINVAL", msg);
+    return false;
+  }
+  napi_get_buffer_info(env, argv[1], &data, &len);
+  napi_get_typedarray_info(env, argv[3], &rtype, &rlen, &rdata, NULL, NULL);
+  if (rtype != napi_float64_array || (size_t)count * 2 > rlen) {
+    snprintf(msg, sizeof msg, "%s: ranges must be a Float64Array of at least 2 * count numbers", name);
+    napi_throw_type_error(env, "EINVAL", msg);
+    return false;
+  }
+  const double *r = (const double *)rdata;
+  uint64_t pos = (uint64_t)at;
+  for (int64_t i = 0; i < count; i++) {
+    double o = r[2 * i], l = r[2 * i + 1];
+    if (!(o >= 0 && o <= 9007199254740991.0 && l >= 0 && l <= (double)len) || pos + (uint64_t)l > len) {
+      snprintf(msg, sizeof msg, "%s: a range is negative or does not fit the buffer", name);
+      napi_throw_range_error(env, "EINVAL", msg);
+      return false;
+    }
+    pos += (uint64_t)l;
+  }
+  if ((uint64_t)at > len) {
+    snprintf(msg, sizeof msg, "%s: the offset is past the end of the buffer", name);
+    napi_throw_range_error(env, "EINVAL", msg);
+    return false;
+  }
+  a->fd = (int)fd;
+  a->data = (char *)data + at;
+  a->r = r;
+  a->count = count;
+  a->bytes = pos - (uint64_t)at;
+  return true;
+}
+
 /*
  * preadRanges(fd, target, targetOffset, ranges, count): reads `count` ranges, ranges being
  * a Float64Array of (file offset, length) pairs, one after the other into target from
  * targetOffset. Bytes past the end of the file read as zeroes. Returns the bytes placed.
  */
 static napi_value pread_ranges(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  int64_t fd, at, count;
-  void *tdata;
-  size_t tlen;
-  napi_typedarray_type rtype;
-  size_t rlen;
-  void *rdata;
-  bool is_buf = false, is_ta = false;
-  if (argc < 5 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[2], &at) || !get_i64(env, argv[4], &count) ||
-      napi_is_buffer(env, argv[1], &is_buf) != napi_ok || !is_buf || napi_is_typedarray(env, argv[3], &is_ta) != napi_ok || !is_ta) {
-    napi_throw_type_error(env, "EINVAL", "expected (fd, Buffer, targetOffset, Float64Array ranges, count)");
-    return NULL;
-  }
-  napi_get_buffer_info(env, argv[1], &tdata, &tlen);
-  napi_get_typedarray_info(env, argv[3], &rtype, &rlen, &rdata, NULL, NULL);
-  if (rtype != napi_float64_array || (size_t)count * 2 > rlen) {
-    napi_throw_type_error(env, "EINVAL", "ranges: a Float64Array of at least 2 * count numbers");
-    return NULL;
-  }
-  const double *r = (const double *)rdata;
-  uint64_t pos = (uint64_t)at;
-  for (int64_t i = 0; i < count; i++) {
-    double o = r[2 * i], l = r[2 * i + 1];
-    if (!(o >= 0 && o <= 9007199254740991.0 && l >= 0 && l <= (double)tlen) || pos + (uint64_t)l > tlen) {
-      napi_throw_range_error(env, "EINVAL", "preadRanges: a range is negative or does not fit the target");
-      return NULL;
-    }
-    size_t len = (size_t)l, done = 0;
-    off_t off = (off_t)o;
-    char *dst = (char *)tdata + pos;
-    while (done < len) {
-      ssize_t n = pread((int)fd, dst + done, len - done, off + (off_t)done);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return throw_errno(env, "pread", errno);
-      }
-      if (n == 0) {
-        memset(dst + done, 0, len - done); /* past the end of the file */
-        break;
-      }
-      done += (size_t)n;
-    }
-    pos += len;
+  ranges_args a;
+  if (!get_ranges_args(env, info, "preadRanges", &a)) return NULL;
+  char *dst = a.data;
+  for (int64_t i = 0; i < a.count; i++) {
+    size_t len = (size_t)a.r[2 * i + 1];
+    int e = pread_all(a.fd, dst, len, (off_t)a.r[2 * i]);
+    if (e != 0) return throw_errno(env, "pread", e);
+    dst += len;
   }
   napi_value out;
-  napi_create_double(env, (double)(pos - (uint64_t)at), &out);
+  napi_create_double(env, (double)a.bytes, &out);
   return out;
 }
 
@@ -445,20 +484,8 @@ static bool all_zero(const char *p, size_t n) {
 static void pread_scan_execute(napi_env env, void *data) {
   (void)env;
   pread_scan_job *j = data;
-  size_t done = 0;
-  while (done < j->length) {
-    ssize_t n = pread(j->fd, j->dst + done, j->length - done, j->position + (off_t)done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      j->err = errno;
-      return;
-    }
-    if (n == 0) {
-      memset(j->dst + done, 0, j->length - done); /* past the end of the file */
-      break;
-    }
-    done += (size_t)n;
-  }
+  j->err = pread_all(j->fd, j->dst, j->length, j->position);
+  if (j->err != 0) return;
   if (j->block_bytes == 0) {
     j->zero_blocks = -1;
     return;
@@ -537,56 +564,24 @@ static napi_value pread_scan(napi_env env, napi_callback_info info) {
  * 4 KiB blocks; one fs.writeSync each cost more in JS and binding overhead than the pwrite.
  */
 static napi_value pwrite_ranges(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  int64_t fd, at, count;
-  void *sdata;
-  size_t slen;
-  napi_typedarray_type rtype;
-  size_t rlen;
-  void *rdata;
-  bool is_buf = false, is_ta = false;
-  if (argc < 5 || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[2], &at) || !get_i64(env, argv[4], &count) ||
-      napi_is_buffer(env, argv[1], &is_buf) != napi_ok || !is_buf || napi_is_typedarray(env, argv[3], &is_ta) != napi_ok || !is_ta) {
-    napi_throw_type_error(env, "EINVAL", "expected (fd, Buffer, sourceOffset, Float64Array ranges, count)");
-    return NULL;
-  }
-  napi_get_buffer_info(env, argv[1], &sdata, &slen);
-  napi_get_typedarray_info(env, argv[3], &rtype, &rlen, &rdata, NULL, NULL);
-  if (rtype != napi_float64_array || count < 0 || (size_t)count * 2 > rlen || at < 0) {
-    napi_throw_type_error(env, "EINVAL", "ranges: a Float64Array of at least 2 * count numbers");
-    return NULL;
-  }
-  const double *r = (const double *)rdata;
-  /* Every range is checked before any byte is written. */
-  uint64_t pos = (uint64_t)at;
-  for (int64_t i = 0; i < count; i++) {
-    double o = r[2 * i], l = r[2 * i + 1];
-    if (!(o >= 0 && o <= 9007199254740991.0 && l >= 0 && l <= (double)slen) || pos + (uint64_t)l > slen) {
-      napi_throw_range_error(env, "EINVAL", "pwriteRanges: a range is negative or its bytes are not all in the source");
-      return NULL;
-    }
-    pos += (uint64_t)l;
-  }
-  pos = (uint64_t)at;
-  for (int64_t i = 0; i < count; i++) {
-    double o = r[2 * i], l = r[2 * i + 1];
-    size_t len = (size_t)l, done = 0;
-    off_t off = (off_t)o;
-    const char *src = (const char *)sdata + pos;
+  ranges_args a;
+  if (!get_ranges_args(env, info, "pwriteRanges", &a)) return NULL;
+  const char *src = a.data;
+  for (int64_t i = 0; i < a.count; i++) {
+    size_t len = (size_t)a.r[2 * i + 1], done = 0;
+    off_t off = (off_t)a.r[2 * i];
     while (done < len) {
-      ssize_t n = pwrite((int)fd, src + done, len - done, off + (off_t)done);
+      ssize_t n = pwrite(a.fd, src + done, len - done, off + (off_t)done);
       if (n < 0) {
         if (errno == EINTR) continue;
         return throw_errno(env, "pwrite", errno);
       }
       done += (size_t)n;
     }
-    pos += len;
+    src += len;
   }
   napi_value out;
-  napi_create_double(env, (double)(pos - (uint64_t)at), &out);
+  napi_create_double(env, (double)a.bytes, &out);
   return out;
 }
 
