@@ -222,12 +222,15 @@ static void start_job(napi_env env, sender *s) {
   napi_create_string_utf8(env, "deltavol.send", NAPI_AUTO_LENGTH, &name);
   if (napi_create_async_work(env, NULL, name, drain_execute, drain_complete, s, &s->work) != napi_ok ||
       napi_queue_async_work(env, s->work) != napi_ok) {
-    /* Not expected; the messages go back to the loop like a full socket's. */
+    /* Not expected; the messages go back to the loop like a full socket's (told through
+     * the notifier: this runs inside senderPush or a completion, not where JS can be called). */
     pthread_mutex_lock(&s->mu);
     s->running = 0;
     s->stopped = 1;
     s->error = EIO;
+    s->notify_pending = 1;
     pthread_mutex_unlock(&s->mu);
+    napi_call_threadsafe_function(s->notify, NULL, napi_tsfn_nonblocking);
   }
 }
 
