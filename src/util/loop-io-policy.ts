@@ -5,8 +5,9 @@
 // reader at queue depth 1 went from a p50 of 0.1-0.2 ms to 4 ms. So large writes run on the
 // loop only while one client is being served: when no request came from any other
 // connection within LONE_CLIENT_WINDOW_MS. Otherwise the configured small limit applies
-// (`--sync-io-max`). Large reads never take the lone limit (syncReadBytesMax below). Knows nothing of NBD or files: the server reports which client made
-// a request, the file store asks for the limit.
+// (`--sync-io-max`). Large reads never take the lone limit (syncReadBytesMax below).
+// Knows nothing of NBD or files: the server reports which client made a request, the file
+// store asks for the limit.
 
 import { assert } from './assert.js';
 
