@@ -29,6 +29,7 @@ import { refuseOn } from './refusal.js';
 import type { ReplicationPlatform } from './platform.js';
 import * as L from './limits.js';
 import { decodeHops, encodeHops, type ChainHop } from './chain.js';
+import { planPlayback } from './playback-plan.js';
 
 const SPLIT_WRITES_FILE = 'replica-split-writes.json';
 /** A copy's writes (and their bytes) in flight at most before the replica waits for them. */
@@ -759,36 +760,20 @@ export class ReplicaVolume {
       // The blocks of a set are distinct: a chunk's writes are issued together (the engine
       // group-commits what they need), one chunk at a time to bound memory.
       const ranges = new Float64Array(2 * L.playbackBatchRunsMax);
+      const playbackLimits = { runBytesMax: L.playbackBatchRunBytesMax, runsMax: L.playbackBatchRunsMax };
       for (const c of s.chunks) {
         // The chunk's data, read back from the inbound file into one reused buffer: each
         // run is written from a slice of it. Small runs (scattered blocks) go to the file
-        // several at once; a large one alone, where the volume decides how (threadpool).
+        // several at once; a large one alone, where the volume decides how (threadpool):
+        // playback-plan.ts.
         const data = inbound.chunkData(s.set, c);
         const waits: Promise<void>[] = [];
-        let batched = 0;
-        let batchAt = 0;
-        let at = 0;
-        const writeBatch = () => {
-          const r = batched === 0 ? undefined : this.port.playbackWriteRuns(ranges, batched, data, batchAt);
+        planPlayback(c.runs, bs, size, ranges, playbackLimits, (w) => {
+          const r = w.batch
+            ? this.port.playbackWriteRuns(ranges, w.count, data, w.sourceOffset)
+            : this.port.playbackWrite(w.offset, [data.subarray(w.sourceOffset, w.sourceOffset + w.length)]);
           if (r) waits.push(r);
-          batched = 0;
-        };
-        for (const [b, n] of c.runs) {
-          const off = b * bs;
-          const len = Math.min(n * bs, size - off); // (only the volume's last block is short: the last run)
-          if (len > L.playbackBatchRunBytesMax) {
-            writeBatch();
-            const r = this.port.playbackWrite(off, [data.subarray(at, at + len)]);
-            if (r) waits.push(r);
-          } else {
-            if (batched === 0) batchAt = at;
-            ranges[2 * batched] = off;
-            ranges[2 * batched + 1] = len;
-            if (++batched === L.playbackBatchRunsMax) writeBatch();
-          }
-          at += n * bs;
-        }
-        writeBatch();
+        });
         await Promise.all(waits);
       }
       await this.port.flush();
