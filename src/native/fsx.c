@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 static const char *errno_name(int e) {
@@ -426,6 +427,17 @@ static bool get_ranges_args(napi_env env, napi_callback_info info, const char *n
 }
 
 /*
+ * Ranges that follow each other in the file with at most this many bytes between them are
+ * read with one preadv(2), the bytes between them into gap_scratch, which nobody reads: set
+ * building reads the changed blocks of a set, and after random 4 KiB writes most runs are a
+ * block or two with a block or two between them, so one syscall each cost more than the
+ * copy of the gaps (a 4 KiB pread ~1 µs, a 4 KiB copy ~0.3 µs).
+ */
+#define RANGES_GAP_BYTES_MAX (16 * 1024)
+#define RANGES_IOV_MAX 256
+static char gap_scratch[RANGES_GAP_BYTES_MAX];
+
+/*
  * preadRanges(fd, target, targetOffset, ranges, count): reads `count` ranges, ranges being
  * a Float64Array of (file offset, length) pairs, one after the other into target from
  * targetOffset. Bytes past the end of the file read as zeroes. Returns the bytes placed.
@@ -433,12 +445,51 @@ static bool get_ranges_args(napi_env env, napi_callback_info info, const char *n
 static napi_value pread_ranges(napi_env env, napi_callback_info info) {
   ranges_args a;
   if (!get_ranges_args(env, info, "preadRanges", &a)) return NULL;
+  struct iovec iov[RANGES_IOV_MAX];
   char *dst = a.data;
-  for (int64_t i = 0; i < a.count; i++) {
-    size_t len = (size_t)a.r[2 * i + 1];
-    int e = pread_all(a.fd, dst, len, (off_t)a.r[2 * i]);
-    if (e != 0) return throw_errno(env, "pread", e);
-    dst += len;
+  for (int64_t i = 0; i < a.count;) {
+    /* One group: ranges [i, j) in file order with small gaps, read with one preadv. */
+    const off_t start = (off_t)a.r[2 * i];
+    off_t end = start;
+    char *d = dst;
+    size_t total = 0;
+    int n = 0;
+    int64_t j = i;
+    while (j < a.count && n + 2 <= RANGES_IOV_MAX) {
+      const off_t o = (off_t)a.r[2 * j];
+      const size_t l = (size_t)a.r[2 * j + 1];
+      if (j > i) {
+        if (o < end || o - end > RANGES_GAP_BYTES_MAX) break;
+        if (o > end) {
+          iov[n].iov_base = gap_scratch;
+          iov[n++].iov_len = (size_t)(o - end);
+          total += (size_t)(o - end);
+        }
+      }
+      if (l > 0) {
+        iov[n].iov_base = d;
+        iov[n++].iov_len = l;
+      }
+      total += l;
+      d += l;
+      end = o + (off_t)l;
+      j++;
+    }
+    ssize_t got = n == 0 ? 0 : preadv(a.fd, iov, n, start);
+    while (got < 0 && errno == EINTR) got = preadv(a.fd, iov, n, start);
+    if (got < 0) return throw_errno(env, "preadv", errno);
+    if ((size_t)got < total) {
+      /* Short (the end of the file, or a signal): range by range, past the end as zeroes. */
+      d = dst;
+      for (int64_t k = i; k < j; k++) {
+        const size_t l = (size_t)a.r[2 * k + 1];
+        int e = pread_all(a.fd, d, l, (off_t)a.r[2 * k]);
+        if (e != 0) return throw_errno(env, "pread", e);
+        d += l;
+      }
+    }
+    dst = d;
+    i = j;
   }
   napi_value out;
   napi_create_double(env, (double)a.bytes, &out);

@@ -45,6 +45,38 @@ describe('fsx.preadRanges', () => {
 });
 
 describe('fsx.pwriteRanges', () => {
+  it('reads ranges a few KiB apart with one preadv: the bytes between them land nowhere, and the end of the file still reads as zeroes', () => {
+    const fsx = loadFsx()!;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fsx-ranges-'));
+    try {
+      const file = path.join(dir, 'f');
+      const content = Buffer.from(Array.from({ length: 200_000 }, (_, i) => (i * 13 + (i >> 8)) & 255));
+      fs.writeFileSync(file, content);
+      const fd = fs.openSync(file, 'r');
+      try {
+        // Ascending with gaps of 0, 1, 4096 and 16384 bytes (one group), then 16385 (a new
+        // group), then a range that runs past the end of the file (short: read alone).
+        const pairs: [number, number][] = [[100, 4096], [4196, 10], [4207, 4096], [12399, 512], [29295, 3000], [48680, 7], [199_000, 5000]];
+        const ranges = new Float64Array(pairs.flat());
+        const total = pairs.reduce((n, [, l]) => n + l, 0);
+        const target = Buffer.alloc(total + 20, 0xaa);
+        expect(fsx.preadRanges!(fd, target, 10, ranges, pairs.length)).toBe(total);
+        let at = 10;
+        for (const [o, l] of pairs) {
+          const want = Buffer.alloc(l);
+          content.copy(want, 0, o, Math.min(o + l, content.length));
+          expect(target.subarray(at, at + l).equals(want), `range ${o}+${l}`).toBe(true);
+          at += l;
+        }
+        expect(target.subarray(0, 10).every((x) => x === 0xaa) && target.subarray(at).every((x) => x === 0xaa)).toBe(true);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('writes ranges from back-to-back source bytes, grows the file past its end, refuses a source too short', () => {
     const fsx = loadFsx();
     expect(fsx?.pwriteRanges, 'the addon (npm run build) has pwriteRanges').toBeTypeOf('function');
