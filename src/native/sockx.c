@@ -381,17 +381,21 @@ static napi_value sender_state(napi_env env, napi_callback_info info) {
   return r;
 }
 
-/* senderResume(handle): after a stop, once no job runs: forgets the unsent messages (the
- * caller took them back) and takes pushes again. */
-static napi_value sender_resume(napi_env env, napi_callback_info info) {
+/* The one handle argument of senderResume / senderClose, or NULL after a TypeError naming `usage`. */
+static sender *handle_only_arg(napi_env env, napi_callback_info info, const char *usage) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   sender *s = argc >= 1 ? sender_arg(env, argv[0]) : NULL;
-  if (!s) {
-    napi_throw_type_error(env, "EINVAL_ARGUMENT", "senderResume(handle)");
-    return NULL;
-  }
+  if (!s) napi_throw_type_error(env, "EINVAL_ARGUMENT", usage);
+  return s;
+}
+
+/* senderResume(handle): after a stop, once no job runs: forgets the unsent messages (the
+ * caller took them back) and takes pushes again. */
+static napi_value sender_resume(napi_env env, napi_callback_info info) {
+  sender *s = handle_only_arg(env, info, "senderResume(handle)");
+  if (!s) return NULL;
   pthread_mutex_lock(&s->mu);
   const int ok = s->stopped && !s->running;
   if (ok) {
@@ -407,14 +411,8 @@ static napi_value sender_resume(napi_env env, napi_callback_info info) {
 /* senderClose(handle) -> true: freed now; false: freed when its job ends (notify(true)).
  * The handle is not used again either way. */
 static napi_value sender_close(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  sender *s = argc >= 1 ? sender_arg(env, argv[0]) : NULL;
-  if (!s) {
-    napi_throw_type_error(env, "EINVAL_ARGUMENT", "senderClose(handle)");
-    return NULL;
-  }
+  sender *s = handle_only_arg(env, info, "senderClose(handle)");
+  if (!s) return NULL;
   pthread_mutex_lock(&s->mu);
   s->closing = 1;
   const int running = s->running;
