@@ -476,21 +476,37 @@ export class FrameDecoder {
   private direct: Buffer | null = null;
   /** The last frame had data read in place: the next read into staging is kept short. */
   private afterLargeData = false;
-  /**
-   * Pooled mode: a frame larger than this gets no pooled buffer (its bytes are kept in the
-   * queue, so pendingBytes shows them and the owner can refuse it: Link.frameBytesMax).
-   */
-  frameBytesMax = Infinity;
+  private frameLimit = Infinity;
 
   constructor(private readonly onFrame: (f: Frame) => void) {}
 
   private prefixBytes = framePrefixBytes;
 
+  /**
+   * Pooled mode: a frame larger than this gets no pooled buffer (its bytes are kept in the
+   * queue, so pendingBytes shows them and the owner can refuse it: Link.frameBytesMax).
+   * While it is at most the small staging size's reach (a peer not yet accepted), reads go
+   * into a small staging buffer: 200 connections that each sent most of a 1 MiB "hello"
+   * left 64 KiB each of garbage behind, and RSS grew by up to 50 MiB (security test).
+   */
+  get frameBytesMax(): number {
+    return this.frameLimit;
+  }
+  set frameBytesMax(bytes: number) {
+    this.frameLimit = bytes;
+    // The next readBuffer() takes one of the size this limit wants. Nothing pushed is kept
+    // in staging (push copies leftovers out), so dropping it here, even from onFrame, is safe.
+    if (this.staging !== null && this.staging.length !== this.stagingBytesWanted()) this.staging = null;
+  }
+
   /** Switches to pooled reads; only before anything was pushed. */
   usePool(pool: BufferPool): void {
     assert(this.state === 'prefix' && this.queue.length === 0 && this.closed === null, 'FrameDecoder.usePool after data');
     this.pool = pool;
-    this.staging = Buffer.allocUnsafe(stagingReadBytes);
+  }
+
+  private stagingBytesWanted(): number {
+    return this.frameLimit <= smallStagingFrameBytesMax ? headerReadBytes : stagingReadBytes;
   }
 
   /**
@@ -498,7 +514,8 @@ export class FrameDecoder {
    * A frame's data goes straight into its buffer, at most up to the frame's end.
    */
   readBuffer(): Buffer {
-    assert(this.staging !== null, 'FrameDecoder.readBuffer without a pool');
+    assert(this.pool !== null, 'FrameDecoder.readBuffer without a pool');
+    this.staging ??= Buffer.allocUnsafe(this.stagingBytesWanted());
     const left = this.dataBytes - this.filled;
     if (this.state === 'data' && this.dest !== null && this.queue.length === 0 && left >= directReadBytesMin) {
       this.direct = this.dest.subarray(this.filled, this.dataBytes);
@@ -531,12 +548,10 @@ export class FrameDecoder {
       }
       this.queue.push(chunk);
       this.parse();
-      // The staging buffer is read into again: what is left of a frame's start is copied out.
-      if (this.pool !== null && this.queue.length > 0) {
-        const rest = Buffer.allocUnsafe(this.queue.length);
-        this.queue.copyOut(rest, 0, rest.length);
-        this.queue.push(rest);
-      }
+      // The staging buffer is read into again: what is left of this chunk is copied out
+      // (earlier chunks are copies already; copying the whole queue each time made a frame
+      // kept in the queue cost the square of its length).
+      if (this.pool !== null && this.queue.length > 0) this.queue.ownLast();
     } catch (e) {
       this.closed = 'failed';
       this.queue.clear();
@@ -666,6 +681,8 @@ export class FrameDecoder {
 
 /** Pooled mode: the staging buffer (reads of frame starts, and of small frames). */
 const stagingReadBytes = 64 * 1024;
+/** Frame limits up to this (a hello's: limits.ts helloFrameBytesMax) read through a staging buffer of headerReadBytes. */
+const smallStagingFrameBytesMax = 64 * 1024;
 /** Pooled mode: after a frame whose data was read in place, the next read takes about a frame start (then the data goes in place again). */
 const headerReadBytes = 8 * 1024;
 /** Pooled mode: data left to read below this goes through staging (a copy) rather than a read of its own. */

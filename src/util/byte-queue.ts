@@ -52,6 +52,21 @@ export class ByteQueue {
     return views;
   }
 
+  /**
+   * The last chunk pushed gets a copy of its own (its buffer is about to be read into again);
+   * earlier chunks stay as they are. Only what is left of it is copied.
+   */
+  ownLast(): void {
+    const i = this.chunks.length - 1;
+    if (i < this.first) return;
+    const start = i === this.first ? this.head : 0;
+    const c = this.chunks[i]!;
+    const copy = Buffer.allocUnsafe(c.length - start);
+    c.copy(copy, 0, start);
+    this.chunks[i] = copy;
+    if (i === this.first) this.head = 0;
+  }
+
   /** Copies the next n bytes into target at targetOffset and drops them from the queue. */
   copyOut(target: Buffer, targetOffset: number, n: number): void {
     assert(n <= this.length, 'copy past end of queue');

@@ -622,6 +622,48 @@ describe('replication wire: pooled reads (Conn.readInto)', () => {
     expect(got[0]!.data!.equals(s.data[0]!)).toBe(true);
   });
 
+  it('reads through an 8 KiB staging buffer while the frame limit is a hello\'s, 64 KiB once raised from onFrame; every frame intact', () => {
+    // A peer not yet accepted costs little: 200 connections each sending most of a 1 MiB
+    // "hello" left 64 KiB of staging each behind (security test, RSS +50 MiB).
+    const seed = testSeed('replication wire: staging follows the frame limit');
+    fc.assert(
+      fc.property(fc.array(sampleArb, { minLength: 2, maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 20 }), (samples, caps) => {
+        const pool = new BufferPool(4096, 8 * 1024 * 1024);
+        const got: Frame[] = [];
+        const d = new FrameDecoder((f) => {
+          const want = samples[got.length]!;
+          got.push(f);
+          expect(f.msg).toEqual(want.msg);
+          const data = Buffer.concat(want.data);
+          if (data.length === 0) expect(f.data).toBeNull();
+          else expect(f.data!.equals(data)).toBe(true);
+          f.release();
+          if (got.length === 1) d.frameBytesMax = Infinity; // the service, once the hello is accepted
+        });
+        d.usePool(pool);
+        d.frameBytesMax = 64 * 1024;
+        const bytes = Buffer.concat(samples.map(frameBytes));
+        let k = 0;
+        for (let at = 0; at < bytes.length; ) {
+          const b = d.readBuffer();
+          const n = bytes.copy(b, 0, at, Math.min(bytes.length, at + Math.min(b.length, caps[k++ % caps.length]!)));
+          d.push(b.subarray(0, n));
+          at += n;
+        }
+        d.end();
+        expect(got.length).toBe(samples.length);
+      }),
+      { seed, numRuns: 150 },
+    );
+    // The staging buffer offered for a frame start: 8 KiB under a hello's limit, 64 KiB after.
+    const d = new FrameDecoder(() => undefined);
+    d.usePool(new BufferPool(4096, 1 << 20));
+    d.frameBytesMax = 64 * 1024;
+    expect(d.readBuffer().length).toBe(8 * 1024);
+    d.frameBytesMax = Infinity;
+    expect(d.readBuffer().length).toBe(64 * 1024);
+  });
+
   it('hold() keeps a buffer from the pool until every holder is done', () => {
     const pool = new BufferPool(4096, 8 * 1024 * 1024);
     const got: Frame[] = [];
