@@ -23,6 +23,7 @@ import type { BufferPool } from '../util/buffer-pool.js';
 import { crc32cParts } from '../util/crc32c-parts.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
+import { helloFrameBytesMax } from './limits.js';
 
 export const FRAME_MAGIC = 0x44565232; // 'DVR2'
 export const framePrefixBytes = 20;
@@ -485,9 +486,10 @@ export class FrameDecoder {
   /**
    * Pooled mode: a frame larger than this gets no pooled buffer (its bytes are kept in the
    * queue, so pendingBytes shows them and the owner can refuse it: Link.frameBytesMax).
-   * While it is at most the small staging size's reach (a peer not yet accepted), reads go
-   * into a small staging buffer: 200 connections that each sent most of a 1 MiB "hello"
-   * left 64 KiB each of garbage behind, and RSS grew by up to 50 MiB (security test).
+   * While it is at most a hello's (limits.ts helloFrameBytesMax: a peer not yet accepted),
+   * reads go into a small staging buffer (headerReadBytes): 200 connections that each sent
+   * most of a 1 MiB "hello" left 64 KiB each of garbage behind, and RSS grew by up to 50 MiB
+   * (security test).
    */
   get frameBytesMax(): number {
     return this.frameLimit;
@@ -506,7 +508,7 @@ export class FrameDecoder {
   }
 
   private stagingBytesWanted(): number {
-    return this.frameLimit <= smallStagingFrameBytesMax ? headerReadBytes : stagingReadBytes;
+    return this.frameLimit <= helloFrameBytesMax ? headerReadBytes : stagingReadBytes;
   }
 
   /**
@@ -681,8 +683,6 @@ export class FrameDecoder {
 
 /** Pooled mode: the staging buffer (reads of frame starts, and of small frames). */
 const stagingReadBytes = 64 * 1024;
-/** Frame limits up to this (a hello's: limits.ts helloFrameBytesMax) read through a staging buffer of headerReadBytes. */
-const smallStagingFrameBytesMax = 64 * 1024;
 /** Pooled mode: after a frame whose data was read in place, the next read takes about a frame start (then the data goes in place again). */
 const headerReadBytes = 8 * 1024;
 /** Pooled mode: data left to read below this goes through staging (a copy) rather than a read of its own. */
