@@ -185,6 +185,64 @@ describe('outbound log', () => {
     }
   });
 
+  it('starts over at the file\'s beginning when it is empty, and only then', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
+    try {
+      const fsys = nodeDurableFs(dir);
+      let log = OutboundLog.open(fsys, 16 * MiB);
+      const perChunk = MiB / BS;
+      const writeSet = async (set: number, chunks: number) => {
+        const w = log.beginSet(set, 1, BS, BLOCKS, false, 0, 0);
+        for (let b = 0; b < chunks * perChunk; b++) w.put(b, blockData(set, b));
+        await w.commit();
+        return log.get(set)!;
+      };
+      const reads = (set: number) => {
+        for (const c of log.get(set)!.chunks) {
+          const f = decode(Buffer.concat(log.readChunk(c)));
+          expect(f.msg.t === 'chunk' && f.msg.set).toBe(set);
+          const first = f.msg.t === 'chunk' ? f.msg.runs[0]![0] : -1;
+          expect(f.data.subarray(0, BS).equals(blockData(set, first))).toBe(true);
+        }
+      };
+      const s1 = await writeSet(1, 3);
+      expect(s1.startPos).toBe(0);
+      const s2 = await writeSet(2, 2); // set 1 is kept: set 2 follows it
+      expect(s2.startPos).toBe(s1.endPos);
+      log.release(1);
+      const s3 = await writeSet(3, 2); // set 2 is still kept
+      expect(s3.startPos).toBe(s2.endPos);
+      log.release(3);
+      expect(log.usedBytes).toBe(0);
+      // Empty: the next set is written where set 1 was, and the cache serves it, not set 1.
+      const s4 = await writeSet(4, 1);
+      expect(s4.startPos).toBe(0);
+      expect(log.usedBytes).toBe(s4.endPos);
+      reads(4);
+      log.invariants();
+      // The index on disk says so too, and the file (not the cache) holds set 4 there.
+      log.close();
+      log = OutboundLog.open(fsys, 16 * MiB);
+      expect(log.get(4)!.startPos).toBe(0);
+      reads(4);
+      expect(log.chunkFileReads).toBeGreaterThan(0);
+      // A set built but never committed (the process died) leaves the index as it was:
+      // the next set after a reopen starts where the index says, here again at 0 once empty.
+      log.release(4);
+      const dead = log.beginSet(5, 1, BS, BLOCKS, false, 0, 0);
+      for (let b = 0; b < perChunk + 3; b++) dead.put(b, blockData(99, b));
+      log.close();
+      log = OutboundLog.open(fsys, 16 * MiB);
+      expect(log.lastSet).toBe(4);
+      expect((await writeSet(5, 2)).startPos).toBe(0);
+      reads(5);
+      log.invariants();
+      log.close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('refuses a record that does not fit instead of overwriting a kept set', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dv-outlog-'));
     try {
