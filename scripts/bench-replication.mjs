@@ -58,7 +58,7 @@ const HELP = `Usage: scripts/bench replication [options]
                       rounds, unmeasured (default 4; 0 = none): V8 compiles the replication
                       path once per daemon (~0.5-0.8 s of CPU measured in the first duplex run);
                       > 0 also writes the outbound log's size sequentially before the IOPS
-                      rounds (its first lap lands on fresh memory) and runs one unmeasured
+                      rounds (its first pages land on fresh memory) and runs one unmeasured
                       ship round first (the replica's volume then
                       holds the change's blocks: memory first touched is slow on these VMs)
   --steady S          seconds of the 20 MB/s steady-state load (default 60)
@@ -145,15 +145,17 @@ async function testIops(A, B) {
     for (const jobName of opt.jobs) {
       await fio(`warmup-${jobName}`, A.uri(vol), [...JOBS[jobName].args, '--time_based', `--runtime=${opt.warmup}`, '--randrepeat=0'], (opt.warmup + 60) * 1000);
     }
-    // The primary's outbound log (a ring, 1 GiB by default) is written around once before
-    // anything is measured: its first lap lands on memory the VM never touched. perf of the
-    // primary in a 10 s 4k duplex run (2026-12-07): 15.5% of its samples copying chunks into
-    // the log's fresh pages (copy_folio_from_iter_atomic under writev), 1.9% once the log had
-    // wrapped (and 1.9% with a 256 MiB log); a daemon that has shipped its first GiB never
-    // pays it again, since the log file and its pages stay.
-    // (bytesSent cannot tell: it counts the initial copy, which does not go through the log.)
+    // The primary's outbound log (a ring, 1 GiB by default) is filled before anything is
+    // measured: the first write of each of its pages lands on memory the VM never touched.
+    // perf of the primary in a 10 s 4k duplex run (2026-12-07): 15.5% of its samples copying
+    // chunks into the log's fresh pages (copy_folio_from_iter_atomic under writev), 1.9% once
+    // the log had wrapped (and 1.9% with a 256 MiB log), 2.5% with this warm-up; a daemon that
+    // has shipped its first GiB never pays it again, since the log file and its pages stay.
+    // 1M writes outrun shipping, so the log fills up instead of emptying (an empty log starts
+    // its next set at the file's beginning). bytesSent cannot size this: it counts the
+    // initial copy, which does not go through the log.
     const mib = Math.ceil((await replStatus(A, vol)).outbound.capacityBytes / 1048576);
-    log(`iops: warm-up writes ${mib} MiB sequentially, the outbound log's size, so it has been written around once`);
+    log(`iops: warm-up writes ${mib} MiB sequentially, the outbound log's size, so its pages have been written once`);
     await fio('warmup-log', A.uri(vol), ['--rw=write', '--bs=1M', '--iodepth=8', `--io_size=${mib}M`], 300_000);
     await waitFor(`${vol}: in sync after the warm-up`, async () => inSync(await replStatus(A, vol)), 180_000, 100);
   }
