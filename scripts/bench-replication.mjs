@@ -151,9 +151,10 @@ async function testIops(A, B) {
     // chunks into the log's fresh pages (copy_folio_from_iter_atomic under writev), 1.9% once
     // the log had wrapped (and 1.9% with a 256 MiB log), 2.5% with this warm-up; a daemon that
     // has shipped its first GiB never pays it again, since the log file and its pages stay.
-    // 1M writes outrun shipping, so the log fills up instead of emptying (an empty log starts
-    // its next set at the file's beginning). bytesSent cannot size this: it counts the
-    // initial copy, which does not go through the log.
+    // (An empty log starts its next set at the file's beginning, so how much of the file
+    // this touches depends on how far shipping falls behind; the measured runs' share above
+    // is what counts.) bytesSent cannot size this: it counts the initial copy, which does
+    // not go through the log.
     const mib = Math.ceil((await replStatus(A, vol)).outbound.capacityBytes / 1048576);
     log(`iops: warm-up writes ${mib} MiB sequentially, the outbound log's size, so its pages have been written once`);
     await fio('warmup-log', A.uri(vol), ['--rw=write', '--bs=1M', '--iodepth=8', `--io_size=${mib}M`], 300_000);
