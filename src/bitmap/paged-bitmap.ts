@@ -514,6 +514,43 @@ export class PagedBitmap implements ReadonlyBitmap {
     return g === null || g === undefined ? 0 : g.counts[p & GROUP_MASK]!;
   }
 
+  /**
+   * The end of the shortest prefix [0, end) that holds `n` set bits (1 ≤ n ≤ count()): one
+   * past the n-th set bit. Counts pages whole and scans only the page where it ends, so a
+   * partial delta set is carved off a large change log without visiting its runs.
+   */
+  endOfFirst(n: number): number {
+    assert(Number.isInteger(n) && n >= 1 && n <= this.setCount, 'endOfFirst: 1 ≤ n ≤ count()');
+    let left = n;
+    for (let p = 0; p < this.pageCount; p++) {
+      const g = this.groups[p >>> GROUP_SHIFT];
+      if (g === null || g === undefined || g.present === 0) {
+        p = (((p >>> GROUP_SHIFT) + 1) << GROUP_SHIFT) - 1;
+        continue;
+      }
+      const i = p & GROUP_MASK;
+      const inPage = g.counts[i]!;
+      if (inPage < left) {
+        left -= inPage;
+        continue;
+      }
+      const base = p * BITMAP_PAGE_BITS;
+      const page = g.pages[i]!;
+      if (page === null) return base + g.lists[i]![left - 1]! + 1;
+      for (let w = 0; w < BITMAP_PAGE_WORDS; w++) {
+        let word = page[w]!;
+        const c = popcount32(word);
+        if (c < left) {
+          left -= c;
+          continue;
+        }
+        for (; left > 1; left--) word &= word - 1; // drop the lowest set bits before the n-th
+        return base + w * 32 + lowestBit(word) + 1;
+      }
+    }
+    throw new AssertionError('endOfFirst: page counts disagree with the bits');
+  }
+
   /** The first set bit at or after `from`, or -1. Skips absent groups and pages whole. */
   nextSet(from: number): number {
     if (from < 0) from = 0;

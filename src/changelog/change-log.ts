@@ -121,15 +121,12 @@ export class ChangeLog {
     if (blocksMax !== undefined && whole.count() > blocksMax) {
       // A partial set: the first blocksMax changed blocks (block order); the rest stay active.
       assert(blocksMax > 0, 'a partial set holds at least one block');
-      const part = new PagedBitmap(this.blocksTotal, { trackDirty: true });
-      let left = blocksMax;
-      for (const [start, count] of whole.runs()) {
-        const n = Math.min(count, left);
-        part.setRange(start, n);
-        left -= n;
-        if (left === 0) break;
-      }
-      whole.difference(part);
+      // (Page-wise: 4k random writes leave one run per block, and visiting 16k runs here
+      // held every write for 2-6 ms at each cut of a busy pair.)
+      const end = whole.endOfFirst(blocksMax);
+      const part = whole.clone({ trackDirty: true });
+      part.clearRange(end, this.blocksTotal - end);
+      whole.clearRange(0, end);
       // The pending bitmap (active ∪ frozen) is unchanged by the split.
       part.takeDirtyPages();
       this.frozenMap = part;

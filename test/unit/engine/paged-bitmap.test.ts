@@ -102,6 +102,13 @@ function check(bm: PagedBitmap, model: Set<number>, probes: number[]): void {
   bm.invariants();
   expect(bm.count()).toBe(model.size);
   expect(bm.runs()).toEqual(runsOf(model));
+  // endOfFirst(n): one past the n-th set bit, for the first, the last and n taken from each probe.
+  if (model.size > 0) {
+    const sorted = [...model].sort((x, y) => x - y);
+    for (const n of [1, sorted.length, ...probes.map((b) => 1 + (b % sorted.length))]) expect(bm.endOfFirst(n)).toBe(sorted[n - 1]! + 1);
+    expect(() => bm.endOfFirst(sorted.length + 1)).toThrow();
+  }
+  expect(() => bm.endOfFirst(0)).toThrow();
   for (const b of probes) {
     expect(bm.test(b)).toBe(model.has(b));
     let next = -1;
