@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { ChangeLog } from '../../../src/changelog/change-log.js';
 import { BITMAP_PAGE_BITS } from '../../../src/bitmap/paged-bitmap.js';
 import { prng, testSeed } from '../../helpers/seed.js';
+import { runsOfBits } from '../../helpers/bit-runs.js';
 
 const BLOCKS = 3 * BITMAP_PAGE_BITS + 777;
 
@@ -33,19 +34,10 @@ describe('change log: partial cuts', () => {
       const frozen = log.cut(round + 1, { blocksMax });
       const want = sorted.slice(0, Math.min(blocksMax, sorted.length));
       const rest = sorted.slice(want.length);
-      const runsOf = (bits: number[]) => {
-        const out: [number, number][] = [];
-        for (const b of bits) {
-          const last = out[out.length - 1];
-          if (last && last[0] + last[1] === b) last[1]++;
-          else out.push([b, 1]);
-        }
-        return out;
-      };
       expect(frozen.count(), `seed ${seed} round ${round}`).toBe(want.length);
-      expect(frozen.runs()).toEqual(runsOf(want));
+      expect(frozen.runs()).toEqual(runsOfBits(want));
       expect(log.active.count()).toBe(rest.length);
-      expect(log.active.runs()).toEqual(runsOf(rest));
+      expect(log.active.runs()).toEqual(runsOfBits(rest));
     }
   });
 });

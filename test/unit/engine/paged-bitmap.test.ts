@@ -7,6 +7,7 @@ import fc from 'fast-check';
 import { BITMAP_GROUP_PAGES, BITMAP_PAGE_BITS, BITMAP_PAGE_WORDS, PagedBitmap, SPARSE_BITS_MAX, SPARSE_BITS_MIN } from '../../../src/bitmap/paged-bitmap.js';
 import { collectGarbage } from '../../../src/util/gc.js';
 import { prng, testSeed } from '../../helpers/seed.js';
+import { runsOfBits } from '../../helpers/bit-runs.js';
 
 // Two full groups of the page table, three pages of a third and a partial page: the
 // operations cross word, page and group edges.
@@ -73,16 +74,7 @@ function changedPages(a: Set<number>, b: Set<number>): Set<number> {
   return out;
 }
 
-function runsOf(model: Set<number>): [number, number][] {
-  const sorted = [...model].sort((a, b) => a - b);
-  const out: [number, number][] = [];
-  for (const b of sorted) {
-    const last = out[out.length - 1];
-    if (last && last[0] + last[1] === b) last[1]++;
-    else out.push([b, 1]);
-  }
-  return out;
-}
+const runsOf = runsOfBits;
 
 function build(bits: number[], ranges: [number, number][]): { bm: PagedBitmap; set: Set<number> } {
   const bm = new PagedBitmap(SIZE);
