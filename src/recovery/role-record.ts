@@ -133,7 +133,7 @@ export interface UpstreamRecord {
   /** When the last set played was cut on the primary (writes after it are not here). */
   playedCutAtMs: number | null;
   /** The primary's last progress report (kept so a failover after a restart can still say what it loses). */
-  lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number; primaryAtMs: number } | null;
+  lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number; primaryAtMs: number; heldSet?: number } | null;
 }
 
 export interface ResyncRecord {

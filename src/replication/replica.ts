@@ -66,6 +66,12 @@ export interface PrimaryReport {
   atMs: number;
   /** When the primary made it (its clock: the clock of the writes it reports on). */
   primaryAtMs: number;
+  /**
+   * This replica's acknowledged chain head when the report arrived: the report can have
+   * counted no later set as held here, so dropping only later sets leaves it true. Absent in
+   * reports kept by older versions (then any dropped set voids it).
+   */
+  heldSet?: number;
 }
 
 /**
@@ -607,12 +613,13 @@ export class ReplicaVolume {
         return;
       }
       case 'progress': {
-        const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now(), primaryAtMs: m.atMs };
+        // (The primary counted as held only sets it had seen acknowledged, all at or below ours.)
+        const r = { lastSet: m.lastSet, atRiskSinceMs: m.atRiskSinceMs === 0 ? null : m.atRiskSinceMs, bytesDifferent: m.bytesDifferent, atMs: this.platform.clock.now(), primaryAtMs: m.atMs, heldSet: this.ackedSet };
         const old = this.state.lastReport;
         this.state.lastReport = r;
         // Durable when what a failover would report changes, and every few seconds (the
         // report's own time bounds the loss a failover after a restart would admit).
-        if (!old || old.lastSet !== r.lastSet || old.atRiskSinceMs !== r.atRiskSinceMs || r.atMs - old.atMs > L.reportPersistMs) this.saveState();
+        if (!old || old.lastSet !== r.lastSet || old.atRiskSinceMs !== r.atRiskSinceMs || old.heldSet !== r.heldSet || r.atMs - old.atMs > L.reportPersistMs) this.saveState();
         return;
       }
       case 'handover':
