@@ -55,7 +55,7 @@ export interface RunFlags {
  */
 export const KNOWN_ISSUES: Record<string, { what: string; fixedIn?: string }> = {
   'report-after-last-report': {
-    what: 'failover report: writes the old primary acknowledged after its last progress report (or, since a86d714, with no report received at all: after a planned takeover, before the first heartbeat) are lost, but the report says nothing (or less) was at risk (failover.ts lossReport: no report → atRiskSinceMs null)',
+    what: 'failover report: writes the old primary acknowledged after its last progress report (or, since a86d714, with no report received at all: after a planned takeover, before the first heartbeat) are lost, but the report says nothing (or less) was at risk (failover.ts lossReport: no report → atRiskSinceMs null; seed 5300991, fixed in 68f3f44: a --now failover that dropped only sets received after the last report set that report aside too)',
     fixedIn: '687b92a',
   },
   'report-restart': {
