@@ -76,7 +76,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
   rv.endSession('failover');
   const generationBefore = role.generation;
   const { played, dropped } = await rv.halt(o.now);
-  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null);
+  const report = lossReport(rv, dropped.map((s) => s.set), o.now ? dropped.reduce((n, s) => n + s.dataBytes, 0) : 0, up.playedCutAtMs, ctx.platform.clock.now(), up.split ? (up.splitAtMs ?? null) : null, up.wholeCutAtMs ?? null);
   if (!up.consistent) warnings.push('the last set played was partial: the volume is between two points in time of the primary and may not be crash-consistent (run fsck)');
 
   // 2. The restart point and a fresh change log, at one consistent point. (The middle of a
@@ -141,7 +141,7 @@ export async function failover(ctx: RecoveryContext, volume: string, o: Failover
  * after is unknown here; null: nothing is known), the sets it had cut that never
  * completed here, and the sets dropped unplayed (--now).
  */
-export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, nowMs: number, splitAtMs: number | null = null): LossReport {
+export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: number, playedCutAtMs: number | null, nowMs: number, splitAtMs: number | null = null, wholeCutAtMs: number | null = null): LossReport {
   const r = rv.lastReport;
   const lastContact = rv.lastContactMs;
   const head = rv.chainHeadSet;
@@ -157,6 +157,10 @@ export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: n
   const bounds: number[] = [];
   if (r && dropped.every((s) => r.heldSet !== undefined && s > r.heldSet)) bounds.push(reportedRiskSince(r));
   if (rv.info.consistent && playedCutAtMs !== null) bounds.push(playedCutAtMs);
+  // Neither holds (the report is void, the replica not at a point in time): the cut of the
+  // last whole set played still bounds what is here. Without it the report said nothing was
+  // at risk, however much was lost.
+  if (bounds.length === 0 && wholeCutAtMs !== null) bounds.push(wholeCutAtMs);
   let since = bounds.length > 0 ? Math.max(...bounds) : null;
   // A split pair: every write of the primary since the split is not here.
   if (splitAtMs !== null && since !== null) since = Math.min(since, splitAtMs);

@@ -208,6 +208,7 @@ async function completeHandoverOnce(ctx: RecoveryContext, volume: string, h: Han
     createdAt: new Date(ctx.platform.clock.now()).toISOString(),
     resync: null,
     playedCutAtMs: takenOverAtMs ?? h.atMs,
+    wholeCutAtMs: takenOverAtMs ?? h.atMs,
     lastReport: null,
   };
   const r = ctx.openedReplicator(volume);

@@ -132,6 +132,12 @@ export interface UpstreamRecord {
   resync: ResyncRecord | null;
   /** When the last set played was cut on the primary (writes after it are not here). */
   playedCutAtMs: number | null;
+  /**
+   * When the last whole set played here (or stream barrier, or the initial copy's base) was
+   * cut on the primary: every write acknowledged before it is here, whatever was played or
+   * lost after it (a partial set, a sync stream cut by a restart). Absent in older records.
+   */
+  wholeCutAtMs?: number | null;
   /** The primary's last progress report (kept so a failover after a restart can still say what it loses). */
   lastReport: { lastSet: number; atRiskSinceMs: number | null; bytesDifferent: number; atMs: number; primaryAtMs: number; heldSet?: number } | null;
 }

@@ -478,6 +478,7 @@ export class ReplicaVolume {
     st.sinceBarrier = 0;
     this.state.playedSet = m.set;
     this.state.playedCutAtMs = m.createdAtMs;
+    this.state.wholeCutAtMs = m.createdAtMs;
     this.state.consistent = true;
     this.saveState();
     this.dropPassedSets();
@@ -558,6 +559,7 @@ export class ReplicaVolume {
         this.state.initialCopy = { done: true, offsetBytes: this.port.sizeBytes, baseSet: m.baseSet };
         this.state.playedSet = m.baseSet;
         this.state.playedCutAtMs = m.baseCutAtMs > 0 ? m.baseCutAtMs : null;
+        this.state.wholeCutAtMs = this.state.playedCutAtMs;
         this.state.consistent = true;
         this.saveState();
         if (this.state.resync) this.role.transition({ t: 'resync-finished' }, { baseSet: m.baseSet, copiedBytes: this.copy?.receivedBytes ?? null });
@@ -786,6 +788,7 @@ export class ReplicaVolume {
       await this.port.flush();
       this.state.playedSet = s.set;
       this.state.playedCutAtMs = s.createdAtMs;
+      if (!s.partial) this.state.wholeCutAtMs = s.createdAtMs;
       this.state.consistent = !s.partial;
       this.saveState();
     } finally {
@@ -944,6 +947,7 @@ export class ReplicaVolume {
     const bounds: number[] = [];
     if (r) bounds.push(reportedRiskSince(r));
     if (this.state.consistent && this.state.playedCutAtMs !== null) bounds.push(this.state.playedCutAtMs);
+    if (bounds.length === 0 && this.state.wholeCutAtMs != null) bounds.push(this.state.wholeCutAtMs);
     if (bounds.length === 0) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
     const since = Math.max(...bounds);
     return { atRiskSinceMs: since, seconds: Math.max(0, (until - since) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r?.bytesDifferent ?? 0 };
