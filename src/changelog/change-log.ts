@@ -121,9 +121,9 @@ export class ChangeLog {
     if (blocksMax !== undefined && whole.count() > blocksMax) {
       // A partial set: the first blocksMax changed blocks (block order); the rest stay active.
       assert(blocksMax > 0, 'a partial set holds at least one block');
-      // Page by page: 4k random writes leave one run per block, and visiting 16k runs here
-      // held every write for 2-6 ms at each cut of a busy pair. Only the pages up to the
-      // set's end are copied (a large backlog's other pages stay where they are).
+      // Page by page: 4k random writes leave one run per block, and building an array of
+      // every run here held every write for 2.7 ms (p50) at each cut of a busy pair. Only
+      // the pages up to the set's end are copied (a large backlog's others stay where they are).
       const end = whole.endOfFirst(blocksMax);
       const part = new PagedBitmap(this.blocksTotal, { trackDirty: true });
       for (let b = whole.nextSet(0); b >= 0 && b < end; ) {

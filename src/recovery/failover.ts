@@ -13,7 +13,7 @@
 
 import { DeltavolError } from '../util/errors.js';
 import { PagedBitmap } from '../bitmap/paged-bitmap.js';
-import { ReplicaVolume, reportedRiskSince } from '../replication/replica.js';
+import { ReplicaVolume, heldBeforeMs } from '../replication/replica.js';
 import type { RecoveryContext } from './context.js';
 import type { FailoverRecord, LossReport } from './role-record.js';
 
@@ -147,21 +147,13 @@ export function lossReport(rv: ReplicaVolume, dropped: number[], droppedBytes: n
   const head = rv.chainHeadSet;
   const setsNotHere: number[] = [];
   if (r) for (let s = Math.max(head, ...dropped) + 1; s <= r.lastSet && setsNotHere.length < 1000; s++) setsNotHere.push(s);
-  // Times T such that every write the primary acknowledged before T is here; the latest
-  // one is the report's. The primary's last report (unless sets it may have counted as
-  // held were dropped: only sets acknowledged here when it arrived), and the cut of the
-  // last set played (unless it was partial). Simulator seed 5300991: a replica whose sync
-  // stream a restart had cut (not consistent) dropped two sets it received after the last
-  // report; the report, which had not counted them, was set aside, no bound was left, and
-  // the failover said nothing was at risk while 30 acknowledged writes were lost.
-  const bounds: number[] = [];
-  if (r && dropped.every((s) => r.heldSet !== undefined && s > r.heldSet)) bounds.push(reportedRiskSince(r));
-  if (rv.info.consistent && playedCutAtMs !== null) bounds.push(playedCutAtMs);
-  // Neither holds (the report is void, the replica not at a point in time): the cut of the
-  // last whole set played still bounds what is here. Without it the report said nothing was
-  // at risk, however much was lost.
-  if (bounds.length === 0 && wholeCutAtMs !== null) bounds.push(wholeCutAtMs);
-  let since = bounds.length > 0 ? Math.max(...bounds) : null;
+  // The primary's last report holds unless sets it may have counted as held were dropped:
+  // only sets acknowledged here when it arrived. Simulator seed 5300991: a replica whose
+  // sync stream a restart had cut (not consistent) dropped two sets it received after the
+  // last report; the report, which had not counted them, was set aside, no bound was left,
+  // and the failover said nothing was at risk while 30 acknowledged writes were lost.
+  const reportHolds = r !== null && dropped.every((s) => r.heldSet !== undefined && s > r.heldSet);
+  let since = heldBeforeMs(reportHolds ? r : null, { consistent: rv.info.consistent, playedCutAtMs, wholeCutAtMs });
   // A split pair: every write of the primary since the split is not here.
   if (splitAtMs !== null && since !== null) since = Math.min(since, splitAtMs);
   const until = lastContact ?? nowMs;

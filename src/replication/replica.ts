@@ -82,6 +82,22 @@ export function reportedRiskSince(r: PrimaryReport): number {
   return r.atRiskSinceMs === null ? r.primaryAtMs : Math.min(r.atRiskSinceMs, r.primaryAtMs);
 }
 
+/**
+ * The latest time T such that every write the primary acknowledged before T is here, or
+ * null: the primary's report (pass null when it does not hold), the cut of the last set
+ * played when the volume is at a point in time, the later of the two; when neither holds,
+ * the cut of the last whole set played. The failover report and the live RPO both use it.
+ */
+export function heldBeforeMs(report: PrimaryReport | null, played: { consistent: boolean; playedCutAtMs: number | null; wholeCutAtMs?: number | null | undefined }): number | null {
+  const bounds: number[] = [];
+  if (report) bounds.push(reportedRiskSince(report));
+  if (played.consistent && played.playedCutAtMs !== null) bounds.push(played.playedCutAtMs);
+  // (Without this fallback a void report on a replica between two points in time read as
+  // "nothing at risk", however much was lost.)
+  if (bounds.length === 0 && played.wholeCutAtMs != null) bounds.push(played.wholeCutAtMs);
+  return bounds.length > 0 ? Math.max(...bounds) : null;
+}
+
 export type ReplicaStateWord = 'initial-copy' | 'resyncing' | 'duplex' | 'disconnected' | 'suspend';
 
 /** A sync stream write issued on the replica and not yet known to be complete. */
@@ -943,13 +959,9 @@ export class ReplicaVolume {
   rpo(): { atRiskSinceMs: number | null; seconds: number; lastContactMs: number | null; bytesAtMost: number } {
     const r = this.lastReport;
     const until = this.connected ? this.platform.clock.now() : (this.lastContactMs ?? this.platform.clock.now());
-    // The same bound a failover now would report (failover.ts lossReport).
-    const bounds: number[] = [];
-    if (r) bounds.push(reportedRiskSince(r));
-    if (this.state.consistent && this.state.playedCutAtMs !== null) bounds.push(this.state.playedCutAtMs);
-    if (bounds.length === 0 && this.state.wholeCutAtMs != null) bounds.push(this.state.wholeCutAtMs);
-    if (bounds.length === 0) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
-    const since = Math.max(...bounds);
+    // The same bound a failover now would report (failover.ts lossReport; nothing dropped).
+    const since = heldBeforeMs(r, this.state);
+    if (since === null) return { atRiskSinceMs: null, seconds: 0, lastContactMs: this.lastContactMs, bytesAtMost: 0 };
     return { atRiskSinceMs: since, seconds: Math.max(0, (until - since) / 1000), lastContactMs: this.lastContactMs, bytesAtMost: r?.bytesDifferent ?? 0 };
   }
 
