@@ -99,6 +99,15 @@ function cliAsync(d: TestDaemon, args: string[]): Promise<{ status: number; stdo
   });
 }
 
+/** The daemon log's lines about snapshots (pino JSON), for a failure's message. */
+function snapshotLogLines(log: string): string {
+  return log
+    .split('\n')
+    .filter((l) => l.includes('"snapshot'))
+    .slice(-20)
+    .join('\n');
+}
+
 /** Log lines at error level or worse (pino JSON: level ≥ 50), and the "volumes loaded" lines. */
 function logProblems(d: TestDaemon): { errors: string[]; loaded: string[][] } {
   const errors: string[] = [];
@@ -142,6 +151,8 @@ interface Snap {
   end: number;
   /** Exact content (model space) once checked against the model. */
   content: Buffer | null;
+  /** What happened to it, for a failure's message (epoch, request, answer, verification). */
+  history: string[];
 }
 
 interface Epoch {
@@ -263,8 +274,16 @@ describe('kill -9 under load', () => {
               `log of the killed daemon (tail):\n${lastLog.slice(-3000)}\nlog of this one:\n${d.log().slice(-3000)}`,
           );
         }
-        if (s.state === 'deleted' && exists) fail(`snapshot ${s.name} (deleted, acknowledged) is back after kill ${kills}`);
-        if (s.state === 'unknown' || s.state === 'deleting') s.state = exists ? 'created' : 'deleted';
+        if (s.state === 'deleted' && exists) {
+          fail(
+            `snapshot ${s.name} (deleted, acknowledged) is back after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}\n` +
+              `snapshot lines of the killed daemon's log:\n${snapshotLogLines(lastLog)}\nof this one:\n${snapshotLogLines(d.log())}`,
+          );
+        }
+        if (s.state === 'unknown' || s.state === 'deleting') {
+          s.history.push(`after kill ${kills}: was ${s.state}, ${exists ? 'listed' : 'not listed'}`);
+          s.state = exists ? 'created' : 'deleted';
+        }
         if (s.state !== 'created') continue;
         if (!infos.get(s.name)!.valid) fail(`snapshot ${s.name} is invalid after kill ${kills}`);
         const sc = await MiniNbdClient.connect(d.nbdPort, `${VOL}@${s.name}`);
@@ -374,6 +393,7 @@ describe('kill -9 under load', () => {
           const s = restorable[randInt(0, restorable.length - 1)]!;
           const r = await cliAsync(d, ['snapshot', 'restore', VOL, s.name, '--force']);
           if (r.status !== 0) fail(`snapshot restore ${s.name}: ${r.status} ${r.stderr}`);
+          s.history.push(`epoch ${epochIndex}: restored from`);
           if ((await clients[0]!.flush()).error !== 0) fail('flush after restore failed');
           const now = await readModelSpace(clients[0]!);
           if (!now.equals(s.content!)) {
@@ -474,7 +494,7 @@ describe('kill -9 under load', () => {
           // Aim at the creation (CLI start-up + quiesce + flush take 250-800 ms under load),
           // or let it complete so writes after it go through copy-on-write before the kill.
           killAt = snapDelay + (rnd() < 0.4 ? randInt(0, 700) : randInt(700, 1100));
-          const s: Snap = { name: `s${++snapSeq}`, state: 'creating', epoch: epochIndex, start: 0, end: Infinity, content: null };
+          const s: Snap = { name: `s${++snapSeq}`, state: 'creating', epoch: epochIndex, start: 0, end: Infinity, content: null, history: [] };
           snaps.push(s);
           side.push(
             (async () => {
@@ -482,6 +502,7 @@ describe('kill -9 under load', () => {
               s.start = clock++;
               const t = Date.now();
               const res = await cliAsync(d, ['snapshot', 'create', VOL, s.name]);
+              s.history.push(`epoch ${epochIndex}: create asked at ${snapDelay} ms, status ${res.status} after ${Date.now() - t} ms (kill at ${killAt} ms, killed: ${killed})`);
               if (process.env.KILL9_DEBUG) console.log(`snapshot ${s.name}: status ${res.status} after ${Date.now() - t} ms (kill at ${killAt}, asked at ${snapDelay}) killed=${killed}`);
               if (res.status === 0) {
                 s.end = clock++;
@@ -501,7 +522,9 @@ describe('kill -9 under load', () => {
               await new Promise((r) => setTimeout(r, delDelay));
               if (killed) return;
               victim.state = 'deleting';
+              const t = Date.now();
               const res = await cliAsync(d, ['snapshot', 'delete', VOL, victim.name]);
+              victim.history.push(`epoch ${epochIndex}: delete asked at ${delDelay} ms, status ${res.status} after ${Date.now() - t} ms (kill at ${killAt} ms, killed: ${killed}): ${res.stdout.trim()} ${res.stderr.trim().slice(0, 200)}`);
               if (res.status === 0) {
                 victim.state = 'deleted';
                 stats.snapsDeleted++;
