@@ -99,6 +99,16 @@ function cliAsync(d: TestDaemon, args: string[]): Promise<{ status: number; stdo
   });
 }
 
+/** Names of the visible snapshots in an engine's manifest, or null if it cannot be read now. */
+function manifestNames(engineDir: string): string[] | null {
+  try {
+    const m = JSON.parse(fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')) as { snapshots: { name: string; hidden?: boolean }[] };
+    return m.snapshots.filter((x) => x.hidden !== true).map((x) => x.name);
+  } catch {
+    return null;
+  }
+}
+
 /** The daemon log's lines about snapshots (pino JSON), for a failure's message. */
 function snapshotLogLines(log: string): string {
   return log
@@ -276,7 +286,7 @@ describe('kill -9 under load', () => {
         }
         if (s.state === 'deleted' && exists) {
           fail(
-            `snapshot ${s.name} (deleted, acknowledged) is back after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}\n` +
+            `snapshot ${s.name} (deleted: acknowledged, or missing after an earlier kill; see its history) is back after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}\n` +
               `snapshot lines of the killed daemon's log:\n${snapshotLogLines(lastLog)}\nof this one:\n${snapshotLogLines(d.log())}`,
           );
         }
@@ -526,6 +536,11 @@ describe('kill -9 under load', () => {
               const res = await cliAsync(d, ['snapshot', 'delete', VOL, victim.name]);
               victim.history.push(`epoch ${epochIndex}: delete asked at ${delDelay} ms, status ${res.status} after ${Date.now() - t} ms (kill at ${killAt} ms, killed: ${killed}): ${res.stdout.trim()} ${res.stderr.trim().slice(0, 200)}`);
               if (res.status === 0) {
+                // The daemon wrote its manifest before it answered: it must not name the
+                // snapshot as visible from here on (this tells a late writer from a lost one).
+                const listed = manifestNames(engineDir);
+                victim.history.push(`manifest after the answer: ${listed === null ? 'unreadable' : listed.includes(victim.name) ? 'still lists it' : 'does not list it'}`);
+                if (listed !== null && listed.includes(victim.name)) fail(`snapshot ${victim.name}: deleted (status 0) but the manifest still lists it: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}`);
                 victim.state = 'deleted';
                 stats.snapsDeleted++;
               } else if (!killed) errors.push(`snapshot delete ${victim.name}: ${res.status} ${res.stderr}`);
