@@ -202,6 +202,22 @@ export class SnapshotQueue {
     return i;
   }
 
+  /**
+   * The visible snapshot of this name itself, for a caller that awaits between uses: queue
+   * indexes shift when hidden snapshots leave the front, so it looks the index up again
+   * with indexOfSnapshot after every await.
+   */
+  handle(name: string): Snapshot {
+    return this.queue[this.indexOf(name)]!;
+  }
+
+  /** Queue index of a snapshot from handle(); SNAPSHOT_NOT_FOUND once it was deleted. */
+  indexOfSnapshot(snap: Snapshot, during: string): number {
+    const i = this.queue.indexOf(snap);
+    if (i < 0 || snap.hidden) throw new DeltavolError('SNAPSHOT_NOT_FOUND', `snapshot "${snap.name}" was deleted while it was being ${during}`);
+    return i;
+  }
+
   get(index: number): Snapshot {
     const s = this.queue[index];
     if (s === undefined) throw new AssertionError(`snapshot index ${index}`);

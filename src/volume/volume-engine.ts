@@ -968,10 +968,15 @@ export class VolumeEngine {
    * Rolls the volume back to a snapshot in place, writing only blocks that may differ,
    * through the normal write path (newer snapshots and the change log see it as writes).
    * The caller keeps other writers away; a crash midway is repaired by running it again.
+   * The queue may change between blocks (a delete drops hidden snapshots from its front, a
+   * full save area invalidates one), so the snapshot's index is looked up again before
+   * every read; if it was deleted (SNAPSHOT_NOT_FOUND) or invalidated (SNAPSHOT_INVALID)
+   * meanwhile, the restore stops there, the volume holding part of it.
    */
   async restoreSnapshot(name: string): Promise<{ blocksWritten: number; blocksZeroed: number }> {
-    const index = this.snapshots.indexOf(name);
-    const plan = this.snapshots.restorePlan(index, this.validity);
+    const snap = this.snapshots.handle(name);
+    const index = () => this.snapshots.indexOfSnapshot(snap, 'restored (the volume holds part of it: restore again, from it or another)');
+    const plan = this.snapshots.restorePlan(index(), this.validity);
     const bs = this.options.blockBytes;
     const reader = (b: number, t: Buffer, o: number) => this.readBlock(b, t.subarray(o, o + bs));
     let blocksWritten = 0;
@@ -979,7 +984,7 @@ export class VolumeEngine {
     for (const [start, count] of writes) {
       for (let b = start; b < start + count; b++) {
         const block = Buffer.alloc(bs);
-        const has = this.snapshots.readBlock(index, b, block, 0, reader);
+        const has = this.snapshots.readBlock(index(), b, block, 0, reader);
         assert(has, 'restore writes only blocks the snapshot holds');
         const at = b * bs;
         await this.write(at, [block.subarray(0, Math.min(bs, this.size - at))]);
@@ -988,6 +993,7 @@ export class VolumeEngine {
     }
     let blocksZeroed = 0;
     for (const [start, count] of plan.zero.runs()) {
+      index(); // deleted meanwhile: stop here too, as a user who deleted it expects
       const at = start * bs;
       await this.zero(at, Math.min(count * bs, this.size - at));
       blocksZeroed += count;

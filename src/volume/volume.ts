@@ -54,6 +54,8 @@ export class Volume {
   private openHandles = 0;
   /** Users (NBD connections) per snapshot export. */
   private readonly snapshotUsers = new Map<string, number>();
+  /** The snapshot a restore is reading now, if any (its delete needs --force, which stops the restore). */
+  private readonly restoring = new Set<string>();
   private closed = false;
   private overlay: ReadOverlay | null = null;
   private readsInFlight = 0;
@@ -349,6 +351,9 @@ export class Volume {
     if (users > 0 && !force) {
       throw new DeltavolError('VOLUME_BUSY', `snapshot ${this.name}@${name} has ${users} connected client(s); disconnect them or use --force`);
     }
+    if (this.restoring.has(name) && !force) {
+      throw new DeltavolError('VOLUME_BUSY', `snapshot ${this.name}@${name} is being restored; wait for the restore to end, or use --force (the restore then stops, the volume holding part of the snapshot)`);
+    }
     await this.engine.deleteSnapshot(name);
   }
 
@@ -365,7 +370,10 @@ export class Volume {
     if (volumeClients > 0 && !force) {
       throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${volumeClients} connected client(s); disconnect them or use --force`);
     }
-    return this.engine.restoreSnapshot(name);
+    // Two restores would interleave their blocks: the volume would end as neither snapshot.
+    for (const other of this.restoring) throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} is being restored from snapshot ${other}; wait for that restore to end`);
+    this.restoring.add(name);
+    return this.engine.restoreSnapshot(name).finally(() => this.restoring.delete(name));
   }
 
   acquireSnapshot(name: string): SnapshotInfo {
