@@ -335,8 +335,10 @@ export class SnapshotQueue {
     const snap = this.queue[i]!;
     await this.mergeIntoOlder(i);
     this.queue.splice(i, 1);
-    this.removeFiles(snap);
+    // The manifest stops naming it before its files go: a crash in between leaves inert
+    // files, not a manifest naming missing ones (which would not open).
     this.commit();
+    this.removeFiles(snap);
   }
 
   /**

@@ -24,6 +24,26 @@ async function fill(engine: VolumeEngine, first: number, count: number, value: n
   for (let b = first; b < first + count; b++) await engine.write(b * BS, [Buffer.alloc(BS, value)]);
 }
 
+/**
+ * Records every snapshot file removed while the manifest still names its snapshot as valid: a crash
+ * right after such a remove leaves a manifest that cannot be opened (METADATA_CORRUPT).
+ */
+function watchRemovals(fsys: SimFs): string[] {
+  const early: string[] = [];
+  const remove = fsys.remove.bind(fsys);
+  fsys.remove = (name: string) => {
+    const id = /^snap-(\d+)\./.exec(name)?.[1];
+    const manifest = fsys.readAll('snapshots.json');
+    if (id !== undefined && manifest !== null) {
+      // Only a valid entry's files are opened (an invalid snapshot stays listed without them).
+      const m = JSON.parse(manifest.toString('utf8')) as { snapshots: { id: number; valid: boolean }[] };
+      if (m.snapshots.some((x) => x.id === Number(id) && x.valid)) early.push(name);
+    }
+    remove(name);
+  };
+  return early;
+}
+
 function blockValues(engine: VolumeEngine, snap: string, first: number, count: number): number[] {
   const out: number[] = [];
   const buf = Buffer.alloc(BS);
@@ -37,7 +57,8 @@ function blockValues(engine: VolumeEngine, snap: string, first: number, count: n
 
 describe('snapshot queue merges', () => {
   it('a full tail hands its older neighbour what it needs, then only it becomes invalid', async () => {
-    const { engine, warnings } = await engineWith(6);
+    const { engine, warnings, fsys } = await engineWith(6);
+    const early = watchRemovals(fsys);
     await fill(engine, 0, 10, 1); // blocks 0-9 hold 1
     await engine.createSnapshot('a');
     await fill(engine, 10, 3, 2); // 10-12 hold data only after a
@@ -56,6 +77,7 @@ describe('snapshot queue merges', () => {
     await fill(engine, 5, 1, 7);
     expect(blockValues(engine, 'a', 5, 1)).toEqual([1]);
     engine.invariants();
+    expect(early).toEqual([]);
   });
 
   it('deleting a middle snapshot keeps the older and newer ones intact', async () => {
@@ -127,7 +149,8 @@ describe('snapshot queue merges', () => {
   });
 
   it('a queue full of hidden snapshots makes room by merging the oldest hidden one into its older neighbour', async () => {
-    const { engine } = await engineWith(100_000);
+    const { engine, fsys } = await engineWith(100_000);
+    const early = watchRemovals(fsys);
     await fill(engine, 0, 8, 1);
     await engine.createSnapshot('base');
     // 255 deleted snapshots that 'base' reads through (each saved the block written after it).
@@ -143,5 +166,7 @@ describe('snapshot queue merges', () => {
     expect(base.savedBlocks).toBe(1);
     expect(blockValues(engine, 'base', 0, 8)).toEqual([1, 1, 1, 1, 1, 1, 1, 1]);
     engine.invariants();
+    // The merged snapshot's files went after the manifest stopped naming it.
+    expect(early).toEqual([]);
   });
 });
