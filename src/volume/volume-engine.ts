@@ -975,7 +975,7 @@ export class VolumeEngine {
    */
   async restoreSnapshot(name: string): Promise<{ blocksWritten: number; blocksZeroed: number }> {
     const snap = this.snapshots.handle(name);
-    const index = () => this.snapshots.indexOfSnapshot(snap, 'restored (the volume holds part of it: restore again, from it or another)');
+    const index = () => this.snapshots.indexOfSnapshot(snap, 'restored (the volume now holds part of it)');
     const plan = this.snapshots.restorePlan(index(), this.validity);
     const bs = this.options.blockBytes;
     const reader = (b: number, t: Buffer, o: number) => this.readBlock(b, t.subarray(o, o + bs));

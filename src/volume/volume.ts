@@ -55,7 +55,7 @@ export class Volume {
   /** Users (NBD connections) per snapshot export. */
   private readonly snapshotUsers = new Map<string, number>();
   /** The snapshot a restore is reading now, if any (its delete needs --force, which stops the restore). */
-  private readonly restoring = new Set<string>();
+  private restoringFrom: string | null = null;
   private closed = false;
   private overlay: ReadOverlay | null = null;
   private readsInFlight = 0;
@@ -351,7 +351,7 @@ export class Volume {
     if (users > 0 && !force) {
       throw new DeltavolError('VOLUME_BUSY', `snapshot ${this.name}@${name} has ${users} connected client(s); disconnect them or use --force`);
     }
-    if (this.restoring.has(name) && !force) {
+    if (this.restoringFrom === name && !force) {
       throw new DeltavolError('VOLUME_BUSY', `snapshot ${this.name}@${name} is being restored; wait for the restore to end, or use --force (the restore then stops, the volume holding part of the snapshot)`);
     }
     await this.engine.deleteSnapshot(name);
@@ -371,9 +371,11 @@ export class Volume {
       throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} has ${volumeClients} connected client(s); disconnect them or use --force`);
     }
     // Two restores would interleave their blocks: the volume would end as neither snapshot.
-    for (const other of this.restoring) throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} is being restored from snapshot ${other}; wait for that restore to end`);
-    this.restoring.add(name);
-    return this.engine.restoreSnapshot(name).finally(() => this.restoring.delete(name));
+    if (this.restoringFrom !== null) {
+      throw new DeltavolError('VOLUME_BUSY', `volume ${this.name} is being restored from snapshot ${this.restoringFrom}; wait for that restore to end`);
+    }
+    this.restoringFrom = name;
+    return this.engine.restoreSnapshot(name).finally(() => (this.restoringFrom = null));
   }
 
   acquireSnapshot(name: string): SnapshotInfo {
