@@ -29,6 +29,7 @@
 //
 // Replay: DELTAVOL_SEED=<printed seed> npx vitest run test/crash/kill9.test.ts
 // (kill instants relative to the I/O are timing, so a replay is similar, not identical).
+// Soak of snapshot deletes against kills: KILL9_SNAP_CHURN=1 (a create and a delete every epoch), in a loop.
 
 import { execFile, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -62,6 +63,8 @@ const KILL_PHASE_MS = 50_000; // the kill loop stops starting epochs after this
 const CONNECTIONS = 3;
 const LANES = 6; // requests in flight per connection
 const SNAPSHOTS_LIVE_MAX = 4;
+/** KILL9_SNAP_CHURN=1 (soak runs): a snapshot create and a delete in every epoch that allows them. */
+const SNAP_CHURN = process.env.KILL9_SNAP_CHURN === '1';
 
 const seed = testSeed('crash/kill9');
 const rnd = prng(seed);
@@ -499,7 +502,7 @@ describe('kill -9 under load', () => {
         const live = snaps.filter((s) => s.state === 'created');
         const side: Promise<void>[] = [];
         let killAt = killDelay;
-        if (live.length < SNAPSHOTS_LIVE_MAX && rnd() < 0.6) {
+        if (live.length < SNAPSHOTS_LIVE_MAX && (SNAP_CHURN || rnd() < 0.6)) {
           const snapDelay = randInt(0, 300);
           // Aim at the creation (CLI start-up + quiesce + flush take 250-800 ms under load),
           // or let it complete so writes after it go through copy-on-write before the kill.
@@ -524,7 +527,7 @@ describe('kill -9 under load', () => {
             })(),
           );
         }
-        if (live.length > 1 && rnd() < (live.length >= 3 ? 0.6 : 0.25)) {
+        if (live.length > 1 && (SNAP_CHURN || rnd() < (live.length >= 3 ? 0.6 : 0.25))) {
           const victim = live[randInt(0, live.length - 1)]!;
           const delDelay = randInt(0, 600);
           side.push(
