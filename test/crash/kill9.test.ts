@@ -95,7 +95,7 @@ function randomBytes(n: number): Buffer {
 
 function cliAsync(d: TestDaemon, args: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, '--control', `127.0.0.1:${d.controlPort}`, ...args], { timeout: 30_000 }, (err, stdout, stderr) => {
+    execFile(process.execPath, [CLI, ...d.controlArgs(), ...args], { timeout: 30_000 }, (err, stdout, stderr) => {
       const status = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
       resolve({ status, stdout, stderr });
     });

@@ -91,8 +91,18 @@ export class TestDaemon {
     return path.join(this.dataDir, 'volumes', name, 'data.img');
   }
 
+  /**
+   * How the CLI reaches this daemon: its port and its own token (DATA_DIR/control.token). Not
+   * the per-port token copy: a command started just before a kill may connect after another
+   * daemon took the port, and with that daemon's copy it would act there (kill9 saw a snapshot
+   * "created" on another test's daemon).
+   */
+  controlArgs(): string[] {
+    return ['--control', `127.0.0.1:${this.controlPort}`, '--token-file', path.join(this.dataDir, 'control.token')];
+  }
+
   cli(args: string[]): CliResult {
-    const r = spawnSync(process.execPath, [CLI, '--control', `127.0.0.1:${this.controlPort}`, ...args], {
+    const r = spawnSync(process.execPath, [CLI, ...this.controlArgs(), ...args], {
       encoding: 'utf8',
       timeout: 60_000,
     });
@@ -105,7 +115,7 @@ export class TestDaemon {
    */
   cliAsync(args: string[], timeoutMs = 60_000): Promise<CliResult> {
     return new Promise((resolve) => {
-      const child = spawn(process.execPath, [CLI, '--control', `127.0.0.1:${this.controlPort}`, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [CLI, ...this.controlArgs(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout!.on('data', (d: Buffer) => (stdout += d.toString('utf8')));
