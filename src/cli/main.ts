@@ -30,6 +30,7 @@ import {
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { escapeOutput, escapeText, table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
+import { exitWhenSettled } from './exit-guard.js';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5, peerUnreachable: 6, denied: 7 } as const;
 
@@ -532,9 +533,7 @@ function invokedDirectly(): boolean {
 }
 
 if (invokedDirectly()) {
-  main(process.argv).then((code) => {
-    // A running `serve` keeps the process alive through its listeners; a failed one
-    // may hold half-open listeners, so leave at once.
-    if (code !== EXIT.ok) process.exit(code);
-  });
+  // A running `serve` keeps the process alive through its listeners; a failed one may hold
+  // half-open listeners, so a failure leaves at once. A command that never settles fails.
+  exitWhenSettled(main(process.argv), EXIT.ok, EXIT.failed);
 }

@@ -102,10 +102,19 @@ function cliAsync(d: TestDaemon, args: string[]): Promise<{ status: number; stdo
   });
 }
 
+/** An engine's snapshot manifest as text, for a failure's message. */
+function manifestText(engineDir: string): string {
+  try {
+    return fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8');
+  } catch (e) {
+    return `(unreadable: ${(e as Error).message})`;
+  }
+}
+
 /** Names of the visible snapshots in an engine's manifest, or null if it cannot be read now. */
 function manifestNames(engineDir: string): string[] | null {
   try {
-    const m = JSON.parse(fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')) as { snapshots: { name: string; hidden?: boolean }[] };
+    const m = JSON.parse(manifestText(engineDir)) as { snapshots: { name: string; hidden?: boolean }[] };
     return m.snapshots.filter((x) => x.hidden !== true).map((x) => x.name);
   } catch {
     return null;
@@ -283,13 +292,13 @@ describe('kill -9 under load', () => {
         listed.delete(s.name);
         if (s.state === 'created' && !exists) {
           fail(
-            `snapshot ${s.name} (created, acknowledged) is gone after kill ${kills}; manifest now: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}\n` +
-              `log of the killed daemon (tail):\n${lastLog.slice(-3000)}\nlog of this one:\n${d.log().slice(-3000)}`,
+            `snapshot ${s.name} (created, acknowledged) is gone after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${manifestText(engineDir)}\n` +
+              `snapshot lines of the killed daemon's log:\n${snapshotLogLines(lastLog)}\nlog of the killed daemon (tail):\n${lastLog.slice(-3000)}\nlog of this one:\n${d.log().slice(-3000)}`,
           );
         }
         if (s.state === 'deleted' && exists) {
           fail(
-            `snapshot ${s.name} (deleted: acknowledged, or missing after an earlier kill; see its history) is back after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}\n` +
+            `snapshot ${s.name} (deleted: acknowledged, or missing after an earlier kill; see its history) is back after kill ${kills}; its history: ${s.history.join('; ')}; manifest now: ${manifestText(engineDir)}\n` +
               `snapshot lines of the killed daemon's log:\n${snapshotLogLines(lastLog)}\nof this one:\n${snapshotLogLines(d.log())}`,
           );
         }
@@ -515,7 +524,7 @@ describe('kill -9 under load', () => {
               s.start = clock++;
               const t = Date.now();
               const res = await cliAsync(d, ['snapshot', 'create', VOL, s.name]);
-              s.history.push(`epoch ${epochIndex}: create asked at ${snapDelay} ms, status ${res.status} after ${Date.now() - t} ms (kill at ${killAt} ms, killed: ${killed})`);
+              s.history.push(`epoch ${epochIndex}: create asked at ${snapDelay} ms, status ${res.status} after ${Date.now() - t} ms (kill at ${killAt} ms, killed: ${killed}): ${res.stdout.trim()} ${res.stderr.trim().slice(0, 200)}`);
               if (process.env.KILL9_DEBUG) console.log(`snapshot ${s.name}: status ${res.status} after ${Date.now() - t} ms (kill at ${killAt}, asked at ${snapDelay}) killed=${killed}`);
               if (res.status === 0) {
                 s.end = clock++;
@@ -543,7 +552,7 @@ describe('kill -9 under load', () => {
                 // snapshot as visible from here on (this tells a late writer from a lost one).
                 const listed = manifestNames(engineDir);
                 victim.history.push(`manifest after the answer: ${listed === null ? 'unreadable' : listed.includes(victim.name) ? 'still lists it' : 'does not list it'}`);
-                if (listed !== null && listed.includes(victim.name)) fail(`snapshot ${victim.name}: deleted (status 0) but the manifest still lists it: ${fs.readFileSync(path.join(engineDir, 'snapshots.json'), 'utf8')}`);
+                if (listed !== null && listed.includes(victim.name)) fail(`snapshot ${victim.name}: deleted (status 0) but the manifest still lists it: ${manifestText(engineDir)}`);
                 victim.state = 'deleted';
                 stats.snapsDeleted++;
               } else if (!killed) errors.push(`snapshot delete ${victim.name}: ${res.status} ${res.stderr}`);
