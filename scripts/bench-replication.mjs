@@ -110,6 +110,18 @@ for (const k of ['rounds', 'runtime', 'steady']) if (!(opt[k] > 0)) die(`bad --$
 for (const t of opt.only) if (!['iops', 'ship', 'steady', 'init'].includes(t)) die(`unknown test ${t} in --only`);
 for (const j of opt.jobs) if (!JOBS[j]) die(`unknown job ${j} in --jobs`);
 Object.assign(kit, { name: 'bench-replication', nodeArgs: opt.nodeArgs, serveArgs: opt.serveArgs, pin: opt.pin });
+/**
+ * The TCP congestion control the daemons' link uses on loopback (src/util/tcp-congestion.ts:
+ * 'auto' sets cubic there); the raw TCP reference sends with the same one, or the system's.
+ */
+function systemCongestion() {
+  try { return fs.readFileSync('/proc/sys/net/ipv4/tcp_congestion_control', 'utf8').trim(); } catch { return 'unknown'; }
+}
+const linkCongestion = (() => {
+  const i = opt.serveArgs.indexOf('--tcp-congestion');
+  const v = i >= 0 ? opt.serveArgs[i + 1] : 'auto';
+  return v === 'auto' ? 'cubic' : v === 'system' ? '' : v;
+})();
 
 
 // ---- 1. primary write IOPS with and without a duplex replica -------------------------------
@@ -253,10 +265,11 @@ srv.listen(0, '127.0.0.1', () => console.log(srv.address().port));
 `;
 const TCP_CLIENT = `
 const net = require('node:net');
-const [port, total] = [Number(process.argv[1]), Number(process.argv[2])];
+const [port, total, congestion, addon] = [Number(process.argv[1]), Number(process.argv[2]), process.argv[3], process.argv[4]];
 const buf = require('node:crypto').randomBytes(1 << 20);
 const s = net.connect({ host: '127.0.0.1', port }, async () => {
   s.setNoDelay(true);
+  if (congestion) require(addon).congestion(s._handle.fd, congestion);
   const t0 = performance.now();
   s.once('data', () => { console.log(JSON.stringify({ seconds: (performance.now() - t0) / 1000 })); s.destroy(); });
   for (let sent = 0; sent < total; sent += buf.length) {
@@ -289,7 +302,8 @@ async function serverAndClient(what, serverCode, serverArgs, clientCode, clientA
 }
 
 async function rawTcp(bytes) {
-  const { seconds } = await serverAndClient('tcp', TCP_SERVER, [String(bytes)], TCP_CLIENT, [String(bytes)]);
+  const addon = path.join(root, 'build/Release/sockx.node');
+  const { seconds } = await serverAndClient('tcp', TCP_SERVER, [String(bytes)], TCP_CLIENT, [String(bytes), linkCongestion, addon]);
   return { seconds, mbps: bytes / 1e6 / seconds };
 }
 
@@ -518,7 +532,7 @@ function markdown(res) {
   }
   if (res.ship) {
     const x = res.ship;
-    L.push(`| 1 GiB change, resume → in sync | ${f0(x.medianMBps)} MB/s (${f2(x.medianSeconds)} s) | ${f0(x.medianTcpMBps)} MB/s raw loopback TCP | ${f2(x.medianRatio)}${flag(x.medianRatio >= GOALS.shipRatio)} | ≥ ${GOALS.shipRatio} |`);
+    L.push(`| 1 GiB change, resume → in sync | ${f0(x.medianMBps)} MB/s (${f2(x.medianSeconds)} s) | ${f0(x.medianTcpMBps)} MB/s raw loopback TCP (${linkCongestion || 'system congestion control'}) | ${f2(x.medianRatio)}${flag(x.medianRatio >= GOALS.shipRatio)} | ≥ ${GOALS.shipRatio} |`);
     L.push(`| … CPU per GiB shipped, primary A / replica B | ${f2(x.medianCpuSecondsPerGiBA)} / ${f2(x.medianCpuSecondsPerGiBB)} s | | | |`);
   }
   if (res.steady) {
@@ -592,7 +606,7 @@ async function main() {
       // Uncommitted changes under src/ when the run started (the build may include them).
       srcChanges: (() => { try { return execFileSync('git', ['-C', root, 'status', '--porcelain', '--', 'src'], { encoding: 'utf8' }).trim() !== ''; } catch { return null; } })(),
     },
-    options: { rounds: opt.rounds, runtime: opt.runtime, warmup: opt.warmup, steady: opt.steady, only: opt.only, jobs: opt.jobs, pin: opt.pin, mode: opt.mode, serveArgs: opt.serveArgs },
+    options: { rounds: opt.rounds, runtime: opt.runtime, warmup: opt.warmup, steady: opt.steady, only: opt.only, jobs: opt.jobs, pin: opt.pin, mode: opt.mode, serveArgs: opt.serveArgs, tcpCongestion: { system: systemCongestion(), link: linkCongestion || 'system' } },
   };
   const tests = { iops: testIops, ship: testShip, steady: testSteady, init: testInit };
   for (const name of ['iops', 'ship', 'steady', 'init']) {

@@ -558,6 +558,19 @@ function fmtP99(v) {
   return fmtInt(v);
 }
 
+function systemCongestion() {
+  try { return fs.readFileSync('/proc/sys/net/ipv4/tcp_congestion_control', 'utf8').trim(); } catch { return 'unknown'; }
+}
+
+/** The algorithm a server's loopback connections send with (src/util/tcp-congestion.ts for deltavol; nbdkit keeps the system's). */
+function senderCongestion(sv) {
+  if (sv.kind !== 'deltavol') return systemCongestion();
+  const args = sv.args ?? [];
+  const i = args.lastIndexOf('--tcp-congestion');
+  const v = i >= 0 ? args[i + 1] : 'auto';
+  return v === 'auto' ? 'cubic' : v === 'system' ? systemCongestion() : v;
+}
+
 function markdown(run, opts) {
   const [A, B] = run.servers.map((s) => s.label);
   const lines = [];
@@ -597,6 +610,7 @@ function markdown(run, opts) {
   if (run.fileGBps) {
     lines.push(`- the servers' file read in 1 MiB preads, before the jobs: ${Object.entries(run.fileGBps).map(([who, v]) => `${who} ${v.toFixed(1)} GB/s`).join(', ')} (one file for both, or pages of unlike speed would bias the ratios)`);
   }
+  lines.push(`- TCP congestion control of the reply sockets: ${run.servers.map((sv) => `${sv.label} ${senderCongestion(sv)}`).join(', ')} (README "Speed": on loopback the system's ${systemCongestion()} paces and reorders segments; deltavol sets cubic there unless told otherwise)`);
   const below = run.results.filter((r) => r.ratio != null && r.ratio < ratioGoal(r.name)).map((r) => `${r.name} ${r.ratio.toFixed(2)}`);
   lines.push(`- jobs below their goal: ${below.length ? below.join(', ') : 'none'}`);
   const failed = run.results.flatMap((r) => Object.entries(r.runs).flatMap(([k, rs]) => rs.filter((x) => x.error).map((x) => `${r.name}/${k}: ${x.error}`)));
@@ -636,7 +650,7 @@ async function main() {
     startedAt: startedAt.toISOString(),
     host: {
       hostname: os.hostname(), cpus: os.cpus().length, memMiB: Math.round(os.totalmem() / 1048576),
-      kernel: os.release(), node: process.version, loadavgStart: os.loadavg(),
+      kernel: os.release(), node: process.version, loadavgStart: os.loadavg(), tcpCongestion: systemCongestion(),
       fio: toolVersion('fio', ['--version']), nbdkit: toolVersion('nbdkit', ['--version']),
       gitCommit: toolVersion('git', ['-C', root, 'rev-parse', '--short', 'HEAD']),
       // Uncommitted changes under src/ when the run started (the build may include them).

@@ -31,6 +31,7 @@ import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './con
 import { escapeOutput, escapeText, table } from './format.js';
 import type { SnapshotInfo } from '../snapshot/snapshot-queue.js';
 import { exitWhenSettled } from './exit-guard.js';
+import { parseTcpCongestion } from '../util/tcp-congestion.js';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4, conflict: 5, peerUnreachable: 6, denied: 7 } as const;
 
@@ -136,6 +137,7 @@ export function buildProgram(): Command {
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
     .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
+    .option('--tcp-congestion <auto|system|name>', 'TCP congestion control of NBD and replication connections: auto = cubic on loopback connections (pacing algorithms such as bbr reorder segments there), the system default elsewhere; system = never set; a name (cubic, reno, bbr, ...) = that on every connection', 'auto')
     .option('--nbd-sends <threadpool|loop>', 'large NBD replies (256 KiB or more) are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); with --tls other than off, always loop', 'threadpool')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
@@ -185,6 +187,7 @@ export function buildProgram(): Command {
           },
           nbdOwnReadBuffers: readBuffersMode(opts.nbdReadBuffers),
           nbdThreadpoolSends: sendsMode(opts.nbdSends),
+          tcpCongestion: parseTcpCongestion(opts.tcpCongestion),
           nbdLimits: {
             connectionsMax: Number(opts.connectionsMax),
             handshakeConnectionsMax: Number(opts.handshakeConnectionsMax),

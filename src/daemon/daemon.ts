@@ -29,6 +29,7 @@ import { loadReplTls, type ReplTlsOptions } from '../replication/tls-transport.j
 import { RegistryVolumeHost } from './volume-host.js';
 import { inboundBytesMaxDefault } from '../replication/limits.js';
 import { parseHostPort } from '../util/units.js';
+import { configureTcpCongestion, type TcpCongestionPolicy } from '../util/tcp-congestion.js';
 
 export interface DaemonConfig {
   dataDir: string;
@@ -64,6 +65,8 @@ export interface DaemonConfig {
   nbdOwnReadBuffers?: boolean;
   /** Large NBD replies on plain sockets are sent from the threadpool (default true; `--nbd-sends loop` turns it off). */
   nbdThreadpoolSends?: boolean;
+  /** TCP congestion control of NBD and replication connections (src/util/tcp-congestion.ts); default auto. */
+  tcpCongestion?: TcpCongestionPolicy;
   /** Replication credentials (README "Replication security"); none: plain TCP. */
   replTls?: ReplTlsOptions;
   /** Plain TCP replication on a non-loopback address, knowingly. */
@@ -217,6 +220,7 @@ export class Daemon {
       await this.registry.create({ name: 'demo', sizeBytes: this.config.demoVolumeBytes, description: 'deltavol demo volume' });
     }
     if (this.defaultExport === undefined && this.config.demoVolumeBytes) this.defaultExport = 'demo';
+    await configureTcpCongestion(this.config.tcpCongestion ?? { kind: 'auto' }, this.log.child({ part: 'tcp' }));
     // Replicas play back what they hold before any client can read them.
     const replPort = await this.replication.start();
     const nbdPort = await this.nbd.listenTcp(this.config.nbdPort, this.config.nbdHost);

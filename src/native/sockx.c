@@ -18,6 +18,9 @@
  * owner sends them through Node's socket, whose bytes must never interleave with ours.
  * The owner passes a dup(2) of the socket (dupFd), so a socket that Node closes meanwhile is
  * never a reused descriptor; close frees the sender once no job runs.
+ *
+ * It also sets and reads a socket's TCP congestion control (TCP_CONGESTION), which Node does
+ * not expose: see src/util/tcp-congestion.ts for why deltavol chooses one on loopback.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -460,6 +465,61 @@ static napi_value close_fd(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* The algorithm name out of TCP_CONGESTION on fd into buf (at least TCP_CA_NAME_MAX + 1 bytes); 0 or an errno. */
+static int congestion_of(int fd, char *buf, socklen_t size) {
+  socklen_t len = size - 1;
+  if (getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, buf, &len) != 0) return errno;
+  buf[len < size ? len : size - 1] = 0;
+  return 0;
+}
+
+static const char *congestion_errno_name(int e) {
+  switch (e) {
+  case ENOENT: return "ENOENT";   /* no such algorithm (not built, module not loadable) */
+  case EPERM: return "EPERM";     /* not in net.ipv4.tcp_allowed_congestion_control */
+  case EBUSY: return "EBUSY";
+  case ENOPROTOOPT: return "ENOPROTOOPT";
+  case EINVAL: return "EINVAL";
+  default: return send_errno_name(e);
+  }
+}
+
+/* congestion(fd[, name]) -> the socket's congestion control after setting it to name, if given. */
+static napi_value congestion(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  double fd_d;
+  if (argc < 1 || napi_get_value_double(env, argv[0], &fd_d) != napi_ok || !(fd_d >= 0 && fd_d < 2147483647.0)) {
+    napi_throw_type_error(env, "EINVAL_ARGUMENT", "congestion(fd[, name])");
+    return NULL;
+  }
+  int fd = (int)fd_d;
+  char name[64];
+  if (argc >= 2) {
+    napi_valuetype t;
+    napi_typeof(env, argv[1], &t);
+    size_t len = 0;
+    if (t != napi_string || napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len) != napi_ok || len == 0 || len >= 16) {
+      napi_throw_type_error(env, "EINVAL_ARGUMENT", "congestion(fd, name): name is 1 to 15 characters");
+      return NULL;
+    }
+    if (setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, (socklen_t)len) != 0) {
+      int e = errno;
+      napi_throw_error(env, congestion_errno_name(e), "setsockopt(TCP_CONGESTION) failed");
+      return NULL;
+    }
+  }
+  int e = congestion_of(fd, name, sizeof name);
+  if (e != 0) {
+    napi_throw_error(env, congestion_errno_name(e), "getsockopt(TCP_CONGESTION) failed");
+    return NULL;
+  }
+  napi_value out;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &out);
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"senderOpen", NULL, sender_open, NULL, NULL, NULL, napi_default, NULL},
@@ -469,6 +529,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"senderClose", NULL, sender_close, NULL, NULL, NULL, napi_default, NULL},
     {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_default, NULL},
     {"closeFd", NULL, close_fd, NULL, NULL, NULL, napi_default, NULL},
+    {"congestion", NULL, congestion, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

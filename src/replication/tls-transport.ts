@@ -18,6 +18,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { DeltavolError } from '../util/errors.js';
+import { applyTcpCongestion } from '../util/tcp-congestion.js';
 import { dial, listenOn, socketAddress, openGuard, TcpConn, type Conn, type Transport } from './transport.js';
 
 export type ReplTlsMode = 'psk' | 'x509';
@@ -137,6 +138,7 @@ class TlsConn extends TcpConn implements Conn {
   ) {
     super(sock, peerIdentity);
     raw?.setNoDelay(true);
+    if (raw) applyTcpCongestion(raw);
   }
   override get remoteAddress(): string {
     return this.raw ? socketAddress(this.raw) : super.remoteAddress;

@@ -8,6 +8,7 @@ import net from 'node:net';
 import { DeltavolError } from '../util/errors.js';
 import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
+import { applyTcpCongestion } from '../util/tcp-congestion.js';
 import { linkThreadpoolSendBytesMin, linkThreadpoolSendWaitMs } from './limits.js';
 
 /** One established connection, as the link needs it (a subset of net.Socket). */
@@ -142,6 +143,7 @@ export class TcpConn implements Conn {
     private readonly userBuffers = false,
   ) {
     sock.setNoDelay(true);
+    applyTcpCongestion(sock); // a TLS socket has no descriptor here: TlsConn sets its raw socket's
     this.sender = ThreadpoolSender.forSocket(sock, {
       bytesMin: linkThreadpoolSendBytesMin,
       waitMs: linkThreadpoolSendWaitMs,

@@ -18,6 +18,7 @@ import { DeltavolError } from '../util/errors.js';
 import { formatBytes } from '../util/units.js';
 import { collectGarbage } from '../util/gc.js';
 import { readBufferPoolState, trimReadBuffers } from '../nbd/transmission.js';
+import { applyTcpCongestion } from '../util/tcp-congestion.js';
 import {
   connectionsMax,
   connectionsPerAddressMaxDefault,
@@ -163,6 +164,7 @@ export class NbdServer {
     }
     const id = this.nextId++;
     const log = this.log.child({ conn: id, peer });
+    applyTcpCongestion(socket); // before any byte: replies are what it paces
     const c = new Connection(
       socket,
       this.catalog,

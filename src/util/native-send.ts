@@ -34,6 +34,11 @@ export interface Sockx {
   /** A close-on-exec duplicate of `fd` (so a descriptor Node closes is never reused under a send). */
   dupFd(fd: number): number;
   closeFd(fd: number): void;
+  /**
+   * The TCP congestion control of socket `fd`, after setting it to `name` when given (the
+   * error's code is the errno name: ENOENT no such algorithm, EPERM not allowed).
+   */
+  congestion(fd: number, name?: string): string;
 }
 
 /** Most buffers one message may have (MESSAGE_BUFFERS_MAX in sockx.c). */
