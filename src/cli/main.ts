@@ -26,6 +26,7 @@ import {
   nbdStallTimeoutMsDefault,
   syncIoBytesMaxDefault,
   syncIoLoneBytesMaxDefault,
+  readAheadBytesMaxDefault,
 } from '../util/limits.js';
 import { ControlClient, resolveControlTarget, CONTROL_PORT_DEFAULT } from './control-client.js';
 import { escapeOutput, escapeText, table } from './format.js';
@@ -137,6 +138,7 @@ export function buildProgram(): Command {
     .option('--connections-per-address-max <n>', 'NBD connections from one remote address (Unix sockets exempt)', String(connectionsPerAddressMaxDefault))
     .option('--nbd-buffer-bytes-max <size>', 'memory for NBD request buffers and unsent replies, all connections together', `${nbdBufferBytesMaxDefault / (1024 * 1024)}M`)
     .option('--nbd-read-buffers <own|node>', "plain NBD sockets read into the daemon's own reused buffers, large WRITE payloads straight into theirs (own), or into Node's fresh buffer per read (node); TLS sockets always use node", 'own')
+    .option('--nbd-read-ahead <bytes>', 'bytes of large READ buffers (64 KiB or more) one NBD connection fills ahead of its socket; later large reads wait for a reply to leave (0 = no limit)', String(readAheadBytesMaxDefault))
     .option('--tcp-congestion <auto|system|name>', 'TCP congestion control of NBD and replication connections: auto = cubic on loopback connections (pacing algorithms such as bbr reorder segments there), the system default elsewhere; system = never set; a name (cubic, reno, bbr, ...) = that on every connection', 'auto')
     .option('--nbd-sends <threadpool|loop>', 'large NBD replies (256 KiB or more) are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); with --tls other than off, always loop', 'threadpool')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
@@ -171,6 +173,7 @@ export function buildProgram(): Command {
           demoVolumeBytes: opts.demoVolume ? size(opts.demoVolume) : undefined,
           syncIoBytesMax: size(opts.syncIoMax),
           syncIoLoneBytesMax: size(opts.syncIoMaxLone),
+          nbdReadAheadBytes: size(opts.nbdReadAhead),
           version: VERSION,
           replHost: opts.replBind,
           replPort: port(opts.replPort, '--repl-port'),

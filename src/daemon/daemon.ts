@@ -9,7 +9,7 @@ import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import { DeltavolError } from '../util/errors.js';
 import { writeFileAtomicSync } from '../util/atomic-file.js';
-import { shutdownDrainMs, syncIoLoneBytesMaxDefault } from '../util/limits.js';
+import { readAheadBytesMaxDefault, shutdownDrainMs, syncIoLoneBytesMaxDefault } from '../util/limits.js';
 import { LoopIoPolicy } from '../util/loop-io-policy.js';
 import { VolumeRegistry } from '../volume/registry.js';
 import type { Volume } from '../volume/volume.js';
@@ -65,6 +65,8 @@ export interface DaemonConfig {
   nbdOwnReadBuffers?: boolean;
   /** Large NBD replies on plain sockets are sent from the threadpool (default true; `--nbd-sends loop` turns it off). */
   nbdThreadpoolSends?: boolean;
+  /** Bytes of large READ buffers one NBD connection fills ahead of its socket (`--nbd-read-ahead`; 0 = no limit). */
+  nbdReadAheadBytes?: number;
   /** TCP congestion control of NBD and replication connections (src/util/tcp-congestion.ts); default auto. */
   tcpCongestion?: TcpCongestionPolicy;
   /** Replication credentials (README "Replication security"); none: plain TCP. */
@@ -179,7 +181,7 @@ export class Daemon {
       log.child({ part: 'nbd' }),
       this.nbdTls,
       config.nbdLimits,
-      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true },
+      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true, readAheadBytesMax: config.nbdReadAheadBytes ?? readAheadBytesMaxDefault },
       () => void trimMallocHeap(),
       (client) => loopIo.clientRequest(client),
     );

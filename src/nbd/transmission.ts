@@ -98,6 +98,10 @@ export class Transmission {
   inflightPayloadBytes = 0;
   /** Set when the connection is gone: late completions are dropped. */
   closed = false;
+  /** Bytes of pooled READ buffers held by reads not yet sent (readAheadBytesMax bounds them). */
+  private pooledReadBytes = 0;
+  /** Large READs waiting for pooledReadBytes to fall, in arrival order. */
+  private readonly waitingReads: RequestHeader[] = [];
   readonly structured: boolean;
   readonly sizeBytes: number;
   private readonly contexts: string[];
@@ -110,6 +114,8 @@ export class Transmission {
     readonly exp: NbdExport,
     negotiated: Negotiated,
     private readonly host: TransmissionHost,
+    /** Bytes of pooled READ buffers this connection fills ahead of its socket (limits.ts readAheadBytesMaxDefault); 0: no limit. */
+    private readonly readAheadBytesMax = 0,
   ) {
     this.structured = negotiated.structuredReplies;
     this.contexts = negotiated.metaContexts;
@@ -282,8 +288,19 @@ export class Transmission {
     // Small replies are slices of the few slabs of smallReplies (slice-arena.ts).
     const headerBytes = h.length < pooledReadBufferBytesMin ? R.readHeaderBytes(this.structured) : 0;
     const small = headerBytes > 0 && headerBytes + h.length <= smallReplies.sliceBytesMax;
+    if (!small && !this.readAheadAllows(h.length)) {
+      this.waitingReads.push(h);
+      return;
+    }
     const whole = small ? smallReplies.take(headerBytes + h.length) : readBuffers.acquire(headerBytes + h.length);
-    const done = small ? smallReplies.lastSlab.release : () => readBuffers.release(whole);
+    if (!small) this.pooledReadBytes += h.length;
+    const done = small
+      ? smallReplies.lastSlab.release
+      : () => {
+          readBuffers.release(whole);
+          this.pooledReadBytes -= h.length;
+          this.startWaitingReads();
+        };
     const buf = headerBytes === 0 ? whole : whole.subarray(headerBytes);
     const sparse = this.structured && this.sparseReads && h.length >= sparseReadBytesMin && (h.flags & C.CMDFLAG_DF) === 0;
     // The reader may count the zero blocks where it reads (zero-block-scan.ts); else we scan.
@@ -330,6 +347,22 @@ export class Transmission {
     }
     if (isPromise(r)) r.then(afterRead, failed);
     else afterRead();
+  }
+
+  /** Whether a large READ of `bytes` may take its buffer now (one always may when none is held). */
+  private readAheadAllows(bytes: number): boolean {
+    return this.readAheadBytesMax === 0 || this.pooledReadBytes === 0 || this.pooledReadBytes + bytes <= this.readAheadBytesMax;
+  }
+
+  /** A reply left (or the connection closed): start the waiting reads that now fit; after a close, answer none. */
+  private startWaitingReads(): void {
+    while (this.waitingReads.length > 0) {
+      const h = this.waitingReads[0]!;
+      if (!this.closed && !this.readAheadAllows(h.length)) return;
+      this.waitingReads.shift();
+      if (this.closed) this.finish([], h.length);
+      else this.read(h);
+    }
   }
 
   /** OFFSET_DATA for data extents (views into one buffer), OFFSET_HOLE for zero extents. */
@@ -397,6 +430,7 @@ export class Transmission {
   /** The connection is gone: late completions are dropped, streams end without replies. */
   close(): void {
     this.closed = true;
+    this.startWaitingReads();
     this.abandonPartialRequest();
     for (const poke of [...this.activeReads]) poke();
     this.endSimpleStream();

@@ -41,6 +41,7 @@ import {
   smallBufferSparesMax,
   headerReadBytes,
   threadpoolSendBytesMin,
+  readAheadBytesMaxDefault,
 } from '../util/limits.js';
 
 /** WRITE payload buffers shared by every connection of the process (see buffer-pool.ts). */
@@ -88,6 +89,8 @@ export interface ConnectionLimits {
   requestFrom?(c: Connection): void;
   /** Send large replies on plain sockets from the threadpool (native-send.ts; default true). */
   threadpoolSends?: boolean;
+  /** Bytes of large READ buffers a connection fills ahead of its socket (Transmission; 0 = no limit). */
+  readAheadBytesMax?: number;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -338,7 +341,7 @@ export class Connection {
       warn: (msg, fields) => this.log.warn(fields, msg),
       released: (bytes) => this.requestCompleted(bytes),
       fatal: (reason) => this.protocolError(reason),
-    });
+    }, this.limits.readAheadBytesMax ?? readAheadBytesMaxDefault);
     this.state = 'transmission';
     this.framer = new RequestFramer(
       this.negotiator.leftover(),

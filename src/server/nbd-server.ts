@@ -27,6 +27,7 @@ import {
   nbdBufferReserveBytesPerConnection,
   nbdStallTimeoutMsDefault,
   requestPayloadBytesMax,
+  readAheadBytesMaxDefault,
 } from '../util/limits.js';
 
 /** The NBD server's limits under abuse (`deltavol serve` flags; README "Limits under abuse"). */
@@ -113,7 +114,7 @@ export class NbdServer {
      * (`--nbd-read-buffers own`, default) and send large replies from the threadpool
      * (`--nbd-sends threadpool`, default; native-send.ts). False keeps Node's way.
      */
-    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean } = {},
+    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean; readAheadBytesMax?: number } = {},
     /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
     private readonly returnFreedMemory: () => void = () => {},
     /** Each request, with the connection that made it (the daemon's LoopIoPolicy). */
@@ -136,7 +137,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, ...(requestFrom ? { requestFrom } : {}) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, readAheadBytesMax: io.readAheadBytesMax ?? readAheadBytesMaxDefault, ...(requestFrom ? { requestFrom } : {}) };
   }
 
   private accept(socket: net.Socket): void {

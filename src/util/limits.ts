@@ -55,6 +55,16 @@ export const socketQueuedBytesMax = 32 * 1024 * 1024;
 export const syncIoBytesMaxDefault = 64 * 1024;
 /** Reads/writes up to this size run on the event loop while one client is served (util/loop-io-policy.ts). */
 export const syncIoLoneBytesMaxDefault = 2 * 1024 * 1024;
+/**
+ * Bytes of pooled READ buffers (reads of pooledReadBufferBytesMin or more) one connection
+ * fills ahead of its socket; later large reads wait until a reply leaves. Every buffer in
+ * flight is cold memory to the next pread: 1 MiB preads from one thread cost 64-70 us with up
+ * to 8 buffers in rotation, 96 with 32 and 115-124 with 64 (2026-12-07), and 4 connections
+ * at queue depth 8 kept 32+ in flight. With 3 MiB per connection, 1 MiB reads on 4
+ * connections cost 253-285 against 285-329 us of CPU each (daemons alternating, 5 pairs of
+ * which 4 favoured it); one connection did not change. 0 = no limit (`--nbd-read-ahead`).
+ */
+export const readAheadBytesMaxDefault = 3 * 1024 * 1024;
 /** Structured reads at least this large send runs of zero 4 KiB blocks as OFFSET_HOLE chunks. */
 export const sparseReadBytesMin = 64 * 1024;
 /** READ buffers at least this large are reused from a pool instead of allocated per request. */

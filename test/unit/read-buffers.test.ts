@@ -13,7 +13,7 @@ import { MemoryExport } from '../helpers/memory-export.js';
 
 const MiB = 1024 * 1024;
 
-function setup(structured: boolean) {
+function setup(structured: boolean, readAheadBytesMax = 0) {
   const exp = new MemoryExport('m', 64 * MiB);
   randomFillSync(exp.data);
   exp.async = true;
@@ -26,12 +26,13 @@ function setup(structured: boolean) {
     transmissionFlags: 0,
     tls: false,
   };
-  const tx = new Transmission(exp, neg, { send: (buffers, sent) => replies.push({ buffers, sent }), completed: () => undefined, warn: () => undefined });
+  let completed = 0;
+  const tx = new Transmission(exp, neg, { send: (buffers, sent) => replies.push({ buffers, sent }), completed: () => completed++, warn: () => undefined }, readAheadBytesMax);
   let cookie = 0;
   const read = (offset: number, length: number) =>
     tx.handle({ flags: 0, type: C.CMD_READ, cookieHi: 0, cookieLo: ++cookie, offset, length, payloadDiscarded: false }, []);
   const settle = () => new Promise((r) => setTimeout(r, 20));
-  return { exp, tx, replies, read, settle };
+  return { exp, tx, replies, read, settle, completed: () => completed };
 }
 
 /** The buffers of a reply that carry read data (the 1 MiB ones). */
@@ -97,5 +98,57 @@ describe('BufferPool', () => {
     const again = pool.acquire(MiB);
     expect(bufs.slice(0, 3).some((b) => b.buffer === again.buffer)).toBe(true);
     expect(pool.idleBytes).toBe(0);
+  });
+});
+
+describe('READ read-ahead (Transmission readAheadBytesMax)', () => {
+  it('a connection holds at most 3 MiB of large read buffers; the rest wait, in order, for replies to leave', async () => {
+    const t = setup(true, 3 * MiB);
+    for (let i = 0; i < 8; i++) t.read(i * MiB, MiB);
+    await t.settle();
+    expect(t.replies).toHaveLength(3); // the others have not even been read
+    expect(t.tx.inflight).toBe(5); // a request leaves the count when its reply is queued
+    const order: number[] = [];
+    for (let round = 0; round < 8 && t.replies.length > 0; round++) {
+      const r = t.replies.shift()!;
+      const wire = Buffer.concat(r.buffers);
+      const offset = Number(wire.readBigUInt64BE(20));
+      order.push(offset / MiB);
+      expect(wire.subarray(28, 28 + MiB).equals(t.exp.data.subarray(offset, offset + MiB))).toBe(true);
+      r.sent?.(); // its buffer is free: the next waiting read starts
+      await t.settle();
+      expect(t.replies.length).toBeLessThanOrEqual(3);
+    }
+    expect(order).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
+    expect(t.tx.inflight).toBe(0);
+  });
+
+  it('a read larger than the limit still runs when the connection holds no other', async () => {
+    const t = setup(true, MiB);
+    t.read(0, 4 * MiB);
+    t.read(4 * MiB, 64 * 1024);
+    await t.settle();
+    expect(t.replies).toHaveLength(1);
+    t.replies.shift()!.sent?.();
+    await t.settle();
+    expect(t.replies).toHaveLength(1);
+    expect(Buffer.concat(t.replies[0]!.buffers).subarray(28, 28 + 65536).equals(t.exp.data.subarray(4 * MiB, 4 * MiB + 65536))).toBe(true);
+    t.replies.shift()!.sent?.();
+    expect(t.tx.inflight).toBe(0);
+  });
+
+  it('small reads do not wait behind large ones, and closing ends the waiting reads without replies', async () => {
+    const t = setup(true, 2 * MiB);
+    for (let i = 0; i < 4; i++) t.read(i * MiB, MiB);
+    t.read(10 * MiB, 4096);
+    await t.settle();
+    expect(t.replies).toHaveLength(3); // two large, and the small one
+    const before = t.completed();
+    t.tx.close();
+    expect(t.tx.inflight).toBe(0); // the two waiting ones end without a reply
+    expect(t.completed()).toBe(before + 2);
+    for (const r of t.replies.splice(0)) r.sent?.();
+    await t.settle();
+    expect(t.replies).toHaveLength(0);
   });
 });
