@@ -610,7 +610,7 @@ function markdown(run, opts) {
   if (run.fileGBps) {
     lines.push(`- the servers' file read in 1 MiB preads, before the jobs: ${Object.entries(run.fileGBps).map(([who, v]) => `${who} ${v.toFixed(1)} GB/s`).join(', ')} (one file for both, or pages of unlike speed would bias the ratios)`);
   }
-  lines.push(`- TCP congestion control of the reply sockets: ${run.servers.map((sv) => `${sv.label} ${senderCongestion(sv)}`).join(', ')} (README "Speed": on loopback the system's ${systemCongestion()} paces and reorders segments; deltavol sets cubic there unless told otherwise)`);
+  lines.push(`- TCP congestion control of the reply sockets: ${run.servers.map((sv) => `${sv.label} ${senderCongestion(sv)}`).join(', ')} (system default ${systemCongestion()}; deltavol sets cubic on loopback unless --tcp-congestion says otherwise, since a pacing algorithm such as bbr reorders segments there: README "Speed")`);
   const below = run.results.filter((r) => r.ratio != null && r.ratio < ratioGoal(r.name)).map((r) => `${r.name} ${r.ratio.toFixed(2)}`);
   lines.push(`- jobs below their goal: ${below.length ? below.join(', ') : 'none'}`);
   const failed = run.results.flatMap((r) => Object.entries(r.runs).flatMap(([k, rs]) => rs.filter((x) => x.error).map((x) => `${r.name}/${k}: ${x.error}`)));
