@@ -61,8 +61,9 @@ export const syncIoLoneBytesMaxDefault = 2 * 1024 * 1024;
  * flight is cold memory to the next pread: 1 MiB preads from one thread cost 64-70 us with up
  * to 8 buffers in rotation, 96 with 32 and 115-124 with 64 (2026-12-07), and 4 connections
  * at queue depth 8 kept 32+ in flight. With 3 MiB per connection, 1 MiB reads on 4
- * connections cost 253-285 against 285-329 us of CPU each (daemons alternating, 5 pairs of
- * which 4 favoured it); one connection did not change. 0 = no limit (`--nbd-read-ahead`).
+ * connections cost 253-325 against 285-329 us of CPU each (daemons alternating, lower in all
+ * 5 pairs, the last by 1%), and in scripts/bench --ab 278 against 317 us with 1.09x the
+ * throughput; one connection 264 against 308 us. 0 = no limit (`--nbd-read-ahead`).
  */
 export const readAheadBytesMaxDefault = 3 * 1024 * 1024;
 /** Structured reads at least this large send runs of zero 4 KiB blocks as OFFSET_HOLE chunks. */
