@@ -38,7 +38,7 @@ export function parseTcpCongestion(text: string): TcpCongestionPolicy {
   return { kind: 'set', name: t };
 }
 
-export function formatTcpCongestion(p: TcpCongestionPolicy): string {
+function formatTcpCongestion(p: TcpCongestionPolicy): string {
   return p.kind === 'set' ? p.name : p.kind;
 }
 
@@ -93,7 +93,7 @@ async function probe(name: string): Promise<{ ok: true } | { ok: false; reason: 
     server.listen(0, '127.0.0.1', () => resolve());
   });
   try {
-    const fd = (server as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const fd = socketFd(server);
     if (fd < 0) return { ok: false, reason: 'no socket descriptor to try it on' };
     try {
       const got = sockx.congestion(fd, name);
@@ -128,9 +128,8 @@ export function applyTcpCongestion(socket: Socket): string | null {
   const sockx = loadSockx();
   const fd = sockx ? socketFd(socket) : -1;
   if (!sockx || fd < 0) return null;
-  let before: string;
   try {
-    before = sockx.congestion(fd);
+    const before = sockx.congestion(fd);
     if (before === want) return want;
     const now = sockx.congestion(fd, want);
     logOnce(`set ${before} ${now}`, 'info', { algorithm: now, system: before, policy: formatTcpCongestion(policy) }, `TCP congestion control ${now} instead of ${before} on ${policy.kind === 'auto' ? 'loopback ' : ''}connections`);
