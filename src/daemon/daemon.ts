@@ -65,6 +65,8 @@ export interface DaemonConfig {
   nbdOwnReadBuffers?: boolean;
   /** Large NBD replies on plain sockets are sent from the threadpool (default true; `--nbd-sends loop` turns it off). */
   nbdThreadpoolSends?: boolean;
+  /** Large NBD WRITE payloads on plain sockets are spliced into pipes and from there to the file (default true; `--nbd-writes buffer` turns it off). */
+  nbdPipedWrites?: boolean;
   /** Bytes of large READ buffers one NBD connection fills ahead of its socket (`--nbd-read-ahead`; 0 = no limit). */
   nbdReadAheadBytes?: number;
   /** TCP congestion control of NBD and replication connections (src/util/tcp-congestion.ts); default auto. */
@@ -181,7 +183,7 @@ export class Daemon {
       log.child({ part: 'nbd' }),
       this.nbdTls,
       config.nbdLimits,
-      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true, readAheadBytesMax: config.nbdReadAheadBytes ?? readAheadBytesMaxDefault },
+      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true, pipedWrites: config.nbdPipedWrites ?? true, readAheadBytesMax: config.nbdReadAheadBytes ?? readAheadBytesMaxDefault },
       () => void trimMallocHeap(),
       (client) => loopIo.clientRequest(client),
     );

@@ -4,6 +4,7 @@
 // base:allocation and qemu:dirty-bitmap:SNAP (blocks changed since snapshot SNAP); each
 // snapshot as NAME@SNAP, read-only, with base:allocation reporting its holes.
 
+import type { WritePayload } from '../util/piped-bytes.js';
 import * as C from '../nbd/constants.js';
 import type { ExportCatalog, ExportFeatures, ExportListing, Extent, NbdExport, WriteZeroesOptions } from '../nbd/export.js';
 import { systemError } from '../util/errors.js';
@@ -56,8 +57,8 @@ export class VolumeExport implements NbdExport {
   read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): void | Promise<void> {
     return this.volume.read(offset, length, target, scan);
   }
-  write(offset: number, chunks: Buffer[], fua: boolean): void | Promise<void> {
-    return this.volume.write(offset, chunks, fua);
+  write(offset: number, payload: WritePayload, fua: boolean): void | Promise<void> {
+    return this.volume.write(offset, payload, fua);
   }
   flush(): Promise<void> {
     return this.volume.flush();

@@ -5,6 +5,7 @@
 // undefined / a value) or asynchronously (return a Promise): small I/O on page-cache
 // data is twice as fast on the event loop (PERF.md), so the backend chooses.
 
+import type { WritePayload } from '../util/piped-bytes.js';
 import type { ZeroBlockScan } from '../util/zero-block-scan.js';
 
 export type MaybePromise<T> = T | Promise<T>;
@@ -54,8 +55,11 @@ export interface NbdExport {
    * blocks of what it read into `scan` (zero-block-scan.ts); leaving it alone is fine.
    */
   read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): MaybePromise<void>;
-  /** Writes the concatenation of `chunks` at offset; durable before return when fua. */
-  write(offset: number, chunks: Buffer[], fua: boolean): MaybePromise<void>;
+  /**
+   * Writes the payload at offset (the concatenation of its chunks, or bytes waiting in a
+   * pipe: util/piped-bytes.ts); durable before return when fua.
+   */
+  write(offset: number, payload: WritePayload, fua: boolean): MaybePromise<void>;
   flush(): MaybePromise<void>;
   trim(offset: number, length: number, fua: boolean): MaybePromise<void>;
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions, fua: boolean): MaybePromise<void>;

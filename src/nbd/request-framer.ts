@@ -9,6 +9,9 @@
 // buffer of its own (payloadBuffer): the framer then copies only the bytes already queued
 // into it and tells the host where the rest goes (fillRegion), so the kernel copies the
 // remaining payload straight into that buffer, in reads as large as the payload.
+// Or the host may take a large WRITE's payload outside the framer (payloadOutside): the
+// framer hands it the bytes already queued, the host receives the rest itself (into a kernel
+// pipe) and reports them (outsideReceived); the request then comes with no payload views.
 
 import { ByteQueue } from '../util/byte-queue.js';
 import { assert } from '../util/assert.js';
@@ -28,6 +31,8 @@ export interface RequestHeader {
   payloadDiscarded: boolean;
   /** Gives the payload's own buffer (from FramerSink.payloadBuffer) back; null when there is none. */
   releasePayload?: (() => void) | null;
+  /** The host received this WRITE's payload itself (FramerSink.payloadOutside). */
+  payloadOutside?: boolean;
 }
 
 export interface FramerSink {
@@ -60,6 +65,13 @@ export interface FramerSink {
    * may return one function per buffer it carves slices from, not a closure per request.
    */
   payloadRelease?(buffer: Buffer): () => void;
+  /**
+   * An accepted WRITE (≤ payloadBytesMax) is about to be received: true to take its payload
+   * outside the framer. The framer then passes the payload bytes it has queued to
+   * outsideBytes (to be consumed before it returns) and waits for outsideReceived.
+   */
+  payloadOutside?(header: RequestHeader): boolean;
+  outsideBytes?(views: Buffer[]): void;
 }
 
 export type FramerError = { kind: 'bad-magic'; magic: number };
@@ -80,6 +92,8 @@ export class RequestFramer {
   private stream: { h: RequestHeader; leftBytes: number; pieceBytes: number } | null = null;
   /** A WRITE being assembled in its own buffer: `filled` bytes of `target` are there. */
   private fill: { h: RequestHeader; target: Buffer; filled: number } | null = null;
+  /** A WRITE whose payload the host receives outside the framer: `left` bytes still to come. */
+  private outside: { h: RequestHeader; left: number } | null = null;
   /** Payload bytes handed out as views of received chunks (the host must not reuse those chunks). */
   viewedBytes = 0;
   constructor(
@@ -92,13 +106,40 @@ export class RequestFramer {
 
   /** True while a WRITE's payload is being received (or discarded). */
   get awaitingPayload(): boolean {
-    return this.pending !== null || this.stream !== null || this.fill !== null;
+    return this.pending !== null || this.stream !== null || this.fill !== null || this.outside !== null;
+  }
+
+  /** Payload bytes the host still has to receive outside the framer (0 when none). */
+  get outsideLeft(): number {
+    return this.outside ? this.outside.left : 0;
+  }
+
+  /** `n` bytes of the outside payload arrived (outside the framer); parses on. */
+  outsideReceived(n: number): FramerError | null {
+    const o = this.outside;
+    assert(o !== null && n >= 0 && n <= o.left, 'outside payload bytes not asked for');
+    o.left -= n;
+    return this.parse();
+  }
+
+  /**
+   * The outside payload goes on in a buffer of its own after all: its first `filled` bytes
+   * are already in `target` (the host put them there), the rest arrive as for payloadBuffer.
+   */
+  outsideToFill(target: Buffer, release: (() => void) | null): void {
+    const o = this.outside;
+    assert(o !== null && target.length === o.h.length, 'an outside payload moves to a buffer of its length');
+    this.outside = null;
+    o.h.payloadOutside = false;
+    o.h.releasePayload = release;
+    this.fill = { h: o.h, target, filled: o.h.length - o.left };
   }
 
   /** Bytes accepted for a WRITE payload and not yet handed over (0 when none, or when it is discarded). */
   get pendingWriteBytes(): number {
     if (this.stream) return this.stream.pieceBytes;
     if (this.fill) return this.fill.h.length;
+    if (this.outside) return this.outside.h.length;
     return this.pending && !this.pending.payloadDiscarded ? this.pending.length : 0;
   }
 
@@ -138,6 +179,20 @@ export class RequestFramer {
   parse(): FramerError | null {
     const q = this.queue;
     for (;;) {
+      const o = this.outside;
+      if (o) {
+        // Queued bytes are the payload's first ones: the host takes them (a copy) before the rest.
+        const n = Math.min(q.length, o.left);
+        if (n > 0) {
+          o.left -= n;
+          this.sink.outsideBytes!(q.takeViews(n));
+          continue;
+        }
+        if (o.left > 0) return null;
+        this.outside = null;
+        this.sink.request(o.h, []);
+        continue;
+      }
       const f = this.fill;
       if (f) {
         const n = Math.min(q.length, f.target.length - f.filled);
@@ -215,6 +270,9 @@ export class RequestFramer {
         h.payloadDiscarded = true;
         this.pending = h;
         this.discardLeft = h.length;
+      } else if (this.sink.payloadOutside?.(h)) {
+        h.payloadOutside = true;
+        this.outside = { h, left: h.length };
       } else {
         const target = this.sink.payloadBuffer?.(h.length) ?? null;
         if (target) {

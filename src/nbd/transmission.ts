@@ -6,6 +6,7 @@
 // than one buffer (only from clients that did not agree to block sizes) are streamed in
 // pieces, so their memory is bounded by the piece size and not by their length.
 
+import type { WritePayload } from '../util/piped-bytes.js';
 import * as C from './constants.js';
 import type { Extent, MaybePromise, NbdExport } from './export.js';
 import type { Negotiated } from './negotiator.js';
@@ -126,7 +127,7 @@ export class Transmission {
   }
 
   /** Handles one request (not DISC, which the connection handles). */
-  handle(h: RequestHeader, payload: Buffer[]): void {
+  handle(h: RequestHeader, payload: WritePayload): void {
     this.inflight++;
     const payloadBytes = h.payloadDiscarded ? 0 : heldBytesFor(h.type, h.length);
     this.inflightPayloadBytes += payloadBytes;

@@ -10,7 +10,9 @@
 // Without TLS it reads the socket into buffers it chooses (user-buffer-socket.ts): a
 // reused scratch buffer for headers and small payloads, and a large WRITE's own pooled
 // buffer for the rest of its payload, so 1 MiB arrives in a few large reads with no
-// per-read allocation and no copy beyond the kernel's.
+// per-read allocation and no copy beyond the kernel's. A WRITE of pipedPayloadBytesMin or
+// more goes further (socket-pipe.ts): its payload is spliced from the socket into a kernel
+// pipe, with Node's reads stopped meanwhile, and the volume's file takes it from there.
 
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
@@ -26,6 +28,8 @@ import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 import { BufferPool } from '../util/buffer-pool.js';
 import { SliceArena } from '../util/slice-arena.js';
 import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
+import { socketFd } from '../util/native-send.js';
+import { PayloadPipePool, PipeReceiver, type PayloadPipe } from '../util/socket-pipe.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -42,6 +46,8 @@ import {
   headerReadBytes,
   threadpoolSendBytesMin,
   readAheadBytesMaxDefault,
+  pipedPayloadBytesMin,
+  pipedPayloadBytesMax,
 } from '../util/limits.js';
 
 /** WRITE payload buffers shared by every connection of the process (see buffer-pool.ts). */
@@ -54,6 +60,15 @@ const writePayloads = new BufferPool(directPayloadBytesMin, pooledWritePayloadBy
 const smallWritePayloads = new SliceArena(smallBufferSlabBytes, smallBufferSparesMax);
 
 /** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
+/** Kernel pipes for spliced WRITE payloads, shared by every connection (socket-pipe.ts). */
+const payloadPipes = new PayloadPipePool({ acquire: (n) => writePayloads.acquire(n), release: (b) => writePayloads.release(b) });
+
+/** Spliced WRITE payloads since start, those that went to a buffer after all (a full pipe), and the pipes open. */
+const pipedCounts = { piped: 0, toBuffer: 0 };
+export function pipedWriteCounts(): { piped: number; toBuffer: number; pipesOpen: number; pipeError: string | null } {
+  return { ...pipedCounts, pipesOpen: payloadPipes.openPipes, pipeError: payloadPipes.lastError };
+}
+
 export function trimWritePayloadBuffers(keepBytes: number): void {
   writePayloads.trim(keepBytes);
 }
@@ -91,6 +106,8 @@ export interface ConnectionLimits {
   threadpoolSends?: boolean;
   /** Bytes of large READ buffers a connection fills ahead of its socket (Transmission; 0 = no limit). */
   readAheadBytesMax?: number;
+  /** Splice large WRITE payloads of plain sockets into pipes and from there to the file (socket-pipe.ts; default true). */
+  pipedWrites?: boolean;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -131,6 +148,12 @@ export class Connection {
   private lastLargeWrite = false;
   /** Large replies leave from the threadpool (threadpool-sender.ts; only while --tls is off), or null. */
   private readonly sender: ThreadpoolSender | null;
+  // ---- WRITE payloads spliced into pipes (plain sockets with their own read buffers) ----
+  private readonly pipedWrites: boolean;
+  /** Moves the socket's bytes into a pipe while Node's reads are stopped; opened at first use. */
+  private receiver: PipeReceiver | null = null;
+  /** The pipe the framer's outside payload goes to, until its request takes it. */
+  private outsidePipe: PayloadPipe | null = null;
   readonly stats: ConnectionStats = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   exportName: string | null = null;
   /** The authenticated TLS client (PSK identity or certificate DN), once TLS is up. */
@@ -174,6 +197,7 @@ export class Connection {
     const adopted = (tls?.mode ?? 'off') === 'off' && limits.ownReadBuffers !== false ? adoptWithUserBuffer(socket, { next: () => this.nextReadBuffer(), received: (n, b) => this.onRead(n, b) }) : null;
     this.userBuffers = adopted !== null;
     if (adopted) this.socket = socket = adopted;
+    this.pipedWrites = this.userBuffers && limits.pipedWrites !== false && PayloadPipePool.available;
     this.sender =
       (tls?.mode ?? 'off') === 'off' && limits.threadpoolSends !== false
         ? ThreadpoolSender.forSocket(socket, {
@@ -284,6 +308,7 @@ export class Connection {
     try {
       const err = this.framer.filled(n);
       if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+      else this.receiveOutside();
     } finally {
       this.inDataEvent = false;
       this.socket.uncork();
@@ -300,6 +325,7 @@ export class Connection {
       else if (this.state === 'transmission' && this.framer) {
         const err = this.framer.push(chunk);
         if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+        else this.receiveOutside();
       }
       // 'draining' and 'closed': anything after DISC or shutdown is ignored.
     } finally {
@@ -351,6 +377,7 @@ export class Connection {
         streamWrite: (h) => this.state === 'transmission' && this.tx!.streamWrite(h),
         pieceAccepting: (length) => this.pieceAccepting(length),
         writePiece: (h, p, last) => this.tx!.writePiece(h, p, last),
+        ...(this.pipedWrites ? { payloadOutside: (h: RequestHeader) => this.payloadOutside(h), outsideBytes: (views: Buffer[]) => this.outsideBytes(views) } : {}),
         ...(this.userBuffers
           ? {
               // Small payloads: slices of reused slabs, so the receive arena is never held by
@@ -405,6 +432,8 @@ export class Connection {
   }
 
   private onRequest(h: RequestHeader, payload: Buffer[]): void {
+    const piped = h.payloadOutside ? this.outsidePipe : null;
+    if (piped) this.outsidePipe = null;
     this.stats.requests++;
     this.limits.requestFrom?.(this);
     if (this.state !== 'transmission') {
@@ -421,7 +450,8 @@ export class Connection {
       this.log.trace({ cmd: COMMAND_NAMES[h.type] ?? h.type, offset: h.offset, length: h.length, flags: h.flags }, 'request');
     }
     this.lastLargeWrite = h.releasePayload != null && h.length >= directPayloadBytesMin;
-    this.tx!.handle(h, payload);
+    if (piped) pipedCounts.piped++;
+    this.tx!.handle(h, piped ?? payload);
   }
 
   /** Whether another request may be parsed now (backpressure), with its buffer reserved in the budget. */
@@ -469,11 +499,127 @@ export class Connection {
         this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
         return;
       }
+      this.receiveOutside();
     } finally {
       this.inDataEvent = false;
       this.socket.uncork();
     }
-    if (!this.paused) this.socket.resume();
+    if (!this.paused && this.framer.outsideLeft === 0) this.socket.resume();
+  }
+
+  // ---- WRITE payloads spliced into pipes ----
+
+  /** Whether this WRITE's payload goes to a pipe (asked by the framer when its header is accepted). */
+  private payloadOutside(h: RequestHeader): boolean {
+    if (!this.pipedWrites || h.length < pipedPayloadBytesMin || h.length > pipedPayloadBytesMax) return false;
+    // Mostly here already: the rest comes through the queue for less than the splices cost.
+    if (this.framer!.queue.length >= h.length / 2) return false;
+    const pipe = payloadPipes.acquire();
+    if (!pipe) return false;
+    pipe.length = h.length;
+    this.outsidePipe = pipe;
+    h.releasePayload = () => payloadPipes.release(pipe);
+    return true;
+  }
+
+  /** The payload's first bytes, queued with its header: into the pipe (a buffer, should it be full). */
+  private outsideBytes(views: Buffer[]): void {
+    const pipe = this.outsidePipe!;
+    let want = 0;
+    for (const v of views) want += v.length;
+    const put = pipe.put(views);
+    if (put === want) return;
+    // (Not expected: an empty pipe holds the few KiB read with a header many times over.)
+    const target = this.pipeToBuffer(pipe);
+    let at = put;
+    let skip = put;
+    for (const v of views) {
+      const from = Math.min(skip, v.length);
+      skip -= from;
+      at += v.copy(target, at, from);
+    }
+  }
+
+  /**
+   * Splices the rest of the outside payload (if any) from the socket into its pipe, with
+   * Node's reads stopped until it is all there.
+   */
+  private receiveOutside(): void {
+    const framer = this.framer;
+    const pipe = this.outsidePipe;
+    if (!framer || !pipe || framer.outsideLeft === 0 || this.receiver?.armed || this.state !== 'transmission') return;
+    if (!this.receiver) {
+      this.receiver = PipeReceiver.open(socketFd(this.socket), (moved, end) => this.outsideArrived(moved, end));
+      if (!this.receiver) {
+        this.continueInBuffer(pipe);
+        return;
+      }
+    }
+    this.socket.pause(); // Node must not read the payload's bytes meanwhile
+    const left = framer.outsideLeft;
+    const now = this.receiver.start(pipe, left);
+    if (now === 0) return;
+    pipe.received(now);
+    this.stats.bytesRead += now;
+    this.progress++;
+    const err = framer.outsideReceived(now); // the request, when that was all of it
+    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+    else if (now === left) this.outsideDone();
+  }
+
+  /** An armed receive ended: all there (end null), or the socket ended, failed, or the pipe filled. */
+  private outsideArrived(moved: number, end: string | null): void {
+    const framer = this.framer;
+    const pipe = this.outsidePipe;
+    if (!framer || !pipe || this.state === 'closed') return;
+    pipe.received(moved);
+    this.stats.bytesRead += moved;
+    this.progress++;
+    if (end !== null && end !== 'PIPE_FULL') {
+      this.log.debug({ end, left: framer.outsideLeft - moved }, 'socket ended within a WRITE payload');
+      this.socket.destroy();
+      return;
+    }
+    this.inDataEvent = true;
+    this.socket.cork();
+    try {
+      const err = framer.outsideReceived(moved);
+      if (err) {
+        this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+        return;
+      }
+      if (end === 'PIPE_FULL') this.continueInBuffer(pipe);
+      else this.outsideDone();
+    } finally {
+      this.inDataEvent = false;
+      this.socket.uncork();
+    }
+  }
+
+  /** The outside payload is complete (its request went to the Transmission): Node reads again. */
+  private outsideDone(): void {
+    if (this.state !== 'transmission' || !this.framer) return;
+    const err = this.framer.parse();
+    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+    else if (this.framer.outsideLeft > 0) this.receiveOutside();
+    else if (!this.paused) this.socket.resume();
+  }
+
+  /** The pipe cannot take the rest: what it holds goes to a buffer, and Node reads the rest into it. */
+  private continueInBuffer(pipe: PayloadPipe): void {
+    this.pipeToBuffer(pipe);
+    pipedCounts.toBuffer++;
+    if (this.state === 'transmission' && !this.paused) this.socket.resume();
+  }
+
+  /** Moves the framer's outside payload from `pipe` to a pooled buffer (returned); the pipe goes back. */
+  private pipeToBuffer(pipe: PayloadPipe): Buffer {
+    const target = writePayloads.acquire(pipe.length);
+    pipe.drainInto(target, 0);
+    payloadPipes.release(pipe);
+    this.outsidePipe = null;
+    this.framer!.outsideToFill(target, () => writePayloads.release(target));
+    return target;
   }
 
   private send(buffers: Buffer[], sent?: () => void): void {
@@ -596,6 +742,11 @@ export class Connection {
     // flight release theirs as they complete.
     this.socketGone = true;
     this.sender?.close(); // drops the replies still waiting; its descriptor closes once no send runs
+    this.receiver?.close();
+    if (this.outsidePipe) {
+      payloadPipes.release(this.outsidePipe); // a payload never completed: the pipe is closed
+      this.outsidePipe = null;
+    }
     this.releaseHeld(this.queuedBytes + (this.framer ? this.framer.pendingWriteBytes : 0));
     this.queuedBytes = 0;
     this.limits.budget.close(this.account);

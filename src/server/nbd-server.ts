@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { Connection, threadpoolSendCounts, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
+import { Connection, threadpoolSendCounts, pipedWriteCounts, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
 import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
@@ -112,9 +112,10 @@ export class NbdServer {
     /**
      * Socket I/O choices for plain (non-TLS) sockets: read into the connection's own buffers
      * (`--nbd-read-buffers own`, default) and send large replies from the threadpool
-     * (`--nbd-sends threadpool`, default; native-send.ts). False keeps Node's way.
+     * (`--nbd-sends threadpool`, default; native-send.ts), and splice large WRITE payloads
+     * into pipes (`--nbd-writes splice`, default; socket-pipe.ts). False keeps Node's way.
      */
-    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean; readAheadBytesMax?: number } = {},
+    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean; pipedWrites?: boolean; readAheadBytesMax?: number } = {},
     /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
     private readonly returnFreedMemory: () => void = () => {},
     /** Each request, with the connection that made it (the daemon's LoopIoPolicy). */
@@ -137,7 +138,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, readAheadBytesMax: io.readAheadBytesMax ?? readAheadBytesMaxDefault, ...(requestFrom ? { requestFrom } : {}) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, pipedWrites: io.pipedWrites ?? true, readAheadBytesMax: io.readAheadBytesMax ?? readAheadBytesMaxDefault, ...(requestFrom ? { requestFrom } : {}) };
   }
 
   private accept(socket: net.Socket): void {
@@ -266,6 +267,7 @@ export class NbdServer {
       memoryWaitsTotal: b.waitsTotal,
       stalledClosedTotal: this.stalledClosedTotal,
       threadpoolSends: threadpoolSendCounts(),
+      pipedWrites: pipedWriteCounts(),
       poolIdleBytes: { read: readBufferPoolState().idleBytes, write: writePayloadPoolState().idleBytes },
       handshakeConnections: this.admission.handshakes,
       refusedTotal: { ...this.admission.refused },
@@ -334,6 +336,8 @@ export interface NbdLimitsSnapshot {
   stalledClosedTotal: number;
   /** Replies sent from the threadpool (native-send.ts), and those the socket took only part of. */
   threadpoolSends: { sends: number; partial: number };
+  /** WRITE payloads spliced into pipes (socket-pipe.ts), those moved to a buffer after all (a full pipe), the pipes open, and why the last pipe could not be made. */
+  pipedWrites: { piped: number; toBuffer: number; pipesOpen: number; pipeError: string | null };
   /** Bytes of large READ buffers and WRITE payload buffers waiting in their pools for reuse. */
   poolIdleBytes: { read: number; write: number };
   handshakeConnections: number;

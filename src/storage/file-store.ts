@@ -4,6 +4,7 @@
 // loop stalls every connection). Flushes are group-committed: many callers, one fdatasync.
 // Holes are punched and found with the fsx addon where the file system allows.
 
+import type { PipedBytes } from '../util/piped-bytes.js';
 import fs from 'node:fs';
 import nodePath from 'node:path';
 import { promisify } from 'node:util';
@@ -109,6 +110,17 @@ export class FileStore {
       }
       done += bytesRead;
     }
+  }
+
+  /**
+   * Writes bytes waiting in a pipe (a WRITE spliced from its socket: util/piped-bytes.ts), on
+   * the loop or in the threadpool by the same size rule as write().
+   */
+  writePiped(offset: number, bytes: PipedBytes): void | Promise<void> {
+    assert(!this.closed, 'write on a closed file');
+    assert(!this.options.readOnly, 'write to a read-only file');
+    if (bytes.length <= this.options.syncIoBytesMax) return bytes.moveToFileSync(this.fd, offset);
+    return bytes.moveToFile(this.fd, offset);
   }
 
   write(offset: number, chunks: Buffer[]): void | Promise<void> {

@@ -108,6 +108,31 @@ export const headerReadBytes = 4096;
  * buffers for the GC); dropped when the NBD buffers shrink after a burst (nbd-server.ts).
  */
 export const pooledWritePayloadBytesMax = 32 * 1024 * 1024;
+/**
+ * WRITE payloads from this many bytes (to pipedPayloadBytesMax) are spliced from a plain
+ * socket into a kernel pipe and from there into the volume's file (socket-pipe.ts): one
+ * copy instead of two. Smaller ones cost less read into a buffer than the two splices and
+ * the wait for the socket.
+ */
+export const pipedPayloadBytesMin = 256 * 1024;
+/**
+ * Spliced payloads are at most this long. A pipe counts slots, not bytes: splice from TCP
+ * puts one received fragment in a slot (up to 32 KiB on loopback), so a 1 MiB pipe (256
+ * slots, fs.pipe-max-size by default) took 2 MiB payloads in 64-80 slots. A client that
+ * sends in tiny pieces can still fill one: its payload then goes on in a buffer.
+ */
+export const pipedPayloadBytesMax = 2 * 1024 * 1024;
+/**
+ * A payload pipe's nominal size: this, or fs.pipe-max-size where that is lower (larger ones
+ * need CAP_SYS_RESOURCE, which containers seldom have).
+ */
+export const payloadPipeBytes = 4 * 1024 * 1024;
+/**
+ * At most this many payload pipes are open in the process (two descriptors each). 32 of
+ * 1 MiB are half of the default fs.pipe-user-pages-soft (16384 pages per user); 4
+ * connections × 8 large WRITEs in flight need 32.
+ */
+export const payloadPipesMax = 32;
 /** BLOCK_STATUS: extents in one reply chunk (the spec asks for at most 2^20). */
 export const blockStatusExtentsMax = 65536;
 /** Zero buffer used when a file system cannot punch or zero a range. */

@@ -41,6 +41,7 @@ export function fileStoreData(store: FileStore): VolumeData {
         }
       : {}),
     write: (offset, chunks) => store.write(offset, chunks),
+    writePiped: (offset, bytes) => store.writePiped(offset, bytes),
     zero(offset, length, keepAllocated) {
       const r = store.zero(offset, length, keepAllocated ?? false, false);
       if (typeof r !== 'boolean') return r.then(() => undefined);

@@ -29,6 +29,7 @@ import { GroupCommit } from '../util/group-commit.js';
 import { PagedBitmap, type ReadonlyBitmap } from '../bitmap/paged-bitmap.js';
 import { BitmapFile } from '../bitmap/bitmap-file.js';
 import { ActivityLog } from '../bitmap/activity-log.js';
+import { isPiped, payloadChunks, payloadLength, type PipedBytes, type WritePayload } from '../util/piped-bytes.js';
 import { WriteJournal, type JournalTicket } from '../bitmap/write-journal.js';
 import { ChangeLog, type CutOptions } from '../changelog/change-log.js';
 import { SnapshotQueue, type SnapshotInfo } from '../snapshot/snapshot-queue.js';
@@ -92,6 +93,8 @@ export interface VolumeData {
    */
   readRangesSync?(ranges: Float64Array, count: number, target: Buffer, targetOffset: number): void;
   write(offset: number, chunks: Buffer[]): void | Promise<void>;
+  /** Optional: writes bytes waiting in a pipe (util/piped-bytes.ts) without taking them into memory. */
+  writePiped?(offset: number, bytes: PipedBytes): void | Promise<void>;
   /**
    * Optional: writes `count` ranges (as readRangesSync's) whose bytes lie one after the other
    * in source from sourceOffset, synchronously, in one call (a replica plays thousands of
@@ -348,10 +351,13 @@ export class VolumeEngine {
 
   // ================= the write path =================
 
-  /** Writes chunks at offset. Returns a promise only when it must wait (or the data write is async). */
-  write(offset: number, chunks: Buffer[]): void | Promise<void> {
-    let length = 0;
-    for (const c of chunks) length += c.length;
+  /**
+   * Writes the payload at offset. Returns a promise only when it must wait (or the data write
+   * is async). Bytes waiting in a pipe go to the data straight from it when the write takes
+   * the fast path and no mirror needs them; otherwise they are taken into memory first.
+   */
+  write(offset: number, payload: WritePayload): void | Promise<void> {
+    const length = payloadLength(payload);
     this.checkRange(offset, length);
     if (length === 0) return;
     const bs = this.options.blockBytes;
@@ -361,7 +367,14 @@ export class VolumeEngine {
     this.writeSeq++;
     this.version++;
     this.stats.writes++;
-    if (this.fastPathOpen(first, last)) {
+    const fast = this.fastPathOpen(first, last);
+    if (isPiped(payload) && fast && this.mirror === null && this.data.writePiped !== undefined) {
+      this.changeLog.markChanged(first, last);
+      this.markValid(first, last);
+      return this.issue(this.data.writePiped(offset, payload));
+    }
+    const chunks = payloadChunks(payload);
+    if (fast) {
       this.changeLog.markChanged(first, last);
       this.markValid(first, last);
       const local = this.issue(this.data.write(offset, chunks));

@@ -4,6 +4,7 @@
 // copy-on-write, validity, crash safety) before its data reaches the file. Knows nothing
 // of NBD: callers speak offsets, lengths and buffers.
 
+import { payloadLength, type WritePayload } from '../util/piped-bytes.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { assert } from '../util/assert.js';
@@ -253,13 +254,11 @@ export class Volume {
     return this.engine.zero(offset, length);
   }
 
-  write(offset: number, chunks: Buffer[], fua: boolean): void | Promise<void> {
+  write(offset: number, payload: WritePayload, fua: boolean): void | Promise<void> {
     const wait = this.checkWritable();
-    if (wait) return wait.then(() => this.write(offset, chunks, fua));
-    let length = 0;
-    for (const c of chunks) length += c.length;
-    this.checkRange(offset, length);
-    const r = this.engine.write(offset, chunks);
+    if (wait) return wait.then(() => this.write(offset, payload, fua));
+    this.checkRange(offset, payloadLength(payload));
+    const r = this.engine.write(offset, payload);
     if (!fua) return this.track(r);
     return this.track(r ? r.then(() => this.engine.flush()) : this.engine.flush());
   }

@@ -1,5 +1,6 @@
 // Why: protocol tests need an export with known contents and no disk: this one keeps
 // bytes in memory and reports zero-filled 4 KiB pages as holes.
+import { payloadChunks, type WritePayload } from '../../src/util/piped-bytes.js';
 import type { ExportCatalog, ExportFeatures, Extent, NbdExport, WriteZeroesOptions } from '../../src/nbd/export.js';
 import * as C from '../../src/nbd/constants.js';
 
@@ -49,10 +50,10 @@ export class MemoryExport implements NbdExport {
       this.data.copy(target, 0, offset, offset + length);
     });
   }
-  write(offset: number, chunks: Buffer[]) {
+  write(offset: number, payload: WritePayload) {
     return this.op('write', () => {
       let pos = offset;
-      for (const c of chunks) {
+      for (const c of payloadChunks(payload)) {
         c.copy(this.data, pos);
         pos += c.length;
       }
