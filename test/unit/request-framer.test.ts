@@ -152,6 +152,99 @@ describe('RequestFramer', () => {
     );
   });
 
+  it('hands large WRITE payloads to a host that receives them outside, some moved to a buffer midway, under random chunkings (property)', () => {
+    // The host takes WRITEs of 1000 bytes or more outside the framer (as the connection does
+    // with a pipe): the queued bytes through outsideBytes, the rest straight from the stream
+    // while outsideLeft > 0. Some payloads go on in a buffer midway (a full pipe).
+    const parts: Buffer[] = [];
+    const expected: { type: number; cookie: number; offset: number; length: number; payload: Buffer }[] = [];
+    let cookie = 0;
+    for (const length of [999, 1000, 1001, 5000, 20, 70_000, 1000, 3]) {
+      const payload = Buffer.alloc(length);
+      for (let i = 0; i < length; i++) payload[i] = (i * 13 + length) & 0xff;
+      cookie++;
+      parts.push(request(C.CMD_WRITE, { cookie, offset: cookie * 4096, length }), payload);
+      expected.push({ type: C.CMD_WRITE, cookie, offset: cookie * 4096, length, payload });
+      cookie++;
+      parts.push(request(C.CMD_FLUSH, { cookie }));
+      expected.push({ type: C.CMD_FLUSH, cookie, offset: 0, length: 0, payload: Buffer.alloc(0) });
+    }
+    const bytes = Buffer.concat(parts);
+    const seed = testSeed('framer outside payloads');
+    fc.assert(
+      fc.property(fc.array(fc.integer({ min: 1, max: 9000 }), { minLength: 1, maxLength: 50 }), fc.array(fc.boolean(), { minLength: 1, maxLength: 7 }), (sizes, toBuffer) => {
+        let outside: Buffer[] = [];
+        let outsideCount = 0;
+        const got: Got[] = [];
+        let f: RequestFramer | null = null;
+        f = new RequestFramer(
+          new ByteQueue(),
+          {
+            request: (h, p) => {
+              if (h.payloadOutside) {
+                expect(p).toEqual([]);
+                got.push({ h, payload: Buffer.concat(outside) });
+                outside = [];
+              } else {
+                got.push({ h, payload: Buffer.concat(p) });
+              }
+            },
+            accepting: () => true,
+            payloadOutside: (h) => h.length >= 1000,
+            outsideBytes: (views) => {
+              for (const v of views) outside.push(Buffer.from(v));
+            },
+          },
+          1 << 20,
+        );
+        let pos = 0;
+        let i = 0;
+        while (pos < bytes.length) {
+          const n = Math.min(sizes[i++ % sizes.length]!, bytes.length - pos);
+          const left = f.outsideLeft;
+          if (left > 0 && toBuffer[outsideCount++ % toBuffer.length]) {
+            // Move what arrived so far to a buffer of the payload's length; the rest is pushed.
+            const have = Buffer.concat(outside);
+            const target = Buffer.alloc(have.length + left, 0xee);
+            have.copy(target);
+            outside = [];
+            f.outsideToFill(target, null);
+            const region = f.fillRegion();
+            if (region) {
+              const k = Math.min(n, region.length);
+              bytes.copy(region, 0, pos, pos + k);
+              expect(f.filled(k)).toBeNull();
+              pos += k;
+            } else {
+              expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
+              pos += n;
+            }
+          } else if (left > 0) {
+            const k = Math.min(n, left);
+            outside.push(Buffer.from(bytes.subarray(pos, pos + k)));
+            expect(f.outsideReceived(k)).toBeNull();
+            pos += k;
+          } else {
+            const region = f.fillRegion();
+            if (region) {
+              const k = Math.min(n, region.length);
+              bytes.copy(region, 0, pos, pos + k);
+              expect(f.filled(k)).toBeNull();
+              pos += k;
+            } else {
+              expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
+              pos += n;
+            }
+          }
+        }
+        expect(f.outsideLeft).toBe(0);
+        expect(f.awaitingPayload).toBe(false);
+        check(got, expected);
+      }),
+      { seed, numRuns: 300 },
+    );
+  });
+
   it('consumes an oversize WRITE payload without buffering it and stays in sync', () => {
     const { f, got } = framer(1024);
     const big = 1024 * 1024;
