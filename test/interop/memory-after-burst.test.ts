@@ -14,7 +14,9 @@ const DEPTH = 8;
 
 let d: TestDaemon;
 beforeAll(async () => {
-  d = await startDaemon({ volumes: [{ name: 'burst', size: '64M' }], tmpfs: true, logLevel: 'warn' });
+  // WRITEs read into buffers (--nbd-writes buffer): spliced payloads (the default for 256 KiB
+  // to 2 MiB) wait in kernel pipes and never fill the WRITE payload pool this test watches.
+  d = await startDaemon({ volumes: [{ name: 'burst', size: '64M' }], tmpfs: true, logLevel: 'warn', extraArgs: ['--nbd-writes', 'buffer'] });
 });
 afterAll(async () => {
   await d?.dispose();
