@@ -392,6 +392,7 @@ export class Connection {
     );
     const err = this.framer.parse();
     if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+    else this.receiveOutside();
   }
 
   /**

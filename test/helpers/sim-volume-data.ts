@@ -4,6 +4,27 @@
 // keeps a random subset (whole or sector-torn) of what was not flushed.
 
 import type { VolumeData } from '../../src/volume/volume-engine.js';
+import type { PipedBytes } from '../../src/util/piped-bytes.js';
+
+/** A payload "in a pipe" that lives in memory (tests of the engine's choices; no file descriptors). */
+export function memoryPiped(data: Buffer): PipedBytes {
+  let consumed = false;
+  const once = () => {
+    if (consumed) throw new Error('a piped payload consumed twice');
+    consumed = true;
+  };
+  return {
+    length: data.length,
+    moveToFileSync: () => {
+      throw new Error('memoryPiped has no pipe to move from');
+    },
+    moveToFile: () => Promise.reject(new Error('memoryPiped has no pipe to move from')),
+    take: () => {
+      once();
+      return data;
+    },
+  };
+}
 
 const SECTOR_BYTES = 512;
 
@@ -29,6 +50,18 @@ export class SimVolumeData implements VolumeData {
     const data = Buffer.concat(chunks);
     data.copy(this.current, offset);
     this.pending.push({ position: offset, data });
+  }
+
+  /** Payloads the engine handed over still piped (the fast path), as opposed to taken into memory first. */
+  pipedWrites = 0;
+
+  /** pipedWrites of every instance (a test's volumes are replaced at each simulated crash). */
+  static pipedWritesTotal = 0;
+
+  writePiped(offset: number, bytes: PipedBytes): void {
+    this.pipedWrites++;
+    SimVolumeData.pipedWritesTotal++;
+    this.write(offset, [bytes.take()]);
   }
 
   zero(offset: number, length: number): void {
