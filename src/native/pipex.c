@@ -460,6 +460,19 @@ static napi_value receiver_start(napi_env env, napi_callback_info info) {
   return num(env, (double)now);
 }
 
+/* receiverMoved(handle) -> bytes the armed receive has moved so far (0 when idle). */
+static napi_value receiver_moved(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  receiver *r = argc >= 1 ? receiver_arg(env, argv[0]) : NULL;
+  if (!r) {
+    napi_throw_type_error(env, "EINVAL_ARGUMENT", "receiverMoved(open receiver)");
+    return NULL;
+  }
+  return num(env, r->armed ? (double)r->moved : 0);
+}
+
 /* receiverClose(handle): stops it (no callback after this) and frees it. */
 static napi_value receiver_close(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -485,6 +498,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"receiverOpen", NULL, receiver_open, NULL, NULL, NULL, napi_default, NULL},
     {"receiverStart", NULL, receiver_start, NULL, NULL, NULL, napi_default, NULL},
     {"receiverClose", NULL, receiver_close, NULL, NULL, NULL, napi_default, NULL},
+    {"receiverMoved", NULL, receiver_moved, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -59,7 +59,6 @@ const writePayloads = new BufferPool(directPayloadBytesMin, pooledWritePayloadBy
  */
 const smallWritePayloads = new SliceArena(smallBufferSlabBytes, smallBufferSparesMax);
 
-/** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
 /** Kernel pipes for spliced WRITE payloads, shared by every connection (socket-pipe.ts). */
 const payloadPipes = new PayloadPipePool({ acquire: (n) => writePayloads.acquire(n), release: (b) => writePayloads.release(b) });
 
@@ -69,6 +68,7 @@ export function pipedWriteCounts(): { piped: number; toBuffer: number; pipesOpen
   return { ...pipedCounts, pipesOpen: payloadPipes.openPipes, pipeError: payloadPipes.lastError };
 }
 
+/** After a burst: idle WRITE payload buffers beyond `keepBytes` are dropped for the GC (nbd-server.ts). */
 export function trimWritePayloadBuffers(keepBytes: number): void {
   writePayloads.trim(keepBytes);
 }
@@ -259,6 +259,8 @@ export class Connection {
     }
     // libuv's queue shrinks as a large reply is written piecewise; the write callback only fires at its end.
     const q = (this.socket as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0;
+    // A payload spliced into a pipe moves without the loop hearing of it until it is all there.
+    if (this.receiver?.armed) this.progress += this.receiver.movedSinceLook();
     if (this.stallSinceMs === 0 || this.progress !== this.stallProgress || q !== this.stallQueueBytes) {
       this.stallProgress = this.progress;
       this.stallQueueBytes = q;

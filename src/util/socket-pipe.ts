@@ -26,6 +26,8 @@ interface Pipex {
   receiverOpen(socketFd: number, callback: (moved: number, end: string | null) => void): ReceiverHandle;
   receiverStart(r: ReceiverHandle, pipeWriteFd: number, bytes: number): number;
   receiverClose(r: ReceiverHandle): void;
+  /** Bytes the armed receive has moved so far. */
+  receiverMoved(r: ReceiverHandle): number;
 }
 
 let cached: Pipex | null | undefined;
@@ -246,8 +248,20 @@ export class PipeReceiver {
   start(pipe: PayloadPipe, bytes: number): number {
     assert(this.handle !== null && !this.armed, 'one receive at a time, on an open receiver');
     const now = this.px.receiverStart(this.handle, pipe.writeFd, bytes);
+    this.looked = 0;
     if (now < bytes) this.armed = true;
     return now;
+  }
+
+  private looked = 0;
+
+  /** While armed: bytes moved since the last call (a sign of life for stall checks). */
+  movedSinceLook(): number {
+    if (!this.handle || !this.armed) return 0;
+    const moved = this.px.receiverMoved(this.handle);
+    const delta = moved - this.looked;
+    this.looked = moved;
+    return delta;
   }
 
   close(): void {

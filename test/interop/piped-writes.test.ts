@@ -158,6 +158,70 @@ describe('WRITE payloads spliced into pipes (--nbd-writes splice, the default)',
   }, 60_000);
 });
 
+describe('spliced payloads and the memory budget', () => {
+  it('a payload stalled midway is closed after the stall timeout while others wait for memory; one that trickles in is not', async () => {
+    // 8 connections × 128 KiB reserve, 35 MiB shared; each 2 MiB WRITE reserves its length when its header is read.
+    const d = await startDaemon({ volumes: [{ name: 's', size: '64M' }], logLevel: 'warn', tmpfs: true, extraArgs: ['--connections-max', '8', '--nbd-buffer-bytes-max', '36M', '--nbd-stall-timeout', '1s'] });
+    try {
+      const w = await MiniNbdClient.connect(d.nbdPort, 's');
+      expect((await w.write(0, Buffer.alloc(4096, 1))).error).toBe(0); // w has been seen reading
+      const open = async () => {
+        const c = await rawTransmissionClient(d.nbdPort, 's');
+        const replies = new Map<number, number>();
+        c.onReply((cookie, error) => replies.set(cookie, error));
+        let closed = false;
+        c.sock.on('close', () => (closed = true));
+        c.sock.on('error', () => undefined);
+        // A small WRITE answered first: the client is seen reading, so its next WRITE may use the shared budget.
+        c.sock.write(Buffer.concat([request(C.CMD_WRITE, { cookie: 100, offset: 60 * MiB, length: 4096 }), Buffer.alloc(4096)]));
+        await waitFor(() => replies.has(100), 5_000, 'a first small WRITE');
+        return { ...c, replies, closed: () => closed };
+      };
+      const stuck = await open();
+      const trickler = await open();
+      // Headers alone first: the payloads then go to pipes.
+      stuck.sock.write(request(C.CMD_WRITE, { cookie: 1, offset: 8 * MiB, length: 2 * MiB }));
+      trickler.sock.write(request(C.CMD_WRITE, { cookie: 1, offset: 16 * MiB, length: 2 * MiB }));
+      await new Promise((r) => setTimeout(r, 50));
+      stuck.sock.write(pattern(256 * 1024, 30));
+      const slow = pattern(2 * MiB, 31);
+      let sent = 0;
+      const trickle = setInterval(() => {
+        if (sent >= slow.length) return;
+        trickler.sock.write(slow.subarray(sent, sent + 64 * 1024));
+        sent += 64 * 1024;
+      }, 100);
+      try {
+        await waitFor(() => sent >= 256 * 1024, 5_000, 'the trickle to start');
+        expect(metric(await d.metrics(), 'deltavol_nbd_piped_writes_total')).toBe(0); // neither is complete
+        expect(metric(await d.metrics(), 'deltavol_nbd_buffer_bytes'), 'both 2 MiB WRITEs hold their reservation').toBeGreaterThanOrEqual(4 * MiB);
+        // 32 MiB does not fit while both hold their 2 MiB: it waits until the stalled one is closed.
+        const t0 = Date.now();
+        const big = Buffer.concat(Array.from({ length: 32 }, (_, i) => pattern(MiB, 32 + i)));
+        expect((await w.write(32 * MiB, big)).error).toBe(0);
+        const waitedMs = Date.now() - t0;
+        console.log(`[piped-writes-stall] the 32 MiB write waited ${waitedMs} ms for the stalled payload to be closed`);
+        expect(waitedMs).toBeGreaterThanOrEqual(900);
+        await waitFor(() => stuck.closed(), 5_000, 'the stalled client to be closed');
+        await waitFor(() => trickler.replies.has(1), 40_000, 'the trickled WRITE to be answered');
+        console.log(`[piped-writes-stall] the trickled WRITE answered ${Date.now() - t0} ms after the large one was sent`);
+        expect(trickler.replies.get(1)).toBe(0);
+        expect(trickler.closed(), 'the client that kept sending is served').toBe(false);
+        expect((await w.read(16 * MiB, 2 * MiB)).data.equals(slow)).toBe(true);
+        for (let at = 0; at < 32 * MiB; at += 4 * MiB) expect((await w.read(32 * MiB + at, 4 * MiB)).data.equals(big.subarray(at, at + 4 * MiB))).toBe(true);
+        expect(metric(await d.metrics(), 'deltavol_nbd_stalled_connections_closed_total')).toBe(1);
+      } finally {
+        clearInterval(trickle);
+        trickler.sock.destroy();
+        stuck.sock.destroy();
+        await w.disconnect();
+      }
+    } finally {
+      await d.dispose();
+    }
+  }, 60_000);
+});
+
 describe('--nbd-writes buffer', () => {
   it('reads every payload into buffers: no pipe is used', async () => {
     const d = await startDaemon({ volumes: [{ name: 'b', size: '16M' }], logLevel: 'warn', tmpfs: true, extraArgs: ['--nbd-writes', 'buffer'] });
