@@ -2,9 +2,7 @@
 // us fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE), which Node.js does not expose.
 // Without it the server still works: holes are not punched and every range reads as data.
 
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
+import { loadAddon } from '../util/native-addon.js';
 
 export interface Fsx {
   punchHole(fd: number, offset: number, length: number): void;
@@ -42,24 +40,8 @@ export interface Fsx {
   mallocTune?(trimThresholdBytes: number, mmapThresholdBytes: number): number;
 }
 
-let cached: Fsx | null | undefined;
-
 export function loadFsx(): Fsx | null {
-  if (cached !== undefined) return cached;
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  const require = createRequire(import.meta.url);
-  // dist/storage/ or src/storage/ → project root
-  const candidates = [path.resolve(here, '../../build/Release/fsx.node')];
-  for (const c of candidates) {
-    try {
-      cached = require(c) as Fsx;
-      return cached;
-    } catch {
-      // try the next location
-    }
-  }
-  cached = null;
-  return cached;
+  return loadAddon<Fsx>('fsx');
 }
 
 /**

@@ -3,9 +3,7 @@
 // loop in the socket's writev, the other core half idle). Without the addon, or where the
 // socket has no descriptor (TLS), replies go through Node's socket as before.
 
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
+import { loadAddon } from './native-addon.js';
 
 /** A sender's queue in the addon (an opaque handle). */
 export type SenderHandle = object & { readonly __sender: unique symbol };
@@ -44,19 +42,8 @@ export interface Sockx {
 /** Most buffers one message may have (MESSAGE_BUFFERS_MAX in sockx.c). */
 export const nativeSendBuffersMax = 64;
 
-let cached: Sockx | null | undefined;
-
 export function loadSockx(): Sockx | null {
-  if (cached !== undefined) return cached;
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  const require = createRequire(import.meta.url);
-  try {
-    // dist/util/ or src/util/ → project root
-    cached = require(path.resolve(here, '../../build/Release/sockx.node')) as Sockx;
-  } catch {
-    cached = null;
-  }
-  return cached;
+  return loadAddon<Sockx>('sockx');
 }
 
 /**

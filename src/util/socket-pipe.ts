@@ -6,10 +6,8 @@
 // which bytes go where. Without the addon, or where a pipe cannot be made as large as it
 // must be, nothing here is used and payloads go to buffers as before.
 
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
 import fs from 'node:fs';
+import { loadAddon } from './native-addon.js';
 import { assert } from './assert.js';
 import { payloadPipeBytes, payloadPipesMax } from './limits.js';
 import type { PipedBytes } from './piped-bytes.js';
@@ -30,19 +28,8 @@ interface Pipex {
   receiverMoved(r: ReceiverHandle): number;
 }
 
-let cached: Pipex | null | undefined;
-
 function loadPipex(): Pipex | null {
-  if (cached !== undefined) return cached;
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  const require = createRequire(import.meta.url);
-  try {
-    // dist/util/ or src/util/ → project root
-    cached = require(path.resolve(here, '../../build/Release/pipex.node')) as Pipex;
-  } catch {
-    cached = null;
-  }
-  return cached;
+  return loadAddon<Pipex>('pipex');
 }
 
 /** Where a pipe's payload goes when a writer wants it in memory (the caller's buffer pool). */

@@ -202,39 +202,30 @@ describe('RequestFramer', () => {
         while (pos < bytes.length) {
           const n = Math.min(sizes[i++ % sizes.length]!, bytes.length - pos);
           const left = f.outsideLeft;
-          if (left > 0 && toBuffer[outsideCount++ % toBuffer.length]) {
-            // Move what arrived so far to a buffer of the payload's length; the rest is pushed.
+          if (left > 0 && !toBuffer[outsideCount++ % toBuffer.length]) {
+            const k = Math.min(n, left);
+            outside.push(Buffer.from(bytes.subarray(pos, pos + k)));
+            expect(f.outsideReceived(k)).toBeNull();
+            pos += k;
+            continue;
+          }
+          if (left > 0) {
+            // Move what arrived so far to a buffer of the payload's length; the rest is read as usual.
             const have = Buffer.concat(outside);
             const target = Buffer.alloc(have.length + left, 0xee);
             have.copy(target);
             outside = [];
             f.outsideToFill(target, null);
-            const region = f.fillRegion();
-            if (region) {
-              const k = Math.min(n, region.length);
-              bytes.copy(region, 0, pos, pos + k);
-              expect(f.filled(k)).toBeNull();
-              pos += k;
-            } else {
-              expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
-              pos += n;
-            }
-          } else if (left > 0) {
-            const k = Math.min(n, left);
-            outside.push(Buffer.from(bytes.subarray(pos, pos + k)));
-            expect(f.outsideReceived(k)).toBeNull();
+          }
+          const region = f.fillRegion();
+          if (region) {
+            const k = Math.min(n, region.length);
+            bytes.copy(region, 0, pos, pos + k);
+            expect(f.filled(k)).toBeNull();
             pos += k;
           } else {
-            const region = f.fillRegion();
-            if (region) {
-              const k = Math.min(n, region.length);
-              bytes.copy(region, 0, pos, pos + k);
-              expect(f.filled(k)).toBeNull();
-              pos += k;
-            } else {
-              expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
-              pos += n;
-            }
+            expect(f.push(bytes.subarray(pos, pos + n))).toBeNull();
+            pos += n;
           }
         }
         expect(f.outsideLeft).toBe(0);
