@@ -56,10 +56,17 @@ export class PayloadPipe implements PipedBytes {
     private readonly buffers: PayloadBuffers,
   ) {}
 
-  /** Puts bytes in; returns how many the pipe took (all, unless it is full). */
+  /** Puts bytes in, in order; returns how many the pipe took (all, unless it filled: then a prefix of them). */
   put(views: Buffer[]): number {
     let n = 0;
-    for (let i = 0; i < views.length; i += 64) n += this.px.pipeWrite(this.writeFd, views.slice(i, i + 64));
+    for (let i = 0; i < views.length; i += 64) {
+      const batch = views.slice(i, i + 64);
+      let want = 0;
+      for (const v of batch) want += v.length;
+      const took = this.px.pipeWrite(this.writeFd, batch);
+      n += took;
+      if (took < want) break; // the rest would land after a gap
+    }
     this.inPipe += n;
     return n;
   }

@@ -80,6 +80,21 @@ describe.skipIf(!available)('payload pipes', () => {
     expect(pool.acquire()).not.toBe(q);
   });
 
+  it('puts what fits, in order, when the pipe fills (then the payload goes on elsewhere)', () => {
+    const p = pool.acquire()!;
+    const views = Array.from({ length: 150 }, (_, i) => bytes(20 * KiB, i));
+    const all = Buffer.concat(views);
+    p.length = all.length;
+    const took = p.put(views);
+    expect(took).toBeGreaterThan(0);
+    expect(took).toBeLessThan(all.length);
+    const back = Buffer.alloc(all.length);
+    expect(p.drainInto(back, 0)).toBe(took);
+    expect(back.subarray(0, took).equals(all.subarray(0, took))).toBe(true);
+    expect(p.inPipe).toBe(0);
+    pool.release(p);
+  });
+
   it('refuses to move a payload that is not all in the pipe', () => {
     const p = pool.acquire()!;
     p.length = 8 * KiB;
