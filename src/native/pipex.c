@@ -6,10 +6,10 @@
  * receiver of 1 MiB writes on loopback into tmpfs, 2026-12-07: 197-250 against 307-359 µs
  * of CPU per MiB, 4.1-5.3 against 2.9-3.4 GB/s).
  *
- * A pipe holds a number of page slots, not bytes: a slot takes one page (or part of one)
- * of a received segment, so a payload whose bytes do not start on a page boundary takes up
- * to two slots per page. Callers size pipes for that (spliceBytesMax in socket-pipe.ts) and
- * handle PIPE_FULL: splice would block while the socket holds data.
+ * A pipe holds a number of slots, not bytes: splice from a TCP socket puts each received
+ * fragment in a slot of its own, however short, so a client that sends in tiny pieces can
+ * fill a pipe long before its payload is in (pipedPayloadBytesMax in limits.ts has what a
+ * 1 MiB pipe took). Callers handle PIPE_FULL: splice would block while the socket holds data.
  *
  * A receiver waits for the socket's data with a uv_poll on a dup(2) of the socket (libuv
  * keeps one watcher per descriptor; the socket's own handle is read-stopped meanwhile, so
