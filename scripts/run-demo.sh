@@ -19,7 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if [ ! -f dist/cli/main.js ] || [ ! -f build/Release/fsx.node ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+if [ ! -f dist/cli/main.js ] || [ ! -f build/Release/fsx.node ] || [ ! -f build/Release/sockx.node ] || [ ! -f build/Release/pipex.node ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
   npm run build
 fi
