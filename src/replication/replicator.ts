@@ -15,6 +15,7 @@
 //   - a differential initial copy (a resync) copies only the blocks of its copy file
 //     (pair-ID.copy), written before the pair exists.
 
+import { fanOut } from '../volume/write-mirror.js';
 import type { Logger } from '../util/log.js';
 import { assert } from '../util/assert.js';
 import { DeltavolError } from '../util/errors.js';
@@ -217,7 +218,7 @@ export class VolumeReplicator implements PairHost {
       temporary: true,
     });
     this.streams.set(p.id, st);
-    this.volume.setMirror(st);
+    this.mirrorStreams();
     this.senders.get(p.id)?.wake();
     return st;
   }
@@ -287,12 +288,15 @@ export class VolumeReplicator implements PairHost {
     if (!st) return;
     st.close(reason);
     this.streams.delete(id);
-    // The volume has one mirror: the stream still open, if any (a sync pair's, when the one
-    // closed was another pair's handover stream), else none. Clearing it unconditionally
-    // left a sync pair's stream blind to cuts, cutting "sync stream start" sets forever
-    // (simulator seed 1979384207: a handover asked of a cascade's middle, then called off).
-    const rest = [...this.streams.values()];
-    this.volume.setMirror(rest.length > 0 ? rest[rest.length - 1]! : null);
+    // The streams still open stay mirrored (clearing the mirror unconditionally left a sync
+    // pair's stream blind to cuts, cutting "sync stream start" sets forever: simulator seed
+    // 1979384207, a handover asked of a cascade's middle, then called off).
+    this.mirrorStreams();
+  }
+
+  /** The volume's one mirror hears every open stream (write-mirror.ts fanOut). */
+  private mirrorStreams(): void {
+    this.volume.setMirror(fanOut([...this.streams.values()]));
   }
 
   pendingOf(id: string): PagedBitmap {
@@ -323,7 +327,7 @@ export class VolumeReplicator implements PairHost {
         log,
       });
       this.streams.set(p.id, stream);
-      this.volume.setMirror(stream);
+      this.mirrorStreams();
     }
     const s = new PairSender(this, p, log, this.platform);
     this.senders.set(p.id, s);

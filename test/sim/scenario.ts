@@ -418,7 +418,7 @@ export class Scenario {
       const e = this.time.errors.splice(0)[0]!;
       this.fail(`uncaught exception in a callback: ${e.stack ?? e.message}`);
     }
-    if (this.time.eventsFired > eventsMax) this.fail(`more than ${eventsMax} events: runaway`);
+    if (this.time.eventsFired > eventsMax) this.fail(`more than ${eventsMax} events: runaway: ${this.describe()}`);
   }
 
   /** Races a promise of an incarnation with its death (a dead node's promises may never settle). */
