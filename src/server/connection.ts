@@ -20,7 +20,7 @@ import type { ExportCatalog } from '../nbd/export.js';
 import { Negotiator } from '../nbd/negotiator.js';
 import type { TlsServerConfig } from './tls-config.js';
 import { upgradeToTls } from './tls-upgrade.js';
-import { RequestFramer, type RequestHeader } from '../nbd/request-framer.js';
+import { RequestFramer, type FramerError, type RequestHeader } from '../nbd/request-framer.js';
 import { Transmission, heldBytesFor } from '../nbd/transmission.js';
 import { CMD_DISC, CMD_WRITE, COMMAND_NAMES, REQUEST_HEADER_BYTES } from '../nbd/constants.js';
 import { MemoryAccount, type MemoryBudget } from './memory-budget.js';
@@ -308,9 +308,7 @@ export class Connection {
     this.inDataEvent = true;
     this.socket.cork();
     try {
-      const err = this.framer.filled(n);
-      if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-      else this.receiveOutside();
+      if (this.framingOk(this.framer.filled(n))) this.receiveOutside();
     } finally {
       this.inDataEvent = false;
       this.socket.uncork();
@@ -325,9 +323,7 @@ export class Connection {
     try {
       if (this.state === 'handshake') this.handshakeData(chunk);
       else if (this.state === 'transmission' && this.framer) {
-        const err = this.framer.push(chunk);
-        if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-        else this.receiveOutside();
+        if (this.framingOk(this.framer.push(chunk))) this.receiveOutside();
       }
       // 'draining' and 'closed': anything after DISC or shutdown is ignored.
     } finally {
@@ -392,9 +388,7 @@ export class Connection {
       requestPayloadBytesMax,
       streamPieceBytes,
     );
-    const err = this.framer.parse();
-    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-    else this.receiveOutside();
+    if (this.framingOk(this.framer.parse())) this.receiveOutside();
   }
 
   /**
@@ -497,11 +491,7 @@ export class Connection {
     this.inDataEvent = true;
     this.socket.cork();
     try {
-      const err = this.framer.parse();
-      if (err) {
-        this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-        return;
-      }
+      if (!this.framingOk(this.framer.parse())) return;
       this.receiveOutside();
     } finally {
       this.inDataEvent = false;
@@ -565,9 +555,8 @@ export class Connection {
     pipe.received(now);
     this.stats.bytesRead += now;
     this.progress++;
-    const err = framer.outsideReceived(now); // the request, when that was all of it
-    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-    else if (now === left) this.outsideDone();
+    // The request, when that was all of it.
+    if (this.framingOk(framer.outsideReceived(now)) && now === left) this.outsideDone();
   }
 
   /** An armed receive ended: all there (end null), or the socket ended, failed, or the pipe filled. */
@@ -586,11 +575,7 @@ export class Connection {
     this.inDataEvent = true;
     this.socket.cork();
     try {
-      const err = framer.outsideReceived(moved);
-      if (err) {
-        this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-        return;
-      }
+      if (!this.framingOk(framer.outsideReceived(moved))) return;
       if (end === 'PIPE_FULL') this.continueInBuffer(pipe);
       else this.outsideDone();
     } finally {
@@ -602,9 +587,8 @@ export class Connection {
   /** The outside payload is complete (its request went to the Transmission): Node reads again. */
   private outsideDone(): void {
     if (this.state !== 'transmission' || !this.framer) return;
-    const err = this.framer.parse();
-    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
-    else if (this.framer.outsideLeft > 0) this.receiveOutside();
+    if (!this.framingOk(this.framer.parse())) return;
+    if (this.framer.outsideLeft > 0) this.receiveOutside();
     else if (!this.paused) this.socket.resume();
   }
 
@@ -681,6 +665,12 @@ export class Connection {
       for (const w of waiters) w();
       if (this.state === 'draining') this.finishDrain();
     }
+  }
+
+  /** False (and the connection closed) when the request stream is broken. */
+  private framingOk(err: FramerError | null): boolean {
+    if (err) this.protocolError(`bad request magic 0x${err.magic.toString(16)}`);
+    return err === null;
   }
 
   private protocolError(reason: string): void {
