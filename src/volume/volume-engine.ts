@@ -373,20 +373,24 @@ export class VolumeEngine {
       this.markValid(first, last);
       return this.issue(this.data.writePiped(offset, payload));
     }
-    const chunks = payloadChunks(payload);
     if (fast) {
+      const chunks = payloadChunks(payload);
       this.changeLog.markChanged(first, last);
       this.markValid(first, last);
       const local = this.issue(this.data.write(offset, chunks));
       return this.mirror === null ? local : bothDone(local, this.mirror.write(offset, chunks));
     }
     // The mirror hears of the write when its data is issued (after any wait), in issue order.
+    // Bytes in a pipe stay there through the wait (copies first, a cut's gate) and go to the
+    // data from it unless a mirror has come meanwhile.
     let remote: Promise<void> | undefined;
     return this.slowPath(
       first,
       last,
       false,
       () => {
+        if (isPiped(payload) && this.mirror === null && this.data.writePiped !== undefined) return this.data.writePiped(offset, payload);
+        const chunks = payloadChunks(payload);
         remote = this.mirror?.write(offset, chunks);
         return this.data.write(offset, chunks);
       },
@@ -577,8 +581,8 @@ export class VolumeEngine {
         // From here to the issue of the data operation (or the first await) nothing else runs.
         let mustSync = false;
         try {
+          if (this.changeLog.copying) this.priorityCopy(first, last);
           for (let b = first; b <= last; b++) {
-            if (this.changeLog.needsCopy(b)) this.priorityCopy(b);
             if (this.snapshots.needsSave(b)) {
               this.readBlock(b, this.buf);
               this.snapshots.save(b, this.buf, 0);
@@ -626,11 +630,46 @@ export class VolumeEngine {
     if (remote !== undefined) await remote;
   }
 
-  private priorityCopy(b: number): void {
-    this.readBlock(b, this.buf);
-    this.sink!.put(b, this.buf);
-    this.changeLog.markCopied(b);
-    this.stats.priorityCopies++;
+  /**
+   * Blocks of [first, last] the set being built has not copied yet go to its sink now, as
+   * of the cut, before a write changes them: a run at a time (a 1 MiB write over 256
+   * uncopied 4 KiB blocks is one read into the sink's buffer, not 256 reads and puts).
+   */
+  private priorityCopy(first: number, last: number): void {
+    const sink = this.sink!;
+    for (let b = this.changeLog.needsCopy(first) ? first : this.changeLog.nextUncopied(first); b >= 0 && b <= last; ) {
+      const end = Math.min(this.changeLog.nextCopiedOrEnd(b), last + 1);
+      this.copyRun(sink, b, end);
+      this.stats.priorityCopies += end - b;
+      b = end > last ? -1 : this.changeLog.nextUncopied(end);
+    }
+  }
+
+  /**
+   * Copies blocks [b, end), each one still to copy, into the sink as they are now, and
+   * marks them copied: straight into the sink's buffer when it offers room, else one block
+   * at a time through put. Past the end of the volume reads as zeroes.
+   */
+  private copyRun(sink: DeltaSink, b: number, end: number): void {
+    const bs = this.options.blockBytes;
+    if (!sink.room || !sink.filled) {
+      for (let at = b; at < end; at++) {
+        this.readBlock(at, this.buf);
+        sink.put(at, this.buf);
+        this.changeLog.markCopied(at);
+      }
+      return;
+    }
+    for (let at = b; at < end; ) {
+      const r = sink.room(end - at);
+      assert(r.blocks >= 1 && r.blocks <= end - at, 'sink room');
+      const bytes = Math.max(0, Math.min(r.blocks * bs, this.data.sizeBytes - at * bs));
+      if (bytes > 0) this.data.readSync(at * bs, r.buffer, r.offset, bytes);
+      if (bytes < r.blocks * bs) r.buffer.fill(0, r.offset + bytes, r.offset + r.blocks * bs);
+      sink.filled(at, r.blocks);
+      this.changeLog.markCopiedRange(at, r.blocks);
+      at += r.blocks;
+    }
   }
 
   /** Reads tracking block b whole; past the end of the volume reads as zeroes. */
@@ -752,16 +791,7 @@ export class VolumeEngine {
         }
         if (sink.room && sink.filled) {
           // Straight into the sink's buffer (its chunk record): no copy per block.
-          for (let at = b; at < end; ) {
-            const r = sink.room(end - at);
-            assert(r.blocks >= 1 && r.blocks <= end - at, 'sink room');
-            const bytes = Math.max(0, Math.min(r.blocks * bs, this.data.sizeBytes - at * bs));
-            if (bytes > 0) this.data.readSync(at * bs, r.buffer, r.offset, bytes);
-            if (bytes < r.blocks * bs) r.buffer.fill(0, r.offset + bytes, r.offset + r.blocks * bs);
-            sink.filled(at, r.blocks);
-            for (let i = 0; i < r.blocks; i++) this.changeLog.markCopied(at + i);
-            at += r.blocks;
-          }
+          this.copyRun(sink, b, end);
         } else {
           const bytes = Math.min(count * bs, this.data.sizeBytes - b * bs);
           runBuf ??= Buffer.allocUnsafe(runMax * bs);
