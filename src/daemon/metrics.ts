@@ -36,6 +36,13 @@ export function renderMetrics(volumes: Volume[], connections: Connection[], star
   out.push('# HELP deltavol_volume_connections NBD connections per volume.');
   out.push('# TYPE deltavol_volume_connections gauge');
   for (const v of volumes) out.push(line('deltavol_volume_connections', { volume: v.name }, v.users));
+  // Work a write did before its data could go (why writes slow down while a set is built or a snapshot is young).
+  out.push('# HELP deltavol_volume_copy_first_blocks_total Tracking blocks a write copied into the delta set being built before overwriting them.');
+  out.push('# TYPE deltavol_volume_copy_first_blocks_total counter');
+  for (const v of volumes) out.push(line('deltavol_volume_copy_first_blocks_total', { volume: v.name }, v.engine.stats.priorityCopies));
+  out.push('# HELP deltavol_volume_before_images_total Tracking blocks a write saved for a snapshot before overwriting them.');
+  out.push('# TYPE deltavol_volume_before_images_total counter');
+  for (const v of volumes) out.push(line('deltavol_volume_before_images_total', { volume: v.name }, v.engine.stats.beforeImagesSaved));
   const totals = { requests: 0, bytesRead: 0, bytesWritten: 0 };
   for (const c of connections) {
     totals.requests += c.stats.requests;

@@ -5,7 +5,7 @@
 // daemon with a raw client and read everything back: sizes on both sides of the limits, a
 // payload sent in tiny pieces (its fragments fill the pipe's slots: it goes on in a
 // buffer), a write the volume must copy first (a snapshot holds the old data: the payload
-// is taken into memory), a client gone mid-payload, and --nbd-writes buffer.
+// waits in its pipe meanwhile), a client gone mid-payload, and --nbd-writes buffer.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, run, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { MiniNbdClient } from '../helpers/nbd-client.js';
@@ -135,11 +135,13 @@ describe('WRITE payloads spliced into pipes (--nbd-writes splice, the default)',
     await r.disconnect();
   }, 60_000);
 
-  it('with a snapshot holding the old data, the payload is taken into memory and both sides read right', async () => {
+  it('with a snapshot holding the old data, the old blocks are saved first (counted) and both sides read right', async () => {
     const r = await MiniNbdClient.connect(d.nbdPort, 'p');
     expect((await r.write(20 * MiB, pattern(2 * MiB, 10))).error).toBe(0);
     await r.flush();
     expect(d.cli(['snapshot', 'create', 'p', 'old']).status).toBe(0);
+    const pipedBefore = metric(await d.metrics(), 'deltavol_nbd_piped_writes_total');
+    const savedBefore = metric(await d.metrics(), 'deltavol_volume_before_images_total{volume="p"}');
     const c = await rawTransmissionClient(d.nbdPort, 'p');
     const replies = new Map<number, number>();
     c.onReply((cookie, error) => replies.set(cookie, error));
@@ -148,6 +150,11 @@ describe('WRITE payloads spliced into pipes (--nbd-writes splice, the default)',
     await waitFor(() => replies.size === 2, 10_000, 'both WRITEs');
     expect([...replies.values()]).toEqual([0, 0]);
     c.sock.destroy();
+    // The second WRITE saved its 256 blocks of 4 KiB for the snapshot first (the first may have
+    // saved a few: earlier tests wrote near it); both payloads came in through pipes (whether
+    // the engine then moved or took them is the engine model's check).
+    expect(metric(await d.metrics(), 'deltavol_volume_before_images_total{volume="p"}') - savedBefore).toBeGreaterThanOrEqual(256);
+    expect(metric(await d.metrics(), 'deltavol_nbd_piped_writes_total') - pipedBefore).toBe(2);
     const want = pattern(2 * MiB, 10);
     pattern(MiB, 12).copy(want, 4096);
     expect((await r.read(20 * MiB, 2 * MiB)).data.equals(want)).toBe(true);
