@@ -471,12 +471,21 @@ async function runStorage(storage, opts, serverSpecs) {
       : { kind: 'deltavol', own: true, ...(await prepareDeltavol(spec.label, workDir, opts.sizeBytes, spec.args)) });
   }
   fillInterleaved(seed, prepared.filter((p) => p.own).map((p) => p.img));
-  fs.rmSync(seed);
   const servers = [];
   for (const [i, p] of prepared.entries()) {
     log(`[${storage}] starting ${serverSpecs[i].label}`);
     servers.push(await p.start());
   }
+  // The same bytes again, now through each deltavol's NBD port (the file's pages stay where
+  // fillInterleaved put them): as a user fills a volume, so its blocks count as written.
+  // Reads of never-written blocks take the copying path that finds holes; written ones
+  // may leave from the page cache (--nbd-reads sendfile), as in the field.
+  for (const s of servers.filter((x) => x.kind === 'deltavol')) {
+    const t0 = Date.now();
+    await run('nbdcopy', ['--flush', seed, s.uri], { timeoutMs: 600_000 });
+    log(`[${storage}] wrote the volume of ${s.label} through NBD (nbdcopy) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  }
+  fs.rmSync(seed);
   // Keyed by who serves each file ("deltavol+nbdkit" when they share one).
   const fileGBps = {};
   for (const img of new Set(servers.map((s) => s.img))) {
@@ -636,6 +645,9 @@ async function main() {
       ? { kind: 'deltavol', label: `deltavol ${opts.ab.join(' ')}`, args: [...opts.deltavolArgs, ...opts.ab] }
       : { kind: 'nbdkit', label: 'nbdkit' },
   ];
+  for (const tool of ['fio', 'nbdcopy', ...(opts.ab ? [] : ['nbdkit'])]) {
+    if (toolVersion(tool, ['--version']) === null) die(`${tool} is not installed: run scripts/install-test-deps.sh (as root)`);
+  }
   const perServer = opts.runtime + opts.ramp + 0.5;
   const estimate = storages.length * opts.rounds * opts.jobList.length * 2 * perServer;
   log(`${opts.jobList.length} jobs × 2 servers × ${storages.length} storage(s) × ${opts.rounds} round(s); ` +

@@ -79,6 +79,12 @@ function sendsMode(text: string): boolean {
   throw new DeltavolError('EINVAL_ARGUMENT', `--nbd-sends "${text}" is not one of threadpool, loop`);
 }
 
+function readsMode(text: string): boolean {
+  if (text === 'sendfile') return true;
+  if (text === 'copy') return false;
+  throw new DeltavolError('EINVAL_ARGUMENT', `--nbd-reads "${text}" is not one of sendfile, copy`);
+}
+
 function writesMode(text: string): boolean {
   if (text === 'splice') return true;
   if (text === 'buffer') return false;
@@ -147,6 +153,7 @@ export function buildProgram(): Command {
     .option('--nbd-read-ahead <bytes>', 'bytes of large READ buffers (64 KiB or more) one NBD connection fills ahead of its socket; later large reads wait for a reply to leave (0 = no limit)', String(readAheadBytesMaxDefault))
     .option('--tcp-congestion <auto|system|name>', 'TCP congestion control of NBD and replication connections: auto = cubic on loopback connections (pacing algorithms such as bbr reorder segments there), the system default elsewhere; system = never set; a name (cubic, reno, bbr, ...) = that on every connection', 'auto')
     .option('--nbd-writes <splice|buffer>', 'large NBD WRITE payloads (256 KiB to 2 MiB) on plain sockets are spliced from the socket into a kernel pipe and from there into the volume\'s file, one copy instead of two (splice), or read into buffers (buffer); with --tls other than off, or --nbd-read-buffers node, always buffer', 'splice')
+    .option('--nbd-reads <sendfile|copy>', 'large NBD READ replies (256 KiB or more) of a primary volume\'s written blocks leave from the page cache with sendfile, one copy instead of two (sendfile), or are read into buffers first (copy); with --tls other than off, --nbd-sends loop, or reads of snapshots, of replicas, or of ranges with unwritten blocks (sent as holes), always copy', 'sendfile')
     .option('--nbd-sends <threadpool|loop>', 'large NBD replies (256 KiB or more) are handed to the socket from a threadpool thread, so several connections send at once (threadpool), or all from the event loop (loop); with --tls other than off, always loop', 'threadpool')
     .option('--nbd-stall-timeout <duration>', 'while others wait for NBD buffer memory, close a connection that has not read its replies for this long', `${nbdStallTimeoutMsDefault / 1000}s`)
     .addOption(new Option('--log-level <level>', 'log level').choices(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'))
@@ -198,6 +205,7 @@ export function buildProgram(): Command {
           nbdOwnReadBuffers: readBuffersMode(opts.nbdReadBuffers),
           nbdThreadpoolSends: sendsMode(opts.nbdSends),
           nbdPipedWrites: writesMode(opts.nbdWrites),
+          nbdFileReplies: readsMode(opts.nbdReads),
           tcpCongestion: parseTcpCongestion(opts.tcpCongestion),
           nbdLimits: {
             connectionsMax: Number(opts.connectionsMax),

@@ -67,6 +67,8 @@ export interface DaemonConfig {
   nbdThreadpoolSends?: boolean;
   /** Large NBD WRITE payloads on plain sockets are spliced into pipes and from there to the file (default true; `--nbd-writes buffer` turns it off). */
   nbdPipedWrites?: boolean;
+  /** Large NBD READ replies of written blocks leave from the page cache (sendfile; default true; `--nbd-reads copy` turns it off). */
+  nbdFileReplies?: boolean;
   /** Bytes of large READ buffers one NBD connection fills ahead of its socket (`--nbd-read-ahead`; 0 = no limit). */
   nbdReadAheadBytes?: number;
   /** TCP congestion control of NBD and replication connections (src/util/tcp-congestion.ts); default auto. */
@@ -183,7 +185,7 @@ export class Daemon {
       log.child({ part: 'nbd' }),
       this.nbdTls,
       config.nbdLimits,
-      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true, pipedWrites: config.nbdPipedWrites ?? true, readAheadBytesMax: config.nbdReadAheadBytes ?? readAheadBytesMaxDefault },
+      { ownReadBuffers: config.nbdOwnReadBuffers ?? true, threadpoolSends: config.nbdThreadpoolSends ?? true, pipedWrites: config.nbdPipedWrites ?? true, fileReplies: config.nbdFileReplies ?? true, readAheadBytesMax: config.nbdReadAheadBytes ?? readAheadBytesMaxDefault },
       () => void trimMallocHeap(),
       (client) => loopIo.clientRequest(client),
     );

@@ -97,6 +97,8 @@ export function renderNbdLimitMetrics(s: NbdLimitsSnapshot): string {
   metric('deltavol_nbd_threadpool_sends_partial_total', 'counter', 'Threadpool sends the socket took only part of (it was full); Node sent the rest.', [[{}, s.threadpoolSends.partial]]);
   metric('deltavol_nbd_piped_writes_total', 'counter', 'Large NBD WRITE payloads spliced from the socket into a pipe and from there to the file (--nbd-writes splice).', [[{}, s.pipedWrites.piped]]);
   metric('deltavol_nbd_piped_writes_to_buffer_total', 'counter', 'Spliced WRITE payloads moved to a buffer midway (the pipe was full).', [[{}, s.pipedWrites.toBuffer]]);
+  metric('deltavol_nbd_file_replies_total', 'counter', 'Large NBD READ replies whose data left from the volume\'s file with sendfile (--nbd-reads sendfile).', [[{}, s.fileReplies.replies]]);
+  metric('deltavol_nbd_file_reply_rest_reads_total', 'counter', 'File replies the socket took only part of: their rest was read into memory and sent by Node.', [[{}, s.fileReplies.restReads]]);
   metric('deltavol_nbd_payload_pipes', 'gauge', 'Kernel pipes open for spliced WRITE payloads.', [[{}, s.pipedWrites.pipesOpen]]);
   metric('deltavol_nbd_pool_idle_bytes', 'gauge', 'Large READ buffers and WRITE payload buffers kept for reuse, by pool; a pool that hands out nothing for 1 s is emptied.', [[{ pool: 'read' }, s.poolIdleBytes.read], [{ pool: 'write' }, s.poolIdleBytes.write]]);
   metric('deltavol_nbd_handshake_connections', 'gauge', 'NBD connections still in the handshake.', [[{}, s.handshakeConnections]]);

@@ -9,6 +9,7 @@ import * as C from '../nbd/constants.js';
 import type { ExportCatalog, ExportFeatures, ExportListing, Extent, NbdExport, WriteZeroesOptions } from '../nbd/export.js';
 import { systemError } from '../util/errors.js';
 import type { ZeroBlockScan } from '../util/zero-block-scan.js';
+import type { FileRange } from '../util/file-range.js';
 import type { Volume } from '../volume/volume.js';
 import type { VolumeRegistry } from '../volume/registry.js';
 
@@ -56,6 +57,9 @@ export class VolumeExport implements NbdExport {
 
   read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): void | Promise<void> {
     return this.volume.read(offset, length, target, scan);
+  }
+  fileRange(offset: number, length: number): FileRange | null {
+    return this.volume.fileRange(offset, length);
   }
   write(offset: number, payload: WritePayload, fua: boolean): void | Promise<void> {
     return this.volume.write(offset, payload, fua);

@@ -6,6 +6,7 @@
 // data is twice as fast on the event loop (PERF.md), so the backend chooses.
 
 import type { WritePayload } from '../util/piped-bytes.js';
+import type { FileRange } from '../util/file-range.js';
 import type { ZeroBlockScan } from '../util/zero-block-scan.js';
 
 export type MaybePromise<T> = T | Promise<T>;
@@ -55,6 +56,14 @@ export interface NbdExport {
    * blocks of what it read into `scan` (zero-block-scan.ts); leaving it alone is fine.
    */
   read(offset: number, length: number, target: Buffer, scan?: ZeroBlockScan): MaybePromise<void>;
+  /**
+   * Optional: where in an open file the bytes [offset, offset+length) lie, for a reply sent
+   * from the page cache (util/file-range.ts), or null when they must be read (the export
+   * then sends no such range: only ranges whose file bytes stay what a read returns until
+   * the client has them, bar writes racing the read, and that hold no runs worth sending as
+   * holes).
+   */
+  fileRange?(offset: number, length: number): FileRange | null;
   /**
    * Writes the payload at offset (the concatenation of its chunks, or bytes waiting in a
    * pipe: util/piped-bytes.ts); durable before return when fua.

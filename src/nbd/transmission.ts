@@ -7,6 +7,7 @@
 // pieces, so their memory is bounded by the piece size and not by their length.
 
 import type { WritePayload } from '../util/piped-bytes.js';
+import type { FileRange } from '../util/file-range.js';
 import * as C from './constants.js';
 import type { Extent, MaybePromise, NbdExport } from './export.js';
 import type { Negotiated } from './negotiator.js';
@@ -23,6 +24,7 @@ import {
   smallBufferSlabBytes,
   smallBufferSparesMax,
   sparseReadBytesMin,
+  fileReplyBytesMin,
   streamPieceBytes,
 } from '../util/limits.js';
 import { BufferPool } from '../util/buffer-pool.js';
@@ -51,6 +53,11 @@ export interface TransmissionHost {
    * the socket no longer needs the buffers (written, or the connection is gone).
    */
   send(buffers: Buffer[], sent?: () => void): void;
+  /**
+   * Optional: queues a reply whose data, after `buffers`, is sent from `file` (sendfile);
+   * `sent` as for send(). False: the host cannot now (nothing was queued; send bytes instead).
+   */
+  sendFile?(buffers: Buffer[], file: FileRange, sent: () => void): boolean;
   /** One request has completed and its reply is queued. */
   completed(payloadBytes: number): void;
   /** An export call failed in a way the client should hear about; for logs. */
@@ -293,6 +300,7 @@ export class Transmission {
       this.waitingReads.push(h);
       return;
     }
+    if (!small && h.length >= fileReplyBytesMin && this.replyFromFile(h)) return;
     const whole = small ? smallReplies.take(headerBytes + h.length) : readBuffers.acquire(headerBytes + h.length);
     if (!small) this.pooledReadBytes += h.length;
     const done = small
@@ -348,6 +356,45 @@ export class Transmission {
     }
     if (isPromise(r)) r.then(afterRead, failed);
     else afterRead();
+  }
+
+  /**
+   * A large READ whose bytes the export can name in a file goes out from there (sendfile):
+   * its header from memory, its data from the page cache, no copy through a buffer. False:
+   * read it into a buffer (the export or the host cannot, or a simple streamed reply holds
+   * the wire). It counts against the read-ahead like a pooled buffer, so a client that
+   * does not read its replies still holds at most that much queued on this connection.
+   */
+  private replyFromFile(h: RequestHeader): boolean {
+    if (this.host.sendFile === undefined || this.exp.fileRange === undefined || this.simpleStreamActive || this.closed) return false;
+    let file: ReturnType<NonNullable<NbdExport['fileRange']>>;
+    try {
+      file = this.exp.fileRange(h.offset, h.length);
+    } catch {
+      return false; // the read path reports what is wrong
+    }
+    if (file === null) return false;
+    assert(file.length === h.length, 'a file range covers the whole read');
+    let header: Buffer;
+    if (this.structured) {
+      header = Buffer.allocUnsafe(R.readHeaderBytes(true));
+      R.writeOffsetDataHeader(header, 0, true, h.cookieHi, h.cookieLo, h.offset, h.length);
+    } else {
+      header = R.simpleReply(0, h.cookieHi, h.cookieLo);
+    }
+    this.pooledReadBytes += h.length;
+    const sent = () => {
+      this.pooledReadBytes -= h.length;
+      this.startWaitingReads();
+    };
+    if (!this.host.sendFile([header], file, sent)) {
+      this.pooledReadBytes -= h.length;
+      return false;
+    }
+    this.inflight--;
+    this.inflightPayloadBytes -= h.length;
+    this.host.completed(h.length);
+    return true;
   }
 
   /** Whether a large READ of `bytes` may take its buffer now (one always may when none is held). */

@@ -30,6 +30,8 @@ import { SliceArena } from '../util/slice-arena.js';
 import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
 import { socketFd } from '../util/native-send.js';
 import { PayloadPipePool, PipeReceiver, type PayloadPipe } from '../util/socket-pipe.js';
+import type { FileRange } from '../util/file-range.js';
+import { assert } from '../util/assert.js';
 import {
   handshakeTimeoutMs,
   inflightPayloadBytesMax,
@@ -74,7 +76,13 @@ export function trimWritePayloadBuffers(keepBytes: number): void {
 }
 
 /** Replies sent from the threadpool since start, and those of them the socket took only part of (then Node sent the rest). */
-const poolSends: ThreadpoolSendCounts = { sends: 0, partial: 0 };
+const poolSends: ThreadpoolSendCounts = { sends: 0, partial: 0, fileRestReads: 0 };
+
+/** READ replies whose data left from the volume's file (sendfile) since start. */
+const fileReplyCount = { replies: 0 };
+export function fileReplyCounts(): { replies: number; restReads: number } {
+  return { replies: fileReplyCount.replies, restReads: poolSends.fileRestReads ?? 0 };
+}
 
 export function threadpoolSendCounts(): ThreadpoolSendCounts {
   return { ...poolSends };
@@ -108,6 +116,8 @@ export interface ConnectionLimits {
   readAheadBytesMax?: number;
   /** Splice large WRITE payloads of plain sockets into pipes and from there to the file (socket-pipe.ts; default true). */
   pipedWrites?: boolean;
+  /** Send large READ replies whose data the export names in a file from the page cache (sendfile; default true; needs the threadpool sender). */
+  fileReplies?: boolean;
 }
 
 /** What accepting() reserves for a request header (the Transmission releases the same when it completes). */
@@ -150,6 +160,8 @@ export class Connection {
   private readonly sender: ThreadpoolSender | null;
   // ---- WRITE payloads spliced into pipes (plain sockets with their own read buffers) ----
   private readonly pipedWrites: boolean;
+  /** READ replies may leave from the file (limits.fileReplies and a threadpool sender). */
+  private readonly fileReplies: boolean;
   /** Moves the socket's bytes into a pipe while Node's reads are stopped; opened at first use. */
   private receiver: PipeReceiver | null = null;
   /** The pipe the framer's outside payload goes to, until its request takes it. */
@@ -209,6 +221,7 @@ export class Connection {
             },
           })
         : null;
+    this.fileReplies = this.sender !== null && limits.fileReplies !== false;
     socket.setNoDelay(true);
     this.attach(socket);
     socket.resume(); // listeners accept connections paused
@@ -361,6 +374,7 @@ export class Connection {
     this.limits.enteredTransmission(this);
     this.tx = new Transmission(n.export, n, {
       send: (buffers, sent) => this.send(buffers, sent),
+      ...(this.fileReplies ? { sendFile: (buffers: Buffer[], file: FileRange, sent: () => void) => this.sendFile(buffers, file, sent) } : {}),
       completed: (payloadBytes) => this.requestCompleted(payloadBytes),
       warn: (msg, fields) => this.log.warn(fields, msg),
       released: (bytes) => this.requestCompleted(bytes),
@@ -623,6 +637,25 @@ export class Connection {
     const sender = this.sender;
     if (sender && (bytes >= threadpoolSendBytesMin || !sender.idle) && sender.offer(buffers, bytes, () => this.replyWritten(bytes, sent))) return;
     this.writeReply(buffers, bytes, sent);
+  }
+
+  /**
+   * A reply whose data follows `buffers` from `file` (sendfile from the threadpool sender, in
+   * order with every other reply). False, with nothing queued: the sender is closed.
+   */
+  private sendFile(buffers: Buffer[], file: FileRange, sent: () => void): boolean {
+    const sender = this.sender;
+    if (sender === null || !sender.takesFiles || this.state === 'closed' || this.socket.destroyed) return false;
+    let bytes = file.length;
+    for (let i = 0; i < buffers.length; i++) bytes += buffers[i]!.length;
+    if (bytes < threadpoolSendBytesMin) return false;
+    this.stats.bytesWritten += bytes;
+    this.queuedBytes += bytes;
+    this.limits.budget.add(this.account, bytes);
+    const taken = sender.offer(buffers, bytes, () => this.replyWritten(bytes, sent), file);
+    assert(taken, 'an open sender takes a large message');
+    fileReplyCount.replies++;
+    return true;
   }
 
   /** Hands one reply to Node's socket (corked: the replies completed in one loop turn go out in one write). */

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import type { Logger } from '../util/log.js';
 import type { ExportCatalog } from '../nbd/export.js';
 import type { TlsServerConfig } from './tls-config.js';
-import { Connection, threadpoolSendCounts, pipedWriteCounts, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
+import { Connection, threadpoolSendCounts, pipedWriteCounts, fileReplyCounts, trimWritePayloadBuffers, writePayloadPoolState, type ConnectionLimits } from './connection.js';
 import { Admission, normalizeAddress } from './admission.js';
 import { MemoryBudget } from './memory-budget.js';
 import { DeltavolError } from '../util/errors.js';
@@ -115,7 +115,7 @@ export class NbdServer {
      * (`--nbd-sends threadpool`, default; native-send.ts), and splice large WRITE payloads
      * into pipes (`--nbd-writes splice`, default; socket-pipe.ts). False keeps Node's way.
      */
-    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean; pipedWrites?: boolean; readAheadBytesMax?: number } = {},
+    io: { ownReadBuffers?: boolean; threadpoolSends?: boolean; pipedWrites?: boolean; fileReplies?: boolean; readAheadBytesMax?: number } = {},
     /** After a collection that freed buffers: give the freed memory back to the kernel (the daemon passes malloc_trim). */
     private readonly returnFreedMemory: () => void = () => {},
     /** Each request, with the connection that made it (the daemon's LoopIoPolicy). */
@@ -138,7 +138,7 @@ export class NbdServer {
       handshakeMax: this.limits.handshakeConnectionsMax,
       perAddressMax: this.limits.connectionsPerAddressMax,
     });
-    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, pipedWrites: io.pipedWrites ?? true, readAheadBytesMax: io.readAheadBytesMax ?? readAheadBytesMaxDefault, ...(requestFrom ? { requestFrom } : {}) };
+    this.connLimits = { budget: this.budget, enteredTransmission: (c) => this.admission.handshakeDone(c), ownReadBuffers: io.ownReadBuffers ?? true, threadpoolSends: io.threadpoolSends ?? true, pipedWrites: io.pipedWrites ?? true, fileReplies: io.fileReplies ?? true, readAheadBytesMax: io.readAheadBytesMax ?? readAheadBytesMaxDefault, ...(requestFrom ? { requestFrom } : {}) };
   }
 
   private accept(socket: net.Socket): void {
@@ -268,6 +268,7 @@ export class NbdServer {
       stalledClosedTotal: this.stalledClosedTotal,
       threadpoolSends: threadpoolSendCounts(),
       pipedWrites: pipedWriteCounts(),
+      fileReplies: fileReplyCounts(),
       poolIdleBytes: { read: readBufferPoolState().idleBytes, write: writePayloadPoolState().idleBytes },
       handshakeConnections: this.admission.handshakes,
       refusedTotal: { ...this.admission.refused },
@@ -338,6 +339,8 @@ export interface NbdLimitsSnapshot {
   threadpoolSends: { sends: number; partial: number };
   /** WRITE payloads spliced into pipes (socket-pipe.ts), those moved to a buffer after all (a full pipe), the pipes open, and why the last pipe could not be made. */
   pipedWrites: { piped: number; toBuffer: number; pipesOpen: number; pipeError: string | null };
+  /** READ replies sent from the volume's file, and those whose rest went through memory after a full socket. */
+  fileReplies: { replies: number; restReads: number };
   /** Bytes of large READ buffers and WRITE payload buffers waiting in their pools for reuse. */
   poolIdleBytes: { read: number; write: number };
   handshakeConnections: number;

@@ -17,8 +17,12 @@ export interface Sockx {
    * sender stops: pushes are refused until senderResume.
    */
   senderOpen(fd: number, waitMs: number, notify: (closed: boolean) => void): SenderHandle;
-  /** Queues one message (1 to 64 buffers, unchanged until counted sent); false: refused (stopped or closing). */
-  senderPush(handle: SenderHandle, buffers: Buffer[]): boolean;
+  /**
+   * Queues one message (1 to 64 buffers, unchanged until counted sent; then, if given,
+   * `fileLength` bytes of `fileFd` from `fileOffset`, sent with sendfile from the sender's own
+   * dup of it); false: refused (stopped or closing).
+   */
+  senderPush(handle: SenderHandle, buffers: Buffer[], fileFd?: number, fileOffset?: number, fileLength?: number): boolean;
   /**
    * Fills `out` with [messages sent since open, sendmsg calls since open, stopped (1/0),
    * bytes of the first unsent message already sent, a job queued or running (1/0)]; returns

@@ -11,17 +11,24 @@
 
 import type { Socket } from 'node:net';
 import { loadSockx, nativeSendBuffersMax, socketFd, type SenderHandle, type Sockx } from './native-send.js';
+import type { FileRange } from './file-range.js';
+
 /** A message handed to offer(): `done` runs once the socket took all of it, or it was dropped. */
 interface Pending {
   buffers: Buffer[];
+  /** Bytes of the buffers and of the file part. */
   bytes: number;
   done: () => void;
+  /** The message's end, sent from a file (sendfile), or null. */
+  file: FileRange | null;
 }
 
 /** Threadpool sends since start, and those the socket took only part of (Node sent the rest). */
 export interface ThreadpoolSendCounts {
   sends: number;
   partial: number;
+  /** File parts whose rest Node sent after a stop (read into memory first). */
+  fileRestReads?: number;
 }
 
 const NO_BYTES = Buffer.alloc(0);
@@ -89,10 +96,12 @@ export class ThreadpoolSender {
 
   /**
    * Takes the message (true): into the threadpool queue now, or in line behind what waits.
-   * False: the caller writes it to Node's socket itself (it is small and nothing waits here).
+   * False: the caller writes it to Node's socket itself (it is small and nothing waits here,
+   * or the sender is closed). `bytes` counts the buffers and the file part, if any: `file`'s
+   * bytes follow the buffers, sent from the file (see takesFiles).
    */
-  offer(buffers: Buffer[], bytes: number, done: () => void): boolean {
-    const p: Pending = { buffers, bytes, done };
+  offer(buffers: Buffer[], bytes: number, done: () => void, file: FileRange | null = null): boolean {
+    const p: Pending = { buffers, bytes, done, file };
     if (this.waiting.length > 0) {
       this.wait(p);
       return true;
@@ -107,6 +116,11 @@ export class ThreadpoolSender {
       this.whenNodeQueueEmpty();
     }
     return true;
+  }
+
+  /** Whether a message with a file part is taken now (false once closed: send its bytes instead). */
+  get takesFiles(): boolean {
+    return this.handle !== null;
   }
 
   /** Bytes being sent or waiting here (they are not in the socket's writableLength). */
@@ -142,7 +156,8 @@ export class ThreadpoolSender {
   /** Into the addon's queue (false: refused, it stopped; progress() has taken the queue back). */
   private push(p: Pending): boolean {
     if (this.handle === null || p.buffers.length > nativeSendBuffersMax) return false;
-    if (!this.sockx.senderPush(this.handle, p.buffers)) {
+    const f = p.file;
+    if (!(f === null ? this.sockx.senderPush(this.handle, p.buffers) : this.sockx.senderPush(this.handle, p.buffers, f.fd, f.offset, f.length))) {
       this.progress();
       return false;
     }
@@ -246,7 +261,7 @@ export class ThreadpoolSender {
     this.onSent();
   }
 
-  /** The part of a message past `skipBytes`, through Node's socket. */
+  /** The part of a message past `skipBytes`, through Node's socket (a file part read into memory first). */
   private writeRest(p: Pending, skipBytes: number): void {
     const rest: Buffer[] = [];
     let skip = skipBytes;
@@ -255,6 +270,17 @@ export class ThreadpoolSender {
       else {
         rest.push(skip > 0 ? b.subarray(skip) : b);
         skip = 0;
+      }
+    }
+    if (p.file !== null && skip < p.file.length) {
+      this.counts.fileRestReads = (this.counts.fileRestReads ?? 0) + 1;
+      try {
+        rest.push(p.file.read(skip, p.file.length - skip));
+      } catch (e) {
+        // The bytes cannot be had: the message cannot be finished, nor another sent after it.
+        this.socket.destroy(new Error(`reply data could not be read for the socket (${(e as Error).message})`));
+        p.done();
+        return;
       }
     }
     if (rest.length === 0) {

@@ -1146,6 +1146,16 @@ export class VolumeEngine {
   }
 
   /** The validity bitmap (tests, status). */
+  /** Every tracking block that [offset, offset+length) touches holds written data (validity may over-mark, never under-mark). */
+  allValid(offset: number, length: number): boolean {
+    this.checkRange(offset, length);
+    if (length === 0) return true;
+    const bs = this.options.blockBytes;
+    const first = Math.floor(offset / bs);
+    const count = Math.floor((offset + length - 1) / bs) - first + 1;
+    return this.validity.countRange(first, count) === count;
+  }
+
   validBlocks(): PagedBitmap {
     return this.validity.clone();
   }

@@ -41,6 +41,7 @@ export interface ReadOverlay {
 export type { WriteAccess } from './write-gate.js';
 import type { WriteMirror } from './write-mirror.js';
 import type { ZeroBlockScan } from '../util/zero-block-scan.js';
+import type { FileRange } from '../util/file-range.js';
 
 export interface VolumeIoOptions {
   /** Reads/writes up to this many bytes run on the event loop (read at each I/O: it may change). */
@@ -213,6 +214,33 @@ export class Volume {
     return r.finally(() => {
       if (--this.readsInFlight === 0) for (const w of this.readWaiters.splice(0)) w();
     });
+  }
+
+  /**
+   * Where a read of [offset, offset+length) lies in the data file, for a reply sent from the
+   * page cache (the NBD layer's sendfile), or null when it must be read into memory:
+   * - while client writes are held or refused: a replica's playback must not change pages
+   *   under a send (its readers see a set whole or not at all), nor a role change;
+   * - through a read overlay (a set being integrated);
+   * - over blocks holding no data: a copying read finds their zeroes and sends them as holes.
+   * A write racing the read may show through, as with any read it overlaps.
+   */
+  fileRange(offset: number, length: number): FileRange | null {
+    this.checkRange(offset, length);
+    if (this.closed || this.overlay !== null || this.gate.current.mode !== 'open') return null;
+    if (!this.engine.allValid(offset, length)) return null;
+    return {
+      fd: this.store.fd,
+      offset,
+      length,
+      read: (from, n) => {
+        assert(from >= 0 && n >= 0 && from + n <= length, 'within the range');
+        if (this.closed) throw systemError('ESHUTDOWN', `volume ${this.name} is closed`);
+        const b = Buffer.allocUnsafe(n);
+        this.data.readSync(offset + from, b, 0, n);
+        return b;
+      },
+    };
   }
 
   private readThroughOverlay(o: ReadOverlay, offset: number, length: number, target: Buffer): void {

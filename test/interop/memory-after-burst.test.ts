@@ -16,7 +16,9 @@ let d: TestDaemon;
 beforeAll(async () => {
   // WRITEs read into buffers (--nbd-writes buffer): spliced payloads (the default for 256 KiB
   // to 2 MiB) wait in kernel pipes and never fill the WRITE payload pool this test watches.
-  d = await startDaemon({ volumes: [{ name: 'burst', size: '64M' }], tmpfs: true, logLevel: 'warn', extraArgs: ['--nbd-writes', 'buffer'] });
+  // READs into buffers (--nbd-reads copy): replies of written blocks sent from the file
+  // (the default) never take a buffer from the READ pool it watches either.
+  d = await startDaemon({ volumes: [{ name: 'burst', size: '64M' }], tmpfs: true, logLevel: 'warn', extraArgs: ['--nbd-writes', 'buffer', '--nbd-reads', 'copy'] });
 });
 afterAll(async () => {
   await d?.dispose();

@@ -4,7 +4,10 @@
 // flight, with a client that stops reading now and then (so sends come back partial), must
 // each arrive whole, exactly once, with the right bytes; the same with the feature off
 // (`--nbd-sends loop`); and a client that hangs up in the middle must leave the daemon
-// serving, with no descriptor left behind.
+// serving, with no descriptor left behind. By default the data of large replies leaves from
+// the volume's file (sendfile, `--nbd-reads sendfile`): a send cut short there has its rest
+// read into memory, and each queued reply holds a descriptor of the file until it is sent or
+// dropped; `--nbd-reads copy` reads every reply into a buffer first.
 import fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
@@ -34,23 +37,28 @@ async function fill(d: TestDaemon, data: Buffer): Promise<void> {
   await c.disconnect();
 }
 
-async function sendCounts(d: TestDaemon): Promise<{ sends: number; partial: number }> {
+async function sendCounts(d: TestDaemon): Promise<{ sends: number; partial: number; fileReplies: number; fileRestReads: number }> {
   const text = await (await d.fetch('/metrics')).text();
   const num = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1] ?? NaN);
-  return { sends: num('deltavol_nbd_threadpool_sends_total'), partial: num('deltavol_nbd_threadpool_sends_partial_total') };
+  return {
+    sends: num('deltavol_nbd_threadpool_sends_total'),
+    partial: num('deltavol_nbd_threadpool_sends_partial_total'),
+    fileReplies: num('deltavol_nbd_file_replies_total'),
+    fileRestReads: num('deltavol_nbd_file_reply_rest_reads_total'),
+  };
 }
 
 function openDescriptors(pid: number): number {
   return fs.readdirSync(`/proc/${pid}/fd`).length;
 }
 
-for (const mode of ['threadpool', 'loop'] as const) {
-  describe(`replies of every size with --nbd-sends ${mode}`, () => {
+for (const [mode, reads] of [['threadpool', 'sendfile'], ['threadpool', 'copy'], ['loop', 'sendfile']] as const) {
+  describe(`replies of every size with --nbd-sends ${mode} --nbd-reads ${reads}`, () => {
     let d: TestDaemon;
     let data: Buffer;
-    const seed = testSeed(`threadpool-sends ${mode}`);
+    const seed = testSeed(`threadpool-sends ${mode} ${reads}`);
     beforeAll(async () => {
-      d = await startDaemon({ volumes: [{ name: 'ts', size: '64M' }], logLevel: 'warn', tmpfs: true, extraArgs: ['--nbd-sends', mode] });
+      d = await startDaemon({ volumes: [{ name: 'ts', size: '64M' }], logLevel: 'warn', tmpfs: true, extraArgs: ['--nbd-sends', mode, '--nbd-reads', reads] });
       data = pattern(seed);
       await fill(d, data);
     }, 60_000);
@@ -121,11 +129,16 @@ for (const mode of ['threadpool', 'loop'] as const) {
       sock.destroy();
       // The path under test was taken: large replies from the pool, some of them cut short by a full socket.
       const counts = await sendCounts(d);
-      console.log(`[threadpool-sends] ${mode}: ${counts.sends} threadpool sends, ${counts.partial} partial`);
+      console.log(`[threadpool-sends] ${mode} ${reads}: ${counts.sends} threadpool sends, ${counts.partial} partial; ${counts.fileReplies} file replies, ${counts.fileRestReads} finished from memory`);
       if (mode === 'threadpool') {
         expect(counts.sends).toBeGreaterThan(50);
         expect(counts.partial).toBeGreaterThan(0);
       } else expect(counts.sends).toBe(0);
+      if (mode === 'threadpool' && reads === 'sendfile') {
+        // Every block was written: each reply of 256 KiB or more left from the file.
+        expect(counts.fileReplies).toBeGreaterThan(50);
+        expect(counts.fileRestReads).toBeGreaterThan(0);
+      } else expect(counts.fileReplies).toBe(0);
     }, 120_000);
 
     it('clients that hang up with large replies on the way: the daemon serves on, no descriptor is left open', async () => {

@@ -271,3 +271,81 @@ describe('Transmission with structured replies', () => {
     expect(chunks[0]!.payload.readUInt32BE(4)).toBe(1024);
   });
 });
+
+describe('READ replies sent from a file (sendfile)', () => {
+  const MiB = 1024 * 1024;
+  function fileSetup(structured: boolean, hostTakes: boolean) {
+    const exp = new MemoryExport('m', 8 * MiB, { readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: false, cache: true, multiConn: true });
+    for (let i = 0; i < exp.data.length; i++) exp.data[i] = (i * 7 + (i >> 9)) & 0xff;
+    const asked: [number, number][] = [];
+    const fileRange = (offset: number, length: number) => {
+      asked.push([offset, length]);
+      return { fd: 99, offset: offset + 4096, length, read: (from: number, n: number) => exp.data.subarray(offset + from, offset + from + n) };
+    };
+    (exp as unknown as { fileRange: typeof fileRange }).fileRange = fileRange;
+    const viaFile: { header: Buffer; file: { fd: number; offset: number; length: number }; sent: () => void }[] = [];
+    const sent: Buffer[] = [];
+    const neg: Negotiated = { export: exp, structuredReplies: structured, metaContexts: structured ? [C.CONTEXT_BASE_ALLOCATION] : [], blockSizeAgreed: true, transmissionFlags: 0, tls: false };
+    const tx = new Transmission(exp, neg, {
+      send: (b) => sent.push(Buffer.concat(b)),
+      sendFile: (b, file, s) => {
+        if (!hostTakes) return false;
+        viaFile.push({ header: Buffer.concat(b), file, sent: s });
+        return true;
+      },
+      completed: () => undefined,
+      warn: () => undefined,
+    }, 3 * MiB);
+    const read = (cookieLo: number, offset: number, length: number) =>
+      tx.handle({ flags: 0, type: C.CMD_READ, cookieHi: 0, cookieLo, offset, length, payloadDiscarded: false }, []);
+    return { exp, tx, viaFile, sent, asked, read };
+  }
+
+  it('structured: one OFFSET_DATA header in memory, the data named in the file; small reads are read', () => {
+    const t = fileSetup(true, true);
+    t.read(1, MiB, MiB);
+    t.read(2, 0, 64 * 1024);
+    expect(t.viaFile).toHaveLength(1);
+    const h = t.viaFile[0]!.header;
+    expect(h.length).toBe(20 + 8);
+    expect(h.readUInt32BE(0)).toBe(C.STRUCTURED_REPLY_MAGIC);
+    expect(h.readUInt16BE(4)).toBe(C.REPLY_FLAG_DONE);
+    expect(h.readUInt16BE(6)).toBe(C.REPLY_TYPE_OFFSET_DATA);
+    expect(h.readUInt32BE(12)).toBe(1);
+    expect(h.readUInt32BE(16)).toBe(8 + MiB);
+    expect(Number(h.readBigUInt64BE(20))).toBe(MiB);
+    expect(t.viaFile[0]!.file).toMatchObject({ fd: 99, offset: MiB + 4096, length: MiB });
+    expect(t.sent).toHaveLength(1); // the 64 KiB read went through memory
+    expect(t.asked).toEqual([[MiB, MiB]]);
+  });
+
+  it('simple: the 16-byte reply header, then the file', () => {
+    const t = fileSetup(false, true);
+    t.read(5, 2 * MiB, 512 * 1024);
+    expect(t.viaFile).toHaveLength(1);
+    const h = t.viaFile[0]!.header;
+    expect(h.length).toBe(16);
+    expect(h.readUInt32BE(0)).toBe(C.SIMPLE_REPLY_MAGIC);
+    expect(h.readUInt32BE(4)).toBe(0);
+    expect(h.readUInt32BE(12)).toBe(5);
+  });
+
+  it('counts against the read-ahead until sent, so a client that reads nothing holds at most that much', () => {
+    const t = fileSetup(true, true);
+    for (let i = 1; i <= 5; i++) t.read(i, (i - 1) * MiB, MiB);
+    expect(t.viaFile).toHaveLength(3); // 3 MiB of read-ahead
+    t.viaFile[0]!.sent();
+    expect(t.viaFile).toHaveLength(4);
+    t.viaFile[1]!.sent();
+    t.viaFile[2]!.sent();
+    expect(t.viaFile).toHaveLength(5);
+  });
+
+  it('a host that cannot send from the file gets the bytes read into a buffer instead', () => {
+    const t = fileSetup(false, false);
+    t.read(7, 3 * MiB, MiB);
+    expect(t.viaFile).toHaveLength(0);
+    expect(t.sent).toHaveLength(1);
+    expect(t.sent[0]!.subarray(16).equals(t.exp.data.subarray(3 * MiB, 4 * MiB))).toBe(true);
+  });
+});
