@@ -4,6 +4,7 @@
 // the connection ends with a reason. Knows nothing of sets or volumes; the connection and
 // the clock are passed in (transport.ts, clock.ts) so the simulator can drive it.
 
+import type { FileRange } from '../util/file-range.js';
 import type { Clock, Cancel } from '../util/clock.js';
 import type { Conn } from './transport.js';
 import { encodeFrame, FrameDecoder, type Frame, type ReplMessage } from './wire.js';
@@ -119,6 +120,16 @@ export class Link {
       for (let i = 0; i < frame.length; i++) this.write(frame[i]!, i === frame.length - 1 ? done : undefined);
       this.conn.uncork();
     }
+  }
+
+  /**
+   * A frame that lies whole in a file (a chunk record of the outbound log), sent from there
+   * when the connection can (Conn.writeFile); false: send its bytes instead.
+   */
+  sendFileFrame(file: FileRange, done?: () => void): boolean {
+    if (this.closedReason !== null || !this.conn.writeFile?.(file, done)) return false;
+    this.bytesSent += file.length;
+    return true;
   }
 
   private corkedForTick = false;

@@ -23,6 +23,7 @@ import { PagedBitmap } from '../bitmap/paged-bitmap.js';
 import type { DeltaSink } from '../volume/volume-engine.js';
 import { encodeFrame, chunkChecksum, framePrefixBytes, FrameDecoder, type Runs, type ReplMessage } from './wire.js';
 import { outboundCacheBytesMax } from './limits.js';
+import type { FileRange } from '../util/file-range.js';
 
 export const OUTBOUND_LOG_FILE = 'outbound.log';
 export const OUTBOUND_INDEX_FILE = 'outbound.json';
@@ -121,6 +122,8 @@ export class OutboundLog {
   chunkBuffersAllocated = 0;
   /** Chunk records read back from the file (not in the memory cache any more): status, tests. */
   chunkFileReads = 0;
+  /** Chunk records a sender sent from the file (sendfile: not cached, not read into memory; status, tests). */
+  chunkFileSends = 0;
 
   private constructor(
     private readonly fsys: DurableFs,
@@ -329,6 +332,29 @@ export class OutboundLog {
     const n = this.file.read(c.pos % this.capacityBytes, b, 0, c.bytes);
     if (n !== c.bytes) throw new DeltavolError('IO', `outbound log: short read at ${c.pos}`);
     return [b];
+  }
+
+  /**
+   * Where a chunk record that is no longer in the memory cache lies in the log's file, for a
+   * sender that sends from the file (sendfile) instead of reading it into memory first; null
+   * when it is cached (send that) or the file has no descriptor (the simulator's). Its bytes
+   * stay until its set is released, which waits for every pair's acknowledgement, which
+   * comes only after the replica received the whole set.
+   */
+  chunkFile(c: ChunkPos): FileRange | null {
+    if (this.cache.has(c.pos) || this.file.fd === undefined) return null;
+    const file = this.file;
+    const at = c.pos % this.capacityBytes;
+    return {
+      fd: file.fd!,
+      offset: at,
+      length: c.bytes,
+      read: (from, n) => {
+        const b = Buffer.allocUnsafe(n);
+        if (file.read(at + from, b, 0, n) !== n) throw new DeltavolError('IO', `outbound log: short read at ${c.pos + from}`);
+        return b;
+      },
+    };
   }
 
   /**

@@ -464,8 +464,18 @@ export class PairSender {
     return p.catchUp && p.catchUp.set === set ? p.catchUp.from : set - 1;
   }
 
-  /** A chunk record from the outbound log, queued without a copy (the log lends its buffer). */
+  /**
+   * A chunk record from the outbound log, queued without a copy: from the log's file when
+   * it is no longer cached (catching up after an outage: no read into memory), else the
+   * log lends its buffer.
+   */
   private sendChunk(link: Link, c: ChunkPos): void {
+    const file = this.r.outbound.chunkFile(c);
+    if (file !== null && link.sendFileFrame(file)) {
+      this.r.outbound.chunkFileSends++;
+      this.count(c.bytes);
+      return;
+    }
     const lent = this.r.outbound.lendChunk(c);
     link.sendEncoded(lent.parts, lent.done);
     for (const b of lent.parts) this.count(b.length);

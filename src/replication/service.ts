@@ -481,7 +481,7 @@ export class ReplicationService implements RecoveryContext {
       distant: r.distant.status(),
       currentSet: r.outbound.lastSet,
       changedBlocksSinceCut: changed,
-      outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length, cachedBytes: r.outbound.cachedBytes, chunkFileReads: r.outbound.chunkFileReads, chunkBuffersAllocated: r.outbound.chunkBuffersAllocated, chunkBuffersReused: r.outbound.chunkBuffersReused },
+      outbound: { capacityBytes: r.outbound.capacityBytes, usedBytes: r.outbound.usedBytes, full: r.outboundFull, sets: r.outbound.sets.length, cachedBytes: r.outbound.cachedBytes, chunkFileReads: r.outbound.chunkFileReads, chunkFileSends: r.outbound.chunkFileSends, chunkBuffersAllocated: r.outbound.chunkBuffersAllocated, chunkBuffersReused: r.outbound.chunkBuffersReused },
       replicas: r.pairs.map((p) => {
         const s = r.senders.get(p.id);
         const inflight = new Set(s?.inflightSets.map((i) => i.set) ?? []);

@@ -8,6 +8,7 @@ import net from 'node:net';
 import { DeltavolError } from '../util/errors.js';
 import { adoptWithUserBuffer } from '../util/user-buffer-socket.js';
 import { ThreadpoolSender, type ThreadpoolSendCounts } from '../util/threadpool-sender.js';
+import type { FileRange } from '../util/file-range.js';
 import { applyTcpCongestion } from '../util/tcp-congestion.js';
 import { linkThreadpoolSendBytesMin, linkThreadpoolSendWaitMs } from './limits.js';
 
@@ -32,6 +33,12 @@ export interface Conn {
    * one; `done` runs once all are taken. Lets a large frame leave in one send (TcpConn).
    */
   writeParts?(parts: Buffer[], done?: () => void): void;
+  /**
+   * Optional: queues a message that lies whole in a file (a chunk record of the outbound
+   * log), sent from there (sendfile), in order with every other write; `done` as for write().
+   * False, with nothing queued: this connection cannot now (send the bytes instead).
+   */
+  writeFile?(file: FileRange, done?: () => void): boolean;
   cork(): void;
   uncork(): void;
   /** Stop or restart delivering data (backpressure on the receiving side). */
@@ -106,6 +113,8 @@ export function linkThreadpoolSendCounts(): ThreadpoolSendCounts {
 }
 
 const NOTHING = () => {};
+/** The (empty) buffer part of a message that lies whole in a file. */
+const NO_BYTES = Buffer.alloc(0);
 
 export class TcpConn implements Conn {
   private closed = false;
@@ -173,6 +182,11 @@ export class TcpConn implements Conn {
     if (sender && (b.length >= linkThreadpoolSendBytesMin || !sender.idle) && sender.offer([b], b.length, done ?? NOTHING)) return;
     if (done) this.sock.write(b, () => done());
     else this.sock.write(b);
+  }
+  writeFile(file: FileRange, done?: () => void): boolean {
+    const sender = this.sender;
+    if (sender === null || !sender.takesFiles || this.closed || file.length < linkThreadpoolSendBytesMin) return false;
+    return sender.offer([NO_BYTES], file.length, done ?? NOTHING, file);
   }
   writeParts(parts: Buffer[], done?: () => void): void {
     const sender = this.sender;

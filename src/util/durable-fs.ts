@@ -35,6 +35,8 @@ export interface DurableFile {
   /** Every write that returned before this call is durable when the promise resolves. */
   sync(): Promise<void>;
   close(): void;
+  /** Optional: the open descriptor (a real file: a sender may send from it; not after close). */
+  readonly fd?: number;
 }
 
 export interface DurableFs {
@@ -58,7 +60,7 @@ export interface DurableFs {
 class NodeFile implements DurableFile {
   constructor(
     readonly name: string,
-    private readonly fd: number,
+    readonly fd: number,
   ) {}
   sizeBytes(): number {
     return fs.fstatSync(this.fd).size;

@@ -31,7 +31,7 @@ export interface PrimaryStatusJson {
   role: string;
   currentSet: number;
   changedBlocksSinceCut: number;
-  outbound: { capacityBytes: number; usedBytes: number; full: boolean; sets: number; cachedBytes?: number; chunkFileReads?: number; chunkBuffersAllocated?: number; chunkBuffersReused?: number };
+  outbound: { capacityBytes: number; usedBytes: number; full: boolean; sets: number; cachedBytes?: number; chunkFileReads?: number; chunkFileSends?: number; chunkBuffersAllocated?: number; chunkBuffersReused?: number };
   replicas: PairStatusJson[];
   // replica side
   playedSet?: number;
