@@ -374,3 +374,24 @@ export function blocksDiffering(x: Buffer, y: Buffer, blockBytes = 4096): Set<nu
   for (let b = 0; b * blockBytes < x.length; b++) if (!x.subarray(b * blockBytes, (b + 1) * blockBytes).equals(y.subarray(b * blockBytes, (b + 1) * blockBytes))) out.add(b);
   return out;
 }
+
+/**
+ * Writes `bytes` from offset 0 through NBD in 1 MiB writes, four in flight, each MiB its own
+ * fill byte (from `seed`) with its offset in its first 4 bytes: a backlog whose every chunk
+ * differs, so a chunk sent twice or out of place shows in the volumes' checksums.
+ */
+export async function writeBacklog(nbdPort: number, volume: string, bytes: number, seed: number): Promise<void> {
+  const MiB = 1024 * 1024;
+  const c = await MiniNbdClient.connect(nbdPort, volume);
+  const chunk = Buffer.alloc(MiB);
+  for (let off = 0; off < bytes; off += 4 * MiB) {
+    const writes = [];
+    for (let i = 0; i < 4 && off + i * MiB < bytes; i++) {
+      chunk.fill(((off / MiB + i) * seed + 11) & 255);
+      chunk.writeUInt32LE(off + i * MiB, 0);
+      writes.push(c.write(off + i * MiB, Buffer.from(chunk)));
+    }
+    for (const r of await Promise.all(writes)) expect(r.error).toBe(0);
+  }
+  await c.disconnect();
+}

@@ -7,8 +7,7 @@
 
 import fs from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MiniNbdClient } from '../helpers/nbd-client.js';
-import { DaemonFleet, freePorts, replStatus, sha256File, waitInSync } from '../helpers/replication.js';
+import { DaemonFleet, freePorts, replStatus, sha256File, waitInSync, writeBacklog } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 
@@ -34,18 +33,7 @@ describe('catch-up from the outbound log file', () => {
     await waitInSync(a, 'cu');
     const bDir = b.dataDir;
     await b.stop();
-    const c = await MiniNbdClient.connect(a.nbdPort, 'cu');
-    const chunk = Buffer.alloc(MiB);
-    for (let off = 0; off < backlog; off += 4 * MiB) {
-      const writes = [];
-      for (let i = 0; i < 4; i++) {
-        chunk.fill(((off / MiB + i) * 53 + 7) & 255);
-        chunk.writeUInt32LE(off + i * MiB, 0);
-        writes.push(c.write(off + i * MiB, Buffer.from(chunk)));
-      }
-      for (const r of await Promise.all(writes)) expect(r.error).toBe(0);
-    }
-    await c.disconnect();
+    await writeBacklog(a.nbdPort, 'cu', backlog, 53);
     await a.api('POST', '/v1/volumes/cu/cut', {});
     const atCut = (await replStatus(a, 'cu')).outbound;
     expect(atCut.usedBytes, 'the backlog waits in the outbound log').toBeGreaterThan(backlog);

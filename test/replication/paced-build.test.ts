@@ -6,8 +6,7 @@
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDaemon, type TestDaemon } from '../helpers/daemon.js';
-import { MiniNbdClient } from '../helpers/nbd-client.js';
-import { replStatus, sha256File, waitInSync } from '../helpers/replication.js';
+import { replStatus, sha256File, waitInSync, writeBacklog } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 
@@ -29,18 +28,7 @@ describe('set building paced by the link', () => {
     await a.api('POST', '/v1/volumes/pb/replicas', { peer: `127.0.0.1:${b.replPort}` });
     await waitInSync(a, 'pb');
     await a.api('POST', '/v1/volumes/pb/replicas/suspend', {});
-    const c = await MiniNbdClient.connect(a.nbdPort, 'pb');
-    const chunk = Buffer.alloc(MiB);
-    for (let off = 0; off < backlog; off += 4 * MiB) {
-      const writes = [];
-      for (let i = 0; i < 4; i++) {
-        chunk.fill(((off / MiB + i) * 37 + 11) & 255);
-        chunk.writeUInt32LE(off + i * MiB, 0);
-        writes.push(c.write(off + i * MiB, Buffer.from(chunk)));
-      }
-      for (const r of await Promise.all(writes)) expect(r.error).toBe(0);
-    }
-    await c.disconnect();
+    await writeBacklog(a.nbdPort, 'pb', backlog, 37);
     await a.api('POST', '/v1/volumes/pb/cut', {});
     const atCut = (await replStatus(a, 'pb')).outbound;
     expect(atCut.chunkFileReads).toBe(0);
