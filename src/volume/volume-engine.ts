@@ -368,10 +368,10 @@ export class VolumeEngine {
     this.version++;
     this.stats.writes++;
     const fast = this.fastPathOpen(first, last);
-    if (isPiped(payload) && fast && this.mirror === null && this.data.writePiped !== undefined) {
+    if (fast && this.movesPiped(payload)) {
       this.changeLog.markChanged(first, last);
       this.markValid(first, last);
-      return this.issue(this.data.writePiped(offset, payload));
+      return this.issue(this.data.writePiped!(offset, payload));
     }
     if (fast) {
       const chunks = payloadChunks(payload);
@@ -389,13 +389,18 @@ export class VolumeEngine {
       last,
       false,
       () => {
-        if (isPiped(payload) && this.mirror === null && this.data.writePiped !== undefined) return this.data.writePiped(offset, payload);
+        if (this.movesPiped(payload)) return this.data.writePiped!(offset, payload);
         const chunks = payloadChunks(payload);
         remote = this.mirror?.write(offset, chunks);
         return this.data.write(offset, chunks);
       },
       () => remote,
     );
+  }
+
+  /** Bytes in a pipe go to the data from it: nothing else (a mirror) needs them in memory. */
+  private movesPiped(payload: WritePayload): payload is PipedBytes {
+    return isPiped(payload) && this.mirror === null && this.data.writePiped !== undefined;
   }
 
   /**
@@ -637,7 +642,7 @@ export class VolumeEngine {
    */
   private priorityCopy(first: number, last: number): void {
     const sink = this.sink!;
-    for (let b = this.changeLog.needsCopy(first) ? first : this.changeLog.nextUncopied(first); b >= 0 && b <= last; ) {
+    for (let b = this.changeLog.nextUncopied(first); b >= 0 && b <= last; ) {
       const end = Math.min(this.changeLog.nextCopiedOrEnd(b), last + 1);
       this.copyRun(sink, b, end);
       this.stats.priorityCopies += end - b;
@@ -1145,7 +1150,6 @@ export class VolumeEngine {
     return this.validity.count();
   }
 
-  /** The validity bitmap (tests, status). */
   /** Every tracking block that [offset, offset+length) touches holds written data (validity may over-mark, never under-mark). */
   allValid(offset: number, length: number): boolean {
     this.checkRange(offset, length);
@@ -1156,6 +1160,7 @@ export class VolumeEngine {
     return this.validity.countRange(first, count) === count;
   }
 
+  /** The validity bitmap (tests, status). */
   validBlocks(): PagedBitmap {
     return this.validity.clone();
   }
